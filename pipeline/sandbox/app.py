@@ -1,0 +1,284 @@
+"""The sandbox's HTTP face: the provider's routes, bodies and errors, with faults injected.
+
+Routes: `POST /v1/prediction/` (with or without the slash), `GET /v1/prediction/{id}`,
+`GET /v1/outputs/{id}/{i}.jpg` (the images a job returned), `GET /samples/{name}` (inputs for
+demos) and `GET /_admin/stats` / `GET /_admin/ledger` (what was billed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from pipeline.sandbox import images
+from pipeline.sandbox.settings import SandboxSettings
+from pipeline.sandbox.state import Job, SandboxState
+from pipeline.schema import IMAGE_FIELDS, MODEL, check_input, check_url, is_loopback_host
+
+__all__ = ["DroppedConnection", "create_app"]
+
+_log = logging.getLogger("pipeline.sandbox")
+
+
+class DroppedConnection(Exception):
+    """Raised after the answer has started, so the server drops the connection mid-answer."""
+
+
+class _DroppingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, DroppedConnection) and not (
+            isinstance(exc, BaseExceptionGroup)
+            and exc.subgroup(DroppedConnection) is not None
+        )
+
+
+class _DropResponse(Response):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"512")]})
+        await send({"type": "http.response.body", "body": b'{"status":', "more_body": True})
+        raise DroppedConnection("sandbox fault: connection dropped")
+
+
+def _error(status: int, message: str, details: str = "", headers: dict[str, str] | None = None
+           ) -> JSONResponse:
+    body = {"status": "error", "message": message, "details": details}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Sandbox:
+    def __init__(self, settings: SandboxSettings, state: SandboxState) -> None:
+        self.settings = settings
+        self.state = state
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._inputs: dict[str, Image.Image] = {}
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _maybe_slow(self) -> None:
+        if self.state.chance(self.settings.faults.slow):
+            await asyncio.sleep(self.settings.scaled(self.settings.faults.slow_s))
+
+    def _server_fault(self, rate: float) -> Response | None:
+        if self.state.chance(rate):
+            status = 503 if self.state.chance(0.5) else 500
+            return _error(status, "Internal error", "sandbox fault: try again later")
+        return None
+
+    def _authenticate(self, request: Request) -> str | Response:
+        key = self.state.key_name(request.headers.get("x-api-key"))
+        if key is None:
+            return _error(401, "Unauthorized", "missing or invalid X-API-Key")
+        return key
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        key = self._authenticate(request)
+        if isinstance(key, Response):
+            return key
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.state.refuse_invalid(key, "body is not JSON")
+            return _error(400, "Invalid request", "the body must be a JSON object")
+        problem = self._check_body(body)
+        if problem is not None:
+            status, message = problem
+            if status == 400:
+                self.state.refuse_invalid(key, message)
+            return _error(status, "Invalid request" if status == 400 else "Not found", message)
+        await self._maybe_slow()
+        refusal = self.state.admit(key)
+        if refusal is not None:
+            retry_after = f"{max(refusal.retry_after, 0.001):.3f}"
+            return _error(429, "Too many requests", refusal.reason, {"Retry-After": retry_after})
+        if fault := self._server_fault(self.settings.faults.create_5xx):
+            return fault
+        job = self.state.accept(
+            key, body["model"], body["input"], body.get("webhook_url"), str(request.base_url)
+        )
+        self._schedule_end(job)
+        if self.state.chance(self.settings.faults.lost_create):
+            self.state.note_lost_answer(job)
+            if self.state.chance(0.5):
+                return _error(502, "Bad gateway", "sandbox fault: upstream answer lost")
+            return _DropResponse()
+        return JSONResponse({"status": "success", "message": "Prediction created",
+                             "predictionID": job.prediction_id})
+
+    def _check_body(self, body: Any) -> tuple[int, str] | None:
+        if not isinstance(body, dict):
+            return 400, "the body must be a JSON object"
+        unknown = set(body) - {"model", "input", "webhook_url", "version"}
+        if unknown:
+            return 400, f"unknown body fields: {', '.join(sorted(unknown))}"
+        model = body.get("model")
+        if not isinstance(model, str):
+            return 400, "model: is required"
+        if model != MODEL:
+            return 404, f"unknown model {model!r}"
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            return 400, "input: must be a JSON object, not a string of JSON"
+        if not isinstance(inputs, dict):
+            return 400, "input: is required and must be an object"
+        violations = check_input(inputs, allow_loopback=self.settings.allow_loopback_urls)
+        if violations:
+            return 400, "; ".join(str(v) for v in violations)
+        webhook = body.get("webhook_url")
+        if webhook is not None and (
+            rule := check_url(webhook, allow_loopback=self.settings.allow_loopback_urls)
+        ):
+            return 400, f"webhook_url: {rule}"
+        return None
+
+    async def poll(self, request: Request) -> Response:
+        key = self._authenticate(request)
+        if isinstance(key, Response):
+            return key
+        job = self.state.jobs.get(request.path_params["prediction_id"])
+        if job is None or job.key != key:
+            return _error(404, "Not found", "unknown prediction id")
+        await self._maybe_slow()
+        if fault := self._server_fault(self.settings.faults.poll_5xx):
+            return fault
+        if self.state.chance(self.settings.faults.poll_reset):
+            return _DropResponse()
+        return JSONResponse(self._job_body(job))
+
+    def _job_body(self, job: Job) -> dict[str, Any]:
+        if not self.state.finish_due(job):
+            return {"status": "processing", "predictionID": job.prediction_id}
+        metrics = {"predict_time": self.state.predict_time(job)}
+        if job.fails:
+            return {"status": "error", "predictionID": job.prediction_id, "output": None,
+                    "message": "Generation failed", "details": "sandbox fault: job error",
+                    "metrics": metrics}
+        urls = [f"{job.base_url}v1/outputs/{job.prediction_id}/{i}.jpg" for i in range(job.n)]
+        return {"status": "success", "predictionID": job.prediction_id, "output": urls,
+                "metrics": metrics}
+
+    async def output(self, request: Request) -> Response:
+        job = self.state.jobs.get(request.path_params["prediction_id"])
+        index = int(request.path_params["index"])
+        if job is None or not job.ended or job.fails or not 0 <= index < job.n:
+            return _error(404, "Not found", "no such output")
+        urls = [str(job.inputs[f]) for f in IMAGE_FIELDS if job.inputs.get(f)]
+        last = await self._input_image(urls[-1])
+        first = last if len(urls) == 1 else await self._input_image(urls[0])
+        size = images.target_size(str(job.inputs.get("size", "2K")), last.size,
+                                  self.settings.image_scale)
+        seed = int(job.inputs.get("seed", int(job.fingerprint[:8], 16)))
+        body = await asyncio.to_thread(
+            images.render_output, first, size, seed, index, str(job.inputs["prompt"])
+        )
+        return Response(body, media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=86400"})
+
+    async def _input_image(self, url: str) -> Image.Image:
+        """A job's input: a known sample by path, a loopback fetch when allowed, else drawn."""
+        cached = self._inputs.get(url)
+        if cached is not None:
+            return cached
+        parts = urlsplit(url)
+        name = parts.path.rsplit("/", 1)[-1]
+        image = images.sample_image(name) if parts.path.startswith("/samples/") else None
+        if image is None and self.settings.allow_loopback_urls and is_loopback_host(
+            parts.hostname or ""
+        ):
+            try:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    answer = await client.get(url)
+                answer.raise_for_status()
+                image = Image.open(io.BytesIO(answer.content))
+                image.load()
+            except (httpx.HTTPError, OSError):
+                image = None
+        if image is None:
+            image = images.synthetic_input(url)
+        if len(self._inputs) > 256:
+            self._inputs.clear()
+        self._inputs[url] = image
+        return image
+
+    async def sample(self, request: Request) -> Response:
+        image = images.sample_image(request.path_params["name"])
+        if image is None:
+            return _error(404, "Not found", "no such sample")
+        body = await asyncio.to_thread(images.encode_png, image)
+        return Response(body, media_type="image/png")
+
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse(self.state.stats())
+
+    async def ledger(self, request: Request) -> Response:
+        return PlainTextResponse("\n".join(self.state.ledger_lines()) + "\n")
+
+    # -- job ends and webhooks --------------------------------------------------------------
+
+    def _schedule_end(self, job: Job) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, job.ends_at - self.state.now())
+        loop.call_later(delay, self._on_end, job)
+
+    def _on_end(self, job: Job) -> None:
+        self.state.finish_due(job)
+        if job.webhook_url:
+            task = asyncio.ensure_future(self._send_webhook(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_webhook(self, job: Job) -> None:
+        body = self._job_body(job)
+        payload = {
+            "exec_id": job.prediction_id,
+            "status": "succeeded" if body["status"] == "success" else "failed",
+            "output": (body.get("output") or [""])[0],
+            "error": "" if body["status"] == "success" else body.get("details", ""),
+        }
+        assert job.webhook_url is not None
+        delay = self.settings.scaled(1.0)
+        async with httpx.AsyncClient(timeout=self.settings.scaled(30.0)) as client:
+            for _ in range(self.settings.webhook_attempts):
+                try:
+                    answer = await client.post(job.webhook_url, json=payload)
+                    if answer.is_success:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(delay)
+                delay *= 2
+        _log.warning("webhook for %s was not accepted", job.prediction_id)
+
+
+def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> Starlette:
+    """The sandbox as an ASGI app; `state` is made from settings unless given (tests pass one)."""
+    sandbox = _Sandbox(settings, state or SandboxState(settings))
+    logging.getLogger("uvicorn.error").addFilter(_DroppingFilter())
+    routes = [
+        Route("/v1/prediction", sandbox.create, methods=["POST"]),
+        Route("/v1/prediction/", sandbox.create, methods=["POST"]),
+        Route("/v1/prediction/{prediction_id}", sandbox.poll, methods=["GET"]),
+        Route("/v1/outputs/{prediction_id}/{index:int}.jpg", sandbox.output, methods=["GET"]),
+        Route("/samples/{name}", sandbox.sample, methods=["GET"]),
+        Route("/_admin/stats", sandbox.stats, methods=["GET"]),
+        Route("/_admin/ledger", sandbox.ledger, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes)
+    app.state.sandbox = sandbox
+    return app

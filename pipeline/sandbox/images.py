@@ -1,0 +1,117 @@
+"""Pictures for the sandbox: sample product photos to edit, and the "edited" outputs.
+
+Everything is drawn with Pillow, deterministically, so no binary file ships with the project.
+An output is made from its input by a visible transformation chosen by the seed (a colour
+grade, a mirror, a frame and a caption), at the long side the size promises (1024 or 2048 px,
+times the sandbox's image scale) and the aspect ratio of the LAST input image, as the provider does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+
+from PIL import Image, ImageDraw, ImageOps
+
+__all__ = ["SAMPLES", "render_output", "sample_image", "synthetic_input", "target_size"]
+
+# name: (width, height, background, product colour, shape)
+SAMPLES: dict[str, tuple[int, int, str, str, str]] = {
+    "sneaker-red.png": (800, 800, "#f4f1ea", "#c0392b", "shoe"),
+    "sneaker-blue.png": (800, 800, "#eef2f5", "#2e6fb7", "shoe"),
+    "mug-white.png": (800, 600, "#dfe6e9", "#fdfdfd", "mug"),
+    "mug-black.png": (800, 600, "#f7e9d7", "#2d3436", "mug"),
+    "tshirt-green.png": (600, 800, "#fafafa", "#27ae60", "shirt"),
+    "tshirt-yellow.png": (600, 800, "#ececec", "#f1c40f", "shirt"),
+    "lamp-brass.png": (600, 900, "#f5f5f0", "#b8860b", "lamp"),
+    "backpack-grey.png": (900, 600, "#e8ecef", "#7f8c8d", "bag"),
+}
+
+_ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (2, 3))
+
+
+def _draw_product(size: tuple[int, int], background: str, colour: str, shape: str) -> Image.Image:
+    w, h = size
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    cx, cy, r = w // 2, h // 2, min(w, h) // 3
+    if shape == "shoe":
+        draw.rounded_rectangle((cx - r, cy - r // 3, cx + r, cy + r // 2), r // 4, fill=colour)
+        draw.ellipse((cx - r // 2, cy - r, cx + r // 3, cy), fill=colour)
+        draw.rectangle((cx - r, cy + r // 2, cx + r, cy + r // 2 + r // 8), fill="#333333")
+    elif shape == "mug":
+        draw.rectangle((cx - r // 2, cy - r // 2, cx + r // 2, cy + r // 2), fill=colour,
+                       outline="#555555", width=4)
+        draw.arc((cx + r // 3, cy - r // 4, cx + r, cy + r // 4), 270, 90, fill="#555555", width=12)
+    elif shape == "shirt":
+        draw.polygon(
+            [(cx - r, cy - r // 2), (cx - r // 3, cy - r), (cx + r // 3, cy - r), (cx + r, cy - r // 2),
+             (cx + r // 2, cy - r // 4), (cx + r // 2, cy + r), (cx - r // 2, cy + r),
+             (cx - r // 2, cy - r // 4)],
+            fill=colour,
+        )
+    elif shape == "lamp":
+        draw.polygon([(cx - r // 2, cy - r // 4), (cx + r // 2, cy - r // 4), (cx + r // 4, cy - r),
+                      (cx - r // 4, cy - r)], fill=colour)
+        draw.rectangle((cx - 6, cy - r // 4, cx + 6, cy + r), fill="#444444")
+        draw.ellipse((cx - r // 3, cy + r - 12, cx + r // 3, cy + r + 12), fill="#444444")
+    else:
+        draw.rounded_rectangle((cx - r // 2, cy - r, cx + r // 2, cy + r), r // 3, fill=colour)
+        draw.rectangle((cx - r // 3, cy, cx + r // 3, cy + r // 2), outline="#333333", width=5)
+    return image
+
+
+def sample_image(name: str) -> Image.Image | None:
+    spec = SAMPLES.get(name)
+    if spec is None:
+        return None
+    w, h, background, colour, shape = spec
+    return _draw_product((w, h), background, colour, shape)
+
+
+def synthetic_input(url: str) -> Image.Image:
+    """A stand-in for an input the sandbox may not fetch: a product shot drawn from the URL's hash."""
+    digest = hashlib.sha256(url.encode()).digest()
+    aw, ah = _ASPECTS[digest[0] % len(_ASPECTS)]
+    size = (64 * aw, 64 * ah) if max(aw, ah) <= 4 else (48 * aw, 48 * ah)
+    colour = "#{:02x}{:02x}{:02x}".format(*digest[1:4])
+    shape = ("shoe", "mug", "shirt", "lamp", "bag")[digest[4] % 5]
+    return _draw_product(size, "#f0f0f0", colour, shape)
+
+
+def target_size(size: str, aspect_from: tuple[int, int], image_scale: float) -> tuple[int, int]:
+    """Long side 1024 (1K) or 2048 (2K) px times image_scale, with the given aspect ratio."""
+    long_side = max(8, round((1024 if size == "1K" else 2048) * image_scale))
+    w, h = aspect_from
+    if w >= h:
+        return long_side, max(1, round(long_side * h / w))
+    return max(1, round(long_side * w / h)), long_side
+
+
+def render_output(
+    source: Image.Image, size: tuple[int, int], seed: int, index: int, prompt: str
+) -> bytes:
+    """The edited picture: the source, fitted to size, graded, framed and captioned; JPEG bytes."""
+    rng = random.Random(f"{seed}:{index}")
+    image = ImageOps.fit(source.convert("RGB"), size)
+    tint = tuple(rng.randrange(40, 220) for _ in range(3))
+    image = Image.blend(ImageOps.posterize(image, 3), Image.new("RGB", size, tint), 0.35)
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    draw = ImageDraw.Draw(image)
+    border = max(2, min(size) // 40)
+    draw.rectangle((0, 0, size[0] - 1, size[1] - 1), outline=tint, width=border)
+    if min(size) >= 96:
+        caption = f"wan 2.7 edit #{index + 1} seed {seed}: {prompt[:40]}"
+        draw.rectangle((0, size[1] - 24 - border, size[0], size[1] - border), fill=(0, 0, 0))
+        draw.text((border + 6, size[1] - 20 - border), caption, fill=(255, 255, 255))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def encode_png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

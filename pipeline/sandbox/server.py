@@ -1,0 +1,115 @@
+"""Running the sandbox on a real loopback socket: in a background thread, or in the foreground.
+
+`SandboxServer` is what tests, benchmarks and `api.base_url: sandbox` use: it starts uvicorn on
+127.0.0.1 (port 0 picks a free port) in its own thread and event loop, so the client under test
+talks to it over real TCP with real timeouts, and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from pipeline.sandbox.app import create_app
+from pipeline.sandbox.settings import SandboxSettings
+from pipeline.sandbox.state import SandboxState
+
+__all__ = ["SandboxServer", "serve"]
+
+HOST = "127.0.0.1"
+
+
+def _config(settings: SandboxSettings, state: SandboxState, sock: socket.socket) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings, state),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=30,
+        backlog=2048,
+        fd=None,
+        host=HOST,
+        port=sock.getsockname()[1],
+    )
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class SandboxServer:
+    """The sandbox in a background thread: `with SandboxServer(settings) as sb: sb.base_url`."""
+
+    def __init__(self, settings: SandboxSettings, port: int = 0) -> None:
+        self.settings = settings
+        self.state = SandboxState(settings)
+        self._sock = _bind(port)
+        self.port: int = self._sock.getsockname()[1]
+        self._server = uvicorn.Server(_config(settings, self.state, self._sock))
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
+        self._error: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._server.serve(sockets=[self._sock]))
+        except BaseException as exc:  # the thread's only exit: kept to re-raise in start()
+            self._error = exc
+
+    def start(self) -> SandboxServer:
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the sandbox failed to start: {self._error!r}")
+            self._thread.join(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._sock.close()
+        self.state.close()
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.stats()
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def serve(settings: SandboxSettings, port: int, *, announce: Any = print) -> None:
+    """Serve in the foreground until interrupted; the base URL is announced first."""
+    sock = _bind(port)
+    state = SandboxState(settings)
+    server = uvicorn.Server(_config(settings, state, sock))
+    announce(f"http://{HOST}:{sock.getsockname()[1]}/v1")
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        state.close()

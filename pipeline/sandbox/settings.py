@@ -1,0 +1,73 @@
+"""The sandbox's knobs: keys, limits, latency, time scale, image size and fault rates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["FaultRates", "SandboxSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRates:
+    """Probabilities (0..1) of each injected fault, drawn per request or per job."""
+
+    job_error: float = 0.0  # a job ends in `error` (no images, no charge)
+    create_5xx: float = 0.0  # a create answered 500/503 before anything is created
+    poll_5xx: float = 0.0  # a poll answered 500/503
+    lost_create: float = 0.0  # a create accepted and billed whose answer is lost (drop or 502)
+    slow: float = 0.0  # an answer delayed by `slow_s`
+    poll_reset: float = 0.0  # a poll whose connection is dropped mid-answer
+    storm_429: float = 0.0  # a create that starts a 429 storm on its key for `storm_s`
+    slow_s: float = 2.0
+    storm_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "job_error",
+            "create_5xx",
+            "poll_5xx",
+            "lost_create",
+            "slow",
+            "poll_reset",
+            "storm_429",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"fault rate {name} must be between 0 and 1, not {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSettings:
+    """How the double behaves. Every duration is in provider seconds, multiplied by time_scale."""
+
+    keys: tuple[str, ...]
+    time_scale: float = 1.0
+    creates_per_window: int = 100
+    window_s: float = 60.0
+    max_concurrent: int = 10
+    latency_mean_s: float = 10.0
+    latency_spread: float = 0.2  # coefficient of variation of a lognormal latency
+    seed: int = 0
+    price_per_image_usd: float = 0.03
+    image_scale: float = 1.0  # 1.0 gives 1024/2048 px images; small values keep tests fast
+    allow_loopback_urls: bool = False
+    faults: FaultRates = field(default_factory=FaultRates)
+    ledger_path: Path | None = None
+    webhook_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("the sandbox needs at least one API key")
+        if self.time_scale <= 0:
+            raise ValueError("time_scale must be positive")
+        if self.creates_per_window < 1 or self.max_concurrent < 1:
+            raise ValueError("limits must be at least 1")
+        if self.latency_mean_s <= 0 or self.latency_spread < 0:
+            raise ValueError("latency mean must be positive and spread non-negative")
+        if not 0 < self.image_scale <= 1:
+            raise ValueError("image_scale must be in (0, 1]")
+
+    def scaled(self, seconds: float) -> float:
+        """Provider seconds to wall-clock seconds."""
+        return seconds * self.time_scale

@@ -1,0 +1,277 @@
+"""The sandbox's bookkeeping: per-key limits, the jobs, and the billing ledger.
+
+Pure logic on an injected clock (wall seconds); the HTTP layer in `app` turns its answers into
+responses. A create is either refused (nothing created, nothing billed) or accepted, which records
+it in the sliding window and in flight until its end. The ledger is the judge of what was billed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from pipeline.sandbox.settings import SandboxSettings
+
+__all__ = ["Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
+
+
+def key_hash(secret: str) -> str:
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+def input_fingerprint(model: str, inputs: dict[str, Any]) -> str:
+    canonical = json.dumps({"model": model, "input": inputs}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class Job:
+    prediction_id: str
+    key: str
+    inputs: dict[str, Any]
+    fingerprint: str
+    created_at: float
+    ends_at: float
+    fails: bool
+    webhook_url: str | None
+    base_url: str  # where the sandbox serves this job's outputs, ending in "/"
+    ended: bool = False
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs.get("n", 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A create the sandbox turned away with 429; retry_after is in wall seconds."""
+
+    reason: str
+    retry_after: float
+
+
+@dataclass(slots=True)
+class KeyStats:
+    creates: int = 0
+    refused_429: int = 0
+    refused_400: int = 0
+    lost_answers: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    images: int = 0
+    cost_usd: float = 0.0
+    max_creates_in_window: int = 0
+    max_in_flight: int = 0
+    window: deque[float] = field(default_factory=deque)
+    ends: list[float] = field(default_factory=list)  # heap of in-flight end times
+    storm_until: float = 0.0
+
+
+class SandboxState:
+    """Everything the double knows; safe to call from the server's event loop thread only,
+    except `stats()` and `ledger_lines()`, which take the lock."""
+
+    def __init__(self, settings: SandboxSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self._clock = clock
+        self._rng = random.Random(settings.seed)
+        self._keys = {secret: key_hash(secret) for secret in settings.keys}
+        self._stats = {name: KeyStats() for name in self._keys.values()}
+        self.jobs: dict[str, Job] = {}
+        self._fingerprints: dict[str, int] = {}
+        self._ledger: list[str] = []
+        self._lock = threading.Lock()
+        self._ledger_file: IO[str] | None = None
+        if settings.ledger_path is not None:
+            settings.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+            self._ledger_file = settings.ledger_path.open("a", encoding="utf-8")
+
+    def now(self) -> float:
+        return self._clock()
+
+    # -- identity -------------------------------------------------------------------------
+
+    def key_name(self, secret: str | None) -> str | None:
+        """The short hash of a known key, or None for a missing or unknown key."""
+        if not secret:
+            return None
+        return self._keys.get(secret)
+
+    def chance(self, rate: float) -> bool:
+        return rate > 0 and self._rng.random() < rate
+
+    # -- creates --------------------------------------------------------------------------
+
+    def admit(self, key: str) -> Refusal | None:
+        """Whether a create on this key may go ahead now; a refusal is recorded and not billed."""
+        s = self.settings
+        stats = self._stats[key]
+        now = self._clock()
+        window = s.scaled(s.window_s)
+        while stats.window and stats.window[0] <= now - window:
+            stats.window.popleft()
+        while stats.ends and stats.ends[0] <= now:
+            heapq.heappop(stats.ends)
+        refusal: Refusal | None = None
+        if stats.storm_until > now:
+            refusal = Refusal("rate limit storm", stats.storm_until - now)
+        elif self.chance(s.faults.storm_429):
+            stats.storm_until = now + s.scaled(s.faults.storm_s)
+            refusal = Refusal("rate limit storm", stats.storm_until - now)
+        elif len(stats.window) >= s.creates_per_window:
+            refusal = Refusal(
+                f"rate limit: {s.creates_per_window} creates per {s.window_s:g} s",
+                stats.window[0] + window - now,
+            )
+        elif len(stats.ends) >= s.max_concurrent:
+            refusal = Refusal(
+                f"rate limit: {s.max_concurrent} concurrent jobs", stats.ends[0] - now
+            )
+        if refusal is not None:
+            stats.refused_429 += 1
+            self._log({"event": "refused", "key": key, "status": 429, "reason": refusal.reason})
+        return refusal
+
+    def refuse_invalid(self, key: str, reason: str) -> None:
+        self._stats[key].refused_400 += 1
+        self._log({"event": "refused", "key": key, "status": 400, "reason": reason})
+
+    def accept(
+        self, key: str, model: str, inputs: dict[str, Any], webhook_url: str | None, base_url: str
+    ) -> Job:
+        """Create a job: it counts in the window and in flight from now until it ends."""
+        s = self.settings
+        now = self._clock()
+        stats = self._stats[key]
+        latency = self._draw_latency()
+        job = Job(
+            prediction_id=str(uuid.UUID(int=self._rng.getrandbits(128), version=4)),
+            key=key,
+            inputs=inputs,
+            fingerprint=input_fingerprint(model, inputs),
+            created_at=now,
+            ends_at=now + s.scaled(latency),
+            fails=self.chance(s.faults.job_error),
+            webhook_url=webhook_url,
+            base_url=base_url,
+        )
+        self.jobs[job.prediction_id] = job
+        stats.window.append(now)
+        heapq.heappush(stats.ends, job.ends_at)
+        stats.creates += 1
+        stats.max_creates_in_window = max(stats.max_creates_in_window, len(stats.window))
+        stats.max_in_flight = max(stats.max_in_flight, len(stats.ends))
+        seen = self._fingerprints.get(job.fingerprint, 0)
+        self._fingerprints[job.fingerprint] = seen + 1
+        self._log(
+            {
+                "event": "created",
+                "key": key,
+                "prediction_id": job.prediction_id,
+                "fingerprint": job.fingerprint,
+                "n": job.n,
+            }
+        )
+        return job
+
+    def note_lost_answer(self, job: Job) -> None:
+        self._stats[job.key].lost_answers += 1
+        self._log({"event": "answer_lost", "key": job.key, "prediction_id": job.prediction_id})
+
+    def _draw_latency(self) -> float:
+        s = self.settings
+        if s.latency_spread == 0:
+            return s.latency_mean_s
+        sigma2 = math.log(1 + s.latency_spread**2)
+        mu = math.log(s.latency_mean_s) - sigma2 / 2
+        return self._rng.lognormvariate(mu, math.sqrt(sigma2))
+
+    # -- job ends -------------------------------------------------------------------------
+
+    def finish_due(self, job: Job) -> bool:
+        """Bill a job that has reached its end (once); True when it is terminal."""
+        if job.ended:
+            return True
+        if self._clock() < job.ends_at:
+            return False
+        job.ended = True
+        stats = self._stats[job.key]
+        if job.fails:
+            stats.failed += 1
+            self._log({"event": "ended", "key": job.key, "prediction_id": job.prediction_id,
+                       "status": "error", "images": 0, "cost_usd": 0.0})
+        else:
+            cost = round(job.n * self.settings.price_per_image_usd, 6)
+            stats.succeeded += 1
+            stats.images += job.n
+            stats.cost_usd = round(stats.cost_usd + cost, 6)
+            self._log({"event": "ended", "key": job.key, "prediction_id": job.prediction_id,
+                       "status": "success", "images": job.n, "cost_usd": cost})
+        return True
+
+    def predict_time(self, job: Job) -> float:
+        return round(job.ends_at - job.created_at, 4)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        entry = {"t": round(self._clock(), 6), **entry}
+        line = json.dumps(entry, separators=(",", ":"))
+        with self._lock:
+            self._ledger.append(line)
+            if self._ledger_file is not None:
+                self._ledger_file.write(line + "\n")
+                self._ledger_file.flush()
+
+    def ledger_lines(self) -> list[str]:
+        with self._lock:
+            return list(self._ledger)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            per_key = {
+                name: {
+                    "creates": st.creates,
+                    "refused_429": st.refused_429,
+                    "refused_400": st.refused_400,
+                    "lost_answers": st.lost_answers,
+                    "succeeded": st.succeeded,
+                    "failed": st.failed,
+                    "images": st.images,
+                    "cost_usd": st.cost_usd,
+                    "max_creates_in_window": st.max_creates_in_window,
+                    "max_in_flight": st.max_in_flight,
+                }
+                for name, st in self._stats.items()
+            }
+            duplicates = sum(count - 1 for count in self._fingerprints.values() if count > 1)
+        return {
+            "keys": per_key,
+            "creates": sum(k["creates"] for k in per_key.values()),
+            "images": sum(k["images"] for k in per_key.values()),
+            "cost_usd": round(sum(k["cost_usd"] for k in per_key.values()), 6),
+            "refused_429": sum(k["refused_429"] for k in per_key.values()),
+            "duplicate_creates": duplicates,
+            "limits": {
+                "creates_per_window": self.settings.creates_per_window,
+                "window_s": self.settings.window_s,
+                "max_concurrent": self.settings.max_concurrent,
+                "time_scale": self.settings.time_scale,
+            },
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ledger_file is not None:
+                self._ledger_file.close()
+                self._ledger_file = None
