@@ -7,7 +7,9 @@ one input mapping; it returns the violations it finds, each naming the field and
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -21,6 +23,7 @@ __all__ = [
     "Violation",
     "check_input",
     "check_url",
+    "fingerprint",
     "is_loopback_host",
 ]
 
@@ -42,6 +45,12 @@ class Violation:
 
     def __str__(self) -> str:
         return f"{self.field}: {self.rule}"
+
+
+def fingerprint(model: str, inputs: Mapping[str, object]) -> str:
+    """What a request would buy: a hash of the model and the canonical input it sends."""
+    canonical = json.dumps({"model": model, "input": inputs}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def is_loopback_host(host: str) -> bool:

@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pipeline.sandbox.settings import SandboxSettings
+from pipeline.schema import fingerprint
 
 __all__ = ["Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
 
 
 def key_hash(secret: str) -> str:
     return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
-
-
-def input_fingerprint(model: str, inputs: dict[str, Any]) -> str:
-    canonical = json.dumps({"model": model, "input": inputs}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -158,7 +154,7 @@ class SandboxState:
             prediction_id=str(uuid.UUID(int=self._rng.getrandbits(128), version=4)),
             key=key,
             inputs=inputs,
-            fingerprint=input_fingerprint(model, inputs),
+            fingerprint=fingerprint(model, inputs),
             created_at=now,
             ends_at=now + s.scaled(latency),
             fails=self.chance(s.faults.job_error),

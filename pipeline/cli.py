@@ -1,0 +1,113 @@
+"""The `wanbatch` command; the only module that prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import load_config
+from pipeline.errors import WanbatchError
+from pipeline.keys import keys_from_env
+from pipeline.logs import configure_logging
+from pipeline.report import summary_rows
+from pipeline.runner import ExitCode, RunSummary, run
+from pipeline.sandbox import FaultRates, SandboxSettings, serve
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.")
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    table = Table(title=f"wanbatch run: {summary.run_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for label, value in summary_rows(summary):
+        table.add_row(label, value)
+    _out.print(table)
+    if summary.message:
+        _err.print(f"[yellow]{summary.message}[/yellow]")
+
+
+@app.command("run")
+def run_command(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="The run's config.")],
+    force: Annotated[bool, typer.Option(
+        help="Continue a run folder even if the config's mapping or the manifest changed.")] = False,
+    fresh: Annotated[bool, typer.Option(
+        help="Start over: remove the run folder's journal and results first.")] = False,
+    grace: Annotated[float, typer.Option(
+        help="Seconds jobs in flight get to end after SIGINT/SIGTERM.")] = 30.0,
+) -> None:
+    """Run a config, or resume it where it stopped."""
+    try:
+        config = load_config(config_path)
+        if fresh:
+            for name in ("journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm",
+                         "results.parquet", "failures.csv", "failures.parquet",
+                         "sandbox-ledger.jsonl", "run.log"):
+                (config.output.dir / name).unlink(missing_ok=True)
+        configure_logging(config.output.dir / "run.log")
+        summary = anyio.run(lambda: run(config, keys_from_env(), force=force, grace_s=grace))
+    except WanbatchError as exc:
+        _err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    _print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("sandbox")
+def sandbox_command(
+    keys: Annotated[str, typer.Option(help="Accepted API keys, comma-separated.")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
+    time_scale: Annotated[float, typer.Option(help="Wall seconds per provider second.")] = 1.0,
+    creates_per_window: int = 100,
+    window_s: float = 60.0,
+    max_concurrent: int = 10,
+    latency_mean_s: float = 10.0,
+    latency_spread: float = 0.2,
+    seed: int = 0,
+    image_scale: Annotated[float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
+                           ] = 1.0,
+    allow_loopback_urls: bool = False,
+    ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
+    job_error: float = 0.0,
+    create_5xx: float = 0.0,
+    poll_5xx: float = 0.0,
+    lost_create: float = 0.0,
+    slow: float = 0.0,
+    poll_reset: float = 0.0,
+    storm_429: float = 0.0,
+) -> None:
+    """Serve the sandbox (a local double of the provider); prints its base URL first."""
+    try:
+        settings = SandboxSettings(
+            keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
+            time_scale=time_scale, creates_per_window=creates_per_window, window_s=window_s,
+            max_concurrent=max_concurrent, latency_mean_s=latency_mean_s,
+            latency_spread=latency_spread, seed=seed, image_scale=image_scale,
+            allow_loopback_urls=allow_loopback_urls, ledger_path=ledger,
+            faults=FaultRates(job_error=job_error, create_5xx=create_5xx, poll_5xx=poll_5xx,
+                              lost_create=lost_create, slow=slow, poll_reset=poll_reset,
+                              storm_429=storm_429),
+        )
+    except ValueError as exc:
+        _err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    serve(settings, port, announce=lambda line: print(line, flush=True))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(ExitCode.INTERRUPTED)

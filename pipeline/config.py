@@ -1,0 +1,216 @@
+"""The run's configuration: YAML validated into typed, frozen models, before any request.
+
+Durations are in provider seconds. Against the embedded sandbox (`api.base_url: sandbox`) every
+duration the client waits is multiplied by `sandbox.time_scale`, as the sandbox's are, so a
+shrunk run keeps the real run's proportions; against any other URL, by `api.time_scale` (1.0).
+Relative paths are read from the config file's folder; `output.dir` may hold strftime fields
+(`runs/%Y-%m-%d`), filled in once when the config is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.schema import INPUT_FIELDS, MODEL, SIZES
+from pipeline.sandbox.settings import FaultRates
+
+__all__ = ["SANDBOX", "RunConfig", "load_config"]
+
+SANDBOX = "sandbox"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSection(_Section):
+    base_url: str = "https://api.eachlabs.ai/v1"
+    model: str = MODEL
+    price_per_image_usd: float = Field(0.03, ge=0)
+    time_scale: float = Field(1.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value != SANDBOX and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL or '{SANDBOX}'")
+        return value.rstrip("/")
+
+
+class LimitsSection(_Section):
+    creates_per_window: int = Field(100, ge=1)
+    window_s: float = Field(60.0, gt=0)
+    max_concurrent: int = Field(10, ge=1)
+
+
+class PollingSection(_Section):
+    job_timeout_s: float = Field(900.0, gt=0)
+    expected_latency_s: float = Field(10.0, gt=0)
+    target_delay_s: float = Field(0.15, gt=0)
+    min_interval_s: float = Field(0.1, gt=0)
+    max_interval_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> PollingSection:
+        if self.min_interval_s > self.max_interval_s:
+            raise ValueError("min_interval_s must not exceed max_interval_s")
+        return self
+
+
+class RetriesSection(_Section):
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    retry_after_max_s: float = Field(120.0, gt=0)
+    ambiguous_creates: Literal["retry", "fail"] = "retry"
+
+
+class ManifestSection(_Section):
+    path: Path
+    format: Literal["csv", "parquet"] | None = None
+    id_column: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    batch_rows: int = Field(5000, ge=1)
+    allow_loopback_urls: bool = False
+
+    @field_validator("columns", "defaults")
+    @classmethod
+    def _api_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if name not in INPUT_FIELDS:
+                raise ValueError(
+                    f"{name!r} is not an API input field (allowed: {', '.join(INPUT_FIELDS)})"
+                )
+        return value
+
+    @field_validator("defaults")
+    @classmethod
+    def _default_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = value.get("size")
+        if size is not None and size not in SIZES:
+            raise ValueError(f"size default must be one of {', '.join(SIZES)}")
+        n = value.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4):
+            raise ValueError("n default must be an integer from 1 to 4")
+        return value
+
+    @property
+    def kind(self) -> Literal["csv", "parquet"]:
+        if self.format is not None:
+            return self.format
+        return "parquet" if self.path.suffix.lower() in (".parquet", ".pq") else "csv"
+
+
+class OutputSection(_Section):
+    dir: Path
+
+
+class BudgetSection(_Section):
+    max_cost_usd: float | None = Field(None, ge=0)
+
+
+class SandboxSection(_Section):
+    time_scale: float = Field(1.0, gt=0)
+    keys: int = Field(1, ge=1, le=64)
+    latency_mean_s: float = Field(10.0, gt=0)
+    latency_spread: float = Field(0.2, ge=0)
+    image_scale: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    faults: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("faults")
+    @classmethod
+    def _faults(cls, value: dict[str, float]) -> dict[str, float]:
+        try:
+            FaultRates(**value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
+class RunConfig(_Section):
+    api: ApiSection = Field(default_factory=ApiSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    polling: PollingSection = Field(default_factory=PollingSection)
+    retries: RetriesSection = Field(default_factory=RetriesSection)
+    manifest: ManifestSection
+    output: OutputSection
+    budget: BudgetSection = Field(default_factory=BudgetSection)
+    sandbox: SandboxSection = Field(default_factory=SandboxSection)
+
+    @property
+    def embedded_sandbox(self) -> bool:
+        return self.api.base_url == SANDBOX
+
+    @property
+    def time_scale(self) -> float:
+        """Wall seconds per provider second for every wait of the client."""
+        return self.sandbox.time_scale if self.embedded_sandbox else self.api.time_scale
+
+    def scaled(self, seconds: float) -> float:
+        return seconds * self.time_scale
+
+    @property
+    def allow_loopback_urls(self) -> bool:
+        return self.manifest.allow_loopback_urls or self.embedded_sandbox
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for error in exc.errors():
+        where = _location(error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key")
+        elif error["type"] == "missing":
+            lines.append(f"  {where}: is required")
+        else:
+            lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
+
+
+def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConfig:
+    """Validate a loaded YAML document; relative paths are taken from `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+    manifest_path = config.manifest.path
+    if not manifest_path.is_absolute():
+        manifest_path = base_dir / manifest_path
+    out_dir = Path(time.strftime(str(config.output.dir)))
+    if not out_dir.is_absolute():
+        out_dir = base_dir / out_dir
+    manifest_path, out_dir = manifest_path.resolve(), out_dir.resolve()
+    return config.model_copy(
+        update={
+            "manifest": config.manifest.model_copy(update={"path": manifest_path}),
+            "output": config.output.model_copy(update={"dir": out_dir}),
+        }
+    )
+
+
+def load_config(path: Path) -> RunConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data, path.resolve().parent, str(path))

@@ -1,0 +1,134 @@
+"""Handing jobs to slots: open jobs from the journal in row order, given-back jobs first,
+within the budget, until stopped.
+
+The dispatcher reads the journal a page at a time (never all the jobs in memory) and follows
+the ingest as it goes on, so the first creates go out before a large manifest is fully read.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from pipeline.errors import NoUsableKeyError
+from pipeline.journal import Entry, Journal
+from pipeline.models import JobOutcome, Status
+
+if TYPE_CHECKING:
+    from pipeline.worker import KeyLane
+
+__all__ = ["Dispatcher"]
+
+_PAGE = 1000
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        price_per_image_usd: float,
+        budget_usd: float | None,
+        spent_usd: float,
+        lanes: int,
+    ) -> None:
+        self._journal = journal
+        self._price = price_per_image_usd
+        self._budget = budget_usd
+        self._committed = spent_usd  # billed so far plus the worst case of jobs in flight
+        self._page: deque[Entry] = deque()
+        self._given_back: deque[Entry] = deque()
+        self._cursor = 0
+        self._lock = anyio.Lock()
+        self._ingest_done = False
+        self._ingest_progress = anyio.Event()
+        self._live_lanes = lanes
+        self.stopped = False
+        self.budget_reached = False
+        self.on_retire: Callable[[KeyLane], None] | None = None
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def ingest_advanced(self, done: bool = False) -> None:
+        self._ingest_done = self._ingest_done or done
+        self._ingest_progress.set()
+
+    # -- handing out ---------------------------------------------------------------------------
+
+    async def next_job(self, key_name: str) -> Entry | None:
+        """The next job for a slot of `key_name`, or None when there is no more work for it."""
+        async with self._lock:
+            while not self.stopped:
+                entry = self._take(key_name)
+                if entry is None:
+                    if await self._refill():
+                        continue
+                    return None
+                if self._budget is not None:
+                    worst = int(entry.inputs.get("n", 1)) * self._price
+                    if self._committed + worst > self._budget + 1e-9:
+                        self.budget_reached = True
+                        self.stopped = True
+                        self._given_back.appendleft(entry)
+                        return None
+                    self._committed += worst
+                return entry
+            return None
+
+    def _take(self, key_name: str) -> Entry | None:
+        for queue in (self._given_back, self._page):
+            for index, entry in enumerate(queue):
+                # a job with a prediction id can only be polled with the key that created it
+                if entry.status is not Status.CREATED or entry.key_name in (None, key_name):
+                    del queue[index]
+                    return entry
+        return None
+
+    async def _refill(self) -> bool:
+        while True:
+            page = await anyio.to_thread.run_sync(self._journal.open_jobs, self._cursor, _PAGE)
+            if page:
+                self._cursor = page[-1].row_number
+                self._page.extend(page)
+                return True
+            if self._ingest_done:
+                return False
+            self._ingest_progress = anyio.Event()
+            await self._ingest_progress.wait()
+
+    def give_back(self, entry: Entry) -> None:
+        """A job that was not started (its key was refused) goes to another key."""
+        self._release(entry)
+        self._given_back.append(entry)
+
+    def _release(self, entry: Entry) -> None:
+        if self._budget is not None:
+            self._committed -= int(entry.inputs.get("n", 1)) * self._price
+
+    def settle(self, entry: Entry, outcome: JobOutcome) -> None:
+        """Replace a job's worst-case reservation by what it cost."""
+        if self._budget is None:
+            return
+        self._release(entry)
+        if outcome.status is Status.SUCCEEDED:
+            self._committed += len(outcome.output_urls) * self._price
+
+    def retire(self, lane: KeyLane) -> None:
+        if lane.retired:
+            return
+        lane.retired = True
+        self._live_lanes -= 1
+        if self.on_retire is not None:
+            self.on_retire(lane)
+        if self._live_lanes <= 0:
+            raise NoUsableKeyError(
+                "every API key was refused by the provider (401); set a valid key in "
+                "EACHLABS_API_KEY or EACHLABS_API_KEYS and run again: unfinished rows are kept"
+            )
+
+    def stop(self) -> None:
+        """No new jobs from now on; jobs already handed out go on."""
+        self.stopped = True

@@ -1,0 +1,372 @@
+"""The journal: every job's state in SQLite (WAL) in the run folder; the only module on SQLite.
+
+One row per manifest row, keyed by row number. A job goes pending -> creating (journaled before
+the create is sent) -> created (prediction id journaled before the first poll) -> succeeded or
+failed; a bad row is rejected at once. After a crash, `creating` means "a create may have been
+paid for" and `created` means "re-attach by polling". Writes from many workers are grouped into
+one durable transaction by `GroupCommit`, so a commit costs one fsync whatever the concurrency.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from pipeline.models import JobOutcome, JobSpec, Rejected, Status
+
+__all__ = [
+    "Entry",
+    "Finish",
+    "GroupCommit",
+    "Journal",
+    "MarkCreated",
+    "MarkCreating",
+    "MarkPending",
+    "NoteAmbiguous",
+    "Update",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    row_number INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL UNIQUE,
+    fingerprint TEXT,
+    inputs TEXT,
+    record TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prediction_id TEXT,
+    key_name TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    ambiguous INTEGER NOT NULL DEFAULT 0,
+    output_urls TEXT,
+    images INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    predict_time_s REAL,
+    error_type TEXT,
+    error_message TEXT,
+    started_at REAL,
+    created_at REAL,
+    finished_at REAL,
+    reused INTEGER NOT NULL DEFAULT 0,
+    history TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
+"""
+
+_OPEN = (Status.PENDING.value, Status.CREATING.value, Status.CREATED.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A job as the journal holds it: what to send and how far it got."""
+
+    row_number: int
+    job_id: str
+    fingerprint: str
+    inputs: dict[str, Any]
+    record: dict[str, Any]
+    status: Status
+    prediction_id: str | None
+    key_name: str | None
+    attempts: int
+    ambiguous: int
+    started_at: float | None
+
+    @property
+    def spec(self) -> JobSpec:
+        return JobSpec(self.job_id, self.row_number, self.inputs, self.record, self.fingerprint)
+
+
+class Update:
+    """One change to one job; applied inside a transaction."""
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class MarkCreating(Update):
+    row_number: int
+    attempt: int
+    key_name: str
+    at: float
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE jobs SET status=?, attempts=?, key_name=?, started_at=COALESCE(started_at, ?)"
+            " WHERE row_number=?",
+            (Status.CREATING.value, self.attempt, self.key_name, self.at, self.row_number),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MarkCreated(Update):
+    row_number: int
+    prediction_id: str
+    key_name: str
+    at: float
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE jobs SET status=?, prediction_id=?, key_name=?, created_at=? WHERE row_number=?",
+            (Status.CREATED.value, self.prediction_id, self.key_name, self.at, self.row_number),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NoteAmbiguous(Update):
+    """A create whose answer was lost: it may have made (and billed) a job we cannot see."""
+
+    row_number: int
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE jobs SET ambiguous=ambiguous+1 WHERE row_number=?", (self.row_number,))
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPending(Update):
+    """Nothing was created (e.g. the key was refused): the row goes back to be done later."""
+
+    row_number: int
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute("UPDATE jobs SET status=? WHERE row_number=?",
+                   (Status.PENDING.value, self.row_number))
+
+
+@dataclass(frozen=True, slots=True)
+class Finish(Update):
+    row_number: int
+    outcome: JobOutcome
+    price_per_image_usd: float
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        o = self.outcome
+        images = len(o.output_urls) if o.status is Status.SUCCEEDED else 0
+        db.execute(
+            "UPDATE jobs SET status=?, prediction_id=COALESCE(?, prediction_id), output_urls=?,"
+            " images=?, cost_usd=?, predict_time_s=?, error_type=?, error_message=?,"
+            " finished_at=? WHERE row_number=?",
+            (o.status.value, o.prediction_id, json.dumps(list(o.output_urls)), images,
+             round(images * self.price_per_image_usd, 6), o.predict_time_s, o.error_type,
+             o.error_message, o.finished_at, self.row_number),
+        )
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    return Entry(
+        row_number=row["row_number"],
+        job_id=row["job_id"],
+        fingerprint=row["fingerprint"],
+        inputs=json.loads(row["inputs"]),
+        record=json.loads(row["record"]),
+        status=Status(row["status"]),
+        prediction_id=row["prediction_id"],
+        key_name=row["key_name"],
+        attempts=row["attempts"],
+        ambiguous=row["ambiguous"],
+        started_at=row["started_at"],
+    )
+
+
+class Journal:
+    """Synchronous access to the journal file; every call takes the lock (callers use threads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT INTO meta(name, value) VALUES(?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                list(values.items()),
+            )
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    def last_row(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(row_number) FROM jobs").fetchone()
+        return int(row[0] or 0)
+
+    def ingest(self, batch: Sequence[JobSpec | Rejected], meta: dict[str, str]) -> None:
+        """Add manifest rows (and ingest progress in `meta`) in one transaction. A repeated
+        job id is rejected, naming the row that has it first."""
+        with self._lock, self._transaction():
+            ids = list({item.job_id for item in batch})
+            known: dict[str, int] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                known.update(self._db.execute(
+                    f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
+                ).fetchall())
+            rows = []
+            for item in batch:
+                first = known.get(item.job_id)
+                if first is not None:
+                    item = Rejected(
+                        f"{item.job_id}#row-{item.row_number}", item.row_number, item.record,
+                        f"row {item.row_number}: id {item.job_id!r} repeats row {first}; "
+                        "each row needs its own id",
+                    )
+                else:
+                    known[item.job_id] = item.row_number
+                rows.append(self._ingest_row(item))
+            self._db.executemany(
+                "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
+                " error_type, error_message) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._db.executemany(
+                "INSERT INTO meta(name, value) VALUES(?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                list(meta.items()),
+            )
+
+    @staticmethod
+    def _ingest_row(item: JobSpec | Rejected) -> tuple[Any, ...]:
+        record = json.dumps(item.record, default=str, ensure_ascii=False)
+        if isinstance(item, Rejected):
+            return (item.row_number, item.job_id, None, None, record, Status.REJECTED.value,
+                    "invalid_row", item.reason)
+        return (item.row_number, item.job_id, item.fingerprint,
+                json.dumps(item.inputs, ensure_ascii=False), record, Status.PENDING.value,
+                None, None)
+
+    # -- work -------------------------------------------------------------------------------
+
+    def open_jobs(self, after_row: int, limit: int) -> list[Entry]:
+        """Jobs not finished, in row order, after `after_row`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND row_number > ?"
+                " ORDER BY row_number LIMIT ?",
+                (*_OPEN, after_row, limit),
+            ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def apply(self, updates: Sequence[Update]) -> None:
+        with self._lock, self._transaction():
+            for update in updates:
+                update.apply(self._db)
+
+    # -- reading back -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {str(status): int(count) for status, count in rows}
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(images), 0), COALESCE(SUM(cost_usd), 0),"
+                " COALESCE(SUM(ambiguous), 0), COALESCE(SUM(attempts), 0) FROM jobs"
+            ).fetchone()
+        return {"rows": row[0], "images": row[1], "cost_usd": round(row[2], 6),
+                "ambiguous_creates": row[3], "attempts": row[4]}
+
+    def rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
+        """Every job in row order, in batches (for the writer)."""
+        after = 0
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT * FROM jobs WHERE row_number > ? ORDER BY row_number LIMIT ?",
+                    (after, batch_size),
+                ).fetchall()
+            if not batch:
+                return
+            yield batch
+            after = batch[-1]["row_number"]
+
+    # -- internals ----------------------------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self._db = db
+
+        def __enter__(self) -> None:
+            self._db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+    def _transaction(self) -> Journal._Tx:
+        return Journal._Tx(self._db)
+
+
+class GroupCommit:
+    """Many writers, one transaction: `await write(...)` returns once its updates are durable."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._queue: list[tuple[Sequence[Update], anyio.Event]] = []
+        self._wake = anyio.Event()
+        self._failure: BaseException | None = None
+        self.commits = 0
+
+    async def write(self, *updates: Update) -> None:
+        if self._failure is not None:
+            raise self._failure
+        done = anyio.Event()
+        self._queue.append((updates, done))
+        self._wake.set()
+        await done.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def run(self) -> None:
+        """The committing task; runs until cancelled, then commits what is queued."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                await self._flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        updates = [u for group, _ in batch for u in group]
+        try:
+            await anyio.to_thread.run_sync(self._journal.apply, updates)
+            self.commits += 1
+        except sqlite3.Error as exc:
+            self._failure = exc
+        finally:
+            for _, done in batch:
+                done.set()

@@ -1,0 +1,45 @@
+"""API keys: read from the environment only, and known everywhere else by a short hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+
+__all__ = ["ENV_KEY", "ENV_KEYS", "ApiKey", "keys_from_env"]
+
+ENV_KEY = "EACHLABS_API_KEY"
+ENV_KEYS = "EACHLABS_API_KEYS"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A secret that never prints: its repr and str show only `name`, a short hash."""
+
+    secret: str = field(repr=False)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            digest = hashlib.sha256(self.secret.encode()).hexdigest()[:8]
+            object.__setattr__(self, "name", f"key-{digest}")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def keys_from_env(environ: Mapping[str, str] | None = None) -> list[ApiKey]:
+    """`EACHLABS_API_KEYS` (comma-separated) wins over `EACHLABS_API_KEY`; an empty list if neither."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_KEYS) or env.get(ENV_KEY) or ""
+    secrets = [part.strip() for part in raw.split(",") if part.strip()]
+    keys: list[ApiKey] = []
+    for secret in secrets:
+        key = ApiKey(secret)
+        if key in keys:
+            raise ConfigError(f"{ENV_KEYS} lists the same key twice ({key.name})")
+        keys.append(key)
+    return keys

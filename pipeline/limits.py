@@ -1,0 +1,95 @@
+"""Holding one API key to the provider's limits: create spacing, the window, and retry waits.
+
+`CreateGate` lets creates through one at a time, evenly spaced (window_s / creates_per_window
+apart, so there is no initial burst), and never lets a create start while the last
+`creates_per_window` creates were ANSWERED less than `window_s` ago. Measuring from our answer
+(which comes after the provider counted the create) to our next send (which comes before the
+provider counts it) makes the guarantee hold whatever the network delays: no `window_s` span on
+the provider's clock ever holds more than `creates_per_window` of our creates.
+
+The slots (`max_concurrent`) are the workers themselves: each key has that many, and a worker
+holds its slot from the create request to the job's terminal status.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from pipeline.errors import RateLimited
+
+__all__ = ["CreateGate", "RetryPolicy"]
+
+
+class CreateGate:
+    """Per-key create admission (see the module docstring)."""
+
+    def __init__(
+        self,
+        creates_per_window: int,
+        window_s: float,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self._limit = creates_per_window
+        self._window = window_s
+        self._interval = window_s / creates_per_window
+        self._clock = clock
+        self._answered: deque[float] = deque()
+        self._open = 0
+        self._next_start = -math.inf
+        self._lock = anyio.Lock()
+        self.sent = 0
+
+    def _wait_needed(self, now: float) -> float:
+        while self._answered and self._answered[0] <= now - self._window:
+            self._answered.popleft()
+        wait = self._next_start - now
+        # Unanswered creates count as in the window; this many answered ones must leave it first.
+        excess = len(self._answered) + self._open - self._limit
+        if excess >= 0:
+            if excess < len(self._answered):
+                wait = max(wait, self._answered[excess] + self._window - now)
+            else:  # only unanswered creates fill the window: look again shortly
+                wait = max(wait, self._interval)
+        return wait
+
+    @asynccontextmanager
+    async def create(self) -> AsyncIterator[None]:
+        """Wait for this key's turn; the create request is sent inside the block."""
+        async with self._lock:
+            while (wait := self._wait_needed(self._clock())) > 0:
+                await anyio.sleep(wait)
+            self._open += 1
+            self.sent += 1
+            self._next_start = self._clock() + self._interval
+        try:
+            yield
+        finally:
+            self._open -= 1
+            self._answered.append(self._clock())
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped, jittered exponential backoff, and Retry-After clamped to a bound; in wall seconds."""
+
+    max_attempts: int
+    backoff_initial_s: float
+    backoff_max_s: float
+    retry_after_max_s: float
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after the `attempt`-th failure (1-based): half fixed, half random."""
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def rate_limit_wait(self, error: RateLimited, attempt: int) -> float:
+        if error.retry_after is None:
+            return self.backoff(attempt)
+        return min(error.retry_after, self.retry_after_max_s)

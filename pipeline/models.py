@@ -1,0 +1,67 @@
+"""The small typed values the stages pass to each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pipeline.schema import IMAGE_FIELDS, fingerprint
+
+__all__ = ["JobOutcome", "JobSpec", "Rejected", "Status", "fingerprint"]
+
+
+class Status(StrEnum):
+    PENDING = "pending"  # not sent yet
+    CREATING = "creating"  # a create was (maybe) sent; no prediction id known
+    CREATED = "created"  # prediction id journaled; being polled
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"  # never sent: the manifest row breaks the input schema
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.REJECTED)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A valid manifest row: the API input it sends, and the row as the user wrote it."""
+
+    job_id: str
+    row_number: int
+    inputs: dict[str, Any]
+    record: dict[str, Any]
+    fingerprint: str
+
+    @property
+    def images_requested(self) -> int:
+        return int(self.inputs.get("n", 1))
+
+    @property
+    def img_urls(self) -> list[str]:
+        return [str(self.inputs[f]) for f in IMAGE_FIELDS if self.inputs.get(f)]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A manifest row that breaks a rule; it becomes a `rejected` result with no API call."""
+
+    job_id: str
+    row_number: int
+    record: dict[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How one job ended (succeeded or failed), as the worker saw it."""
+
+    status: Status
+    prediction_id: str | None = None
+    output_urls: tuple[str, ...] = ()
+    predict_time_s: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    finished_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,36 @@
+"""The run's summary as rows of label and value, for the terminal and for scripts."""
+
+from __future__ import annotations
+
+from pipeline.runner import RunSummary
+
+__all__ = ["summary_rows"]
+
+
+def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    counts, totals, stats = summary.counts, summary.totals, summary.stats
+    rows = [
+        ("rows", f"{int(totals['rows']):,}"),
+        ("succeeded", f"{counts.get('succeeded', 0):,}"),
+        ("failed", f"{counts.get('failed', 0):,}"),
+        ("rejected", f"{counts.get('rejected', 0):,}"),
+    ]
+    unfinished = int(totals["rows"]) - summary.finished_rows
+    if unfinished:
+        rows.append(("unfinished (resumable)", f"{unfinished:,}"))
+    rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    rows += [
+        ("images", f"{int(totals['images']):,}"),
+        ("cost", f"${totals['cost_usd']:,.2f}"),
+        ("possible duplicate charges", f"{int(totals['ambiguous_creates']):,}"),
+        ("keys", ", ".join(summary.keys) + (f" (retired: {', '.join(stats.retired_keys)})"
+                                             if stats.retired_keys else "")),
+        ("creates sent", f"{stats.creates_sent:,}"),
+        ("429s received", f"{stats.rate_limited:,}"),
+        ("polls", f"{stats.polls:,}"),
+        ("throughput", f"{rate * 60:,.1f} jobs/min this run ({summary.elapsed_s:,.1f} s)"),
+        ("results", str(summary.results_path)),
+    ]
+    if summary.failures_path is not None:
+        rows.append(("failures manifest", str(summary.failures_path)))
+    return rows

@@ -1,0 +1,278 @@
+"""A whole run: config and keys in, results out; the stages wired together under one task group.
+
+Running a config on a run folder that already has a journal continues that run: finished rows
+are kept, journaled predictions are polled again (never created again), and the rest is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from pipeline.client import EachlabsClient
+from pipeline.config import RunConfig
+from pipeline.dispatch import Dispatcher
+from pipeline.errors import ConfigError, NoUsableKeyError, RunFolderMismatch
+from pipeline.journal import GroupCommit, Journal
+from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
+from pipeline.limits import CreateGate
+from pipeline.manifest import Manifest
+from pipeline.polling import PollPlanner
+from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+from pipeline.worker import KeyLane, RunStats, Worker
+from pipeline.writer import ResultLayout, write_failures, write_results
+
+__all__ = ["ExitCode", "RunSummary", "run"]
+
+_log = structlog.get_logger("pipeline.runner")
+
+
+class ExitCode(IntEnum):
+    OK = 0  # every row has its final result (some may have failed or been rejected)
+    CRASHED = 1
+    BAD_INPUT = 2  # bad config, manifest or run folder: nothing was sent
+    INTERRUPTED = 3  # stopped by a signal: run the same command again to resume
+    NO_KEY = 4  # every key was refused: fix the key and run again to resume
+    BUDGET = 5  # budget.max_cost_usd reached: raise it and run again to resume
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    results_path: Path
+    failures_path: Path | None
+    counts: dict[str, int]
+    totals: dict[str, float]
+    stats: RunStats
+    elapsed_s: float
+    exit_code: ExitCode
+    message: str = ""
+    keys: list[str] = field(default_factory=list)
+    sandbox_stats: dict[str, Any] | None = None
+
+    @property
+    def finished_rows(self) -> int:
+        return sum(self.counts.get(s, 0) for s in ("succeeded", "failed", "rejected"))
+
+
+def _identity(config: RunConfig) -> dict[str, str]:
+    """What must not change between a run and its resume: the model and the row mapping,
+    and the manifest file itself."""
+    m = config.manifest
+    mapping = json.dumps(
+        {"model": config.api.model, "path": str(m.path), "id": m.id_column, "columns": m.columns,
+         "defaults": m.defaults},
+        sort_keys=True, default=str,
+    )
+    stat = m.path.stat()
+    return {
+        "mapping": hashlib.sha256(mapping.encode()).hexdigest()[:16],
+        "manifest_file": f"{stat.st_size}:{_file_digest(m.path)}",
+    }
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _check_identity(journal: Journal, config: RunConfig, force: bool) -> None:
+    current = _identity(config)
+    known = {name: journal.get_meta(name) for name in current}
+    if all(value is None for value in known.values()) or force:
+        journal.set_meta(current)
+        return
+    changed = [name for name, value in current.items() if known[name] != value]
+    if changed:
+        what = {"mapping": "the model or the manifest mapping in the config",
+                "manifest_file": "the manifest file"}
+        raise RunFolderMismatch(
+            f"run folder {config.output.dir} holds a run of another "
+            + " and ".join(what[c] for c in changed)
+            + "; resuming would mix results. Use a new output.dir, or pass --force to continue "
+            "anyway (rows already journaled keep their results)."
+        )
+
+
+@asynccontextmanager
+async def _api(config: RunConfig, keys: list[ApiKey]) -> AsyncIterator[
+    tuple[str, list[ApiKey], SandboxServer | None]
+]:
+    """The base URL and keys to use; starts the embedded sandbox when the config says so."""
+    if not config.embedded_sandbox:
+        yield config.api.base_url, keys, None
+        return
+    s = config.sandbox
+    if not keys:
+        keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(s.keys)]
+    settings = SandboxSettings(
+        keys=tuple(k.secret for k in keys),
+        time_scale=s.time_scale,
+        creates_per_window=config.limits.creates_per_window,
+        window_s=config.limits.window_s,
+        max_concurrent=config.limits.max_concurrent,
+        latency_mean_s=s.latency_mean_s,
+        latency_spread=s.latency_spread,
+        seed=s.seed,
+        price_per_image_usd=config.api.price_per_image_usd,
+        image_scale=s.image_scale,
+        allow_loopback_urls=True,
+        faults=FaultRates(**s.faults),
+        ledger_path=config.output.dir / "sandbox-ledger.jsonl",
+    )
+    with SandboxServer(settings) as server:
+        yield server.base_url, keys, server
+
+
+def _ingest(manifest: Manifest, journal: Journal, dispatcher: Dispatcher, stop: threading.Event,
+            notify: Callable[[Callable[[], None]], None]) -> None:
+    """Read the rest of the manifest into the journal (in a thread)."""
+    if journal.get_meta("ingest_complete") == "1":
+        notify(lambda: dispatcher.ingest_advanced(done=True))
+        return
+    for batch in manifest.batches(start_row=journal.last_row() + 1):
+        if stop.is_set():
+            return
+        journal.ingest(batch, {"ingested_rows": str(batch[-1].row_number)} if batch else {})
+        notify(dispatcher.ingest_advanced)
+    journal.set_meta({"ingest_complete": "1"})
+    notify(lambda: dispatcher.ingest_advanced(done=True))
+
+
+async def run(
+    config: RunConfig,
+    keys: list[ApiKey],
+    *,
+    force: bool = False,
+    grace_s: float = 30.0,
+    handle_signals: bool = True,
+) -> RunSummary:
+    """Run (or resume) a config. Raises ConfigError, ManifestError or RunFolderMismatch before
+    anything is sent; everything after that ends in a RunSummary."""
+    started = time.monotonic()
+    manifest = Manifest(config.manifest, model=config.api.model,
+                        allow_loopback=config.allow_loopback_urls)
+    if not keys and not config.embedded_sandbox:
+        raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
+    run_dir = config.output.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(run_dir / "journal.sqlite")
+    try:
+        _check_identity(journal, config, force)
+        spent = journal.totals()["cost_usd"]
+        stats = RunStats()
+        exit_code, message = ExitCode.OK, ""
+        async with _api(config, keys) as (base_url, lanes_keys, sandbox):
+            exit_code, message = await _drive(config, journal, manifest, base_url, lanes_keys,
+                                              stats, spent, grace_s, handle_signals)
+            sandbox_stats = sandbox.stats() if sandbox is not None else None
+        layout = ResultLayout(config.manifest.id_column, manifest.mapper.columns,
+                              manifest.extra_columns, manifest.columns, manifest.kind,
+                              manifest.path)
+        results_path = run_dir / "results.parquet"
+        await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
+        failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
+        counts = journal.counts()
+        return RunSummary(run_dir, results_path, failures, counts, journal.totals(), stats,
+                          time.monotonic() - started, exit_code, message,
+                          [k.name for k in lanes_keys], sandbox_stats)
+    finally:
+        journal.close()
+
+
+async def _drive(
+    config: RunConfig,
+    journal: Journal,
+    manifest: Manifest,
+    base_url: str,
+    keys: list[ApiKey],
+    stats: RunStats,
+    spent: float,
+    grace_s: float,
+    handle_signals: bool,
+) -> tuple[ExitCode, str]:
+    limits = config.limits
+    slots = limits.max_concurrent * len(keys)
+    client = EachlabsClient(
+        base_url,
+        config.api.model,
+        timeout=httpx.Timeout(config.api.read_timeout_s, connect=config.api.connect_timeout_s),
+        max_connections=slots + 4,
+    )
+    dispatcher = Dispatcher(journal, price_per_image_usd=config.api.price_per_image_usd,
+                            budget_usd=config.budget.max_cost_usd, spent_usd=spent,
+                            lanes=len(keys))
+    dispatcher.on_retire = lambda lane: stats.retired_keys.append(lane.key.name)
+    commit = GroupCommit(journal)
+    p = config.polling
+    planner = PollPlanner(
+        expected_latency=config.scaled(p.expected_latency_s),
+        target_delay=config.scaled(p.target_delay_s),
+        min_interval=config.scaled(p.min_interval_s),
+        max_interval=config.scaled(p.max_interval_s),
+    )
+    worker = Worker(config, client, commit, dispatcher, planner, stats)
+    lanes = [KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
+             for k in keys]
+    stop_ingest = threading.Event()
+    interrupted = False
+    no_key: NoUsableKeyError | None = None
+    try:
+        async with anyio.create_task_group() as services:
+            services.start_soon(commit.run)
+            services.start_soon(
+                anyio.to_thread.run_sync, _ingest, manifest, journal, dispatcher, stop_ingest,
+                anyio.from_thread.run_sync,
+            )
+            async with anyio.create_task_group() as workers:
+                if handle_signals:
+                    services.start_soon(_watch_signals, dispatcher, workers.cancel_scope, grace_s)
+                for lane in lanes:
+                    for _ in range(limits.max_concurrent):
+                        workers.start_soon(worker.run_slot, lane)
+            interrupted = dispatcher.stopped and not dispatcher.budget_reached
+            stop_ingest.set()
+            services.cancel_scope.cancel()
+    except* NoUsableKeyError as group:
+        no_key = NoUsableKeyError(str(group.exceptions[0]))
+    finally:
+        stop_ingest.set()
+        await client.aclose()
+    if no_key is not None:
+        return ExitCode.NO_KEY, str(no_key)
+    if dispatcher.budget_reached:
+        return ExitCode.BUDGET, (f"budget.max_cost_usd ({config.budget.max_cost_usd:g}) reached; "
+                                 "unsent rows are kept: raise the budget and run again")
+    if interrupted:
+        return ExitCode.INTERRUPTED, "stopped by a signal; run the same command again to resume"
+    return ExitCode.OK, ""
+
+
+async def _watch_signals(dispatcher: Dispatcher, workers: anyio.CancelScope, grace_s: float
+                         ) -> None:
+    """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not dispatcher.stopped:
+                _log.warning("stopping", signal=signal.Signals(signum).name, grace_s=grace_s)
+                dispatcher.stop()
+                workers.deadline = min(workers.deadline, anyio.current_time() + grace_s)
+            else:
+                _log.warning("stopping_now", signal=signal.Signals(signum).name)
+                workers.cancel()

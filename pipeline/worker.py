@@ -1,0 +1,259 @@
+"""One slot of one key: take a job, create it, journal its id, poll it to its end, repeat.
+
+A key has `max_concurrent` workers, so a key's slot is held from the create request until the
+job's terminal status (or until a job that may exist on the provider is given time to end).
+The rules of invariant 5 live here: 400 final, 401 retires the key, 429 waits, 5xx and
+transport errors back off, and a create whose answer was lost is counted as ambiguous.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import anyio
+import structlog
+
+from pipeline.client import EachlabsClient, Prediction
+from pipeline.config import RunConfig
+from pipeline.dispatch import Dispatcher
+from pipeline.errors import ApiError, NotFound, RateLimited, Unauthorized
+from pipeline.journal import (
+    Entry,
+    Finish,
+    GroupCommit,
+    MarkCreated,
+    MarkCreating,
+    MarkPending,
+    NoteAmbiguous,
+)
+from pipeline.keys import ApiKey
+from pipeline.limits import CreateGate, RetryPolicy
+from pipeline.models import JobOutcome, Status
+from pipeline.polling import PollPlanner
+
+__all__ = ["KeyLane", "RunStats", "Worker"]
+
+_log = structlog.get_logger("pipeline.worker")
+_MAX_RATE_LIMIT_WAITS = 50
+
+
+@dataclass
+class RunStats:
+    """Counters of one run, for the summary and the benchmark."""
+
+    creates_sent: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    ambiguous_creates: int = 0
+    polls: int = 0
+    reattached: int = 0
+    timeouts: int = 0
+    finished: int = 0
+    retired_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KeyLane:
+    """One API key with its create gate; retired when the provider refuses the key."""
+
+    key: ApiKey
+    gate: CreateGate
+    retired: bool = False
+
+
+class _KeyRefused(Exception):
+    """The key was refused; `entry` is the job as the journal now holds it."""
+
+    def __init__(self, entry: Entry) -> None:
+        super().__init__(entry.job_id)
+        self.entry = entry
+
+
+class Worker:
+    def __init__(
+        self,
+        config: RunConfig,
+        client: EachlabsClient,
+        journal: GroupCommit,
+        dispatcher: Dispatcher,
+        planner: PollPlanner,
+        stats: RunStats,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.journal = journal
+        self.dispatcher = dispatcher
+        self.planner = planner
+        self.stats = stats
+        r = config.retries
+        self.policy = RetryPolicy(
+            r.max_attempts,
+            config.scaled(r.backoff_initial_s),
+            config.scaled(r.backoff_max_s),
+            config.scaled(r.retry_after_max_s),
+        )
+        self.job_timeout = config.scaled(config.polling.job_timeout_s)
+        self.price = config.api.price_per_image_usd
+
+    async def run_slot(self, lane: KeyLane) -> None:
+        """Serve jobs on this key until there are none, or the key is retired."""
+        while not lane.retired:
+            entry = await self.dispatcher.next_job(lane.key.name)
+            if entry is None:
+                return
+            try:
+                await self.run_job(lane, entry)
+            except _KeyRefused as refused:
+                self.dispatcher.give_back(refused.entry)
+                self.dispatcher.retire(lane)
+                return
+
+    async def run_job(self, lane: KeyLane, entry: Entry) -> None:
+        log = _log.bind(job_id=entry.job_id, row=entry.row_number, key=lane.key.name)
+        if entry.status is Status.CREATED and entry.prediction_id:
+            if entry.key_name == lane.key.name:
+                self.stats.reattached += 1
+                log.info("reattach", prediction_id=entry.prediction_id)
+                await self._poll(lane, entry, entry.prediction_id, time.time(), entry.attempts)
+                return
+            # its key is gone: the job cannot be seen from another key; it stays for a later run
+            log.warning("orphaned", prediction_id=entry.prediction_id, owner=entry.key_name)
+            return
+        attempts = entry.attempts
+        if entry.status is Status.CREATING:
+            # a crash came between sending a create and journaling its answer
+            await self._ambiguous(entry, log)
+            if self.config.retries.ambiguous_creates == "fail":
+                await self._finish(entry, self._ambiguous_outcome())
+                return
+        outcome_or_id = await self._create(lane, entry, attempts, log)
+        if isinstance(outcome_or_id, JobOutcome):
+            await self._finish(entry, outcome_or_id)
+            return
+        prediction_id, attempts = outcome_or_id
+        await self._poll(lane, entry, prediction_id, time.time(), attempts)
+
+    async def _ambiguous(self, entry: Entry, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.stats.ambiguous_creates += 1
+        await self.journal.write(NoteAmbiguous(entry.row_number))
+        log.warning("ambiguous_create", policy=self.config.retries.ambiguous_creates)
+
+    def _ambiguous_outcome(self) -> JobOutcome:
+        return JobOutcome(
+            Status.FAILED,
+            error_type="ambiguous_create",
+            error_message="the answer to a create was lost: a job may have been created and "
+            "billed; not retried (retries.ambiguous_creates: fail)",
+            finished_at=time.time(),
+        )
+
+    async def _create(
+        self, lane: KeyLane, entry: Entry, attempts: int, log: structlog.typing.FilteringBoundLogger
+    ) -> JobOutcome | tuple[str, int]:
+        failures = 0
+        waits = 0
+        while True:
+            attempts += 1
+            async with lane.gate.create():
+                await self.journal.write(
+                    MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
+                )
+                self.stats.creates_sent += 1
+                try:
+                    prediction_id = await self.client.create(lane.key, entry.inputs)
+                except ApiError as exc:
+                    error = exc
+                else:
+                    await self.journal.write(
+                        MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
+                    )
+                    return prediction_id, attempts
+            if isinstance(error, Unauthorized):
+                await self.journal.write(MarkPending(entry.row_number))
+                log.error("key_refused", error=str(error))
+                raise _KeyRefused(replace(entry, status=Status.PENDING)) from error
+            if isinstance(error, RateLimited):
+                self.stats.rate_limited += 1
+                waits += 1
+                attempts -= 1  # a 429 created nothing; it does not use up an attempt
+                if waits <= _MAX_RATE_LIMIT_WAITS:
+                    await anyio.sleep(self.policy.rate_limit_wait(error, waits))
+                    continue
+            elif not error.retryable:
+                return JobOutcome(Status.FAILED, error_type=error.error_type,
+                                  error_message=str(error), finished_at=time.time())
+            failures += 1
+            if error.ambiguous:
+                await self._ambiguous(entry, log)
+                if self.config.retries.ambiguous_creates == "fail":
+                    return self._ambiguous_outcome()
+                # the lost job may hold one of this key's provider slots: keep ours until it ends
+                await anyio.sleep(self.planner.quantile(0.9))
+            if failures >= self.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
+                return JobOutcome(Status.FAILED, error_type=error.error_type,
+                                  error_message=f"{error} (after {attempts} attempts)",
+                                  finished_at=time.time())
+            self.stats.retries += 1
+            log.info("create_retry", error=str(error), attempt=attempts)
+            await anyio.sleep(self.policy.backoff(failures))
+
+    async def _poll(
+        self, lane: KeyLane, entry: Entry, prediction_id: str, created: float, attempts: int
+    ) -> None:
+        deadline = created + self.job_timeout
+        delay = self.planner.first_delay()
+        failures = 0
+        while True:
+            now = time.time()
+            if now + delay >= deadline:
+                await anyio.sleep(max(0.0, deadline - now))
+                self.stats.timeouts += 1
+                await self._finish(entry, JobOutcome(
+                    Status.FAILED, prediction_id, error_type="timeout",
+                    error_message=f"still processing after {self.config.polling.job_timeout_s:g} s "
+                    "(polling.job_timeout_s)", finished_at=time.time()))
+                return
+            await anyio.sleep(delay)
+            self.stats.polls += 1
+            try:
+                answer = await self.client.get(lane.key, prediction_id)
+            except NotFound as exc:
+                await self._finish(entry, JobOutcome(
+                    Status.FAILED, prediction_id, error_type=exc.error_type,
+                    error_message=str(exc), finished_at=time.time()))
+                return
+            except Unauthorized as exc:
+                # the job exists under this key only: it waits, journaled, for a later run
+                raise _KeyRefused(replace(entry, status=Status.CREATED, prediction_id=prediction_id,
+                                          key_name=lane.key.name, attempts=attempts)) from exc
+            except RateLimited as exc:
+                self.stats.rate_limited += 1
+                failures += 1
+                delay = self.policy.rate_limit_wait(exc, failures)
+                continue
+            except ApiError as exc:
+                # a paid job is never given up on a poll error: back off until its deadline
+                failures += 1
+                delay = self.policy.backoff(failures)
+                _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
+                continue
+            failures = 0
+            if answer.terminal:
+                await self._finish(entry, self._outcome(answer, created))
+                return
+            delay = self.planner.next_delay(time.time() - created)
+
+    def _outcome(self, answer: Prediction, created: float) -> JobOutcome:
+        now = time.time()
+        self.planner.observe(answer.predict_time_s or (now - created))
+        if answer.status == "success":
+            return JobOutcome(Status.SUCCEEDED, answer.prediction_id, answer.output_urls,
+                              answer.predict_time_s, finished_at=now)
+        return JobOutcome(Status.FAILED, answer.prediction_id, (), answer.predict_time_s,
+                          error_type="job_error", error_message=answer.message, finished_at=now)
+
+    async def _finish(self, entry: Entry, outcome: JobOutcome) -> None:
+        self.stats.finished += 1
+        await self.journal.write(Finish(entry.row_number, outcome, self.price))
+        self.dispatcher.settle(entry, outcome)

@@ -1,0 +1,186 @@
+"""Results out of the journal: `results.parquet` (one row per manifest row) and the failures
+manifest (the failed and rejected rows, in the input's own columns and format, ready to be run
+again). Both are written to a temporary file and moved into place, so a reader never sees half.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.journal import Journal
+from pipeline.schema import IMAGE_FIELDS
+
+__all__ = ["ResultLayout", "write_failures", "write_results"]
+
+_FAILED = ("failed", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class ResultLayout:
+    """What the results need to know of the manifest."""
+
+    id_column: str | None
+    columns: dict[str, str]  # API field -> manifest column
+    extra_columns: list[str]
+    manifest_columns: list[str]
+    manifest_kind: str
+    manifest_path: Path
+
+
+def _schema(layout: ResultLayout) -> pa.Schema:
+    ts = pa.timestamp("us", tz="UTC")
+    fields = [
+        pa.field("job_id", pa.string()),
+        pa.field("row_number", pa.int64()),
+    ]
+    if layout.id_column and layout.id_column not in ("job_id", "row_number"):
+        fields.append(pa.field(layout.id_column, pa.string()))
+    fields += [
+        pa.field("prompt", pa.string()),
+        pa.field("img_urls", pa.list_(pa.string())),
+        pa.field("size", pa.string()),
+        pa.field("n", pa.int64()),
+        pa.field("seed", pa.int64()),
+        pa.field("status", pa.string()),
+        pa.field("prediction_id", pa.string()),
+        pa.field("output_urls", pa.list_(pa.string())),
+        pa.field("images", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("predict_time_s", pa.float64()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("attempts", pa.int64()),
+        pa.field("ambiguous_creates", pa.int64()),
+        pa.field("possible_duplicate_charge", pa.bool_()),
+        pa.field("reused", pa.bool_()),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("created_at", ts),
+        pa.field("finished_at", ts),
+        pa.field("key", pa.string()),
+    ]
+    taken = {f.name for f in fields}
+    fields += [pa.field(c if c not in taken else f"manifest_{c}", pa.string())
+               for c in layout.extra_columns]
+    return pa.schema(fields)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _result_row(row: sqlite3.Row, layout: ResultLayout, schema: pa.Schema) -> dict[str, Any]:
+    record = json.loads(row["record"])
+    if row["inputs"] is not None:
+        inputs = json.loads(row["inputs"])
+    else:  # a rejected row: show what the manifest said
+        inputs = {f: record.get(c) for f, c in layout.columns.items()}
+    started, finished = row["started_at"], row["finished_at"]
+    out: dict[str, Any] = {
+        "job_id": row["job_id"],
+        "row_number": row["row_number"],
+        "prompt": _text(inputs.get("prompt")),
+        "img_urls": [str(inputs[f]) for f in IMAGE_FIELDS if inputs.get(f)],
+        "size": _text(inputs.get("size")),
+        "n": _as_int(inputs.get("n")),
+        "seed": _as_int(inputs.get("seed")),
+        "status": row["status"],
+        "prediction_id": row["prediction_id"],
+        "output_urls": json.loads(row["output_urls"]) if row["output_urls"] else [],
+        "images": row["images"],
+        "cost_usd": row["cost_usd"],
+        "predict_time_s": row["predict_time_s"],
+        "latency_s": round(finished - started, 4) if started and finished else None,
+        "attempts": row["attempts"],
+        "ambiguous_creates": row["ambiguous"],
+        "possible_duplicate_charge": row["ambiguous"] > 0,
+        "reused": bool(row["reused"]),
+        "error_type": row["error_type"],
+        "error_message": row["error_message"],
+        "created_at": int(row["created_at"] * 1e6) if row["created_at"] else None,
+        "finished_at": int(finished * 1e6) if finished else None,
+        "key": row["key_name"],
+    }
+    if layout.id_column and layout.id_column in schema.names:
+        out[layout.id_column] = _text(record.get(layout.id_column))
+    for column in layout.extra_columns:
+        name = column if column in schema.names and column not in out else f"manifest_{column}"
+        out[name] = _text(record.get(column))
+    return out
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_results(journal: Journal, layout: ResultLayout, path: Path) -> int:
+    """Write every journaled job as one results row; the number of rows written."""
+    schema = _schema(layout)
+    count = 0
+    with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
+        for batch in journal.rows():
+            rows = [_result_row(r, layout, schema) for r in batch]
+            out.write_table(pa.Table.from_pylist(rows, schema=schema))
+            count += len(rows)
+        if count == 0:
+            out.write_table(schema.empty_table())
+    return count
+
+
+def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Path | None:
+    """The failed and rejected rows as a manifest of the input's columns; None if there are none."""
+    suffix = "parquet" if layout.manifest_kind == "parquet" else "csv"
+    path = run_dir / f"failures.{suffix}"
+    records = (
+        json.loads(r["record"]) for batch in journal.rows() for r in batch if r["status"] in _FAILED
+    )
+    first = next(records, None)
+    if first is None:
+        path.unlink(missing_ok=True)
+        return None
+    columns = layout.manifest_columns
+    with _atomic(path) as tmp:
+        if suffix == "csv":
+            with tmp.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(columns)
+                for record in (first, *records):
+                    writer.writerow(["" if record.get(c) is None else record.get(c)
+                                     for c in columns])
+        else:
+            original = pq.read_schema(layout.manifest_path)
+            table = pa.Table.from_pylist([{c: r.get(c) for c in columns}
+                                          for r in (first, *records)])
+            try:
+                table = table.cast(original)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                pass  # keep the types the records have; values are unchanged either way
+            pq.write_table(table, tmp)
+    return path
