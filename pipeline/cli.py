@@ -21,8 +21,11 @@ from pipeline.sandbox import FaultRates, SandboxSettings, serve
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.",
+)
 _out = Console()
 _err = Console(stderr=True)
 
@@ -41,20 +44,33 @@ def _print_summary(summary: RunSummary) -> None:
 @app.command("run")
 def run_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="The run's config.")],
-    force: Annotated[bool, typer.Option(
-        help="Continue a run folder even if the config's mapping or the manifest changed.")] = False,
-    fresh: Annotated[bool, typer.Option(
-        help="Start over: remove the run folder's journal and results first.")] = False,
-    grace: Annotated[float, typer.Option(
-        help="Seconds jobs in flight get to end after SIGINT/SIGTERM.")] = 30.0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Continue a run folder even if the config's mapping or the manifest changed."
+        ),
+    ] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Start over: remove the run folder's journal and results first.")
+    ] = False,
+    grace: Annotated[
+        float, typer.Option(help="Seconds jobs in flight get to end after SIGINT/SIGTERM.")
+    ] = 30.0,
 ) -> None:
     """Run a config, or resume it where it stopped."""
     try:
         config = load_config(config_path)
         if fresh:
-            for name in ("journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm",
-                         "results.parquet", "failures.csv", "failures.parquet",
-                         "sandbox-ledger.jsonl", "run.log"):
+            for name in (
+                "journal.sqlite",
+                "journal.sqlite-wal",
+                "journal.sqlite-shm",
+                "results.parquet",
+                "failures.csv",
+                "failures.parquet",
+                "sandbox-ledger.jsonl",
+                "run.log",
+            ):
                 (config.output.dir / name).unlink(missing_ok=True)
         configure_logging(config.output.dir / "run.log")
         summary = anyio.run(lambda: run(config, keys_from_env(), force=force, grace_s=grace))
@@ -76,8 +92,9 @@ def sandbox_command(
     latency_mean_s: float = 10.0,
     latency_spread: float = 0.2,
     seed: int = 0,
-    image_scale: Annotated[float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
-                           ] = 1.0,
+    image_scale: Annotated[
+        float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
+    ] = 1.0,
     allow_loopback_urls: bool = False,
     ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
     job_error: float = 0.0,
@@ -92,13 +109,25 @@ def sandbox_command(
     try:
         settings = SandboxSettings(
             keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
-            time_scale=time_scale, creates_per_window=creates_per_window, window_s=window_s,
-            max_concurrent=max_concurrent, latency_mean_s=latency_mean_s,
-            latency_spread=latency_spread, seed=seed, image_scale=image_scale,
-            allow_loopback_urls=allow_loopback_urls, ledger_path=ledger,
-            faults=FaultRates(job_error=job_error, create_5xx=create_5xx, poll_5xx=poll_5xx,
-                              lost_create=lost_create, slow=slow, poll_reset=poll_reset,
-                              storm_429=storm_429),
+            time_scale=time_scale,
+            creates_per_window=creates_per_window,
+            window_s=window_s,
+            max_concurrent=max_concurrent,
+            latency_mean_s=latency_mean_s,
+            latency_spread=latency_spread,
+            seed=seed,
+            image_scale=image_scale,
+            allow_loopback_urls=allow_loopback_urls,
+            ledger_path=ledger,
+            faults=FaultRates(
+                job_error=job_error,
+                create_5xx=create_5xx,
+                poll_5xx=poll_5xx,
+                lost_create=lost_create,
+                slow=slow,
+                poll_reset=poll_reset,
+                storm_429=storm_429,
+            ),
         )
     except ValueError as exc:
         _err.print(f"[red]error:[/red] {exc}")

@@ -126,11 +126,15 @@ class EachlabsClient:
         if status not in ("processing", "success", "error", "starting", "queued"):
             raise ProtocolViolation(f"poll answered an unknown status {status!r}", status=200)
         if status != "success":
-            message = ": ".join(
-                str(answer[k]) for k in ("message", "details") if answer.get(k)
-            ) or "the provider reported an error"
-            return Prediction(prediction_id, "error" if status == "error" else "processing",
-                              message=message if status == "error" else "")
+            message = (
+                ": ".join(str(answer[k]) for k in ("message", "details") if answer.get(k))
+                or "the provider reported an error"
+            )
+            return Prediction(
+                prediction_id,
+                "error" if status == "error" else "processing",
+                message=message if status == "error" else "",
+            )
         output = answer.get("output")
         if isinstance(output, str):
             output = [output]
@@ -154,8 +158,9 @@ class EachlabsClient:
                 method, self._base + path, json=body, headers={"X-API-Key": key.secret}
             )
         except _NOT_SENT as exc:
-            raise TransportFailure(f"{what}: cannot reach the provider ({type(exc).__name__})"
-                                   ) from exc
+            raise TransportFailure(
+                f"{what}: cannot reach the provider ({type(exc).__name__})"
+            ) from exc
         except httpx.TransportError as exc:
             raise TransportFailure(
                 f"{what}: no answer from the provider ({type(exc).__name__})", ambiguous=creating
@@ -169,11 +174,13 @@ class EachlabsClient:
             try:
                 answer = response.json()
             except ValueError as exc:
-                raise ProtocolViolation(f"{what}: the answer is not JSON", status=status,
-                                        ambiguous=creating) from exc
+                raise ProtocolViolation(
+                    f"{what}: the answer is not JSON", status=status, ambiguous=creating
+                ) from exc
             if not isinstance(answer, dict):
-                raise ProtocolViolation(f"{what}: the answer is not a JSON object",
-                                        status=status, ambiguous=creating)
+                raise ProtocolViolation(
+                    f"{what}: the answer is not a JSON object", status=status, ambiguous=creating
+                )
             return answer
         detail = f"{what}: HTTP {status}: {_describe(response)}"
         error: ApiError
@@ -184,11 +191,13 @@ class EachlabsClient:
         elif status == 404:
             error = NotFound(detail, status=status)
         elif status == 429:
-            error = RateLimited(detail, retry_after=parse_retry_after(
-                response.headers.get("retry-after")))
+            error = RateLimited(
+                detail, retry_after=parse_retry_after(response.headers.get("retry-after"))
+            )
         elif status >= 500:
-            error = ServerError(detail, status=status,
-                                ambiguous=creating and status in _AMBIGUOUS_STATUSES)
+            error = ServerError(
+                detail, status=status, ambiguous=creating and status in _AMBIGUOUS_STATUSES
+            )
         else:
             error = ProtocolViolation(detail, status=status, ambiguous=creating)
         raise error

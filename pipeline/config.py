@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.schema import INPUT_FIELDS, MODEL, SIZES
 from pipeline.sandbox.settings import FaultRates
+from pipeline.schema import INPUT_FIELDS, MODEL, SIZES
 
 __all__ = ["SANDBOX", "RunConfig", "load_config"]
 
@@ -138,14 +138,14 @@ class SandboxSection(_Section):
 
 
 class RunConfig(_Section):
-    api: ApiSection = Field(default_factory=ApiSection)
-    limits: LimitsSection = Field(default_factory=LimitsSection)
-    polling: PollingSection = Field(default_factory=PollingSection)
-    retries: RetriesSection = Field(default_factory=RetriesSection)
+    api: ApiSection = ApiSection()
+    limits: LimitsSection = LimitsSection()
+    polling: PollingSection = PollingSection()
+    retries: RetriesSection = RetriesSection()
     manifest: ManifestSection
     output: OutputSection
-    budget: BudgetSection = Field(default_factory=BudgetSection)
-    sandbox: SandboxSection = Field(default_factory=SandboxSection)
+    budget: BudgetSection = BudgetSection()
+    sandbox: SandboxSection = SandboxSection()
 
     @property
     def embedded_sandbox(self) -> bool:

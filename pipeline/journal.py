@@ -116,7 +116,8 @@ class MarkCreated(Update):
 
     def apply(self, db: sqlite3.Connection) -> None:
         db.execute(
-            "UPDATE jobs SET status=?, prediction_id=?, key_name=?, created_at=? WHERE row_number=?",
+            "UPDATE jobs SET status=?, prediction_id=?, key_name=?, created_at=?"
+            " WHERE row_number=?",
             (Status.CREATED.value, self.prediction_id, self.key_name, self.at, self.row_number),
         )
 
@@ -138,8 +139,9 @@ class MarkPending(Update):
     row_number: int
 
     def apply(self, db: sqlite3.Connection) -> None:
-        db.execute("UPDATE jobs SET status=? WHERE row_number=?",
-                   (Status.PENDING.value, self.row_number))
+        db.execute(
+            "UPDATE jobs SET status=? WHERE row_number=?", (Status.PENDING.value, self.row_number)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +157,18 @@ class Finish(Update):
             "UPDATE jobs SET status=?, prediction_id=COALESCE(?, prediction_id), output_urls=?,"
             " images=?, cost_usd=?, predict_time_s=?, error_type=?, error_message=?,"
             " finished_at=? WHERE row_number=?",
-            (o.status.value, o.prediction_id, json.dumps(list(o.output_urls)), images,
-             round(images * self.price_per_image_usd, 6), o.predict_time_s, o.error_type,
-             o.error_message, o.finished_at, self.row_number),
+            (
+                o.status.value,
+                o.prediction_id,
+                json.dumps(list(o.output_urls)),
+                images,
+                round(images * self.price_per_image_usd, 6),
+                o.predict_time_s,
+                o.error_type,
+                o.error_message,
+                o.finished_at,
+                self.row_number,
+            ),
         )
 
 
@@ -227,15 +238,19 @@ class Journal:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                known.update(self._db.execute(
-                    f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
-                ).fetchall())
+                known.update(
+                    self._db.execute(
+                        f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
+                    ).fetchall()
+                )
             rows = []
             for item in batch:
                 first = known.get(item.job_id)
                 if first is not None:
                     item = Rejected(
-                        f"{item.job_id}#row-{item.row_number}", item.row_number, item.record,
+                        f"{item.job_id}#row-{item.row_number}",
+                        item.row_number,
+                        item.record,
                         f"row {item.row_number}: id {item.job_id!r} repeats row {first}; "
                         "each row needs its own id",
                     )
@@ -257,11 +272,26 @@ class Journal:
     def _ingest_row(item: JobSpec | Rejected) -> tuple[Any, ...]:
         record = json.dumps(item.record, default=str, ensure_ascii=False)
         if isinstance(item, Rejected):
-            return (item.row_number, item.job_id, None, None, record, Status.REJECTED.value,
-                    "invalid_row", item.reason)
-        return (item.row_number, item.job_id, item.fingerprint,
-                json.dumps(item.inputs, ensure_ascii=False), record, Status.PENDING.value,
-                None, None)
+            return (
+                item.row_number,
+                item.job_id,
+                None,
+                None,
+                record,
+                Status.REJECTED.value,
+                "invalid_row",
+                item.reason,
+            )
+        return (
+            item.row_number,
+            item.job_id,
+            item.fingerprint,
+            json.dumps(item.inputs, ensure_ascii=False),
+            record,
+            Status.PENDING.value,
+            None,
+            None,
+        )
 
     # -- work -------------------------------------------------------------------------------
 
@@ -293,8 +323,13 @@ class Journal:
                 "SELECT COUNT(*), COALESCE(SUM(images), 0), COALESCE(SUM(cost_usd), 0),"
                 " COALESCE(SUM(ambiguous), 0), COALESCE(SUM(attempts), 0) FROM jobs"
             ).fetchone()
-        return {"rows": row[0], "images": row[1], "cost_usd": round(row[2], 6),
-                "ambiguous_creates": row[3], "attempts": row[4]}
+        return {
+            "rows": row[0],
+            "images": row[1],
+            "cost_usd": round(row[2], 6),
+            "ambiguous_creates": row[3],
+            "attempts": row[4],
+        }
 
     def rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches (for the writer)."""

@@ -32,7 +32,7 @@ class ApiKey:
 
 
 def keys_from_env(environ: Mapping[str, str] | None = None) -> list[ApiKey]:
-    """`EACHLABS_API_KEYS` (comma-separated) wins over `EACHLABS_API_KEY`; an empty list if neither."""
+    """Keys from `EACHLABS_API_KEYS` (comma-separated), else `EACHLABS_API_KEY`; maybe none."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV_KEYS) or env.get(ENV_KEY) or ""
     secrets = [part.strip() for part in raw.split(",") if part.strip()]

@@ -63,7 +63,8 @@ class CreateGate:
     async def create(self) -> AsyncIterator[None]:
         """Wait for this key's turn; the create request is sent inside the block."""
         async with self._lock:
-            while (wait := self._wait_needed(self._clock())) > 0:
+            # a computed deadline, not a condition another task signals: sleeping is right
+            while (wait := self._wait_needed(self._clock())) > 0:  # noqa: ASYNC110
                 await anyio.sleep(wait)
             self._open += 1
             self.sent += 1
@@ -86,7 +87,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """The wait after the `attempt`-th failure (1-based): half fixed, half random."""
-        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2.0 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def rate_limit_wait(self, error: RateLimited, attempt: int) -> float:

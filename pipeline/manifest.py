@@ -12,7 +12,6 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -75,8 +74,12 @@ class RowMapper:
     def map(self, row_number: int, record: dict[str, Any]) -> JobSpec | Rejected:
         job_id = self._job_id(row_number, record)
         if self.id_column is not None and _is_blank(record.get(self.id_column)):
-            return Rejected(job_id, row_number, record,
-                            f"row {row_number}: id column {self.id_column!r} is empty")
+            return Rejected(
+                job_id,
+                row_number,
+                record,
+                f"row {row_number}: id column {self.id_column!r} is empty",
+            )
         inputs: dict[str, Any] = {}
         problems: list[str] = []
         for field in INPUT_FIELDS:
@@ -136,8 +139,9 @@ class Manifest:
                     f"manifest {self.path}: no column gives the required field {field!r}; "
                     f"map one under manifest.columns.{field}"
                 )
-        self.mapper = RowMapper(model, mapping,
-                                dict(section.defaults), section.id_column, allow_loopback)
+        self.mapper = RowMapper(
+            model, mapping, dict(section.defaults), section.id_column, allow_loopback
+        )
         mapped = set(mapping.values()) | ({section.id_column} if section.id_column else set())
         self.extra_columns = [c for c in self.columns if c not in mapped]
 
@@ -187,16 +191,23 @@ class Manifest:
                     if row_number < start_row or not cells:
                         continue
                     if len(cells) != width:
-                        out.append((row_number, f"row {row_number}: has {len(cells)} fields; "
-                                                f"the header has {width}"))
+                        out.append(
+                            (
+                                row_number,
+                                f"row {row_number}: has {len(cells)} fields; "
+                                f"the header has {width}",
+                            )
+                        )
                     else:
                         out.append((row_number, dict(zip(self.columns, cells, strict=True))))
                     if len(out) >= self.batch_rows:
                         yield out
                         out = []
         except (UnicodeDecodeError, csv.Error) as exc:
-            raise ManifestError(f"manifest {self.path} cannot be read past row "
-                                f"{out[-1][0] if out else start_row}: {exc}") from None
+            raise ManifestError(
+                f"manifest {self.path} cannot be read past row "
+                f"{out[-1][0] if out else start_row}: {exc}"
+            ) from None
         if out:
             yield out
 

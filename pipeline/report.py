@@ -23,8 +23,11 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         ("images", f"{int(totals['images']):,}"),
         ("cost", f"${totals['cost_usd']:,.2f}"),
         ("possible duplicate charges", f"{int(totals['ambiguous_creates']):,}"),
-        ("keys", ", ".join(summary.keys) + (f" (retired: {', '.join(stats.retired_keys)})"
-                                             if stats.retired_keys else "")),
+        (
+            "keys",
+            ", ".join(summary.keys)
+            + (f" (retired: {', '.join(stats.retired_keys)})" if stats.retired_keys else ""),
+        ),
         ("creates sent", f"{stats.creates_sent:,}"),
         ("429s received", f"{stats.rate_limited:,}"),
         ("polls", f"{stats.polls:,}"),

@@ -73,9 +73,15 @@ def _identity(config: RunConfig) -> dict[str, str]:
     and the manifest file itself."""
     m = config.manifest
     mapping = json.dumps(
-        {"model": config.api.model, "path": str(m.path), "id": m.id_column, "columns": m.columns,
-         "defaults": m.defaults},
-        sort_keys=True, default=str,
+        {
+            "model": config.api.model,
+            "path": str(m.path),
+            "id": m.id_column,
+            "columns": m.columns,
+            "defaults": m.defaults,
+        },
+        sort_keys=True,
+        default=str,
     )
     stat = m.path.stat()
     return {
@@ -100,8 +106,10 @@ def _check_identity(journal: Journal, config: RunConfig, force: bool) -> None:
         return
     changed = [name for name, value in current.items() if known[name] != value]
     if changed:
-        what = {"mapping": "the model or the manifest mapping in the config",
-                "manifest_file": "the manifest file"}
+        what = {
+            "mapping": "the model or the manifest mapping in the config",
+            "manifest_file": "the manifest file",
+        }
         raise RunFolderMismatch(
             f"run folder {config.output.dir} holds a run of another "
             + " and ".join(what[c] for c in changed)
@@ -111,9 +119,9 @@ def _check_identity(journal: Journal, config: RunConfig, force: bool) -> None:
 
 
 @asynccontextmanager
-async def _api(config: RunConfig, keys: list[ApiKey]) -> AsyncIterator[
-    tuple[str, list[ApiKey], SandboxServer | None]
-]:
+async def _api(
+    config: RunConfig, keys: list[ApiKey]
+) -> AsyncIterator[tuple[str, list[ApiKey], SandboxServer | None]]:
     """The base URL and keys to use; starts the embedded sandbox when the config says so."""
     if not config.embedded_sandbox:
         yield config.api.base_url, keys, None
@@ -140,8 +148,13 @@ async def _api(config: RunConfig, keys: list[ApiKey]) -> AsyncIterator[
         yield server.base_url, keys, server
 
 
-def _ingest(manifest: Manifest, journal: Journal, dispatcher: Dispatcher, stop: threading.Event,
-            notify: Callable[[Callable[[], None]], None]) -> None:
+def _ingest(
+    manifest: Manifest,
+    journal: Journal,
+    dispatcher: Dispatcher,
+    stop: threading.Event,
+    notify: Callable[[Callable[[], None]], None],
+) -> None:
     """Read the rest of the manifest into the journal (in a thread)."""
     if journal.get_meta("ingest_complete") == "1":
         notify(lambda: dispatcher.ingest_advanced(done=True))
@@ -166,8 +179,9 @@ async def run(
     """Run (or resume) a config. Raises ConfigError, ManifestError or RunFolderMismatch before
     anything is sent; everything after that ends in a RunSummary."""
     started = time.monotonic()
-    manifest = Manifest(config.manifest, model=config.api.model,
-                        allow_loopback=config.allow_loopback_urls)
+    manifest = Manifest(
+        config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
+    )
     if not keys and not config.embedded_sandbox:
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
     run_dir = config.output.dir
@@ -179,19 +193,43 @@ async def run(
         stats = RunStats()
         exit_code, message = ExitCode.OK, ""
         async with _api(config, keys) as (base_url, lanes_keys, sandbox):
-            exit_code, message = await _drive(config, journal, manifest, base_url, lanes_keys,
-                                              stats, spent, grace_s, handle_signals)
+            exit_code, message = await _drive(
+                config,
+                journal,
+                manifest,
+                base_url,
+                lanes_keys,
+                stats,
+                spent,
+                grace_s,
+                handle_signals,
+            )
             sandbox_stats = sandbox.stats() if sandbox is not None else None
-        layout = ResultLayout(config.manifest.id_column, manifest.mapper.columns,
-                              manifest.extra_columns, manifest.columns, manifest.kind,
-                              manifest.path)
+        layout = ResultLayout(
+            config.manifest.id_column,
+            manifest.mapper.columns,
+            manifest.extra_columns,
+            manifest.columns,
+            manifest.kind,
+            manifest.path,
+        )
         results_path = run_dir / "results.parquet"
         await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
         failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
         counts = journal.counts()
-        return RunSummary(run_dir, results_path, failures, counts, journal.totals(), stats,
-                          time.monotonic() - started, exit_code, message,
-                          [k.name for k in lanes_keys], sandbox_stats)
+        return RunSummary(
+            run_dir,
+            results_path,
+            failures,
+            counts,
+            journal.totals(),
+            stats,
+            time.monotonic() - started,
+            exit_code,
+            message,
+            [k.name for k in lanes_keys],
+            sandbox_stats,
+        )
     finally:
         journal.close()
 
@@ -215,9 +253,13 @@ async def _drive(
         timeout=httpx.Timeout(config.api.read_timeout_s, connect=config.api.connect_timeout_s),
         max_connections=slots + 4,
     )
-    dispatcher = Dispatcher(journal, price_per_image_usd=config.api.price_per_image_usd,
-                            budget_usd=config.budget.max_cost_usd, spent_usd=spent,
-                            lanes=len(keys))
+    dispatcher = Dispatcher(
+        journal,
+        price_per_image_usd=config.api.price_per_image_usd,
+        budget_usd=config.budget.max_cost_usd,
+        spent_usd=spent,
+        lanes=len(keys),
+    )
     dispatcher.on_retire = lambda lane: stats.retired_keys.append(lane.key.name)
     commit = GroupCommit(journal)
     p = config.polling
@@ -228,8 +270,10 @@ async def _drive(
         max_interval=config.scaled(p.max_interval_s),
     )
     worker = Worker(config, client, commit, dispatcher, planner, stats)
-    lanes = [KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
-             for k in keys]
+    lanes = [
+        KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
+        for k in keys
+    ]
     stop_ingest = threading.Event()
     interrupted = False
     no_key: NoUsableKeyError | None = None
@@ -237,7 +281,12 @@ async def _drive(
         async with anyio.create_task_group() as services:
             services.start_soon(commit.run)
             services.start_soon(
-                anyio.to_thread.run_sync, _ingest, manifest, journal, dispatcher, stop_ingest,
+                anyio.to_thread.run_sync,
+                _ingest,
+                manifest,
+                journal,
+                dispatcher,
+                stop_ingest,
                 anyio.from_thread.run_sync,
             )
             async with anyio.create_task_group() as workers:
@@ -257,15 +306,18 @@ async def _drive(
     if no_key is not None:
         return ExitCode.NO_KEY, str(no_key)
     if dispatcher.budget_reached:
-        return ExitCode.BUDGET, (f"budget.max_cost_usd ({config.budget.max_cost_usd:g}) reached; "
-                                 "unsent rows are kept: raise the budget and run again")
+        return ExitCode.BUDGET, (
+            f"budget.max_cost_usd ({config.budget.max_cost_usd:g}) reached; "
+            "unsent rows are kept: raise the budget and run again"
+        )
     if interrupted:
         return ExitCode.INTERRUPTED, "stopped by a signal; run the same command again to resume"
     return ExitCode.OK, ""
 
 
-async def _watch_signals(dispatcher: Dispatcher, workers: anyio.CancelScope, grace_s: float
-                         ) -> None:
+async def _watch_signals(
+    dispatcher: Dispatcher, workers: anyio.CancelScope, grace_s: float
+) -> None:
     """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:

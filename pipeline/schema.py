@@ -94,7 +94,9 @@ def check_input(inputs: Mapping[str, object], *, allow_loopback: bool = False) -
     found: list[Violation] = []
     for name in inputs:
         if name not in INPUT_FIELDS:
-            found.append(Violation(name, f"unknown input field (allowed: {', '.join(INPUT_FIELDS)})"))
+            found.append(
+                Violation(name, f"unknown input field (allowed: {', '.join(INPUT_FIELDS)})")
+            )
     for name in _REQUIRED:
         if inputs.get(name) is None:
             found.append(Violation(name, "is required"))
@@ -115,7 +117,9 @@ def check_input(inputs: Mapping[str, object], *, allow_loopback: bool = False) -
         found.append(Violation("size", f"must be one of {', '.join(SIZES)}, not {size!r}"))
     n = inputs.get("n")
     if n is not None and (not _is_int(n) or not N_RANGE[0] <= n <= N_RANGE[1]):  # type: ignore[operator]
-        found.append(Violation("n", f"must be an integer from {N_RANGE[0]} to {N_RANGE[1]}, not {n!r}"))
+        found.append(
+            Violation("n", f"must be an integer from {N_RANGE[0]} to {N_RANGE[1]}, not {n!r}")
+        )
     seed = inputs.get("seed")
     if seed is not None and not _is_int(seed):
         found.append(Violation("seed", f"must be an integer, not {seed!r}"))

@@ -95,6 +95,7 @@ class Worker:
         )
         self.job_timeout = config.scaled(config.polling.job_timeout_s)
         self.price = config.api.price_per_image_usd
+        self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
 
     async def run_slot(self, lane: KeyLane) -> None:
         """Serve jobs on this key until there are none, or the key is retired."""
@@ -181,8 +182,12 @@ class Worker:
                     await anyio.sleep(self.policy.rate_limit_wait(error, waits))
                     continue
             elif not error.retryable:
-                return JobOutcome(Status.FAILED, error_type=error.error_type,
-                                  error_message=str(error), finished_at=time.time())
+                return JobOutcome(
+                    Status.FAILED,
+                    error_type=error.error_type,
+                    error_message=str(error),
+                    finished_at=time.time(),
+                )
             failures += 1
             if error.ambiguous:
                 await self._ambiguous(entry, log)
@@ -191,9 +196,12 @@ class Worker:
                 # the lost job may hold one of this key's provider slots: keep ours until it ends
                 await anyio.sleep(self.planner.quantile(0.9))
             if failures >= self.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
-                return JobOutcome(Status.FAILED, error_type=error.error_type,
-                                  error_message=f"{error} (after {attempts} attempts)",
-                                  finished_at=time.time())
+                return JobOutcome(
+                    Status.FAILED,
+                    error_type=error.error_type,
+                    error_message=f"{error} (after {attempts} attempts)",
+                    finished_at=time.time(),
+                )
             self.stats.retries += 1
             log.info("create_retry", error=str(error), attempt=attempts)
             await anyio.sleep(self.policy.backoff(failures))
@@ -209,24 +217,44 @@ class Worker:
             if now + delay >= deadline:
                 await anyio.sleep(max(0.0, deadline - now))
                 self.stats.timeouts += 1
-                await self._finish(entry, JobOutcome(
-                    Status.FAILED, prediction_id, error_type="timeout",
-                    error_message=f"still processing after {self.config.polling.job_timeout_s:g} s "
-                    "(polling.job_timeout_s)", finished_at=time.time()))
+                await self._finish(
+                    entry,
+                    JobOutcome(
+                        Status.FAILED,
+                        prediction_id,
+                        error_type="timeout",
+                        error_message=f"still processing after {self._timeout_text}",
+                        finished_at=time.time(),
+                    ),
+                )
                 return
             await anyio.sleep(delay)
             self.stats.polls += 1
             try:
                 answer = await self.client.get(lane.key, prediction_id)
             except NotFound as exc:
-                await self._finish(entry, JobOutcome(
-                    Status.FAILED, prediction_id, error_type=exc.error_type,
-                    error_message=str(exc), finished_at=time.time()))
+                await self._finish(
+                    entry,
+                    JobOutcome(
+                        Status.FAILED,
+                        prediction_id,
+                        error_type=exc.error_type,
+                        error_message=str(exc),
+                        finished_at=time.time(),
+                    ),
+                )
                 return
             except Unauthorized as exc:
                 # the job exists under this key only: it waits, journaled, for a later run
-                raise _KeyRefused(replace(entry, status=Status.CREATED, prediction_id=prediction_id,
-                                          key_name=lane.key.name, attempts=attempts)) from exc
+                raise _KeyRefused(
+                    replace(
+                        entry,
+                        status=Status.CREATED,
+                        prediction_id=prediction_id,
+                        key_name=lane.key.name,
+                        attempts=attempts,
+                    )
+                ) from exc
             except RateLimited as exc:
                 self.stats.rate_limited += 1
                 failures += 1
@@ -248,10 +276,22 @@ class Worker:
         now = time.time()
         self.planner.observe(answer.predict_time_s or (now - created))
         if answer.status == "success":
-            return JobOutcome(Status.SUCCEEDED, answer.prediction_id, answer.output_urls,
-                              answer.predict_time_s, finished_at=now)
-        return JobOutcome(Status.FAILED, answer.prediction_id, (), answer.predict_time_s,
-                          error_type="job_error", error_message=answer.message, finished_at=now)
+            return JobOutcome(
+                Status.SUCCEEDED,
+                answer.prediction_id,
+                answer.output_urls,
+                answer.predict_time_s,
+                finished_at=now,
+            )
+        return JobOutcome(
+            Status.FAILED,
+            answer.prediction_id,
+            (),
+            answer.predict_time_s,
+            error_type="job_error",
+            error_message=answer.message,
+            finished_at=now,
+        )
 
     async def _finish(self, entry: Entry, outcome: JobOutcome) -> None:
         self.stats.finished += 1

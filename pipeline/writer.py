@@ -5,6 +5,7 @@ again). Both are written to a temporary file and moved into place, so a reader n
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -70,8 +71,10 @@ def _schema(layout: ResultLayout) -> pa.Schema:
         pa.field("key", pa.string()),
     ]
     taken = {f.name for f in fields}
-    fields += [pa.field(c if c not in taken else f"manifest_{c}", pa.string())
-               for c in layout.extra_columns]
+    fields += [
+        pa.field(c if c not in taken else f"manifest_{c}", pa.string())
+        for c in layout.extra_columns
+    ]
     return pa.schema(fields)
 
 
@@ -172,15 +175,16 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
                 writer = csv.writer(handle)
                 writer.writerow(columns)
                 for record in (first, *records):
-                    writer.writerow(["" if record.get(c) is None else record.get(c)
-                                     for c in columns])
+                    writer.writerow(
+                        ["" if record.get(c) is None else record.get(c) for c in columns]
+                    )
         else:
             original = pq.read_schema(layout.manifest_path)
-            table = pa.Table.from_pylist([{c: r.get(c) for c in columns}
-                                          for r in (first, *records)])
-            try:
+            table = pa.Table.from_pylist(
+                [{c: r.get(c) for c in columns} for r in (first, *records)]
+            )
+            # keep the types the records have when the original ones do not fit
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
                 table = table.cast(original)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-                pass  # keep the types the records have; values are unchanged either way
             pq.write_table(table, tmp)
     return path

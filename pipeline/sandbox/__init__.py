@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.sandbox.app import create_app
-from pipeline.sandbox.server import SandboxServer, serve
+from pipeline.sandbox.server import SandboxServer, ServerThread, serve
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.state import SandboxState, key_hash
 
@@ -12,6 +12,7 @@ __all__ = [
     "SandboxServer",
     "SandboxSettings",
     "SandboxState",
+    "ServerThread",
     "create_app",
     "key_hash",
     "serve",

@@ -40,22 +40,26 @@ class _DroppingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, DroppedConnection) and not (
-            isinstance(exc, BaseExceptionGroup)
-            and exc.subgroup(DroppedConnection) is not None
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(DroppedConnection) is not None
         )
 
 
 class _DropResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"512")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"512")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"status":', "more_body": True})
         raise DroppedConnection("sandbox fault: connection dropped")
 
 
-def _error(status: int, message: str, details: str = "", headers: dict[str, str] | None = None
-           ) -> JSONResponse:
+def _error(
+    status: int, message: str, details: str = "", headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = {"status": "error", "message": message, "details": details}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -118,8 +122,13 @@ class _Sandbox:
             if self.state.chance(0.5):
                 return _error(502, "Bad gateway", "sandbox fault: upstream answer lost")
             return _DropResponse()
-        return JSONResponse({"status": "success", "message": "Prediction created",
-                             "predictionID": job.prediction_id})
+        return JSONResponse(
+            {
+                "status": "success",
+                "message": "Prediction created",
+                "predictionID": job.prediction_id,
+            }
+        )
 
     def _check_body(self, body: Any) -> tuple[int, str] | None:
         if not isinstance(body, dict):
@@ -166,12 +175,21 @@ class _Sandbox:
             return {"status": "processing", "predictionID": job.prediction_id}
         metrics = {"predict_time": self.state.predict_time(job)}
         if job.fails:
-            return {"status": "error", "predictionID": job.prediction_id, "output": None,
-                    "message": "Generation failed", "details": "sandbox fault: job error",
-                    "metrics": metrics}
+            return {
+                "status": "error",
+                "predictionID": job.prediction_id,
+                "output": None,
+                "message": "Generation failed",
+                "details": "sandbox fault: job error",
+                "metrics": metrics,
+            }
         urls = [f"{job.base_url}v1/outputs/{job.prediction_id}/{i}.jpg" for i in range(job.n)]
-        return {"status": "success", "predictionID": job.prediction_id, "output": urls,
-                "metrics": metrics}
+        return {
+            "status": "success",
+            "predictionID": job.prediction_id,
+            "output": urls,
+            "metrics": metrics,
+        }
 
     async def output(self, request: Request) -> Response:
         job = self.state.jobs.get(request.path_params["prediction_id"])
@@ -181,14 +199,14 @@ class _Sandbox:
         urls = [str(job.inputs[f]) for f in IMAGE_FIELDS if job.inputs.get(f)]
         last = await self._input_image(urls[-1])
         first = last if len(urls) == 1 else await self._input_image(urls[0])
-        size = images.target_size(str(job.inputs.get("size", "2K")), last.size,
-                                  self.settings.image_scale)
+        size = images.target_size(
+            str(job.inputs.get("size", "2K")), last.size, self.settings.image_scale
+        )
         seed = int(job.inputs.get("seed", int(job.fingerprint[:8], 16)))
         body = await asyncio.to_thread(
             images.render_output, first, size, seed, index, str(job.inputs["prompt"])
         )
-        return Response(body, media_type="image/jpeg",
-                        headers={"Cache-Control": "max-age=86400"})
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
     async def _input_image(self, url: str) -> Image.Image:
         """A job's input: a known sample by path, a loopback fetch when allowed, else drawn."""
@@ -198,8 +216,10 @@ class _Sandbox:
         parts = urlsplit(url)
         name = parts.path.rsplit("/", 1)[-1]
         image = images.sample_image(name) if parts.path.startswith("/samples/") else None
-        if image is None and self.settings.allow_loopback_urls and is_loopback_host(
-            parts.hostname or ""
+        if (
+            image is None
+            and self.settings.allow_loopback_urls
+            and is_loopback_host(parts.hostname or "")
         ):
             try:
                 async with httpx.AsyncClient(timeout=5) as client:

@@ -41,19 +41,37 @@ def _draw_product(size: tuple[int, int], background: str, colour: str, shape: st
         draw.ellipse((cx - r // 2, cy - r, cx + r // 3, cy), fill=colour)
         draw.rectangle((cx - r, cy + r // 2, cx + r, cy + r // 2 + r // 8), fill="#333333")
     elif shape == "mug":
-        draw.rectangle((cx - r // 2, cy - r // 2, cx + r // 2, cy + r // 2), fill=colour,
-                       outline="#555555", width=4)
+        draw.rectangle(
+            (cx - r // 2, cy - r // 2, cx + r // 2, cy + r // 2),
+            fill=colour,
+            outline="#555555",
+            width=4,
+        )
         draw.arc((cx + r // 3, cy - r // 4, cx + r, cy + r // 4), 270, 90, fill="#555555", width=12)
     elif shape == "shirt":
         draw.polygon(
-            [(cx - r, cy - r // 2), (cx - r // 3, cy - r), (cx + r // 3, cy - r), (cx + r, cy - r // 2),
-             (cx + r // 2, cy - r // 4), (cx + r // 2, cy + r), (cx - r // 2, cy + r),
-             (cx - r // 2, cy - r // 4)],
+            [
+                (cx - r, cy - r // 2),
+                (cx - r // 3, cy - r),
+                (cx + r // 3, cy - r),
+                (cx + r, cy - r // 2),
+                (cx + r // 2, cy - r // 4),
+                (cx + r // 2, cy + r),
+                (cx - r // 2, cy + r),
+                (cx - r // 2, cy - r // 4),
+            ],
             fill=colour,
         )
     elif shape == "lamp":
-        draw.polygon([(cx - r // 2, cy - r // 4), (cx + r // 2, cy - r // 4), (cx + r // 4, cy - r),
-                      (cx - r // 4, cy - r)], fill=colour)
+        draw.polygon(
+            [
+                (cx - r // 2, cy - r // 4),
+                (cx + r // 2, cy - r // 4),
+                (cx + r // 4, cy - r),
+                (cx - r // 4, cy - r),
+            ],
+            fill=colour,
+        )
         draw.rectangle((cx - 6, cy - r // 4, cx + 6, cy + r), fill="#444444")
         draw.ellipse((cx - r // 3, cy + r - 12, cx + r // 3, cy + r + 12), fill="#444444")
     else:
@@ -71,7 +89,7 @@ def sample_image(name: str) -> Image.Image | None:
 
 
 def synthetic_input(url: str) -> Image.Image:
-    """A stand-in for an input the sandbox may not fetch: a product shot drawn from the URL's hash."""
+    """A stand-in for an input the sandbox may not fetch: a product drawn from the URL's hash."""
     digest = hashlib.sha256(url.encode()).digest()
     aw, ah = _ASPECTS[digest[0] % len(_ASPECTS)]
     size = (64 * aw, 64 * ah) if max(aw, ah) <= 4 else (48 * aw, 48 * ah)

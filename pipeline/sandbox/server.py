@@ -8,10 +8,11 @@ talks to it over real TCP with real timeouts, and stops it on exit.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -19,20 +20,19 @@ from pipeline.sandbox.app import create_app
 from pipeline.sandbox.settings import SandboxSettings
 from pipeline.sandbox.state import SandboxState
 
-__all__ = ["SandboxServer", "serve"]
+__all__ = ["SandboxServer", "ServerThread", "serve"]
 
 HOST = "127.0.0.1"
 
 
-def _config(settings: SandboxSettings, state: SandboxState, sock: socket.socket) -> uvicorn.Config:
+def _config(app: Any, sock: socket.socket) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(settings, state),
+        app,
         log_level="warning",
         access_log=False,
         lifespan="off",
         timeout_keep_alive=30,
         backlog=2048,
-        fd=None,
         host=HOST,
         port=sock.getsockname()[1],
     )
@@ -43,26 +43,18 @@ def _bind(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((HOST, port))
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
-class SandboxServer:
-    """The sandbox in a background thread: `with SandboxServer(settings) as sb: sb.base_url`."""
+class ServerThread:
+    """Any ASGI app on 127.0.0.1 in a background thread with its own event loop."""
 
-    def __init__(self, settings: SandboxSettings, port: int = 0) -> None:
-        self.settings = settings
-        self.state = SandboxState(settings)
+    def __init__(self, app: Any, port: int = 0) -> None:
         self._sock = _bind(port)
         self.port: int = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(_config(settings, self.state, self._sock))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._thread = threading.Thread(target=self._run, name="sandbox", daemon=True)
+        self._server = uvicorn.Server(_config(app, self._sock))
+        self._thread = threading.Thread(target=self._run, name="server", daemon=True)
         self._error: BaseException | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}/v1"
 
     @property
     def root_url(self) -> str:
@@ -71,28 +63,24 @@ class SandboxServer:
     def _run(self) -> None:
         try:
             asyncio.run(self._server.serve(sockets=[self._sock]))
-        except BaseException as exc:  # the thread's only exit: kept to re-raise in start()
+        except BaseException as exc:  # noqa: BLE001 - the thread's end, reported by start()
             self._error = exc
 
-    def start(self) -> SandboxServer:
+    def start(self) -> None:
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
-                raise RuntimeError(f"the sandbox failed to start: {self._error!r}")
+                raise RuntimeError(f"the server failed to start: {self._error!r}")
             self._thread.join(0.01)
-        return self
 
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
         self._sock.close()
-        self.state.close()
 
-    def stats(self) -> dict[str, Any]:
-        return self.state.stats()
-
-    def __enter__(self) -> SandboxServer:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(
         self,
@@ -103,11 +91,34 @@ class SandboxServer:
         self.stop()
 
 
+class SandboxServer(ServerThread):
+    """The sandbox in a background thread: `with SandboxServer(settings) as sb: sb.base_url`."""
+
+    def __init__(self, settings: SandboxSettings, port: int = 0) -> None:
+        self.settings = settings
+        self.state = SandboxState(settings)
+        super().__init__(create_app(settings, self.state), port)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def stop(self) -> None:
+        super().stop()
+        self.state.close()
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.stats()
+
+    def ledger(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.state.ledger_lines()]
+
+
 def serve(settings: SandboxSettings, port: int, *, announce: Any = print) -> None:
     """Serve in the foreground until interrupted; the base URL is announced first."""
     sock = _bind(port)
     state = SandboxState(settings)
-    server = uvicorn.Server(_config(settings, state, sock))
+    server = uvicorn.Server(_config(create_app(settings, state), sock))
     announce(f"http://{HOST}:{sock.getsockname()[1]}/v1")
     try:
         asyncio.run(server.serve(sockets=[sock]))

@@ -204,15 +204,31 @@ class SandboxState:
         stats = self._stats[job.key]
         if job.fails:
             stats.failed += 1
-            self._log({"event": "ended", "key": job.key, "prediction_id": job.prediction_id,
-                       "status": "error", "images": 0, "cost_usd": 0.0})
+            self._log(
+                {
+                    "event": "ended",
+                    "key": job.key,
+                    "prediction_id": job.prediction_id,
+                    "status": "error",
+                    "images": 0,
+                    "cost_usd": 0.0,
+                }
+            )
         else:
             cost = round(job.n * self.settings.price_per_image_usd, 6)
             stats.succeeded += 1
             stats.images += job.n
             stats.cost_usd = round(stats.cost_usd + cost, 6)
-            self._log({"event": "ended", "key": job.key, "prediction_id": job.prediction_id,
-                       "status": "success", "images": job.n, "cost_usd": cost})
+            self._log(
+                {
+                    "event": "ended",
+                    "key": job.key,
+                    "prediction_id": job.prediction_id,
+                    "status": "success",
+                    "images": job.n,
+                    "cost_usd": cost,
+                }
+            )
         return True
 
     def predict_time(self, job: Job) -> float:
