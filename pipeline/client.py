@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -93,14 +94,15 @@ class EachlabsClient:
     ) -> None:
         self.model = model
         self._base = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
-            follow_redirects=False,
-        )
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+                # a request goes out as head and body: without this Nagle can hold the body
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            )
+        self._http = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -299,7 +299,10 @@ async def _drive(
             stop_ingest.set()
             services.cancel_scope.cancel()
     except* NoUsableKeyError as group:
-        no_key = NoUsableKeyError(str(group.exceptions[0]))
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):  # task groups nest: find the error itself
+            leaf = leaf.exceptions[0]
+        no_key = NoUsableKeyError(str(leaf))
     finally:
         stop_ingest.set()
         await client.aclose()

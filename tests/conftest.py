@@ -1,0 +1,77 @@
+"""Shared fixtures: the sandbox as a real server on loopback, configs and manifests."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import RunConfig, parse_config
+from pipeline.sandbox import SandboxServer, SandboxSettings
+
+KEY = "test-key-1"
+KEY2 = "test-key-2"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Callable[..., SandboxServer]]:
+    """Start sandboxes with given settings; all are stopped at the end of the test."""
+    started: list[SandboxServer] = []
+
+    def start(**kwargs: Any) -> SandboxServer:
+        kwargs.setdefault("keys", (KEY, KEY2))
+        kwargs.setdefault("image_scale", 0.05)
+        server = SandboxServer(SandboxSettings(**kwargs))
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]]) -> Path:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def catalog(count: int, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "sku": f"SKU-{i}",
+            "prompt": f"edit number {i}",
+            "img_url": f"https://cdn.example.com/p/{i}.jpg",
+            **extra,
+        }
+        for i in range(1, count + 1)
+    ]
+
+
+def make_config(tmp_path: Path, base_url: str, manifest_path: Path, **sections: Any) -> RunConfig:
+    """A config for a fast run against a sandbox at `base_url` with the given time scale."""
+    data: dict[str, Any] = {
+        "api": {"base_url": base_url},
+        "limits": {"creates_per_window": 100, "window_s": 60, "max_concurrent": 10},
+        "polling": {"job_timeout_s": 120, "expected_latency_s": 2},
+        "retries": {"max_attempts": 5, "backoff_initial_s": 0.5, "backoff_max_s": 4},
+        "manifest": {"path": str(manifest_path), "id_column": "sku"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data, tmp_path)
