@@ -11,7 +11,8 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import ConfigError, ManifestError
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, ManifestError, RunFolderMismatch
 from pipeline.keys import ApiKey
 from pipeline.runner import ExitCode, RunSummary, run
 from pipeline.sandbox import FaultRates, SandboxServer, key_hash
@@ -20,6 +21,7 @@ from tests.conftest import KEY, catalog, make_config, write_manifest
 Start = Callable[..., SandboxServer]
 pytestmark = pytest.mark.anyio
 
+ROOT = Path(__file__).resolve().parents[1]
 # 60 s window and 10 s jobs, shrunk 20x: a 3 s window and 0.5 s jobs
 SCALE = 0.05
 
@@ -280,10 +282,7 @@ async def test_a_job_timeout_fails_the_job_not_the_run(sandbox: Start, tmp_path:
 
 
 async def test_embedded_sandbox_demo_config(tmp_path: Path) -> None:
-    from pipeline.config import load_config
-
-    root = Path(__file__).resolve().parents[1]
-    config = load_config(root / "configs" / "demo.yaml")
+    config = load_config(ROOT / "configs" / "demo.yaml")
     config = config.model_copy(
         update={"output": config.output.model_copy(update={"dir": tmp_path / "demo"})}
     )
@@ -328,8 +327,6 @@ async def test_resume_reattaches_without_creating_again(sandbox: Start, tmp_path
 
 
 async def test_a_changed_manifest_is_not_mixed_into_a_run(sandbox: Start, tmp_path: Path) -> None:
-    from pipeline.errors import RunFolderMismatch
-
     sb = shrunk_sandbox(sandbox, latency_mean_s=0.5)
     manifest = write_manifest(tmp_path / "m.csv", catalog(3))
     config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
