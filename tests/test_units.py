@@ -1,0 +1,278 @@
+"""Unit tests: client error translation, Retry-After, the create gate, manifests, config, keys."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.client import EachlabsClient, parse_retry_after
+from pipeline.config import parse_config
+from pipeline.errors import (
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    ProtocolViolation,
+    RateLimited,
+    ServerError,
+    TransportFailure,
+    Unauthorized,
+)
+from pipeline.keys import ApiKey, keys_from_env
+from pipeline.limits import CreateGate
+from pipeline.manifest import Manifest
+from pipeline.models import JobSpec, Rejected
+
+SECRET = "sk-very-secret-value"
+
+
+def client_for(handler: Any) -> EachlabsClient:
+    return EachlabsClient(
+        "https://api.test/v1",
+        "alibaba-wan-2-7-image-edit",
+        timeout=httpx.Timeout(5),
+        max_connections=4,
+        transport=httpx.MockTransport(handler),
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "error", "ambiguous"),
+    [
+        (400, {}, InvalidInput, False),
+        (401, {}, Unauthorized, False),
+        (404, {}, NotFound, False),
+        (429, {"Retry-After": "2.5"}, RateLimited, False),
+        (500, {}, ServerError, False),
+        (503, {}, ServerError, False),
+        (502, {}, ServerError, True),
+        (504, {}, ServerError, True),
+        (418, {}, ProtocolViolation, True),
+    ],
+)
+@pytest.mark.anyio
+async def test_create_errors_are_translated(
+    status: int, headers: dict[str, str], error: type[Exception], ambiguous: bool
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["X-API-Key"] == SECRET
+        return httpx.Response(
+            status, headers=headers, json={"status": "error", "message": "m", "details": "d"}
+        )
+
+    client = client_for(handler)
+    with pytest.raises(error) as caught:
+        await client.create(ApiKey(SECRET), {"prompt": "p"})
+    assert getattr(caught.value, "ambiguous", False) is ambiguous
+    assert SECRET not in str(caught.value)
+    if status == 429:
+        assert isinstance(caught.value, RateLimited) and caught.value.retry_after == 2.5
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_transport_errors_are_ambiguous_only_once_sent() -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    def reset(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("reset", request=request)
+
+    for handler, ambiguous in ((refused, False), (reset, True)):
+        client = client_for(handler)
+        with pytest.raises(TransportFailure) as caught:
+            await client.create(ApiKey(SECRET), {"prompt": "p"})
+        assert caught.value.ambiguous is ambiguous
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_poll_answers_are_read() -> None:
+    answers = iter(
+        [
+            {"status": "processing", "predictionID": "p1"},
+            {
+                "status": "success",
+                "predictionID": "p1",
+                "output": ["https://o/1.jpg"],
+                "metrics": {"predict_time": 9.5},
+            },
+            {"status": "error", "predictionID": "p1", "message": "nsfw", "details": "blocked"},
+            {"status": "weird"},
+        ]
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=next(answers))
+
+    client = client_for(handler)
+    key = ApiKey(SECRET)
+    assert (await client.get(key, "p1")).status == "processing"
+    done = await client.get(key, "p1")
+    assert done.status == "success" and done.output_urls == ("https://o/1.jpg",)
+    assert done.predict_time_s == 9.5
+    failed = await client.get(key, "p1")
+    assert failed.status == "error" and failed.message == "nsfw: blocked"
+    with pytest.raises(ProtocolViolation):
+        await client.get(key, "p1")
+    await client.aclose()
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("0.25") == 0.25
+    now = time.time()
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("-4") == 0.0
+
+
+@pytest.mark.anyio
+async def test_gate_spaces_creates_and_bounds_every_window() -> None:
+    gate = CreateGate(creates_per_window=10, window_s=0.5)
+    starts: list[float] = []
+
+    async def one() -> None:
+        async with gate.create():
+            starts.append(anyio.current_time())
+            await anyio.sleep(0.002)  # the request's round trip
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(30):
+            tg.start_soon(one)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # evenly spaced 0.05 s apart (a burst would show gaps near 0; the loop adds some jitter)
+    assert min(gaps) >= 0.05 * 0.8
+    for i in range(len(starts) - 10):
+        assert starts[i + 10] - starts[i] >= 0.5  # any 0.5 s holds at most 10
+
+
+def _csv(tmp_path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path = tmp_path / "m.csv"
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def _manifest(path: Path, **manifest: Any) -> Manifest:
+    config = parse_config(
+        {"manifest": {"path": str(path), **manifest}, "output": {"dir": "out"}}, path.parent
+    )
+    return Manifest(config.manifest, model="alibaba-wan-2-7-image-edit", allow_loopback=False)
+
+
+def _rows(m: Manifest) -> list[JobSpec | Rejected]:
+    return [item for batch in m.batches() for item in batch]
+
+
+def test_csv_with_bom_quotes_and_newlines(tmp_path: Path) -> None:
+    text = (
+        "sku,edit_prompt,main_image,n\r\n"
+        'A1,"Make it red, then\nadd a ""glow""",https://x.com/a.jpg,2\r\n'
+        "A2,plain,https://x.com/b.jpg,\r\n"
+    )
+    m = _manifest(
+        _csv(tmp_path, text, "utf-8-sig"),
+        id_column="sku",
+        columns={"prompt": "edit_prompt", "img_url": "main_image"},
+        defaults={"n": 1, "size": "2K"},
+    )
+    first, second = _rows(m)
+    assert isinstance(first, JobSpec) and isinstance(second, JobSpec)
+    assert m.columns[0] == "sku"
+    assert first.inputs["prompt"] == 'Make it red, then\nadd a "glow"'
+    assert first.inputs["n"] == 2 and second.inputs["n"] == 1 and second.inputs["size"] == "2K"
+    assert first.job_id == "A1" and first.fingerprint != second.fingerprint
+
+
+def test_bad_rows_name_row_field_and_rule(tmp_path: Path) -> None:
+    text = (
+        "prompt,img_url,n,seed,size\n"
+        "ok,https://x.com/a.jpg,1,5,1k\n"
+        ",https://x.com/a.jpg,1,,\n"
+        "p,https://x.com/a.jpg,two,,\n"
+        "p,https://x.com/a.jpg,1,1.5,\n"
+        "p,https://x.com/a.jpg,1,,3K\n"
+        "p,https://x.com/a.jpg\n"
+    )
+    rows = _rows(_manifest(_csv(tmp_path, text)))
+    assert isinstance(rows[0], JobSpec) and rows[0].inputs["size"] == "1K"
+    reasons = [r.reason for r in rows[1:] if isinstance(r, Rejected)]
+    assert len(reasons) == 5
+    assert reasons[0].startswith("row 2: prompt") and "required" in reasons[0]
+    assert reasons[1].startswith("row 3: n") and "integer" in reasons[1]
+    assert reasons[2].startswith("row 4: seed")
+    assert reasons[3].startswith("row 5: size") and "1K, 2K" in reasons[3]
+    assert reasons[4].startswith("row 6") and "fields" in reasons[4]
+
+
+def test_parquet_manifest_in_batches(tmp_path: Path) -> None:
+    path = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "sku": [f"S{i}" for i in range(25)],
+                "prompt": ["p"] * 25,
+                "img_url": ["https://x.com/a.jpg"] * 25,
+                "n": pa.array([1, None] * 12 + [4], pa.int64()),
+                "brand": ["acme"] * 25,
+            }
+        ),
+        path,
+    )
+    m = _manifest(path, id_column="sku", batch_rows=10)
+    batches = list(m.batches())
+    assert [len(b) for b in batches] == [10, 10, 5]
+    specs = [r for b in batches for r in b]
+    assert all(isinstance(s, JobSpec) for s in specs)
+    assert m.extra_columns == ["brand"]
+    assert [s.row_number for s in specs] == list(range(1, 26))
+
+
+def test_manifest_problems_stop_before_anything(tmp_path: Path) -> None:
+    from pipeline.errors import ManifestError
+
+    path = _csv(tmp_path, "title,img_url\nx,https://x.com/a.jpg\n")
+    with pytest.raises(ManifestError, match="required field 'prompt'"):
+        _manifest(path)
+    with pytest.raises(ManifestError, match="id_column 'sku'"):
+        _manifest(_csv(tmp_path, "prompt,img_url\n"), id_column="sku")
+    with pytest.raises(ManifestError, match="does not exist"):
+        _manifest(tmp_path / "missing.csv")
+
+
+def test_config_errors_name_the_key_path(tmp_path: Path) -> None:
+    base = {"manifest": {"path": "m.csv"}, "output": {"dir": "o"}}
+    for extra, needle in [
+        ({"limits": {"window_s": -1}}, "limits.window_s"),
+        ({"api": {"base_url": "ftp://x"}}, "api.base_url"),
+        ({"manifest": {"path": "m.csv", "columns": {"colour": "c"}}}, "manifest.columns"),
+        ({"retries": {"ambiguous_creates": "maybe"}}, "retries.ambiguous_creates"),
+        ({"sandbox": {"faults": {"job_error": 2}}}, "sandbox.faults"),
+        ({"surprise": 1}, "surprise: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            parse_config({**base, **extra}, tmp_path)
+    with pytest.raises(ConfigError, match="manifest: is required"):
+        parse_config({"output": {"dir": "o"}}, tmp_path)
+
+
+def test_keys_never_show_their_secret() -> None:
+    keys = keys_from_env(
+        {"EACHLABS_API_KEYS": f" {SECRET}, other-secret ", "EACHLABS_API_KEY": "ignored"}
+    )
+    assert [k.secret for k in keys] == [SECRET, "other-secret"]
+    assert SECRET not in repr(keys) and SECRET not in str(keys[0])
+    assert str(keys[0]).startswith("key-") and len(str(keys[0])) == 12
+    assert keys_from_env({"EACHLABS_API_KEY": "one"})[0].secret == "one"
+    assert keys_from_env({}) == []
+    with pytest.raises(ConfigError, match="twice"):
+        keys_from_env({"EACHLABS_API_KEYS": "a,a"})
