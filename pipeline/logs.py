@@ -21,7 +21,7 @@ def configure_logging(path: Path | None, level: int = logging.INFO) -> None:
         _handle = None
     if path is None:
         structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 10),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
             cache_logger_on_first_use=False,
         )
         return

@@ -1,0 +1,145 @@
+"""Throughput at the provider's limits: the real pipeline against the sandbox, in shrunk time.
+
+Starts the sandbox in a separate process (so the client's CPU is measured alone), runs the
+pipeline on a generated manifest, and prints one line per figure: jobs per second achieved,
+the bound K x min(creates_per_window / window_s, max_concurrent / mean latency) in wall
+seconds, their ratio, 429s received, polls per job, client CPU seconds per 1,000 jobs and the
+client's peak memory.
+
+    python scripts/bench.py --keys 1 --rows 600 --latency-mean 10 --spread 0.05 --time-scale 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from pipeline.config import parse_config
+from pipeline.keys import ApiKey
+from pipeline.logs import configure_logging
+from pipeline.runner import run
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--latency-mean", type=float, default=10.0, help="provider seconds")
+    parser.add_argument("--spread", type=float, default=0.05, help="coefficient of variation")
+    parser.add_argument("--time-scale", type=float, default=0.05)
+    parser.add_argument("--creates-per-window", type=int, default=100)
+    parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--max-concurrent", type=int, default=10)
+    parser.add_argument("--job-error", type=float, default=0.0)
+    parser.add_argument("--create-5xx", type=float, default=0.0)
+    parser.add_argument("--poll-5xx", type=float, default=0.0)
+    return parser.parse_args()
+
+
+def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subprocess.Popen[str], str]:
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "sandbox",
+        "--port",
+        "0",
+        "--keys",
+        ",".join(keys),
+        "--time-scale",
+        str(args.time_scale),
+        "--latency-mean-s",
+        str(args.latency_mean),
+        "--latency-spread",
+        str(args.spread),
+        "--creates-per-window",
+        str(args.creates_per_window),
+        "--window-s",
+        str(args.window),
+        "--max-concurrent",
+        str(args.max_concurrent),
+        "--job-error",
+        str(args.job_error),
+        "--create-5xx",
+        str(args.create_5xx),
+        "--poll-5xx",
+        str(args.poll_5xx),
+        "--image-scale",
+        "0.05",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def main() -> None:
+    args = _arguments()
+    keys = [f"bench-key-{i}" for i in range(args.keys)]
+    proc, base_url = _start_sandbox(args, keys)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            manifest = folder / "bench.csv"
+            with manifest.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["sku", "prompt", "img_url"])
+                for i in range(args.rows):
+                    writer.writerow([f"B{i}", f"edit {i}", f"https://cdn.example.com/{i}.jpg"])
+            config = parse_config(
+                {
+                    "api": {"base_url": base_url, "time_scale": args.time_scale},
+                    "limits": {
+                        "creates_per_window": args.creates_per_window,
+                        "window_s": args.window,
+                        "max_concurrent": args.max_concurrent,
+                    },
+                    "polling": {"expected_latency_s": args.latency_mean},
+                    "manifest": {"path": str(manifest), "id_column": "sku"},
+                    "output": {"dir": str(folder / "run")},
+                },
+                folder,
+            )
+            time.sleep(0.5)  # the sandbox process is listening once it printed its URL
+            configure_logging(None)
+            cpu0 = time.process_time()
+            summary = anyio.run(
+                lambda: run(config, [ApiKey(k) for k in keys], handle_signals=False)
+            )
+            cpu = time.process_time() - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    jobs = summary.stats.finished
+    rate = jobs / summary.elapsed_s
+    wall_window = args.window * args.time_scale
+    wall_latency = args.latency_mean * args.time_scale
+    bound = args.keys * min(
+        args.creates_per_window / wall_window, args.max_concurrent / wall_latency
+    )
+    # the first and last latency of a finite run cannot be overlapped: count them in the bound
+    ramp = wall_latency
+    bound_finite = jobs / (jobs / bound + ramp)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"keys                      {args.keys}")
+    print(f"jobs                      {jobs}")
+    print(f"jobs_per_s                {rate:.3f}")
+    print(f"bound_jobs_per_s          {bound:.3f}")
+    print(f"efficiency                {rate / bound:.3f}")
+    print(f"efficiency_finite_run     {rate / bound_finite:.3f}")
+    print(f"429s                      {summary.stats.rate_limited}")
+    print(f"polls_per_job             {summary.stats.polls / max(jobs, 1):.2f}")
+    print(f"client_cpu_s_per_1000     {cpu / max(jobs, 1) * 1000:.2f}")
+    print(f"peak_rss_mb               {peak_mb:.0f}")
+    print(f"statuses                  {summary.counts}")
+
+
+if __name__ == "__main__":
+    main()
