@@ -237,7 +237,7 @@ class SandboxState:
     # -- reporting ------------------------------------------------------------------------
 
     def _log(self, entry: dict[str, Any]) -> None:
-        entry = {"t": round(self._clock(), 6), **entry}
+        entry = {"t": self._clock(), **entry}  # full precision: limits are checked from it
         line = json.dumps(entry, separators=(",", ":"))
         with self._lock:
             self._ledger.append(line)
