@@ -68,7 +68,7 @@ class Dispatcher:
                         continue
                     return None
                 if self._budget is not None:
-                    worst = int(entry.inputs.get("n", 1)) * self._price
+                    worst = self._worst(entry)
                     if self._committed + worst > self._budget + 1e-9:
                         self.budget_reached = True
                         self.stopped = True
@@ -104,9 +104,13 @@ class Dispatcher:
         self._release(entry)
         self._given_back.append(entry)
 
+    def _worst(self, entry: Entry) -> float:
+        """What a job can cost at most: every image it asks for."""
+        return entry.spec.images_requested * self._price
+
     def _release(self, entry: Entry) -> None:
         if self._budget is not None:
-            self._committed -= int(entry.inputs.get("n", 1)) * self._price
+            self._committed -= self._worst(entry)
 
     def settle(self, entry: Entry, outcome: JobOutcome) -> None:
         """Replace a job's worst-case reservation by what it cost."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pipeline.schema import IMAGE_FIELDS, fingerprint
+from pipeline.schema import fingerprint
 
 __all__ = ["JobOutcome", "JobSpec", "Rejected", "Status", "fingerprint"]
 
@@ -18,10 +18,6 @@ class Status(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REJECTED = "rejected"  # never sent: the manifest row breaks the input schema
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Status.SUCCEEDED, Status.FAILED, Status.REJECTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +33,6 @@ class JobSpec:
     @property
     def images_requested(self) -> int:
         return int(self.inputs.get("n", 1))
-
-    @property
-    def img_urls(self) -> list[str]:
-        return [str(self.inputs[f]) for f in IMAGE_FIELDS if self.inputs.get(f)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,4 +56,3 @@ class JobOutcome:
     error_type: str | None = None
     error_message: str | None = None
     finished_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
