@@ -13,10 +13,11 @@ from rich.table import Table
 
 from pipeline.config import load_config
 from pipeline.errors import WanbatchError
+from pipeline.journal import TRANSIENT_ERRORS
 from pipeline.keys import keys_from_env
 from pipeline.logs import configure_logging
 from pipeline.report import summary_rows
-from pipeline.runner import ExitCode, RunSummary, run
+from pipeline.runner import ExitCode, Reprocess, RunSummary, run
 from pipeline.sandbox import FaultRates, SandboxSettings, serve
 
 __all__ = ["app", "main"]
@@ -41,44 +42,86 @@ def _print_summary(summary: RunSummary) -> None:
         _err.print(f"[yellow]{summary.message}[/yellow]")
 
 
-@app.command("run")
-def run_command(
-    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="The run's config.")],
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Continue a run folder even if the config's mapping or the manifest changed."
-        ),
-    ] = False,
-    fresh: Annotated[
-        bool, typer.Option(help="Start over: remove the run folder's journal and results first.")
-    ] = False,
-    grace: Annotated[
-        float, typer.Option(help="Seconds jobs in flight get to end after SIGINT/SIGTERM.")
-    ] = 30.0,
+_RUN_FILES = (
+    "journal.sqlite",
+    "journal.sqlite-wal",
+    "journal.sqlite-shm",
+    "results.parquet",
+    "failures.csv",
+    "failures.parquet",
+    "sandbox-ledger.jsonl",
+    "run.log",
+)
+
+
+def _execute(
+    config_path: Path, *, force: bool, grace: float, fresh: bool, reprocess: Reprocess | None
 ) -> None:
-    """Run a config, or resume it where it stopped."""
     try:
         config = load_config(config_path)
         if fresh:
-            for name in (
-                "journal.sqlite",
-                "journal.sqlite-wal",
-                "journal.sqlite-shm",
-                "results.parquet",
-                "failures.csv",
-                "failures.parquet",
-                "sandbox-ledger.jsonl",
-                "run.log",
-            ):
+            for name in _RUN_FILES:
                 (config.output.dir / name).unlink(missing_ok=True)
         configure_logging(config.output.dir / "run.log")
-        summary = anyio.run(lambda: run(config, keys_from_env(), force=force, grace_s=grace))
+        summary = anyio.run(
+            lambda: run(config, keys_from_env(), force=force, grace_s=grace, reprocess=reprocess)
+        )
     except WanbatchError as exc:
         _err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(ExitCode.BAD_INPUT) from None
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
+
+
+_Config = Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="The run's config.")]
+_Force = Annotated[
+    bool,
+    typer.Option(help="Continue a run folder even if the config's mapping or manifest changed."),
+]
+_Grace = Annotated[
+    float, typer.Option(help="Seconds jobs in flight get to end after SIGINT/SIGTERM.")
+]
+
+
+@app.command("run")
+def run_command(
+    config_path: _Config,
+    force: _Force = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Start over: remove the run folder's journal and results first.")
+    ] = False,
+    grace: _Grace = 30.0,
+) -> None:
+    """Run a config, or resume it where it stopped."""
+    _execute(config_path, force=force, grace=grace, fresh=fresh, reprocess=None)
+
+
+@app.command("retry")
+def retry_command(
+    config_path: _Config,
+    errors: Annotated[
+        str,
+        typer.Option(
+            help="Error types to run again, comma-separated, or 'all'. Default: the transient "
+            f"ones ({', '.join(sorted(TRANSIENT_ERRORS))}). Rejected rows are never retried: "
+            "fix them in the failures manifest and run it as a new manifest."
+        ),
+    ] = "transient",
+    force: _Force = False,
+    grace: _Grace = 30.0,
+) -> None:
+    """Run a config's failed rows again, in the same run folder (and finish any unfinished)."""
+    wanted = {e.strip() for e in errors.split(",") if e.strip()}
+    selection: frozenset[str] | None
+    if wanted == {"all"}:
+        selection = None
+    elif wanted == {"transient"}:
+        selection = TRANSIENT_ERRORS
+    else:
+        selection = frozenset(TRANSIENT_ERRORS if "transient" in wanted else ()) | (
+            wanted - {"transient"}
+        )
+    _execute(config_path, force=force, grace=grace, fresh=False, reprocess=Reprocess(selection))
 
 
 @app.command("sandbox")

@@ -118,6 +118,19 @@ class BudgetSection(_Section):
     max_cost_usd: float | None = Field(None, ge=0)
 
 
+class IncrementalSection(_Section):
+    """Skip rows whose exact input already succeeded in an earlier run (any run folder)."""
+
+    enabled: bool = False
+    state: Path | None = None  # the state store, shared by the runs that should share results
+
+    @model_validator(mode="after")
+    def _state_named(self) -> IncrementalSection:
+        if self.enabled and self.state is None:
+            raise ValueError("state: is required when enabled is true (a path, e.g. state.sqlite)")
+        return self
+
+
 class SandboxSection(_Section):
     time_scale: float = Field(1.0, gt=0)
     keys: int = Field(1, ge=1, le=64)
@@ -145,6 +158,7 @@ class RunConfig(_Section):
     manifest: ManifestSection
     output: OutputSection
     budget: BudgetSection = BudgetSection()
+    incremental: IncrementalSection = IncrementalSection()
     sandbox: SandboxSection = SandboxSection()
 
     @property
@@ -196,10 +210,14 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     if not out_dir.is_absolute():
         out_dir = base_dir / out_dir
     manifest_path, out_dir = manifest_path.resolve(), out_dir.resolve()
+    state = config.incremental.state
+    if state is not None:
+        state = (state if state.is_absolute() else base_dir / state).resolve()
     return config.model_copy(
         update={
             "manifest": config.manifest.model_copy(update={"path": manifest_path}),
             "output": config.output.model_copy(update={"dir": out_dir}),
+            "incremental": config.incremental.model_copy(update={"state": state}),
         }
     )
 

@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from pipeline.models import JobOutcome, JobSpec, Rejected, Status
+from pipeline.models import JobOutcome, JobSpec, PriorSuccess, Rejected, Status
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "Entry",
     "Finish",
     "GroupCommit",
@@ -32,6 +33,11 @@ __all__ = [
     "NoteAmbiguous",
     "Update",
 ]
+
+# Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
+TRANSIENT_ERRORS = frozenset(
+    {"server_error", "transport", "rate_limited", "protocol", "timeout", "job_error"}
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -229,9 +235,16 @@ class Journal:
             row = self._db.execute("SELECT MAX(row_number) FROM jobs").fetchone()
         return int(row[0] or 0)
 
-    def ingest(self, batch: Sequence[JobSpec | Rejected], meta: dict[str, str]) -> None:
+    def ingest(
+        self,
+        batch: Sequence[JobSpec | Rejected],
+        meta: dict[str, str],
+        prior: Mapping[str, PriorSuccess] | None = None,
+    ) -> None:
         """Add manifest rows (and ingest progress in `meta`) in one transaction. A repeated
-        job id is rejected, naming the row that has it first."""
+        job id is rejected, naming the row that has it first. A row whose fingerprint is in
+        `prior` is journaled as succeeded with the earlier outputs, reused, at no cost."""
+        prior = prior or {}
         with self._lock, self._transaction():
             ids = list({item.job_id for item in batch})
             known: dict[str, int] = {}
@@ -256,10 +269,12 @@ class Journal:
                     )
                 else:
                     known[item.job_id] = item.row_number
-                rows.append(self._ingest_row(item))
+                rows.append(self._ingest_row(item, prior))
             self._db.executemany(
                 "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
-                " error_type, error_message) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                " error_type, error_message, prediction_id, output_urls, images,"
+                " predict_time_s, finished_at, reused)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             self._db.executemany(
@@ -269,7 +284,7 @@ class Journal:
             )
 
     @staticmethod
-    def _ingest_row(item: JobSpec | Rejected) -> tuple[Any, ...]:
+    def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
         record = json.dumps(item.record, default=str, ensure_ascii=False)
         if isinstance(item, Rejected):
             return (
@@ -281,16 +296,35 @@ class Journal:
                 Status.REJECTED.value,
                 "invalid_row",
                 item.reason,
+                *(None, None, 0, None, None, 0),
+            )
+        inputs = json.dumps(item.inputs, ensure_ascii=False)
+        done = prior.get(item.fingerprint)
+        if done is not None:
+            return (
+                item.row_number,
+                item.job_id,
+                item.fingerprint,
+                inputs,
+                record,
+                Status.SUCCEEDED.value,
+                None,
+                None,
+                done.prediction_id,
+                json.dumps(list(done.output_urls)),
+                len(done.output_urls),
+                done.predict_time_s,
+                done.finished_at,
+                1,
             )
         return (
             item.row_number,
             item.job_id,
             item.fingerprint,
-            json.dumps(item.inputs, ensure_ascii=False),
+            inputs,
             record,
             Status.PENDING.value,
-            None,
-            None,
+            *(None, None, None, None, 0, None, None, 0),
         )
 
     # -- work -------------------------------------------------------------------------------
@@ -310,7 +344,85 @@ class Journal:
             for update in updates:
                 update.apply(self._db)
 
+    # -- reprocessing ----------------------------------------------------------------------------
+
+    def requeue(self, error_types: Collection[str] | None) -> dict[str, int]:
+        """Put failed rows (of `error_types`, or all) back to be run again, keeping each
+        outcome in the row's history; how many per error type. A timed-out job keeps its
+        prediction id and is polled again: it may still end, and it was paid for."""
+        query = "SELECT * FROM jobs WHERE status=?"
+        params: list[Any] = [Status.FAILED.value]
+        if error_types is not None:
+            query += f" AND error_type IN ({','.join('?' * len(error_types))})"
+            params += list(error_types)
+        requeued: dict[str, int] = {}
+        with self._lock, self._transaction():
+            for row in self._db.execute(query, params).fetchall():
+                history = json.loads(row["history"]) if row["history"] else []
+                history.append(
+                    {
+                        "status": row["status"],
+                        "error_type": row["error_type"],
+                        "error_message": row["error_message"],
+                        "prediction_id": row["prediction_id"],
+                        "attempts": row["attempts"],
+                        "finished_at": row["finished_at"],
+                    }
+                )
+                reattach = row["error_type"] == "timeout" and row["prediction_id"] is not None
+                self._db.execute(
+                    "UPDATE jobs SET status=?, prediction_id=?, created_at=?, started_at=?,"
+                    " output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
+                    " error_message=NULL, finished_at=NULL, history=? WHERE row_number=?",
+                    (
+                        (Status.CREATED if reattach else Status.PENDING).value,
+                        row["prediction_id"] if reattach else None,
+                        row["created_at"] if reattach else None,
+                        row["started_at"] if reattach else None,
+                        json.dumps(history),
+                        row["row_number"],
+                    ),
+                )
+                kind = str(row["error_type"])
+                requeued[kind] = requeued.get(kind, 0) + 1
+        return requeued
+
+    def failed_types(self) -> dict[str, int]:
+        """Failed rows per error type."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT error_type, COUNT(*) FROM jobs WHERE status=? GROUP BY error_type",
+                (Status.FAILED.value,),
+            ).fetchall()
+        return {str(kind): int(count) for kind, count in rows}
+
     # -- reading back -------------------------------------------------------------------------
+
+    def new_successes(self, run_dir: str, batch_size: int = 5000) -> Iterator[list[PriorSuccess]]:
+        """This run folder's own successes (not reused ones), in batches, for the state store."""
+        after = 0
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT row_number, fingerprint, prediction_id, output_urls, predict_time_s,"
+                    " finished_at FROM jobs WHERE status=? AND reused=0 AND row_number > ?"
+                    " ORDER BY row_number LIMIT ?",
+                    (Status.SUCCEEDED.value, after, batch_size),
+                ).fetchall()
+            if not batch:
+                return
+            yield [
+                PriorSuccess(
+                    r["fingerprint"],
+                    r["prediction_id"],
+                    tuple(json.loads(r["output_urls"] or "[]")),
+                    r["predict_time_s"],
+                    r["finished_at"],
+                    run_dir,
+                )
+                for r in batch
+            ]
+            after = batch[-1]["row_number"]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -321,7 +433,8 @@ class Journal:
         with self._lock:
             row = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(images), 0), COALESCE(SUM(cost_usd), 0),"
-                " COALESCE(SUM(ambiguous), 0), COALESCE(SUM(attempts), 0) FROM jobs"
+                " COALESCE(SUM(ambiguous), 0), COALESCE(SUM(attempts), 0),"
+                " COALESCE(SUM(reused), 0) FROM jobs"
             ).fetchone()
         return {
             "rows": row[0],
@@ -329,6 +442,7 @@ class Journal:
             "cost_usd": round(row[2], 6),
             "ambiguous_creates": row[3],
             "attempts": row[4],
+            "reused": row[5],
         }
 
     def rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.schema import fingerprint
 
-__all__ = ["JobOutcome", "JobSpec", "Rejected", "Status", "fingerprint"]
+__all__ = ["JobOutcome", "JobSpec", "PriorSuccess", "Rejected", "Status", "fingerprint"]
 
 
 class Status(StrEnum):
@@ -56,3 +56,15 @@ class JobOutcome:
     error_type: str | None = None
     error_message: str | None = None
     finished_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PriorSuccess:
+    """A job that succeeded in some run: what an incremental run carries over for its input."""
+
+    fingerprint: str
+    prediction_id: str | None
+    output_urls: tuple[str, ...]
+    predict_time_s: float | None
+    finished_at: float | None
+    run_dir: str

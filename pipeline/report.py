@@ -15,6 +15,12 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         ("failed", f"{counts.get('failed', 0):,}"),
         ("rejected", f"{counts.get('rejected', 0):,}"),
     ]
+    if summary.requeued is not None:
+        rows.insert(0, ("run again (retry)", _by_type(summary.requeued)))
+    if counts.get("failed", 0):
+        rows.insert(len(rows), ("failed by error type", _by_type(summary.left_failed)))
+    if totals.get("reused"):
+        rows.append(("reused (incremental, no cost)", f"{int(totals['reused']):,}"))
     unfinished = int(totals["rows"]) - summary.finished_rows
     if unfinished:
         rows.append(("unfinished (resumable)", f"{unfinished:,}"))
@@ -37,3 +43,11 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     if summary.failures_path is not None:
         rows.append(("failures manifest", str(summary.failures_path)))
     return rows
+
+
+def _by_type(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    parts = ", ".join(f"{kind} {n:,}" for kind, n in sorted(counts.items()))
+    return f"{total:,} ({parts})"

@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -30,12 +30,14 @@ from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
 from pipeline.limits import CreateGate
 from pipeline.manifest import Manifest
+from pipeline.models import JobSpec
 from pipeline.polling import PollPlanner
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+from pipeline.state import StateStore
 from pipeline.worker import KeyLane, RunStats, Worker
 from pipeline.writer import ResultLayout, write_failures, write_results
 
-__all__ = ["ExitCode", "RunSummary", "run"]
+__all__ = ["ExitCode", "Reprocess", "RunSummary", "run"]
 
 _log = structlog.get_logger("pipeline.runner")
 
@@ -47,6 +49,13 @@ class ExitCode(IntEnum):
     INTERRUPTED = 3  # stopped by a signal: run the same command again to resume
     NO_KEY = 4  # every key was refused: fix the key and run again to resume
     BUDGET = 5  # budget.max_cost_usd reached: raise it and run again to resume
+
+
+@dataclass(frozen=True, slots=True)
+class Reprocess:
+    """`wanbatch retry`: which failed rows to run again (`error_types` None: every failure)."""
+
+    error_types: Collection[str] | None
 
 
 @dataclass
@@ -62,6 +71,8 @@ class RunSummary:
     message: str = ""
     keys: list[str] = field(default_factory=list)
     sandbox_stats: dict[str, Any] | None = None
+    requeued: dict[str, int] | None = None  # `wanbatch retry`: rows run again, per error type
+    left_failed: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
 
     @property
     def finished_rows(self) -> int:
@@ -151,18 +162,23 @@ async def _api(
 def _ingest(
     manifest: Manifest,
     journal: Journal,
+    state: StateStore | None,
     dispatcher: Dispatcher,
     stop: threading.Event,
     notify: Callable[[Callable[[], None]], None],
 ) -> None:
-    """Read the rest of the manifest into the journal (in a thread)."""
+    """Read the rest of the manifest into the journal (in a thread); with a state store, rows
+    whose input already succeeded come in as reused."""
     if journal.get_meta("ingest_complete") == "1":
         notify(lambda: dispatcher.ingest_advanced(done=True))
         return
     for batch in manifest.batches(start_row=journal.last_row() + 1):
         if stop.is_set():
             return
-        journal.ingest(batch, {"ingested_rows": str(batch[-1].row_number)} if batch else {})
+        prior = None
+        if state is not None:
+            prior = state.lookup([item.fingerprint for item in batch if isinstance(item, JobSpec)])
+        journal.ingest(batch, {"ingested_rows": str(batch[-1].row_number)} if batch else {}, prior)
         notify(dispatcher.ingest_advanced)
     journal.set_meta({"ingest_complete": "1"})
     notify(lambda: dispatcher.ingest_advanced(done=True))
@@ -175,9 +191,11 @@ async def run(
     force: bool = False,
     grace_s: float = 30.0,
     handle_signals: bool = True,
+    reprocess: Reprocess | None = None,
 ) -> RunSummary:
-    """Run (or resume) a config. Raises ConfigError, ManifestError or RunFolderMismatch before
-    anything is sent; everything after that ends in a RunSummary."""
+    """Run (or resume) a config; with `reprocess`, first put the chosen failed rows back to be
+    run again. Raises ConfigError, ManifestError or RunFolderMismatch before anything is sent;
+    everything after that ends in a RunSummary."""
     started = time.monotonic()
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
@@ -185,10 +203,21 @@ async def run(
     if not keys and not config.embedded_sandbox:
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
     run_dir = config.output.dir
+    if reprocess is not None and not (run_dir / "journal.sqlite").exists():
+        raise ConfigError(
+            f"nothing to retry: {run_dir} holds no run (no journal.sqlite); "
+            "run the config with `wanbatch run` first"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(run_dir / "journal.sqlite")
+    inc = config.incremental
+    state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
         _check_identity(journal, config, force)
+        requeued = None
+        if reprocess is not None:
+            requeued = journal.requeue(reprocess.error_types)
+            _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
         spent = journal.totals()["cost_usd"]
         stats = RunStats()
         exit_code, message = ExitCode.OK, ""
@@ -196,6 +225,7 @@ async def run(
             exit_code, message = await _drive(
                 config,
                 journal,
+                state,
                 manifest,
                 base_url,
                 lanes_keys,
@@ -213,6 +243,8 @@ async def run(
             manifest.kind,
             manifest.path,
         )
+        if state is not None:
+            await anyio.to_thread.run_sync(_remember, journal, state, run_dir)
         results_path = run_dir / "results.parquet"
         await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
         failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
@@ -229,14 +261,25 @@ async def run(
             message,
             [k.name for k in lanes_keys],
             sandbox_stats,
+            requeued,
+            journal.failed_types(),
         )
     finally:
         journal.close()
+        if state is not None:
+            state.close()
+
+
+def _remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
+    """Write this run folder's successes into the state store, for the runs after it."""
+    for batch in journal.new_successes(str(run_dir)):
+        state.record(batch)
 
 
 async def _drive(
     config: RunConfig,
     journal: Journal,
+    state: StateStore | None,
     manifest: Manifest,
     base_url: str,
     keys: list[ApiKey],
@@ -285,6 +328,7 @@ async def _drive(
                 _ingest,
                 manifest,
                 journal,
+                state,
                 dispatcher,
                 stop_ingest,
                 anyio.from_thread.run_sync,

@@ -39,8 +39,24 @@ class ResultLayout:
     manifest_path: Path
 
 
+_TS = pa.timestamp("us", tz="UTC")
+# the earlier outcomes of a row that `wanbatch retry` ran again, oldest first
+_HISTORY = pa.list_(
+    pa.struct(
+        [
+            pa.field("status", pa.string()),
+            pa.field("error_type", pa.string()),
+            pa.field("error_message", pa.string()),
+            pa.field("prediction_id", pa.string()),
+            pa.field("attempts", pa.int64()),
+            pa.field("finished_at", _TS),
+        ]
+    )
+)
+
+
 def _schema(layout: ResultLayout) -> pa.Schema:
-    ts = pa.timestamp("us", tz="UTC")
+    ts = _TS
     fields = [
         pa.field("job_id", pa.string()),
         pa.field("row_number", pa.int64()),
@@ -69,6 +85,7 @@ def _schema(layout: ResultLayout) -> pa.Schema:
         pa.field("created_at", ts),
         pa.field("finished_at", ts),
         pa.field("key", pa.string()),
+        pa.field("history", _HISTORY),
     ]
     taken = {f.name for f in fields}
     fields += [
@@ -121,6 +138,7 @@ def _result_row(row: sqlite3.Row, layout: ResultLayout, schema: pa.Schema) -> di
         "created_at": int(row["created_at"] * 1e6) if row["created_at"] else None,
         "finished_at": int(finished * 1e6) if finished else None,
         "key": row["key_name"],
+        "history": _history(row["history"]),
     }
     if layout.id_column and layout.id_column in schema.names:
         out[layout.id_column] = _text(record.get(layout.id_column))
@@ -128,6 +146,15 @@ def _result_row(row: sqlite3.Row, layout: ResultLayout, schema: pa.Schema) -> di
         name = column if column in schema.names and column not in out else f"manifest_{column}"
         out[name] = _text(record.get(column))
     return out
+
+
+def _history(text: str | None) -> list[dict[str, Any]]:
+    if not text:
+        return []
+    return [
+        {**h, "finished_at": int(h["finished_at"] * 1e6) if h.get("finished_at") else None}
+        for h in json.loads(text)
+    ]
 
 
 @contextmanager

@@ -7,9 +7,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig, parse_config
+from pipeline.keys import ApiKey
+from pipeline.runner import RunSummary, run
 from pipeline.sandbox import SandboxServer, SandboxSettings
 
 KEY = "test-key-1"
@@ -75,3 +78,33 @@ def make_config(tmp_path: Path, base_url: str, manifest_path: Path, **sections: 
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return parse_config(data, tmp_path)
+
+
+# 60 s window and 10 s jobs, shrunk 20x: a 3 s window and 0.5 s jobs
+SCALE = 0.05
+
+
+def shrunk_sandbox(sandbox: Callable[..., SandboxServer], **kwargs: Any) -> SandboxServer:
+    kwargs.setdefault("time_scale", SCALE)
+    kwargs.setdefault("creates_per_window", 100)
+    kwargs.setdefault("window_s", 60)
+    kwargs.setdefault("max_concurrent", 10)
+    kwargs.setdefault("latency_mean_s", 10)
+    return sandbox(**kwargs)
+
+
+async def go(config: Any, keys: list[str], **kwargs: Any) -> RunSummary:
+    return await run(config, [ApiKey(k) for k in keys], handle_signals=False, **kwargs)
+
+
+def results(summary: RunSummary) -> list[dict[str, Any]]:
+    return pq.read_table(summary.results_path).to_pylist()
+
+
+def assert_one_result_per_row(rows: list[dict[str, Any]], count: int) -> None:
+    assert sorted(r["row_number"] for r in rows) == list(range(1, count + 1))
+    assert all(r["status"] in ("succeeded", "failed", "rejected") for r in rows)
+
+
+def ledger_cost(sb: SandboxServer) -> float:
+    return round(sum(e.get("cost_usd", 0) for e in sb.ledger() if e["event"] == "ended"), 6)

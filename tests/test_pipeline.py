@@ -5,51 +5,32 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ManifestError, RunFolderMismatch
 from pipeline.keys import ApiKey
-from pipeline.runner import ExitCode, RunSummary, run
+from pipeline.runner import ExitCode
 from pipeline.sandbox import FaultRates, SandboxServer, key_hash
-from tests.conftest import KEY, catalog, make_config, write_manifest
+from tests.conftest import (
+    KEY,
+    SCALE,
+    assert_one_result_per_row,
+    catalog,
+    go,
+    ledger_cost,
+    make_config,
+    results,
+    shrunk_sandbox,
+    write_manifest,
+)
 
 Start = Callable[..., SandboxServer]
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parents[1]
-# 60 s window and 10 s jobs, shrunk 20x: a 3 s window and 0.5 s jobs
-SCALE = 0.05
-
-
-def shrunk_sandbox(sandbox: Start, **kwargs: Any) -> SandboxServer:
-    kwargs.setdefault("time_scale", SCALE)
-    kwargs.setdefault("creates_per_window", 100)
-    kwargs.setdefault("window_s", 60)
-    kwargs.setdefault("max_concurrent", 10)
-    kwargs.setdefault("latency_mean_s", 10)
-    return sandbox(**kwargs)
-
-
-async def go(config: Any, keys: list[str], **kwargs: Any) -> RunSummary:
-    return await run(config, [ApiKey(k) for k in keys], handle_signals=False, **kwargs)
-
-
-def results(summary: RunSummary) -> list[dict[str, Any]]:
-    return pq.read_table(summary.results_path).to_pylist()
-
-
-def assert_one_result_per_row(rows: list[dict[str, Any]], count: int) -> None:
-    assert sorted(r["row_number"] for r in rows) == list(range(1, count + 1))
-    assert all(r["status"] in ("succeeded", "failed", "rejected") for r in rows)
-
-
-def ledger_cost(sb: SandboxServer) -> float:
-    return round(sum(e.get("cost_usd", 0) for e in sb.ledger() if e["event"] == "ended"), 6)
 
 
 async def test_every_row_once_within_the_limits_one_key(sandbox: Start, tmp_path: Path) -> None:

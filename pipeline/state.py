@@ -1,0 +1,102 @@
+"""The incremental state store: which inputs already succeeded, across runs and run folders.
+
+A row's fingerprint (the model plus the canonical input it sends) names what was paid for; a
+run with `incremental.enabled` looks each new row up here and, when that exact input already
+succeeded, carries the earlier outputs over instead of sending it again. The store is a small
+SQLite file the config names, so the nightly runs of one catalog share it; it is the only place
+besides the journal that touches SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from pipeline.models import PriorSuccess
+
+__all__ = ["StateStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS succeeded (
+    fingerprint TEXT PRIMARY KEY,
+    prediction_id TEXT,
+    output_urls TEXT NOT NULL,
+    predict_time_s REAL,
+    finished_at REAL,
+    run_dir TEXT NOT NULL
+);
+"""
+_CHUNK = 500
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=30000")  # other runs may share the store
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def lookup(self, fingerprints: Sequence[str]) -> dict[str, PriorSuccess]:
+        """The earlier successes among `fingerprints`."""
+        found: dict[str, PriorSuccess] = {}
+        unique = list(dict.fromkeys(fingerprints))
+        with self._lock:
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                    "SELECT fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
+                    f" run_dir FROM succeeded WHERE fingerprint IN ({marks})",
+                    chunk,
+                ):
+                    found[row[0]] = PriorSuccess(
+                        row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5]
+                    )
+        return found
+
+    def record(self, successes: Iterable[PriorSuccess]) -> int:
+        """Remember successes (the latest one wins for an input); how many were written."""
+        rows = [
+            (
+                s.fingerprint,
+                s.prediction_id,
+                json.dumps(list(s.output_urls)),
+                s.predict_time_s,
+                s.finished_at,
+                s.run_dir,
+            )
+            for s in successes
+        ]
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO succeeded VALUES(?, ?, ?, ?, ?, ?) ON CONFLICT(fingerprint) DO"
+                    " UPDATE SET prediction_id=excluded.prediction_id,"
+                    " output_urls=excluded.output_urls, predict_time_s=excluded.predict_time_s,"
+                    " finished_at=excluded.finished_at, run_dir=excluded.run_dir",
+                    rows,
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return len(rows)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM succeeded").fetchone()[0])
