@@ -47,6 +47,7 @@ class Dispatcher:
         self._ingest_progress = anyio.Event()
         self._live_lanes = lanes
         self.stopped = False
+        self.halted = False  # stopped by a signal: not even jobs already handed out are sent
         self.budget_reached = False
         self.on_retire: Callable[[KeyLane], None] | None = None
 
@@ -134,5 +135,7 @@ class Dispatcher:
             )
 
     def stop(self) -> None:
-        """No new jobs from now on; jobs already handed out go on."""
+        """No new creates from now on: jobs handed out but not sent yet are not sent either;
+        jobs already created go on."""
         self.stopped = True
+        self.halted = True

@@ -339,7 +339,7 @@ async def _drive(
                 for lane in lanes:
                     for _ in range(limits.max_concurrent):
                         workers.start_soon(worker.run_slot, lane)
-            interrupted = dispatcher.stopped and not dispatcher.budget_reached
+            interrupted = dispatcher.halted
             stop_ingest.set()
             services.cancel_scope.cancel()
     except* NoUsableKeyError as group:

@@ -129,6 +129,9 @@ class Worker:
                 await self._finish(entry, self._ambiguous_outcome())
                 return
         outcome_or_id = await self._create(lane, entry, attempts, log)
+        if outcome_or_id is None:
+            self.dispatcher.give_back(entry)  # stopped before it was sent: left for the resume
+            return
         if isinstance(outcome_or_id, JobOutcome):
             await self._finish(entry, outcome_or_id)
             return
@@ -151,12 +154,18 @@ class Worker:
 
     async def _create(
         self, lane: KeyLane, entry: Entry, attempts: int, log: structlog.typing.FilteringBoundLogger
-    ) -> JobOutcome | tuple[str, int]:
+    ) -> JobOutcome | tuple[str, int] | None:
+        """Create the job: its prediction id and attempts, or how it failed, or None when the
+        run was stopped before it was sent."""
         failures = 0
         waits = 0
         while True:
             attempts += 1
             async with lane.gate.create():
+                if self.dispatcher.halted:
+                    if attempts > 1 or entry.status is not Status.PENDING:
+                        await self.journal.write(MarkPending(entry.row_number))
+                    return None
                 await self.journal.write(
                     MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
                 )

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -96,7 +96,11 @@ class _Sandbox:
         if isinstance(key, Response):
             return key
         try:
-            body = json.loads(await request.body())
+            raw = await request.body()
+        except ClientDisconnect:  # the client went away mid-request: nothing was created
+            return Response(status_code=499)
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.state.refuse_invalid(key, "body is not JSON")
             return _error(400, "Invalid request", "the body must be a JSON object")
