@@ -1,12 +1,16 @@
-"""The provider's two calls over one shared `httpx.AsyncClient`, and the one place where
-httpx errors and provider answers are translated into `pipeline.errors`.
+"""The provider's two calls, and the one place where transport errors and provider answers
+are translated into `pipeline.errors`.
+
+Requests go over `pipeline.wire` (a lean keep-alive HTTP/1.1 client: the CPU budget is a few
+requests per job); given an httpx transport instead (`httpx.MockTransport` in unit tests), they
+go over httpx, with the same translation.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import math
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +28,7 @@ from pipeline.errors import (
     Unauthorized,
 )
 from pipeline.keys import ApiKey
+from pipeline.wire import ConnectionLost, NotSent, WirePool, WireResponse
 
 __all__ = ["EachlabsClient", "Prediction", "parse_retry_after"]
 
@@ -69,15 +74,20 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, seconds)
 
 
-def _describe(response: httpx.Response) -> str:
+def _describe(response: WireResponse) -> str:
     try:
-        body = response.json()
+        body = json.loads(response.body)
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return response.body[:200].decode("utf-8", "replace") or response.reason
     if isinstance(body, dict):
         parts = [str(body.get(k)) for k in ("message", "details") if body.get(k)]
-        return ": ".join(parts)[:500] or response.reason_phrase
-    return response.reason_phrase
+        return ": ".join(parts)[:500] or response.reason
+    return response.reason
+
+
+def _name(exc: BaseException) -> str:
+    """How a transport failure is named in messages: the lower library's words, no secrets."""
+    return str(exc) if isinstance(exc, NotSent | ConnectionLost) else type(exc).__name__
 
 
 class EachlabsClient:
@@ -88,24 +98,34 @@ class EachlabsClient:
         base_url: str,
         model: str,
         *,
-        timeout: httpx.Timeout,
-        max_connections: int,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        max_connections: int = 16,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
         self._base = base_url.rstrip("/")
+        self._wire: WirePool | None = None
+        self._http: httpx.AsyncClient | None = None
         if transport is None:
-            transport = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(
-                    max_connections=max_connections, max_keepalive_connections=max_connections
-                ),
-                # a request goes out as head and body: without this Nagle can hold the body
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            self._wire = WirePool(
+                self._base,
+                max_connections=max_connections,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
             )
-        self._http = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
+        else:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+                transport=transport,
+                follow_redirects=False,
+            )
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._wire is not None:
+            await self._wire.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     async def create(
         self, key: ApiKey, inputs: dict[str, Any], *, webhook_url: str | None = None
@@ -155,26 +175,43 @@ class EachlabsClient:
         self, method: str, path: str, key: ApiKey, body: dict[str, Any] | None, *, creating: bool
     ) -> dict[str, Any]:
         what = "create" if creating else "poll"
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"X-API-Key": key.secret}
         try:
-            response = await self._http.request(
-                method, self._base + path, json=body, headers={"X-API-Key": key.secret}
-            )
-        except _NOT_SENT as exc:
+            if self._wire is not None:
+                response = await self._wire.request(method, path, headers, payload)
+            else:
+                response = await self._via_httpx(method, path, headers, payload)
+        except (NotSent, *_NOT_SENT) as exc:
+            raise TransportFailure(f"{what}: cannot reach the provider ({_name(exc)})") from exc
+        except (ConnectionLost, httpx.TransportError) as exc:
             raise TransportFailure(
-                f"{what}: cannot reach the provider ({type(exc).__name__})"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise TransportFailure(
-                f"{what}: no answer from the provider ({type(exc).__name__})", ambiguous=creating
+                f"{what}: no answer from the provider ({_name(exc)})", ambiguous=creating
             ) from exc
         return self._read(response, what, creating)
 
+    async def _via_httpx(
+        self, method: str, path: str, headers: dict[str, str], payload: bytes | None
+    ) -> WireResponse:
+        assert self._http is not None
+        if payload is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+        response = await self._http.request(
+            method, self._base + path, content=payload, headers=headers
+        )
+        return WireResponse(
+            response.status_code,
+            response.reason_phrase,
+            {k.lower(): v for k, v in response.headers.items()},
+            response.content,
+        )
+
     @staticmethod
-    def _read(response: httpx.Response, what: str, creating: bool) -> dict[str, Any]:
-        status = response.status_code
+    def _read(response: WireResponse, what: str, creating: bool) -> dict[str, Any]:
+        status = response.status
         if status < 300:
             try:
-                answer = response.json()
+                answer = json.loads(response.body)
             except ValueError as exc:
                 raise ProtocolViolation(
                     f"{what}: the answer is not JSON", status=status, ambiguous=creating

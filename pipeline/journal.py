@@ -476,22 +476,41 @@ class Journal:
 
 
 class GroupCommit:
-    """Many writers, one transaction: `await write(...)` returns once its updates are durable."""
+    """Many writers, one transaction. `await write(...)` returns once its updates are durable
+    and has them committed at once; `post(...)` queues updates that may wait up to `lazy_s`
+    for a commit they can share, and returns an event set once they are durable."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, *, lazy_s: float = 0.05) -> None:
         self._journal = journal
+        self._lazy_s = lazy_s
         self._queue: list[tuple[Sequence[Update], anyio.Event]] = []
         self._wake = anyio.Event()
+        self._urgent = anyio.Event()
         self._failure: BaseException | None = None
         self.commits = 0
 
     async def write(self, *updates: Update) -> None:
-        if self._failure is not None:
-            raise self._failure
+        self._check()
+        done = self.post(*updates)
+        self._urgent.set()
+        await done.wait()
+        self._check()
+
+    def post(self, *updates: Update) -> anyio.Event:
+        self._check()
         done = anyio.Event()
         self._queue.append((updates, done))
         self._wake.set()
-        await done.wait()
+        return done
+
+    async def durable(self, done: anyio.Event) -> None:
+        """Wait until posted updates are durable."""
+        if not done.is_set():
+            self._urgent.set()
+            await done.wait()
+        self._check()
+
+    def _check(self) -> None:
         if self._failure is not None:
             raise self._failure
 
@@ -501,6 +520,10 @@ class GroupCommit:
             while True:
                 await self._wake.wait()
                 self._wake = anyio.Event()
+                if not self._urgent.is_set():
+                    with anyio.move_on_after(self._lazy_s):
+                        await self._urgent.wait()
+                self._urgent = anyio.Event()
                 await self._flush()
         finally:
             with anyio.CancelScope(shield=True):

@@ -1,11 +1,16 @@
 """Holding one API key to the provider's limits: create spacing, the window, and retry waits.
 
-`CreateGate` lets creates through one at a time, evenly spaced (window_s / creates_per_window
-apart, so there is no initial burst), and never lets a create start while the last
+`CreateGate` lets creates through one at a time, spaced, and never lets a create start while the
+last
 `creates_per_window` creates were ANSWERED less than `window_s` ago. Measuring from our answer
 (which comes after the provider counted the create) to our next send (which comes before the
 provider counts it) makes the guarantee hold whatever the network delays: no `window_s` span on
 the provider's clock ever holds more than `creates_per_window` of our creates.
+
+The spacing follows how full the window is: from a tenth of `window_s / creates_per_window`
+while the window is at most half full, growing to the whole of it as the window fills. So a
+key whose slots bind (10 jobs in flight) rather than its create rate does not keep a freed slot
+waiting for spacing it does not need, and creates are never sent in a burst.
 
 The slots (`max_concurrent`) are the workers themselves: each key has that many, and a worker
 holds its slot from the create request to the job's terminal status.
@@ -68,7 +73,8 @@ class CreateGate:
                 await anyio.sleep(wait)
             self._open += 1
             self.sent += 1
-            self._next_start = self._clock() + self._interval
+            fill = (len(self._answered) + self._open) / self._limit
+            self._next_start = self._clock() + self._interval * min(1.0, max(0.1, 2 * fill - 1))
         try:
             yield
         finally:

@@ -1,9 +1,13 @@
-"""When to poll: learn how long jobs take, poll first near the expected end, then tightly.
+"""When to poll: learn how long jobs take, and poll at the times that notice a job's end soonest
+for a given number of polls.
 
 The provider reports each finished job's `predict_time`; the planner keeps the latest of them
-and polls a job first at a low quantile of that distribution, then every `2 x target_delay`
-(so a job's end is noticed `target_delay` late on average), backing off for jobs that run far
-longer than the learned distribution says. Before enough jobs have ended it assumes
+and, from time to time, computes a poll schedule over that distribution: the poll times
+(seconds after the create) that minimise the expected delay between a job's end and our
+noticing it, with at most `polls_per_job` polls per job on average. It is the classic
+inspection-schedule problem, solved exactly over a grid of quantiles by dynamic programming,
+with a bisection on the price of one poll. Jobs that outlive the schedule are polled every
+`step`, backing off as they grow late. Before enough jobs have ended it assumes
 `expected_latency_s` with a 20 % spread. All values are wall seconds.
 """
 
@@ -11,12 +15,71 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from itertools import accumulate
 
-__all__ = ["PollPlanner"]
+__all__ = ["PollPlanner", "poll_schedule"]
 
 _MIN_SAMPLES = 8
-_FIRST_QUANTILE = 0.05
-_LATE_QUANTILE = 0.99
+_GRID = 48  # quantile points the schedule may poll at
+_TAIL_QUANTILE = 0.995
+
+
+def poll_schedule(samples: list[float], polls_per_job: float) -> list[float]:
+    """Poll times (ascending) over sorted `samples` minimising the mean delay from a job's end
+    to the poll that notices it, with at most `polls_per_job` polls per job on average."""
+    n = len(samples)
+    if n == 0:
+        return []
+    m = min(_GRID, n)
+    grid = sorted({samples[min(n - 1, round((i + 1) * n / m) - 1)] for i in range(m)})
+    m = len(grid)
+    # each grid point stands for the samples up to it
+    counts = [bisect.bisect_right(samples, g) for g in grid]
+    weight = [(counts[i] - (counts[i - 1] if i else 0)) / n for i in range(m)]
+    mass = list(accumulate(weight))  # P(end <= grid[i])
+    moment = list(accumulate(w * g for w, g in zip(weight, grid, strict=True)))
+
+    def solve(price: float) -> tuple[list[float], float, float]:
+        # best[j]: the least cost of noticing every end up to grid[j] with a poll at grid[j]
+        best = [0.0] * m
+        back = [-1] * m
+        for j in range(m):
+            g = grid[j]
+            # first poll at grid[j]: every job is polled, ends up to it wait until it
+            cost = price + g * mass[j] - moment[j]
+            arg = -1
+            for p in range(j):
+                caught = mass[j] - mass[p]
+                c = best[p] + price * (1 - mass[p]) + g * caught - (moment[j] - moment[p])
+                if c < cost:
+                    cost, arg = c, p
+            best[j], back[j] = cost, arg
+        times: list[float] = []
+        j = m - 1
+        while j >= 0:
+            times.append(grid[j])
+            j = back[j]
+        times.reverse()
+        polls, before = 0.0, 0.0
+        for t in times:  # a poll is paid for every job still running when it comes
+            polls += 1 - before
+            before = mass[grid.index(t)]
+        return times, polls, best[m - 1]
+
+    low, high = 0.0, max(grid) * 4 + 1e-9
+    schedule, polls, _ = solve(low)
+    if polls <= polls_per_job:
+        return schedule
+    for _ in range(30):
+        mid = (low + high) / 2
+        times, polls, _ = solve(mid)
+        if polls <= polls_per_job:
+            schedule, high = times, mid
+        else:
+            low = mid
+    if not schedule or polls > polls_per_job:
+        schedule, _, _ = solve(high)
+    return schedule
 
 
 class PollPlanner:
@@ -27,14 +90,20 @@ class PollPlanner:
         target_delay: float,
         min_interval: float,
         max_interval: float,
+        polls_per_job: float = 2.8,
         memory: int = 512,
     ) -> None:
         self._expected = expected_latency
         self._step = min(max(2 * target_delay, min_interval), max_interval)
         self._min = min_interval
         self._max = max_interval
+        self._budget = polls_per_job
         self._recent: deque[float] = deque(maxlen=memory)
         self._sorted: list[float] = []
+        self._schedule: list[float] = []
+        self._seen = 0
+        self._next_plan = _MIN_SAMPLES
+        self._plan()
 
     def observe(self, latency: float) -> None:
         """A job took `latency` seconds on the provider."""
@@ -45,22 +114,39 @@ class PollPlanner:
             del self._sorted[bisect.bisect_left(self._sorted, old)]
         self._recent.append(latency)
         bisect.insort(self._sorted, latency)
+        self._seen += 1
+        if self._seen >= self._next_plan:
+            # often while learning, then every quarter of the memory
+            self._next_plan = min(self._seen * 2, self._seen + (self._recent.maxlen or 512) // 4)
+            self._plan()
+
+    def _plan(self) -> None:
+        if len(self._sorted) >= _MIN_SAMPLES:
+            samples = self._sorted
+        else:  # a prior: 20 % spread around the configured expectation
+            samples = [self._expected * (0.7 + 0.6 * (i + 0.5) / 32) for i in range(32)]
+        # one poll of the budget is kept for jobs beyond the schedule and for retries
+        self._schedule = [
+            max(self._min, t) for t in poll_schedule(samples, max(1.0, self._budget - 0.2))
+        ]
 
     def quantile(self, q: float) -> float:
         if len(self._sorted) < _MIN_SAMPLES:
-            # a prior: 20 % spread around the configured expectation
             return self._expected * (0.7 + 0.6 * q)
         index = min(len(self._sorted) - 1, max(0, round(q * (len(self._sorted) - 1))))
         return self._sorted[index]
 
     def first_delay(self) -> float:
         """Seconds after the create's answer to poll first."""
-        return max(self._min, self.quantile(_FIRST_QUANTILE) - self._step / 2)
+        return self._schedule[0] if self._schedule else self._step
 
     def next_delay(self, elapsed: float) -> float:
         """Seconds to wait before the next poll, `elapsed` seconds after the create."""
-        late = self.quantile(_LATE_QUANTILE)
-        if elapsed <= late:
+        index = bisect.bisect_right(self._schedule, elapsed + 1e-9)
+        if index < len(self._schedule):
+            return max(self._min, self._schedule[index] - elapsed)
+        late = max(self.quantile(_TAIL_QUANTILE), self._schedule[-1] if self._schedule else 0)
+        if elapsed <= late + self._step:
             return self._step
         # beyond what the learned distribution expects: back off, up to max_interval
         return min(self._max, max(self._step, (elapsed - late) / 2))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import structlog
 
 from pipeline.client import EachlabsClient
@@ -293,7 +292,8 @@ async def _drive(
     client = EachlabsClient(
         base_url,
         config.api.model,
-        timeout=httpx.Timeout(config.api.read_timeout_s, connect=config.api.connect_timeout_s),
+        connect_timeout=config.api.connect_timeout_s,
+        read_timeout=config.api.read_timeout_s,
         max_connections=slots + 4,
     )
     dispatcher = Dispatcher(
@@ -311,6 +311,7 @@ async def _drive(
         target_delay=config.scaled(p.target_delay_s),
         min_interval=config.scaled(p.min_interval_s),
         max_interval=config.scaled(p.max_interval_s),
+        polls_per_job=p.polls_per_job,
     )
     worker = Worker(config, client, commit, dispatcher, planner, stats)
     lanes = [

@@ -135,8 +135,8 @@ class Worker:
         if isinstance(outcome_or_id, JobOutcome):
             await self._finish(entry, outcome_or_id)
             return
-        prediction_id, attempts = outcome_or_id
-        await self._poll(lane, entry, prediction_id, time.time(), attempts)
+        prediction_id, attempts, journaled = outcome_or_id
+        await self._poll(lane, entry, prediction_id, time.time(), attempts, journaled)
 
     async def _ambiguous(self, entry: Entry, log: structlog.typing.FilteringBoundLogger) -> None:
         self.stats.ambiguous_creates += 1
@@ -154,7 +154,7 @@ class Worker:
 
     async def _create(
         self, lane: KeyLane, entry: Entry, attempts: int, log: structlog.typing.FilteringBoundLogger
-    ) -> JobOutcome | tuple[str, int] | None:
+    ) -> JobOutcome | tuple[str, int, anyio.Event] | None:
         """Create the job: its prediction id and attempts, or how it failed, or None when the
         run was stopped before it was sent."""
         failures = 0
@@ -175,10 +175,11 @@ class Worker:
                 except ApiError as exc:
                     error = exc
                 else:
-                    await self.journal.write(
+                    # durable before the first poll (see _poll), not before the next create
+                    journaled = self.journal.post(
                         MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
                     )
-                    return prediction_id, attempts
+                    return prediction_id, attempts, journaled
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
                 log.error("key_refused", error=str(error))
@@ -216,8 +217,16 @@ class Worker:
             await anyio.sleep(self.policy.backoff(failures))
 
     async def _poll(
-        self, lane: KeyLane, entry: Entry, prediction_id: str, created: float, attempts: int
+        self,
+        lane: KeyLane,
+        entry: Entry,
+        prediction_id: str,
+        created: float,
+        attempts: int,
+        journaled: anyio.Event | None = None,
     ) -> None:
+        """Poll a job to its end. `journaled` is set once its prediction id is durable: it is
+        waited for before the first poll (invariant 1), so a crash never loses a paid job."""
         deadline = created + self.job_timeout
         delay = self.planner.first_delay()
         failures = 0
@@ -238,6 +247,9 @@ class Worker:
                 )
                 return
             await anyio.sleep(delay)
+            if journaled is not None:
+                await self.journal.durable(journaled)
+                journaled = None
             self.stats.polls += 1
             try:
                 answer = await self.client.get(lane.key, prediction_id)
@@ -304,5 +316,7 @@ class Worker:
 
     async def _finish(self, entry: Entry, outcome: JobOutcome) -> None:
         self.stats.finished += 1
-        await self.journal.write(Finish(entry.row_number, outcome, self.price))
+        # not waited for: a crash before it commits leaves the job `created`, and the resume
+        # polls it again and gets the same end
+        self.journal.post(Finish(entry.row_number, outcome, self.price))
         self.dispatcher.settle(entry, outcome)
