@@ -46,7 +46,6 @@ class Dispatcher:
         self._ingest_done = False
         self._ingest_progress = anyio.Event()
         self._live_lanes = lanes
-        self.stopped = False
         self.halted = False  # stopped by a signal: not even jobs already handed out are sent
         self.budget_reached = False
         self.on_retire: Callable[[KeyLane], None] | None = None
@@ -72,7 +71,6 @@ class Dispatcher:
                     worst = self._worst(entry)
                     if self._committed + worst > self._budget + 1e-9:
                         self.budget_reached = True
-                        self.stopped = True
                         self._given_back.appendleft(entry)
                         return None
                     self._committed += worst
@@ -134,8 +132,12 @@ class Dispatcher:
                 "EACHLABS_API_KEY or EACHLABS_API_KEYS and run again: unfinished rows are kept"
             )
 
+    @property
+    def stopped(self) -> bool:
+        """No more jobs are handed out: stopped by a signal, or the budget is reached."""
+        return self.halted or self.budget_reached
+
     def stop(self) -> None:
         """No new creates from now on: jobs handed out but not sent yet are not sent either;
         jobs already created go on."""
-        self.stopped = True
         self.halted = True

@@ -285,46 +285,27 @@ class Journal:
 
     @staticmethod
     def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
+        """The INSERT values of one row: what it is, then its outcome so far."""
         record = json.dumps(item.record, default=str, ensure_ascii=False)
         if isinstance(item, Rejected):
-            return (
-                item.row_number,
-                item.job_id,
-                None,
-                None,
-                record,
-                Status.REJECTED.value,
-                "invalid_row",
-                item.reason,
-                *(None, None, 0, None, None, 0),
-            )
+            rejected = (item.row_number, item.job_id, None, None, record, Status.REJECTED.value)
+            return (*rejected, "invalid_row", item.reason, None, None, 0, None, None, 0)
         inputs = json.dumps(item.inputs, ensure_ascii=False)
+        head = (item.row_number, item.job_id, item.fingerprint, inputs, record)
         done = prior.get(item.fingerprint)
-        if done is not None:
-            return (
-                item.row_number,
-                item.job_id,
-                item.fingerprint,
-                inputs,
-                record,
-                Status.SUCCEEDED.value,
-                None,
-                None,
-                done.prediction_id,
-                json.dumps(list(done.output_urls)),
-                len(done.output_urls),
-                done.predict_time_s,
-                done.finished_at,
-                1,
-            )
+        if done is None:
+            return (*head, Status.PENDING.value, None, None, None, None, 0, None, None, 0)
         return (
-            item.row_number,
-            item.job_id,
-            item.fingerprint,
-            inputs,
-            record,
-            Status.PENDING.value,
-            *(None, None, None, None, 0, None, None, 0),
+            *head,
+            Status.SUCCEEDED.value,
+            None,
+            None,
+            done.prediction_id,
+            json.dumps(list(done.output_urls)),
+            len(done.output_urls),
+            done.predict_time_s,
+            done.finished_at,
+            1,
         )
 
     # -- work -------------------------------------------------------------------------------
@@ -398,19 +379,11 @@ class Journal:
 
     # -- reading back -------------------------------------------------------------------------
 
-    def new_successes(self, run_dir: str, batch_size: int = 5000) -> Iterator[list[PriorSuccess]]:
+    def new_successes(self, run_dir: str) -> Iterator[list[PriorSuccess]]:
         """This run folder's own successes (not reused ones), in batches, for the state store."""
-        after = 0
-        while True:
-            with self._lock:
-                batch = self._db.execute(
-                    "SELECT row_number, fingerprint, prediction_id, output_urls, predict_time_s,"
-                    " finished_at FROM jobs WHERE status=? AND reused=0 AND row_number > ?"
-                    " ORDER BY row_number LIMIT ?",
-                    (Status.SUCCEEDED.value, after, batch_size),
-                ).fetchall()
-            if not batch:
-                return
+        columns = "row_number, fingerprint, prediction_id, output_urls, predict_time_s, finished_at"
+        where = ("status=? AND reused=0", (Status.SUCCEEDED.value,))
+        for batch in self._pages(columns, *where):
             yield [
                 PriorSuccess(
                     r["fingerprint"],
@@ -422,7 +395,6 @@ class Journal:
                 )
                 for r in batch
             ]
-            after = batch[-1]["row_number"]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -447,12 +419,19 @@ class Journal:
 
     def rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches (for the writer)."""
+        return self._pages("*", "1", (), batch_size)
+
+    def _pages(
+        self, columns: str, where: str, params: tuple[Any, ...], batch_size: int = 5000
+    ) -> Iterator[list[sqlite3.Row]]:
+        """The jobs matching `where`, in row order, a batch at a time (keyset paging)."""
         after = 0
         while True:
             with self._lock:
                 batch = self._db.execute(
-                    "SELECT * FROM jobs WHERE row_number > ? ORDER BY row_number LIMIT ?",
-                    (after, batch_size),
+                    f"SELECT {columns} FROM jobs WHERE ({where}) AND row_number > ?"
+                    " ORDER BY row_number LIMIT ?",
+                    (*params, after, batch_size),
                 ).fetchall()
             if not batch:
                 return
@@ -490,11 +469,7 @@ class GroupCommit:
         self.commits = 0
 
     async def write(self, *updates: Update) -> None:
-        self._check()
-        done = self.post(*updates)
-        self._urgent.set()
-        await done.wait()
-        self._check()
+        await self.durable(self.post(*updates))
 
     def post(self, *updates: Update) -> anyio.Event:
         self._check()
