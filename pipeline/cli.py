@@ -115,12 +115,9 @@ def retry_command(
     selection: frozenset[str] | None
     if wanted == {"all"}:
         selection = None
-    elif wanted == {"transient"}:
-        selection = TRANSIENT_ERRORS
     else:
-        selection = frozenset(TRANSIENT_ERRORS if "transient" in wanted else ()) | (
-            wanted - {"transient"}
-        )
+        named = wanted - {"transient"}
+        selection = (TRANSIENT_ERRORS if "transient" in wanted else frozenset()) | named
     _execute(config_path, force=force, grace=grace, fresh=False, reprocess=Reprocess(selection))
 
 

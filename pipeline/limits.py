@@ -1,8 +1,7 @@
 """Holding one API key to the provider's limits: create spacing, the window, and retry waits.
 
 `CreateGate` lets creates through one at a time, spaced, and never lets a create start while the
-last
-`creates_per_window` creates were ANSWERED less than `window_s` ago. Measuring from our answer
+last `creates_per_window` creates were ANSWERED less than `window_s` ago. Measuring from our answer
 (which comes after the provider counted the create) to our next send (which comes before the
 provider counts it) makes the guarantee hold whatever the network delays: no `window_s` span on
 the provider's clock ever holds more than `creates_per_window` of our creates.

@@ -39,7 +39,8 @@ def poll_schedule(samples: list[float], polls_per_job: float) -> list[float]:
     mass = list(accumulate(weight))  # P(end <= grid[i])
     moment = list(accumulate(w * g for w, g in zip(weight, grid, strict=True)))
 
-    def solve(price: float) -> tuple[list[float], float, float]:
+    def solve(price: float) -> tuple[list[float], float]:
+        """The best schedule when a poll costs `price` seconds of delay, and its polls per job."""
         # best[j]: the least cost of noticing every end up to grid[j] with a poll at grid[j]
         best = [0.0] * m
         back = [-1] * m
@@ -54,31 +55,28 @@ def poll_schedule(samples: list[float], polls_per_job: float) -> list[float]:
                 if c < cost:
                     cost, arg = c, p
             best[j], back[j] = cost, arg
-        times: list[float] = []
+        chosen: list[int] = []
         j = m - 1
         while j >= 0:
-            times.append(grid[j])
+            chosen.append(j)
             j = back[j]
-        times.reverse()
-        polls, before = 0.0, 0.0
-        for t in times:  # a poll is paid for every job still running when it comes
-            polls += 1 - before
-            before = mass[grid.index(t)]
-        return times, polls, best[m - 1]
+        chosen.reverse()
+        # a poll is paid for every job still running when it comes
+        polls = sum(1 - (mass[p] if p >= 0 else 0.0) for p in [-1, *chosen[:-1]])
+        return [grid[j] for j in chosen], polls
 
-    low, high = 0.0, max(grid) * 4 + 1e-9
-    schedule, polls, _ = solve(low)
+    schedule, polls = solve(0.0)
     if polls <= polls_per_job:
         return schedule
+    low, high = 0.0, max(grid) * 4 + 1e-9  # above max(grid) a single last poll is best
+    schedule, _ = solve(high)
     for _ in range(30):
         mid = (low + high) / 2
-        times, polls, _ = solve(mid)
+        times, polls = solve(mid)
         if polls <= polls_per_job:
             schedule, high = times, mid
         else:
             low = mid
-    if not schedule or polls > polls_per_job:
-        schedule, _, _ = solve(high)
     return schedule
 
 
@@ -123,16 +121,20 @@ class PollPlanner:
     def _plan(self) -> None:
         if len(self._sorted) >= _MIN_SAMPLES:
             samples = self._sorted
-        else:  # a prior: 20 % spread around the configured expectation
-            samples = [self._expected * (0.7 + 0.6 * (i + 0.5) / 32) for i in range(32)]
+        else:
+            samples = [self._prior((i + 0.5) / 32) for i in range(32)]
         # one poll of the budget is kept for jobs beyond the schedule and for retries
         self._schedule = [
             max(self._min, t) for t in poll_schedule(samples, max(1.0, self._budget - 0.2))
         ]
 
+    def _prior(self, q: float) -> float:
+        """Before enough jobs ended: a 20 % spread around the configured expectation."""
+        return self._expected * (0.7 + 0.6 * q)
+
     def quantile(self, q: float) -> float:
         if len(self._sorted) < _MIN_SAMPLES:
-            return self._expected * (0.7 + 0.6 * q)
+            return self._prior(q)
         index = min(len(self._sorted) - 1, max(0, round(q * (len(self._sorted) - 1))))
         return self._sorted[index]
 

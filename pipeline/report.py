@@ -18,7 +18,7 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     if summary.requeued is not None:
         rows.insert(0, ("run again (retry)", _by_type(summary.requeued)))
     if counts.get("failed", 0):
-        rows.insert(len(rows), ("failed by error type", _by_type(summary.left_failed)))
+        rows.append(("failed by error type", _by_type(summary.left_failed)))
     if totals.get("reused"):
         rows.append(("reused (incremental, no cost)", f"{int(totals['reused']):,}"))
     unfinished = int(totals["rows"]) - summary.finished_rows

@@ -56,7 +56,6 @@ _HISTORY = pa.list_(
 
 
 def _schema(layout: ResultLayout) -> pa.Schema:
-    ts = _TS
     fields = [
         pa.field("job_id", pa.string()),
         pa.field("row_number", pa.int64()),
@@ -82,8 +81,8 @@ def _schema(layout: ResultLayout) -> pa.Schema:
         pa.field("reused", pa.bool_()),
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
-        pa.field("created_at", ts),
-        pa.field("finished_at", ts),
+        pa.field("created_at", _TS),
+        pa.field("finished_at", _TS),
         pa.field("key", pa.string()),
         pa.field("history", _HISTORY),
     ]
@@ -135,8 +134,8 @@ def _result_row(row: sqlite3.Row, layout: ResultLayout, schema: pa.Schema) -> di
         "reused": bool(row["reused"]),
         "error_type": row["error_type"],
         "error_message": row["error_message"],
-        "created_at": int(row["created_at"] * 1e6) if row["created_at"] else None,
-        "finished_at": int(finished * 1e6) if finished else None,
+        "created_at": _micros(row["created_at"]),
+        "finished_at": _micros(finished),
         "key": row["key_name"],
         "history": _history(row["history"]),
     }
@@ -148,13 +147,15 @@ def _result_row(row: sqlite3.Row, layout: ResultLayout, schema: pa.Schema) -> di
     return out
 
 
+def _micros(seconds: float | None) -> int | None:
+    """A journal time (epoch seconds) as a Parquet timestamp (epoch microseconds)."""
+    return int(seconds * 1e6) if seconds else None
+
+
 def _history(text: str | None) -> list[dict[str, Any]]:
     if not text:
         return []
-    return [
-        {**h, "finished_at": int(h["finished_at"] * 1e6) if h.get("finished_at") else None}
-        for h in json.loads(text)
-    ]
+    return [{**h, "finished_at": _micros(h.get("finished_at"))} for h in json.loads(text)]
 
 
 @contextmanager
