@@ -65,8 +65,10 @@ def catalog(count: int, **extra: Any) -> list[dict[str, Any]]:
     ]
 
 
-def make_config(tmp_path: Path, base_url: str, manifest_path: Path, **sections: Any) -> RunConfig:
-    """A config for a fast run against a sandbox at `base_url` with the given time scale."""
+def config_data(
+    tmp_path: Path, base_url: str, manifest_path: Path, **sections: Any
+) -> dict[str, Any]:
+    """A config document for a fast run against a sandbox at `base_url`; `sections` override."""
     data: dict[str, Any] = {
         "api": {"base_url": base_url},
         "limits": {"creates_per_window": 100, "window_s": 60, "max_concurrent": 10},
@@ -77,7 +79,12 @@ def make_config(tmp_path: Path, base_url: str, manifest_path: Path, **sections: 
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
-    return parse_config(data, tmp_path)
+    return data
+
+
+def make_config(tmp_path: Path, base_url: str, manifest_path: Path, **sections: Any) -> RunConfig:
+    """A config for a fast run against a sandbox at `base_url` with the given time scale."""
+    return parse_config(config_data(tmp_path, base_url, manifest_path, **sections), tmp_path)
 
 
 # 60 s window and 10 s jobs, shrunk 20x: a 3 s window and 0.5 s jobs

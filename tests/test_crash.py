@@ -25,24 +25,23 @@ import pytest
 import yaml
 
 from pipeline.sandbox import FaultRates, SandboxServer
-from tests.conftest import KEY, KEY2, catalog, write_manifest
+from tests.conftest import KEY, KEY2, catalog, config_data, write_manifest
 
 Start = Callable[..., SandboxServer]
 SCALE = 0.05  # 10 s jobs take 0.5 s; the 60 s window takes 3 s
 PRICE = 0.03
 
 
-def write_config(tmp_path: Path, base_url: str, manifest: Path, **sections: Any) -> Path:
-    data: dict[str, Any] = {
-        "api": {"base_url": base_url, "time_scale": SCALE},
-        "limits": {"creates_per_window": 100, "window_s": 60, "max_concurrent": 10},
-        "polling": {"job_timeout_s": 300, "expected_latency_s": 10},
-        "retries": {"max_attempts": 8, "backoff_initial_s": 1, "backoff_max_s": 8},
-        "manifest": {"path": str(manifest), "id_column": "sku"},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+def write_config(tmp_path: Path, base_url: str, manifest: Path) -> Path:
+    """The config as a YAML file, for `wanbatch run` in a subprocess."""
+    data = config_data(
+        tmp_path,
+        base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        polling={"job_timeout_s": 300, "expected_latency_s": 10},
+        retries={"max_attempts": 8, "backoff_initial_s": 1, "backoff_max_s": 8},
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
