@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.sandbox.settings import FaultRates
-from pipeline.schema import INPUT_FIELDS, MODEL, SIZES
+from pipeline.schema import INPUT_FIELDS, MODEL, SIZES, is_loopback_host
 
 __all__ = ["SANDBOX", "RunConfig", "load_config"]
 
@@ -132,6 +133,28 @@ class IncrementalSection(_Section):
         return self
 
 
+class WebhookSection(_Section):
+    """Job ends pushed by the provider. A callback is only a hint: it triggers one confirming
+    poll, and a job is done only when a poll says so. Jobs whose callback does not come are
+    polled (`fallback_after_s` past their expected end, then every `fallback_interval_s`); after
+    `missed_callbacks` ends in a row found that way, the run polls as in polling mode."""
+
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(0, ge=0, le=65535)  # 0: a free port
+    public_url: str | None = None  # what the provider posts to, a secret token appended
+    fallback_after_s: float = Field(5.0, ge=0)
+    fallback_interval_s: float = Field(15.0, gt=0)
+    missed_callbacks: int = Field(5, ge=1)
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return None if value is None else value.rstrip("/")
+
+
 class SandboxSection(_Section):
     time_scale: float = Field(1.0, gt=0)
     keys: int = Field(1, ge=1, le=64)
@@ -160,6 +183,7 @@ class RunConfig(_Section):
     output: OutputSection
     budget: BudgetSection = BudgetSection()
     incremental: IncrementalSection = IncrementalSection()
+    webhook: WebhookSection = WebhookSection()
     sandbox: SandboxSection = SandboxSection()
 
     @property
@@ -210,6 +234,16 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     out_dir = Path(time.strftime(str(config.output.dir)))
     if not out_dir.is_absolute():
         out_dir = base_dir / out_dir
+    hook = config.webhook
+    api_host = urlsplit(config.api.base_url).hostname or ""
+    local_api = config.embedded_sandbox or is_loopback_host(api_host)
+    if hook.enabled and hook.public_url is None and not local_api:
+        raise ConfigError(
+            f"invalid config {source}:\n  webhook.public_url: is required when webhook.enabled "
+            "is true and api.base_url is not on this machine (the URL at which the provider "
+            f"reaches this machine's receiver on {hook.listen_host}, "
+            "e.g. https://hooks.example.com/wanbatch)"
+        )
     manifest_path, out_dir = manifest_path.resolve(), out_dir.resolve()
     state = config.incremental.state
     if state is not None:

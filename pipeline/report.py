@@ -37,6 +37,18 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         ("creates sent", f"{stats.creates_sent:,}"),
         ("429s received", f"{stats.rate_limited:,}"),
         ("polls", f"{stats.polls:,}"),
+    ]
+    if stats.callbacks is not None:
+        c = stats.callbacks
+        rows.append(
+            (
+                "webhook callbacks",
+                f"{c.received:,} received; ends seen by callback {c.ends_by_callback:,}, "
+                f"by fallback poll {c.ends_by_fallback:,}, on the poll schedule "
+                f"{c.ends_by_poll:,}; unconfirmed {c.unconfirmed:,}, unknown {c.unknown:,}",
+            )
+        )
+    rows += [
         ("throughput", f"{rate * 60:,.1f} jobs/min this run ({summary.elapsed_s:,.1f} s)"),
         ("results", str(summary.results_path)),
     ]

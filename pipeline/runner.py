@@ -11,8 +11,8 @@ import json
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -33,6 +33,7 @@ from pipeline.models import JobSpec
 from pipeline.polling import PollPlanner
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 from pipeline.state import StateStore
+from pipeline.webhook import Callbacks, Receiver
 from pipeline.worker import KeyLane, RunStats, Worker
 from pipeline.writer import ResultLayout, write_failures, write_results
 
@@ -158,6 +159,16 @@ async def _api(
         yield server.base_url, keys, server
 
 
+@contextmanager
+def _receiver(config: RunConfig) -> Iterator[Receiver | None]:
+    """The webhook receiver when `webhook.enabled`; ConfigError if its port cannot be had."""
+    if not config.webhook.enabled:
+        yield None
+        return
+    with Receiver(config.webhook, Callbacks(config.webhook.missed_callbacks)) as receiver:
+        yield receiver
+
+
 def _ingest(
     manifest: Manifest,
     journal: Journal,
@@ -221,18 +232,20 @@ async def run(
         stats = RunStats()
         exit_code, message = ExitCode.OK, ""
         async with _api(config, keys) as (base_url, lanes_keys, sandbox):
-            exit_code, message = await _drive(
-                config,
-                journal,
-                state,
-                manifest,
-                base_url,
-                lanes_keys,
-                stats,
-                spent,
-                grace_s,
-                handle_signals,
-            )
+            with _receiver(config) as receiver:
+                exit_code, message = await _drive(
+                    config,
+                    journal,
+                    state,
+                    manifest,
+                    base_url,
+                    lanes_keys,
+                    stats,
+                    spent,
+                    grace_s,
+                    handle_signals,
+                    receiver,
+                )
             sandbox_stats = sandbox.stats() if sandbox is not None else None
         layout = ResultLayout(
             config.manifest.id_column,
@@ -286,6 +299,7 @@ async def _drive(
     spent: float,
     grace_s: float,
     handle_signals: bool,
+    receiver: Receiver | None,
 ) -> tuple[ExitCode, str]:
     limits = config.limits
     slots = limits.max_concurrent * len(keys)
@@ -313,7 +327,19 @@ async def _drive(
         max_interval=config.scaled(p.max_interval_s),
         polls_per_job=p.polls_per_job,
     )
-    worker = Worker(config, client, commit, dispatcher, planner, stats)
+    callbacks = receiver.callbacks if receiver is not None else None
+    if callbacks is not None:
+        stats.callbacks = callbacks.stats
+    worker = Worker(
+        config,
+        client,
+        commit,
+        dispatcher,
+        planner,
+        stats,
+        callbacks,
+        receiver.url if receiver is not None else None,
+    )
     lanes = [
         KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
         for k in keys

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import anyio
 import structlog
@@ -31,6 +32,7 @@ from pipeline.keys import ApiKey
 from pipeline.limits import CreateGate, RetryPolicy
 from pipeline.models import JobOutcome, Status
 from pipeline.polling import PollPlanner
+from pipeline.webhook import Callbacks, CallbackStats, Waiter
 
 __all__ = ["KeyLane", "RunStats", "Worker"]
 
@@ -51,6 +53,7 @@ class RunStats:
     timeouts: int = 0
     finished: int = 0
     retired_keys: list[str] = field(default_factory=list)
+    callbacks: CallbackStats | None = None  # webhook mode only
 
 
 @dataclass
@@ -79,6 +82,8 @@ class Worker:
         dispatcher: Dispatcher,
         planner: PollPlanner,
         stats: RunStats,
+        callbacks: Callbacks | None = None,
+        webhook_url: str | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -86,6 +91,10 @@ class Worker:
         self.dispatcher = dispatcher
         self.planner = planner
         self.stats = stats
+        self.callbacks = callbacks
+        self.webhook_url = webhook_url
+        self._fallback_after = config.scaled(config.webhook.fallback_after_s)
+        self._fallback_interval = config.scaled(config.webhook.fallback_interval_s)
         r = config.retries
         self.policy = RetryPolicy(
             r.max_attempts,
@@ -136,7 +145,15 @@ class Worker:
             await self._finish(entry, outcome_or_id)
             return
         prediction_id, attempts, journaled = outcome_or_id
-        await self._poll(lane, entry, prediction_id, time.time(), attempts, journaled)
+        await self._poll(
+            lane,
+            entry,
+            prediction_id,
+            time.time(),
+            attempts,
+            journaled,
+            hooked=self.webhook_url is not None,
+        )
 
     async def _ambiguous(self, entry: Entry, log: structlog.typing.FilteringBoundLogger) -> None:
         self.stats.ambiguous_creates += 1
@@ -171,7 +188,9 @@ class Worker:
                 )
                 self.stats.creates_sent += 1
                 try:
-                    prediction_id = await self.client.create(lane.key, entry.inputs)
+                    prediction_id = await self.client.create(
+                        lane.key, entry.inputs, webhook_url=self.webhook_url
+                    )
                 except ApiError as exc:
                     error = exc
                 else:
@@ -224,29 +243,67 @@ class Worker:
         created: float,
         attempts: int,
         journaled: anyio.Event | None = None,
+        *,
+        hooked: bool = False,
     ) -> None:
         """Poll a job to its end. `journaled` is set once its prediction id is durable: it is
-        waited for before the first poll (invariant 1), so a crash never loses a paid job."""
+        waited for before the first poll (invariant 1), so a crash never loses a paid job.
+        `hooked`: the create carried our webhook URL, so a callback may wake the job early."""
+        waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
+        try:
+            await self._poll_until_end(
+                lane, entry, prediction_id, created, attempts, journaled, waiter
+            )
+        finally:
+            if waiter is not None and self.callbacks is not None:
+                self.callbacks.forget(waiter)
+
+    def _delay(self, waiter: Waiter | None, elapsed: float | None, on_schedule: bool) -> float:
+        """Seconds to the next poll, `elapsed` seconds after the create (None: the first poll):
+        the learned poll schedule, or, while callbacks arrive and none was contradicted for
+        this job, a fallback poll past the job's expected end."""
+        if waiter is None or on_schedule or self.callbacks is None or not self.callbacks.arriving:
+            if elapsed is None:
+                return self.planner.first_delay()
+            return self.planner.next_delay(elapsed)
+        late = self.planner.quantile(0.99) + self._fallback_after - (elapsed or 0.0)
+        return late if late > 0 else self._fallback_interval
+
+    def _seen_by(self, hinted: bool, on_schedule: bool) -> Literal["callback", "fallback", "poll"]:
+        if hinted:
+            return "callback"
+        if on_schedule or (self.callbacks is not None and not self.callbacks.arriving):
+            return "poll"
+        return "fallback"
+
+    async def _wait(self, seconds: float, waiter: Waiter | None) -> None:
+        if waiter is None:
+            await anyio.sleep(seconds)
+            return
+        with anyio.move_on_after(seconds):
+            await waiter.event.wait()
+
+    async def _poll_until_end(
+        self,
+        lane: KeyLane,
+        entry: Entry,
+        prediction_id: str,
+        created: float,
+        attempts: int,
+        journaled: anyio.Event | None,
+        waiter: Waiter | None,
+    ) -> None:
         deadline = created + self.job_timeout
-        delay = self.planner.first_delay()
+        on_schedule = False  # a job whose callback was contradicted is polled on the schedule
+        delay = self._delay(waiter, None, on_schedule)
         failures = 0
+        hinted = False  # a callback came that no poll answer has confirmed or contradicted yet
         while True:
             now = time.time()
-            if now + delay >= deadline:
-                await anyio.sleep(max(0.0, deadline - now))
-                self.stats.timeouts += 1
-                await self._finish(
-                    entry,
-                    JobOutcome(
-                        Status.FAILED,
-                        prediction_id,
-                        error_type="timeout",
-                        error_message=f"still processing after {self._timeout_text}",
-                        finished_at=time.time(),
-                    ),
-                )
-                return
-            await anyio.sleep(delay)
+            await self._wait(max(0.0, min(delay, deadline - now)), waiter)
+            if waiter is not None:
+                hinted = hinted or waiter.hinted
+                waiter.rearm()
             if journaled is not None:
                 await self.journal.durable(journaled)
                 journaled = None
@@ -280,18 +337,38 @@ class Worker:
                 self.stats.rate_limited += 1
                 failures += 1
                 delay = self.policy.rate_limit_wait(exc, failures)
-                continue
+                answer = None
             except ApiError as exc:
                 # a paid job is never given up on a poll error: back off until its deadline
                 failures += 1
                 delay = self.policy.backoff(failures)
                 _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
-                continue
-            failures = 0
-            if answer.terminal:
-                await self._finish(entry, self._outcome(answer, created))
+                answer = None
+            if answer is not None:
+                failures = 0
+                if answer.terminal:
+                    if waiter is not None and self.callbacks is not None:
+                        self.callbacks.ended(waiter, self._seen_by(hinted, on_schedule))
+                    await self._finish(entry, self._outcome(answer, created))
+                    return
+                if hinted and self.callbacks is not None:
+                    self.callbacks.stats.unconfirmed += 1
+                    on_schedule = True
+                    hinted = False
+                delay = self._delay(waiter, time.time() - created, on_schedule)
+            if time.time() >= deadline:
+                self.stats.timeouts += 1
+                await self._finish(
+                    entry,
+                    JobOutcome(
+                        Status.FAILED,
+                        prediction_id,
+                        error_type="timeout",
+                        error_message=f"still processing after {self._timeout_text}",
+                        finished_at=time.time(),
+                    ),
+                )
                 return
-            delay = self.planner.next_delay(time.time() - created)
 
     def _outcome(self, answer: Prediction, created: float) -> JobOutcome:
         now = time.time()

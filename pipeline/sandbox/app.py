@@ -11,6 +11,8 @@ import asyncio
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -70,6 +72,13 @@ class _Sandbox:
         self.state = state
         self._tasks: set[asyncio.Task[None]] = set()
         self._inputs: dict[str, Image.Image] = {}
+        self._hooks: httpx.AsyncClient | None = None  # one keep-alive client for every webhook
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._hooks is not None:
+            await self._hooks.aclose()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -276,17 +285,20 @@ class _Sandbox:
             "error": "" if body["status"] == "success" else body.get("details", ""),
         }
         assert job.webhook_url is not None
+        if self._hooks is None:
+            self._hooks = httpx.AsyncClient(
+                timeout=self.settings.scaled(30.0), limits=httpx.Limits(max_connections=64)
+            )
         delay = self.settings.scaled(1.0)
-        async with httpx.AsyncClient(timeout=self.settings.scaled(30.0)) as client:
-            for _ in range(self.settings.webhook_attempts):
-                try:
-                    answer = await client.post(job.webhook_url, json=payload)
-                    if answer.is_success:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(delay)
-                delay *= 2
+        for _ in range(self.settings.webhook_attempts):
+            try:
+                answer = await self._hooks.post(job.webhook_url, json=payload)
+                if answer.is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(delay)
+            delay *= 2
         _log.warning("webhook for %s was not accepted", job.prediction_id)
 
 
@@ -303,6 +315,12 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
         Route("/_admin/stats", sandbox.stats, methods=["GET"]),
         Route("/_admin/ledger", sandbox.ledger, methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await sandbox.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.sandbox = sandbox
     return app

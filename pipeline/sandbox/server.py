@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import uvicorn
 
@@ -23,44 +23,57 @@ from pipeline.sandbox.state import SandboxState
 __all__ = ["SandboxServer", "ServerThread", "serve"]
 
 HOST = "127.0.0.1"
+_Lifespan = Literal["on", "off"]
 
 
-def _config(app: Any, sock: socket.socket) -> uvicorn.Config:
+def _config(app: Any, sock: socket.socket, lifespan: _Lifespan) -> uvicorn.Config:
+    host, port = sock.getsockname()[:2]
     return uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
-        lifespan="off",
+        lifespan=lifespan,
+        interface="asgi3",
         timeout_keep_alive=30,
         backlog=2048,
-        host=HOST,
-        port=sock.getsockname()[1],
+        host=host,
+        port=port,
     )
 
 
-def _bind(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _bind(port: int, host: str = HOST) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # answers go out as head and body in two writes: without this, Nagle holds the body 40 ms
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((HOST, port))
-    sock.listen(2048)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
 class ServerThread:
-    """Any ASGI app on 127.0.0.1 in a background thread with its own event loop."""
+    """Any ASGI app in a background thread with its own event loop, on 127.0.0.1 unless told.
+    Binding happens here, so a port in use fails before anything starts (OSError)."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
-        self._sock = _bind(port)
+    def __init__(
+        self, app: Any, port: int = 0, host: str = HOST, lifespan: _Lifespan = "off"
+    ) -> None:
+        self._sock = _bind(port, host)
+        self.host = host
         self.port: int = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(_config(app, self._sock))
+        self._server = uvicorn.Server(_config(app, self._sock, lifespan))
         self._thread = threading.Thread(target=self._run, name="server", daemon=True)
         self._error: BaseException | None = None
 
     @property
     def root_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def _run(self) -> None:
         try:
@@ -99,7 +112,7 @@ class SandboxServer(ServerThread):
     def __init__(self, settings: SandboxSettings, port: int = 0) -> None:
         self.settings = settings
         self.state = SandboxState(settings)
-        super().__init__(create_app(settings, self.state), port)
+        super().__init__(create_app(settings, self.state), port, lifespan="on")
 
     @property
     def base_url(self) -> str:
@@ -120,7 +133,7 @@ def serve(settings: SandboxSettings, port: int, *, announce: Any = print) -> Non
     """Serve in the foreground until interrupted; the base URL is announced first."""
     sock = _bind(port)
     state = SandboxState(settings)
-    server = uvicorn.Server(_config(create_app(settings, state), sock))
+    server = uvicorn.Server(_config(create_app(settings, state), sock, "on"))
     announce(f"http://{HOST}:{sock.getsockname()[1]}/v1")
     try:
         asyncio.run(server.serve(sockets=[sock]))
