@@ -459,7 +459,7 @@ class GroupCommit:
     and has them committed at once; `post(...)` queues updates that may wait up to `lazy_s`
     for a commit they can share, and returns an event set once they are durable."""
 
-    def __init__(self, journal: Journal, *, lazy_s: float = 0.05) -> None:
+    def __init__(self, journal: Journal, *, lazy_s: float = 0.2) -> None:
         self._journal = journal
         self._lazy_s = lazy_s
         self._queue: list[tuple[Sequence[Update], anyio.Event]] = []

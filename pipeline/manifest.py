@@ -25,6 +25,7 @@ from pipeline.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
 __all__ = ["Manifest", "RowMapper"]
 
 _INT_FIELDS = ("n", "seed")
+_FIRST_BATCH = 200
 
 
 def _is_blank(value: Any) -> bool:
@@ -212,11 +213,18 @@ class Manifest:
             yield out
 
     def batches(self, start_row: int = 1) -> Iterator[list[JobSpec | Rejected]]:
+        """Checked rows in batches: small ones first, so the first creates need not wait for a
+        whole batch to be read and journaled, then growing to `batch_rows`."""
+        size = min(self.batch_rows, _FIRST_BATCH)
         for records in self.records(start_row):
-            batch: list[JobSpec | Rejected] = []
-            for row_number, record in records:
-                if isinstance(record, str):
-                    batch.append(Rejected(f"row-{row_number}", row_number, {}, record))
-                else:
-                    batch.append(self.mapper.map(row_number, record))
-            yield batch
+            begin = 0
+            while begin < len(records):
+                chunk = records[begin : begin + size]
+                begin += len(chunk)
+                yield [self._item(number, record) for number, record in chunk]
+                size = min(self.batch_rows, size * 4)
+
+    def _item(self, row_number: int, record: dict[str, Any] | str) -> JobSpec | Rejected:
+        if isinstance(record, str):
+            return Rejected(f"row-{row_number}", row_number, {}, record)
+        return self.mapper.map(row_number, record)

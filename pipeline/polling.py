@@ -101,6 +101,7 @@ class PollPlanner:
         self._schedule: list[float] = []
         self._seen = 0
         self._next_plan = _MIN_SAMPLES
+        self._stale = False
         self._plan()
 
     def observe(self, latency: float) -> None:
@@ -116,9 +117,10 @@ class PollPlanner:
         if self._seen >= self._next_plan:
             # often while learning, then every quarter of the memory
             self._next_plan = min(self._seen * 2, self._seen + (self._recent.maxlen or 512) // 4)
-            self._plan()
+            self._stale = True  # planned when next asked for: webhook mode may never ask
 
     def _plan(self) -> None:
+        self._stale = False
         if len(self._sorted) >= _MIN_SAMPLES:
             samples = self._sorted
         else:
@@ -140,10 +142,14 @@ class PollPlanner:
 
     def first_delay(self) -> float:
         """Seconds after the create's answer to poll first."""
+        if self._stale:
+            self._plan()
         return self._schedule[0] if self._schedule else self._step
 
     def next_delay(self, elapsed: float) -> float:
         """Seconds to wait before the next poll, `elapsed` seconds after the create."""
+        if self._stale:
+            self._plan()
         index = bisect.bisect_right(self._schedule, elapsed + 1e-9)
         if index < len(self._schedule):
             return max(self._min, self._schedule[index] - elapsed)

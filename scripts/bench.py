@@ -164,6 +164,7 @@ def main() -> None:
         print(f"ends_by_callback          {c.ends_by_callback}")
         print(f"ends_by_fallback_poll     {c.ends_by_fallback}")
         print(f"ends_on_poll_schedule     {c.ends_by_poll}")
+        print(f"callbacks_unconfirmed     {c.unconfirmed}")
     print(f"statuses                  {summary.counts}")
 
 
