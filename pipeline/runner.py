@@ -11,8 +11,8 @@ import json
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -159,13 +159,13 @@ async def _api(
         yield server.base_url, keys, server
 
 
-@contextmanager
-def _receiver(config: RunConfig) -> Iterator[Receiver | None]:
+@asynccontextmanager
+async def _receiver(config: RunConfig) -> AsyncIterator[Receiver | None]:
     """The webhook receiver when `webhook.enabled`; ConfigError if its port cannot be had."""
     if not config.webhook.enabled:
         yield None
         return
-    with Receiver(config.webhook, Callbacks(config.webhook.missed_callbacks)) as receiver:
+    async with Receiver(config.webhook, Callbacks(config.webhook.missed_callbacks)) as receiver:
         yield receiver
 
 
@@ -232,7 +232,7 @@ async def run(
         stats = RunStats()
         exit_code, message = ExitCode.OK, ""
         async with _api(config, keys) as (base_url, lanes_keys, sandbox):
-            with _receiver(config) as receiver:
+            async with _receiver(config) as receiver:
                 exit_code, message = await _drive(
                     config,
                     journal,

@@ -263,7 +263,10 @@ def test_a_second_signal_stops_at_once_and_stays_resumable(
     code, output = again.wait(timeout=60)
     assert code == 0, output
     judge_against_ledger(sb, run_dir, 40)
-    assert sb.stats()["creates"] == 40
+    # a create cut off by the second signal is left `creating`: its answer is lost, so the
+    # resume may create it again (flagged); every other row was created exactly once
+    cut_off = sum(r["status"] == "creating" for r in journal)
+    assert 40 <= sb.stats()["creates"] <= 40 + cut_off
     reattached = {r["row_number"] for r in in_flight}
     final = {r["row_number"]: r for r in journal_rows(run_dir)}
     assert all(final[n]["status"] == "succeeded" for n in reattached)

@@ -13,10 +13,11 @@ import httpx
 import pytest
 import structlog
 
+from pipeline.config import WebhookSection, parse_config
 from pipeline.errors import ConfigError
 from pipeline.runner import ExitCode, RunSummary
 from pipeline.sandbox import FaultRates, SandboxServer
-from pipeline.webhook import Callbacks
+from pipeline.webhook import Callbacks, Receiver
 from tests.conftest import (
     KEY,
     KEY2,
@@ -189,8 +190,6 @@ async def test_a_receiver_port_in_use_stops_the_run_before_any_create(
 def test_public_url_is_required_when_the_provider_is_not_on_this_machine(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "m.csv", catalog(1))
     data = config_data(tmp_path, "https://api.eachlabs.ai/v1", manifest, webhook={"enabled": True})
-    from pipeline.config import parse_config
-
     with pytest.raises(ConfigError, match=r"webhook.public_url: is required"):
         parse_config(data, tmp_path)
     data["webhook"]["public_url"] = "hooks.example.com"
@@ -222,3 +221,32 @@ async def test_callbacks_hint_early_ignore_strangers_and_notice_silence() -> Non
         assert callbacks.arriving
     assert [e["event"] for e in logs] == ["callbacks_missing", "callbacks_arriving_again"]
     assert callbacks.stats.unknown == 1
+
+
+async def test_the_receiver_speaks_plain_http_and_keeps_connections() -> None:
+    callbacks = Callbacks(missed_limit=5)
+    async with Receiver(WebhookSection(enabled=True), callbacks) as receiver:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as http:
+            for n in range(3):  # one kept-alive connection
+                answer = await http.post(receiver.url, json={"exec_id": f"p{n}", "status": "x"})
+                assert answer.status_code == 200
+            assert callbacks.stats.received == 3 and callbacks.stats.unknown == 3
+            assert (await http.post(receiver.url + "?retry=1", json={"exec_id": "q"})).is_success
+            assert (await http.get(receiver.url)).status_code == 405
+            assert (await http.post(receiver.url, content=b"x" * 70_000)).status_code == 413
+            assert (await http.post(receiver.url, json={"id": "p"})).status_code == 400
+            assert (
+                await http.post(receiver.listening + "/", json={"exec_id": "p"})
+            ).status_code == 404
+        assert callbacks.stats.received == 4
+        host, port = receiver.listening.removeprefix("http://").rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as raw:
+            await raw.send(b"NOT HTTP AT ALL\r\n\r\n")
+            with anyio.fail_after(5):
+                reply = b""
+                try:
+                    while chunk := await raw.receive():
+                        reply += chunk
+                except anyio.EndOfStream:
+                    pass
+        assert reply.startswith(b"HTTP/1.1 400") and b"Connection: close" in reply

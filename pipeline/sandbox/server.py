@@ -27,44 +27,33 @@ _Lifespan = Literal["on", "off"]
 
 
 def _config(app: Any, sock: socket.socket, lifespan: _Lifespan) -> uvicorn.Config:
-    host, port = sock.getsockname()[:2]
     return uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
         lifespan=lifespan,
-        interface="asgi3",
         timeout_keep_alive=30,
         backlog=2048,
-        host=host,
-        port=port,
+        host=HOST,
+        port=sock.getsockname()[1],
     )
 
 
-def _bind(port: int, host: str = HOST) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # answers go out as head and body in two writes: without this, Nagle holds the body 40 ms
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
+    sock.bind((HOST, port))
+    sock.listen(2048)
     return sock
 
 
 class ServerThread:
-    """Any ASGI app in a background thread with its own event loop, on 127.0.0.1 unless told.
-    Binding happens here, so a port in use fails before anything starts (OSError)."""
+    """Any ASGI app on 127.0.0.1 in a background thread with its own event loop."""
 
-    def __init__(
-        self, app: Any, port: int = 0, host: str = HOST, lifespan: _Lifespan = "off"
-    ) -> None:
-        self._sock = _bind(port, host)
-        self.host = host
+    def __init__(self, app: Any, port: int = 0, lifespan: _Lifespan = "off") -> None:
+        self._sock = _bind(port)
         self.port: int = self._sock.getsockname()[1]
         self._server = uvicorn.Server(_config(app, self._sock, lifespan))
         self._thread = threading.Thread(target=self._run, name="server", daemon=True)
@@ -72,8 +61,7 @@ class ServerThread:
 
     @property
     def root_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{HOST}:{self.port}"
 
     def _run(self) -> None:
         try:
