@@ -251,30 +251,112 @@ class Worker:
         `hooked`: the create carried our webhook URL, so a callback may wake the job early."""
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
         try:
-            await self._poll_until_end(
-                lane, entry, prediction_id, created, attempts, journaled, waiter
-            )
+            deadline = created + self.job_timeout
+            contradicted = False  # a contradicted callback puts the job on the poll schedule
+            delay = self._delay(waiter, None, contradicted)
+            failures = 0
+            hinted = False  # a callback came that no poll answer has confirmed or contradicted yet
+            while True:
+                now = time.time()
+                await self._wait(max(0.0, min(delay, deadline - now)), waiter)
+                if waiter is not None:
+                    hinted = hinted or waiter.hinted
+                    waiter.rearm()
+                if journaled is not None:
+                    await self.journal.durable(journaled)
+                    journaled = None
+                self.stats.polls += 1
+                try:
+                    answer = await self.client.get(lane.key, prediction_id)
+                except NotFound as exc:
+                    await self._finish(
+                        entry,
+                        JobOutcome(
+                            Status.FAILED,
+                            prediction_id,
+                            error_type=exc.error_type,
+                            error_message=str(exc),
+                            finished_at=time.time(),
+                        ),
+                    )
+                    return
+                except Unauthorized as exc:
+                    # the job exists under this key only: it waits, journaled, for a later run
+                    raise _KeyRefused(
+                        replace(
+                            entry,
+                            status=Status.CREATED,
+                            prediction_id=prediction_id,
+                            key_name=lane.key.name,
+                            attempts=attempts,
+                        )
+                    ) from exc
+                except RateLimited as exc:
+                    self.stats.rate_limited += 1
+                    failures += 1
+                    delay = self.policy.rate_limit_wait(exc, failures)
+                    answer = None
+                except ApiError as exc:
+                    # a paid job is never given up on a poll error: back off until its deadline
+                    failures += 1
+                    delay = self.policy.backoff(failures)
+                    _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
+                    answer = None
+                if answer is not None:
+                    failures = 0
+                    if answer.terminal:
+                        if waiter is not None and self.callbacks is not None:
+                            self.callbacks.ended(
+                                waiter, self._seen_by(waiter, hinted, contradicted)
+                            )
+                        await self._finish(entry, self._outcome(answer, created))
+                        return
+                    if hinted and self.callbacks is not None:
+                        self.callbacks.stats.unconfirmed += 1
+                        contradicted = True
+                        hinted = False
+                    delay = self._delay(waiter, time.time() - created, contradicted)
+                if time.time() >= deadline:
+                    self.stats.timeouts += 1
+                    await self._finish(
+                        entry,
+                        JobOutcome(
+                            Status.FAILED,
+                            prediction_id,
+                            error_type="timeout",
+                            error_message=f"still processing after {self._timeout_text}",
+                            finished_at=time.time(),
+                        ),
+                    )
+                    return
         finally:
             if waiter is not None and self.callbacks is not None:
                 self.callbacks.forget(waiter)
 
-    def _delay(self, waiter: Waiter | None, elapsed: float | None, on_schedule: bool) -> float:
+    def _delay(self, waiter: Waiter | None, elapsed: float | None, contradicted: bool) -> float:
         """Seconds to the next poll, `elapsed` seconds after the create (None: the first poll):
         the learned poll schedule, or, while callbacks arrive and none was contradicted for
         this job, a fallback poll past the job's expected end."""
-        if waiter is None or on_schedule or self.callbacks is None or not self.callbacks.arriving:
+        if self._on_schedule(waiter, contradicted):
             if elapsed is None:
                 return self.planner.first_delay()
             return self.planner.next_delay(elapsed)
         late = self.planner.quantile(0.99) + self._fallback_after - (elapsed or 0.0)
         return late if late > 0 else self._fallback_interval
 
-    def _seen_by(self, hinted: bool, on_schedule: bool) -> Literal["callback", "fallback", "poll"]:
+    def _on_schedule(self, waiter: Waiter | None, contradicted: bool) -> bool:
+        """Whether this job is polled on the learned schedule rather than waiting for its
+        callback: no callback was asked for, one was contradicted, or callbacks stopped."""
+        return (
+            waiter is None or contradicted or self.callbacks is None or not self.callbacks.arriving
+        )
+
+    def _seen_by(
+        self, waiter: Waiter, hinted: bool, contradicted: bool
+    ) -> Literal["callback", "fallback", "poll"]:
         if hinted:
             return "callback"
-        if on_schedule or (self.callbacks is not None and not self.callbacks.arriving):
-            return "poll"
-        return "fallback"
+        return "poll" if self._on_schedule(waiter, contradicted) else "fallback"
 
     async def _wait(self, seconds: float, waiter: Waiter | None) -> None:
         if waiter is None:
@@ -282,93 +364,6 @@ class Worker:
             return
         with anyio.move_on_after(seconds):
             await waiter.event.wait()
-
-    async def _poll_until_end(
-        self,
-        lane: KeyLane,
-        entry: Entry,
-        prediction_id: str,
-        created: float,
-        attempts: int,
-        journaled: anyio.Event | None,
-        waiter: Waiter | None,
-    ) -> None:
-        deadline = created + self.job_timeout
-        on_schedule = False  # a job whose callback was contradicted is polled on the schedule
-        delay = self._delay(waiter, None, on_schedule)
-        failures = 0
-        hinted = False  # a callback came that no poll answer has confirmed or contradicted yet
-        while True:
-            now = time.time()
-            await self._wait(max(0.0, min(delay, deadline - now)), waiter)
-            if waiter is not None:
-                hinted = hinted or waiter.hinted
-                waiter.rearm()
-            if journaled is not None:
-                await self.journal.durable(journaled)
-                journaled = None
-            self.stats.polls += 1
-            try:
-                answer = await self.client.get(lane.key, prediction_id)
-            except NotFound as exc:
-                await self._finish(
-                    entry,
-                    JobOutcome(
-                        Status.FAILED,
-                        prediction_id,
-                        error_type=exc.error_type,
-                        error_message=str(exc),
-                        finished_at=time.time(),
-                    ),
-                )
-                return
-            except Unauthorized as exc:
-                # the job exists under this key only: it waits, journaled, for a later run
-                raise _KeyRefused(
-                    replace(
-                        entry,
-                        status=Status.CREATED,
-                        prediction_id=prediction_id,
-                        key_name=lane.key.name,
-                        attempts=attempts,
-                    )
-                ) from exc
-            except RateLimited as exc:
-                self.stats.rate_limited += 1
-                failures += 1
-                delay = self.policy.rate_limit_wait(exc, failures)
-                answer = None
-            except ApiError as exc:
-                # a paid job is never given up on a poll error: back off until its deadline
-                failures += 1
-                delay = self.policy.backoff(failures)
-                _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
-                answer = None
-            if answer is not None:
-                failures = 0
-                if answer.terminal:
-                    if waiter is not None and self.callbacks is not None:
-                        self.callbacks.ended(waiter, self._seen_by(hinted, on_schedule))
-                    await self._finish(entry, self._outcome(answer, created))
-                    return
-                if hinted and self.callbacks is not None:
-                    self.callbacks.stats.unconfirmed += 1
-                    on_schedule = True
-                    hinted = False
-                delay = self._delay(waiter, time.time() - created, on_schedule)
-            if time.time() >= deadline:
-                self.stats.timeouts += 1
-                await self._finish(
-                    entry,
-                    JobOutcome(
-                        Status.FAILED,
-                        prediction_id,
-                        error_type="timeout",
-                        error_message=f"still processing after {self._timeout_text}",
-                        finished_at=time.time(),
-                    ),
-                )
-                return
 
     def _outcome(self, answer: Prediction, created: float) -> JobOutcome:
         now = time.time()

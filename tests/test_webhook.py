@@ -13,7 +13,7 @@ import httpx
 import pytest
 import structlog
 
-from pipeline.config import WebhookSection, parse_config
+from pipeline.config import RunConfig, WebhookSection, parse_config
 from pipeline.errors import ConfigError
 from pipeline.runner import ExitCode, RunSummary
 from pipeline.sandbox import FaultRates, SandboxServer
@@ -41,20 +41,27 @@ def _hooked(sandbox: Start, **kwargs: Any) -> SandboxServer:
     return shrunk_sandbox(sandbox, allow_loopback_urls=True, **kwargs)
 
 
+def _hooked_config(
+    tmp_path: Path, sb: SandboxServer, manifest: Path, latency_s: float, **webhook: Any
+) -> RunConfig:
+    """A shrunk run in webhook mode against `sb`, whose jobs take `latency_s` provider seconds."""
+    return make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        polling={"expected_latency_s": latency_s},
+        webhook={"enabled": True, **webhook},
+    )
+
+
 async def test_each_job_ends_on_its_callback_with_one_confirming_poll(
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = _hooked(sandbox, faults=FaultRates(job_error=0.1), seed=3)
     manifest = write_manifest(tmp_path / "m.csv", catalog(60))
-    config = make_config(
-        tmp_path,
-        sb.base_url,
-        manifest,
-        api={"time_scale": SCALE},
-        polling={"expected_latency_s": 10},
-        # the fallback poll comes 1 s (wall) past the expected end: callbacks come first
-        webhook={"enabled": True, "fallback_after_s": 20},
-    )
+    # the fallback poll comes 1 s (wall) past the expected end: callbacks come first
+    config = _hooked_config(tmp_path, sb, manifest, 10, fallback_after_s=20)
     summary = await go(config, [KEY, KEY2])
     rows = results(summary)
     assert summary.exit_code is ExitCode.OK
@@ -81,14 +88,7 @@ async def test_a_forged_callback_never_ends_a_job(sandbox: Start, tmp_path: Path
     # 2 s jobs: time to forge a callback for every one while it runs
     sb = _hooked(sandbox, latency_mean_s=40, latency_spread=0.0)
     manifest = write_manifest(tmp_path / "m.csv", catalog(6))
-    config = make_config(
-        tmp_path,
-        sb.base_url,
-        manifest,
-        api={"time_scale": SCALE},
-        polling={"expected_latency_s": 40},
-        webhook={"enabled": True},
-    )
+    config = _hooked_config(tmp_path, sb, manifest, 40)
     out: list[RunSummary] = []
     forged: dict[str, int] = {}
     async with anyio.create_task_group() as tg, httpx.AsyncClient() as http:
@@ -137,17 +137,13 @@ async def test_callbacks_that_never_come_fall_back_to_polling(
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # bound, never listening: the provider's callbacks are refused
     try:
-        config = make_config(
+        config = _hooked_config(
             tmp_path,
-            sb.base_url,
+            sb,
             manifest,
-            api={"time_scale": SCALE},
-            polling={"expected_latency_s": 10},
-            webhook={
-                "enabled": True,
-                "public_url": f"http://127.0.0.1:{dead.getsockname()[1]}/hooks",
-                "missed_callbacks": 3,
-            },
+            10,
+            public_url=f"http://127.0.0.1:{dead.getsockname()[1]}/hooks",
+            missed_callbacks=3,
         )
         with structlog.testing.capture_logs() as logs:
             summary = await go(config, [KEY])
