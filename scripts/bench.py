@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import psutil
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -87,6 +88,16 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
     return proc, proc.stdout.readline().strip()
 
 
+def _held_beyond_latency(ends: pa.Table) -> list[float]:
+    """Per job, seconds its slot was held beyond the job's own latency: journaling and sending
+    the create, and the delay until a poll (or a callback) noticed its end."""
+    timed = ends.filter(pc.is_valid(ends["predict_time_s"]))
+    created = pc.cast(timed["created_at"], pa.int64()).to_pylist()
+    finished = pc.cast(timed["finished_at"], pa.int64()).to_pylist()
+    latency = timed["predict_time_s"].to_pylist()
+    return sorted((f - c) / 1e6 - t for c, f, t in zip(created, finished, latency, strict=True))
+
+
 def main() -> None:
     args = _arguments()
     keys = [f"bench-key-{i}" for i in range(args.keys)]
@@ -122,9 +133,12 @@ def main() -> None:
                 lambda: run(config, [ApiKey(k) for k in keys], handle_signals=False)
             )
             cpu, wall1 = time.process_time() - cpu0, time.time()
-            ends = pq.read_table(summary.results_path, columns=["created_at", "finished_at"])
+            ends = pq.read_table(
+                summary.results_path, columns=["created_at", "finished_at", "predict_time_s"]
+            )
             first_create = pc.min(ends["created_at"]).as_py().timestamp()
             last_end = pc.max(ends["finished_at"]).as_py().timestamp()
+            held = _held_beyond_latency(ends)
         sandbox_cpu = psutil.Process(proc.pid).cpu_times()
     finally:
         proc.terminate()
@@ -151,6 +165,10 @@ def main() -> None:
     print(f"efficiency_jobs_span      {jobs / (last_end - first_create) / bound_finite:.3f}")
     print(f"startup_s                 {first_create - wall0:.2f}")
     print(f"wind_down_s               {wall1 - last_end:.2f}")
+    if held:
+        mean_ms = sum(held) / len(held) * 1000
+        p90_ms = held[int(0.9 * (len(held) - 1))] * 1000
+        print(f"slot_held_beyond_job_ms   mean {mean_ms:.1f}  p90 {p90_ms:.1f}")
     print(f"429s                      {summary.stats.rate_limited}")
     print(f"polls_per_job             {summary.stats.polls / max(jobs, 1):.2f}")
     print(f"client_cpu_s_per_1000     {cpu / max(jobs, 1) * 1000:.2f}")
