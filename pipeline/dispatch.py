@@ -42,7 +42,7 @@ class Dispatcher:
         self._page: deque[Entry] = deque()
         self._given_back: deque[Entry] = deque()
         self._cursor = 0
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no yield when nobody holds it
         self._ingest_done = False
         self._ingest_progress = anyio.Event()
         self._live_lanes = lanes

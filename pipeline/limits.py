@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -38,7 +39,7 @@ class CreateGate:
         self,
         creates_per_window: int,
         window_s: float,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] = time.monotonic,  # the clock of asyncio's timers
     ) -> None:
         self._limit = creates_per_window
         self._window = window_s
@@ -47,7 +48,7 @@ class CreateGate:
         self._answered: deque[float] = deque()
         self._open = 0
         self._next_start = -math.inf
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no yield when nobody holds it
         self.sent = 0
 
     def _wait_needed(self, now: float) -> float:

@@ -70,7 +70,7 @@ def poll_schedule(samples: list[float], polls_per_job: float) -> list[float]:
         return schedule
     low, high = 0.0, max(grid) * 4 + 1e-9  # above max(grid) a single last poll is best
     schedule, _ = solve(high)
-    for _ in range(30):
+    for _ in range(16):  # to 1/65536 of the range: finer than any clock here
         mid = (low + high) / 2
         times, polls = solve(mid)
         if polls <= polls_per_job:
@@ -115,8 +115,8 @@ class PollPlanner:
         bisect.insort(self._sorted, latency)
         self._seen += 1
         if self._seen >= self._next_plan:
-            # often while learning, then every quarter of the memory
-            self._next_plan = min(self._seen * 2, self._seen + (self._recent.maxlen or 512) // 4)
+            # often while learning, then every half of the memory
+            self._next_plan = min(self._seen * 2, self._seen + (self._recent.maxlen or 512) // 2)
             self._stale = True  # planned when next asked for: webhook mode may never ask
 
     def _plan(self) -> None:

@@ -8,6 +8,7 @@ transport errors back off, and a create whose answer was lost is counted as ambi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -65,6 +66,24 @@ class KeyLane:
     retired: bool = False
 
 
+class _JobLog:
+    """A job's logger, bound on first use: binding one for every job costs CPU on every job,
+    and most jobs log nothing."""
+
+    __slots__ = ("_bound", "_entry", "_key")
+
+    def __init__(self, entry: Entry, lane: KeyLane) -> None:
+        self._entry = entry
+        self._key = lane.key.name
+        self._bound: structlog.typing.FilteringBoundLogger | None = None
+
+    def bound(self) -> structlog.typing.FilteringBoundLogger:
+        if self._bound is None:
+            e = self._entry
+            self._bound = _log.bind(job_id=e.job_id, row=e.row_number, key=self._key)
+        return self._bound
+
+
 class _KeyRefused(Exception):
     """The key was refused; `entry` is the job as the journal now holds it."""
 
@@ -120,15 +139,15 @@ class Worker:
                 return
 
     async def run_job(self, lane: KeyLane, entry: Entry) -> None:
-        log = _log.bind(job_id=entry.job_id, row=entry.row_number, key=lane.key.name)
+        log = _JobLog(entry, lane)
         if entry.status is Status.CREATED and entry.prediction_id:
             if entry.key_name == lane.key.name:
                 self.stats.reattached += 1
-                log.info("reattach", prediction_id=entry.prediction_id)
+                log.bound().info("reattach", prediction_id=entry.prediction_id)
                 await self._poll(lane, entry, entry.prediction_id, time.time(), entry.attempts)
                 return
             # its key is gone: the job cannot be seen from another key; it stays for a later run
-            log.warning("orphaned", prediction_id=entry.prediction_id, owner=entry.key_name)
+            log.bound().warning("orphaned", prediction_id=entry.prediction_id, owner=entry.key_name)
             return
         attempts = entry.attempts
         if entry.status is Status.CREATING:
@@ -155,10 +174,10 @@ class Worker:
             hooked=self.webhook_url is not None,
         )
 
-    async def _ambiguous(self, entry: Entry, log: structlog.typing.FilteringBoundLogger) -> None:
+    async def _ambiguous(self, entry: Entry, log: _JobLog) -> None:
         self.stats.ambiguous_creates += 1
         await self.journal.write(NoteAmbiguous(entry.row_number))
-        log.warning("ambiguous_create", policy=self.config.retries.ambiguous_creates)
+        log.bound().warning("ambiguous_create", policy=self.config.retries.ambiguous_creates)
 
     def _ambiguous_outcome(self) -> JobOutcome:
         return JobOutcome(
@@ -170,8 +189,8 @@ class Worker:
         )
 
     async def _create(
-        self, lane: KeyLane, entry: Entry, attempts: int, log: structlog.typing.FilteringBoundLogger
-    ) -> JobOutcome | tuple[str, int, anyio.Event] | None:
+        self, lane: KeyLane, entry: Entry, attempts: int, log: _JobLog
+    ) -> JobOutcome | tuple[str, int, asyncio.Event] | None:
         """Create the job: its prediction id and attempts, or how it failed, or None when the
         run was stopped before it was sent."""
         failures = 0
@@ -201,7 +220,7 @@ class Worker:
                     return prediction_id, attempts, journaled
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
-                log.error("key_refused", error=str(error))
+                log.bound().error("key_refused", error=str(error))
                 raise _KeyRefused(replace(entry, status=Status.PENDING)) from error
             if isinstance(error, RateLimited):
                 self.stats.rate_limited += 1
@@ -232,7 +251,7 @@ class Worker:
                     finished_at=time.time(),
                 )
             self.stats.retries += 1
-            log.info("create_retry", error=str(error), attempt=attempts)
+            log.bound().info("create_retry", error=str(error), attempt=attempts)
             await anyio.sleep(self.policy.backoff(failures))
 
     async def _poll(
@@ -242,7 +261,7 @@ class Worker:
         prediction_id: str,
         created: float,
         attempts: int,
-        journaled: anyio.Event | None = None,
+        journaled: asyncio.Event | None = None,
         *,
         hooked: bool = False,
     ) -> None:

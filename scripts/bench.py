@@ -129,10 +129,14 @@ def main() -> None:
             time.sleep(0.5)  # the sandbox process is listening once it printed its URL
             configure_logging(None)
             cpu0, wall0 = time.process_time(), time.time()
+            use0 = resource.getrusage(resource.RUSAGE_SELF)
             summary = anyio.run(
                 lambda: run(config, [ApiKey(k) for k in keys], handle_signals=False)
             )
             cpu, wall1 = time.process_time() - cpu0, time.time()
+            use1 = resource.getrusage(resource.RUSAGE_SELF)
+            user, system = use1.ru_utime - use0.ru_utime, use1.ru_stime - use0.ru_stime
+            switches = use1.ru_nvcsw - use0.ru_nvcsw + use1.ru_nivcsw - use0.ru_nivcsw
             ends = pq.read_table(
                 summary.results_path, columns=["created_at", "finished_at", "predict_time_s"]
             )
@@ -171,7 +175,11 @@ def main() -> None:
         print(f"slot_held_beyond_job_ms   mean {mean_ms:.1f}  p90 {p90_ms:.1f}")
     print(f"429s                      {summary.stats.rate_limited}")
     print(f"polls_per_job             {summary.stats.polls / max(jobs, 1):.2f}")
-    print(f"client_cpu_s_per_1000     {cpu / max(jobs, 1) * 1000:.2f}")
+    per_1000 = 1000 / max(jobs, 1)
+    print(f"client_cpu_s_per_1000     {cpu * per_1000:.2f}")
+    # where it went: user space, the kernel (sockets, fsync, wake-ups), and context switches
+    print(f"client_user_sys_per_1000  {user * per_1000:.2f} {system * per_1000:.2f}")
+    print(f"context_switches_per_job  {switches / max(jobs, 1):.1f}")
     print(f"peak_rss_mb               {peak_mb:.0f}")
     # the double shares the 2 cores: when it is busy, the client's numbers suffer with it
     sandbox_s = sandbox_cpu.user + sandbox_cpu.system
