@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
-import anyio
 import httptools
 import structlog
 
@@ -52,12 +51,12 @@ class Waiter:
     """One job waiting for its end: `event` is set by a callback (or a change of mode)."""
 
     prediction_id: str
-    event: anyio.Event = field(default_factory=anyio.Event)
+    # asyncio's own: made and waited for once per job, where anyio's costs several times more
+    event: asyncio.Event = field(default_factory=asyncio.Event)
     hinted: bool = False  # a callback for this job came since the last re-arm
 
     def rearm(self) -> None:
-        if self.event.is_set():
-            self.event = anyio.Event()
+        self.event.clear()
         self.hinted = False
 
 
