@@ -211,7 +211,7 @@ class EachlabsClient:
         status = response.status
         if status < 300:
             try:
-                answer = json.loads(response.body)
+                answer = json.loads(response.body.decode())  # UTF-8: nothing to detect
             except ValueError as exc:
                 raise ProtocolViolation(
                     f"{what}: the answer is not JSON", status=status, ambiguous=creating

@@ -187,7 +187,7 @@ class Receiver:
         if body is None:
             return 413, b"body too large"
         try:
-            data = json.loads(body)
+            data = json.loads(body.decode())  # JSON is UTF-8: no encoding to detect
         except (json.JSONDecodeError, UnicodeDecodeError):
             data = None
         exec_id = data.get("exec_id") if isinstance(data, dict) else None
@@ -243,6 +243,7 @@ class _Connection(asyncio.Protocol):
         self._target = b""
         self._body: bytearray | None = bytearray()
         self._idle: asyncio.TimerHandle | None = None
+        self._last = 0.0  # loop time of the last request
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -250,7 +251,9 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._registry.add(self)
-        self._arm()
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        self._idle = loop.call_later(_IDLE_S, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -301,11 +304,15 @@ class _Connection(asyncio.Protocol):
         )
         self._transport.write(head.encode("latin-1") + text)
         if keep_alive:
-            self._arm()
+            self._last = asyncio.get_running_loop().time()
         else:
             self._transport.close()
 
-    def _arm(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(_IDLE_S, self.close)
+    def _check_idle(self) -> None:
+        """Close after `_IDLE_S` without a request; one timer per connection, not per request."""
+        loop = asyncio.get_running_loop()
+        left = self._last + _IDLE_S - loop.time()
+        if left <= 0:
+            self.close()
+        else:
+            self._idle = loop.call_later(left, self._check_idle)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import structlog
 
+from pipeline import webhook
 from pipeline.config import RunConfig, WebhookSection, parse_config
 from pipeline.errors import ConfigError
 from pipeline.runner import ExitCode, RunSummary
@@ -246,3 +247,29 @@ async def test_the_receiver_speaks_plain_http_and_keeps_connections() -> None:
                 except anyio.EndOfStream:
                     pass
         assert reply.startswith(b"HTTP/1.1 400") and b"Connection: close" in reply
+
+
+async def test_the_receiver_closes_connections_idle_too_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(webhook, "_IDLE_S", 0.4)
+    callbacks = Callbacks(missed_limit=5)
+    async with Receiver(WebhookSection(enabled=True), callbacks) as receiver:
+        host, port = receiver.listening.removeprefix("http://").rsplit(":", 1)
+        path = receiver.url.removeprefix(receiver.listening)
+        body = b'{"exec_id": "p"}'
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        async with await anyio.connect_tcp(host, int(port)) as raw:
+            # requests 0.25 s apart keep the connection open past the idle time of 0.4 s
+            for _ in range(3):
+                await raw.send(request)
+                with anyio.fail_after(5):
+                    assert (await raw.receive()).startswith(b"HTTP/1.1 200")
+                await anyio.sleep(0.25)
+            assert callbacks.stats.received == 3
+            # then silence: the receiver closes it
+            with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+                await raw.receive()
