@@ -4,7 +4,8 @@ as a run does, then the start-up of a resume on that run folder.
 Prints the rows, the ingest time and rate, the peak RSS of this process (reading, validating
 and journaling), and the resume start-up time: opening the journal, checking the run folder's
 identity, reading the totals and the first page of open jobs, which is what `run` does before
-its first create.
+its first create. Then it writes the results file of all those rows, as a run's end does, and
+prints how long that took and the peak RSS after it.
 
     python scripts/bench_scale.py --rows 1000000
 """
@@ -24,6 +25,7 @@ from pipeline.config import parse_config
 from pipeline.journal import Journal
 from pipeline.manifest import Manifest
 from pipeline.runner import _check_identity
+from pipeline.writer import ResultLayout, write_results
 
 
 def _write_manifest(path: Path, rows: int) -> None:
@@ -81,6 +83,19 @@ def main() -> None:
         journal.totals()
         first_page = journal.open_jobs(0, 1000)
         resume_s = time.perf_counter() - started
+        # the end of a run: every row written out, a page at a time
+        started = time.perf_counter()
+        layout = ResultLayout(
+            "sku",
+            manifest.mapper.columns,
+            manifest.extra_columns,
+            manifest.columns,
+            manifest.kind,
+            manifest.path,
+        )
+        written = write_results(journal, layout, folder / "results.parquet")
+        results_s = time.perf_counter() - started
+        peak_results = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         journal.close()
         size_mb = (config.output.dir / "journal.sqlite").stat().st_size / 2**20
     print(f"rows                      {ingested}")
@@ -91,6 +106,9 @@ def main() -> None:
     print(f"peak_rss_mb               {peak:.0f}")
     print(f"resume_startup_s          {resume_s:.2f}")
     print(f"first_page_jobs           {len(first_page)}")
+    print(f"results_rows              {written}")
+    print(f"results_s                 {results_s:.1f}")
+    print(f"peak_rss_mb_after_results {peak_results:.0f}")
 
 
 if __name__ == "__main__":
