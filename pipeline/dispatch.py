@@ -7,6 +7,7 @@ the ingest as it goes on, so the first creates go out before a large manifest is
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -42,7 +43,7 @@ class Dispatcher:
         self._page: deque[Entry] = deque()
         self._given_back: deque[Entry] = deque()
         self._cursor = 0
-        self._lock = anyio.Lock(fast_acquire=True)  # no yield when nobody holds it
+        self._lock = asyncio.Lock()  # anyio's looks the current task up on every acquire
         self._ingest_done = False
         self._ingest_progress = anyio.Event()
         self._live_lanes = lanes

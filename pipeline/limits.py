@@ -17,6 +17,7 @@ holds its slot from the create request to the job's terminal status.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -48,7 +49,7 @@ class CreateGate:
         self._answered: deque[float] = deque()
         self._open = 0
         self._next_start = -math.inf
-        self._lock = anyio.Lock(fast_acquire=True)  # no yield when nobody holds it
+        self._lock = asyncio.Lock()  # anyio's looks the current task up on every acquire
         self.sent = 0
 
     def _wait_needed(self, now: float) -> float:
