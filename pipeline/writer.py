@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.json as pj
@@ -21,6 +21,9 @@ import pyarrow.parquet as pq
 
 from pipeline.journal import Journal
 from pipeline.schema import IMAGE_FIELDS
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["ResultLayout", "write_failures", "write_results"]
 
@@ -56,12 +59,42 @@ _HISTORY = pa.list_(
 )
 
 
+# the columns the journal's `outcome` object holds (Journal.result_rows)
+_OUTCOME = frozenset(
+    {
+        "job_id",
+        "row_number",
+        "status",
+        "prediction_id",
+        "output_urls",
+        "images",
+        "cost_usd",
+        "predict_time_s",
+        "latency_s",
+        "attempts",
+        "ambiguous_creates",
+        "possible_duplicate_charge",
+        "reused",
+        "error_type",
+        "error_message",
+        "created_at",
+        "finished_at",
+        "key",
+    }
+)
+
+
 def _schema(layout: ResultLayout) -> pa.Schema:
+    base = _base_fields(layout)
+    return pa.schema(base + [pa.field(name, pa.string()) for _, name in _extra_names(layout, base)])
+
+
+def _base_fields(layout: ResultLayout) -> list[pa.Field]:
     fields = [
         pa.field("job_id", pa.string()),
         pa.field("row_number", pa.int64()),
     ]
-    if layout.id_column and layout.id_column not in ("job_id", "row_number"):
+    if layout.id_column and layout.id_column not in _OUTCOME:
         fields.append(pa.field(layout.id_column, pa.string()))
     fields += [
         pa.field("prompt", pa.string()),
@@ -87,12 +120,14 @@ def _schema(layout: ResultLayout) -> pa.Schema:
         pa.field("key", pa.string()),
         pa.field("history", _HISTORY),
     ]
+    return fields
+
+
+def _extra_names(layout: ResultLayout, fields: list[pa.Field]) -> list[tuple[str, str]]:
+    """Each extra manifest column and its results name: its own, or `manifest_<name>` where
+    a results column already has it."""
     taken = {f.name for f in fields}
-    fields += [
-        pa.field(c if c not in taken else f"manifest_{c}", pa.string())
-        for c in layout.extra_columns
-    ]
-    return pa.schema(fields)
+    return [(c, c if c not in taken else f"manifest_{c}") for c in layout.extra_columns]
 
 
 def _as_int(value: Any) -> int | None:
@@ -107,45 +142,39 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _result_row(row: dict[str, Any], layout: ResultLayout, schema: pa.Schema) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Names:
+    own: frozenset[str]  # the id column, when it is a results column of its own
+    extras: list[tuple[str, str]]  # extra manifest column -> results name
+
+
+def _names(layout: ResultLayout) -> _Names:
+    own = {layout.id_column} if layout.id_column and layout.id_column not in _OUTCOME else set()
+    return _Names(frozenset(own), _extra_names(layout, _base_fields(layout)))
+
+
+def _result_line(row: sqlite3.Row, layout: ResultLayout, names: _Names) -> str:
+    """One results row as a JSON line: the journal's `outcome` object, with the columns that
+    come from the row's inputs (or, for a rejected row, from what the manifest said) added."""
     record = json.loads(row["record"])
     if row["inputs"] is not None:
         inputs = json.loads(row["inputs"])
     else:  # a rejected row: show what the manifest said
         inputs = {f: record.get(c) for f, c in layout.columns.items()}
-    started, finished = row["started_at"], row["finished_at"]
     out: dict[str, Any] = {
-        "job_id": row["job_id"],
-        "row_number": row["row_number"],
         "prompt": _text(inputs.get("prompt")),
         "img_urls": [str(inputs[f]) for f in IMAGE_FIELDS if inputs.get(f)],
         "size": _text(inputs.get("size")),
         "n": _as_int(inputs.get("n")),
         "seed": _as_int(inputs.get("seed")),
-        "status": row["status"],
-        "prediction_id": row["prediction_id"],
-        "output_urls": json.loads(row["output_urls"]) if row["output_urls"] else [],
-        "images": row["images"],
-        "cost_usd": row["cost_usd"],
-        "predict_time_s": row["predict_time_s"],
-        "latency_s": round(finished - started, 4) if started and finished else None,
-        "attempts": row["attempts"],
-        "ambiguous_creates": row["ambiguous"],
-        "possible_duplicate_charge": row["ambiguous"] > 0,
-        "reused": bool(row["reused"]),
-        "error_type": row["error_type"],
-        "error_message": row["error_message"],
-        "created_at": _micros(row["created_at"]),
-        "finished_at": _micros(finished),
-        "key": row["key_name"],
         "history": _history(row["history"]),
     }
-    if layout.id_column and layout.id_column in schema.names:
+    if layout.id_column in names.own:
         out[layout.id_column] = _text(record.get(layout.id_column))
-    for column in layout.extra_columns:
-        name = column if column in schema.names and column not in out else f"manifest_{column}"
+    for column, name in names.extras:
         out[name] = _text(record.get(column))
-    return out
+    outcome: str = row["outcome"]
+    return f"{outcome[:-1]},{_ENCODE(out)[1:]}"
 
 
 def _micros(seconds: float | None) -> int | None:
@@ -183,10 +212,10 @@ def _as_micros(kind: pa.DataType) -> pa.DataType:
     return kind
 
 
-def _to_table(rows: list[dict[str, Any]], schema: pa.Schema, parsed: pa.Schema) -> pa.Table:
-    """Rows as a table, through Arrow's JSON reader: building arrays from Python objects
+def _to_table(lines: list[str], schema: pa.Schema, parsed: pa.Schema) -> pa.Table:
+    """JSON lines as a table, through Arrow's JSON reader: building arrays from Python objects
     (`Table.from_pylist`) makes pyarrow import pandas, about 0.4 s of CPU per run."""
-    data = "\n".join(map(_ENCODE, rows)).encode()
+    data = "\n".join(lines).encode()
     table = pj.read_json(
         pa.BufferReader(data),
         read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
@@ -201,13 +230,12 @@ def write_results(journal: Journal, layout: ResultLayout, path: Path) -> int:
     parsed = pa.schema([f.with_type(_as_micros(f.type)) for f in schema])
     count = 0
     with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
-        for batch in journal.rows():
-            # by name, a sqlite3.Row looks its column up one by one: a dict per row is quicker
-            names = batch[0].keys() if batch else []
-            rows = [_result_row(dict(zip(names, r, strict=True)), layout, schema) for r in batch]
-            if rows:
-                out.write_table(_to_table(rows, schema, parsed))
-            count += len(rows)
+        names = _names(layout)
+        for batch in journal.result_rows():
+            out.write_table(
+                _to_table([_result_line(r, layout, names) for r in batch], schema, parsed)
+            )
+            count += len(batch)
         if count == 0:
             out.write_table(schema.empty_table())
     return count

@@ -26,10 +26,12 @@ from pipeline.errors import (
     TransportFailure,
     Unauthorized,
 )
+from pipeline.journal import Finish, Journal, MarkCreated, MarkCreating, NoteAmbiguous
 from pipeline.keys import ApiKey, keys_from_env
 from pipeline.limits import CreateGate
 from pipeline.manifest import Manifest
-from pipeline.models import JobSpec, Rejected
+from pipeline.models import JobOutcome, JobSpec, Rejected, Status
+from pipeline.writer import ResultLayout, write_results
 
 SECRET = "sk-very-secret-value"
 
@@ -280,3 +282,68 @@ def test_keys_never_show_their_secret() -> None:
     assert keys_from_env({}) == []
     with pytest.raises(ConfigError, match="twice"):
         keys_from_env({"EACHLABS_API_KEYS": "a,a"})
+
+
+def test_results_rows_hold_the_outcome_the_inputs_and_the_manifest(tmp_path: Path) -> None:
+    text = (
+        "sku,prompt,img_url,img_url_2,n,brand,status\n"
+        "A1,make it red,https://x.com/a.jpg,https://x.com/b.jpg,2,acme,new\n"
+        "A2,make it blue,https://x.com/c.jpg,,,acme,old\n"
+        "A3,,https://x.com/d.jpg,,3,zeta,new\n"
+    )
+    m = _manifest(_csv(tmp_path, text), id_column="sku")
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.ingest(_rows(m), {})
+    t = 1_790_000_000.25
+    journal.apply(
+        [
+            MarkCreating(1, 1, "key-1", t),
+            MarkCreated(1, "p1", "key-1", t + 0.5),
+            Finish(
+                1, JobOutcome(Status.SUCCEEDED, "p1", ("u1", "u2"), 9.7, None, None, t + 10), 0.03
+            ),
+            MarkCreating(2, 1, "key-1", t),
+            Finish(2, JobOutcome(Status.FAILED, "p2", (), 3.0, "job_error", "boom", t + 4), 0.03),
+        ]
+    )
+    journal.requeue(None)  # row 2 is run again: its failure goes into its history
+    journal.apply(
+        [
+            MarkCreating(2, 2, "key-1", t + 20),
+            NoteAmbiguous(2),
+            Finish(2, JobOutcome(Status.SUCCEEDED, "p3", ("u3",), 8.0, None, None, t + 30), 0.03),
+        ]
+    )
+    layout = ResultLayout("sku", m.mapper.columns, m.extra_columns, m.columns, m.kind, m.path)
+    assert write_results(journal, layout, tmp_path / "results.parquet") == 3
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert table.column_names[:3] == ["job_id", "row_number", "sku"]
+    assert table.column_names[-2:] == ["brand", "manifest_status"]
+    first, second, third = table.to_pylist()
+    assert first["prompt"] == "make it red" and first["n"] == 2
+    assert first["img_urls"] == ["https://x.com/a.jpg", "https://x.com/b.jpg"]
+    assert first["output_urls"] == ["u1", "u2"] and first["images"] == 2
+    assert first["cost_usd"] == pytest.approx(0.06) and first["predict_time_s"] == 9.7
+    assert first["latency_s"] == 10.0 and first["key"] == "key-1"
+    assert first["created_at"].timestamp() == t + 0.5 and first["finished_at"].timestamp() == t + 10
+    assert first["possible_duplicate_charge"] is False and first["reused"] is False
+    assert (first["brand"], first["manifest_status"], first["status"]) == (
+        "acme",
+        "new",
+        "succeeded",
+    )
+    assert second["attempts"] == 2 and second["ambiguous_creates"] == 1
+    assert second["possible_duplicate_charge"] is True and second["prediction_id"] == "p3"
+    assert second["n"] is None and second["img_urls"] == ["https://x.com/c.jpg"]
+    [earlier] = second["history"]
+    assert (earlier["status"], earlier["error_type"], earlier["prediction_id"]) == (
+        "failed",
+        "job_error",
+        "p2",
+    )
+    assert earlier["finished_at"].timestamp() == t + 4
+    # a rejected row shows what the manifest said, and no outcome
+    assert third["status"] == "rejected" and third["error_type"] == "invalid_row"
+    assert third["prompt"] == "" and third["n"] == 3 and third["sku"] == "A3"
+    assert third["output_urls"] == [] and third["created_at"] is None
+    assert third["latency_s"] is None and third["history"] == []
