@@ -57,10 +57,14 @@ def is_loopback_host(host: str) -> bool:
     host = host.strip("[]").lower()
     if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
         return True
+    if ":" not in host and not host[-1:].isdigit():
+        return False  # a name: an IPv4 address ends in a digit, an IPv6 one has colons
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
     return address.is_loopback or address.is_unspecified
 
 

@@ -31,6 +31,7 @@ from pipeline.keys import ApiKey, keys_from_env
 from pipeline.limits import CreateGate
 from pipeline.manifest import Manifest
 from pipeline.models import JobOutcome, JobSpec, Rejected, Status
+from pipeline.schema import is_loopback_host
 from pipeline.writer import ResultLayout, write_results
 
 SECRET = "sk-very-secret-value"
@@ -347,3 +348,12 @@ def test_results_rows_hold_the_outcome_the_inputs_and_the_manifest(tmp_path: Pat
     assert third["prompt"] == "" and third["n"] == 3 and third["sku"] == "A3"
     assert third["output_urls"] == [] and third["created_at"] is None
     assert third["latency_s"] is None and third["history"] == []
+
+
+def test_loopback_hosts_are_told_from_names_and_other_addresses() -> None:
+    loopback = ["localhost", "LOCALHOST", "a.localhost", "127.0.0.1", "127.9.9.9", "[::1]", "::1"]
+    assert all(is_loopback_host(h) for h in loopback)
+    any_or_mapped = ["0.0.0.0", "::", "[::ffff:0.0.0.0]", "::ffff:127.0.0.1"]
+    assert all(is_loopback_host(h) for h in any_or_mapped)
+    others = ["cdn.example.com", "10.0.0.1", "8.8.8.8", "[2001:db8::1]", "example.c0m1", ""]
+    assert not any(is_loopback_host(h) for h in others)
