@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
 """
 
+# made once: json.dumps with any argument of its own builds a new encoder on every call
+_RECORD = json.JSONEncoder(default=str, ensure_ascii=False).encode
+_INPUTS = json.JSONEncoder(ensure_ascii=False).encode
+
 # REAL values are written with 15 significant digits: every one here is rounded well below that
 _RESULT_COLUMNS = """row_number, record, inputs, history, json_object(
     'job_id', job_id, 'row_number', row_number, 'status', status,
@@ -304,11 +308,11 @@ class Journal:
     @staticmethod
     def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
         """The INSERT values of one row: what it is, then its outcome so far."""
-        record = json.dumps(item.record, default=str, ensure_ascii=False)
+        record = _RECORD(item.record)
         if isinstance(item, Rejected):
             rejected = (item.row_number, item.job_id, None, None, record, Status.REJECTED.value)
             return (*rejected, "invalid_row", item.reason, None, None, 0, None, None, 0)
-        inputs = json.dumps(item.inputs, ensure_ascii=False)
+        inputs = _INPUTS(item.inputs)
         head = (item.row_number, item.job_id, item.fingerprint, inputs, record)
         done = prior.get(item.fingerprint)
         if done is None:

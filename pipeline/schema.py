@@ -47,9 +47,12 @@ class Violation:
         return f"{self.field}: {self.rule}"
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def fingerprint(model: str, inputs: Mapping[str, object]) -> str:
     """What a request would buy: a hash of the model and the canonical input it sends."""
-    canonical = json.dumps({"model": model, "input": inputs}, sort_keys=True, separators=(",", ":"))
+    canonical = _CANONICAL({"model": model, "input": inputs})
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
