@@ -144,9 +144,20 @@ def sandbox_command(
     slow: float = 0.0,
     poll_reset: float = 0.0,
     storm_429: float = 0.0,
+    key_faults: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Faults of one key in place of the others', as KEY:name=value,... "
+            "(e.g. KEY:storm_429=1,storm_s=30 for a throttled key); repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Serve the sandbox (a local double of the provider); prints its base URL first."""
     try:
+        per_key = {}
+        for item in key_faults or ():
+            secret, _, spec = item.partition(":")
+            per_key[secret.strip()] = FaultRates.parse(spec)
         settings = SandboxSettings(
             keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
             time_scale=time_scale,
@@ -168,6 +179,7 @@ def sandbox_command(
                 poll_reset=poll_reset,
                 storm_429=storm_429,
             ),
+            key_faults=per_key,
         )
     except ValueError as exc:
         _err.print(f"[red]error:[/red] {exc}")

@@ -267,6 +267,27 @@ def test_429_storm(sandbox: Start) -> None:
     assert sb.stats()["creates"] == 0
 
 
+def test_faults_of_one_key(sandbox: Start) -> None:
+    sb = sandbox(
+        time_scale=0.001,
+        creates_per_window=10_000,
+        key_faults={KEY2: FaultRates.parse("storm_429=1, storm_s=1000")},
+    )
+    with httpx.Client() as c:
+        assert create(c, sb, body(), key=KEY2).status_code == 429
+        assert create(c, sb, body(), key=KEY).status_code == 200  # the other key is untouched
+    per_key = sb.stats()["keys"]
+    assert per_key[key_hash(KEY2)]["refused_429"] == 1 and per_key[key_hash(KEY)]["creates"] == 1
+    with pytest.raises(ValueError, match="the name one of"):
+        FaultRates.parse("storms=1")
+    with pytest.raises(ValueError, match="slow: 'fast' is not a number"):
+        FaultRates.parse("slow=fast")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        FaultRates.parse("job_error=2")
+    with pytest.raises(ValueError, match="does not accept"):
+        sandbox(key_faults={"stranger": FaultRates()})
+
+
 def test_slow_answers(sandbox: Start) -> None:
     sb = sandbox(time_scale=1.0, faults=FaultRates(slow=1.0, slow_s=0.3))
     with httpx.Client() as c:
@@ -308,6 +329,8 @@ def test_cli_prints_base_url_first(tmp_path: Any) -> None:
             "k1,k2",
             "--time-scale",
             "0.01",
+            "--key-faults",
+            "k1:storm_429=1,storm_s=1000",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -325,6 +348,8 @@ def test_cli_prints_base_url_first(tmp_path: Any) -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         assert answer.status_code == 200
+        stormy = httpx.post(f"{line}/prediction/", json=body(), headers={"X-API-Key": "k1"})
+        assert stormy.status_code == 429
     finally:
         proc.terminate()
         proc.wait(10)

@@ -85,9 +85,10 @@ class _Sandbox:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _maybe_slow(self) -> None:
-        if self.state.chance(self.settings.faults.slow):
-            await asyncio.sleep(self.settings.scaled(self.settings.faults.slow_s))
+    async def _maybe_slow(self, key: str) -> None:
+        faults = self.state.faults(key)
+        if self.state.chance(faults.slow):
+            await asyncio.sleep(self.settings.scaled(faults.slow_s))
 
     def _server_fault(self, rate: float) -> Response | None:
         if self.state.chance(rate):
@@ -122,18 +123,19 @@ class _Sandbox:
             if status == 400:
                 self.state.refuse_invalid(key, message)
             return _error(status, "Invalid request" if status == 400 else "Not found", message)
-        await self._maybe_slow()
+        await self._maybe_slow(key)
         refusal = self.state.admit(key)
         if refusal is not None:
             retry_after = f"{max(refusal.retry_after, 0.001):.3f}"
             return _error(429, "Too many requests", refusal.reason, {"Retry-After": retry_after})
-        if fault := self._server_fault(self.settings.faults.create_5xx):
+        faults = self.state.faults(key)
+        if fault := self._server_fault(faults.create_5xx):
             return fault
         job = self.state.accept(
             key, body["model"], body["input"], body.get("webhook_url"), str(request.base_url)
         )
         self._schedule_end(job)
-        if self.state.chance(self.settings.faults.lost_create):
+        if self.state.chance(faults.lost_create):
             self.state.note_lost_answer(job)
             if self.state.chance(0.5):
                 return _error(502, "Bad gateway", "sandbox fault: upstream answer lost")
@@ -179,10 +181,11 @@ class _Sandbox:
         job = self.state.jobs.get(request.path_params["prediction_id"])
         if job is None or job.key != key:
             return _error(404, "Not found", "unknown prediction id")
-        await self._maybe_slow()
-        if fault := self._server_fault(self.settings.faults.poll_5xx):
+        await self._maybe_slow(key)
+        faults = self.state.faults(key)
+        if fault := self._server_fault(faults.poll_5xx):
             return fault
-        if self.state.chance(self.settings.faults.poll_reset):
+        if self.state.chance(faults.poll_reset):
             return _DropResponse()
         return JSONResponse(self._job_body(job))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["FaultRates", "SandboxSettings"]
@@ -36,6 +37,23 @@ class FaultRates:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fault rate {name} must be between 0 and 1, not {value}")
 
+    @classmethod
+    def parse(cls, text: str) -> FaultRates:
+        """`name=value,...` (e.g. `slow=1,slow_s=3`), as the sandbox command line takes it."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in known:
+                names = ", ".join(sorted(known))
+                raise ValueError(f"fault {part!r}: expected name=value, the name one of {names}")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise ValueError(f"fault {name}: {value.strip()!r} is not a number") from None
+        return cls(**values)
+
 
 @dataclass(frozen=True, slots=True)
 class SandboxSettings:
@@ -53,6 +71,8 @@ class SandboxSettings:
     image_scale: float = 1.0  # 1.0 gives 1024/2048 px images; small values keep tests fast
     allow_loopback_urls: bool = False
     faults: FaultRates = field(default_factory=FaultRates)
+    # faults of particular keys (by secret), in place of `faults`: a throttled or slow key
+    key_faults: Mapping[str, FaultRates] = field(default_factory=dict)
     ledger_path: Path | None = None
     webhook_attempts: int = 3
 
@@ -67,6 +87,8 @@ class SandboxSettings:
             raise ValueError("latency mean must be positive and spread non-negative")
         if not 0 < self.image_scale <= 1:
             raise ValueError("image_scale must be in (0, 1]")
+        if unknown := set(self.key_faults) - set(self.keys):
+            raise ValueError(f"key_faults name {len(unknown)} key(s) the sandbox does not accept")
 
     def scaled(self, seconds: float) -> float:
         """Provider seconds to wall-clock seconds."""

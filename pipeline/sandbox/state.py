@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from pipeline.sandbox.settings import SandboxSettings
+from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.schema import fingerprint
 
 __all__ = ["Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
@@ -83,6 +83,10 @@ class SandboxState:
         self._rng = random.Random(settings.seed)
         self._keys = {secret: key_hash(secret) for secret in settings.keys}
         self._stats = {name: KeyStats() for name in self._keys.values()}
+        self._faults = {
+            name: settings.key_faults.get(secret, settings.faults)
+            for secret, name in self._keys.items()
+        }
         self.jobs: dict[str, Job] = {}
         self._fingerprints: dict[str, int] = {}
         self._ledger: list[str] = []
@@ -103,6 +107,10 @@ class SandboxState:
             return None
         return self._keys.get(secret)
 
+    def faults(self, key: str) -> FaultRates:
+        """The fault rates of a key (by name): its own, or the sandbox's."""
+        return self._faults[key]
+
     def chance(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
@@ -111,6 +119,7 @@ class SandboxState:
     def admit(self, key: str) -> Refusal | None:
         """Whether a create on this key may go ahead now; a refusal is recorded and not billed."""
         s = self.settings
+        faults = self._faults[key]
         stats = self._stats[key]
         now = self._clock()
         window = s.scaled(s.window_s)
@@ -121,8 +130,8 @@ class SandboxState:
         refusal: Refusal | None = None
         if stats.storm_until > now:
             refusal = Refusal("rate limit storm", stats.storm_until - now)
-        elif self.chance(s.faults.storm_429):
-            stats.storm_until = now + s.scaled(s.faults.storm_s)
+        elif self.chance(faults.storm_429):
+            stats.storm_until = now + s.scaled(faults.storm_s)
             refusal = Refusal("rate limit storm", stats.storm_until - now)
         elif len(stats.window) >= s.creates_per_window:
             refusal = Refusal(
@@ -157,7 +166,7 @@ class SandboxState:
             fingerprint=fingerprint(model, inputs),
             created_at=now,
             ends_at=now + s.scaled(latency),
-            fails=self.chance(s.faults.job_error),
+            fails=self.chance(self._faults[key].job_error),
             webhook_url=webhook_url,
             base_url=base_url,
         )
