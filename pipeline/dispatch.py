@@ -46,6 +46,7 @@ class Dispatcher:
         self._lock = asyncio.Lock()  # anyio's looks the current task up on every acquire
         self._ingest_done = False
         self._ingest_progress = anyio.Event()
+        self._drained = asyncio.Event()  # a slot was told there is no more work
         self._live_lanes = lanes
         self.halted = False  # stopped by a signal: not even jobs already handed out are sent
         self.budget_reached = False
@@ -67,16 +68,25 @@ class Dispatcher:
                 if entry is None:
                     if await self._refill():
                         continue
-                    return None
+                    break
                 if self._budget is not None:
                     worst = self._worst(entry)
                     if self._committed + worst > self._budget + 1e-9:
                         self.budget_reached = True
                         self._given_back.appendleft(entry)
-                        return None
+                        break
                     self._committed += worst
                 return entry
+            self._drained.set()  # no more work for this key: stopped, or none is left
             return None
+
+    async def rest(self, seconds: float) -> None:
+        """A slot of a paused key waits `seconds` before asking for work again; less when no
+        work is left, so the run does not wait for a pause to end to finish."""
+        with anyio.move_on_after(seconds):
+            await self._drained.wait()
+            if self._given_back:  # work is left, for other keys or for this one after the pause
+                await anyio.sleep(seconds)
 
     def _take(self, key_name: str) -> Entry | None:
         for queue in (self._given_back, self._page):

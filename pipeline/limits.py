@@ -11,6 +11,10 @@ while the window is at most half full, growing to the whole of it as the window 
 key whose slots bind (10 jobs in flight) rather than its create rate does not keep a freed slot
 waiting for spacing it does not need, and creates are never sent in a burst.
 
+A 429 pauses the whole key for its Retry-After: every create of the key waits at the gate, so a
+throttled key sends one create into the storm rather than one per slot. A caller may ask to
+give way instead of waiting out a pause (`GatePaused`), so its job can go to another key.
+
 The slots (`max_concurrent`) are the workers themselves: each key has that many, and a worker
 holds its slot from the create request to the job's terminal status.
 """
@@ -30,7 +34,15 @@ import anyio
 
 from pipeline.errors import RateLimited
 
-__all__ = ["CreateGate", "RetryPolicy"]
+__all__ = ["CreateGate", "GatePaused", "RetryPolicy"]
+
+
+class GatePaused(Exception):
+    """The key is paused by a 429 and the caller chose to give way; `wait` seconds remain."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(f"paused for {wait:.3f} s")
+        self.wait = wait
 
 
 class CreateGate:
@@ -49,13 +61,14 @@ class CreateGate:
         self._answered: deque[float] = deque()
         self._open = 0
         self._next_start = -math.inf
+        self._paused_until = -math.inf
         self._lock = asyncio.Lock()  # anyio's looks the current task up on every acquire
         self.sent = 0
 
     def _wait_needed(self, now: float) -> float:
         while self._answered and self._answered[0] <= now - self._window:
             self._answered.popleft()
-        wait = self._next_start - now
+        wait = max(self._next_start, self._paused_until) - now
         # Unanswered creates count as in the window; this many answered ones must leave it first.
         excess = len(self._answered) + self._open - self._limit
         if excess >= 0:
@@ -65,12 +78,23 @@ class CreateGate:
                 wait = max(wait, self._interval)
         return wait
 
+    def pause(self, seconds: float) -> None:
+        """No create of this key starts in the next `seconds` (a 429 asked us to wait)."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def paused_for(self) -> float:
+        """Seconds left of a pause; 0 when the key is not paused."""
+        return max(0.0, self._paused_until - self._clock())
+
     @asynccontextmanager
-    async def create(self) -> AsyncIterator[None]:
-        """Wait for this key's turn; the create request is sent inside the block."""
+    async def create(self, give_way: Callable[[], bool] | None = None) -> AsyncIterator[None]:
+        """Wait for this key's turn; the create request is sent inside the block. While the key
+        is paused, `give_way()` is asked whether to wait (False) or raise GatePaused (True)."""
         async with self._lock:
             # a computed deadline, not a condition another task signals: sleeping is right
-            while (wait := self._wait_needed(self._clock())) > 0:  # noqa: ASYNC110
+            while (wait := self._wait_needed(now := self._clock())) > 0:
+                if give_way is not None and self._paused_until > now and give_way():
+                    raise GatePaused(self._paused_until - now)
                 await anyio.sleep(wait)
             self._open += 1
             self.sent += 1

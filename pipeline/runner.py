@@ -330,6 +330,10 @@ async def _drive(
     callbacks = receiver.callbacks if receiver is not None else None
     if callbacks is not None:
         stats.callbacks = callbacks.stats
+    lanes = [
+        KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
+        for k in keys
+    ]
     worker = Worker(
         config,
         client,
@@ -339,11 +343,8 @@ async def _drive(
         stats,
         callbacks,
         receiver.url if receiver is not None else None,
+        lanes,
     )
-    lanes = [
-        KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
-        for k in keys
-    ]
     stop_ingest = threading.Event()
     interrupted = False
     no_key: NoUsableKeyError | None = None

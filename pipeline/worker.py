@@ -4,12 +4,18 @@ A key has `max_concurrent` workers, so a key's slot is held from the create requ
 job's terminal status (or until a job that may exist on the provider is given time to end).
 The rules of invariant 5 live here: 400 final, 401 retires the key, 429 waits, 5xx and
 transport errors back off, and a create whose answer was lost is counted as ambiguous.
+
+A 429 pauses the key (see `limits`). While another key is serving and not paused, a job that
+has not been created yet does not wait out the pause: it goes back to the dispatcher for that
+key, and the slot rests until the pause ends. So a throttled key never holds jobs that the
+others could run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -30,7 +36,7 @@ from pipeline.journal import (
     NoteAmbiguous,
 )
 from pipeline.keys import ApiKey
-from pipeline.limits import CreateGate, RetryPolicy
+from pipeline.limits import CreateGate, GatePaused, RetryPolicy
 from pipeline.models import JobOutcome, Status
 from pipeline.polling import PollPlanner
 from pipeline.webhook import Callbacks, CallbackStats, Waiter
@@ -64,6 +70,11 @@ class KeyLane:
     key: ApiKey
     gate: CreateGate
     retired: bool = False
+    serving: int = 0  # slots still asking for jobs
+
+    def open_for_work(self) -> bool:
+        """Serving and not paused by a 429: a job given back now can go out on this key."""
+        return not self.retired and self.serving > 0 and self.gate.paused_for() == 0
 
 
 class _JobLog:
@@ -92,6 +103,16 @@ class _KeyRefused(Exception):
         self.entry = entry
 
 
+class _GiveWay(Exception):
+    """The key is paused and another can take the job: `entry` is the job as the journal now
+    holds it, `wait` the pause left."""
+
+    def __init__(self, entry: Entry, wait: float) -> None:
+        super().__init__(entry.job_id)
+        self.entry = entry
+        self.wait = wait
+
+
 class Worker:
     def __init__(
         self,
@@ -103,8 +124,10 @@ class Worker:
         stats: RunStats,
         callbacks: Callbacks | None = None,
         webhook_url: str | None = None,
+        lanes: Sequence[KeyLane] = (),
     ) -> None:
         self.config = config
+        self.lanes = lanes
         self.client = client
         self.journal = journal
         self.dispatcher = dispatcher
@@ -127,16 +150,26 @@ class Worker:
 
     async def run_slot(self, lane: KeyLane) -> None:
         """Serve jobs on this key until there are none, or the key is retired."""
-        while not lane.retired:
-            entry = await self.dispatcher.next_job(lane.key.name)
-            if entry is None:
-                return
-            try:
-                await self.run_job(lane, entry)
-            except _KeyRefused as refused:
-                self.dispatcher.give_back(refused.entry)
-                self.dispatcher.retire(lane)
-                return
+        lane.serving += 1
+        try:
+            while not lane.retired:
+                entry = await self.dispatcher.next_job(lane.key.name)
+                if entry is None:
+                    return
+                try:
+                    await self.run_job(lane, entry)
+                except _KeyRefused as refused:
+                    self.dispatcher.give_back(refused.entry)
+                    self.dispatcher.retire(lane)
+                    return
+                except _GiveWay as way:
+                    self.dispatcher.give_back(way.entry)
+                    await self.dispatcher.rest(way.wait)
+        finally:
+            lane.serving -= 1
+
+    def _others_open(self, lane: KeyLane) -> bool:
+        return any(other is not lane and other.open_for_work() for other in self.lanes)
 
     async def run_job(self, lane: KeyLane, entry: Entry) -> None:
         log = _JobLog(entry, lane)
@@ -195,29 +228,37 @@ class Worker:
         run was stopped before it was sent."""
         failures = 0
         waits = 0
+        marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
         while True:
             attempts += 1
-            async with lane.gate.create():
-                if self.dispatcher.halted:
-                    if attempts > 1 or entry.status is not Status.PENDING:
-                        await self.journal.write(MarkPending(entry.row_number))
-                    return None
-                await self.journal.write(
-                    MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
-                )
-                self.stats.creates_sent += 1
-                try:
-                    prediction_id = await self.client.create(
-                        lane.key, entry.inputs, webhook_url=self.webhook_url
+            try:
+                async with lane.gate.create(give_way=lambda: self._others_open(lane)):
+                    if self.dispatcher.halted:
+                        if marked:
+                            await self.journal.write(MarkPending(entry.row_number))
+                        return None
+                    marked = True
+                    await self.journal.write(
+                        MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
                     )
-                except ApiError as exc:
-                    error = exc
-                else:
-                    # durable before the first poll (see _poll), not before the next create
-                    journaled = self.journal.post(
-                        MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
-                    )
-                    return prediction_id, attempts, journaled
+                    self.stats.creates_sent += 1
+                    try:
+                        prediction_id = await self.client.create(
+                            lane.key, entry.inputs, webhook_url=self.webhook_url
+                        )
+                    except ApiError as exc:
+                        error = exc
+                    else:
+                        # durable before the first poll (see _poll), not before the next create
+                        journaled = self.journal.post(
+                            MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
+                        )
+                        return prediction_id, attempts, journaled
+            except GatePaused as paused:
+                if marked:
+                    await self.journal.write(MarkPending(entry.row_number))
+                given = replace(entry, status=Status.PENDING, attempts=attempts - 1)
+                raise _GiveWay(given, paused.wait) from None
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
                 log.bound().error("key_refused", error=str(error))
@@ -227,7 +268,8 @@ class Worker:
                 waits += 1
                 attempts -= 1  # a 429 created nothing; it does not use up an attempt
                 if waits <= _MAX_RATE_LIMIT_WAITS:
-                    await anyio.sleep(self.policy.rate_limit_wait(error, waits))
+                    # the whole key waits; this job waits with it or goes to another key
+                    lane.gate.pause(self.policy.rate_limit_wait(error, waits))
                     continue
             elif not error.retryable:
                 return JobOutcome(

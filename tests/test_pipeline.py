@@ -81,6 +81,60 @@ async def test_several_keys_share_the_work(sandbox: Start, tmp_path: Path) -> No
     assert sb.stats()["creates"] == 60
 
 
+async def test_429_storms_are_waited_out_without_using_up_attempts(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    # one key, storms of 1 provider second that start on a fifth of the creates
+    sb = shrunk_sandbox(
+        sandbox, seed=3, latency_mean_s=2, faults=FaultRates(storm_429=0.2, storm_s=1)
+    )
+    manifest = write_manifest(tmp_path / "m.csv", catalog(40))
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
+    summary = await go(config, [KEY])
+    rows = results(summary)
+    assert_one_result_per_row(rows, 40)
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in rows)
+    refused = sb.stats()["keys"][key_hash(KEY)]["refused_429"]
+    assert refused > 0 and summary.stats.rate_limited == refused
+    assert sb.stats()["creates"] == 40
+
+
+async def test_a_throttled_key_gives_its_jobs_to_the_other_keys(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    keys = ["k-ok-1", "k-ok-2", "k-throttled"]
+    # every create on the third key meets a 429 storm that outlasts the run; its Retry-After
+    # is clamped to 2 provider seconds, so the key is tried again and again
+    sb = shrunk_sandbox(
+        sandbox,
+        keys=tuple(keys),
+        latency_mean_s=2,
+        key_faults={"k-throttled": FaultRates(storm_429=1.0, storm_s=100_000)},
+    )
+    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        retries={"retry_after_max_s": 2},
+    )
+    summary = await go(config, keys)
+    rows = results(summary)
+    assert summary.exit_code is ExitCode.OK
+    assert_one_result_per_row(rows, 80)
+    # no job waited on the throttled key until it gave up with `rate_limited`
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in rows)
+    assert {r["key"] for r in rows} == {ApiKey(k).name for k in keys[:2]}
+    per_key = sb.stats()["keys"]
+    throttled = per_key[key_hash("k-throttled")]
+    assert throttled["creates"] == 0 and throttled["refused_429"] > 0
+    assert summary.stats.rate_limited == throttled["refused_429"]
+    for key in keys[:2]:
+        assert per_key[key_hash(key)]["refused_429"] == 0
+    assert sb.stats()["creates"] == 80
+
+
 async def test_retries_on_5xx_and_lost_answers(sandbox: Start, tmp_path: Path) -> None:
     sb = shrunk_sandbox(
         sandbox,

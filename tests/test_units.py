@@ -28,7 +28,7 @@ from pipeline.errors import (
 )
 from pipeline.journal import Finish, Journal, MarkCreated, MarkCreating, NoteAmbiguous
 from pipeline.keys import ApiKey, keys_from_env
-from pipeline.limits import CreateGate
+from pipeline.limits import CreateGate, GatePaused
 from pipeline.manifest import Manifest
 from pipeline.models import JobOutcome, JobSpec, Rejected, Status
 from pipeline.schema import is_loopback_host
@@ -161,6 +161,31 @@ async def test_gate_spaces_creates_and_bounds_every_window() -> None:
     assert gaps[8] >= 0.05 * 0.5
     for i in range(len(starts) - 10):
         assert starts[i + 10] - starts[i] >= 0.5  # any 0.5 s holds at most 10
+
+
+@pytest.mark.anyio
+async def test_a_paused_gate_holds_every_create_or_gives_way() -> None:
+    gate = CreateGate(creates_per_window=100, window_s=1.0)
+    gate.pause(0.2)
+    until = time.monotonic() + 0.2
+    assert 0 < gate.paused_for() <= 0.2
+    # a caller whose job can go to another key is told at once, and sends nothing
+    with pytest.raises(GatePaused) as paused:
+        async with gate.create(give_way=lambda: True):
+            pytest.fail("a create started while its key was paused")
+    assert 0 < paused.value.wait <= 0.2 and gate.sent == 0
+    # the others wait until the pause is over, whoever asks first
+    started: list[float] = []
+
+    async def one(give_way: bool) -> None:
+        async with gate.create(give_way=lambda: give_way):
+            started.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, False)
+        tg.start_soon(one, False)
+    assert len(started) == 2 and min(started) >= until
+    assert gate.paused_for() == 0
 
 
 def _csv(tmp_path: Path, text: str, encoding: str = "utf-8") -> Path:
