@@ -4,9 +4,11 @@ Starts the sandbox in a separate process (so the client's CPU is measured alone)
 pipeline on a generated manifest, and prints one line per figure: jobs per second achieved,
 the bound K x min(creates_per_window / window_s, max_concurrent / mean latency) in wall
 seconds, their ratio, 429s received, polls per job, client CPU seconds per 1,000 jobs and the
-client's peak memory.
+client's peak memory. With slow or throttled keys, also the healthy keys' own efficiency: what
+they achieve beside the troubled ones.
 
     python scripts/bench.py --keys 1 --rows 600 --latency-mean 10 --spread 0.05 --time-scale 0.05
+    python scripts/bench.py --keys 8 --rows 8000 --slow-keys 1 --throttled-keys 1
 """
 
 from __future__ import annotations
@@ -46,8 +48,23 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--create-5xx", type=float, default=0.0)
     parser.add_argument("--poll-5xx", type=float, default=0.0)
     parser.add_argument(
+        "--polls-per-job", type=float, default=None, help="polling.polls_per_job (default: its own)"
+    )
+    parser.add_argument(
         "--webhook", action="store_true", help="webhook mode: callbacks wake a confirming poll"
     )
+    parser.add_argument(
+        "--slow-keys", type=int, default=0, help="keys whose every answer is --slow-s late"
+    )
+    parser.add_argument("--slow-s", type=float, default=2.0, help="provider seconds")
+    parser.add_argument(
+        "--throttled-keys",
+        type=int,
+        default=0,
+        help="keys whose creates start 429 storms (--storm-rate of them, --storm-s long)",
+    )
+    parser.add_argument("--storm-rate", type=float, default=1.0)
+    parser.add_argument("--storm-s", type=float, default=30.0, help="provider seconds")
     return parser.parse_args()
 
 
@@ -83,9 +100,31 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
         "0.05",
         "--allow-loopback-urls",
     ]
+    slow, throttled = _troubled(args, keys)
+    for key in slow:
+        command += ["--key-faults", f"{key}:slow=1,slow_s={args.slow_s}"]
+    for key in throttled:
+        command += ["--key-faults", f"{key}:storm_429={args.storm_rate},storm_s={args.storm_s}"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
+
+
+def _troubled(args: argparse.Namespace, keys: list[str]) -> tuple[list[str], list[str]]:
+    """The slow keys, then the throttled keys: the first of `keys`."""
+    if args.slow_keys + args.throttled_keys >= len(keys):
+        raise SystemExit("--slow-keys plus --throttled-keys must leave at least one healthy key")
+    return keys[: args.slow_keys], keys[args.slow_keys : args.slow_keys + args.throttled_keys]
+
+
+def _healthy_span(ends: pa.Table, healthy: list[str]) -> tuple[int, float]:
+    """Jobs ended on the healthy keys, and the seconds from their first create to last end."""
+    mine = ends.filter(pc.is_in(ends["key"], pa.array(healthy)))
+    if mine.num_rows == 0:
+        return 0, 0.0
+    first = pc.min(mine["created_at"]).as_py().timestamp()
+    last = pc.max(mine["finished_at"]).as_py().timestamp()
+    return mine.num_rows, last - first
 
 
 def _held_beyond_latency(ends: pa.Table) -> list[float]:
@@ -119,7 +158,10 @@ def main() -> None:
                         "window_s": args.window,
                         "max_concurrent": args.max_concurrent,
                     },
-                    "polling": {"expected_latency_s": args.latency_mean},
+                    "polling": {
+                        "expected_latency_s": args.latency_mean,
+                        **({"polls_per_job": args.polls_per_job} if args.polls_per_job else {}),
+                    },
                     "manifest": {"path": str(manifest), "id_column": "sku"},
                     "output": {"dir": str(folder / "run")},
                     "webhook": {"enabled": args.webhook},
@@ -138,11 +180,17 @@ def main() -> None:
             user, system = use1.ru_utime - use0.ru_utime, use1.ru_stime - use0.ru_stime
             switches = use1.ru_nvcsw - use0.ru_nvcsw + use1.ru_nivcsw - use0.ru_nivcsw
             ends = pq.read_table(
-                summary.results_path, columns=["created_at", "finished_at", "predict_time_s"]
+                summary.results_path,
+                columns=["created_at", "finished_at", "predict_time_s", "key"],
             )
             first_create = pc.min(ends["created_at"]).as_py().timestamp()
             last_end = pc.max(ends["finished_at"]).as_py().timestamp()
             held = _held_beyond_latency(ends)
+            slow, throttled = _troubled(args, keys)
+            healthy = [ApiKey(k).name for k in keys if k not in slow and k not in throttled]
+            healthy_jobs, healthy_s = _healthy_span(ends, healthy)
+            by_key = {ApiKey(k).name: k for k in keys}
+            per_key = pc.value_counts(ends["key"]).to_pylist()
         sandbox_cpu = psutil.Process(proc.pid).cpu_times()
     finally:
         proc.terminate()
@@ -184,6 +232,21 @@ def main() -> None:
     # the double shares the 2 cores: when it is busy, the client's numbers suffer with it
     sandbox_s = sandbox_cpu.user + sandbox_cpu.system
     print(f"sandbox_cpu_s_per_1000    {sandbox_s / max(jobs, 1) * 1000:.2f}")
+    if slow or throttled:
+        # while the healthy keys worked, did they work at their own bound?
+        bound_healthy = len(healthy) * bound / args.keys
+        finite = healthy_jobs / (healthy_jobs / bound_healthy + ramp)
+        print(f"slow_keys throttled_keys  {len(slow)} {len(throttled)}")
+        print(f"healthy_keys_jobs_per_s   {healthy_jobs / healthy_s:.3f}")
+        print(f"healthy_keys_bound        {bound_healthy:.3f}")
+        # over the healthy keys' own span, the ramp of a finite run counted as in the bound
+        print(f"healthy_keys_efficiency   {healthy_jobs / healthy_s / finite:.3f}")
+        kinds = {**{k: "slow" for k in slow}, **{k: "throttled" for k in throttled}}
+        jobs_by_key = ", ".join(
+            f"{kinds.get(by_key.get(c['values'], ''), 'healthy')}:{c['counts']}"
+            for c in sorted(per_key, key=lambda c: str(c["values"]))
+        )
+        print(f"jobs_per_key              {jobs_by_key}")
     if summary.stats.callbacks is not None:
         c = summary.stats.callbacks
         print(f"callbacks_received        {c.received}")
