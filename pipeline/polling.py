@@ -88,7 +88,7 @@ class PollPlanner:
         target_delay: float,
         min_interval: float,
         max_interval: float,
-        polls_per_job: float = 2.8,
+        polls_per_job: float = 3.0,
         memory: int = 512,
     ) -> None:
         self._expected = expected_latency

@@ -1,0 +1,95 @@
+"""The poll planner: what it learns from jobs' ends, and that its schedule notices ends soon
+within its budget of polls per job."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+
+import pytest
+
+from pipeline.polling import PollPlanner, poll_schedule
+
+
+def _lognormal(count: int, mean: float, spread: float, seed: int) -> list[float]:
+    """Job latencies in the order they end; sort them for a schedule's samples."""
+    rng = random.Random(seed)
+    sigma = math.sqrt(math.log(1 + spread**2))
+    mu = math.log(mean) - sigma**2 / 2
+    return [rng.lognormvariate(mu, sigma) for _ in range(count)]
+
+
+def _cost(schedule: list[float], ends: list[float]) -> tuple[float, float]:
+    """Polls per job and mean delay from a job's end to the poll that sees it."""
+    polls = delay = 0.0
+    for end in ends:
+        index = bisect.bisect_left(schedule, end)
+        assert index < len(schedule), "the schedule stops before a job it learned from ended"
+        polls += index + 1
+        delay += schedule[index] - end
+    return polls / len(ends), delay / len(ends)
+
+
+def _even(ends: list[float], budget: float) -> tuple[float, float]:
+    """The best evenly spaced schedule from the first end to the last within the budget."""
+    best = (math.inf, math.inf)
+    for count in range(1, 64):
+        step = (ends[-1] - ends[0]) / count
+        polls, delay = _cost([ends[0] + step * (i + 1) for i in range(count)], ends)
+        if polls <= budget:
+            best = (polls, delay)
+    return best
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.0, 2.8])
+def test_the_schedule_keeps_its_budget_and_notices_ends_sooner_than_even_polls(
+    budget: float,
+) -> None:
+    ends = sorted(_lognormal(512, 0.5, 0.05, seed=1))
+    schedule = poll_schedule(ends, budget)
+    assert schedule == sorted(schedule) and ends[0] <= schedule[0]
+    polls, delay = _cost(schedule, ends)
+    assert polls <= budget + 1e-9
+    _, even_delay = _even(ends, budget)
+    assert delay < 0.8 * even_delay
+    # more polls buy a sooner notice
+    if budget > 1.5:
+        assert delay < _cost(poll_schedule(ends, budget - 0.5), ends)[1]
+
+
+def test_the_planner_starts_from_the_expectation_then_follows_what_it_learns() -> None:
+    planner = PollPlanner(
+        expected_latency=1.0, target_delay=0.01, min_interval=0.005, max_interval=2.0
+    )
+    # before enough jobs have ended: a 20 % spread around the configured expectation
+    assert 0.7 <= planner.first_delay() <= 1.3
+    learned = _lognormal(64, 0.5, 0.05, seed=2)
+    for end in learned:
+        planner.observe(end)
+    learned.sort()
+    planner.observe(0.0)  # a job without a predict_time teaches nothing
+    # the first poll comes just before the bulk of the ends, the next ones through it
+    first = planner.first_delay()
+    assert learned[0] <= first <= learned[len(learned) // 2]
+    assert first < planner.next_delay(first) + first <= learned[-1] + 1e-9
+    assert planner.quantile(0.5) == pytest.approx(learned[31], abs=learned[33] - learned[30])
+    # a job that outlives every learned end: polled every step (twice the target delay),
+    # then backing off as it grows late, never waiting more than max_interval
+    assert planner.next_delay(learned[-1] + 0.001) == pytest.approx(0.02)
+    assert 0.02 < planner.next_delay(learned[-1] + 1.0) < 2.0
+    assert planner.next_delay(100.0) == 2.0
+
+
+def test_the_planner_forgets_old_ends_and_follows_a_change() -> None:
+    planner = PollPlanner(
+        expected_latency=0.5, target_delay=0.01, min_interval=0.005, max_interval=2.0, memory=64
+    )
+    for end in _lognormal(64, 0.5, 0.05, seed=3):
+        planner.observe(end)
+    assert planner.first_delay() < 0.6
+    # the provider slows down to 2 s jobs: once the memory has turned over, so has the plan
+    for end in _lognormal(256, 2.0, 0.05, seed=4):
+        planner.observe(end)
+    assert 1.6 < planner.first_delay() < 2.1
+    assert planner.quantile(0.0) > 1.5
