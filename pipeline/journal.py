@@ -439,6 +439,21 @@ class Journal:
             "reused": row[5],
         }
 
+    def recent_creates(self, since: float) -> dict[str, list[float]]:
+        """Per key, the wall times (oldest first) of creates answered, or sent when no answer
+        was journaled, after `since`: what the provider's window may still hold of them."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key_name, COALESCE(created_at, started_at) AS at FROM jobs"
+                " WHERE key_name IS NOT NULL AND COALESCE(created_at, started_at) > ?"
+                " ORDER BY at",
+                (since,),
+            ).fetchall()
+        recent: dict[str, list[float]] = {}
+        for key, at in rows:
+            recent.setdefault(str(key), []).append(float(at))
+        return recent
+
     def rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches (for the writer)."""
         return self._pages("*", "1", (), batch_size)

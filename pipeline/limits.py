@@ -78,6 +78,11 @@ class CreateGate:
                 wait = max(wait, self._interval)
         return wait
 
+    def seed(self, answered: list[float]) -> None:
+        """Creates answered before this gate existed (by an earlier run of the same key), on the
+        gate's clock, oldest first: a resume does not send into a window they still fill."""
+        self._answered.extend(answered[-self._limit :])
+
     def pause(self, seconds: float) -> None:
         """No create of this key starts in the next `seconds` (a 429 asked us to wait)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)

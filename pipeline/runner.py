@@ -334,6 +334,12 @@ async def _drive(
         KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
         for k in keys
     ]
+    # a resume: the provider's window still holds the creates of the run before, if recent
+    window_s = config.scaled(limits.window_s)
+    recent = journal.recent_creates(time.time() - window_s)
+    to_gate_clock = time.monotonic() - time.time()
+    for lane in lanes:
+        lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
     worker = Worker(
         config,
         client,

@@ -361,6 +361,30 @@ async def test_resume_reattaches_without_creating_again(sandbox: Start, tmp_path
     assert summary.totals["cost_usd"] + 0.03 * duplicates == pytest.approx(sb.stats()["cost_usd"])
 
 
+async def test_a_resume_right_after_a_stop_keeps_the_window_it_left(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    # short jobs, so the window (20 creates in 3 s) binds rather than the slots
+    sb = shrunk_sandbox(sandbox, creates_per_window=20, latency_mean_s=0.5)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(30))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        limits={"creates_per_window": 20},
+    )
+    with anyio.move_on_after(0.8):  # stopped once the window is full, as a crash would be
+        await go(config, [KEY])
+    assert 15 <= sb.stats()["creates"] < 30
+    # resumed at once: the provider's window still holds the first run's creates
+    summary = await go(config, [KEY])
+    assert_one_result_per_row(results(summary), 30)
+    stats = sb.stats()["keys"][key_hash(KEY)]
+    assert stats["refused_429"] == 0 and summary.stats.rate_limited == 0
+    assert stats["max_creates_in_window"] <= 20
+
+
 async def test_a_changed_manifest_is_not_mixed_into_a_run(sandbox: Start, tmp_path: Path) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=0.5)
     manifest = write_manifest(tmp_path / "m.csv", catalog(3))
