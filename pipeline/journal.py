@@ -454,9 +454,11 @@ class Journal:
             recent.setdefault(str(key), []).append(float(at))
         return recent
 
-    def rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
-        """Every job in row order, in batches (for the writer)."""
-        return self._pages("*", "1", (), batch_size)
+    def failed_records(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
+        """The manifest records of the failed and rejected jobs, in row order, in batches (for
+        the failures manifest); found through the status index, not by reading every job."""
+        failed = (Status.FAILED.value, Status.REJECTED.value)
+        return self._pages("record", "status IN (?, ?)", failed, batch_size)
 
     def result_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches, for the results file: `outcome` is the job's own

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ResultLayout", "write_failures", "write_results"]
 
-_FAILED = ("failed", "rejected")
-
 
 @dataclass(frozen=True, slots=True)
 class ResultLayout:
@@ -245,9 +243,7 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
     """The failed and rejected rows as a manifest of the input's columns; None if there are none."""
     suffix = "parquet" if layout.manifest_kind == "parquet" else "csv"
     path = run_dir / f"failures.{suffix}"
-    records = (
-        json.loads(r["record"]) for batch in journal.rows() for r in batch if r["status"] in _FAILED
-    )
+    records = (json.loads(r["record"]) for batch in journal.failed_records() for r in batch)
     first = next(records, None)
     if first is None:
         path.unlink(missing_ok=True)
