@@ -458,7 +458,7 @@ class Journal:
         """The manifest records of the failed and rejected jobs, in row order, in batches (for
         the failures manifest); found through the status index, not by reading every job."""
         failed = (Status.FAILED.value, Status.REJECTED.value)
-        return self._pages("record", "status IN (?, ?)", failed, batch_size)
+        return self._pages("row_number, record", "status IN (?, ?)", failed, batch_size)
 
     def result_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches, for the results file: `outcome` is the job's own
