@@ -7,19 +7,33 @@ and, from time to time, computes a poll schedule over that distribution: the pol
 noticing it, with at most `polls_per_job` polls per job on average. It is the classic
 inspection-schedule problem, solved exactly over a grid of quantiles by dynamic programming,
 with a bisection on the price of one poll. Jobs that outlive the schedule are polled every
-`step`, backing off as they grow late. Before enough jobs have ended it assumes
-`expected_latency_s` with a 20 % spread. All values are wall seconds.
+`step`, backing off as they grow late.
+
+The distribution is the learned ends themselves once there are `_EMPIRICAL` of them. Before
+that, a handful of ends would make a poor one: they are the soonest ends of the jobs started
+together (the slower ones are still running), their last is no bound on the next job, and every
+job that outlives it is polled at the short `step`. So until then it is a lognormal: before
+`_MIN_SAMPLES` ends, `expected_latency_s` with a 25 % spread (the prior); then fitted to the ends
+seen with the prior counted as `_PRIOR_WEIGHT` more, its spread widened by the doubt of a small
+sample. All values are wall seconds.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
+import statistics
 from collections import deque
 from itertools import accumulate
 
 __all__ = ["PollPlanner", "poll_schedule"]
 
-_MIN_SAMPLES = 8
+_MIN_SAMPLES = 8  # ends seen before a lognormal is fitted to them
+_EMPIRICAL = 64  # ends seen before the schedule follows them, not a fitted lognormal
+_PRIOR_SPREAD = 0.25  # coefficient of variation assumed before any end is seen
+_MODEL_POINTS = 64  # quantiles of a lognormal the schedule is planned over
+_WIDEN = 1.0  # a fit's spread is widened by this over the square root of its ends
+_PRIOR_WEIGHT = 8  # pseudo-ends the prior counts for in a fit: the first ends are the soonest ones
 _GRID = 48  # quantile points the schedule may poll at
 _TAIL_QUANTILE = 0.995
 
@@ -102,6 +116,7 @@ class PollPlanner:
         self._seen = 0
         self._next_plan = _MIN_SAMPLES
         self._stale = False
+        self._model: statistics.NormalDist | None = None
         self._plan()
 
     def observe(self, latency: float) -> None:
@@ -121,22 +136,39 @@ class PollPlanner:
 
     def _plan(self) -> None:
         self._stale = False
-        if len(self._sorted) >= _MIN_SAMPLES:
+        self._model = self._fit()
+        if self._model is None:
             samples = self._sorted
         else:
-            samples = [self._prior((i + 0.5) / 32) for i in range(32)]
+            samples = [self.quantile((i + 0.5) / _MODEL_POINTS) for i in range(_MODEL_POINTS)]
         # one poll of the budget is kept for jobs beyond the schedule and for retries
         self._schedule = [
             max(self._min, t) for t in poll_schedule(samples, max(1.0, self._budget - 0.2))
         ]
 
-    def _prior(self, q: float) -> float:
-        """Before enough jobs ended: a 20 % spread around the configured expectation."""
-        return self._expected * (0.7 + 0.6 * q)
+    def _fit(self) -> statistics.NormalDist | None:
+        """The distribution of log latencies while too few ends are known to follow them
+        (None once enough are): fitted to the ends seen, or the prior before that."""
+        n = len(self._sorted)
+        if n >= _EMPIRICAL:
+            return None
+        sigma = math.sqrt(math.log(1 + _PRIOR_SPREAD**2))
+        prior = statistics.NormalDist(math.log(self._expected) - sigma**2 / 2, sigma)
+        if n < _MIN_SAMPLES:
+            return prior
+        logs = statistics.NormalDist.from_samples(math.log(x) for x in self._sorted)
+        # the mixture of the ends seen and the prior, weighted by their counts
+        w = n / (n + _PRIOR_WEIGHT)
+        mean = w * logs.mean + (1 - w) * prior.mean
+        var = w * (logs.variance + (logs.mean - mean) ** 2)
+        var += (1 - w) * (prior.variance + (prior.mean - mean) ** 2)
+        return statistics.NormalDist(mean, math.sqrt(var) * (1 + _WIDEN / math.sqrt(n)))
 
     def quantile(self, q: float) -> float:
-        if len(self._sorted) < _MIN_SAMPLES:
-            return self._prior(q)
+        if self._stale:
+            self._plan()
+        if self._model is not None:
+            return math.exp(self._model.inv_cdf(min(max(q, 1e-4), 1 - 1e-4)))
         index = min(len(self._sorted) - 1, max(0, round(q * (len(self._sorted) - 1))))
         return self._sorted[index]
 
