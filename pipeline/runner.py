@@ -330,12 +330,9 @@ async def _drive(
     callbacks = receiver.callbacks if receiver is not None else None
     if callbacks is not None:
         stats.callbacks = callbacks.stats
-    lanes = [
-        KeyLane(k, CreateGate(limits.creates_per_window, config.scaled(limits.window_s)))
-        for k in keys
-    ]
-    # a resume: the provider's window still holds the creates of the run before, if recent
     window_s = config.scaled(limits.window_s)
+    lanes = [KeyLane(k, CreateGate(limits.creates_per_window, window_s)) for k in keys]
+    # a resume: the provider's window still holds the creates of the run before, if recent
     recent = journal.recent_creates(time.time() - window_s)
     to_gate_clock = time.monotonic() - time.time()
     for lane in lanes:

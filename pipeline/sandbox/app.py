@@ -25,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from pipeline.sandbox import images
-from pipeline.sandbox.settings import SandboxSettings
+from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.state import Job, SandboxState
 from pipeline.schema import IMAGE_FIELDS, MODEL, check_input, check_url, is_loopback_host
 from pipeline.wire import ConnectionLost, NotSent, WirePool
@@ -85,8 +85,7 @@ class _Sandbox:
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _maybe_slow(self, key: str) -> None:
-        faults = self.state.faults(key)
+    async def _maybe_slow(self, faults: FaultRates) -> None:
         if self.state.chance(faults.slow):
             await asyncio.sleep(self.settings.scaled(faults.slow_s))
 
@@ -123,12 +122,12 @@ class _Sandbox:
             if status == 400:
                 self.state.refuse_invalid(key, message)
             return _error(status, "Invalid request" if status == 400 else "Not found", message)
-        await self._maybe_slow(key)
+        faults = self.state.faults(key)
+        await self._maybe_slow(faults)
         refusal = self.state.admit(key)
         if refusal is not None:
             retry_after = f"{max(refusal.retry_after, 0.001):.3f}"
             return _error(429, "Too many requests", refusal.reason, {"Retry-After": retry_after})
-        faults = self.state.faults(key)
         if fault := self._server_fault(faults.create_5xx):
             return fault
         job = self.state.accept(
@@ -181,8 +180,8 @@ class _Sandbox:
         job = self.state.jobs.get(request.path_params["prediction_id"])
         if job is None or job.key != key:
             return _error(404, "Not found", "unknown prediction id")
-        await self._maybe_slow(key)
         faults = self.state.faults(key)
+        await self._maybe_slow(faults)
         if fault := self._server_fault(faults.poll_5xx):
             return fault
         if self.state.chance(faults.poll_reset):
