@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,10 +23,55 @@ from pipeline.errors import ManifestError
 from pipeline.models import JobSpec, Rejected
 from pipeline.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
 
-__all__ = ["Manifest", "RowMapper"]
+__all__ = ["CELL_LIMIT", "Manifest", "RowMapper"]
 
 _INT_FIELDS = ("n", "seed")
 _FIRST_BATCH = 200
+# the most characters in one CSV cell: Python's csv default, kept as a rule that rejects the row
+CELL_LIMIT = 131_072
+_CSV_READ_LIMIT = 1 << 24  # csv itself reads fields up to this, so CELL_LIMIT can name the column
+
+# a row number, the record as read (cleaned of what cannot be kept), the rule the row breaks
+Record = tuple[int, dict[str, Any], str | None]
+Item = JobSpec | Rejected
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _undecodable(text: str) -> str | None:
+    """Where a CSV cell read with surrogateescape held a byte that is not UTF-8, or None."""
+    found = None if text.isascii() else _SURROGATE.search(text)
+    if found is None:
+        return None
+    byte = ord(found.group()) - 0xDC00
+    return f"byte 0x{byte:02x} at character {found.start() + 1} is not UTF-8"
+
+
+def _replace_undecodable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _arrow_records(batch: pa.RecordBatch, first: int, start_row: int) -> list[Record]:
+    """A Parquet batch's rows from `start_row` on; a value Python cannot hold (text that is
+    not UTF-8) rejects its own row, naming the column."""
+    skip = max(0, start_row - first)
+    try:
+        return [
+            (first + skip + i, record, None)
+            for i, record in enumerate(batch.slice(skip).to_pylist())
+        ]
+    except (pa.ArrowException, UnicodeDecodeError):
+        pass
+    out: list[Record] = []
+    for index in range(skip, batch.num_rows):
+        number, record, problems = first + index, {}, []
+        for column, name in zip(batch.columns, batch.schema.names, strict=True):
+            try:
+                record[name] = column[index].as_py()
+            except (pa.ArrowException, UnicodeDecodeError, ValueError) as exc:
+                problems.append(f"column {name!r}: {exc}")
+                record[name] = None
+        out.append((number, record, f"row {number}: " + "; ".join(problems) if problems else None))
+    return out
 
 
 def _is_blank(value: Any) -> bool:
@@ -150,69 +196,105 @@ class Manifest:
         try:
             if self.kind == "parquet":
                 return list(pq.ParquetFile(self.path).schema_arrow.names)
-            with self.path.open(newline="", encoding="utf-8-sig") as handle:
+            with self._open_csv() as handle:
                 header = next(csv.reader(handle), None)
-        except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as exc:
-            raise ManifestError(f"cannot read manifest {self.path}: {exc}") from None
+        except (OSError, csv.Error, pa.ArrowException) as exc:
+            raise ManifestError(
+                f"cannot read manifest {self.path} (row 0, the header): {exc}"
+            ) from None
         if not header:
             raise ManifestError(f"manifest {self.path} is empty (no header row)")
         header = [name.strip() for name in header]
+        for index, name in enumerate(header, start=1):
+            if bad := _undecodable(name):
+                raise ManifestError(
+                    f"manifest {self.path}, row 0 (the header), column {index}: {bad}"
+                )
         if len(set(header)) != len(header):
             raise ManifestError(f"manifest {self.path} has a repeated column name: {header}")
         return header
 
-    def records(self, start_row: int = 1) -> Iterator[list[tuple[int, dict[str, Any] | str]]]:
-        """Batches of (row number, record), or (row number, reason) for an unreadable row."""
+    def _open_csv(self) -> TextIO:
+        # an undecodable byte is kept as a lone surrogate and found in its cell, so it rejects
+        # its own row instead of ending the read wherever the decoder meets it
+        return self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+    def records(self, start_row: int = 1) -> Iterator[list[Record]]:
+        """Batches of (row number, record, the rule the row breaks as a whole or None)."""
         if self.kind == "parquet":
             yield from self._parquet_records(start_row)
         else:
             yield from self._csv_records(start_row)
 
-    def _parquet_records(self, start_row: int) -> Iterator[list[tuple[int, dict[str, Any] | str]]]:
-        row_number = 0
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows):
-            if row_number + batch.num_rows < start_row:
-                row_number += batch.num_rows
-                continue
-            out: list[tuple[int, dict[str, Any] | str]] = []
-            for record in batch.to_pylist():
-                row_number += 1
-                if row_number >= start_row:
-                    out.append((row_number, record))
-            yield out
+    def _parquet_records(self, start_row: int) -> Iterator[list[Record]]:
+        """Row group by row group, so a group that cannot be read rejects its own rows only."""
+        file = pq.ParquetFile(self.path)
+        first = 1  # the row number of the group's first row
+        for group in range(file.metadata.num_row_groups):
+            size = file.metadata.row_group(group).num_rows
+            done = first - 1
+            if first + size > start_row:
+                try:
+                    for batch in file.iter_batches(batch_size=self.batch_rows, row_groups=[group]):
+                        yield _arrow_records(batch, done + 1, start_row)
+                        done += batch.num_rows
+                except (pa.ArrowException, OSError) as exc:
+                    reason = f"cannot be read from the Parquet file (row group {group}): {exc}"
+                    lost = range(max(done + 1, start_row), first + size)
+                    for begin in range(0, len(lost), self.batch_rows):
+                        chunk = lost[begin : begin + self.batch_rows]
+                        yield [(n, {}, f"row {n}: {reason}") for n in chunk]
+            first += size
 
-    def _csv_records(self, start_row: int) -> Iterator[list[tuple[int, dict[str, Any] | str]]]:
-        width = len(self.columns)
-        out: list[tuple[int, dict[str, Any] | str]] = []
-        try:
-            with self.path.open(newline="", encoding="utf-8-sig") as handle:
-                reader = csv.reader(handle)
-                next(reader, None)
-                for row_number, cells in enumerate(reader, start=1):
+    def _csv_records(self, start_row: int) -> Iterator[list[Record]]:
+        if csv.field_size_limit() < _CSV_READ_LIMIT:
+            csv.field_size_limit(_CSV_READ_LIMIT)  # cells over CELL_LIMIT are our rule, below
+        out: list[Record] = []
+        with self._open_csv() as handle:
+            reader = csv.reader(handle)
+            next(reader, None)
+            row_number = 0
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:  # the reader goes on at the next line
+                    row_number += 1
+                    if row_number >= start_row:
+                        out.append((row_number, {}, f"row {row_number}: not readable CSV: {exc}"))
+                else:
+                    row_number += 1
                     if row_number < start_row or not cells:
                         continue
-                    if len(cells) != width:
-                        out.append(
-                            (
-                                row_number,
-                                f"row {row_number}: has {len(cells)} fields; "
-                                f"the header has {width}",
-                            )
-                        )
-                    else:
-                        out.append((row_number, dict(zip(self.columns, cells, strict=True))))
-                    if len(out) >= self.batch_rows:
-                        yield out
-                        out = []
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise ManifestError(
-                f"manifest {self.path} cannot be read past row "
-                f"{out[-1][0] if out else start_row}: {exc}"
-            ) from None
+                    out.append(self._csv_record(row_number, cells))
+                if len(out) >= self.batch_rows:
+                    yield out
+                    out = []
         if out:
             yield out
 
-    def batches(self, start_row: int = 1) -> Iterator[list[JobSpec | Rejected]]:
+    def _csv_record(self, row_number: int, cells: list[str]) -> Record:
+        if len(cells) != len(self.columns):
+            reason = f"has {len(cells)} fields; the header has {len(self.columns)}"
+            return row_number, {}, f"row {row_number}: {reason}"
+        record = dict(zip(self.columns, cells, strict=True))
+        problems = []
+        for column, cell in record.items():
+            if len(cell) > CELL_LIMIT:
+                problems.append(
+                    f"column {column!r} holds {len(cell):,} characters; a cell holds at most "
+                    f"{CELL_LIMIT:,}"
+                )
+                record[column] = ""
+            elif bad := _undecodable(cell):
+                problems.append(f"column {column!r}: {bad}")
+                record[column] = _replace_undecodable(cell)
+        if problems:
+            return row_number, record, f"row {row_number}: " + "; ".join(problems)
+        return row_number, record, None
+
+    def batches(self, start_row: int = 1) -> Iterator[list[Item]]:
         """Checked rows in batches: small ones first, so the first creates need not wait for a
         whole batch to be read and journaled, then growing to `batch_rows`."""
         size = min(self.batch_rows, _FIRST_BATCH)
@@ -221,10 +303,10 @@ class Manifest:
             while begin < len(records):
                 chunk = records[begin : begin + size]
                 begin += len(chunk)
-                yield [self._item(number, record) for number, record in chunk]
+                yield [self._item(*record) for record in chunk]
                 size = min(self.batch_rows, size * 4)
 
-    def _item(self, row_number: int, record: dict[str, Any] | str) -> JobSpec | Rejected:
-        if isinstance(record, str):
-            return Rejected(f"row-{row_number}", row_number, {}, record)
+    def _item(self, row_number: int, record: dict[str, Any], problem: str | None) -> Item:
+        if problem is not None:
+            return Rejected(f"row-{row_number}", row_number, record, problem)
         return self.mapper.map(row_number, record)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
     "INPUT_FIELDS",
     "MAX_PROMPT_CHARS",
     "MODEL",
+    "SEED_RANGE",
     "SIZES",
     "Violation",
     "check_input",
@@ -31,6 +33,10 @@ MODEL = "alibaba-wan-2-7-image-edit"
 MAX_PROMPT_CHARS = 5000
 SIZES = ("1K", "2K")
 N_RANGE = (1, 4)
+SEED_RANGE = (0, 2**31 - 1)
+# the formats the provider takes; a URL whose path ends in another extension is refused, one with
+# no extension (a CDN's image endpoint) is left to the provider
+IMAGE_EXTENSIONS = ("jpeg", "jpg", "png", "bmp", "webp")
 IMAGE_FIELDS = ("img_url", "img_url_2", "img_url_3", "img_url_4")
 INPUT_FIELDS = ("prompt", *IMAGE_FIELDS, "size", "n", "seed")
 _REQUIRED = ("prompt", "img_url")
@@ -89,6 +95,14 @@ def check_url(value: object, *, allow_loopback: bool = False) -> str | None:
         return "localhost URLs are not accepted; give a publicly reachable HTTPS URL"
     if parts.scheme.lower() != "https" and not (loopback and parts.scheme.lower() == "http"):
         return "must be an HTTPS URL"
+    last = parts.path.rsplit("/", 1)[-1]
+    if "." in last:
+        extension = last.rsplit(".", 1)[-1].lower()
+        if extension not in IMAGE_EXTENSIONS:
+            return (
+                f"names a .{extension[:16]} file; the provider takes "
+                + ", ".join(IMAGE_EXTENSIONS).upper()
+            )
     return None
 
 
@@ -128,6 +142,11 @@ def check_input(inputs: Mapping[str, object], *, allow_loopback: bool = False) -
             Violation("n", f"must be an integer from {N_RANGE[0]} to {N_RANGE[1]}, not {n!r}")
         )
     seed = inputs.get("seed")
-    if seed is not None and not _is_int(seed):
-        found.append(Violation("seed", f"must be an integer, not {seed!r}"))
+    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):  # type: ignore[operator]
+        found.append(
+            Violation(
+                "seed",
+                f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, not {seed!r}",
+            )
+        )
     return found
