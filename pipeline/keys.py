@@ -31,13 +31,26 @@ class ApiKey:
         return self.name
 
 
+def _well_formed(secret: str) -> bool:
+    """Printable ASCII without whitespace: what an HTTP header value can carry as it is."""
+    return all("!" <= char <= "~" for char in secret)
+
+
 def keys_from_env(environ: Mapping[str, str] | None = None) -> list[ApiKey]:
     """Keys from `EACHLABS_API_KEYS` (comma-separated), else `EACHLABS_API_KEY`; maybe none."""
     env = os.environ if environ is None else environ
     raw = env.get(ENV_KEYS) or env.get(ENV_KEY) or ""
+    variable = ENV_KEYS if env.get(ENV_KEYS) else ENV_KEY
     secrets = [part.strip() for part in raw.split(",") if part.strip()]
     keys: list[ApiKey] = []
-    for secret in secrets:
+    for position, secret in enumerate(secrets, start=1):
+        if not _well_formed(secret):
+            # named by its position: printing it would leak it, and its hash helps nobody
+            raise ConfigError(
+                f"{variable}: key {position} of {len(secrets)} is not printable ASCII without "
+                "whitespace (a line break, a space, a control or a non-ASCII character); "
+                "check how the variable is set"
+            )
         key = ApiKey(secret)
         if key in keys:
             raise ConfigError(f"{ENV_KEYS} lists the same key twice ({key.name})")
