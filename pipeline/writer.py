@@ -1,11 +1,14 @@
 """Results out of the journal: `results.parquet` (one row per manifest row) and the failures
 manifest (the failed and rejected rows, in the input's own columns and format, ready to be run
 again). Both are written to a temporary file and moved into place, so a reader never sees half.
+
+The manifest's other columns ride along ("passthrough"). From a Parquet manifest they are read
+again from the file, in step with the journal's pages, so they keep their Arrow types (an int id
+stays an int, a list a list); from a CSV manifest they are the text the journal kept.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -20,12 +23,26 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from pipeline.journal import Journal
+from pipeline.models import Status
 from pipeline.schema import IMAGE_FIELDS
 
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["ResultLayout", "write_failures", "write_results"]
+__all__ = [
+    "RESULTS_ROWS",
+    "RESULTS_RUN_ID",
+    "RESULTS_SUCCEEDED",
+    "ResultLayout",
+    "Written",
+    "write_failures",
+    "write_results",
+]
+
+# the results file's own metadata, which the run folder's check compares with the journal
+RESULTS_RUN_ID = b"wanbatch.run_id"
+RESULTS_ROWS = b"wanbatch.rows"
+RESULTS_SUCCEEDED = b"wanbatch.succeeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +56,20 @@ class ResultLayout:
     manifest_kind: str
     manifest_path: Path
 
+    @property
+    def passthrough(self) -> list[str]:
+        """The manifest columns the results carry as they are: the id column, then the others."""
+        return ([self.id_column] if self.id_column else []) + self.extra_columns
+
+    @property
+    def typed(self) -> bool:
+        """Passthrough columns keep the manifest's own Arrow types (Parquet); CSV's are text."""
+        return self.manifest_kind == "parquet"
+
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_PREFIX = "manifest_"  # a manifest column named like a results column is kept under this prefix
+_INT64 = (-(2**63), 2**63 - 1)
 _TS = pa.timestamp("us", tz="UTC")
 # the earlier outcomes of a row that `wanbatch retry` ran again, oldest first
 _HISTORY = pa.list_(
@@ -57,44 +86,51 @@ _HISTORY = pa.list_(
 )
 
 
-# the columns the journal's `outcome` object holds (Journal.result_rows)
-_OUTCOME = frozenset(
-    {
-        "job_id",
-        "row_number",
-        "status",
-        "prediction_id",
-        "output_urls",
-        "images",
-        "cost_usd",
-        "predict_time_s",
-        "latency_s",
-        "attempts",
-        "ambiguous_creates",
-        "possible_duplicate_charge",
-        "reused",
-        "error_type",
-        "error_message",
-        "created_at",
-        "finished_at",
-        "key",
-    }
-)
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The results' columns: ours, then the manifest's passthrough columns under their own
+    names, or with `manifest_` in front (as often as needed) where ours or an earlier one has
+    the name. `lines` is the part built from JSON lines, `typed` the columns read from a
+    Parquet manifest (manifest column, results name), `manifest` their types in the manifest."""
+
+    schema: pa.Schema
+    lines: pa.Schema
+    parsed: pa.Schema  # `lines` as Arrow's JSON reader parses them (timestamps as int64)
+    text: list[tuple[str, str]]
+    typed: list[tuple[str, str]]
+    manifest: pa.Schema | None
 
 
-def _schema(layout: ResultLayout) -> pa.Schema:
-    base = _base_fields(layout)
-    return pa.schema(base + [pa.field(name, pa.string()) for _, name in _extra_names(layout, base)])
+def _plan(layout: ResultLayout) -> _Plan:
+    base = _base_fields()
+    names = _passthrough_names(layout, base)
+    if layout.typed:
+        manifest = pq.read_schema(layout.manifest_path)
+        own = pa.schema([manifest.field(column) for column, _ in names])
+        typed = [pa.field(name, own.field(column).type) for column, name in names]
+        lines = pa.schema(base)
+        schema = _id_third(layout, pa.schema(base + typed))
+        return _Plan(schema, lines, _parsed(lines), [], names, own)
+    lines = _id_third(layout, pa.schema(base + [pa.field(name, pa.string()) for _, name in names]))
+    return _Plan(lines, lines, _parsed(lines), names, [], None)
 
 
-def _base_fields(layout: ResultLayout) -> list[pa.Field]:
-    fields = [
+def _id_third(layout: ResultLayout, schema: pa.Schema) -> pa.Schema:
+    """The id column right after job_id and row_number, when it kept its own name."""
+    if layout.id_column is None or layout.id_column in _OURS:
+        return schema
+    at = schema.get_field_index(layout.id_column)
+    return schema.remove(at).insert(2, schema.field(at))
+
+
+def _parsed(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(_as_micros(f.type)) for f in schema])
+
+
+def _base_fields() -> list[pa.Field]:
+    return [
         pa.field("job_id", pa.string()),
         pa.field("row_number", pa.int64()),
-    ]
-    if layout.id_column and layout.id_column not in _OUTCOME:
-        fields.append(pa.field(layout.id_column, pa.string()))
-    fields += [
         pa.field("prompt", pa.string()),
         pa.field("img_urls", pa.list_(pa.string())),
         pa.field("size", pa.string()),
@@ -118,21 +154,33 @@ def _base_fields(layout: ResultLayout) -> list[pa.Field]:
         pa.field("key", pa.string()),
         pa.field("history", _HISTORY),
     ]
-    return fields
 
 
-def _extra_names(layout: ResultLayout, fields: list[pa.Field]) -> list[tuple[str, str]]:
-    """Each extra manifest column and its results name: its own, or `manifest_<name>` where
-    a results column already has it."""
-    taken = {f.name for f in fields}
-    return [(c, c if c not in taken else f"manifest_{c}") for c in layout.extra_columns]
+_OURS = frozenset(f.name for f in _base_fields())
+
+
+def _passthrough_names(layout: ResultLayout, fields: list[pa.Field]) -> list[tuple[str, str]]:
+    """Each passthrough column and its results name: its own unless one of ours has it, else
+    `manifest_` in front, as often as needed for a name no other column has."""
+    ours = {f.name for f in fields}
+    taken = ours | {c for c in layout.passthrough if c not in ours}
+    names = []
+    for column in layout.passthrough:
+        name = column
+        if name in ours:
+            while name in taken:
+                name = f"{_PREFIX}{name}"
+            taken.add(name)
+        names.append((column, name))
+    return names
 
 
 def _as_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    """An int64 value for the results, or None (a rejected row may say anything)."""
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and _INT64[0] <= value <= _INT64[1]:
+        return value
     return None
 
 
@@ -140,18 +188,7 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-@dataclass(frozen=True, slots=True)
-class _Names:
-    own: frozenset[str]  # the id column, when it is a results column of its own
-    extras: list[tuple[str, str]]  # extra manifest column -> results name
-
-
-def _names(layout: ResultLayout) -> _Names:
-    own = {layout.id_column} if layout.id_column and layout.id_column not in _OUTCOME else set()
-    return _Names(frozenset(own), _extra_names(layout, _base_fields(layout)))
-
-
-def _result_line(row: sqlite3.Row, layout: ResultLayout, names: _Names) -> str:
+def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan) -> str:
     """One results row as a JSON line: the journal's `outcome` object, with the columns that
     come from the row's inputs (or, for a rejected row, from what the manifest said) added."""
     record = json.loads(row["record"])
@@ -167,9 +204,7 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, names: _Names) -> str:
         "seed": _as_int(inputs.get("seed")),
         "history": _history(row["history"]),
     }
-    if layout.id_column in names.own:
-        out[layout.id_column] = _text(record.get(layout.id_column))
-    for column, name in names.extras:
+    for column, name in plan.text:
         out[name] = _text(record.get(column))
     outcome: str = row["outcome"]
     return f"{outcome[:-1]},{_ENCODE(out)[1:]}"
@@ -222,29 +257,83 @@ def _to_table(lines: list[str], schema: pa.Schema, parsed: pa.Schema) -> pa.Tabl
     return table.select(schema.names).cast(schema)
 
 
-def write_results(journal: Journal, layout: ResultLayout, path: Path) -> int:
-    """Write every journaled job as one results row; the number of rows written."""
-    schema = _schema(layout)
-    parsed = pa.schema([f.with_type(_as_micros(f.type)) for f in schema])
+class _ManifestRows:
+    """Columns of a Parquet manifest for given row numbers (ascending from call to call), read
+    in step with the journal's pages, so they keep their Arrow types. A row the file does not
+    have, or can no longer give, comes out null; `problem` says why when the file failed."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self._schema = schema
+        self._batches = pq.ParquetFile(path).iter_batches(columns=schema.names)
+        self._buffer = schema.empty_table()
+        self._first = 1  # the row number of the buffer's first row
+        self._done = False
+        self.problem: str | None = None
+
+    def take(self, numbers: list[int]) -> pa.Table:
+        while not self._done and self._first + self._buffer.num_rows <= numbers[-1]:
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._done = True
+            except (pa.ArrowException, OSError) as exc:
+                self.problem, self._done = str(exc), True
+            else:
+                table = pa.Table.from_batches([batch]).cast(self._schema)
+                self._buffer = pa.concat_tables([self._buffer, table])
+        if (drop := numbers[0] - self._first) > 0:
+            self._buffer = self._buffer.slice(drop)
+            self._first += drop
+        held = self._buffer.num_rows
+        at = [n - self._first if n - self._first < held else None for n in numbers]
+        return self._buffer.take(pa.array(at, pa.int64()))
+
+
+def _results_meta(journal: Journal) -> dict[bytes, bytes]:
+    """Whose results these are, how many rows they hold and how many succeeded: what the run
+    folder's check compares with the journal before a later run sends anything."""
+    counts = journal.counts()
+    return {
+        RESULTS_RUN_ID: (journal.get_meta("run_id") or "").encode(),
+        RESULTS_ROWS: str(sum(counts.values())).encode(),
+        RESULTS_SUCCEEDED: str(counts.get(Status.SUCCEEDED.value, 0)).encode(),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    rows: int
+    problem: str | None = None  # why passthrough columns are null past some row, if they are
+
+
+def write_results(journal: Journal, layout: ResultLayout, path: Path) -> Written:
+    """Write every journaled job as one results row."""
+    plan = _plan(layout)
+    manifest = None if plan.manifest is None else _ManifestRows(layout.manifest_path, plan.manifest)
     count = 0
-    with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
-        names = _names(layout)
+    meta = _results_meta(journal)
+    with _atomic(path) as tmp, pq.ParquetWriter(tmp, plan.schema.with_metadata(meta)) as out:
         for batch in journal.result_rows():
-            out.write_table(
-                _to_table([_result_line(r, layout, names) for r in batch], schema, parsed)
-            )
+            lines = [_result_line(r, layout, plan) for r in batch]
+            table = _to_table(lines, plan.lines, plan.parsed)
+            if manifest is not None:
+                columns = manifest.take([r["row_number"] for r in batch]).columns
+                for (_, name), column in zip(plan.typed, columns, strict=True):
+                    table = table.append_column(plan.schema.field(name), column)
+                table = table.select(plan.schema.names)
+            out.write_table(table)
             count += len(batch)
         if count == 0:
-            out.write_table(schema.empty_table())
-    return count
+            out.write_table(plan.schema.empty_table())
+    return Written(count, None if manifest is None else manifest.problem)
 
 
 def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Path | None:
     """The failed and rejected rows as a manifest of the input's columns; None if there are none."""
     suffix = "parquet" if layout.manifest_kind == "parquet" else "csv"
     path = run_dir / f"failures.{suffix}"
-    records = (json.loads(r["record"]) for batch in journal.failed_records() for r in batch)
-    first = next(records, None)
+    pages = journal.failed_records()
+    first = next(pages, None)
     if first is None:
         path.unlink(missing_ok=True)
         return None
@@ -254,17 +343,16 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
             with tmp.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(columns)
-                for record in (first, *records):
-                    writer.writerow(
-                        ["" if record.get(c) is None else record.get(c) for c in columns]
-                    )
-        else:
-            original = pq.read_schema(layout.manifest_path)
-            table = pa.Table.from_pylist(
-                [{c: r.get(c) for c in columns} for r in (first, *records)]
-            )
-            # keep the types the records have when the original ones do not fit
-            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-                table = table.cast(original)
-            pq.write_table(table, tmp)
+                for page in (first, *pages):
+                    for row in page:
+                        record = json.loads(row["record"])
+                        writer.writerow(
+                            ["" if record.get(c) is None else record[c] for c in columns]
+                        )
+        else:  # the rows as the manifest file has them, with its own types
+            schema = pq.read_schema(layout.manifest_path)
+            rows = _ManifestRows(layout.manifest_path, schema)
+            with pq.ParquetWriter(tmp, schema) as out:
+                for page in (first, *pages):
+                    out.write_table(rows.take([r["row_number"] for r in page]))
     return path
