@@ -3,7 +3,10 @@
     WanbatchError
     ├── ConfigError            bad YAML or values: stops before any request
     ├── ManifestError          the manifest file as a whole cannot be read
-    ├── RunFolderMismatch      the run folder belongs to another config or manifest
+    ├── RunFolderError         the run folder cannot be used: stops before any request
+    │   ├── RunFolderLocked    another run holds the folder now
+    │   ├── RunFolderMismatch  the folder belongs to another config or manifest
+    │   └── JournalDamaged     the journal cannot be read as a database
     ├── NoUsableKeyError       every API key was refused (401): the run stops, rows stay pending
     └── ApiError               one request to the provider went wrong
         ├── InvalidInput       400: final, never retried
@@ -24,11 +27,14 @@ __all__ = [
     "ApiError",
     "ConfigError",
     "InvalidInput",
+    "JournalDamaged",
     "ManifestError",
     "NoUsableKeyError",
     "NotFound",
     "ProtocolViolation",
     "RateLimited",
+    "RunFolderError",
+    "RunFolderLocked",
     "RunFolderMismatch",
     "ServerError",
     "TransportFailure",
@@ -49,7 +55,19 @@ class ManifestError(WanbatchError):
     pass
 
 
-class RunFolderMismatch(WanbatchError):
+class RunFolderError(WanbatchError):
+    pass
+
+
+class RunFolderLocked(RunFolderError):
+    pass
+
+
+class RunFolderMismatch(RunFolderError):
+    pass
+
+
+class JournalDamaged(RunFolderError):
     pass
 
 

@@ -13,6 +13,8 @@ import asyncio
 import json
 import sqlite3
 import threading
+import time
+from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from typing import Any
 
 import anyio
 
+from pipeline.errors import JournalDamaged
 from pipeline.models import JobOutcome, JobSpec, PriorSuccess, Rejected, Status
 
 __all__ = [
@@ -90,6 +93,7 @@ _RESULT_COLUMNS = """row_number, record, inputs, history, json_object(
 ) AS outcome"""
 
 _OPEN = (Status.PENDING.value, Status.CREATING.value, Status.CREATED.value)
+_UNSENT = (Status.PENDING.value, Status.REJECTED.value)  # no create of the row's inputs is out
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +229,28 @@ class Journal:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA busy_timeout=10000")
+                self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise JournalDamaged(f"journal {path} cannot be opened as a database: {exc}") from None
+
+    def damage(self) -> str | None:
+        """What SQLite's integrity check finds wrong with the file, or None when it is sound."""
+        try:
+            with self._lock:
+                found = [str(r[0]) for r in self._db.execute("PRAGMA integrity_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        return None if found == ["ok"] else "; ".join(found)
+
+    def has_jobs(self) -> bool:
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
+            return self._db.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is not None
 
     def close(self) -> None:
         with self._lock:
@@ -266,44 +287,133 @@ class Journal:
         """Add manifest rows (and ingest progress in `meta`) in one transaction. A repeated
         job id is rejected, naming the row that has it first. A row whose fingerprint is in
         `prior` is journaled as succeeded with the earlier outputs, reused, at no cost."""
-        prior = prior or {}
         with self._lock, self._transaction():
-            ids = list({item.job_id for item in batch})
-            known: dict[str, int] = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                known.update(
-                    self._db.execute(
-                        f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
-                    ).fetchall()
-                )
-            rows = []
-            for item in batch:
-                first = known.get(item.job_id)
-                if first is not None:
-                    item = Rejected(
-                        f"{item.job_id}#row-{item.row_number}",
-                        item.row_number,
-                        item.record,
-                        f"row {item.row_number}: id {item.job_id!r} repeats row {first}; "
-                        "each row needs its own id",
-                    )
-                else:
-                    known[item.job_id] = item.row_number
-                rows.append(self._ingest_row(item, prior))
-            self._db.executemany(
-                "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
-                " error_type, error_message, prediction_id, output_urls, images,"
-                " predict_time_s, finished_at, reused)"
-                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            self._insert(batch, prior or {})
             self._db.executemany(
                 "INSERT INTO meta(name, value) VALUES(?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
                 list(meta.items()),
             )
+
+    def reconcile(
+        self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess] | None = None
+    ) -> Counter[str]:
+        """`--force`: journal the manifest as it is now, a batch at a time. A row never sent
+        (pending or rejected) takes its current inputs (`updated` when they changed); a row
+        already sent keeps what was sent (`changed_after_sent` when the manifest now says
+        otherwise); a new row is added (`added`). See `drop_unseen` for rows that went away."""
+        found: Counter[str] = Counter()
+        if not batch:
+            return found
+        prior = prior or {}
+        with self._lock, self._transaction():
+            db = self._db
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
+            db.executemany(
+                "INSERT OR IGNORE INTO seen VALUES (?)", [(i.row_number,) for i in batch]
+            )
+            held = {
+                r["row_number"]: r
+                for r in db.execute(
+                    "SELECT row_number, status, record FROM jobs WHERE row_number BETWEEN ? AND ?",
+                    (batch[0].row_number, batch[-1].row_number),
+                )
+            }
+            known = self._known_ids({item.job_id for item in batch})
+            added, updates = [], []
+            for item in batch:
+                old = held.get(item.row_number)
+                if old is None:
+                    added.append(item)
+                    continue
+                changed = _RECORD(item.record) != old["record"]
+                if old["status"] in _UNSENT:
+                    row = self._ingest_row(self._unique(item, known), prior)
+                    updates.append((*row[1:], item.row_number))
+                    found["updated"] += changed
+                else:
+                    found["changed_after_sent"] += changed
+            db.executemany(
+                "UPDATE jobs SET job_id=?, fingerprint=?, inputs=?, record=?, status=?,"
+                " error_type=?, error_message=?, prediction_id=?, output_urls=?, images=?,"
+                " predict_time_s=?, finished_at=?, reused=? WHERE row_number=?",
+                updates,
+            )
+            self._insert(added, prior)
+            found["added"] += len(added)
+        return found
+
+    def drop_unseen(self) -> Counter[str]:
+        """After `reconcile` has seen the whole manifest: rows it no longer has. One never sent
+        and without a trace is dropped (`dropped`); one that may have been paid for is kept
+        (`kept`), and if it was not finished it ends failed (`not_in_manifest`), never sent."""
+        unseen = "row_number NOT IN (SELECT row_number FROM seen)"
+        with self._lock, self._transaction():
+            db = self._db
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
+            dropped = db.execute(
+                f"DELETE FROM jobs WHERE {unseen} AND status IN (?, ?) AND ambiguous=0"
+                " AND history IS NULL",
+                _UNSENT,
+            ).rowcount
+            kept = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {unseen}").fetchone()[0]
+            db.execute(
+                # a `creating` row's create may have been billed: it counts as ambiguous
+                f"UPDATE jobs SET ambiguous=ambiguous+(status=:creating), status=:failed,"
+                " error_type='not_in_manifest', error_message='the row is no longer in the"
+                f" manifest (--force)', finished_at=:now WHERE {unseen}"
+                " AND status IN (:pending, :creating)",
+                {
+                    "creating": Status.CREATING.value,
+                    "pending": Status.PENDING.value,
+                    "failed": Status.FAILED.value,
+                    "now": time.time(),
+                },
+            )
+            db.execute("DROP TABLE seen")
+        return Counter(dropped=dropped, kept=int(kept))
+
+    def _known_ids(self, ids: Collection[str]) -> dict[str, int]:
+        """Which of these job ids the journal has, and on which row."""
+        listed = list(ids)
+        known: dict[str, int] = {}
+        for start in range(0, len(listed), 500):
+            chunk = listed[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                self._db.execute(
+                    f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
+                ).fetchall()
+            )
+        return known
+
+    @staticmethod
+    def _unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejected:
+        """The item, or its rejection when another row has its job id already."""
+        first = known.get(item.job_id)
+        if first is not None and first != item.row_number:
+            return Rejected(
+                f"{item.job_id}#row-{item.row_number}",
+                item.row_number,
+                item.record,
+                f"row {item.row_number}: id {item.job_id!r} repeats row {first}; "
+                "each row needs its own id",
+            )
+        known[item.job_id] = item.row_number
+        return item
+
+    def _insert(
+        self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> None:
+        known = self._known_ids({item.job_id for item in batch})
+        rows = [self._ingest_row(self._unique(item, known), prior) for item in batch]
+        self._db.executemany(
+            "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
+            " error_type, error_message, prediction_id, output_urls, images,"
+            " predict_time_s, finished_at, reused)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
     @staticmethod
     def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
@@ -398,6 +508,16 @@ class Journal:
                 (Status.FAILED.value,),
             ).fetchall()
         return {str(kind): int(count) for kind, count in rows}
+
+    def waiting_on_keys(self) -> dict[str, int]:
+        """Jobs created and not seen to end, per key that created them: only that key can see
+        them end."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key_name, COUNT(*) FROM jobs WHERE status=? GROUP BY key_name",
+                (Status.CREATED.value,),
+            ).fetchall()
+        return {str(key): int(count) for key, count in rows}
 
     # -- reading back -------------------------------------------------------------------------
 
