@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the demo catalog has bad rows on purpose: it ends with exit 6 (finished, some rows rejected)
 demo: $(STAMP)
-	$(BIN)/wanbatch run configs/demo.yaml --fresh
+	$(BIN)/wanbatch run configs/demo.yaml --fresh || [ $$? -eq 6 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts

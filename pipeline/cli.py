@@ -10,6 +10,7 @@ import anyio
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.config import load_config
 from pipeline.errors import WanbatchError
@@ -17,6 +18,7 @@ from pipeline.journal import TRANSIENT_ERRORS
 from pipeline.keys import keys_from_env
 from pipeline.logs import configure_logging
 from pipeline.report import summary_rows
+from pipeline.runfolder import RunFolder
 from pipeline.runner import ExitCode, Reprocess, RunSummary, run
 from pipeline.sandbox import FaultRates, SandboxSettings, serve
 
@@ -28,7 +30,7 @@ app = typer.Typer(
     help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.",
 )
 _out = Console()
-_err = Console(stderr=True)
+_err = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
 
 
 def _print_summary(summary: RunSummary) -> None:
@@ -39,19 +41,7 @@ def _print_summary(summary: RunSummary) -> None:
         table.add_row(label, value)
     _out.print(table)
     if summary.message:
-        _err.print(f"[yellow]{summary.message}[/yellow]")
-
-
-_RUN_FILES = (
-    "journal.sqlite",
-    "journal.sqlite-wal",
-    "journal.sqlite-shm",
-    "results.parquet",
-    "failures.csv",
-    "failures.parquet",
-    "sandbox-ledger.jsonl",
-    "run.log",
-)
+        _err.print(Text(summary.message, style="yellow"))
 
 
 def _execute(
@@ -59,15 +49,16 @@ def _execute(
 ) -> None:
     try:
         config = load_config(config_path)
-        if fresh:
-            for name in _RUN_FILES:
-                (config.output.dir / name).unlink(missing_ok=True)
-        configure_logging(config.output.dir / "run.log")
-        summary = anyio.run(
-            lambda: run(config, keys_from_env(), force=force, grace_s=grace, reprocess=reprocess)
-        )
+        keys = keys_from_env()
+        with RunFolder(config.output.dir, fresh=fresh) as folder:
+            configure_logging(folder.log_path)
+            summary = anyio.run(
+                lambda: run(
+                    config, keys, force=force, grace_s=grace, reprocess=reprocess, folder=folder
+                )
+            )
     except WanbatchError as exc:
-        _err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _err.print(Text.assemble(("error: ", "red"), str(exc)))
         raise typer.Exit(ExitCode.BAD_INPUT) from None
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
@@ -182,7 +173,7 @@ def sandbox_command(
             key_faults=per_key,
         )
     except ValueError as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(Text.assemble(("error: ", "red"), str(exc)))
         raise typer.Exit(ExitCode.BAD_INPUT) from None
     serve(settings, port, announce=lambda line: print(line, flush=True))
 

@@ -17,6 +17,8 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     ]
     if summary.requeued is not None:
         rows.insert(0, ("run again (retry)", _by_type(summary.requeued)))
+    if summary.forced is not None:
+        rows.insert(0, ("manifest as it is now (--force)", _by_type(summary.forced)))
     if counts.get("failed", 0):
         rows.append(("failed by error type", _by_type(summary.left_failed)))
     if totals.get("reused"):
@@ -24,6 +26,8 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     unfinished = int(totals["rows"]) - summary.finished_rows
     if unfinished:
         rows.append(("unfinished (resumable)", f"{unfinished:,}"))
+    if summary.waiting_on_keys:
+        rows.append(("jobs in flight, per key", _by_type(summary.waiting_on_keys)))
     rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     rows += [
         ("images", f"{int(totals['images']):,}"),

@@ -11,6 +11,7 @@ import json
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ import structlog
 from pipeline.client import EachlabsClient
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import ConfigError, NoUsableKeyError, RunFolderMismatch
+from pipeline.errors import ConfigError, NoUsableKeyError, RunFolderMismatch, WanbatchError
 from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
 from pipeline.limits import CreateGate
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
 from pipeline.polling import PollPlanner
+from pipeline.runfolder import RunFolder
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 from pipeline.state import StateStore
 from pipeline.webhook import Callbacks, Receiver
@@ -43,12 +45,16 @@ _log = structlog.get_logger("pipeline.runner")
 
 
 class ExitCode(IntEnum):
-    OK = 0  # every row has its final result (some may have failed or been rejected)
-    CRASHED = 1
-    BAD_INPUT = 2  # bad config, manifest or run folder: nothing was sent
+    """What a scheduler can act on; the README's table says the same."""
+
+    OK = 0  # finished: every row succeeded
+    ERROR = 1  # stopped by an error after work began (books finished, see the message); resume
+    BAD_INPUT = 2  # bad config, keys, manifest or run folder, or the folder is held: nothing sent
     INTERRUPTED = 3  # stopped by a signal: run the same command again to resume
     NO_KEY = 4  # every key was refused: fix the key and run again to resume
     BUDGET = 5  # budget.max_cost_usd reached: raise it and run again to resume
+    ROWS_FAILED = 6  # finished: some rows failed or were rejected (see failures manifest)
+    KEYS_MISSING = 7  # jobs wait on keys this run was not given (or were refused): add them
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,8 @@ class RunSummary:
     sandbox_stats: dict[str, Any] | None = None
     requeued: dict[str, int] | None = None  # `wanbatch retry`: rows run again, per error type
     left_failed: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
+    forced: dict[str, int] | None = None  # `--force`: how the manifest as it is now was taken
+    waiting_on_keys: dict[str, int] = field(default_factory=dict)  # key name -> jobs it holds
 
     @property
     def finished_rows(self) -> int:
@@ -109,13 +117,16 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_identity(journal: Journal, config: RunConfig, force: bool) -> None:
+def _check_identity(journal: Journal, config: RunConfig, force: bool) -> bool:
+    """Whether `--force` must take the manifest as it is now (it or the mapping changed)."""
     current = _identity(config)
     known = {name: journal.get_meta(name) for name in current}
-    if all(value is None for value in known.values()) or force:
+    if all(value is None for value in known.values()):
         journal.set_meta(current)
-        return
+        return False
     changed = [name for name, value in current.items() if known[name] != value]
+    if changed and force:
+        return True
     if changed:
         what = {
             "mapping": "the model or the manifest mapping in the config",
@@ -124,9 +135,29 @@ def _check_identity(journal: Journal, config: RunConfig, force: bool) -> None:
         raise RunFolderMismatch(
             f"run folder {config.output.dir} holds a run of another "
             + " and ".join(what[c] for c in changed)
-            + "; resuming would mix results. Use a new output.dir, or pass --force to continue "
-            "anyway (rows already journaled keep their results)."
+            + "; resuming would mix results. Pass --force to continue with the manifest as it "
+            "is now (finished rows are kept, unsent rows take their new inputs), --fresh to "
+            "start over (every row is paid again), or use a new output.dir."
         )
+    return False
+
+
+def _reconcile(
+    manifest: Manifest, journal: Journal, state: StateStore | None, config: RunConfig
+) -> dict[str, int]:
+    """`--force`: journal the whole manifest as it is now (see Journal.reconcile)."""
+    found: Counter[str] = Counter()
+    last = 0
+    for batch in manifest.batches():
+        prior = None
+        if state is not None:
+            prior = state.lookup([item.fingerprint for item in batch if isinstance(item, JobSpec)])
+        found += journal.reconcile(batch, prior)
+        last = batch[-1].row_number
+    found += journal.drop_unseen()
+    journal.set_meta({**_identity(config), "ingest_complete": "1", "ingested_rows": str(last)})
+    _log.warning("forced", **found)
+    return dict(found)
 
 
 @asynccontextmanager
@@ -194,92 +225,253 @@ def _ingest(
     notify(lambda: dispatcher.ingest_advanced(done=True))
 
 
+@dataclass
+class _Faults:
+    """What went wrong once work began: the run stops creating and finishes its books."""
+
+    ingest: BaseException | None = None
+    drive: BaseException | None = None
+
+    def describe(self) -> str | None:
+        for where, exc in (("reading the manifest", self.ingest), ("the run", self.drive)):
+            if exc is not None:
+                return f"{where} failed: {_leaf(exc)}"
+        return None
+
+
+def _leaf(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup):  # task groups nest: find the error itself
+        exc = exc.exceptions[0]
+    return f"{exc}" if isinstance(exc, WanbatchError) else f"{type(exc).__name__}: {exc}"
+
+
+async def _ingest_task(
+    manifest: Manifest,
+    journal: Journal,
+    state: StateStore | None,
+    dispatcher: Dispatcher,
+    stop: threading.Event,
+    faults: _Faults,
+) -> None:
+    """The ingest in its thread. If it fails, no more creates are sent, and jobs already
+    created are seen to their end: money was spent, so the books are finished."""
+    try:
+        await anyio.to_thread.run_sync(
+            _ingest, manifest, journal, state, dispatcher, stop, anyio.from_thread.run_sync
+        )
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the run must end cleanly
+        _log.exception("ingest_failed")
+        faults.ingest = exc
+        dispatcher.stop()
+        dispatcher.ingest_advanced(done=True)
+
+
 async def run(
     config: RunConfig,
     keys: list[ApiKey],
     *,
     force: bool = False,
+    fresh: bool = False,
     grace_s: float = 30.0,
     handle_signals: bool = True,
     reprocess: Reprocess | None = None,
+    folder: RunFolder | None = None,
 ) -> RunSummary:
     """Run (or resume) a config; with `reprocess`, first put the chosen failed rows back to be
-    run again. Raises ConfigError, ManifestError or RunFolderMismatch before anything is sent;
-    everything after that ends in a RunSummary."""
+    run again. Holds the run folder (`folder`, or one it opens) for the whole run. Raises
+    ConfigError, ManifestError or RunFolderError before anything is sent; everything after that
+    ends in a RunSummary, whatever fails."""
+    if folder is None:
+        with RunFolder(config.output.dir, fresh=fresh) as own:
+            return await run(
+                config,
+                keys,
+                force=force,
+                grace_s=grace_s,
+                handle_signals=handle_signals,
+                reprocess=reprocess,
+                folder=own,
+            )
     started = time.monotonic()
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
     )
     if not keys and not config.embedded_sandbox:
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
-    run_dir = config.output.dir
-    if reprocess is not None and not (run_dir / "journal.sqlite").exists():
+    if reprocess is not None and not (folder.path / "journal.sqlite").exists():
         raise ConfigError(
-            f"nothing to retry: {run_dir} holds no run (no journal.sqlite); "
+            f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
             "run the config with `wanbatch run` first"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(run_dir / "journal.sqlite")
+    journal = folder.open_journal()
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
-        _check_identity(journal, config, force)
-        requeued = None
-        if reprocess is not None:
-            requeued = journal.requeue(reprocess.error_types)
-            _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
-        spent = journal.totals()["cost_usd"]
-        stats = RunStats()
-        exit_code, message = ExitCode.OK, ""
-        async with _api(config, keys) as (base_url, lanes_keys, sandbox):
-            async with _receiver(config) as receiver:
-                exit_code, message = await _drive(
-                    config,
-                    journal,
-                    state,
-                    manifest,
-                    base_url,
-                    lanes_keys,
-                    stats,
-                    spent,
-                    grace_s,
-                    handle_signals,
-                    receiver,
-                )
-            sandbox_stats = sandbox.stats() if sandbox is not None else None
-        layout = ResultLayout(
-            config.manifest.id_column,
-            manifest.mapper.columns,
-            manifest.extra_columns,
-            manifest.columns,
-            manifest.kind,
-            manifest.path,
-        )
-        if state is not None:
-            await anyio.to_thread.run_sync(_remember, journal, state, run_dir)
-        results_path = run_dir / "results.parquet"
-        await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
-        failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
-        counts = journal.counts()
-        return RunSummary(
-            run_dir,
-            results_path,
-            failures,
-            counts,
-            journal.totals(),
-            stats,
-            time.monotonic() - started,
-            exit_code,
-            message,
-            [k.name for k in lanes_keys],
-            sandbox_stats,
-            requeued,
-            journal.failed_types(),
+        return await _run_held(
+            config,
+            keys,
+            folder,
+            journal,
+            state,
+            manifest,
+            started,
+            force,
+            grace_s,
+            handle_signals,
+            reprocess,
         )
     finally:
         journal.close()
         if state is not None:
             state.close()
+
+
+async def _run_held(
+    config: RunConfig,
+    keys: list[ApiKey],
+    folder: RunFolder,
+    journal: Journal,
+    state: StateStore | None,
+    manifest: Manifest,
+    started: float,
+    force: bool,
+    grace_s: float,
+    handle_signals: bool,
+    reprocess: Reprocess | None,
+) -> RunSummary:
+    forced = None
+    if _check_identity(journal, config, force):
+        forced = await anyio.to_thread.run_sync(_reconcile, manifest, journal, state, config)
+        folder.forget_results()
+    requeued = None
+    if reprocess is not None:
+        requeued = journal.requeue(reprocess.error_types)
+        _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
+    spent = journal.totals()["cost_usd"]
+    stats = RunStats()
+    faults = _Faults()
+    async with _api(config, keys) as (base_url, lanes_keys, sandbox):
+        async with _receiver(config) as receiver:
+            stop = await _drive(
+                config,
+                journal,
+                state,
+                manifest,
+                base_url,
+                lanes_keys,
+                stats,
+                spent,
+                grace_s,
+                handle_signals,
+                receiver,
+                faults,
+            )
+        sandbox_stats = sandbox.stats() if sandbox is not None else None
+    books = await _finish_books(config, journal, state, manifest, folder.path)
+    waiting = {k: n for k, n in journal.waiting_on_keys().items()}
+    exit_code, message = _verdict(stop, faults, books, journal, waiting, lanes_keys, stats)
+    if exit_code is not ExitCode.OK:
+        _log.warning("run_ended", exit_code=int(exit_code), message=message)
+    return RunSummary(
+        folder.path,
+        folder.path / "results.parquet",
+        books.failures,
+        journal.counts(),
+        journal.totals(),
+        stats,
+        time.monotonic() - started,
+        exit_code,
+        message,
+        [k.name for k in lanes_keys],
+        sandbox_stats,
+        requeued,
+        journal.failed_types(),
+        forced,
+        waiting,
+    )
+
+
+@dataclass
+class _Books:
+    failures: Path | None = None
+    problem: str | None = None  # why results could not be written, or were written in part
+
+
+async def _finish_books(
+    config: RunConfig,
+    journal: Journal,
+    state: StateStore | None,
+    manifest: Manifest,
+    run_dir: Path,
+) -> _Books:
+    """The state store, results and failures manifest, from the journal. A failure here loses
+    nothing (the journal holds every row) and is reported, not raised."""
+    layout = ResultLayout(
+        config.manifest.id_column,
+        manifest.mapper.columns,
+        manifest.extra_columns,
+        manifest.columns,
+        manifest.kind,
+        manifest.path,
+    )
+    books = _Books()
+    try:
+        if state is not None:
+            await anyio.to_thread.run_sync(_remember, journal, state, run_dir)
+        results_path = run_dir / "results.parquet"
+        written = await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
+        if written.problem is not None:
+            books.problem = (
+                f"the manifest's own columns could not all be read again for the results "
+                f"({written.problem}): some are empty"
+            )
+        books.failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
+    except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
+        _log.exception("results_failed")
+        books.problem = (
+            f"results could not be written in {run_dir} ({type(exc).__name__}: {exc}); "
+            "the journal keeps every row: fix this and run the same command again to write them"
+        )
+    return books
+
+
+def _verdict(
+    stop: tuple[ExitCode, str],
+    faults: _Faults,
+    books: _Books,
+    journal: Journal,
+    waiting: dict[str, int],
+    keys: list[ApiKey],
+    stats: RunStats,
+) -> tuple[ExitCode, str]:
+    """The exit code and its one-line explanation, the gravest first."""
+    fault = faults.describe()
+    if fault is not None:
+        return ExitCode.ERROR, (
+            f"{fault}; no more creates were sent, jobs already created were seen to their "
+            "end, and results hold every row read so far. Fix it and run the same command "
+            "again to resume" + (f". Also: {books.problem}" if books.problem else "")
+        )
+    if stop[0] is not ExitCode.OK:
+        return stop
+    if books.problem is not None:
+        return ExitCode.ERROR, books.problem
+    usable = {k.name for k in keys} - set(stats.retired_keys)
+    missing = {k: n for k, n in waiting.items() if k not in usable}
+    if missing:
+        named = ", ".join(f"{k} ({n:,} rows)" for k, n in sorted(missing.items()))
+        return ExitCode.KEYS_MISSING, (
+            f"{sum(missing.values()):,} rows wait on jobs created with keys this run could not "
+            f"use: {named}. Only the key that created a job can see it end: set those keys in "
+            f"{ENV_KEYS} and run the same command again to finish them"
+        )
+    counts = journal.counts()
+    if counts.get("failed", 0) or counts.get("rejected", 0):
+        return ExitCode.ROWS_FAILED, (
+            f"finished with {counts.get('failed', 0):,} failed and {counts.get('rejected', 0):,}"
+            " rejected rows: see the failures manifest (`wanbatch retry` runs failed rows again)"
+        )
+    return ExitCode.OK, ""
 
 
 def _remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
@@ -300,7 +492,10 @@ async def _drive(
     grace_s: float,
     handle_signals: bool,
     receiver: Receiver | None,
+    faults: _Faults,
 ) -> tuple[ExitCode, str]:
+    """Drive the workers until no work is left or the run is stopped; how it stopped. An
+    unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
     limits = config.limits
     slots = limits.max_concurrent * len(keys)
     client = EachlabsClient(
@@ -352,32 +547,28 @@ async def _drive(
     interrupted = False
     no_key: NoUsableKeyError | None = None
     try:
-        async with anyio.create_task_group() as services:
-            services.start_soon(commit.run)
-            services.start_soon(
-                anyio.to_thread.run_sync,
-                _ingest,
-                manifest,
-                journal,
-                state,
-                dispatcher,
-                stop_ingest,
-                anyio.from_thread.run_sync,
-            )
-            async with anyio.create_task_group() as workers:
-                if handle_signals:
-                    services.start_soon(_watch_signals, dispatcher, workers.cancel_scope, grace_s)
-                for lane in lanes:
-                    for _ in range(limits.max_concurrent):
-                        workers.start_soon(worker.run_slot, lane)
-            interrupted = dispatcher.halted
-            stop_ingest.set()
-            services.cancel_scope.cancel()
-    except* NoUsableKeyError as group:
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup):  # task groups nest: find the error itself
-            leaf = leaf.exceptions[0]
-        no_key = NoUsableKeyError(str(leaf))
+        try:
+            async with anyio.create_task_group() as services:
+                services.start_soon(commit.run)
+                services.start_soon(
+                    _ingest_task, manifest, journal, state, dispatcher, stop_ingest, faults
+                )
+                async with anyio.create_task_group() as workers:
+                    if handle_signals:
+                        services.start_soon(
+                            _watch_signals, dispatcher, workers.cancel_scope, grace_s
+                        )
+                    for lane in lanes:
+                        for _ in range(limits.max_concurrent):
+                            workers.start_soon(worker.run_slot, lane)
+                interrupted = dispatcher.halted
+                stop_ingest.set()
+                services.cancel_scope.cancel()
+        except* NoUsableKeyError as group:
+            no_key = NoUsableKeyError(_leaf(group))
+    except Exception as exc:  # noqa: BLE001 - a bug or a full disk: the books are still finished
+        _log.exception("run_failed")
+        faults.drive = exc
     finally:
         stop_ingest.set()
         await client.aclose()
