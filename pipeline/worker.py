@@ -196,15 +196,9 @@ class Worker:
         if isinstance(outcome_or_id, JobOutcome):
             await self._finish(entry, outcome_or_id)
             return
-        prediction_id, attempts, journaled = outcome_or_id
+        prediction_id, attempts = outcome_or_id
         await self._poll(
-            lane,
-            entry,
-            prediction_id,
-            time.time(),
-            attempts,
-            journaled,
-            hooked=self.webhook_url is not None,
+            lane, entry, prediction_id, time.time(), attempts, hooked=self.webhook_url is not None
         )
 
     async def _ambiguous(self, entry: Entry, log: _JobLog) -> None:
@@ -223,7 +217,7 @@ class Worker:
 
     async def _create(
         self, lane: KeyLane, entry: Entry, attempts: int, log: _JobLog
-    ) -> JobOutcome | tuple[str, int, asyncio.Event] | None:
+    ) -> JobOutcome | tuple[str, int] | None:
         """Create the job: its prediction id and attempts, or how it failed, or None when the
         run was stopped before it was sent."""
         failures = 0
@@ -232,7 +226,7 @@ class Worker:
         while True:
             attempts += 1
             try:
-                async with lane.gate.create(give_way=lambda: self._others_open(lane)):
+                async with lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket:
                     if self.dispatcher.halted:
                         if marked:
                             await self.journal.write(MarkPending(entry.row_number))
@@ -241,6 +235,7 @@ class Worker:
                     await self.journal.write(
                         MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
                     )
+                    await lane.gate.settled()
                     self.stats.creates_sent += 1
                     try:
                         prediction_id = await self.client.create(
@@ -249,11 +244,13 @@ class Worker:
                     except ApiError as exc:
                         error = exc
                     else:
-                        # durable before the first poll (see _poll), not before the next create
-                        journaled = self.journal.post(
+                        # durable before the next create of this key is sent (see limits), so
+                        # a crash leaves ambiguous only creates whose answers had not come
+                        ticket.answered()
+                        await self.journal.write(
                             MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
                         )
-                        return prediction_id, attempts, journaled
+                        return prediction_id, attempts
             except GatePaused as paused:
                 if marked:
                     await self.journal.write(MarkPending(entry.row_number))
@@ -303,13 +300,12 @@ class Worker:
         prediction_id: str,
         created: float,
         attempts: int,
-        journaled: asyncio.Event | None = None,
         *,
         hooked: bool = False,
     ) -> None:
-        """Poll a job to its end. `journaled` is set once its prediction id is durable: it is
-        waited for before the first poll (invariant 1), so a crash never loses a paid job.
-        `hooked`: the create carried our webhook URL, so a callback may wake the job early."""
+        """Poll a job to its end; its prediction id is durable already (invariant 1), so a
+        crash never loses a paid job. `hooked`: the create carried our webhook URL, so a
+        callback may wake the job early."""
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
         try:
             deadline = created + self.job_timeout
@@ -323,9 +319,6 @@ class Worker:
                 if waiter is not None:
                     hinted = hinted or waiter.hinted
                     waiter.rearm()
-                if journaled is not None:
-                    await self.journal.durable(journaled)
-                    journaled = None
                 self.stats.polls += 1
                 try:
                     answer = await self.client.get(lane.key, prediction_id)
