@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.keys import ApiKey
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import KEY, KEY2, catalog, config_data, write_manifest
 
@@ -52,8 +53,8 @@ class Pipeline:
 
     count = 0
 
-    def __init__(self, config: Path, *args: str) -> None:
-        env = {**os.environ, "EACHLABS_API_KEYS": f"{KEY},{KEY2}"}
+    def __init__(self, config: Path, *args: str, keys: str = f"{KEY},{KEY2}") -> None:
+        env = {**os.environ, "EACHLABS_API_KEYS": keys}
         env.pop("EACHLABS_API_KEY", None)
         Pipeline.count += 1
         self.output = config.parent / f"pipeline-{Pipeline.count}.out"
@@ -177,7 +178,7 @@ def test_sigkill_at_many_points_then_resume(
     final = Pipeline(config)
     pipelines.append(final)
     code, output = final.wait(timeout=120)
-    assert code == 0, output
+    assert code == 6, output  # finished, with the rejected row (and any job errors)
 
     figures = judge_against_ledger(sb, run_dir, 150)
     assert len(kills) >= 6, kills  # it was killed mid-run many times
@@ -185,7 +186,16 @@ def test_sigkill_at_many_points_then_resume(
     assert any(k["creates"] > k["ended"] for k in kills), kills  # with jobs in flight
     summary = pq.read_table(run_dir / "results.parquet").to_pandas()
     assert (summary["status"] == "rejected").sum() == 1
-    print("kills", kills, "figures", figures)
+    print("kills", kills, "figures", figures, "duplicates per kill", duplicates_per_kill(sb, kills))
+
+
+def duplicates_per_kill(sb: SandboxServer, kills: list[dict[str, int]]) -> float:
+    """Creates of an input beyond its first, less those a lost create answer explains (the
+    sandbox's fault, retried on purpose), per kill: what the kills themselves cost."""
+    ledger = sb.ledger()
+    created = Counter(e["fingerprint"] for e in ledger if e["event"] == "created")
+    lost = sum(1 for e in ledger if e["event"] == "answer_lost")
+    return (sum(created.values()) - len(created) - lost) / max(1, len(kills))
 
 
 def count_ended(sb: SandboxServer) -> int:
@@ -272,3 +282,77 @@ def test_a_second_signal_stops_at_once_and_stays_resumable(
     assert all(final[n]["status"] == "succeeded" for n in reattached)
     assert creates <= 40
     assert json.loads(final[next(iter(reattached))]["output_urls"])
+
+
+def test_two_runs_on_one_folder_one_refuses_at_once(
+    sandbox: Start, tmp_path: Path, pipelines: list[Pipeline]
+) -> None:
+    sb = sandbox(time_scale=SCALE, latency_mean_s=10, latency_spread=0.1, keys=(KEY, KEY2))
+    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
+    config = write_config(tmp_path, sb.base_url, manifest)
+
+    first = Pipeline(config)
+    pipelines.append(first)
+    assert wait_for(lambda: sb.stats()["creates"] >= 5, 30, first.running)
+    second = Pipeline(config)  # an overlapping cron
+    pipelines.append(second)
+    code, output = second.wait(timeout=30)
+    assert code == 2, output
+    assert "is held by another run" in output
+    assert f"pid {first.proc.pid} on " in output
+    assert "Traceback" not in output
+    assert first.running()  # the refusal came while the first still ran
+
+    code, output = first.wait(timeout=60)
+    assert code == 0, output
+    judge_against_ledger(sb, tmp_path / "run", 60)
+    assert sb.stats()["creates"] == 60 and sb.stats()["duplicate_creates"] == 0
+
+
+def test_jobs_whose_key_is_gone_wait_for_it_with_their_own_exit_code(
+    sandbox: Start, tmp_path: Path, pipelines: list[Pipeline]
+) -> None:
+    # 40 s jobs (2 s here): a kill leaves jobs of both keys in flight
+    sb = sandbox(time_scale=SCALE, latency_mean_s=40, latency_spread=0.1, keys=(KEY, KEY2))
+    manifest = write_manifest(tmp_path / "m.csv", catalog(30))
+    config = write_config(tmp_path, sb.base_url, manifest)
+    p = Pipeline(config)
+    pipelines.append(p)
+    assert wait_for(lambda: sb.stats()["creates"] >= 12, 30, p.running)
+    p.kill()
+    held = Counter(
+        r["key_name"] for r in journal_rows(tmp_path / "run") if r["status"] == "created"
+    )
+    gone = ApiKey(KEY2).name
+    assert held[gone] > 0
+
+    alone = Pipeline(config, keys=KEY)  # the second key was not given this time
+    pipelines.append(alone)
+    code, output = alone.wait(timeout=60)
+    assert code == 7, output
+    assert f"{gone} ({held[gone]} rows)" in output
+    left = [r for r in journal_rows(tmp_path / "run") if r["status"] == "created"]
+    assert {r["key_name"] for r in left} == {gone}
+
+    both = Pipeline(config)
+    pipelines.append(both)
+    code, output = both.wait(timeout=60)
+    assert code == 0, output
+    judge_against_ledger(sb, tmp_path / "run", 30)
+
+
+def test_malformed_keys_stop_the_run_before_any_request(
+    sandbox: Start, tmp_path: Path, pipelines: list[Pipeline]
+) -> None:
+    sb = sandbox(time_scale=SCALE, keys=(KEY, KEY2))
+    manifest = write_manifest(tmp_path / "m.csv", catalog(10))
+    config = write_config(tmp_path, sb.base_url, manifest)
+    for bad in (f"{KEY},{KEY2}\nX-Injected: 1", f"{KEY},k\u00e9y"):
+        p = Pipeline(config, keys=bad)
+        pipelines.append(p)
+        code, output = p.wait(timeout=30)
+        assert code == 2, output
+        assert "EACHLABS_API_KEYS: key 2 of 2 is not printable ASCII" in output
+        assert KEY2 not in output and "Traceback" not in output
+    assert sb.stats()["creates"] == 0 and sb.ledger() == []
+    assert not (tmp_path / "run" / "journal.sqlite").exists()

@@ -323,7 +323,8 @@ async def test_embedded_sandbox_demo_config(tmp_path: Path) -> None:
     )
     summary = await go(config, [])
     rows = results(summary)
-    assert summary.exit_code is ExitCode.OK
+    assert summary.exit_code is ExitCode.ROWS_FAILED  # the demo has bad rows on purpose
+    assert "rejected rows" in summary.message
     assert len(rows) == summary.totals["rows"] > 30
     assert {r["status"] for r in rows} <= {"succeeded", "failed", "rejected"}
     assert summary.sandbox_stats is not None

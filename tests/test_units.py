@@ -341,7 +341,7 @@ def test_results_rows_hold_the_outcome_the_inputs_and_the_manifest(tmp_path: Pat
         ]
     )
     layout = ResultLayout("sku", m.mapper.columns, m.extra_columns, m.columns, m.kind, m.path)
-    assert write_results(journal, layout, tmp_path / "results.parquet") == 3
+    assert write_results(journal, layout, tmp_path / "results.parquet").rows == 3
     table = pq.read_table(tmp_path / "results.parquet")
     assert table.column_names[:3] == ["job_id", "row_number", "sku"]
     assert table.column_names[-2:] == ["brand", "manifest_status"]

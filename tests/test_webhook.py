@@ -65,7 +65,7 @@ async def test_each_job_ends_on_its_callback_with_one_confirming_poll(
     config = _hooked_config(tmp_path, sb, manifest, 10, fallback_after_s=20)
     summary = await go(config, [KEY, KEY2])
     rows = results(summary)
-    assert summary.exit_code is ExitCode.OK
+    assert summary.exit_code is ExitCode.ROWS_FAILED  # the job errors
     assert_one_result_per_row(rows, 60)
     callbacks = summary.stats.callbacks
     assert callbacks is not None
