@@ -1,0 +1,162 @@
+"""What a crash costs: `wanbatch run` killed with SIGKILL at random instants, then resumed.
+
+Starts the sandbox (in this process, on loopback, with lost create answers), runs `python -m
+pipeline run` on a generated manifest, kills it at `--kills` random instants (each after a
+random number of new creates, plus a random delay so it lands anywhere: between a create's
+send, its answer and its journaling), resumes after each kill, lets the last run finish, and
+judges the run folder against the sandbox's billing ledger:
+
+- rows lost: manifest rows without exactly one final result (goal 0);
+- duplicate creates per kill: creates of an input beyond its first, less those that a lost
+  create answer explains (the sandbox's fault, retried on purpose and counted), per kill
+  (goal under 0.3);
+- unflagged duplicates: inputs created more often than once plus their counted ambiguous
+  creates (goal 0).
+
+    python scripts/bench_crash.py --kills 20 --rows 600 --time-scale 0.05 --lost-create 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+
+KEYS = ("bench-crash-key-1", "bench-crash-key-2")
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--time-scale", type=float, default=0.05)
+    parser.add_argument("--lost-create", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=20261125)
+    return parser.parse_args()
+
+
+def _write_inputs(folder: Path, base_url: str, rows: int, scale: float) -> Path:
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", encoding="utf-8") as out:
+        out.write("sku,prompt,img_url\n")
+        for i in range(1, rows + 1):
+            out.write(f"SKU-{i},edit number {i},https://cdn.example.com/p/{i}.jpg\n")
+    config = {
+        "api": {"base_url": base_url, "time_scale": scale},
+        "polling": {"job_timeout_s": 300},
+        "retries": {"max_attempts": 8},
+        "manifest": {"path": str(manifest), "id_column": "sku"},
+        "output": {"dir": str(folder / "run")},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EACHLABS_API_KEYS": ",".join(KEYS)}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", str(config)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait(check: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not check():
+        time.sleep(0.005)
+
+
+def _journal(run_dir: Path) -> dict[str, dict[str, object]]:
+    db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return {r["fingerprint"]: dict(r) for r in db.execute("SELECT * FROM jobs")}
+    finally:
+        db.close()
+
+
+def main() -> None:
+    args = _arguments()
+    rng = random.Random(args.seed)
+    settings = SandboxSettings(
+        keys=KEYS,
+        time_scale=args.time_scale,
+        latency_mean_s=10,
+        latency_spread=0.3,
+        seed=args.seed,
+        image_scale=0.05,
+        faults=FaultRates(lost_create=args.lost_create),
+    )
+    with tempfile.TemporaryDirectory() as tmp, SandboxServer(settings) as sb:
+        folder = Path(tmp)
+        config = _write_inputs(folder, sb.base_url, args.rows, args.time_scale)
+        log = folder / "runs.log"
+        kills = 0
+        started = time.monotonic()
+        while kills < args.kills:
+            proc = _start(config, log)
+            target = sb.stats()["creates"] + rng.randint(1, 2 * args.rows // (3 * args.kills) + 2)
+            _wait(lambda t=target: sb.stats()["creates"] >= t, proc, 60)  # type: ignore[misc]
+            time.sleep(rng.uniform(0, 0.25))  # anywhere between creates, not just after one
+            if proc.poll() is not None:
+                break  # it finished before this kill
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            kills += 1
+        final = _start(config, log)
+        code = final.wait(timeout=600)
+        elapsed = time.monotonic() - started
+
+        results = pq.read_table(folder / "run" / "results.parquet").to_pylist()
+        numbers = Counter(r["row_number"] for r in results)
+        final_ok = {r["row_number"] for r in results if r["status"] in ("succeeded", "failed")}
+        lost = sum(1 for n in range(1, args.rows + 1) if numbers[n] != 1 or n not in final_ok)
+        ledger = sb.ledger()
+        created = Counter(e["fingerprint"] for e in ledger if e["event"] == "created")
+        lost_answers = sum(1 for e in ledger if e["event"] == "answer_lost")
+        duplicates = sum(created.values()) - len(created)
+        journal = _journal(folder / "run")
+        unflagged = sum(
+            max(0, n - 1 - int(journal[fp]["ambiguous"]))  # type: ignore[call-overload]
+            for fp, n in created.items()
+        )
+        flagged = sum(int(j["ambiguous"]) for j in journal.values())  # type: ignore[call-overload]
+        figures = {
+            "rows": args.rows,
+            "kills": kills,
+            "final_exit_code": code,
+            "rows_lost": lost,
+            "creates": sum(created.values()),
+            "duplicate_creates": duplicates,
+            "lost_create_answers": lost_answers,
+            "duplicates_per_kill": round((duplicates - lost_answers) / max(1, kills), 3),
+            "flagged_ambiguous_creates": flagged,
+            "unflagged_duplicates": unflagged,
+            "wall_s": round(elapsed, 1),
+        }
+    for name, value in figures.items():
+        print(f"{name:28} {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
