@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -53,14 +55,20 @@ class Pipeline:
 
     count = 0
 
-    def __init__(self, config: Path, *args: str, keys: str = f"{KEY},{KEY2}") -> None:
+    def __init__(
+        self, config: Path, *args: str, keys: str = f"{KEY},{KEY2}", user: int | None = None
+    ) -> None:
         env = {**os.environ, "EACHLABS_API_KEYS": keys}
         env.pop("EACHLABS_API_KEY", None)
         Pipeline.count += 1
         self.output = config.parent / f"pipeline-{Pipeline.count}.out"
         with self.output.open("w") as out:  # the child keeps its own copy of the descriptor
+            # `user`: run as that uid (root is not held back by a folder's permissions)
+            prefix = []
+            if user is not None:
+                prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "run", str(config), *args],
+                [*prefix, sys.executable, "-m", "pipeline", "run", str(config), *args],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -356,3 +364,26 @@ def test_malformed_keys_stop_the_run_before_any_request(
         assert KEY2 not in output and "Traceback" not in output
     assert sb.stats()["creates"] == 0 and sb.ledger() == []
     assert not (tmp_path / "run" / "journal.sqlite").exists()
+
+
+def test_a_read_only_run_folder_is_refused_before_any_request(
+    sandbox: Start, pipelines: list[Pipeline]
+) -> None:
+    sb = sandbox(time_scale=SCALE, keys=(KEY, KEY2))
+    # a folder another user can read but not write: the run goes as `nobody`
+    folder = Path(tempfile.mkdtemp(prefix="wanbatch-ro-"))
+    try:
+        folder.chmod(0o755)
+        manifest = write_manifest(folder / "m.csv", catalog(5))
+        config = write_config(folder, sb.base_url, manifest)
+        (folder / "run").mkdir(mode=0o555)
+        (folder / "run").chmod(0o555)
+        p = Pipeline(config, user=65534)
+        pipelines.append(p)
+        code, output = p.wait(timeout=30)
+        assert code == 2, output
+        assert f"cannot use run folder {folder / 'run'}: Permission denied" in output
+        assert "Traceback" not in output
+        assert sb.ledger() == []
+    finally:
+        shutil.rmtree(folder)
