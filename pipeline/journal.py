@@ -248,10 +248,6 @@ class Journal:
             return str(exc)
         return None if found == ["ok"] else "; ".join(found)
 
-    def has_jobs(self) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is not None
-
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -31,7 +31,7 @@ from pipeline.errors import JournalDamaged, RunFolderError, RunFolderLocked
 from pipeline.journal import Journal
 from pipeline.writer import RESULTS_ROWS, RESULTS_RUN_ID, RESULTS_SUCCEEDED
 
-__all__ = ["Holder", "RunFolder", "holder_of"]
+__all__ = ["Holder", "RunFolder"]
 
 JOURNAL = "journal.sqlite"
 LOCK = "run.lock"
@@ -69,23 +69,6 @@ def _read_holder(fd: int) -> Holder | None:
         return Holder(int(data["pid"]), str(data["host"]), str(data["started"]), data.get("run_id"))
     except (ValueError, TypeError, KeyError):
         return None  # empty (never written) or not ours
-
-
-def holder_of(run_dir: Path) -> Holder | None:
-    """The run holding `run_dir` now, or None when none does; sends nothing, changes nothing."""
-    try:
-        fd = os.open(run_dir / LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read_holder(fd) or Holder(0, "?", "?")
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 class RunFolder:

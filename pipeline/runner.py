@@ -368,7 +368,7 @@ async def _run_held(
             )
         sandbox_stats = sandbox.stats() if sandbox is not None else None
     books = await _finish_books(config, journal, state, manifest, folder.path)
-    waiting = {k: n for k, n in journal.waiting_on_keys().items()}
+    waiting = journal.waiting_on_keys()
     exit_code, message = _verdict(stop, faults, books, journal, waiting, lanes_keys, stats)
     if exit_code is not ExitCode.OK:
         _log.warning("run_ended", exit_code=int(exit_code), message=message)

@@ -47,6 +47,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--time-scale", type=float, default=0.05)
     parser.add_argument("--lost-create", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument(
+        "--kill-delay",
+        type=float,
+        default=0.25,
+        help="the most seconds between seeing the next create and the kill (drawn uniformly); "
+        "small values aim the kills at the moments right after a create's answer",
+    )
     return parser.parse_args()
 
 
@@ -116,7 +123,7 @@ def main() -> None:
             proc = _start(config, log)
             target = sb.stats()["creates"] + rng.randint(1, 2 * args.rows // (3 * args.kills) + 2)
             _wait(lambda t=target: sb.stats()["creates"] >= t, proc, 60)  # type: ignore[misc]
-            time.sleep(rng.uniform(0, 0.25))  # anywhere between creates, not just after one
+            time.sleep(rng.uniform(0, args.kill_delay))
             if proc.poll() is not None:
                 break  # it finished before this kill
             proc.send_signal(signal.SIGKILL)
