@@ -303,9 +303,14 @@ async def run(
             f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
             "run the config with `wanbatch run` first"
         )
-    journal = folder.open_journal()
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
+    try:
+        journal = folder.open_journal()
+    except BaseException:
+        if state is not None:
+            state.close()
+        raise
     try:
         return await _run_held(
             config,

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pipeline.errors import ConfigError
 from pipeline.models import PriorSuccess
 
 __all__ = ["StateStore"]
@@ -34,15 +35,27 @@ _CHUNK = 500
 
 class StateStore:
     def __init__(self, path: Path) -> None:
+        """Open (or create) the store; ConfigError, before anything is sent, when it cannot be
+        used as one."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"incremental.state {path} cannot be opened: {exc}") from None
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=30000")  # other runs may share the store
-            self._db.executescript(_SCHEMA)
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA busy_timeout=30000")  # other runs may share the store
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise ConfigError(
+                f"incremental.state {path} cannot be used as the state store ({exc}); "
+                "restore it, or name a new file"
+            ) from None
 
     def close(self) -> None:
         with self._lock:

@@ -37,12 +37,12 @@ import yaml
 
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 
-KEYS = ("bench-crash-key-1", "bench-crash-key-2")
 
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--keys", type=int, default=1)
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--time-scale", type=float, default=0.05)
     parser.add_argument("--lost-create", type=float, default=0.02)
@@ -75,8 +75,8 @@ def _write_inputs(folder: Path, base_url: str, rows: int, scale: float) -> Path:
     return path
 
 
-def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EACHLABS_API_KEYS": ",".join(KEYS)}
+def _start(config: Path, log: Path, keys: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EACHLABS_API_KEYS": ",".join(keys)}
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", str(config)],
@@ -104,8 +104,9 @@ def _journal(run_dir: Path) -> dict[str, dict[str, object]]:
 def main() -> None:
     args = _arguments()
     rng = random.Random(args.seed)
+    keys = tuple(f"bench-crash-key-{i + 1}" for i in range(args.keys))
     settings = SandboxSettings(
-        keys=KEYS,
+        keys=keys,
         time_scale=args.time_scale,
         latency_mean_s=10,
         latency_spread=0.3,
@@ -120,7 +121,7 @@ def main() -> None:
         kills = 0
         started = time.monotonic()
         while kills < args.kills:
-            proc = _start(config, log)
+            proc = _start(config, log, keys)
             target = sb.stats()["creates"] + rng.randint(1, 2 * args.rows // (3 * args.kills) + 2)
             _wait(lambda t=target: sb.stats()["creates"] >= t, proc, 60)  # type: ignore[misc]
             time.sleep(rng.uniform(0, args.kill_delay))
@@ -129,7 +130,7 @@ def main() -> None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             kills += 1
-        final = _start(config, log)
+        final = _start(config, log, keys)
         code = final.wait(timeout=600)
         elapsed = time.monotonic() - started
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import sqlite3
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +117,50 @@ def assert_one_result_per_row(rows: list[dict[str, Any]], count: int) -> None:
 
 def ledger_cost(sb: SandboxServer) -> float:
     return round(sum(e.get("cost_usd", 0) for e in sb.ledger() if e["event"] == "ended"), 6)
+
+
+PRICE = 0.03
+
+
+def journal_rows(run_dir: Path) -> list[dict[str, Any]]:
+    db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY row_number")]
+    finally:
+        db.close()
+
+
+def judge_against_ledger(sb: SandboxServer, run_dir: Path, rows: int) -> dict[str, Any]:
+    """The issue's three checks; returns the figures for the failure message."""
+    results = pq.read_table(run_dir / "results.parquet").to_pylist()
+    journal = {r["row_number"]: r for r in journal_rows(run_dir)}
+    ledger = sb.ledger()
+
+    # every manifest row has exactly one final result
+    assert sorted(r["row_number"] for r in results) == list(range(1, rows + 1))
+    assert {r["status"] for r in results} <= {"succeeded", "failed", "rejected"}
+
+    # no input was created twice, except for counted ambiguous creates
+    created = Counter(e["fingerprint"] for e in ledger if e["event"] == "created")
+    ambiguous_by_fp = {j["fingerprint"]: j["ambiguous"] for j in journal.values()}
+    for fp, count in created.items():
+        assert count - 1 <= ambiguous_by_fp[fp], f"{fp} created {count}x, uncounted"
+
+    # the recorded cost is the billed cost; anything else billed is a counted possible duplicate
+    billed = {e["prediction_id"]: e["cost_usd"] for e in ledger if e["event"] == "ended"}
+    ours = {r["prediction_id"] for r in results if r["prediction_id"]}
+    recorded = round(sum(r["cost_usd"] for r in results), 6)
+    assert recorded == pytest.approx(sum(billed.get(p, 0.0) for p in ours))
+    fp_of = {e["prediction_id"]: e["fingerprint"] for e in ledger if e["event"] == "created"}
+    orphans = [p for p in fp_of if p not in ours]
+    for p in orphans:
+        assert ambiguous_by_fp[fp_of[p]] > 0, "a job we do not know of was created"
+    possible = sum(r["ambiguous_creates"] for r in results) * PRICE
+    assert sum(billed.get(p, 0.0) for p in orphans) <= possible + 1e-9
+    return {
+        "recorded": recorded,
+        "orphans": len(orphans),
+        "ambiguous": sum(r["ambiguous_creates"] for r in results),
+        "creates": sum(created.values()),
+    }

@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,11 +26,18 @@ import yaml
 
 from pipeline.keys import ApiKey
 from pipeline.sandbox import FaultRates, SandboxServer
-from tests.conftest import KEY, KEY2, catalog, config_data, write_manifest
+from tests.conftest import (
+    KEY,
+    KEY2,
+    catalog,
+    config_data,
+    journal_rows,
+    judge_against_ledger,
+    write_manifest,
+)
 
 Start = Callable[..., SandboxServer]
 SCALE = 0.05  # 10 s jobs take 0.5 s; the 60 s window takes 3 s
-PRICE = 0.03
 
 
 def write_config(tmp_path: Path, base_url: str, manifest: Path) -> Path:
@@ -103,50 +108,6 @@ def wait_for(check: Callable[[], bool], timeout: float, still: Callable[[], bool
             return True
         time.sleep(0.005)
     return False
-
-
-def journal_rows(run_dir: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{run_dir / 'journal.sqlite'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY row_number")]
-    finally:
-        db.close()
-
-
-def judge_against_ledger(sb: SandboxServer, run_dir: Path, rows: int) -> dict[str, Any]:
-    """The issue's three checks; returns the figures for the failure message."""
-    results = pq.read_table(run_dir / "results.parquet").to_pylist()
-    journal = {r["row_number"]: r for r in journal_rows(run_dir)}
-    ledger = sb.ledger()
-
-    # every manifest row has exactly one final result
-    assert sorted(r["row_number"] for r in results) == list(range(1, rows + 1))
-    assert {r["status"] for r in results} <= {"succeeded", "failed", "rejected"}
-
-    # no input was created twice, except for counted ambiguous creates
-    created = Counter(e["fingerprint"] for e in ledger if e["event"] == "created")
-    ambiguous_by_fp = {j["fingerprint"]: j["ambiguous"] for j in journal.values()}
-    for fp, count in created.items():
-        assert count - 1 <= ambiguous_by_fp[fp], f"{fp} created {count}x, uncounted"
-
-    # the recorded cost is the billed cost; anything else billed is a counted possible duplicate
-    billed = {e["prediction_id"]: e["cost_usd"] for e in ledger if e["event"] == "ended"}
-    ours = {r["prediction_id"] for r in results if r["prediction_id"]}
-    recorded = round(sum(r["cost_usd"] for r in results), 6)
-    assert recorded == pytest.approx(sum(billed.get(p, 0.0) for p in ours))
-    fp_of = {e["prediction_id"]: e["fingerprint"] for e in ledger if e["event"] == "created"}
-    orphans = [p for p in fp_of if p not in ours]
-    for p in orphans:
-        assert ambiguous_by_fp[fp_of[p]] > 0, "a job we do not know of was created"
-    possible = sum(r["ambiguous_creates"] for r in results) * PRICE
-    assert sum(billed.get(p, 0.0) for p in orphans) <= possible + 1e-9
-    return {
-        "recorded": recorded,
-        "orphans": len(orphans),
-        "ambiguous": sum(r["ambiguous_creates"] for r in results),
-        "creates": sum(created.values()),
-    }
 
 
 def test_sigkill_at_many_points_then_resume(

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tests.conftest import (
     SCALE,
     catalog,
     go,
+    judge_against_ledger,
     ledger_cost,
     make_config,
     results,
@@ -295,3 +297,59 @@ def test_malformed_keys_are_named_by_position_never_shown() -> None:
         assert "EACHLABS_API_KEYS: key 2 of 2" in text and bad not in text
     with pytest.raises(ConfigError, match="EACHLABS_API_KEY: key 1 of 1"):
         keys_from_env({"EACHLABS_API_KEY": "se\u2028cret"})
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB disk of its own (tmpfs), for a run folder that another process fills."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+async def test_a_full_disk_mid_run_ends_with_its_books_and_resumes_without_paying_twice(
+    sandbox: Start, tmp_path: Path, small_disk: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=10)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(120))
+    config = _config(
+        tmp_path,
+        sb,
+        manifest,
+        limits={"creates_per_window": 100, "max_concurrent": 10},
+        manifest={"batch_rows": 20},
+        output={"dir": str(small_disk / "run")},
+    )
+
+    async def fill_the_disk() -> None:
+        # the sandbox's ledger has no event to wait on: its stats are read, bounded by the
+        # test's timeout
+        while sb.stats()["creates"] < 5:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(_fill, small_disk / "filler")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fill_the_disk)
+        first = await go(config, [KEY])
+    assert first.exit_code is ExitCode.ERROR
+    assert "database or disk is full" in first.message
+    assert "run the same command again" in first.message
+    assert 5 <= sb.stats()["creates"] < 120
+
+    (small_disk / "filler").unlink()
+    again = await go(config, [KEY])
+    assert again.exit_code is ExitCode.OK
+    judge_against_ledger(sb, small_disk / "run", 120)
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to `path` until the disk has no room left."""
+    with path.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
