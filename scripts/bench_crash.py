@@ -38,7 +38,6 @@ import yaml
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 
 
-
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
