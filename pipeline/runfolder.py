@@ -108,7 +108,8 @@ class RunFolder:
         except BaseException:
             self.close()
             raise
-        self._record(None)
+        # the folder's run stays named while this process starts (a kill now loses nothing)
+        self._record(self.previous.run_id if self.previous is not None else None)
         return self
 
     def __exit__(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ def _text(value: Any) -> str | None:
 def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan) -> str:
     """One results row as a JSON line: the journal's `outcome` object, with the columns that
     come from the row's inputs (or, for a rejected row, from what the manifest said) added."""
-    record = json.loads(row["record"])
+    # the record is read only where it is needed: a Parquet manifest's columns come from the file
+    record = json.loads(row["record"]) if plan.text or row["inputs"] is None else {}
     if row["inputs"] is not None:
         inputs = json.loads(row["inputs"])
     else:  # a rejected row: show what the manifest said
@@ -264,14 +266,15 @@ class _ManifestRows:
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self._schema = schema
-        self._batches = pq.ParquetFile(path).iter_batches(columns=schema.names)
-        self._buffer = schema.empty_table()
-        self._first = 1  # the row number of the buffer's first row
+        self._batches = pq.ParquetFile(path).iter_batches(batch_size=4096, columns=schema.names)
+        self._held: deque[pa.RecordBatch] = deque()  # the batches from row `_first` on
+        self._first = 1
+        self._rows = 0  # rows held
         self._done = False
         self.problem: str | None = None
 
     def take(self, numbers: list[int]) -> pa.Table:
-        while not self._done and self._first + self._buffer.num_rows <= numbers[-1]:
+        while not self._done and self._first + self._rows <= numbers[-1]:
             try:
                 batch = next(self._batches)
             except StopIteration:
@@ -279,14 +282,17 @@ class _ManifestRows:
             except (pa.ArrowException, OSError) as exc:
                 self.problem, self._done = str(exc), True
             else:
-                table = pa.Table.from_batches([batch]).cast(self._schema)
-                self._buffer = pa.concat_tables([self._buffer, table])
-        if (drop := numbers[0] - self._first) > 0:
-            self._buffer = self._buffer.slice(drop)
-            self._first += drop
-        held = self._buffer.num_rows
-        at = [n - self._first if n - self._first < held else None for n in numbers]
-        return self._buffer.take(pa.array(at, pa.int64()))
+                self._held.append(batch)
+                self._rows += batch.num_rows
+        while self._held and self._first + self._held[0].num_rows <= numbers[0]:
+            gone = self._held.popleft().num_rows  # every row still wanted comes after it
+            self._first += gone
+            self._rows -= gone
+        held = pa.Table.from_batches(list(self._held)).cast(self._schema) if self._held else None
+        at = [n - self._first if n - self._first < self._rows else None for n in numbers]
+        if held is None:
+            return self._schema.empty_table().take(pa.array([None] * len(numbers), pa.int64()))
+        return held.take(pa.array(at, pa.int64()))
 
 
 def _results_meta(journal: Journal) -> dict[bytes, bytes]:
