@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, RunFolderError
 from pipeline.keys import keys_from_env
 from pipeline.manifest import CELL_LIMIT
 from pipeline.models import fingerprint
-from pipeline.runner import ExitCode
+from pipeline.runner import ExitCode, RunSummary
 from pipeline.sandbox import SandboxServer
 from pipeline.schema import MODEL
 from tests.conftest import (
@@ -53,6 +53,24 @@ def _config(tmp_path: Path, sb: SandboxServer, path: Path, **sections: Any) -> R
     sections.setdefault("limits", {"creates_per_window": 1000, "max_concurrent": 20})
     sections.setdefault("api", {"time_scale": SCALE})
     return make_config(tmp_path, sb.base_url, path, **sections)
+
+
+async def _run_meanwhile(
+    config: RunConfig, sb: SandboxServer, creates: int, action: Callable[[], object]
+) -> RunSummary:
+    """Run the config with KEY; once the sandbox has taken `creates` creates (money spent),
+    `action` runs in a thread beside it."""
+
+    async def when_paid() -> None:
+        # the sandbox's ledger has no event to wait on: its stats are read, bounded by the
+        # test's timeout
+        while sb.stats()["creates"] < creates:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(action)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(when_paid)
+        return await go(config, [KEY])
 
 
 def _created_fingerprints(sb: SandboxServer) -> Counter[str]:
@@ -258,16 +276,7 @@ async def test_results_path_a_folder_refuses_and_a_failed_write_keeps_the_books(
     (run_dir / "results.parquet").rmdir()
 
     # the same thing after money was spent: the run still ends with its books, exit 1
-    async def block_results() -> None:
-        # the sandbox's ledger has no event to wait on: its stats are read, bounded by the
-        # test's timeout
-        while sb.stats()["creates"] == 0:  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-        (run_dir / "results.parquet").mkdir()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(block_results)
-        summary = await go(config, [KEY])
+    summary = await _run_meanwhile(config, sb, 1, (run_dir / "results.parquet").mkdir)
     assert summary.exit_code is ExitCode.ERROR
     assert "results could not be written" in summary.message
     assert "run the same command again" in summary.message
@@ -323,16 +332,7 @@ async def test_a_full_disk_mid_run_ends_with_its_books_and_resumes_without_payin
         output={"dir": str(small_disk / "run")},
     )
 
-    async def fill_the_disk() -> None:
-        # the sandbox's ledger has no event to wait on: its stats are read, bounded by the
-        # test's timeout
-        while sb.stats()["creates"] < 5:  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-        await anyio.to_thread.run_sync(_fill, small_disk / "filler")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(fill_the_disk)
-        first = await go(config, [KEY])
+    first = await _run_meanwhile(config, sb, 5, lambda: _fill(small_disk / "filler"))
     assert first.exit_code is ExitCode.ERROR
     assert "database or disk is full" in first.message
     assert "run the same command again" in first.message
