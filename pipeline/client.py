@@ -1,9 +1,11 @@
-"""The provider's two calls, and the one place where transport errors and provider answers
-are translated into `pipeline.errors`.
+"""The provider's calls, and the one place where transport errors and provider answers are
+translated into `pipeline.errors`.
 
-Requests go over `pipeline.wire` (a lean keep-alive HTTP/1.1 client: the CPU budget is a few
-requests per job); given an httpx transport instead (`httpx.MockTransport` in unit tests), they
-go over httpx, with the same translation.
+One `httpx.AsyncClient` per run: explicit timeouts, a pool sized to the run's slots (so no
+request waits, or is cancelled, in the pool's queue), the environment's proxies and CA bundle
+(`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, `SSL_CERT_FILE`), HTTP/2 when asked. Unit tests give
+it an `httpx.MockTransport`; everything else is the same code. A prediction id comes from the
+provider and goes back into a URL path: it must look like one, and it is percent-encoded.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from pipeline import __version__
 from pipeline.errors import (
     ApiError,
     InvalidInput,
@@ -26,16 +31,25 @@ from pipeline.errors import (
     ServerError,
     TransportFailure,
     Unauthorized,
+    UnsafePredictionId,
 )
 from pipeline.keys import ApiKey
-from pipeline.wire import ConnectionLost, NotSent, WirePool, WireResponse
 
-__all__ = ["EachlabsClient", "Prediction", "parse_retry_after"]
+__all__ = ["EachlabsClient", "Prediction", "check_prediction_id", "parse_retry_after"]
 
 # A gateway error means the request may have reached the provider and been carried out.
 _AMBIGUOUS_STATUSES = (502, 504)
 # Raised before the request left: the provider cannot have seen it.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+# What a prediction id may hold: it goes back into request paths
+_PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,20 +88,35 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, seconds)
 
 
-def _describe(response: WireResponse) -> str:
+def _describe(response: httpx.Response) -> str:
+    """What an error answer says: `{"status": "error", "message", "details"}`, or the fuller
+    reference's `{"error": "..."}`; never parsed for meaning."""
     try:
-        body = json.loads(response.body)
+        body = json.loads(response.content)
     except ValueError:
-        return response.body[:200].decode("utf-8", "replace") or response.reason
+        return response.content[:200].decode("utf-8", "replace") or response.reason_phrase
     if isinstance(body, dict):
-        parts = [str(body.get(k)) for k in ("message", "details") if body.get(k)]
-        return ": ".join(parts)[:500] or response.reason
-    return response.reason
+        parts = [str(body.get(k)) for k in ("message", "details", "error") if body.get(k)]
+        return ": ".join(parts)[:500] or response.reason_phrase
+    return response.reason_phrase
 
 
 def _name(exc: BaseException) -> str:
     """How a transport failure is named in messages: the lower library's words, no secrets."""
-    return str(exc) if isinstance(exc, NotSent | ConnectionLost) else type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def check_prediction_id(value: object) -> str:
+    """`value` when it looks like a prediction id; UnsafePredictionId otherwise."""
+    if isinstance(value, str) and _PREDICTION_ID.fullmatch(value) and ".." not in value:
+        return value
+    shown = repr(value)[:60] + ("..." if len(repr(value)) > 60 else "")
+    raise UnsafePredictionId(
+        f"the provider gave a prediction id that is not one ({shown}): letters, digits and "
+        "._:- only, at most 128; the job may exist and be billed",
+        status=200,
+        ambiguous=True,
+    )
 
 
 class EachlabsClient:
@@ -101,31 +130,25 @@ class EachlabsClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         max_connections: int = 16,
+        http2: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
-        self._base = base_url.rstrip("/")
-        self._wire: WirePool | None = None
-        self._http: httpx.AsyncClient | None = None
-        if transport is None:
-            self._wire = WirePool(
-                self._base,
-                max_connections=max_connections,
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-            )
-        else:
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-                transport=transport,
-                follow_redirects=False,
-            )
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            http2=http2,
+            trust_env=True,
+            transport=transport,
+            follow_redirects=False,
+            headers={"User-Agent": f"wanbatch/{__version__}"},
+        )
 
     async def aclose(self) -> None:
-        if self._wire is not None:
-            await self._wire.aclose()
-        if self._http is not None:
-            await self._http.aclose()
+        await self._http.aclose()
 
     async def create(
         self, key: ApiKey, inputs: dict[str, Any], *, webhook_url: str | None = None
@@ -134,16 +157,12 @@ class EachlabsClient:
         body: dict[str, Any] = {"model": self.model, "input": inputs}
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
-        answer = await self._send("POST", "/prediction/", key, body, creating=True)
-        prediction_id = answer.get("predictionID")
-        if not isinstance(prediction_id, str) or not prediction_id:
-            raise ProtocolViolation(
-                "create answered without a predictionID", status=200, ambiguous=True
-            )
-        return prediction_id
+        answer = await self._send("POST", "prediction/", key, body, creating=True)
+        return check_prediction_id(answer.get("predictionID"))  # a missing one too: final
 
     async def get(self, key: ApiKey, prediction_id: str) -> Prediction:
-        answer = await self._send("GET", f"/prediction/{prediction_id}", key, None, creating=False)
+        path = f"prediction/{quote(check_prediction_id(prediction_id), safe='')}"
+        answer = await self._send("GET", path, key, None, creating=False)
         status = answer.get("status")
         if status not in ("processing", "success", "error", "starting", "queued"):
             raise ProtocolViolation(f"poll answered an unknown status {status!r}", status=200)
@@ -175,43 +194,26 @@ class EachlabsClient:
         self, method: str, path: str, key: ApiKey, body: dict[str, Any] | None, *, creating: bool
     ) -> dict[str, Any]:
         what = "create" if creating else "poll"
-        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = {"X-API-Key": key.secret}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            if self._wire is not None:
-                response = await self._wire.request(method, path, headers, payload)
-            else:
-                response = await self._via_httpx(method, path, headers, payload)
-        except (NotSent, *_NOT_SENT) as exc:
+            response = await self._http.request(method, path, content=payload, headers=headers)
+        except _NOT_SENT as exc:
             raise TransportFailure(f"{what}: cannot reach the provider ({_name(exc)})") from exc
-        except (ConnectionLost, httpx.TransportError) as exc:
+        except httpx.TransportError as exc:
             raise TransportFailure(
                 f"{what}: no answer from the provider ({_name(exc)})", ambiguous=creating
             ) from exc
         return self._read(response, what, creating)
 
-    async def _via_httpx(
-        self, method: str, path: str, headers: dict[str, str], payload: bytes | None
-    ) -> WireResponse:
-        assert self._http is not None
-        if payload is not None:
-            headers = {**headers, "Content-Type": "application/json"}
-        response = await self._http.request(
-            method, self._base + path, content=payload, headers=headers
-        )
-        return WireResponse(
-            response.status_code,
-            response.reason_phrase,
-            {k.lower(): v for k, v in response.headers.items()},
-            response.content,
-        )
-
     @staticmethod
-    def _read(response: WireResponse, what: str, creating: bool) -> dict[str, Any]:
-        status = response.status
+    def _read(response: httpx.Response, what: str, creating: bool) -> dict[str, Any]:
+        status = response.status_code
         if status < 300:
             try:
-                answer = json.loads(response.body.decode())  # UTF-8: nothing to detect
+                answer = json.loads(response.content.decode())  # UTF-8: nothing to detect
             except ValueError as exc:
                 raise ProtocolViolation(
                     f"{what}: the answer is not JSON", status=status, ambiguous=creating

@@ -37,6 +37,7 @@ class ApiSection(_Section):
     time_scale: float = Field(1.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
+    http2: bool = False  # HTTP/2 over TLS where the provider offers it (ALPN), else HTTP/1.1
 
     @field_validator("base_url")
     @classmethod

@@ -16,6 +16,7 @@
         ├── ServerError        5xx: retry with backoff
         ├── TransportFailure   no usable answer (connect, read, reset, timeout): retry with backoff
         └── ProtocolViolation  an answer we cannot read: retry with backoff
+            └── UnsafePredictionId  an id that cannot go into a URL: final, a possible charge
 
 A create that failed after its request may have reached the provider (a read error, a reset, a
 gateway 502/504) is *ambiguous*: the job may exist and be billed. `ApiError.ambiguous` says so.
@@ -39,6 +40,7 @@ __all__ = [
     "ServerError",
     "TransportFailure",
     "Unauthorized",
+    "UnsafePredictionId",
     "WanbatchError",
 ]
 
@@ -121,3 +123,9 @@ class TransportFailure(ApiError):
 
 class ProtocolViolation(ApiError):
     error_type = "protocol"
+
+
+class UnsafePredictionId(ProtocolViolation):
+    """The provider answered with a prediction id we will not put into a request path."""
+
+    retryable = False

@@ -509,6 +509,7 @@ async def _drive(
         connect_timeout=config.api.connect_timeout_s,
         read_timeout=config.api.read_timeout_s,
         max_connections=slots + 4,
+        http2=config.api.http2,
     )
     dispatcher = Dispatcher(
         journal,

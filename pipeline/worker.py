@@ -25,7 +25,7 @@ import structlog
 from pipeline.client import EachlabsClient, Prediction
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import ApiError, NotFound, RateLimited, Unauthorized
+from pipeline.errors import ApiError, NotFound, RateLimited, Unauthorized, UnsafePredictionId
 from pipeline.journal import (
     Entry,
     Finish,
@@ -269,6 +269,8 @@ class Worker:
                     lane.gate.pause(self.policy.rate_limit_wait(error, waits))
                     continue
             elif not error.retryable:
+                if error.ambiguous:  # e.g. an answer whose id we will not use: maybe billed
+                    await self._ambiguous(entry, log)
                 return JobOutcome(
                     Status.FAILED,
                     error_type=error.error_type,
@@ -322,7 +324,7 @@ class Worker:
                 self.stats.polls += 1
                 try:
                     answer = await self.client.get(lane.key, prediction_id)
-                except NotFound as exc:
+                except (NotFound, UnsafePredictionId) as exc:
                     await self._finish(
                         entry,
                         JobOutcome(

@@ -31,10 +31,10 @@ def sandbox() -> Iterator[Callable[..., SandboxServer]]:
     """Start sandboxes with given settings; all are stopped at the end of the test."""
     started: list[SandboxServer] = []
 
-    def start(**kwargs: Any) -> SandboxServer:
+    def start(tls: Path | None = None, **kwargs: Any) -> SandboxServer:
         kwargs.setdefault("keys", (KEY, KEY2))
         kwargs.setdefault("image_scale", 0.05)
-        server = SandboxServer(SandboxSettings(**kwargs))
+        server = SandboxServer(SandboxSettings(**kwargs), tls=tls)
         server.start()
         started.append(server)
         return server

@@ -28,7 +28,6 @@ from pipeline.sandbox import images
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.state import Job, SandboxState
 from pipeline.schema import IMAGE_FIELDS, MODEL, check_input, check_url, is_loopback_host
-from pipeline.wire import ConnectionLost, NotSent, WirePool
 
 __all__ = ["DroppedConnection", "create_app"]
 
@@ -73,15 +72,13 @@ class _Sandbox:
         self.state = state
         self._tasks: set[asyncio.Task[None]] = set()
         self._inputs: dict[str, Image.Image] = {}
-        # keep-alive connections per receiver origin; the lean client, as httpx would cost the
-        # double more CPU per callback than the client it serves spends on a whole job
-        self._hooks: dict[str, WirePool] = {}
+        self._hooks: httpx.AsyncClient | None = None  # made on the first webhook, kept alive
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for pool in self._hooks.values():
-            await pool.aclose()
+        if self._hooks is not None:
+            await self._hooks.aclose()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -290,26 +287,22 @@ class _Sandbox:
             "error": "" if body["status"] == "success" else body.get("details", ""),
         }
         assert job.webhook_url is not None
-        url = urlsplit(job.webhook_url)
-        origin = f"{url.scheme}://{url.netloc}"
-        pool = self._hooks.get(origin)
-        if pool is None:
-            pool = self._hooks[origin] = WirePool(
-                origin,
-                max_connections=64,
-                connect_timeout=self.settings.scaled(10.0),
-                read_timeout=self.settings.scaled(30.0),
-                user_agent="sandbox-webhook",
+        if self._hooks is None:
+            timeout = httpx.Timeout(self.settings.scaled(30.0), connect=self.settings.scaled(10.0))
+            self._hooks = httpx.AsyncClient(
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=64),
+                headers={"User-Agent": "sandbox-webhook"},
+                trust_env=False,  # the receiver is on loopback, never behind a proxy
             )
         data = json.dumps(payload).encode()
         delay = self.settings.scaled(1.0)
         for _ in range(self.settings.webhook_attempts):
             try:
-                target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-                answer = await pool.request("POST", target, {}, data)
-                if 200 <= answer.status < 300:
+                answer = await self._hooks.post(job.webhook_url, content=data)
+                if answer.is_success:
                     return
-            except (NotSent, ConnectionLost):
+            except httpx.TransportError:
                 pass
             await asyncio.sleep(delay)
             delay *= 2

@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -26,7 +27,10 @@ HOST = "127.0.0.1"
 _Lifespan = Literal["on", "off"]
 
 
-def _config(app: Any, sock: socket.socket, lifespan: _Lifespan) -> uvicorn.Config:
+def _config(
+    app: Any, sock: socket.socket, lifespan: _Lifespan, tls: Path | None = None
+) -> uvicorn.Config:
+    """`tls`: a PEM file with the server's key and certificate chain, to serve HTTPS."""
     return uvicorn.Config(
         app,
         log_level="warning",
@@ -36,6 +40,7 @@ def _config(app: Any, sock: socket.socket, lifespan: _Lifespan) -> uvicorn.Confi
         backlog=2048,
         host=HOST,
         port=sock.getsockname()[1],
+        ssl_certfile=None if tls is None else str(tls),
     )
 
 
@@ -52,16 +57,19 @@ def _bind(port: int) -> socket.socket:
 class ServerThread:
     """Any ASGI app on 127.0.0.1 in a background thread with its own event loop."""
 
-    def __init__(self, app: Any, port: int = 0, lifespan: _Lifespan = "off") -> None:
+    def __init__(
+        self, app: Any, port: int = 0, lifespan: _Lifespan = "off", tls: Path | None = None
+    ) -> None:
         self._sock = _bind(port)
         self.port: int = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(_config(app, self._sock, lifespan))
+        self._scheme = "http" if tls is None else "https"
+        self._server = uvicorn.Server(_config(app, self._sock, lifespan, tls))
         self._thread = threading.Thread(target=self._run, name="server", daemon=True)
         self._error: BaseException | None = None
 
     @property
     def root_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{self._scheme}://{HOST}:{self.port}"
 
     def _run(self) -> None:
         try:
@@ -97,10 +105,10 @@ class ServerThread:
 class SandboxServer(ServerThread):
     """The sandbox in a background thread: `with SandboxServer(settings) as sb: sb.base_url`."""
 
-    def __init__(self, settings: SandboxSettings, port: int = 0) -> None:
+    def __init__(self, settings: SandboxSettings, port: int = 0, tls: Path | None = None) -> None:
         self.settings = settings
         self.state = SandboxState(settings)
-        super().__init__(create_app(settings, self.state), port, lifespan="on")
+        super().__init__(create_app(settings, self.state), port, lifespan="on", tls=tls)
 
     @property
     def base_url(self) -> str:
