@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import structlog
 
 from pipeline import __version__
 from pipeline.errors import (
@@ -34,6 +35,9 @@ from pipeline.errors import (
     UnsafePredictionId,
 )
 from pipeline.keys import ApiKey
+from pipeline.schema import TRANSIENT_ERROR_CODES
+
+_log = structlog.get_logger("pipeline.client")
 
 __all__ = ["EachlabsClient", "Prediction", "check_prediction_id", "parse_retry_after"]
 
@@ -48,23 +52,32 @@ _NOT_SENT = (
     httpx.UnsupportedProtocol,
     httpx.LocalProtocolError,
 )
+# statuses of a prediction still running; any other unknown one is taken as running too
+_RUNNING = frozenset({"created", "starting", "queued", "processing", "in_queue", "running"})
+_unknown_seen: set[str] = set()
 # What a prediction id may hold: it goes back into request paths
 _PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """One poll's answer: `processing`, `success` (with outputs) or `error` (with a message)."""
+    """One poll's answer: `running`, `success` (with outputs), `error` (with the provider's
+    error code and message; `transient` when its advice is to retry) or `cancelled`."""
 
     prediction_id: str
     status: str
     output_urls: tuple[str, ...] = ()
     predict_time_s: float | None = None
     message: str = ""
+    error_code: str | None = None
 
     @property
     def terminal(self) -> bool:
-        return self.status in ("success", "error")
+        return self.status != "running"
+
+    @property
+    def transient(self) -> bool:
+        return self.error_code in TRANSIENT_ERROR_CODES
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -104,6 +117,24 @@ def _describe(response: httpx.Response) -> str:
 def _name(exc: BaseException) -> str:
     """How a transport failure is named in messages: the lower library's words, no secrets."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _path(prediction_id: str) -> str:
+    return f"prediction/{quote(check_prediction_id(prediction_id), safe='')}"
+
+
+def _failure(answer: dict[str, Any]) -> tuple[str | None, str]:
+    """A failed prediction's error code and message: `output.error_code`/`error_message`, or
+    the older string `output` or `message`/`details`. Never parsed for meaning."""
+    output = answer.get("output")
+    if isinstance(output, dict):
+        code = output.get("error_code")
+        message = output.get("error_message")
+        return (str(code) if code else None), str(message or code or "the provider failed it")
+    parts = [str(answer[k]) for k in ("message", "details", "error") if answer.get(k)]
+    if isinstance(output, str) and output:
+        parts.insert(0, output)
+    return None, ": ".join(parts)[:500] or "the provider reported an error"
 
 
 def check_prediction_id(value: object) -> str:
@@ -161,34 +192,40 @@ class EachlabsClient:
         return check_prediction_id(answer.get("predictionID"))  # a missing one too: final
 
     async def get(self, key: ApiKey, prediction_id: str) -> Prediction:
-        path = f"prediction/{quote(check_prediction_id(prediction_id), safe='')}"
-        answer = await self._send("GET", path, key, None, creating=False)
+        answer = await self._send("GET", _path(prediction_id), key, None, creating=False)
         status = answer.get("status")
-        if status not in ("processing", "success", "error", "starting", "queued"):
-            raise ProtocolViolation(f"poll answered an unknown status {status!r}", status=200)
-        if status != "success":
-            message = (
-                ": ".join(str(answer[k]) for k in ("message", "details") if answer.get(k))
-                or "the provider reported an error"
-            )
-            return Prediction(
-                prediction_id,
-                "error" if status == "error" else "processing",
-                message=message if status == "error" else "",
-            )
-        output = answer.get("output")
-        if isinstance(output, str):
-            output = [output]
-        if not isinstance(output, list) or not all(isinstance(u, str) for u in output):
-            raise ProtocolViolation("a successful poll has no list of output URLs", status=200)
         metrics = answer.get("metrics")
         predict_time = metrics.get("predict_time") if isinstance(metrics, dict) else None
-        return Prediction(
-            prediction_id,
-            "success",
-            tuple(output),
-            float(predict_time) if isinstance(predict_time, int | float) else None,
-        )
+        seconds = float(predict_time) if isinstance(predict_time, int | float) else None
+        if status == "success":
+            output = answer.get("output")
+            if isinstance(output, str):
+                output = [output]
+            if not isinstance(output, list) or not all(isinstance(u, str) for u in output):
+                raise ProtocolViolation("a successful poll has no list of output URLs", status=200)
+            return Prediction(prediction_id, "success", tuple(output), seconds)
+        if status == "error":
+            code, message = _failure(answer)
+            return Prediction(prediction_id, "error", (), seconds, message, code)
+        if status == "cancelled":
+            return Prediction(prediction_id, "cancelled", (), seconds, "cancelled at the provider")
+        if not isinstance(status, str) or not status:
+            raise ProtocolViolation(f"poll answered without a status ({status!r})", status=200)
+        if status not in _RUNNING and status not in _unknown_seen:
+            _unknown_seen.add(status)  # any other status means running: said once a run
+            _log.warning("unknown_status", status=status[:40], taken_as="running")
+        return Prediction(prediction_id, "running")
+
+    async def cancel(self, key: ApiKey, prediction_id: str) -> bool:
+        """Ask the provider to cancel a job: True when it accepted, False when the job had
+        ended (or is unknown to it); ApiError when the request itself failed."""
+        try:
+            await self._send("POST", f"{_path(prediction_id)}/cancel", key, None, creating=False)
+        except (NotFound, ProtocolViolation) as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
 
     async def _send(
         self, method: str, path: str, key: ApiKey, body: dict[str, Any] | None, *, creating: bool

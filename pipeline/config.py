@@ -121,6 +121,9 @@ class OutputSection(_Section):
 
 class BudgetSection(_Section):
     max_cost_usd: float | None = Field(None, ge=0)
+    # when the budget is reached, cancel the jobs in flight at the provider instead of letting
+    # them end (and be billed)
+    cancel_in_flight: bool = False
 
 
 class IncrementalSection(_Section):

@@ -49,7 +49,9 @@ class Dispatcher:
         self._drained = asyncio.Event()  # a slot was told there is no more work
         self._live_lanes = lanes
         self.halted = False  # stopped by a signal: not even jobs already handed out are sent
+        self.abandoned = False  # stopped for good (a second signal): jobs in flight are dropped
         self.budget_reached = False
+        self.budget_hit = asyncio.Event()
         self.on_retire: Callable[[KeyLane], None] | None = None
 
     # -- ingest ------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ class Dispatcher:
                     worst = self._worst(entry)
                     if self._committed + worst > self._budget + 1e-9:
                         self.budget_reached = True
+                        self.budget_hit.set()
                         self._given_back.appendleft(entry)
                         break
                     self._committed += worst

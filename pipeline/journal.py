@@ -36,6 +36,7 @@ __all__ = [
     "MarkCreating",
     "MarkPending",
     "NoteAmbiguous",
+    "NoteCancel",
     "Update",
 ]
 
@@ -67,10 +68,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL,
     finished_at REAL,
     reused INTEGER NOT NULL DEFAULT 0,
-    history TEXT
+    history TEXT,
+    error_code TEXT,
+    cancel_accepted INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
 """
+# columns added since the first journals: a journal made before them gets them on opening
+_ADDED = {"error_code": "TEXT", "cancel_accepted": "INTEGER"}
 
 # made once: json.dumps with any argument of its own builds a new encoder on every call
 _RECORD = json.JSONEncoder(default=str, ensure_ascii=False).encode
@@ -86,7 +91,8 @@ _RESULT_COLUMNS = """row_number, record, inputs, history, json_object(
     'attempts', attempts, 'ambiguous_creates', ambiguous,
     'possible_duplicate_charge', json(CASE WHEN ambiguous > 0 THEN 'true' ELSE 'false' END),
     'reused', json(CASE WHEN reused THEN 'true' ELSE 'false' END),
-    'error_type', error_type, 'error_message', error_message,
+    'error_type', error_type, 'error_code', error_code, 'error_message', error_message,
+    'cancel_accepted', json(CASE cancel_accepted WHEN 1 THEN 'true' WHEN 0 THEN 'false' END),
     'created_at', CASE WHEN created_at THEN CAST(created_at * 1000000 AS INTEGER) END,
     'finished_at', CASE WHEN finished_at THEN CAST(finished_at * 1000000 AS INTEGER) END,
     'key', key_name
@@ -188,7 +194,8 @@ class Finish(Update):
         db.execute(
             "UPDATE jobs SET status=?, prediction_id=COALESCE(?, prediction_id), output_urls=?,"
             " images=?, cost_usd=?, predict_time_s=?, error_type=?, error_message=?,"
-            " finished_at=? WHERE row_number=?",
+            " finished_at=?, error_code=?, cancel_accepted=COALESCE(?, cancel_accepted)"
+            " WHERE row_number=?",
             (
                 o.status.value,
                 o.prediction_id,
@@ -199,8 +206,24 @@ class Finish(Update):
                 o.error_type,
                 o.error_message,
                 o.finished_at,
+                o.error_code,
+                o.cancel_accepted,
                 self.row_number,
             ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NoteCancel(Update):
+    """A cancel was asked for the job's prediction; whether the provider accepted it."""
+
+    row_number: int
+    accepted: bool
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE jobs SET cancel_accepted=? WHERE row_number=?",
+            (int(self.accepted), self.row_number),
         )
 
 
@@ -235,6 +258,10 @@ class Journal:
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute("PRAGMA busy_timeout=10000")
                 self._db.executescript(_SCHEMA)
+                have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+                for name, kind in _ADDED.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise JournalDamaged(f"journal {path} cannot be opened as a database: {exc}") from None
@@ -480,11 +507,17 @@ class Journal:
                         "finished_at": row["finished_at"],
                     }
                 )
-                reattach = row["error_type"] == "timeout" and row["prediction_id"] is not None
+                # a timed-out job that the provider did not cancel may still end, and was paid
+                reattach = (
+                    row["error_type"] == "timeout"
+                    and row["prediction_id"] is not None
+                    and not row["cancel_accepted"]
+                )
                 self._db.execute(
                     "UPDATE jobs SET status=?, prediction_id=?, created_at=?, started_at=?,"
                     " output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
-                    " error_message=NULL, finished_at=NULL, history=? WHERE row_number=?",
+                    " error_message=NULL, error_code=NULL, cancel_accepted=NULL, finished_at=NULL,"
+                    " history=? WHERE row_number=?",
                     (
                         (Status.CREATED if reattach else Status.PENDING).value,
                         row["prediction_id"] if reattach else None,

@@ -56,6 +56,8 @@ class JobOutcome:
     error_type: str | None = None
     error_message: str | None = None
     finished_at: float = 0.0
+    error_code: str | None = None  # the provider's, for a failed prediction
+    cancel_accepted: bool | None = None  # asked to cancel it at the provider: was it accepted
 
 
 @dataclass(frozen=True, slots=True)

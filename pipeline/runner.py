@@ -559,6 +559,8 @@ async def _drive(
                 services.start_soon(
                     _ingest_task, manifest, journal, state, dispatcher, stop_ingest, faults
                 )
+                if config.budget.cancel_in_flight:
+                    services.start_soon(_cancel_on_budget, dispatcher, worker)
                 async with anyio.create_task_group() as workers:
                     if handle_signals:
                         services.start_soon(
@@ -567,6 +569,9 @@ async def _drive(
                     for lane in lanes:
                         for _ in range(limits.max_concurrent):
                             workers.start_soon(worker.run_slot, lane)
+                if dispatcher.abandoned and worker.in_flight:
+                    with anyio.move_on_after(config.api.read_timeout_s):
+                        await worker.cancel_in_flight()
                 interrupted = dispatcher.halted
                 stop_ingest.set()
                 services.cancel_scope.cancel()
@@ -590,10 +595,18 @@ async def _drive(
     return ExitCode.OK, ""
 
 
+async def _cancel_on_budget(dispatcher: Dispatcher, worker: Worker) -> None:
+    """budget.cancel_in_flight: once no more jobs fit the budget, the jobs in flight are
+    cancelled at the provider; each then ends `cancelled`, billed nothing."""
+    await dispatcher.budget_hit.wait()
+    await worker.cancel_in_flight()
+
+
 async def _watch_signals(
     dispatcher: Dispatcher, workers: anyio.CancelScope, grace_s: float
 ) -> None:
-    """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop."""
+    """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop
+    now, and cancel the jobs in flight at the provider."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not dispatcher.stopped:
@@ -602,4 +615,5 @@ async def _watch_signals(
                 workers.deadline = min(workers.deadline, anyio.current_time() + grace_s)
             else:
                 _log.warning("stopping_now", signal=signal.Signals(signum).name)
+                dispatcher.abandoned = True  # the jobs in flight are cancelled at the provider
                 workers.cancel()

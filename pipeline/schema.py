@@ -22,6 +22,7 @@ __all__ = [
     "MODEL",
     "SEED_RANGE",
     "SIZES",
+    "TRANSIENT_ERROR_CODES",
     "Violation",
     "check_input",
     "check_url",
@@ -40,6 +41,20 @@ IMAGE_EXTENSIONS = ("jpeg", "jpg", "png", "bmp", "webp")
 IMAGE_FIELDS = ("img_url", "img_url_2", "img_url_3", "img_url_4")
 INPUT_FIELDS = ("prompt", *IMAGE_FIELDS, "size", "n", "seed")
 _REQUIRED = ("prompt", "img_url")
+# a failed prediction's `error_code`s whose advice is to retry (network, rate limit, a worker
+# lost, a timeout, or a provider-side fault): a failed job costs nothing, so it is created again
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "PROVIDER_RATE_LIMIT",
+        "PROVIDER_SERVER_ERROR",
+        "NETWORK_ERROR",
+        "WORKER_LOST",
+        "PUBLISH_FAILED",
+        "EXECUTION_TIMEOUT",
+        "PROVIDER_AUTH_ERROR",
+        "PIPELINE_CONFIG_ERROR",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

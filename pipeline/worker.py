@@ -34,11 +34,13 @@ from pipeline.journal import (
     MarkCreating,
     MarkPending,
     NoteAmbiguous,
+    NoteCancel,
 )
 from pipeline.keys import ApiKey
 from pipeline.limits import CreateGate, GatePaused, RetryPolicy
 from pipeline.models import JobOutcome, Status
 from pipeline.polling import PollPlanner
+from pipeline.schema import TRANSIENT_ERROR_CODES
 from pipeline.webhook import Callbacks, CallbackStats, Waiter
 
 __all__ = ["KeyLane", "RunStats", "Worker"]
@@ -58,6 +60,8 @@ class RunStats:
     polls: int = 0
     reattached: int = 0
     timeouts: int = 0
+    cancels: int = 0  # cancels the provider accepted or refused (not failed requests)
+    job_retries: int = 0  # jobs created again after a transient error code
     finished: int = 0
     retired_keys: list[str] = field(default_factory=list)
     callbacks: CallbackStats | None = None  # webhook mode only
@@ -113,6 +117,30 @@ class _GiveWay(Exception):
         self.wait = wait
 
 
+class _Track:
+    """What one job's polls have seen: errors in a row, and its callback's hint (webhook mode):
+    a hint no poll has confirmed yet, or one a poll contradicted (the job is then polled on
+    the schedule)."""
+
+    __slots__ = ("contradicted", "failures", "hinted", "waiter")
+
+    def __init__(self, waiter: Waiter | None) -> None:
+        self.waiter = waiter
+        self.failures = 0
+        self.hinted = False
+        self.contradicted = False
+
+    def woken(self) -> None:
+        if self.waiter is not None:
+            self.hinted = self.hinted or self.waiter.hinted
+            self.waiter.rearm()
+
+    def running(self) -> None:
+        """A poll said the job still runs: a hint before it was wrong."""
+        if self.hinted and self.waiter is not None:
+            self.contradicted, self.hinted = True, False
+
+
 class Worker:
     def __init__(
         self,
@@ -146,6 +174,8 @@ class Worker:
         )
         self.job_timeout = config.scaled(config.polling.job_timeout_s)
         self.price = config.api.price_per_image_usd
+        self.in_flight: dict[str, tuple[KeyLane, int]] = {}  # prediction id -> its key and row
+        self.cancel_all = False  # stopped for good: every job in flight is cancelled
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
 
     async def run_slot(self, lane: KeyLane) -> None:
@@ -173,33 +203,48 @@ class Worker:
 
     async def run_job(self, lane: KeyLane, entry: Entry) -> None:
         log = _JobLog(entry, lane)
-        if entry.status is Status.CREATED and entry.prediction_id:
-            if entry.key_name == lane.key.name:
-                self.stats.reattached += 1
-                log.bound().info("reattach", prediction_id=entry.prediction_id)
-                await self._poll(lane, entry, entry.prediction_id, time.time(), entry.attempts)
-                return
-            # its key is gone: the job cannot be seen from another key; it stays for a later run
-            log.bound().warning("orphaned", prediction_id=entry.prediction_id, owner=entry.key_name)
-            return
         attempts = entry.attempts
-        if entry.status is Status.CREATING:
+        outcome: JobOutcome | None = None
+        if entry.status is Status.CREATED and entry.prediction_id:
+            if entry.key_name != lane.key.name:
+                # its key is gone: only that key can see the job end; it stays for a later run
+                log.bound().warning(
+                    "orphaned", prediction_id=entry.prediction_id, owner=entry.key_name
+                )
+                return
+            self.stats.reattached += 1
+            log.bound().info("reattach", prediction_id=entry.prediction_id)
+            outcome = await self._poll(lane, entry, entry.prediction_id, time.time(), attempts)
+        elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
             await self._ambiguous(entry, log)
             if self.config.retries.ambiguous_creates == "fail":
                 await self._finish(entry, self._ambiguous_outcome())
                 return
-        outcome_or_id = await self._create(lane, entry, attempts, log)
-        if outcome_or_id is None:
-            self.dispatcher.give_back(entry)  # stopped before it was sent: left for the resume
-            return
-        if isinstance(outcome_or_id, JobOutcome):
-            await self._finish(entry, outcome_or_id)
-            return
-        prediction_id, attempts = outcome_or_id
-        await self._poll(
-            lane, entry, prediction_id, time.time(), attempts, hooked=self.webhook_url is not None
-        )
+        while True:
+            if outcome is None:
+                created = await self._create(lane, entry, attempts, log)
+                if created is None:
+                    self.dispatcher.give_back(entry)  # stopped before it was sent: kept
+                    return
+                if isinstance(created, JobOutcome):
+                    await self._finish(entry, created)
+                    return
+                prediction_id, attempts = created
+                hooked = self.webhook_url is not None
+                outcome = await self._poll(
+                    lane, entry, prediction_id, time.time(), attempts, hooked=hooked
+                )
+            if not (
+                outcome.error_code in TRANSIENT_ERROR_CODES and attempts < self.policy.max_attempts
+            ):
+                await self._finish(entry, outcome)
+                return
+            # the provider says to try again; a failed job costs nothing
+            self.stats.job_retries += 1
+            log.bound().info("job_retry", error_code=outcome.error_code, attempt=attempts)
+            entry = replace(entry, status=Status.CREATED, attempts=attempts)
+            outcome = None
 
     async def _ambiguous(self, entry: Entry, log: _JobLog) -> None:
         self.stats.ambiguous_creates += 1
@@ -304,90 +349,127 @@ class Worker:
         attempts: int,
         *,
         hooked: bool = False,
-    ) -> None:
-        """Poll a job to its end; its prediction id is durable already (invariant 1), so a
-        crash never loses a paid job. `hooked`: the create carried our webhook URL, so a
-        callback may wake the job early."""
+    ) -> JobOutcome:
+        """Poll a job to its end, and how it ended; its prediction id is durable already
+        (invariant 1), so a crash never loses a paid job. `hooked`: the create carried our
+        webhook URL, so a callback may wake the job early. A job still running at its deadline
+        is cancelled at the provider. While polled, the job is in `in_flight`."""
+        self.in_flight[prediction_id] = (lane, entry.row_number)
+        if self.cancel_all:  # created as the run was being stopped for good
+            await self._cancel_noted(prediction_id, lane, entry.row_number)
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
+        track = _Track(waiter)
         try:
             deadline = created + self.job_timeout
-            contradicted = False  # a contradicted callback puts the job on the poll schedule
-            delay = self._delay(waiter, None, contradicted)
-            failures = 0
-            hinted = False  # a callback came that no poll answer has confirmed or contradicted yet
+            delay = self._delay(waiter, None, False)
             while True:
-                now = time.time()
-                await self._wait(max(0.0, min(delay, deadline - now)), waiter)
-                if waiter is not None:
-                    hinted = hinted or waiter.hinted
-                    waiter.rearm()
-                self.stats.polls += 1
-                try:
-                    answer = await self.client.get(lane.key, prediction_id)
-                except (NotFound, UnsafePredictionId) as exc:
-                    await self._finish(
-                        entry,
-                        JobOutcome(
-                            Status.FAILED,
-                            prediction_id,
-                            error_type=exc.error_type,
-                            error_message=str(exc),
-                            finished_at=time.time(),
-                        ),
-                    )
-                    return
-                except Unauthorized as exc:
-                    # the job exists under this key only: it waits, journaled, for a later run
-                    raise _KeyRefused(
-                        replace(
-                            entry,
-                            status=Status.CREATED,
-                            prediction_id=prediction_id,
-                            key_name=lane.key.name,
-                            attempts=attempts,
-                        )
-                    ) from exc
-                except RateLimited as exc:
-                    self.stats.rate_limited += 1
-                    failures += 1
-                    delay = self.policy.rate_limit_wait(exc, failures)
-                    answer = None
-                except ApiError as exc:
-                    # a paid job is never given up on a poll error: back off until its deadline
-                    failures += 1
-                    delay = self.policy.backoff(failures)
-                    _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
-                    answer = None
-                if answer is not None:
-                    failures = 0
-                    if answer.terminal:
-                        if waiter is not None and self.callbacks is not None:
-                            self.callbacks.ended(
-                                waiter, self._seen_by(waiter, hinted, contradicted)
-                            )
-                        await self._finish(entry, self._outcome(answer, created))
-                        return
-                    if hinted and self.callbacks is not None:
-                        self.callbacks.stats.unconfirmed += 1
-                        contradicted = True
-                        hinted = False
-                    delay = self._delay(waiter, time.time() - created, contradicted)
+                await self._wait(max(0.0, min(delay, deadline - time.time())), waiter)
+                track.woken()
+                step = await self._poll_once(lane, entry, prediction_id, attempts, track)
+                if isinstance(step, Prediction):
+                    if self.callbacks is not None and waiter is not None:
+                        self.callbacks.ended(waiter, self._seen_by(waiter, track))
+                    outcome = self._outcome(step, created)
+                    break
+                if isinstance(step, JobOutcome):
+                    outcome = step
+                    break
+                delay = (
+                    step
+                    if step is not None
+                    else self._delay(waiter, time.time() - created, track.contradicted)
+                )
                 if time.time() >= deadline:
-                    self.stats.timeouts += 1
-                    await self._finish(
-                        entry,
-                        JobOutcome(
-                            Status.FAILED,
-                            prediction_id,
-                            error_type="timeout",
-                            error_message=f"still processing after {self._timeout_text}",
-                            finished_at=time.time(),
-                        ),
-                    )
-                    return
+                    outcome = await self._timed_out(lane, entry, prediction_id)
+                    break
         finally:
             if waiter is not None and self.callbacks is not None:
                 self.callbacks.forget(waiter)
+        del self.in_flight[prediction_id]  # kept when cancelled: see cancel_in_flight
+        return outcome
+
+    async def _poll_once(
+        self, lane: KeyLane, entry: Entry, prediction_id: str, attempts: int, track: _Track
+    ) -> Prediction | JobOutcome | float | None:
+        """One poll: the terminal answer, an outcome without one (the provider does not know
+        the job), the wait before the next poll after an error, or None (still running)."""
+        self.stats.polls += 1
+        try:
+            answer = await self.client.get(lane.key, prediction_id)
+        except (NotFound, UnsafePredictionId) as exc:
+            return JobOutcome(
+                Status.FAILED,
+                prediction_id,
+                error_type=exc.error_type,
+                error_message=str(exc),
+                finished_at=time.time(),
+            )
+        except Unauthorized as exc:
+            del self.in_flight[prediction_id]
+            # the job exists under this key only: it waits, journaled, for a later run
+            raise _KeyRefused(
+                replace(
+                    entry,
+                    status=Status.CREATED,
+                    prediction_id=prediction_id,
+                    key_name=lane.key.name,
+                    attempts=attempts,
+                )
+            ) from exc
+        except RateLimited as exc:
+            self.stats.rate_limited += 1
+            track.failures += 1
+            return self.policy.rate_limit_wait(exc, track.failures)
+        except ApiError as exc:
+            # a paid job is never given up on a poll error: back off until its deadline
+            track.failures += 1
+            _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
+            return self.policy.backoff(track.failures)
+        track.failures = 0
+        if answer.terminal:
+            return answer
+        if track.hinted and self.callbacks is not None:
+            self.callbacks.stats.unconfirmed += 1
+        track.running()
+        return None
+
+    async def _timed_out(self, lane: KeyLane, entry: Entry, prediction_id: str) -> JobOutcome:
+        """A job past polling.job_timeout_s: cancelled at the provider, so it is not billed
+        for a result nobody waits for."""
+        self.stats.timeouts += 1
+        accepted = await self._cancel(lane, prediction_id)
+        said = "accepted" if accepted else "not accepted (it may still end and be billed)"
+        return JobOutcome(
+            Status.FAILED,
+            prediction_id,
+            error_type="timeout",
+            error_message=f"still processing after {self._timeout_text}; its cancel was {said}",
+            finished_at=time.time(),
+            cancel_accepted=accepted,
+        )
+
+    async def _cancel(self, lane: KeyLane, prediction_id: str) -> bool:
+        try:
+            accepted = await self.client.cancel(lane.key, prediction_id)
+        except ApiError as exc:
+            _log.warning("cancel_failed", prediction_id=prediction_id, error=str(exc))
+            return False
+        self.stats.cancels += 1
+        return accepted
+
+    async def cancel_in_flight(self) -> None:
+        """The run is stopped for good: cancel at the provider every job in flight, and every
+        job that comes in flight from now on (its create was under way); each row records
+        whether its cancel was accepted, and the jobs end `cancelled` on their next poll."""
+        self.cancel_all = True
+        jobs = list(self.in_flight.items())
+        async with anyio.create_task_group() as tg:
+            for prediction_id, (lane, row) in jobs:
+                tg.start_soon(self._cancel_noted, prediction_id, lane, row)
+        _log.warning("cancelled_in_flight", jobs=len(jobs))
+
+    async def _cancel_noted(self, prediction_id: str, lane: KeyLane, row: int) -> None:
+        await self.journal.write(NoteCancel(row, await self._cancel(lane, prediction_id)))
 
     def _delay(self, waiter: Waiter | None, elapsed: float | None, contradicted: bool) -> float:
         """Seconds to the next poll, `elapsed` seconds after the create (None: the first poll):
@@ -407,12 +489,10 @@ class Worker:
             waiter is None or contradicted or self.callbacks is None or not self.callbacks.arriving
         )
 
-    def _seen_by(
-        self, waiter: Waiter, hinted: bool, contradicted: bool
-    ) -> Literal["callback", "fallback", "poll"]:
-        if hinted:
+    def _seen_by(self, waiter: Waiter, track: _Track) -> Literal["callback", "fallback", "poll"]:
+        if track.hinted:
             return "callback"
-        return "poll" if self._on_schedule(waiter, contradicted) else "fallback"
+        return "poll" if self._on_schedule(waiter, track.contradicted) else "fallback"
 
     async def _wait(self, seconds: float, waiter: Waiter | None) -> None:
         """Sleep `seconds`, or until the waiter's event (a callback) if it comes sooner."""
@@ -437,14 +517,16 @@ class Worker:
                 answer.predict_time_s,
                 finished_at=now,
             )
+        cancelled = answer.status == "cancelled"
         return JobOutcome(
             Status.FAILED,
             answer.prediction_id,
             (),
             answer.predict_time_s,
-            error_type="job_error",
+            error_type="cancelled" if cancelled else "job_error",
             error_message=answer.message,
             finished_at=now,
+            error_code=answer.error_code,
         )
 
     async def _finish(self, entry: Entry, outcome: JobOutcome) -> None:

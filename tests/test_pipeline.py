@@ -394,3 +394,52 @@ async def test_a_changed_manifest_is_not_mixed_into_a_run(sandbox: Start, tmp_pa
     write_manifest(manifest, catalog(4))
     with pytest.raises(RunFolderMismatch, match="manifest file"):
         await go(config, [KEY])
+
+
+async def test_transient_error_codes_are_created_again_final_ones_and_cancels_are_not(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    faults = FaultRates(transient_error=0.3, job_error=0.1, cancelled=0.1)
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, faults=faults, seed=11)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
+    summary = await go(config, [KEY])
+    rows = results(summary)
+    assert_one_result_per_row(rows, 80)
+    ends = {e["prediction_id"]: e for e in sb.ledger() if e["event"] == "ended"}
+    retried = [r for r in rows if r["attempts"] > 1]
+    assert retried and summary.stats.job_retries == sum(r["attempts"] - 1 for r in rows)
+    for row in rows:
+        last = ends[row["prediction_id"]]
+        if row["status"] == "succeeded":
+            assert row["error_code"] is None
+        elif row["error_type"] == "cancelled":
+            assert last["status"] == "cancelled"
+        else:  # a final code is never created again; a transient one only when attempts ran out
+            assert row["error_type"] == "job_error"
+            assert row["error_code"] == last["error_code"]
+            assert row["error_code"] == "PROVIDER_FAILED" or row["attempts"] == 5
+    assert {r["error_type"] for r in rows if r["status"] == "failed"} >= {"job_error", "cancelled"}
+    assert sb.stats()["creates"] == 80 + summary.stats.job_retries
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(ledger_cost(sb))
+
+
+async def test_a_reached_budget_can_cancel_the_jobs_in_flight(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=60)  # 3 s jobs: in flight when the budget binds
+    manifest = write_manifest(tmp_path / "m.csv", catalog(20))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        budget={"max_cost_usd": 0.15, "cancel_in_flight": True},
+    )
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.BUDGET
+    rows = results(summary)
+    cancelled = [r for r in rows if r["error_type"] == "cancelled"]
+    assert len(cancelled) == 5 and sb.stats()["creates"] == 5
+    assert all(r["cancel_accepted"] is True and r["cost_usd"] == 0 for r in cancelled)
+    assert ledger_cost(sb) == 0 and summary.totals["cost_usd"] == 0

@@ -86,7 +86,7 @@ async def test_retry_by_error_type(sandbox: Start, tmp_path: Path) -> None:
     assert other.left_failed == {"job_error": failed}
 
 
-async def test_retry_reattaches_timed_out_jobs_instead_of_paying_again(
+async def test_a_timed_out_job_is_cancelled_at_the_provider_then_retried_anew(
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=30, latency_spread=0.05)
@@ -96,7 +96,14 @@ async def test_retry_reattaches_timed_out_jobs_instead_of_paying_again(
     )
     first = await go(config, [KEY])
     assert first.counts == {"failed": 6}
-    assert {r["error_type"] for r in results(first)} == {"timeout"}
+    timed_out = results(first)
+    assert {r["error_type"] for r in timed_out} == {"timeout"}
+    assert all(r["cancel_accepted"] is True for r in timed_out)
+    assert all("its cancel was accepted" in r["error_message"] for r in timed_out)
+    # the provider stopped them: each ended cancelled, and the ledger bills nothing for it
+    ends = [e for e in sb.ledger() if e["event"] == "ended"]
+    assert len(ends) == 6 and {e["status"] for e in ends} == {"cancelled"}
+    assert ledger_cost(sb) == 0
 
     patient = make_config(
         tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, polling={"job_timeout_s": 120}
@@ -104,10 +111,11 @@ async def test_retry_reattaches_timed_out_jobs_instead_of_paying_again(
     second = await go(patient, [KEY], reprocess=Reprocess(frozenset({"timeout"})))
 
     assert second.counts == {"succeeded": 6}
-    assert sb.stats()["creates"] == 6  # polled again, never created again
+    assert sb.stats()["creates"] == 12  # a cancelled job cannot end: each is created anew
     rows = results(second)
     assert all(r["history"][0]["error_type"] == "timeout" for r in rows)
-    assert all(r["prediction_id"] == r["history"][0]["prediction_id"] for r in rows)
+    assert all(r["prediction_id"] != r["history"][0]["prediction_id"] for r in rows)
+    assert all(r["cancel_accepted"] is None for r in rows)
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(ledger_cost(sb))
 
 
@@ -253,4 +261,27 @@ def test_requeue_keeps_history_and_filters_types(tmp_path: Path) -> None:
     assert journal.failed_types() == {"invalid_input": 1}
     assert journal.requeue(None) == {"invalid_input": 1}
     assert journal.counts() == {"pending": 3, "succeeded": 1}
+    # a timed-out job is polled again unless the provider accepted its cancel
+    late = [JobSpec(f"j{i}", i, {"prompt": "p"}, {}, f"fp{i}") for i in (5, 6)]
+    journal.ingest(late, {})
+    journal.apply(
+        [
+            Finish(
+                n,
+                JobOutcome(
+                    Status.FAILED,
+                    f"pred-{n}",
+                    error_type="timeout",
+                    finished_at=1.0,
+                    cancel_accepted=accepted,
+                ),
+                0,
+            )
+            for n, accepted in ((5, False), (6, True))
+        ]
+    )
+    assert journal.requeue({"timeout"}) == {"timeout": 2}
+    again = {e.row_number: e for e in journal.open_jobs(4, 10)}
+    assert (again[5].status, again[5].prediction_id) == (Status.CREATED, "pred-5")
+    assert (again[6].status, again[6].prediction_id) == (Status.PENDING, None)
     journal.close()

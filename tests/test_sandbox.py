@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import subprocess
 import sys
@@ -15,10 +17,11 @@ import pytest
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.sandbox import FaultRates, SandboxServer, ServerThread, key_hash
+from pipeline.schema import TRANSIENT_ERROR_CODES
 from tests.conftest import KEY, KEY2
 
 MODEL = "alibaba-wan-2-7-image-edit"
@@ -43,7 +46,7 @@ def wait_done(client: httpx.Client, sb: SandboxServer, pid: str, key: str = KEY)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         answer = client.get(f"{sb.base_url}/prediction/{pid}", headers={"X-API-Key": key}).json()
-        if answer["status"] != "processing":
+        if answer["status"] not in ("created", "starting", "processing"):
             return dict(answer)
         time.sleep(0.01)
     raise AssertionError("job never ended")
@@ -355,3 +358,74 @@ def test_cli_prints_base_url_first(tmp_path: Any) -> None:
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_job_reports_created_then_starting_then_processing(sandbox: Start) -> None:
+    sb = sandbox(time_scale=0.01, latency_mean_s=100, latency_spread=0)  # a 1 s job
+    with httpx.Client() as c:
+        pid = create(c, sb, body()).json()["predictionID"]
+        seen: list[str] = []
+        while not seen or seen[-1] not in ("success", "error"):
+            status = c.get(f"{sb.base_url}/prediction/{pid}", headers={"X-API-Key": KEY}).json()
+            if not seen or seen[-1] != status["status"]:
+                seen.append(status["status"])
+            time.sleep(0.01)
+    assert seen == ["created", "starting", "processing", "success"]
+
+
+def test_cancel_ends_a_running_job_unbilled_and_frees_its_slot(sandbox: Start) -> None:
+    sb = sandbox(time_scale=0.01, latency_mean_s=1000, latency_spread=0, max_concurrent=1)
+    with httpx.Client() as c:
+        headers = {"X-API-Key": KEY}
+        pid = create(c, sb, body()).json()["predictionID"]
+        assert create(c, sb, body()).status_code == 429  # its key's one slot is taken
+        cancel = f"{sb.base_url}/prediction/{pid}/cancel"
+        assert c.post(cancel, headers={"X-API-Key": KEY2}).status_code == 404  # not its key
+        assert c.post(cancel, headers=headers).status_code == 200
+        assert c.post(cancel, headers=headers).status_code == 409  # it has ended already
+        assert wait_done(c, sb, pid)["status"] == "cancelled"
+        assert create(c, sb, body()).status_code == 200  # the slot is free again
+    [ended] = [e for e in sb.ledger() if e["event"] == "ended"]
+    assert (ended["status"], ended["cost_usd"]) == ("cancelled", 0.0)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_failed_jobs_carry_an_error_code_in_either_shape(sandbox: Start, legacy: bool) -> None:
+    sb = sandbox(
+        time_scale=0.001,
+        faults=FaultRates(transient_error=1.0),
+        legacy_errors=legacy,
+    )
+    with httpx.Client() as c:
+        done = wait_done(c, sb, create(c, sb, body()).json()["predictionID"])
+    assert done["status"] == "error"
+    if legacy:
+        assert done["output"] is None and "sandbox fault" in done["details"]
+    else:
+        assert done["output"]["error_code"] in TRANSIENT_ERROR_CODES
+        assert done["output"]["error_message"]
+
+
+def test_signed_webhooks(sandbox: Start) -> None:
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append((dict(request.headers), await request.body()))
+        return Response(status_code=204)
+
+    app = Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+    with ServerThread(app) as receiver:
+        sb = sandbox(time_scale=0.001, allow_loopback_urls=True)
+        with httpx.Client() as c:
+            payload = body()
+            payload["webhook_url"] = f"{receiver.root_url}/hook"
+            payload["webhook_secret"] = "whsec-test"
+            wait_done(c, sb, create(c, sb, payload).json()["predictionID"])
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+    [(headers, raw)] = received
+    stamp = headers["x-webhook-timestamp"]
+    expected = hmac.new(b"whsec-test", f"{stamp}.".encode() + raw, hashlib.sha256).hexdigest()
+    assert headers["x-webhook-signature"] == f"sha256={expected}"
+    assert abs(int(stamp) - time.time()) < 60

@@ -104,6 +104,11 @@ async def test_poll_answers_are_read() -> None:
     answers = iter(
         [
             {"status": "processing", "predictionID": "p1"},
+            {"status": "created"},
+            {"status": "starting"},
+            {"status": "queued"},
+            {"status": "warming-up"},  # unknown: taken as running
+            {"status": "warming-up"},
             {
                 "status": "success",
                 "predictionID": "p1",
@@ -111,7 +116,11 @@ async def test_poll_answers_are_read() -> None:
                 "metrics": {"predict_time": 9.5},
             },
             {"status": "error", "predictionID": "p1", "message": "nsfw", "details": "blocked"},
-            {"status": "weird"},
+            {"status": "error", "output": {"error_code": "WORKER_LOST", "error_message": "lost"}},
+            {"status": "error", "output": {"error_code": "PROVIDER_REJECTED"}},
+            {"status": "error", "output": "the older string form"},
+            {"status": "cancelled"},
+            {"predictionID": "p1"},
         ]
     )
 
@@ -120,14 +129,42 @@ async def test_poll_answers_are_read() -> None:
 
     client = client_for(handler)
     key = ApiKey(SECRET)
-    assert (await client.get(key, "p1")).status == "processing"
+    for _ in range(6):
+        assert (await client.get(key, "p1")).status == "running"
     done = await client.get(key, "p1")
     assert done.status == "success" and done.output_urls == ("https://o/1.jpg",)
-    assert done.predict_time_s == 9.5
+    assert done.predict_time_s == 9.5 and done.terminal
     failed = await client.get(key, "p1")
     assert failed.status == "error" and failed.message == "nsfw: blocked"
+    assert failed.error_code is None and not failed.transient
+    lost = await client.get(key, "p1")
+    assert (lost.error_code, lost.message, lost.transient) == ("WORKER_LOST", "lost", True)
+    rejected = await client.get(key, "p1")
+    assert (rejected.error_code, rejected.transient) == ("PROVIDER_REJECTED", False)
+    assert (await client.get(key, "p1")).message == "the older string form"
+    cancelled = await client.get(key, "p1")
+    assert cancelled.status == "cancelled" and cancelled.terminal
     with pytest.raises(ProtocolViolation):
         await client.get(key, "p1")
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_cancel_and_both_error_shapes_of_a_request() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        pid = request.url.path.split("/")[-2]
+        if pid == "gone":
+            return httpx.Response(409, json={"error": "the prediction has ended"})
+        if pid == "nope":
+            return httpx.Response(403, json={"error": "operation not allowed"})
+        return httpx.Response(200, json={"status": "success"})
+
+    client = client_for(handler)
+    key = ApiKey(SECRET)
+    assert await client.cancel(key, "running-1") is True
+    assert await client.cancel(key, "gone") is False
+    with pytest.raises(ProtocolViolation, match="HTTP 403: operation not allowed"):
+        await client.cancel(key, "nope")
     await client.aclose()
 
 

@@ -8,9 +8,12 @@ demos) and `GET /_admin/stats` / `GET /_admin/ledger` (what was billed).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import io
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -128,7 +131,12 @@ class _Sandbox:
         if fault := self._server_fault(faults.create_5xx):
             return fault
         job = self.state.accept(
-            key, body["model"], body["input"], body.get("webhook_url"), str(request.base_url)
+            key,
+            body["model"],
+            body["input"],
+            body.get("webhook_url"),
+            str(request.base_url),
+            body.get("webhook_secret"),
         )
         self._schedule_end(job)
         if self.state.chance(faults.lost_create):
@@ -147,7 +155,7 @@ class _Sandbox:
     def _check_body(self, body: Any) -> tuple[int, str] | None:
         if not isinstance(body, dict):
             return 400, "the body must be a JSON object"
-        unknown = set(body) - {"model", "input", "webhook_url", "version"}
+        unknown = set(body) - {"model", "input", "webhook_url", "webhook_secret", "version"}
         if unknown:
             return 400, f"unknown body fields: {', '.join(sorted(unknown))}"
         model = body.get("model")
@@ -186,30 +194,43 @@ class _Sandbox:
         return JSONResponse(self._job_body(job))
 
     def _job_body(self, job: Job) -> dict[str, Any]:
+        pid = job.prediction_id
         if not self.state.finish_due(job):
-            return {"status": "processing", "predictionID": job.prediction_id}
+            return {"status": job.status(self.state.now()), "predictionID": pid}
         metrics = {"predict_time": self.state.predict_time(job)}
-        if job.fails:
+        if job.cancelled:
+            return {"status": "cancelled", "predictionID": pid, "output": None}
+        if job.fails and self.settings.legacy_errors:
+            details = f"sandbox fault: job error ({job.error_code})"
             return {
                 "status": "error",
-                "predictionID": job.prediction_id,
+                "predictionID": pid,
                 "output": None,
                 "message": "Generation failed",
-                "details": "sandbox fault: job error",
+                "details": details,
                 "metrics": metrics,
             }
-        urls = [f"{job.base_url}v1/outputs/{job.prediction_id}/{i}.jpg" for i in range(job.n)]
-        return {
-            "status": "success",
-            "predictionID": job.prediction_id,
-            "output": urls,
-            "metrics": metrics,
-        }
+        if job.fails:
+            failure = {"error_code": job.error_code, "error_message": "sandbox fault: job error"}
+            return {"status": "error", "predictionID": pid, "output": failure, "metrics": metrics}
+        urls = [f"{job.base_url}v1/outputs/{pid}/{i}.jpg" for i in range(job.n)]
+        return {"status": "success", "predictionID": pid, "output": urls, "metrics": metrics}
+
+    async def cancel(self, request: Request) -> Response:
+        key = self._authenticate(request)
+        if isinstance(key, Response):
+            return key
+        job = self.state.jobs.get(request.path_params["prediction_id"])
+        if job is None or job.key != key:
+            return _error(404, "Not found", "unknown prediction id")
+        if not self.state.cancel(job):
+            return _error(409, "Conflict", "the prediction has ended already")
+        return JSONResponse({"status": "success", "message": "Prediction cancelled"})
 
     async def output(self, request: Request) -> Response:
         job = self.state.jobs.get(request.path_params["prediction_id"])
         index = int(request.path_params["index"])
-        if job is None or not job.ended or job.fails or not 0 <= index < job.n:
+        if job is None or not job.ended or job.fails or job.cancelled or not 0 <= index < job.n:
             return _error(404, "Not found", "no such output")
         urls = [str(job.inputs[f]) for f in IMAGE_FIELDS if job.inputs.get(f)]
         last = await self._input_image(urls[-1])
@@ -280,11 +301,12 @@ class _Sandbox:
 
     async def _send_webhook(self, job: Job) -> None:
         body = self._job_body(job)
+        succeeded = body["status"] == "success"
         payload = {
             "exec_id": job.prediction_id,
-            "status": "succeeded" if body["status"] == "success" else "failed",
-            "output": (body.get("output") or [""])[0],
-            "error": "" if body["status"] == "success" else body.get("details", ""),
+            "status": "succeeded" if succeeded else "failed",
+            "output": body["output"][0] if succeeded else "",
+            "error": "" if succeeded else job.error_code or body["status"],
         }
         assert job.webhook_url is not None
         if self._hooks is None:
@@ -296,10 +318,11 @@ class _Sandbox:
                 trust_env=False,  # the receiver is on loopback, never behind a proxy
             )
         data = json.dumps(payload).encode()
+        headers = {} if job.webhook_secret is None else sign_webhook(job.webhook_secret, data)
         delay = self.settings.scaled(1.0)
-        for _ in range(self.settings.webhook_attempts):
+        for _ in range(self.settings.webhook_attempts):  # the same signature each time
             try:
-                answer = await self._hooks.post(job.webhook_url, content=data)
+                answer = await self._hooks.post(job.webhook_url, content=data, headers=headers)
                 if answer.is_success:
                     return
             except httpx.TransportError:
@@ -307,6 +330,13 @@ class _Sandbox:
             await asyncio.sleep(delay)
             delay *= 2
         _log.warning("webhook for %s was not accepted", job.prediction_id)
+
+
+def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    """The provider's signature headers: HMAC-SHA256 of "<timestamp>.<raw body>"."""
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"X-Webhook-Timestamp": stamp, "X-Webhook-Signature": f"sha256={digest}"}
 
 
 def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> Starlette:
@@ -319,6 +349,7 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
         Route("/v1/prediction/{prediction_id}", sandbox.poll, methods=["GET"]),
         Route("/v1/outputs/{prediction_id}/{index:int}.jpg", sandbox.output, methods=["GET"]),
         Route("/samples/{name}", sandbox.sample, methods=["GET"]),
+        Route("/v1/prediction/{prediction_id}/cancel", sandbox.cancel, methods=["POST"]),
         Route("/_admin/stats", sandbox.stats, methods=["GET"]),
         Route("/_admin/ledger", sandbox.ledger, methods=["GET"]),
     ]

@@ -13,7 +13,9 @@ __all__ = ["FaultRates", "SandboxSettings"]
 class FaultRates:
     """Probabilities (0..1) of each injected fault, drawn per request or per job."""
 
-    job_error: float = 0.0  # a job ends in `error` (no images, no charge)
+    job_error: float = 0.0  # a job ends in `error` with a final code (no images, no charge)
+    transient_error: float = 0.0  # a job ends in `error` with a code the provider says to retry
+    cancelled: float = 0.0  # a job ends `cancelled` on the provider's side (no images, no charge)
     create_5xx: float = 0.0  # a create answered 500/503 before anything is created
     poll_5xx: float = 0.0  # a poll answered 500/503
     lost_create: float = 0.0  # a create accepted and billed whose answer is lost (drop or 502)
@@ -26,6 +28,8 @@ class FaultRates:
     def __post_init__(self) -> None:
         for name in (
             "job_error",
+            "transient_error",
+            "cancelled",
             "create_5xx",
             "poll_5xx",
             "lost_create",
@@ -75,6 +79,8 @@ class SandboxSettings:
     key_faults: Mapping[str, FaultRates] = field(default_factory=dict)
     ledger_path: Path | None = None
     webhook_attempts: int = 3
+    # failed jobs in the older shape (`message`/`details`) instead of `output.error_code`
+    legacy_errors: bool = False
 
     def __post_init__(self) -> None:
         if not self.keys:

@@ -21,9 +21,14 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
-from pipeline.schema import fingerprint
+from pipeline.schema import TRANSIENT_ERROR_CODES, fingerprint
 
 __all__ = ["Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
+
+
+# of the provider's error codes: the transient ones a job fails with, and a final one
+TRANSIENT_CODES = tuple(sorted(TRANSIENT_ERROR_CODES))
+FINAL_CODE = "PROVIDER_FAILED"
 
 
 def key_hash(secret: str) -> str:
@@ -42,6 +47,14 @@ class Job:
     webhook_url: str | None
     base_url: str  # where the sandbox serves this job's outputs, ending in "/"
     ended: bool = False
+    error_code: str | None = None  # why it fails, when it fails
+    cancelled: bool = False  # it ends (or ended) `cancelled`: by the provider, or asked to
+    webhook_secret: str | None = None
+
+    def status(self, now: float) -> str:
+        """What a poll of a job still running says: created, then starting, then processing."""
+        done = (now - self.created_at) / max(1e-9, self.ends_at - self.created_at)
+        return "created" if done < 0.1 else "starting" if done < 0.2 else "processing"
 
     @property
     def n(self) -> int:
@@ -152,7 +165,13 @@ class SandboxState:
         self._log({"event": "refused", "key": key, "status": 400, "reason": reason})
 
     def accept(
-        self, key: str, model: str, inputs: dict[str, Any], webhook_url: str | None, base_url: str
+        self,
+        key: str,
+        model: str,
+        inputs: dict[str, Any],
+        webhook_url: str | None,
+        base_url: str,
+        webhook_secret: str | None = None,
     ) -> Job:
         """Create a job: it counts in the window and in flight from now until it ends."""
         s = self.settings
@@ -169,7 +188,15 @@ class SandboxState:
             fails=self.chance(self._faults[key].job_error),
             webhook_url=webhook_url,
             base_url=base_url,
+            webhook_secret=webhook_secret,
         )
+        faults = self._faults[key]
+        if job.fails:
+            job.error_code = FINAL_CODE
+        elif self.chance(faults.transient_error):
+            job.fails, job.error_code = True, self._rng.choice(TRANSIENT_CODES)
+        elif self.chance(faults.cancelled):
+            job.cancelled = True
         self.jobs[job.prediction_id] = job
         stats.window.append(now)
         heapq.heappush(stats.ends, job.ends_at)
@@ -211,14 +238,15 @@ class SandboxState:
             return False
         job.ended = True
         stats = self._stats[job.key]
-        if job.fails:
+        if job.fails or job.cancelled:
             stats.failed += 1
             self._log(
                 {
                     "event": "ended",
                     "key": job.key,
                     "prediction_id": job.prediction_id,
-                    "status": "error",
+                    "status": "cancelled" if job.cancelled else "error",
+                    "error_code": job.error_code,
                     "images": 0,
                     "cost_usd": 0.0,
                 }
@@ -238,6 +266,19 @@ class SandboxState:
                     "cost_usd": cost,
                 }
             )
+        return True
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a job still running: it ends now, `cancelled`, billed nothing, and frees its
+        key's slot. False when it had ended already."""
+        if self.finish_due(job):
+            return False
+        stats = self._stats[job.key]
+        if job.ends_at in stats.ends:
+            stats.ends.remove(job.ends_at)
+            heapq.heapify(stats.ends)
+        job.cancelled, job.fails, job.ends_at = True, False, self._clock()
+        self.finish_due(job)
         return True
 
     def predict_time(self, job: Job) -> float:
