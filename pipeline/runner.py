@@ -33,7 +33,7 @@ from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
 from pipeline.polling import PollPlanner
 from pipeline.runfolder import RunFolder
-from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+from pipeline.sandbox import FaultRates, SandboxSettings
 from pipeline.state import StateStore
 from pipeline.webhook import Callbacks, Receiver
 from pipeline.worker import KeyLane, RunStats, Worker
@@ -163,11 +163,13 @@ def _reconcile(
 @asynccontextmanager
 async def _api(
     config: RunConfig, keys: list[ApiKey]
-) -> AsyncIterator[tuple[str, list[ApiKey], SandboxServer | None]]:
+) -> AsyncIterator[tuple[str, list[ApiKey], Any]]:
     """The base URL and keys to use; starts the embedded sandbox when the config says so."""
     if not config.embedded_sandbox:
         yield config.api.base_url, keys, None
         return
+    from pipeline.sandbox.server import SandboxServer  # starlette, uvicorn, Pillow: only here
+
     s = config.sandbox
     if not keys:
         keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(s.keys)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -451,3 +453,13 @@ def test_loopback_hosts_are_told_from_names_and_other_addresses() -> None:
     assert all(is_loopback_host(h) for h in any_or_mapped)
     others = ["cdn.example.com", "10.0.0.1", "8.8.8.8", "[2001:db8::1]", "example.c0m1", ""]
     assert not any(is_loopback_host(h) for h in others)
+
+
+def test_importing_the_config_loads_no_server_library() -> None:
+    probe = (
+        "import sys, pipeline.config, pipeline.runner\n"
+        "heavy = ('starlette', 'uvicorn', 'PIL', 'pipeline.sandbox.app')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,11 +1,20 @@
-"""A faithful local double of the Eachlabs prediction API for Wan 2.7 Image Edit, on loopback."""
+"""A faithful local double of the Eachlabs prediction API for Wan 2.7 Image Edit, on loopback.
+
+Its settings import alone (the config needs `FaultRates`); the server, the app and their
+libraries (starlette, uvicorn, Pillow) load on first use, so `import pipeline.config` stays light.
+"""
 
 from __future__ import annotations
 
-from pipeline.sandbox.app import create_app
-from pipeline.sandbox.server import SandboxServer, ServerThread, serve
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
-from pipeline.sandbox.state import SandboxState, key_hash
+
+if TYPE_CHECKING:
+    from pipeline.sandbox.app import create_app
+    from pipeline.sandbox.server import SandboxServer, ServerThread, serve
+    from pipeline.sandbox.state import SandboxState, key_hash
 
 __all__ = [
     "FaultRates",
@@ -17,3 +26,19 @@ __all__ = [
     "key_hash",
     "serve",
 ]
+
+_LAZY = {
+    "create_app": "pipeline.sandbox.app",
+    "SandboxServer": "pipeline.sandbox.server",
+    "ServerThread": "pipeline.sandbox.server",
+    "serve": "pipeline.sandbox.server",
+    "SandboxState": "pipeline.sandbox.state",
+    "key_hash": "pipeline.sandbox.state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline.sandbox' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
