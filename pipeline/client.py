@@ -182,12 +182,19 @@ class EachlabsClient:
         await self._http.aclose()
 
     async def create(
-        self, key: ApiKey, inputs: dict[str, Any], *, webhook_url: str | None = None
+        self,
+        key: ApiKey,
+        inputs: dict[str, Any],
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
     ) -> str:
         """Start a prediction; its id. Errors whose `ambiguous` is set may have created it."""
         body: dict[str, Any] = {"model": self.model, "input": inputs}
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
+            if webhook_secret is not None:
+                body["webhook_secret"] = webhook_secret
         answer = await self._send("POST", "prediction/", key, body, creating=True)
         return check_prediction_id(answer.get("predictionID"))  # a missing one too: final
 

@@ -152,6 +152,10 @@ class WebhookSection(_Section):
     fallback_after_s: float = Field(5.0, ge=0)
     fallback_interval_s: float = Field(15.0, gt=0)
     missed_callbacks: int = Field(5, ge=1)
+    # the receiver faces the internet: connections at once (the oldest idle one makes room),
+    # and wall seconds a connection may stay silent
+    max_connections: int = Field(256, ge=1)
+    idle_timeout_s: float = Field(5.0, gt=0)
 
     @field_validator("public_url")
     @classmethod

@@ -550,6 +550,7 @@ async def _drive(
         callbacks,
         receiver.url if receiver is not None else None,
         lanes,
+        receiver.secret if receiver is not None else None,
     )
     stop_ingest = threading.Event()
     interrupted = False

@@ -3,29 +3,35 @@
 A callback is never trusted: its body is not read beyond `exec_id`. It only wakes the worker
 that waits on that prediction, which then polls the provider to confirm (a forged callback
 costs one poll and nothing else). The receiver's path ends in a random token made per process,
-so a callback is only accepted from whoever was given the URL with our creates.
+so a callback is only accepted from whoever was given the URL with our creates; each create also
+carries a per-run `webhook_secret`, and a callback whose signature (HMAC-SHA256 of
+"<timestamp>.<body>") is present but wrong is counted and ignored.
 
-The receiver is served by the run's own event loop, an asyncio protocol over httptools' parser:
-a callback costs a parse, a dictionary lookup and one write, with no thread to hand it across
-(uvicorn in a thread cost about 0.5 ms of CPU per callback). `Callbacks` also judges whether
-callbacks arrive at all: after `missed_callbacks` job ends in a row found by a fallback poll,
-it says so once and the workers poll as in polling mode until a callback comes again.
+The receiver is a bare ASGI app served by uvicorn on the run's own event loop, guarded for the
+open internet: a cap on connections (the oldest idle one makes room for a new one), a short
+idle timeout from the first byte on, a body limit. `Callbacks` also judges whether callbacks
+arrive at all: after `missed_callbacks` job ends in a row found by a fallback poll, it says so
+once and the workers poll as in polling mode until a callback comes again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import secrets
 import socket
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-import httptools
+import anyio
 import structlog
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pipeline.config import WebhookSection
 from pipeline.errors import ConfigError
@@ -34,15 +40,7 @@ __all__ = ["CallbackStats", "Callbacks", "Receiver", "Waiter"]
 
 _log = structlog.get_logger("pipeline.webhook")
 _MAX_BODY = 64 * 1024
-_MAX_TARGET = 4096
-_IDLE_S = 60.0
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Content Too Large",
-}
+_CLOCK_SKEW_S = 300  # how far a signature's timestamp may be from our clock
 _REMEMBERED = 4096  # ids hinted before they were waited for, and ids just finished
 
 
@@ -68,6 +66,7 @@ class CallbackStats:
     ends_by_callback: int = 0
     ends_by_fallback: int = 0  # found by a fallback poll: its callback did not come in time
     ends_by_poll: int = 0  # found on the poll schedule (after a contradicted callback)
+    bad_signatures: int = 0  # signed, but not by our secret (or too old): ignored
 
 
 class Callbacks:
@@ -150,13 +149,40 @@ def _remember(ids: OrderedDict[str, None], prediction_id: str) -> None:
         ids.popitem(last=False)
 
 
+class _Guarded(HttpToolsProtocol):
+    """uvicorn's HTTP protocol, closing a connection that says nothing within the keep-alive
+    timeout (uvicorn starts that timer only after a first answer), and making room, once
+    `max_connections` are open, by closing the oldest one with no request under way."""
+
+    open: dict[_Guarded, None]  # in the order they came; set per receiver
+    max_connections: int
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+        self.open[self] = None
+        if len(self.open) > self.max_connections:
+            for other in list(self.open):
+                if other is not self and other.cycle is None:
+                    other.transport.close()
+                    self.open.pop(other, None)
+                    break
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open.pop(self, None)
+        super().connection_lost(exc)
+
+
 class Receiver:
-    """The HTTP receiver, served by the run's own event loop:
-    `async with Receiver(section, callbacks) as r: r.url`. The port is bound on construction,
-    so a port in use is a ConfigError before anything starts."""
+    """The HTTP receiver, served by uvicorn on the run's own event loop:
+    `async with Receiver(section, callbacks) as r: r.url, r.secret`. The port is bound on
+    construction, so a port in use is a ConfigError before anything starts."""
 
     def __init__(self, section: WebhookSection, callbacks: Callbacks) -> None:
-        self._token = secrets.token_urlsafe(32).encode()
+        self._token = secrets.token_urlsafe(32)
+        self.secret = secrets.token_urlsafe(32)  # sent with each create; never logged
         self.callbacks = callbacks
         try:
             self._sock = _bind(section.listen_host, section.listen_port)
@@ -169,23 +195,46 @@ class Receiver:
         shown = f"[{host}]" if ":" in host else host
         self.listening = f"http://{shown}:{port}"
         self.public_base = section.public_url or self.listening
-        self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
+        guarded = type(
+            "_GuardedHere", (_Guarded,), {"open": {}, "max_connections": section.max_connections}
+        )
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            interface="asgi3",
+            proxy_headers=False,
+            http=guarded,
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=max(1, round(section.idle_timeout_s)),
+            timeout_graceful_shutdown=1,
+        )
+        config.load()
+        # a fraction of a second is a float in practice; uvicorn's type says int
+        config.timeout_keep_alive = section.idle_timeout_s  # type: ignore[assignment]
+        self._server = uvicorn.Server(config)
+        self._server.lifespan = config.lifespan_class(config)
+        self._previous_handler: Any = None
+        self.accept_failures = 0
 
     @property
     def url(self) -> str:
         """The URL given to the provider with each create: a secret, never logged."""
-        return f"{self.public_base}/{self._token.decode()}"
+        return f"{self.public_base}/{self._token}"
 
-    def answer(self, method: bytes, target: bytes, body: bytes | None) -> tuple[int, bytes]:
+    def answer(
+        self, method: str, path: str, headers: dict[bytes, bytes], body: bytes | None
+    ) -> tuple[int, bytes]:
         """The answer to one request; `body` is None when it was too large."""
-        path = target.split(b"?", 1)[0]
-        if not hmac.compare_digest(path.rsplit(b"/", 1)[-1], self._token):
+        if not hmac.compare_digest(path.rsplit("/", 1)[-1].encode(), self._token.encode()):
             return 404, b"not found"
-        if method != b"POST":
+        if method != "POST":
             return 405, b"POST only"
         if body is None:
             return 413, b"body too large"
+        if not self._signed_by_us(headers, body):
+            self.callbacks.stats.bad_signatures += 1
+            return 401, b"bad signature"
         try:
             data = json.loads(body.decode())  # JSON is UTF-8: no encoding to detect
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -196,11 +245,64 @@ class Receiver:
         self.callbacks.hint(exec_id)
         return 200, b"ok"
 
+    def _signed_by_us(self, headers: dict[bytes, bytes], body: bytes) -> bool:
+        """True when unsigned (the URL's token is the guard) or signed with our secret
+        within the allowed clock difference."""
+        signature = headers.get(b"x-webhook-signature")
+        if signature is None:
+            return True
+        stamp = headers.get(b"x-webhook-timestamp", b"")
+        if not stamp.isdigit() or abs(int(stamp) - time.time()) > _CLOCK_SKEW_S:
+            return False
+        digest = hmac.new(self.secret.encode(), stamp + b"." + body, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(signature, f"sha256={digest}".encode())
+
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        """The bare ASGI app: read the body (up to a limit), answer."""
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"0")
+        body: bytes | None = b""
+        if declared.isdigit() and int(declared) > _MAX_BODY:
+            body = None
+        else:
+            chunks = bytearray()
+            more = True
+            while more and body is not None:
+                message = await receive()
+                chunks += message.get("body", b"")
+                more = message.get("more_body", False)
+                body = bytes(chunks) if len(chunks) <= _MAX_BODY else None
+        status, text = self.answer(scope["method"], scope["path"], headers, body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
+        await send({"type": "http.response.body", "body": text})
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Out of descriptors, asyncio stops accepting for a second and reports it each time
+        with a traceback: said once here (with a count in the summary's log), not flooded."""
+        if context.get("message", "").startswith("socket.accept() out of system resource"):
+            self.accept_failures += 1
+            if self.accept_failures == 1:
+                _log.warning(
+                    "webhook_receiver_out_of_descriptors",
+                    hint="too many open connections; accepting again in a second",
+                )
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
     async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self, self._connections), sock=self._sock
-        )
+        self._previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._on_loop_error)
+        await self._server.startup(sockets=[self._sock])
         _log.info("webhook_receiver", listening=self.listening, public=self.public_base)
         return self
 
@@ -210,12 +312,11 @@ class Receiver:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self._connections):
-            connection.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        with anyio.CancelScope(shield=True):
+            await self._server.shutdown(sockets=[self._sock])
+        asyncio.get_running_loop().set_exception_handler(self._previous_handler)
+        if self.accept_failures:
+            _log.warning("webhook_receiver_accept_failures", count=self.accept_failures)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -229,90 +330,3 @@ def _bind(host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-class _Connection(asyncio.Protocol):
-    """One connection to the receiver: HTTP/1.1 requests parsed by httptools, answered in one
-    write each, kept alive while the peer wants; closed after `_IDLE_S` without a request."""
-
-    def __init__(self, receiver: Receiver, registry: set[_Connection]) -> None:
-        self._receiver = receiver
-        self._registry = registry
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._target = b""
-        self._body: bytearray | None = bytearray()
-        self._idle: asyncio.TimerHandle | None = None
-        self._last = 0.0  # loop time of the last request
-
-    # -- asyncio.Protocol ---------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._registry.add(self)
-        loop = asyncio.get_running_loop()
-        self._last = loop.time()
-        self._idle = loop.call_later(_IDLE_S, self._check_idle)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._send(400, b"bad request", keep_alive=False)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._registry.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    # -- httptools callbacks ------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._target = b""
-        self._body = bytearray()
-
-    def on_url(self, url: bytes) -> None:
-        if len(self._target) < _MAX_TARGET:
-            self._target += url
-
-    def on_body(self, body: bytes) -> None:
-        if self._body is not None:
-            self._body += body
-            if len(self._body) > _MAX_BODY:
-                self._body = None
-
-    def on_message_complete(self) -> None:
-        body = None if self._body is None else bytes(self._body)
-        status, text = self._receiver.answer(self._parser.get_method(), self._target, body)
-        self._send(status, text, keep_alive=self._parser.should_keep_alive())
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _send(self, status: int, text: bytes, *, keep_alive: bool) -> None:
-        if self._transport is None or self._transport.is_closing():
-            return
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: text/plain\r\nContent-Length: {len(text)}\r\n"
-            + ("" if keep_alive else "Connection: close\r\n")
-            + "\r\n"
-        )
-        self._transport.write(head.encode("latin-1") + text)
-        if keep_alive:
-            self._last = asyncio.get_running_loop().time()
-        else:
-            self._transport.close()
-
-    def _check_idle(self) -> None:
-        """Close after `_IDLE_S` without a request; one timer per connection, not per request."""
-        loop = asyncio.get_running_loop()
-        left = self._last + _IDLE_S - loop.time()
-        if left <= 0:
-            self.close()
-        else:
-            self._idle = loop.call_later(left, self._check_idle)

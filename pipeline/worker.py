@@ -153,6 +153,7 @@ class Worker:
         callbacks: Callbacks | None = None,
         webhook_url: str | None = None,
         lanes: Sequence[KeyLane] = (),
+        webhook_secret: str | None = None,
     ) -> None:
         self.config = config
         self.lanes = lanes
@@ -163,6 +164,7 @@ class Worker:
         self.stats = stats
         self.callbacks = callbacks
         self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret  # the provider signs its callbacks with it
         self._fallback_after = config.scaled(config.webhook.fallback_after_s)
         self._fallback_interval = config.scaled(config.webhook.fallback_interval_s)
         r = config.retries
@@ -284,7 +286,10 @@ class Worker:
                     self.stats.creates_sent += 1
                     try:
                         prediction_id = await self.client.create(
-                            lane.key, entry.inputs, webhook_url=self.webhook_url
+                            lane.key,
+                            entry.inputs,
+                            webhook_url=self.webhook_url,
+                            webhook_secret=self.webhook_secret,
                         )
                     except ApiError as exc:
                         error = exc

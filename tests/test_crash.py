@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +62,12 @@ class Pipeline:
     count = 0
 
     def __init__(
-        self, config: Path, *args: str, keys: str = f"{KEY},{KEY2}", user: int | None = None
+        self,
+        config: Path,
+        *args: str,
+        keys: str = f"{KEY},{KEY2}",
+        user: int | None = None,
+        files: int | None = None,
     ) -> None:
         env = {**os.environ, "EACHLABS_API_KEYS": keys}
         env.pop("EACHLABS_API_KEY", None)
@@ -73,6 +80,8 @@ class Pipeline:
                 prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "pipeline", "run", str(config), *args],
+                # `files`: the most descriptors the run may hold (ulimit -n)
+                preexec_fn=None if files is None else lambda: _limit_files(files),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -89,6 +98,10 @@ class Pipeline:
         if self.running():
             self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def _limit_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 @pytest.fixture
@@ -353,3 +366,41 @@ def test_a_read_only_run_folder_is_refused_before_any_request(
         assert sb.ledger() == []
     finally:
         shutil.rmtree(folder)
+
+
+def test_the_receiver_survives_2000_idle_connections_under_1024_descriptors(
+    sandbox: Start, tmp_path: Path, pipelines: list[Pipeline]
+) -> None:
+    sb = sandbox(time_scale=SCALE, latency_mean_s=20, latency_spread=0.1, allow_loopback_urls=True)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    data = yaml.safe_load(write_config(tmp_path, sb.base_url, manifest).read_text())
+    # callbacks, not polls, end the jobs: the first fallback poll comes long after their end
+    data["webhook"] = {"enabled": True, "listen_port": port, "fallback_after_s": 200}
+    config = tmp_path / "hooked.yaml"
+    config.write_text(yaml.safe_dump(data))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+
+    p = Pipeline(config, files=1024)
+    pipelines.append(p)
+    assert wait_for(lambda: sb.stats()["creates"] > 0, 30, p.running)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(2000):  # connect and say nothing, as a flood or a scanner would
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            idle.append(s)
+        code, output = p.wait(timeout=120)
+    finally:
+        for s in idle:
+            s.close()
+    assert code == 0, output[-3000:]
+    webhooks = sb.stats()["webhooks"]
+    assert webhooks == {"delivered": 60, "failed": 0}
+    assert "Traceback" not in output and len(output) < 20_000  # no flood of errors
+    judge_against_ledger(sb, tmp_path / "run", 60)

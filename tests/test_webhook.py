@@ -3,6 +3,7 @@ as the fallback when callbacks do not come."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +14,11 @@ import httpx
 import pytest
 import structlog
 
-from pipeline import webhook
 from pipeline.config import RunConfig, WebhookSection, parse_config
 from pipeline.errors import ConfigError
 from pipeline.runner import ExitCode, RunSummary
 from pipeline.sandbox import FaultRates, SandboxServer
+from pipeline.sandbox.app import sign_webhook
 from pipeline.webhook import Callbacks, Receiver
 from tests.conftest import (
     KEY,
@@ -113,6 +114,11 @@ async def test_a_forged_callback_never_ends_a_job(sandbox: Start, tmp_path: Path
                     assert (await http.post(wrong, json=claim)).status_code == 404
                     bad = await http.post(job.webhook_url, content=b"not json")
                     assert bad.status_code == 400
+                    # signed, but not with the run's secret: counted, and no hint at all
+                    data = json.dumps(claim).encode()
+                    signed = sign_webhook("not-the-secret", data)
+                    answer = await http.post(job.webhook_url, content=data, headers=signed)
+                    assert answer.status_code == 401
                 await anyio.sleep(0.02)
     assert set(forged.values()) == {200}  # accepted as hints
     (summary,) = out
@@ -124,6 +130,7 @@ async def test_a_forged_callback_never_ends_a_job(sandbox: Start, tmp_path: Path
         assert row["latency_s"] >= 40 * SCALE  # ended when the job ended, not when forged
     callbacks = summary.stats.callbacks
     assert callbacks is not None and callbacks.unconfirmed == 6
+    assert callbacks.bad_signatures == 6
     # each job then went on the poll schedule: its real callback or a poll saw the end
     assert callbacks.ends_by_callback + callbacks.ends_by_poll == 6
     assert callbacks.ends_by_fallback == 0  # not taken for missing callbacks
@@ -246,15 +253,13 @@ async def test_the_receiver_speaks_plain_http_and_keeps_connections() -> None:
                         reply += chunk
                 except anyio.EndOfStream:
                     pass
-        assert reply.startswith(b"HTTP/1.1 400") and b"Connection: close" in reply
+        assert reply.startswith(b"HTTP/1.1 400") and b"connection: close" in reply.lower()
 
 
-async def test_the_receiver_closes_connections_idle_too_long(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(webhook, "_IDLE_S", 0.4)
+async def test_the_receiver_closes_connections_idle_too_long() -> None:
     callbacks = Callbacks(missed_limit=5)
-    async with Receiver(WebhookSection(enabled=True), callbacks) as receiver:
+    section = WebhookSection(enabled=True, idle_timeout_s=0.4)
+    async with Receiver(section, callbacks) as receiver:
         host, port = receiver.listening.removeprefix("http://").rsplit(":", 1)
         path = receiver.url.removeprefix(receiver.listening)
         body = b'{"exec_id": "p"}'
@@ -273,3 +278,8 @@ async def test_the_receiver_closes_connections_idle_too_long(
             # then silence: the receiver closes it
             with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
                 await raw.receive()
+
+        # a connection that never says anything is closed as well
+        async with await anyio.connect_tcp(host, int(port)) as silent:
+            with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+                await silent.receive()

@@ -324,11 +324,13 @@ class _Sandbox:
             try:
                 answer = await self._hooks.post(job.webhook_url, content=data, headers=headers)
                 if answer.is_success:
+                    self.state.webhooks["delivered"] += 1
                     return
             except httpx.TransportError:
                 pass
             await asyncio.sleep(delay)
             delay *= 2
+        self.state.webhooks["failed"] += 1
         _log.warning("webhook for %s was not accepted", job.prediction_id)
 
 

@@ -101,6 +101,7 @@ class SandboxState:
             for secret, name in self._keys.items()
         }
         self.jobs: dict[str, Job] = {}
+        self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
         self._fingerprints: dict[str, int] = {}
         self._ledger: list[str] = []
         self._lock = threading.Lock()
@@ -324,6 +325,7 @@ class SandboxState:
             "cost_usd": round(sum(k["cost_usd"] for k in per_key.values()), 6),
             "refused_429": sum(k["refused_429"] for k in per_key.values()),
             "duplicate_creates": duplicates,
+            "webhooks": dict(self.webhooks),
             "limits": {
                 "creates_per_window": self.settings.creates_per_window,
                 "window_s": self.settings.window_s,
