@@ -28,14 +28,12 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import anyio
-
+from pipeline.clock import Clock, SystemClock
 from pipeline.errors import RateLimited
 
 __all__ = ["CreateGate", "GatePaused", "RetryPolicy", "Ticket"]
@@ -70,15 +68,12 @@ class CreateGate:
     """Per-key create admission (see the module docstring)."""
 
     def __init__(
-        self,
-        creates_per_window: int,
-        window_s: float,
-        clock: Callable[[], float] = time.monotonic,  # the clock of asyncio's timers
+        self, creates_per_window: int, window_s: float, clock: Clock | None = None
     ) -> None:
         self._limit = creates_per_window
         self._window = window_s
         self._interval = window_s / creates_per_window
-        self._clock = clock
+        self.clock: Clock = clock or SystemClock()
         self._answered: deque[float] = deque()
         self._open = 0
         self._next_start = -math.inf
@@ -109,11 +104,11 @@ class CreateGate:
 
     def pause(self, seconds: float) -> None:
         """No create of this key starts in the next `seconds` (a 429 asked us to wait)."""
-        self._paused_until = max(self._paused_until, self._clock() + seconds)
+        self._paused_until = max(self._paused_until, self.clock.now() + seconds)
 
     def paused_for(self) -> float:
         """Seconds left of a pause; 0 when the key is not paused."""
-        return max(0.0, self._paused_until - self._clock())
+        return max(0.0, self._paused_until - self.clock.now())
 
     async def settled(self) -> None:
         """Wait until every answered create of this key is journaled: call it just before
@@ -127,20 +122,20 @@ class CreateGate:
         is paused, `give_way()` is asked whether to wait (False) or raise GatePaused (True)."""
         async with self._lock:
             # a computed deadline, not a condition another task signals: sleeping is right
-            while (wait := self._wait_needed(now := self._clock())) > 0:
+            while (wait := self._wait_needed(now := self.clock.now())) > 0:
                 if give_way is not None and self._paused_until > now and give_way():
                     raise GatePaused(self._paused_until - now)
-                await anyio.sleep(wait)
+                await self.clock.sleep(wait)
             self._open += 1
             self.sent += 1
             fill = (len(self._answered) + self._open) / self._limit
-            self._next_start = self._clock() + self._interval * min(1.0, max(0.1, 2 * fill - 1))
+            self._next_start = self.clock.now() + self._interval * min(1.0, max(0.1, 2 * fill - 1))
         ticket = Ticket(self)
         try:
             yield ticket
         finally:
             self._open -= 1
-            self._answered.append(self._clock())
+            self._answered.append(self.clock.now())
             if ticket.counted:
                 self._journaling -= 1
                 if not self._journaling:

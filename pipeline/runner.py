@@ -537,7 +537,7 @@ async def _drive(
     lanes = [KeyLane(k, CreateGate(limits.creates_per_window, window_s)) for k in keys]
     # a resume: the provider's window still holds the creates of the run before, if recent
     recent = journal.recent_creates(time.time() - window_s)
-    to_gate_clock = time.monotonic() - time.time()
+    to_gate_clock = lanes[0].gate.clock.now() - time.time() if lanes else 0.0
     for lane in lanes:
         lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
     worker = Worker(

@@ -181,27 +181,42 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("-4") == 0.0
 
 
+class VirtualClock:
+    """Time that moves only when something sleeps on it. The gate lets one task sleep at a
+    time (under its lock), so each sleep simply moves the clock to its end."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+        await anyio.lowlevel.checkpoint()
+
+
 @pytest.mark.anyio
 async def test_gate_spaces_creates_and_bounds_every_window() -> None:
-    gate = CreateGate(creates_per_window=10, window_s=0.5)
+    clock = VirtualClock()
+    gate = CreateGate(creates_per_window=10, window_s=0.5, clock=clock)
     starts: list[float] = []
 
     async def one() -> None:
         async with gate.create():
-            starts.append(anyio.current_time())
-            await anyio.sleep(0.002)  # the request's round trip
+            starts.append(clock.now())  # answered at once: the window counts from here
 
     async with anyio.create_task_group() as tg:
         for _ in range(30):
             tg.start_soon(one)
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    # never a burst: at least a tenth of the 0.05 s interval apart, closer while the window is
-    # nearly empty, the whole interval as it fills (the loop adds some jitter)
-    assert min(gaps) >= 0.005 * 0.9
-    assert gaps[0] < 0.05 * 0.5
-    assert gaps[8] >= 0.05 * 0.5
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(starts)]
+    # never a burst: a tenth of the 0.05 s interval while the window is at most half full,
+    # growing to the whole interval as it fills, then whatever the window needs
+    assert gaps[:9] == [0.005] * 5 + [0.01, 0.02, 0.03, 0.04]
+    assert min(gaps) >= 0.005
     for i in range(len(starts) - 10):
         assert starts[i + 10] - starts[i] >= 0.5  # any 0.5 s holds at most 10
+    assert starts[10] == pytest.approx(0.5)  # and the 11th goes as soon as the 1st leaves
 
 
 @pytest.mark.anyio
@@ -237,26 +252,26 @@ async def test_a_create_is_not_sent_while_an_answer_of_its_key_is_being_journale
 
 @pytest.mark.anyio
 async def test_a_paused_gate_holds_every_create_or_gives_way() -> None:
-    gate = CreateGate(creates_per_window=100, window_s=1.0)
+    clock = VirtualClock()
+    gate = CreateGate(creates_per_window=100, window_s=1.0, clock=clock)
     gate.pause(0.2)
-    until = time.monotonic() + 0.2
-    assert 0 < gate.paused_for() <= 0.2
+    assert gate.paused_for() == 0.2
     # a caller whose job can go to another key is told at once, and sends nothing
     with pytest.raises(GatePaused) as paused:
         async with gate.create(give_way=lambda: True):
             pytest.fail("a create started while its key was paused")
-    assert 0 < paused.value.wait <= 0.2 and gate.sent == 0
+    assert paused.value.wait == 0.2 and gate.sent == 0 and clock.now() == 0
     # the others wait until the pause is over, whoever asks first
     started: list[float] = []
 
     async def one(give_way: bool) -> None:
         async with gate.create(give_way=lambda: give_way):
-            started.append(time.monotonic())
+            started.append(clock.now())
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(one, False)
         tg.start_soon(one, False)
-    assert len(started) == 2 and min(started) >= until
+    assert started == [pytest.approx(0.2), pytest.approx(0.2 + 0.001)]
     assert gate.paused_for() == 0
 
 
