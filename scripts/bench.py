@@ -226,9 +226,8 @@ def main() -> None:
     per_1000 = 1000 / max(jobs, 1)
     print(f"client_cpu_s_per_1000     {cpu * per_1000:.2f}")
     # the same, as a job's share; with --time-scale 1.0 this is the provider's real pace
-    print(
-        f"client_cpu_ms_per_job     {cpu / max(jobs, 1) * 1000:.2f} at time scale {args.time_scale:g}"
-    )
+    ms_per_job = cpu / max(jobs, 1) * 1000
+    print(f"client_cpu_ms_per_job     {ms_per_job:.2f} (time scale {args.time_scale:g})")
     # where it went: user space, the kernel (sockets, fsync, wake-ups), and context switches
     print(f"client_user_sys_per_1000  {user * per_1000:.2f} {system * per_1000:.2f}")
     print(f"context_switches_per_job  {switches / max(jobs, 1):.1f}")
