@@ -487,30 +487,33 @@ def _remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
         state.record(batch)
 
 
-async def _drive(
+@dataclass
+class _Parts:
+    """The stages of one drive, wired together."""
+
+    client: EachlabsClient
+    dispatcher: Dispatcher
+    commit: GroupCommit
+    worker: Worker
+    lanes: list[KeyLane]
+
+
+def _build(
     config: RunConfig,
     journal: Journal,
-    state: StateStore | None,
-    manifest: Manifest,
     base_url: str,
     keys: list[ApiKey],
     stats: RunStats,
     spent: float,
-    grace_s: float,
-    handle_signals: bool,
     receiver: Receiver | None,
-    faults: _Faults,
-) -> tuple[ExitCode, str]:
-    """Drive the workers until no work is left or the run is stopped; how it stopped. An
-    unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
+) -> _Parts:
     limits = config.limits
-    slots = limits.max_concurrent * len(keys)
     client = EachlabsClient(
         base_url,
         config.api.model,
         connect_timeout=config.api.connect_timeout_s,
         read_timeout=config.api.read_timeout_s,
-        max_connections=slots + 4,
+        max_connections=limits.max_concurrent * len(keys) + 4,
         http2=config.api.http2,
     )
     dispatcher = Dispatcher(
@@ -552,13 +555,33 @@ async def _drive(
         lanes,
         receiver.secret if receiver is not None else None,
     )
+    return _Parts(client, dispatcher, commit, worker, lanes)
+
+
+async def _drive(
+    config: RunConfig,
+    journal: Journal,
+    state: StateStore | None,
+    manifest: Manifest,
+    base_url: str,
+    keys: list[ApiKey],
+    stats: RunStats,
+    spent: float,
+    grace_s: float,
+    handle_signals: bool,
+    receiver: Receiver | None,
+    faults: _Faults,
+) -> tuple[ExitCode, str]:
+    """Drive the workers until no work is left or the run is stopped; how it stopped. An
+    unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
+    parts = _build(config, journal, base_url, keys, stats, spent, receiver)
+    dispatcher, worker = parts.dispatcher, parts.worker
     stop_ingest = threading.Event()
-    interrupted = False
     no_key: NoUsableKeyError | None = None
     try:
         try:
             async with anyio.create_task_group() as services:
-                services.start_soon(commit.run)
+                services.start_soon(parts.commit.run)
                 services.start_soon(
                     _ingest_task, manifest, journal, state, dispatcher, stop_ingest, faults
                 )
@@ -569,13 +592,12 @@ async def _drive(
                         services.start_soon(
                             _watch_signals, dispatcher, workers.cancel_scope, grace_s
                         )
-                    for lane in lanes:
-                        for _ in range(limits.max_concurrent):
+                    for lane in parts.lanes:
+                        for _ in range(config.limits.max_concurrent):
                             workers.start_soon(worker.run_slot, lane)
                 if dispatcher.abandoned and worker.in_flight:
                     with anyio.move_on_after(config.api.read_timeout_s):
                         await worker.cancel_in_flight()
-                interrupted = dispatcher.halted
                 stop_ingest.set()
                 services.cancel_scope.cancel()
         except* NoUsableKeyError as group:
@@ -585,7 +607,13 @@ async def _drive(
         faults.drive = exc
     finally:
         stop_ingest.set()
-        await client.aclose()
+        await parts.client.aclose()
+    return _stopped_by(config, dispatcher, no_key)
+
+
+def _stopped_by(
+    config: RunConfig, dispatcher: Dispatcher, no_key: NoUsableKeyError | None
+) -> tuple[ExitCode, str]:
     if no_key is not None:
         return ExitCode.NO_KEY, str(no_key)
     if dispatcher.budget_reached:
@@ -593,7 +621,7 @@ async def _drive(
             f"budget.max_cost_usd ({config.budget.max_cost_usd:g}) reached; "
             "unsent rows are kept: raise the budget and run again"
         )
-    if interrupted:
+    if dispatcher.halted:
         return ExitCode.INTERRUPTED, "stopped by a signal; run the same command again to resume"
     return ExitCode.OK, ""
 

@@ -117,6 +117,12 @@ class _GiveWay(Exception):
         self.wait = wait
 
 
+def _failed(error: ApiError, message: str) -> JobOutcome:
+    return JobOutcome(
+        Status.FAILED, error_type=error.error_type, error_message=message, finished_at=time.time()
+    )
+
+
 class _Track:
     """What one job's polls have seen: errors in a row, and its callback's hint (webhook mode):
     a hint no poll has confirmed yet, or one a poll contradicted (the job is then polled on
@@ -272,40 +278,12 @@ class Worker:
         marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
         while True:
             attempts += 1
-            try:
-                async with lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket:
-                    if self.dispatcher.halted:
-                        if marked:
-                            await self.journal.write(MarkPending(entry.row_number))
-                        return None
-                    marked = True
-                    await self.journal.write(
-                        MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
-                    )
-                    await lane.gate.settled()
-                    self.stats.creates_sent += 1
-                    try:
-                        prediction_id = await self.client.create(
-                            lane.key,
-                            entry.inputs,
-                            webhook_url=self.webhook_url,
-                            webhook_secret=self.webhook_secret,
-                        )
-                    except ApiError as exc:
-                        error = exc
-                    else:
-                        # durable before the next create of this key is sent (see limits), so
-                        # a crash leaves ambiguous only creates whose answers had not come
-                        ticket.answered()
-                        await self.journal.write(
-                            MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
-                        )
-                        return prediction_id, attempts
-            except GatePaused as paused:
-                if marked:
-                    await self.journal.write(MarkPending(entry.row_number))
-                given = replace(entry, status=Status.PENDING, attempts=attempts - 1)
-                raise _GiveWay(given, paused.wait) from None
+            sent = await self._send_create(lane, entry, attempts, marked)
+            if sent is None:
+                return None
+            if isinstance(sent, str):
+                return sent, attempts
+            marked, error = True, sent
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
                 log.bound().error("key_refused", error=str(error))
@@ -321,12 +299,7 @@ class Worker:
             elif not error.retryable:
                 if error.ambiguous:  # e.g. an answer whose id we will not use: maybe billed
                     await self._ambiguous(entry, log)
-                return JobOutcome(
-                    Status.FAILED,
-                    error_type=error.error_type,
-                    error_message=str(error),
-                    finished_at=time.time(),
-                )
+                return _failed(error, str(error))
             failures += 1
             if error.ambiguous:
                 await self._ambiguous(entry, log)
@@ -335,15 +308,47 @@ class Worker:
                 # the lost job may hold one of this key's provider slots: keep ours until it ends
                 await anyio.sleep(self.planner.quantile(0.9))
             if failures >= self.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
-                return JobOutcome(
-                    Status.FAILED,
-                    error_type=error.error_type,
-                    error_message=f"{error} (after {attempts} attempts)",
-                    finished_at=time.time(),
-                )
+                return _failed(error, f"{error} (after {attempts} attempts)")
             self.stats.retries += 1
             log.bound().info("create_retry", error=str(error), attempt=attempts)
             await anyio.sleep(self.policy.backoff(failures))
+
+    async def _send_create(
+        self, lane: KeyLane, entry: Entry, attempts: int, marked: bool
+    ) -> str | ApiError | None:
+        """One create through the key's gate: the prediction id (durable before the next
+        create of this key is sent), the error, or None when the run was stopped first."""
+        try:
+            async with lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket:
+                if self.dispatcher.halted:
+                    if marked:
+                        await self.journal.write(MarkPending(entry.row_number))
+                    return None
+                await self.journal.write(
+                    MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
+                )
+                await lane.gate.settled()
+                self.stats.creates_sent += 1
+                try:
+                    prediction_id = await self.client.create(
+                        lane.key,
+                        entry.inputs,
+                        webhook_url=self.webhook_url,
+                        webhook_secret=self.webhook_secret,
+                    )
+                except ApiError as exc:
+                    return exc
+                # so a crash leaves ambiguous only creates whose answers had not come
+                ticket.answered()
+                await self.journal.write(
+                    MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
+                )
+                return prediction_id
+        except GatePaused as paused:
+            if marked:
+                await self.journal.write(MarkPending(entry.row_number))
+            given = replace(entry, status=Status.PENDING, attempts=attempts - 1)
+            raise _GiveWay(given, paused.wait) from None
 
     async def _poll(
         self,
