@@ -128,7 +128,14 @@ def sandbox_command(
     ] = 1.0,
     allow_loopback_urls: bool = False,
     ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
-    job_error: float = 0.0,
+    job_error: Annotated[float, typer.Option(help="Jobs that fail with a final code.")] = 0.0,
+    transient_error: Annotated[
+        float, typer.Option(help="Jobs that fail with a code the provider says to retry.")
+    ] = 0.0,
+    cancelled: Annotated[float, typer.Option(help="Jobs the provider cancels.")] = 0.0,
+    legacy_errors: Annotated[
+        bool, typer.Option(help="Failed jobs in the older message/details shape.")
+    ] = False,
     create_5xx: float = 0.0,
     poll_5xx: float = 0.0,
     lost_create: float = 0.0,
@@ -161,8 +168,11 @@ def sandbox_command(
             image_scale=image_scale,
             allow_loopback_urls=allow_loopback_urls,
             ledger_path=ledger,
+            legacy_errors=legacy_errors,
             faults=FaultRates(
                 job_error=job_error,
+                transient_error=transient_error,
+                cancelled=cancelled,
                 create_5xx=create_5xx,
                 poll_5xx=poll_5xx,
                 lost_create=lost_create,
