@@ -117,6 +117,34 @@ class _GiveWay(Exception):
         self.wait = wait
 
 
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A create the provider answered: the job's id, durable in the journal, and the attempt."""
+
+    prediction_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """The run was stopped before the create went out: the row is kept for the resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A poll saw the job end (success, error or cancelled)."""
+
+    answer: Prediction
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Poll again after `wait` seconds (an error's backoff), or on the schedule when None
+    (the job still runs)."""
+
+    wait: float | None = None
+
+
 def _failed(error: ApiError, message: str) -> JobOutcome:
     return JobOutcome(
         Status.FAILED, error_type=error.error_type, error_message=message, finished_at=time.time()
@@ -232,16 +260,16 @@ class Worker:
         while True:
             if outcome is None:
                 created = await self._create(lane, entry, attempts, log)
-                if created is None:
-                    self.dispatcher.give_back(entry)  # stopped before it was sent: kept
+                if isinstance(created, NotSent):
+                    self.dispatcher.give_back(entry)
                     return
                 if isinstance(created, JobOutcome):
                     await self._finish(entry, created)
                     return
-                prediction_id, attempts = created
+                attempts = created.attempts
                 hooked = self.webhook_url is not None
                 outcome = await self._poll(
-                    lane, entry, prediction_id, time.time(), attempts, hooked=hooked
+                    lane, entry, created.prediction_id, time.time(), attempts, hooked=hooked
                 )
             if not (
                 outcome.error_code in TRANSIENT_ERROR_CODES and attempts < self.policy.max_attempts
@@ -270,19 +298,16 @@ class Worker:
 
     async def _create(
         self, lane: KeyLane, entry: Entry, attempts: int, log: _JobLog
-    ) -> JobOutcome | tuple[str, int] | None:
-        """Create the job: its prediction id and attempts, or how it failed, or None when the
-        run was stopped before it was sent."""
+    ) -> Created | JobOutcome | NotSent:
+        """Create the job: its id, or how it failed (a JobOutcome), or NotSent."""
         failures = 0
         waits = 0
         marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
         while True:
             attempts += 1
             sent = await self._send_create(lane, entry, attempts, marked)
-            if sent is None:
-                return None
-            if isinstance(sent, str):
-                return sent, attempts
+            if not isinstance(sent, ApiError):
+                return sent
             marked, error = True, sent
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
@@ -315,15 +340,15 @@ class Worker:
 
     async def _send_create(
         self, lane: KeyLane, entry: Entry, attempts: int, marked: bool
-    ) -> str | ApiError | None:
-        """One create through the key's gate: the prediction id (durable before the next
-        create of this key is sent), the error, or None when the run was stopped first."""
+    ) -> Created | ApiError | NotSent:
+        """One create through the key's gate: its id (durable before the next create of this
+        key is sent), the error, or NotSent when the run was stopped first."""
         try:
             async with lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket:
                 if self.dispatcher.halted:
                     if marked:
                         await self.journal.write(MarkPending(entry.row_number))
-                    return None
+                    return NotSent()
                 await self.journal.write(
                     MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
                 )
@@ -343,7 +368,7 @@ class Worker:
                 await self.journal.write(
                     MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
                 )
-                return prediction_id
+                return Created(prediction_id, attempts)
         except GatePaused as paused:
             if marked:
                 await self.journal.write(MarkPending(entry.row_number))
@@ -376,17 +401,17 @@ class Worker:
                 await self._wait(max(0.0, min(delay, deadline - time.time())), waiter)
                 track.woken()
                 step = await self._poll_once(lane, entry, prediction_id, attempts, track)
-                if isinstance(step, Prediction):
+                if isinstance(step, Ended):
                     if self.callbacks is not None and waiter is not None:
                         self.callbacks.ended(waiter, self._seen_by(waiter, track))
-                    outcome = self._outcome(step, created)
+                    outcome = self._outcome(step.answer, created)
                     break
                 if isinstance(step, JobOutcome):
                     outcome = step
                     break
                 delay = (
-                    step
-                    if step is not None
+                    step.wait
+                    if step.wait is not None
                     else self._delay(waiter, time.time() - created, track.contradicted)
                 )
                 if time.time() >= deadline:
@@ -400,9 +425,9 @@ class Worker:
 
     async def _poll_once(
         self, lane: KeyLane, entry: Entry, prediction_id: str, attempts: int, track: _Track
-    ) -> Prediction | JobOutcome | float | None:
-        """One poll: the terminal answer, an outcome without one (the provider does not know
-        the job), the wait before the next poll after an error, or None (still running)."""
+    ) -> Ended | JobOutcome | Deferred:
+        """One poll: the job ended, or an outcome without an end (the provider does not know
+        the job, or its id is unsafe), or when to poll again."""
         self.stats.polls += 1
         try:
             answer = await self.client.get(lane.key, prediction_id)
@@ -429,19 +454,19 @@ class Worker:
         except RateLimited as exc:
             self.stats.rate_limited += 1
             track.failures += 1
-            return self.policy.rate_limit_wait(exc, track.failures)
+            return Deferred(self.policy.rate_limit_wait(exc, track.failures))
         except ApiError as exc:
             # a paid job is never given up on a poll error: back off until its deadline
             track.failures += 1
             _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
-            return self.policy.backoff(track.failures)
+            return Deferred(self.policy.backoff(track.failures))
         track.failures = 0
         if answer.terminal:
-            return answer
+            return Ended(answer)
         if track.hinted and self.callbacks is not None:
             self.callbacks.stats.unconfirmed += 1
         track.running()
-        return None
+        return Deferred()
 
     async def _timed_out(self, lane: KeyLane, entry: Entry, prediction_id: str) -> JobOutcome:
         """A job past polling.job_timeout_s: cancelled at the provider, so it is not billed
