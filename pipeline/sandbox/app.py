@@ -178,14 +178,21 @@ class _Sandbox:
             return 400, f"webhook_url: {rule}"
         return None
 
-    async def poll(self, request: Request) -> Response:
+    def _own_job(self, request: Request) -> Job | Response:
+        """The job the path names, if the request's key created it; else the refusal."""
         key = self._authenticate(request)
         if isinstance(key, Response):
             return key
         job = self.state.jobs.get(request.path_params["prediction_id"])
         if job is None or job.key != key:
             return _error(404, "Not found", "unknown prediction id")
-        faults = self.state.faults(key)
+        return job
+
+    async def poll(self, request: Request) -> Response:
+        job = self._own_job(request)
+        if isinstance(job, Response):
+            return job
+        faults = self.state.faults(job.key)
         await self._maybe_slow(faults)
         if fault := self._server_fault(faults.poll_5xx):
             return fault
@@ -217,12 +224,9 @@ class _Sandbox:
         return {"status": "success", "predictionID": pid, "output": urls, "metrics": metrics}
 
     async def cancel(self, request: Request) -> Response:
-        key = self._authenticate(request)
-        if isinstance(key, Response):
-            return key
-        job = self.state.jobs.get(request.path_params["prediction_id"])
-        if job is None or job.key != key:
-            return _error(404, "Not found", "unknown prediction id")
+        job = self._own_job(request)
+        if isinstance(job, Response):
+            return job
         if not self.state.cancel(job):
             return _error(409, "Conflict", "the prediction has ended already")
         return JSONResponse({"status": "success", "message": "Prediction cancelled"})
