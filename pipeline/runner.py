@@ -117,16 +117,17 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_identity(journal: Journal, config: RunConfig, force: bool) -> bool:
-    """Whether `--force` must take the manifest as it is now (it or the mapping changed)."""
+def _check_identity(journal: Journal, config: RunConfig, force: bool) -> dict[str, str] | None:
+    """The run's identity when `--force` must take the manifest as it is now (it or the
+    mapping changed), to be journaled once that is done; None when nothing changed."""
     current = _identity(config)
     known = {name: journal.get_meta(name) for name in current}
     if all(value is None for value in known.values()):
         journal.set_meta(current)
-        return False
+        return None
     changed = [name for name, value in current.items() if known[name] != value]
     if changed and force:
-        return True
+        return current
     if changed:
         what = {
             "mapping": "the model or the manifest mapping in the config",
@@ -139,11 +140,11 @@ def _check_identity(journal: Journal, config: RunConfig, force: bool) -> bool:
             "is now (finished rows are kept, unsent rows take their new inputs), --fresh to "
             "start over (every row is paid again), or use a new output.dir."
         )
-    return False
+    return None
 
 
 def _reconcile(
-    manifest: Manifest, journal: Journal, state: StateStore | None, config: RunConfig
+    manifest: Manifest, journal: Journal, state: StateStore | None, identity: dict[str, str]
 ) -> dict[str, int]:
     """`--force`: journal the whole manifest as it is now (see Journal.reconcile)."""
     found: Counter[str] = Counter()
@@ -155,7 +156,7 @@ def _reconcile(
         found += journal.reconcile(batch, prior)
         last = batch[-1].row_number
     found += journal.drop_unseen()
-    journal.set_meta({**_identity(config), "ingest_complete": "1", "ingested_rows": str(last)})
+    journal.set_meta({**identity, "ingest_complete": "1", "ingested_rows": str(last)})
     _log.warning("forced", **found)
     return dict(found)
 
@@ -347,8 +348,9 @@ async def _run_held(
     reprocess: Reprocess | None,
 ) -> RunSummary:
     forced = None
-    if _check_identity(journal, config, force):
-        forced = await anyio.to_thread.run_sync(_reconcile, manifest, journal, state, config)
+    identity = _check_identity(journal, config, force)
+    if identity is not None:
+        forced = await anyio.to_thread.run_sync(_reconcile, manifest, journal, state, identity)
         folder.forget_results()
     requeued = None
     if reprocess is not None:
@@ -376,14 +378,15 @@ async def _run_held(
         sandbox_stats = sandbox.stats() if sandbox is not None else None
     books = await _finish_books(config, journal, state, manifest, folder.path)
     waiting = journal.waiting_on_keys()
-    exit_code, message = _verdict(stop, faults, books, journal, waiting, lanes_keys, stats)
+    counts = journal.counts()
+    exit_code, message = _verdict(stop, faults, books, counts, waiting, lanes_keys, stats)
     if exit_code is not ExitCode.OK:
         _log.warning("run_ended", exit_code=int(exit_code), message=message)
     return RunSummary(
         folder.path,
         folder.path / "results.parquet",
         books.failures,
-        journal.counts(),
+        counts,
         journal.totals(),
         stats,
         time.monotonic() - started,
@@ -446,7 +449,7 @@ def _verdict(
     stop: tuple[ExitCode, str],
     faults: _Faults,
     books: _Books,
-    journal: Journal,
+    counts: dict[str, int],
     waiting: dict[str, int],
     keys: list[ApiKey],
     stats: RunStats,
@@ -472,7 +475,6 @@ def _verdict(
             f"use: {named}. Only the key that created a job can see it end: set those keys in "
             f"{ENV_KEYS} and run the same command again to finish them"
         )
-    counts = journal.counts()
     if counts.get("failed", 0) or counts.get("rejected", 0):
         return ExitCode.ROWS_FAILED, (
             f"finished with {counts.get('failed', 0):,} failed and {counts.get('rejected', 0):,}"
