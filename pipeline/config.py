@@ -119,6 +119,16 @@ class OutputSection(_Section):
     dir: Path
 
 
+class AssetsSection(_Section):
+    """The edited images: downloaded once a job succeeds, checked, and kept in `store`."""
+
+    download: bool = True
+    store: Path = Path("images")  # a folder, relative to output.dir
+    max_bytes: int = Field(50_000_000, ge=1)  # an image larger than this is refused
+    concurrency: int = Field(8, ge=1)  # downloads at once, apart from the API's slots
+    attempts: int = Field(3, ge=1)  # per image and run; the next run tries again
+
+
 class BudgetSection(_Section):
     max_cost_usd: float | None = Field(None, ge=0)
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
@@ -192,6 +202,7 @@ class RunConfig(_Section):
     manifest: ManifestSection
     output: OutputSection
     budget: BudgetSection = BudgetSection()
+    assets: AssetsSection = AssetsSection()
     incremental: IncrementalSection = IncrementalSection()
     webhook: WebhookSection = WebhookSection()
     sandbox: SandboxSection = SandboxSection()
@@ -258,10 +269,14 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     state = config.incremental.state
     if state is not None:
         state = (state if state.is_absolute() else base_dir / state).resolve()
+    store = (
+        config.assets.store if config.assets.store.is_absolute() else out_dir / config.assets.store
+    )
     return config.model_copy(
         update={
             "manifest": config.manifest.model_copy(update={"path": manifest_path}),
             "output": config.output.model_copy(update={"dir": out_dir}),
+            "assets": config.assets.model_copy(update={"store": store}),
             "incremental": config.incremental.model_copy(update={"state": state}),
         }
     )

@@ -29,6 +29,7 @@ from pipeline.models import JobOutcome, JobSpec, PriorSuccess, Rejected, Status
 __all__ = [
     "TRANSIENT_ERRORS",
     "Entry",
+    "FailImage",
     "Finish",
     "GroupCommit",
     "Journal",
@@ -37,6 +38,7 @@ __all__ = [
     "MarkPending",
     "NoteAmbiguous",
     "NoteCancel",
+    "StoreImage",
     "Update",
 ]
 
@@ -73,6 +75,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_accepted INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
+CREATE TABLE IF NOT EXISTS images (
+    row_number INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    path TEXT,
+    sha256 TEXT,
+    bytes INTEGER,
+    width INTEGER,
+    height INTEGER,
+    format TEXT,
+    error TEXT,
+    PRIMARY KEY (row_number, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS images_state ON images(state, row_number);
 """
 # columns added since the first journals: a journal made before them gets them on opening
 _ADDED = {"error_code": "TEXT", "cancel_accepted": "INTEGER"}
@@ -96,7 +113,13 @@ _RESULT_COLUMNS = """row_number, record, inputs, history, json_object(
     'created_at', CASE WHEN created_at THEN CAST(created_at * 1000000 AS INTEGER) END,
     'finished_at', CASE WHEN finished_at THEN CAST(finished_at * 1000000 AS INTEGER) END,
     'key', key_name
-) AS outcome"""
+) AS outcome, (
+    SELECT json_object(
+        'path', json_group_array(path), 'sha256', json_group_array(sha256),
+        'bytes', json_group_array(bytes), 'width', json_group_array(width),
+        'height', json_group_array(height), 'state', json_group_array(state)
+    ) FROM (SELECT * FROM images WHERE images.row_number = jobs.row_number ORDER BY idx)
+) AS stored"""
 
 _OPEN = (Status.PENDING.value, Status.CREATING.value, Status.CREATED.value)
 _UNSENT = (Status.PENDING.value, Status.REJECTED.value)  # no create of the row's inputs is out
@@ -210,6 +233,57 @@ class Finish(Update):
                 o.cancel_accepted,
                 self.row_number,
             ),
+        )
+        if o.status is Status.SUCCEEDED:  # its outputs, to be downloaded and stored
+            db.execute("DELETE FROM images WHERE row_number=?", (self.row_number,))
+            db.executemany(
+                "INSERT INTO images(row_number, idx, url, state) VALUES(?, ?, ?, 'pending')",
+                [(self.row_number, i, url) for i, url in enumerate(o.output_urls)],
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreImage(Update):
+    """An output image downloaded, verified and stored."""
+
+    row_number: int
+    index: int
+    path: str
+    sha256: str
+    size: int
+    width: int
+    height: int
+    format: str
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE images SET state='stored', path=?, sha256=?, bytes=?, width=?, height=?,"
+            " format=?, error=NULL WHERE row_number=? AND idx=?",
+            (
+                self.path,
+                self.sha256,
+                self.size,
+                self.width,
+                self.height,
+                self.format,
+                self.row_number,
+                self.index,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FailImage(Update):
+    """An output image that could not be downloaded or stored this time: why."""
+
+    row_number: int
+    index: int
+    error: str
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE images SET state='failed', error=? WHERE row_number=? AND idx=?",
+            (self.error, self.row_number, self.index),
         )
 
 
@@ -610,6 +684,40 @@ class Journal:
         the failures manifest); found through the status index, not by reading every job."""
         failed = (Status.FAILED.value, Status.REJECTED.value)
         return self._pages("row_number, record", "status IN (?, ?)", failed, batch_size)
+
+    def images_to_fetch(self) -> list[tuple[int, str, int, str]]:
+        """Output images of succeeded jobs not stored yet (pending, or failed before): row
+        number, job id, index, URL."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.row_number, j.job_id, i.idx, i.url FROM images i"
+                " JOIN jobs j ON j.row_number = i.row_number"
+                " WHERE i.state != 'stored' AND j.status = ? ORDER BY i.row_number, i.idx",
+                (Status.SUCCEEDED.value,),
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
+
+    def image_states(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM images GROUP BY state").fetchall()
+        return {str(state): int(count) for state, count in rows}
+
+    def image_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
+        """Every output image of a succeeded job, in row and image order, in batches."""
+        after = (0, -1)
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT i.*, j.job_id, j.prediction_id, j.record FROM images i"
+                    " JOIN jobs j ON j.row_number = i.row_number"
+                    " WHERE j.status = ? AND (i.row_number, i.idx) > (?, ?)"
+                    " ORDER BY i.row_number, i.idx LIMIT ?",
+                    (Status.SUCCEEDED.value, *after, batch_size),
+                ).fetchall()
+            if not batch:
+                return
+            yield batch
+            after = (batch[-1]["row_number"], batch[-1]["idx"])
 
     def result_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches, for the results file: `outcome` is the job's own

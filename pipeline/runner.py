@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import structlog
 
+from pipeline.assets import Downloader
 from pipeline.client import EachlabsClient
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
@@ -37,7 +38,7 @@ from pipeline.sandbox import FaultRates, SandboxSettings
 from pipeline.state import StateStore
 from pipeline.webhook import Callbacks, Receiver
 from pipeline.worker import KeyLane, RunStats, Worker
-from pipeline.writer import ResultLayout, write_failures, write_results
+from pipeline.writer import ResultLayout, write_failures, write_images, write_results
 
 __all__ = ["ExitCode", "Reprocess", "RunSummary", "run"]
 
@@ -306,6 +307,13 @@ async def run(
             f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
             "run the config with `wanbatch run` first"
         )
+    if config.assets.download:
+        try:
+            config.assets.store.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"assets.store {config.assets.store} cannot be used: {exc.strerror}"
+            ) from None
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
@@ -405,6 +413,7 @@ async def _run_held(
 class _Books:
     failures: Path | None = None
     problem: str | None = None  # why results could not be written, or were written in part
+    images_missing: int = 0  # outputs of succeeded jobs not stored (yet)
 
 
 async def _finish_books(
@@ -436,6 +445,12 @@ async def _finish_books(
                 f"({written.problem}): some are empty"
             )
         books.failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
+        images = run_dir / "images.parquet"
+        price = config.api.price_per_image_usd
+        await anyio.to_thread.run_sync(write_images, journal, layout, images, price)
+        if config.assets.download:
+            states = journal.image_states()
+            books.images_missing = states.get("pending", 0) + states.get("failed", 0)
     except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
         _log.exception("results_failed")
         books.problem = (
@@ -479,6 +494,12 @@ def _verdict(
         return ExitCode.ROWS_FAILED, (
             f"finished with {counts.get('failed', 0):,} failed and {counts.get('rejected', 0):,}"
             " rejected rows: see the failures manifest (`wanbatch retry` runs failed rows again)"
+        )
+    if books.images_missing:
+        return ExitCode.ROWS_FAILED, (
+            f"finished, but {books.images_missing:,} output images could not be downloaded and"
+            " stored (see images.parquet, state failed): run the same command again to fetch"
+            " them; nothing is created again"
         )
     return ExitCode.OK, ""
 
@@ -557,6 +578,8 @@ def _build(
         lanes,
         receiver.secret if receiver is not None else None,
     )
+    if config.assets.download:
+        worker.downloader = Downloader(config.assets, config.output.dir, commit)
     return _Parts(client, dispatcher, commit, worker, lanes)
 
 
@@ -589,6 +612,10 @@ async def _drive(
                 )
                 if config.budget.cancel_in_flight:
                     services.start_soon(_cancel_on_budget, dispatcher, worker)
+                downloads = anyio.Event()
+                if worker.downloader is not None:
+                    pending = await anyio.to_thread.run_sync(journal.images_to_fetch)
+                    services.start_soon(_download, worker.downloader, pending, downloads)
                 async with anyio.create_task_group() as workers:
                     if handle_signals:
                         services.start_soon(
@@ -600,6 +627,9 @@ async def _drive(
                 if dispatcher.abandoned and worker.in_flight:
                     with anyio.move_on_after(config.api.read_timeout_s):
                         await worker.cancel_in_flight()
+                if worker.downloader is not None and not dispatcher.abandoned:
+                    worker.downloader.close()  # the images of every job that ended are stored
+                    await downloads.wait()
                 stop_ingest.set()
                 services.cancel_scope.cancel()
         except* NoUsableKeyError as group:
@@ -609,6 +639,8 @@ async def _drive(
         faults.drive = exc
     finally:
         stop_ingest.set()
+        if worker.downloader is not None:
+            worker.downloader.discard()
         await parts.client.aclose()
     return _stopped_by(config, dispatcher, no_key)
 
@@ -626,6 +658,15 @@ def _stopped_by(
     if dispatcher.halted:
         return ExitCode.INTERRUPTED, "stopped by a signal; run the same command again to resume"
     return ExitCode.OK, ""
+
+
+async def _download(
+    downloader: Downloader, pending: list[tuple[int, str, int, str]], done: anyio.Event
+) -> None:
+    try:
+        await downloader.run(pending)
+    finally:
+        done.set()
 
 
 async def _cancel_on_budget(dispatcher: Dispatcher, worker: Worker) -> None:

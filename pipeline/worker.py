@@ -22,6 +22,7 @@ from typing import Literal
 import anyio
 import structlog
 
+from pipeline.assets import Downloader
 from pipeline.client import EachlabsClient, Prediction
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
@@ -212,6 +213,7 @@ class Worker:
         self.price = config.api.price_per_image_usd
         self.in_flight: dict[str, tuple[KeyLane, int]] = {}  # prediction id -> its key and row
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
+        self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
 
     async def run_slot(self, lane: KeyLane) -> None:
@@ -570,3 +572,5 @@ class Worker:
         # polls it again and gets the same end
         self.journal.post(Finish(entry.row_number, outcome, self.price))
         self.dispatcher.settle(entry, outcome)
+        if self.downloader is not None and outcome.status is Status.SUCCEEDED:
+            self.downloader.submit(entry.row_number, entry.job_id, outcome.output_urls)

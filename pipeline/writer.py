@@ -37,6 +37,7 @@ __all__ = [
     "ResultLayout",
     "Written",
     "write_failures",
+    "write_images",
     "write_results",
 ]
 
@@ -140,6 +141,12 @@ def _base_fields() -> list[pa.Field]:
         pa.field("status", pa.string()),
         pa.field("prediction_id", pa.string()),
         pa.field("output_urls", pa.list_(pa.string())),
+        pa.field("output_paths", pa.list_(pa.string())),
+        pa.field("output_sha256", pa.list_(pa.string())),
+        pa.field("output_bytes", pa.list_(pa.int64())),
+        pa.field("output_width", pa.list_(pa.int64())),
+        pa.field("output_height", pa.list_(pa.int64())),
+        pa.field("outputs_status", pa.string()),
         pa.field("images", pa.int64()),
         pa.field("cost_usd", pa.float64()),
         pa.field("predict_time_s", pa.float64()),
@@ -208,10 +215,32 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan) -> str:
         "seed": _as_int(inputs.get("seed")),
         "history": _history(row["history"]),
     }
+    out.update(_stored(row["stored"]))
     for column, name in plan.text:
         out[name] = _text(record.get(column))
     outcome: str = row["outcome"]
     return f"{outcome[:-1]},{_ENCODE(out)[1:]}"
+
+
+def _stored(text: str | None) -> dict[str, Any]:
+    """The columns of a row's stored outputs, from the journal's images of it."""
+    found = json.loads(text) if text else {}
+    states: list[str] = found.get("state") or []
+    status = None
+    if states:
+        status = (
+            "stored"
+            if all(s == "stored" for s in states)
+            else ("pending_download" if "pending" in states else "failed_download")
+        )
+    return {
+        "output_paths": found.get("path") or [],
+        "output_sha256": found.get("sha256") or [],
+        "output_bytes": found.get("bytes") or [],
+        "output_width": found.get("width") or [],
+        "output_height": found.get("height") or [],
+        "outputs_status": status,
+    }
 
 
 def _micros(seconds: float | None) -> int | None:
@@ -364,3 +393,76 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
                 for page in (first, *pages):
                     out.write_table(rows.take([r["row_number"] for r in page]))
     return path
+
+
+def _image_schema(layout: ResultLayout) -> tuple[pa.Schema, pa.Schema | None]:
+    """images.parquet's columns, and the id column's own type when a Parquet manifest has it."""
+    id_field: list[pa.Field] = []
+    own = None
+    if layout.id_column is not None:
+        name = (
+            layout.id_column
+            if layout.id_column not in _IMAGE_COLUMNS
+            else f"{_PREFIX}{layout.id_column}"
+        )
+        if layout.typed:
+            own = pa.schema([pq.read_schema(layout.manifest_path).field(layout.id_column)])
+            id_field = [pa.field(name, own.field(0).type)]
+        else:
+            id_field = [pa.field(name, pa.string())]
+    fields = [
+        pa.field("job_id", pa.string()),
+        pa.field("row_number", pa.int64()),
+        *id_field,
+        pa.field("prediction_id", pa.string()),
+        pa.field("index", pa.int64()),
+        pa.field("url", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("bytes", pa.int64()),
+        pa.field("width", pa.int64()),
+        pa.field("height", pa.int64()),
+        pa.field("format", pa.string()),
+        pa.field("state", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("cost_usd", pa.float64()),
+    ]
+    return pa.schema(fields), own
+
+
+_IMAGE_COLUMNS = frozenset(
+    {"job_id", "row_number", "prediction_id", "index", "url", "path", "sha256", "bytes"}
+    | {"width", "height", "format", "state", "error", "cost_usd"}
+)
+
+
+def write_images(journal: Journal, layout: ResultLayout, path: Path, price: float) -> int:
+    """One row per output image of a succeeded job, its own cost beside it (so the column sums
+    to what the provider billed); the number of images."""
+    schema, own = _image_schema(layout)
+    manifest = None if own is None else _ManifestRows(layout.manifest_path, own)
+    count = 0
+    with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
+        for batch in journal.image_rows():
+            columns: dict[str, Any] = {
+                "job_id": [r["job_id"] for r in batch],
+                "row_number": [r["row_number"] for r in batch],
+                "prediction_id": [r["prediction_id"] for r in batch],
+                "index": [r["idx"] for r in batch],
+                "url": [r["url"] for r in batch],
+            }
+            for name in ("path", "sha256", "bytes", "width", "height", "format", "state", "error"):
+                columns[name] = [r[name] for r in batch]
+            columns["cost_usd"] = [price] * len(batch)
+            if layout.id_column is not None:
+                id_name = schema.names[2]
+                if manifest is not None:
+                    columns[id_name] = manifest.take([r["row_number"] for r in batch]).column(0)
+                else:
+                    records = (json.loads(r["record"]) for r in batch)
+                    columns[id_name] = [_text(rec.get(layout.id_column)) for rec in records]
+            out.write_table(pa.table({n: columns[n] for n in schema.names}, schema=schema))
+            count += len(batch)
+        if count == 0:
+            out.write_table(schema.empty_table())
+    return count

@@ -246,6 +246,11 @@ class _Sandbox:
         body = await asyncio.to_thread(
             images.render_output, first, size, seed, index, str(job.inputs["prompt"])
         )
+        faults = self.state.faults(job.key)
+        if self.state.chance(faults.bad_output):
+            body = bytes(len(body))  # as long as the image, but zeros
+        elif self.state.chance(faults.truncated_output):
+            body = body[: len(body) // 2]
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
     async def _input_image(self, url: str) -> Image.Image:

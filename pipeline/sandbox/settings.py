@@ -16,6 +16,8 @@ class FaultRates:
     job_error: float = 0.0  # a job ends in `error` with a final code (no images, no charge)
     transient_error: float = 0.0  # a job ends in `error` with a code the provider says to retry
     cancelled: float = 0.0  # a job ends `cancelled` on the provider's side (no images, no charge)
+    bad_output: float = 0.0  # an output image served as bytes that are no image
+    truncated_output: float = 0.0  # an output image served cut in half
     create_5xx: float = 0.0  # a create answered 500/503 before anything is created
     poll_5xx: float = 0.0  # a poll answered 500/503
     lost_create: float = 0.0  # a create accepted and billed whose answer is lost (drop or 502)
@@ -30,6 +32,8 @@ class FaultRates:
             "job_error",
             "transient_error",
             "cancelled",
+            "bad_output",
+            "truncated_output",
             "create_5xx",
             "poll_5xx",
             "lost_create",

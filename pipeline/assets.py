@@ -1,0 +1,171 @@
+"""The edited images: each output of a succeeded job downloaded, checked and stored.
+
+Downloads run beside the workers with their own HTTP client and concurrency, so an image never
+holds a provider slot. An image is streamed with a size cap, must decode as an image (format,
+width, height), is named after its row, its job id's hash and its index (never after text from
+the manifest or the provider), content-hashed, and written under a temporary name then renamed.
+A download that fails never loses the prediction: the image stays `failed` (or `pending`) in the
+journal, and the next run of the same command fetches it without creating anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.config import AssetsSection
+from pipeline.journal import FailImage, GroupCommit, StoreImage
+
+__all__ = ["DownloadStats", "Downloader", "inspect_image"]
+
+_log = structlog.get_logger("pipeline.assets")
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
+
+
+class BadImage(Exception):
+    """What was downloaded is not an image we keep: too large, cut short, or not decodable."""
+
+
+@dataclass
+class DownloadStats:
+    stored: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    row_number: int
+    job_id: str
+    index: int
+    url: str
+
+
+def inspect_image(data: bytes) -> tuple[str, int, int]:
+    """The format, width and height of a whole, decodable image; BadImage otherwise."""
+    from PIL import Image, UnidentifiedImageError  # the run loads Pillow only to check images
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel: a cut-short file fails here
+            return str(image.format), image.width, image.height
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"not a whole image ({exc})") from None
+
+
+class Downloader:
+    """`submit()` the outputs of succeeded jobs; `run()` stores them until `close()` and the
+    queue is drained."""
+
+    def __init__(self, section: AssetsSection, run_dir: Path, journal: GroupCommit) -> None:
+        self._section = section
+        self._run_dir = run_dir
+        self._journal = journal
+        self._http: httpx.AsyncClient | None = None  # made by run()
+        send, receive = anyio.create_memory_object_stream[_Job](math.inf)
+        self._send: MemoryObjectSendStream[_Job] = send
+        self._receive: MemoryObjectReceiveStream[_Job] = receive
+        self.stats = DownloadStats()
+
+    def submit(self, row_number: int, job_id: str, urls: tuple[str, ...] | list[str]) -> None:
+        for index, url in enumerate(urls):
+            self._send.send_nowait(_Job(row_number, job_id, index, url))
+
+    def close(self) -> None:
+        """No more submissions: `run()` returns once what is queued is stored (or failed)."""
+        self._send.close()
+
+    async def run(self, pending: list[tuple[int, str, int, str]]) -> None:
+        """Store `pending` (left by an earlier run) and whatever is submitted; the store
+        folder exists (the run checked it before sending anything)."""
+        for row_number, job_id, index, url in pending:
+            self._send.send_nowait(_Job(row_number, job_id, index, url))
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(60.0, connect=10.0),
+            limits=httpx.Limits(max_connections=self._section.concurrency),
+            follow_redirects=True,
+            trust_env=True,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self._section.concurrency):
+                    tg.start_soon(self._consume, self._receive.clone())
+        finally:
+            self.discard()
+            with anyio.CancelScope(shield=True):
+                await self._http.aclose()
+
+    def discard(self) -> None:
+        """Drop what is still queued (the run stops here): those images stay pending in the
+        journal, for the next run."""
+        self._send.close()
+        self._receive.close()
+
+    async def _consume(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
+        async with receive:
+            async for job in receive:
+                await self._fetch(job)
+
+    async def _fetch(self, job: _Job) -> None:
+        error = ""
+        for attempt in range(1, self._section.attempts + 1):
+            try:
+                data = await self._download(job.url)
+                stored = await anyio.to_thread.run_sync(self._store, job, data)
+            except (httpx.HTTPError, BadImage, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                if attempt < self._section.attempts:
+                    await anyio.sleep(random.uniform(0.05, 0.2) * 2**attempt)
+                continue
+            await self._journal.write(stored)
+            self.stats.stored += 1
+            self.stats.bytes += stored.size
+            return
+        self.stats.failed += 1
+        _log.warning("image_failed", job_id=job.job_id, index=job.index, error=error)
+        await self._journal.write(FailImage(job.row_number, job.index, error))
+
+    async def _download(self, url: str) -> bytes:
+        limit = self._section.max_bytes
+        assert self._http is not None
+        async with self._http.stream("GET", url) as answer:
+            answer.raise_for_status()
+            declared = answer.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise BadImage(f"{int(declared):,} bytes; the limit is {limit:,}")
+            data = bytearray()
+            async for chunk in answer.aiter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise BadImage(f"over {limit:,} bytes (assets.max_bytes)")
+            if declared.isdigit() and len(data) != int(declared):
+                raise BadImage(f"cut short: {len(data):,} of {int(declared):,} bytes")
+        return bytes(data)
+
+    def _store(self, job: _Job, data: bytes) -> StoreImage:
+        """Check and write one image (in a thread): a name of our own, written atomically."""
+        kind, width, height = inspect_image(data)
+        ident = hashlib.sha256(job.job_id.encode()).hexdigest()[:8]
+        name = f"{job.row_number:08d}-{ident}-{job.index}.{_EXTENSIONS.get(kind, 'img')}"
+        path = self._section.store / name
+        tmp = path.with_name(f".{name}.tmp")
+        with tmp.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        shown = path.relative_to(self._run_dir) if path.is_relative_to(self._run_dir) else path
+        digest = hashlib.sha256(data).hexdigest()
+        return StoreImage(
+            job.row_number, job.index, str(shown), digest, len(data), width, height, kind
+        )

@@ -1,0 +1,141 @@
+"""The edited images kept: every billed image downloaded, verified and stored, one record each;
+a bad or missing download never loses the prediction and is fetched by the next run."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.errors import ConfigError
+from pipeline.runner import ExitCode
+from pipeline.sandbox import FaultRates, SandboxServer
+from tests.conftest import (
+    KEY,
+    SCALE,
+    catalog,
+    go,
+    ledger_cost,
+    make_config,
+    results,
+    shrunk_sandbox,
+    write_manifest,
+)
+
+Start = Callable[..., SandboxServer]
+pytestmark = pytest.mark.anyio
+
+
+def _images(run_dir: Path) -> list[dict[str, object]]:
+    return pq.read_table(run_dir / "images.parquet").to_pylist()
+
+
+async def test_every_billed_image_is_stored_and_verified(sandbox: Start, tmp_path: Path) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2)
+    rows = catalog(12)
+    for row in rows[::3]:
+        row["n"] = "2"
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.OK
+    run_dir = config.output.dir
+    images = _images(run_dir)
+    billed = [e for e in sb.ledger() if e["event"] == "ended"]
+    assert len(images) == sum(e["images"] for e in billed) == 16
+    assert sum(i["cost_usd"] for i in images) == pytest.approx(ledger_cost(sb))
+    async with httpx.AsyncClient() as http:
+        for image in images:
+            assert image["state"] == "stored" and str(image["sku"]).startswith("SKU-")
+            stored = (run_dir / str(image["path"])).read_bytes()
+            served = (await http.get(str(image["url"]))).content
+            assert hashlib.sha256(stored).hexdigest() == image["sha256"]
+            assert hashlib.sha256(served).hexdigest() == image["sha256"]
+            assert len(stored) == image["bytes"]
+            with Image.open(io.BytesIO(stored)) as picture:
+                assert picture.size == (image["width"], image["height"])
+                assert picture.format == image["format"] == "JPEG"
+    for row in results(summary):
+        own = [i for i in images if i["row_number"] == row["row_number"]]
+        assert row["output_paths"] == [i["path"] for i in own]
+        assert row["output_sha256"] == [i["sha256"] for i in own]
+        assert row["outputs_status"] == "stored" and len(own) == row["images"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "limit", "says"),
+    [
+        ({"bad_output": 1.0}, 50_000_000, "not a whole image"),
+        ({"truncated_output": 1.0}, 50_000_000, "not a whole image"),
+        ({}, 1_000, "the limit is 1,000"),
+    ],
+)
+async def test_corrupt_truncated_and_oversized_outputs_are_detected(
+    sandbox: Start, tmp_path: Path, fault: dict[str, float], limit: int, says: str
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, faults=FaultRates(**fault))
+    manifest = write_manifest(tmp_path / "m.csv", catalog(3))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        assets={"max_bytes": limit, "attempts": 2},
+    )
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.ROWS_FAILED
+    assert "3 output images could not be downloaded" in summary.message
+    rows = results(summary)
+    assert all(r["status"] == "succeeded" and r["prediction_id"] for r in rows)  # still paid for
+    assert {r["outputs_status"] for r in rows} == {"failed_download"}
+    images = _images(config.output.dir)
+    assert {i["state"] for i in images} == {"failed"}
+    assert all(says in str(i["error"]) for i in images)
+    assert not any((config.output.dir / "images").iterdir())
+
+
+async def test_failed_downloads_are_fetched_by_the_next_runs_without_creating_again(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    # half the time the sandbox serves a broken image: a run stores what it can, the next one
+    # fetches the rest, and nothing is ever created twice
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, faults=FaultRates(bad_output=0.5), seed=4)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(8))
+    config = make_config(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, assets={"attempts": 1}
+    )
+    first = await go(config, [KEY])
+    assert first.counts == {"succeeded": 8}
+    states = [r["outputs_status"] for r in results(first)]
+    assert "failed_download" in states and first.exit_code is ExitCode.ROWS_FAILED
+    runs = 1
+    summary = first
+    while summary.exit_code is not ExitCode.OK and runs < 12:
+        summary = await go(config, [KEY])
+        runs += 1
+    assert summary.exit_code is ExitCode.OK, runs
+    assert sb.stats()["creates"] == 8  # only the images were fetched again
+    assert {r["outputs_status"] for r in results(summary)} == {"stored"}
+    assert len(list((config.output.dir / "images").iterdir())) == 8
+
+
+async def test_a_store_that_cannot_be_made_stops_the_run_before_any_request(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox)
+    (tmp_path / "afile").write_text("")
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        write_manifest(tmp_path / "m.csv", catalog(2)),
+        assets={"store": str(tmp_path / "afile" / "images")},
+    )
+    with pytest.raises(ConfigError, match=r"assets\.store .*afile/images cannot be used"):
+        await go(config, [KEY])
+    assert sb.ledger() == []
