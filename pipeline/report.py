@@ -29,6 +29,15 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     if summary.waiting_on_keys:
         rows.append(("jobs in flight, per key", _by_type(summary.waiting_on_keys)))
     rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    if stats.downloads is not None:
+        d = stats.downloads
+        rows.append(
+            (
+                "images stored",
+                f"{d.stored:,} this run ({d.bytes / 1e6:,.1f} MB)"
+                + (f", {d.failed:,} failed: run again to fetch them" if d.failed else ""),
+            )
+        )
     rows += [
         ("images", f"{int(totals['images']):,}"),
         ("cost", f"${totals['cost_usd']:,.2f}"),

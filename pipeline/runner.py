@@ -580,6 +580,7 @@ def _build(
     )
     if config.assets.download:
         worker.downloader = Downloader(config.assets, config.output.dir, commit)
+        stats.downloads = worker.downloader.stats
     return _Parts(client, dispatcher, commit, worker, lanes)
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 import anyio
 import structlog
 
-from pipeline.assets import Downloader
+from pipeline.assets import Downloader, DownloadStats
 from pipeline.client import EachlabsClient, Prediction
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
@@ -66,6 +66,7 @@ class RunStats:
     finished: int = 0
     retired_keys: list[str] = field(default_factory=list)
     callbacks: CallbackStats | None = None  # webhook mode only
+    downloads: DownloadStats | None = None  # when assets.download
 
 
 @dataclass

@@ -54,6 +54,9 @@ def _arguments() -> argparse.Namespace:
         "--webhook", action="store_true", help="webhook mode: callbacks wake a confirming poll"
     )
     parser.add_argument(
+        "--no-download", action="store_true", help="keep no images (assets.download: false)"
+    )
+    parser.add_argument(
         "--slow-keys", type=int, default=0, help="keys whose every answer is --slow-s late"
     )
     parser.add_argument("--slow-s", type=float, default=2.0, help="provider seconds")
@@ -165,6 +168,7 @@ def main() -> None:
                     "manifest": {"path": str(manifest), "id_column": "sku"},
                     "output": {"dir": str(folder / "run")},
                     "webhook": {"enabled": args.webhook},
+                    "assets": {"download": not args.no_download},
                 },
                 folder,
             )
@@ -250,6 +254,12 @@ def main() -> None:
             for c in sorted(per_key, key=lambda c: str(c["values"]))
         )
         print(f"jobs_per_key              {jobs_by_key}")
+    if summary.stats.downloads is not None:
+        d = summary.stats.downloads
+        span = max(summary.elapsed_s, 1e-9)
+        print(f"images_stored             {d.stored} ({d.failed} failed)")
+        rate, mb = d.stored / span, d.bytes / 1e6 / span
+        print(f"download_rate             {rate:.1f} images/s {mb:.2f} MB/s")
     if summary.stats.callbacks is not None:
         c = summary.stats.callbacks
         print(f"callbacks_received        {c.received}")
