@@ -123,7 +123,11 @@ class AssetsSection(_Section):
     """The edited images: downloaded once a job succeeds, checked, and kept in `store`."""
 
     download: bool = True
-    store: Path = Path("images")  # a folder, relative to output.dir
+    # a folder (relative to output.dir) or an object-storage URL (s3://bucket/prefix, gs://...,
+    # az://...), whose credentials come from the standard environment (AWS_ENDPOINT_URL,
+    # AWS_ACCESS_KEY_ID, ...) and `storage_options`, never from this file's log or results
+    store: str = "images"
+    storage_options: dict[str, str] = Field(default_factory=dict)
     max_bytes: int = Field(50_000_000, ge=1)  # an image larger than this is refused
     concurrency: int = Field(8, ge=1)  # downloads at once, apart from the API's slots
     attempts: int = Field(3, ge=1)  # per image and run; the next run tries again
@@ -269,9 +273,9 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     state = config.incremental.state
     if state is not None:
         state = (state if state.is_absolute() else base_dir / state).resolve()
-    store = (
-        config.assets.store if config.assets.store.is_absolute() else out_dir / config.assets.store
-    )
+    store = config.assets.store
+    if "://" not in store:
+        store = str(store if Path(store).is_absolute() else out_dir / store)
     return config.model_copy(
         update={
             "manifest": config.manifest.model_copy(update={"path": manifest_path}),

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.assets import Downloader
+from pipeline.assets import Downloader, open_store
 from pipeline.client import EachlabsClient
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
@@ -307,13 +307,9 @@ async def run(
             f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
             "run the config with `wanbatch run` first"
         )
-    if config.assets.download:
-        try:
-            config.assets.store.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"assets.store {config.assets.store} cannot be used: {exc.strerror}"
-            ) from None
+    store = open_store(config.assets, config.output.dir) if config.assets.download else None
+    if store is not None:
+        await anyio.to_thread.run_sync(store.check)
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
@@ -579,7 +575,8 @@ def _build(
         receiver.secret if receiver is not None else None,
     )
     if config.assets.download:
-        worker.downloader = Downloader(config.assets, config.output.dir, commit)
+        store = open_store(config.assets, config.output.dir)
+        worker.downloader = Downloader(config.assets, store, commit)
         stats.downloads = worker.downloader.stats
     return _Parts(client, dispatcher, commit, worker, lanes)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from pipeline.errors import ConfigError
@@ -139,3 +142,62 @@ async def test_a_store_that_cannot_be_made_stops_the_run_before_any_request(
     with pytest.raises(ConfigError, match=r"assets\.store .*afile/images cannot be used"):
         await go(config, [KEY])
     assert sb.ledger() == []
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's S3 server on loopback, with a bucket; the standard environment points at it."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "wanbatch-test",
+        "AWS_SECRET_ACCESS_KEY": "wanbatch-test-secret",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="catalog-images")
+    yield client
+    server.stop()
+
+
+async def test_images_go_to_object_storage(sandbox: Start, tmp_path: Path, s3: Any) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(5))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        assets={"store": "s3://catalog-images/nightly/2026-11-25"},
+    )
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.OK
+    images = _images(config.output.dir)
+    assert len(images) == 5 and {i["state"] for i in images} == {"stored"}
+    listed = s3.list_objects_v2(Bucket="catalog-images", Prefix="nightly/2026-11-25/")
+    keys = sorted(o["Key"] for o in listed["Contents"])
+    assert [f"s3://catalog-images/{k}" for k in keys] == sorted(str(i["path"]) for i in images)
+    for image in images:
+        key = str(image["path"]).removeprefix("s3://catalog-images/")
+        body = s3.get_object(Bucket="catalog-images", Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == image["sha256"]
+    assert "wanbatch-test-secret" not in pq.read_table(summary.results_path).to_pandas().to_csv()
+
+    missing = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        output={"dir": str(tmp_path / "other")},
+        assets={"store": "s3://no-such-bucket/x"},
+    )
+    with pytest.raises(
+        ConfigError, match=r"assets\.store s3://no-such-bucket/x cannot be used"
+    ) as caught:
+        await go(missing, [KEY])
+    assert "wanbatch-test-secret" not in str(caught.value)
+    assert sb.stats()["creates"] == 5  # refused before anything was sent
