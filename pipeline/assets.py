@@ -181,8 +181,8 @@ class Downloader:
         self._send.close()
 
     async def run(self, pending: list[tuple[int, str, int, str]]) -> None:
-        """Store `pending` (left by an earlier run) and whatever is submitted; the store
-        folder exists (the run checked it before sending anything)."""
+        """Store `pending` (left by an earlier run) and whatever is submitted; the store was
+        checked before anything was sent."""
         for row_number, job_id, index, url in pending:
             self._send.send_nowait(_Job(row_number, job_id, index, url))
         self._http = httpx.AsyncClient(
@@ -243,7 +243,9 @@ class Downloader:
                 data += chunk
                 if len(data) > limit:
                     raise BadImage(f"over {limit:,} bytes (assets.max_bytes)")
-            if declared.isdigit() and len(data) != int(declared):
+            # a compressed answer's length is not the image's: Pillow judges those alone
+            encoded = "content-encoding" in answer.headers
+            if declared.isdigit() and not encoded and len(data) != int(declared):
                 raise BadImage(f"cut short: {len(data):,} of {int(declared):,} bytes")
         return bytes(data)
 
