@@ -86,6 +86,8 @@ class ManifestSection(_Section):
     defaults: dict[str, Any] = Field(default_factory=dict)
     batch_rows: int = Field(5000, ge=1)
     allow_loopback_urls: bool = False
+    # rows whose input (seed included) an earlier row already sends share its job and outputs
+    dedupe: bool = True
 
     @field_validator("columns", "defaults")
     @classmethod

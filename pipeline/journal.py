@@ -72,9 +72,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     reused INTEGER NOT NULL DEFAULT 0,
     history TEXT,
     error_code TEXT,
-    cancel_accepted INTEGER
+    cancel_accepted INTEGER,
+    follows INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
+CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs(fingerprint) WHERE fingerprint IS NOT NULL;
 CREATE TABLE IF NOT EXISTS images (
     row_number INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -92,7 +94,7 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_state ON images(state, row_number);
 """
 # columns added since the first journals: a journal made before them gets them on opening
-_ADDED = {"error_code": "TEXT", "cancel_accepted": "INTEGER"}
+_ADDED = {"error_code": "TEXT", "cancel_accepted": "INTEGER", "follows": "INTEGER"}
 
 # made once: json.dumps with any argument of its own builds a new encoder on every call
 _RECORD = json.JSONEncoder(default=str, ensure_ascii=False).encode
@@ -326,6 +328,7 @@ class Journal:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self.share_seeded = False  # manifest.dedupe: rows with the same seeded input share one job
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -435,7 +438,7 @@ class Journal:
             db.executemany(
                 "UPDATE jobs SET job_id=?, fingerprint=?, inputs=?, record=?, status=?,"
                 " error_type=?, error_message=?, prediction_id=?, output_urls=?, images=?,"
-                " predict_time_s=?, finished_at=?, reused=? WHERE row_number=?",
+                " predict_time_s=?, finished_at=?, reused=?, follows=NULL WHERE row_number=?",
                 updates,
             )
             self._insert(added, prior)
@@ -505,14 +508,81 @@ class Journal:
         self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
     ) -> None:
         known = self._known_ids({item.job_id for item in batch})
-        rows = [self._ingest_row(self._unique(item, known), prior) for item in batch]
+        items = [self._unique(item, known) for item in batch]
+        leaders = self._leaders(items, prior) if self.share_seeded else {}
+        rows = [(*self._ingest_row(i, prior), leaders.get(i.row_number)) for i in items]
         self._db.executemany(
             "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
             " error_type, error_message, prediction_id, output_urls, images,"
-            " predict_time_s, finished_at, reused)"
-            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " predict_time_s, finished_at, reused, follows)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+
+    def _leaders(
+        self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> dict[int, int]:
+        """Rows whose exact input, seed included, an earlier row of this run already sends:
+        the row each follows. Without a seed, each row is a new draw and is sent."""
+        seeded = [
+            i
+            for i in items
+            if isinstance(i, JobSpec) and "seed" in i.inputs and i.fingerprint not in prior
+        ]
+        if not seeded:
+            return {}
+        prints = list({i.fingerprint for i in seeded})
+        first: dict[str, int] = {}
+        for start in range(0, len(prints), 500):
+            chunk = prints[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            first.update(
+                self._db.execute(
+                    f"SELECT fingerprint, MIN(row_number) FROM jobs WHERE fingerprint IN ({marks})"
+                    " AND follows IS NULL AND status != ? GROUP BY fingerprint",
+                    (*chunk, Status.REJECTED.value),
+                ).fetchall()
+            )
+        follows: dict[int, int] = {}
+        for item in seeded:
+            leader = first.setdefault(item.fingerprint, item.row_number)
+            if leader != item.row_number:
+                follows[item.row_number] = leader
+        return follows
+
+    def settle_followers(self) -> None:
+        """Rows that share a seeded input with an earlier row take its end: its outputs (and
+        stored images), reused and at no cost, or its failure. Those whose leader has not
+        ended wait for a later run."""
+        done, failed = Status.SUCCEEDED.value, Status.FAILED.value
+        with self._lock, self._transaction():
+            db = self._db
+            db.execute(
+                "UPDATE jobs SET status=l.status, prediction_id=l.prediction_id,"
+                " output_urls=l.output_urls, images=l.images, cost_usd=0, reused=1,"
+                " predict_time_s=l.predict_time_s, finished_at=l.finished_at"
+                " FROM (SELECT row_number AS lead, status, prediction_id, output_urls, images,"
+                " predict_time_s, finished_at FROM jobs WHERE status=?) AS l"
+                " WHERE jobs.follows = l.lead AND jobs.status=?",
+                (done, Status.PENDING.value),
+            )
+            db.execute(
+                "UPDATE jobs SET status=l.status, error_type=l.error_type,"
+                " error_code=l.error_code, finished_at=l.finished_at,"
+                " error_message='shares its input with row ' || l.lead || ', which failed: '"
+                " || COALESCE(l.error_message, '')"
+                " FROM (SELECT row_number AS lead, status, error_type, error_code, error_message,"
+                " finished_at FROM jobs WHERE status=?) AS l"
+                " WHERE jobs.follows = l.lead AND jobs.status=?",
+                (failed, Status.PENDING.value),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO images(row_number, idx, url, state, path, sha256, bytes,"
+                " width, height, format, error) SELECT f.row_number, i.idx, i.url, i.state,"
+                " i.path, i.sha256, i.bytes, i.width, i.height, i.format, i.error"
+                " FROM jobs f JOIN images i ON i.row_number = f.follows WHERE f.status=?",
+                (done,),
+            )
 
     @staticmethod
     def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
@@ -546,7 +616,7 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status IN (?, ?, ?) AND row_number > ?"
-                " ORDER BY row_number LIMIT ?",
+                " AND follows IS NULL ORDER BY row_number LIMIT ?",
                 (*_OPEN, after_row, limit),
             ).fetchall()
         return [_entry(r) for r in rows]
@@ -708,7 +778,7 @@ class Journal:
         while True:
             with self._lock:
                 batch = self._db.execute(
-                    "SELECT i.*, j.job_id, j.prediction_id, j.record FROM images i"
+                    "SELECT i.*, j.job_id, j.prediction_id, j.record, j.reused FROM images i"
                     " JOIN jobs j ON j.row_number = i.row_number"
                     " WHERE j.status = ? AND (i.row_number, i.idx) > (?, ?)"
                     " ORDER BY i.row_number, i.idx LIMIT ?",

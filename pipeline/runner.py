@@ -314,6 +314,7 @@ async def run(
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
         journal = folder.open_journal()
+        journal.share_seeded = config.manifest.dedupe
     except BaseException:
         if state is not None:
             state.close()
@@ -431,6 +432,7 @@ async def _finish_books(
     )
     books = _Books()
     try:
+        await anyio.to_thread.run_sync(journal.settle_followers)
         if state is not None:
             await anyio.to_thread.run_sync(_remember, journal, state, run_dir)
         results_path = run_dir / "results.parquet"

@@ -453,7 +453,7 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
             }
             for name in ("path", "sha256", "bytes", "width", "height", "format", "state", "error"):
                 columns[name] = [r[name] for r in batch]
-            columns["cost_usd"] = [price] * len(batch)
+            columns["cost_usd"] = [0.0 if r["reused"] else price for r in batch]
             if layout.id_column is not None:
                 id_name = schema.names[2]
                 if manifest is not None:

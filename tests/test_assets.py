@@ -201,3 +201,40 @@ async def test_images_go_to_object_storage(sandbox: Start, tmp_path: Path, s3: A
         await go(missing, [KEY])
     assert "wanbatch-test-secret" not in str(caught.value)
     assert sb.stats()["creates"] == 5  # refused before anything was sent
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+async def test_rows_with_the_same_seeded_input_are_paid_once(
+    sandbox: Start, tmp_path: Path, dedupe: bool
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2)
+    same = {"prompt": "a red sneaker on white", "img_url": "https://cdn.example.com/s.jpg"}
+    rows = [
+        {"sku": "A", **same, "seed": "7"},
+        {"sku": "B", **same, "seed": "7"},  # the same draw: the provider would return the same
+        {"sku": "C", **same, "seed": "7"},
+        {"sku": "D", **same, "seed": ""},  # no seed: a new draw each, as asked
+        {"sku": "E", **same, "seed": ""},
+        {"sku": "F", **same, "seed": "8"},
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    config = make_config(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, manifest={"dedupe": dedupe}
+    )
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.OK
+    out = {r["sku"]: r for r in results(summary)}
+    assert sb.stats()["creates"] == (4 if dedupe else 6)
+    assert all(r["status"] == "succeeded" for r in out.values())
+    if dedupe:
+        for follower in ("B", "C"):
+            row = out[follower]
+            assert row["reused"] is True and row["cost_usd"] == 0
+            assert row["prediction_id"] == out["A"]["prediction_id"]
+            assert row["output_paths"] == out["A"]["output_paths"]
+            assert row["outputs_status"] == "stored"
+    assert out["D"]["prediction_id"] != out["E"]["prediction_id"]
+    images = _images(config.output.dir)
+    assert len(images) == 6  # one per row, the followers' pointing at the leader's copy
+    assert sum(i["cost_usd"] for i in images) == pytest.approx(ledger_cost(sb))
+    assert sum(r["cost_usd"] for r in out.values()) == pytest.approx(ledger_cost(sb))
