@@ -355,3 +355,19 @@ def _fill(path: Path) -> None:
                 out.flush()
     except OSError:
         pass
+
+
+async def test_a_state_store_that_is_not_one_stops_the_run_before_any_request(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _fast(sandbox)
+    (tmp_path / "state.sqlite").write_text("not a database, " * 100)
+    config = _config(
+        tmp_path,
+        sb,
+        write_manifest(tmp_path / "m.csv", catalog(3)),
+        incremental={"enabled": True, "state": str(tmp_path / "state.sqlite")},
+    )
+    with pytest.raises(ConfigError, match=r"incremental\.state .*state\.sqlite cannot be used"):
+        await go(config, [KEY])
+    assert sb.ledger() == []
