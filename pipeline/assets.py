@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 import httpx
@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.config import AssetsSection
 from pipeline.errors import ConfigError
 from pipeline.journal import FailImage, GroupCommit, StoreImage
+from pipeline.objects import ObjectStore
 
 __all__ = [
     "DownloadStats",
@@ -77,48 +78,6 @@ class FolderStore:
             os.fsync(out.fileno())
         os.replace(tmp, path)
         return str(path.relative_to(self._run_dir) if path.is_relative_to(self._run_dir) else path)
-
-
-class ObjectStore:
-    """Object storage through obstore: one PUT per image, which is whole or absent. Credentials
-    and endpoint come from the standard environment and `storage_options`; neither is ever put
-    into a message."""
-
-    def __init__(self, url: str, options: dict[str, str]) -> None:
-        from obstore.store import from_url  # only runs that use object storage load it
-
-        self._url = url.rstrip("/")
-        make: Any = from_url  # its overloads are per scheme; the scheme is the user's
-        try:
-            self._store = make(self._url, config=options or None, client_options=_CLIENT)
-        except Exception as exc:  # noqa: BLE001 - obstore's errors share no base worth naming
-            raise ConfigError(f"assets.store {self._url} cannot be used: {_said(exc)}") from None
-
-    def check(self) -> None:
-        import obstore
-
-        try:
-            next(iter(obstore.list(self._store, chunk_size=1)), None)
-        except Exception as exc:  # noqa: BLE001 - see __init__
-            raise ConfigError(f"assets.store {self._url} cannot be used: {_said(exc)}") from None
-
-    def put(self, name: str, data: bytes) -> str:
-        import obstore
-
-        try:
-            obstore.put(self._store, name, data)
-        except Exception as exc:  # noqa: BLE001 - see __init__
-            raise OSError(f"cannot store {name}: {_said(exc)}") from None
-        return f"{self._url}/{name}"
-
-
-# loopback object servers in tests speak plain HTTP; a real bucket's HTTPS is unaffected
-_CLIENT = {"allow_http": True}
-
-
-def _said(exc: BaseException) -> str:
-    """An obstore error in one line, without the XML bodies it appends."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
 
 
 def open_store(section: AssetsSection, run_dir: Path) -> Store:

@@ -127,6 +127,12 @@ def sandbox_command(
         float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
     ] = 1.0,
     allow_loopback_urls: bool = False,
+    fetch_inputs: Annotated[
+        bool,
+        typer.Option(
+            help="Fetch loopback inputs as the provider does; fail jobs whose input fails."
+        ),
+    ] = False,
     ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
     job_error: Annotated[float, typer.Option(help="Jobs that fail with a final code.")] = 0.0,
     transient_error: Annotated[
@@ -167,6 +173,7 @@ def sandbox_command(
             seed=seed,
             image_scale=image_scale,
             allow_loopback_urls=allow_loopback_urls,
+            fetch_inputs=fetch_inputs,
             ledger_path=ledger,
             legacy_errors=legacy_errors,
             faults=FaultRates(

@@ -88,6 +88,8 @@ class ManifestSection(_Section):
     allow_loopback_urls: bool = False
     # rows whose input (seed included) an earlier row already sends share its job and outputs
     dedupe: bool = True
+    # check public HTTPS inputs before any create (reachable, an image, at most 20 MB)
+    check_urls: bool = False
 
     @field_validator("columns", "defaults")
     @classmethod
@@ -133,6 +135,10 @@ class AssetsSection(_Section):
     max_bytes: int = Field(50_000_000, ge=1)  # an image larger than this is refused
     concurrency: int = Field(8, ge=1)  # downloads at once, apart from the API's slots
     attempts: int = Field(3, ge=1)  # per image and run; the next run tries again
+    # where local and bucket inputs are uploaded (s3://bucket/prefix, gs://..., az://...); each
+    # create is sent a presigned URL of its upload, valid this long (at most 7 days, S3's limit)
+    upload_to: str | None = None
+    upload_url_lifetime_s: float = Field(3600.0, gt=0, le=604800)
 
 
 class BudgetSection(_Section):
@@ -213,6 +219,17 @@ class RunConfig(_Section):
     webhook: WebhookSection = WebhookSection()
     sandbox: SandboxSection = SandboxSection()
 
+    @model_validator(mode="after")
+    def _uploads_outlive_jobs(self) -> RunConfig:
+        lifetime, timeout = self.assets.upload_url_lifetime_s, self.polling.job_timeout_s
+        if self.assets.upload_to is not None and lifetime <= timeout:
+            raise ValueError(
+                f"assets.upload_url_lifetime_s ({lifetime:g}) must be longer than "
+                f"polling.job_timeout_s ({timeout:g}): the provider fetches an input after its "
+                "create, and a job may wait that long"
+            )
+        return self
+
     @property
     def embedded_sandbox(self) -> bool:
         return self.api.base_url == SANDBOX
@@ -242,6 +259,8 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             lines.append(f"  {where}: unknown key")
         elif error["type"] == "missing":
             lines.append(f"  {where}: is required")
+        elif not error["loc"]:  # a rule across sections: its message names the settings
+            lines.append(f"  {str(error['msg']).removeprefix('Value error, ')}")
         else:
             lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
     return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))

@@ -25,6 +25,7 @@ import anyio
 
 from pipeline.errors import JournalDamaged
 from pipeline.models import JobOutcome, JobSpec, PriorSuccess, Rejected, Status
+from pipeline.schema import UPLOAD_TOKEN
 
 __all__ = [
     "TRANSIENT_ERRORS",
@@ -712,6 +713,15 @@ class Journal:
                 )
                 for r in batch
             ]
+
+    def has_uploads(self) -> bool:
+        """Whether a row still to be sent has an input uploaded to `assets.upload_to`."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM jobs WHERE status IN (?, ?, ?) AND inputs LIKE ? LIMIT 1",
+                (*_OPEN, f'%"{UPLOAD_TOKEN}%'),
+            ).fetchone()
+        return row is not None
 
     def counts(self) -> dict[str, int]:
         with self._lock:

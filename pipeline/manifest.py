@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ManifestSection
 from pipeline.errors import ManifestError
+from pipeline.inputs import InputStage, input_kind
 from pipeline.models import JobSpec, Rejected
 from pipeline.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
 
@@ -72,6 +73,10 @@ def _arrow_records(batch: pa.RecordBatch, first: int, start_row: int) -> list[Re
                 record[name] = None
         out.append((number, record, f"row {number}: " + "; ".join(problems) if problems else None))
     return out
+
+
+def _read_by_us(value: Any) -> bool:
+    return isinstance(value, str) and input_kind(value) in ("file", "object")
 
 
 def _is_blank(value: Any) -> bool:
@@ -143,6 +148,8 @@ class RowMapper:
                 inputs[field] = coerced
         if not problems:
             for violation in check_input(inputs, allow_loopback=self.allow_loopback):
+                if violation.field in IMAGE_FIELDS and _read_by_us(inputs[violation.field]):
+                    continue  # a local file or an object: judged and uploaded by InputStage
                 column = self.columns.get(violation.field)
                 where = f" (column {column!r})" if column else ""
                 problems.append(f"{violation.field}{where}: {violation.rule}")
@@ -191,6 +198,8 @@ class Manifest:
         )
         mapped = set(mapping.values()) | ({section.id_column} if section.id_column else set())
         self.extra_columns = [c for c in self.columns if c not in mapped]
+        # judges (and uploads) inputs that are not public URLs; set by the run that has uploads
+        self.inputs: InputStage | None = None
 
     def _read_columns(self) -> list[str]:
         try:
@@ -303,7 +312,8 @@ class Manifest:
             while begin < len(records):
                 chunk = records[begin : begin + size]
                 begin += len(chunk)
-                yield [self._item(*record) for record in chunk]
+                items = [self._item(*record) for record in chunk]
+                yield items if self.inputs is None else self.inputs.apply(items)
                 size = min(self.batch_rows, size * 4)
 
     def _item(self, row_number: int, record: dict[str, Any], problem: str | None) -> Item:

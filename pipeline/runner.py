@@ -27,6 +27,7 @@ from pipeline.client import EachlabsClient
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ConfigError, NoUsableKeyError, RunFolderMismatch, WanbatchError
+from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
 from pipeline.limits import CreateGate
@@ -187,6 +188,7 @@ async def _api(
         price_per_image_usd=config.api.price_per_image_usd,
         image_scale=s.image_scale,
         allow_loopback_urls=True,
+        fetch_inputs=True,
         faults=FaultRates(**s.faults),
         ledger_path=config.output.dir / "sandbox-ledger.jsonl",
     )
@@ -310,14 +312,34 @@ async def run(
     store = open_store(config.assets, config.output.dir) if config.assets.download else None
     if store is not None:
         await anyio.to_thread.run_sync(store.check)
+    a = config.assets
+    uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
+    if uploads is not None:
+        await anyio.to_thread.run_sync(uploads.check)
+    manifest.inputs = InputStage(
+        model=config.api.model,
+        base_dir=manifest.path.parent,
+        columns=manifest.mapper.columns,
+        uploads=uploads,
+        storage_options=a.storage_options,
+        check_urls=config.manifest.check_urls,
+        concurrency=a.concurrency,
+    )
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
         journal = folder.open_journal()
         journal.share_seeded = config.manifest.dedupe
+        if uploads is None and journal.has_uploads():
+            journal.close()
+            raise ConfigError(
+                f"run folder {folder.path} holds unsent rows whose inputs were uploaded to "
+                "assets.upload_to, which the config no longer names: set it again to resume"
+            )
     except BaseException:
         if state is not None:
             state.close()
+        manifest.inputs.close()
         raise
     try:
         return await _run_held(
@@ -335,6 +357,7 @@ async def run(
         )
     finally:
         journal.close()
+        manifest.inputs.close()
         if state is not None:
             state.close()
 
@@ -600,6 +623,7 @@ async def _drive(
     """Drive the workers until no work is left or the run is stopped; how it stopped. An
     unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
     parts = _build(config, journal, base_url, keys, stats, spent, receiver)
+    parts.worker.uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     dispatcher, worker = parts.dispatcher, parts.worker
     stop_ingest = threading.Event()
     no_key: NoUsableKeyError | None = None

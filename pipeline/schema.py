@@ -18,11 +18,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
     "INPUT_FIELDS",
+    "MAX_INPUT_BYTES",
     "MAX_PROMPT_CHARS",
     "MODEL",
     "SEED_RANGE",
     "SIZES",
     "TRANSIENT_ERROR_CODES",
+    "UPLOAD_TOKEN",
     "Violation",
     "check_input",
     "check_url",
@@ -38,6 +40,10 @@ SEED_RANGE = (0, 2**31 - 1)
 # the formats the provider takes; a URL whose path ends in another extension is refused, one with
 # no extension (a CDN's image endpoint) is left to the provider
 IMAGE_EXTENSIONS = ("jpeg", "jpg", "png", "bmp", "webp")
+MAX_INPUT_BYTES = 20_000_000  # an input image's limit ("max 20 MB")
+# an input this tool uploaded to assets.upload_to, as journaled: "upload:<sha256>.<ext>"; each
+# create is sent a presigned URL of it instead
+UPLOAD_TOKEN = "upload:"
 IMAGE_FIELDS = ("img_url", "img_url_2", "img_url_3", "img_url_4")
 INPUT_FIELDS = ("prompt", *IMAGE_FIELDS, "size", "n", "seed")
 _REQUIRED = ("prompt", "img_url")

@@ -27,6 +27,7 @@ from pipeline.client import EachlabsClient, Prediction
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import ApiError, NotFound, RateLimited, Unauthorized, UnsafePredictionId
+from pipeline.inputs import Uploads
 from pipeline.journal import (
     Entry,
     Finish,
@@ -215,6 +216,7 @@ class Worker:
         self.in_flight: dict[str, tuple[KeyLane, int]] = {}  # prediction id -> its key and row
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
         self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
+        self.uploads: Uploads | None = None  # signs uploaded inputs, when assets.upload_to
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
 
     async def run_slot(self, lane: KeyLane) -> None:
@@ -357,10 +359,13 @@ class Worker:
                 )
                 await lane.gate.settled()
                 self.stats.creates_sent += 1
+                inputs = entry.inputs
+                if self.uploads is not None:  # a fresh presigned URL for each create
+                    inputs = self.uploads.presigned(inputs)
                 try:
                     prediction_id = await self.client.create(
                         lane.key,
-                        entry.inputs,
+                        inputs,
                         webhook_url=self.webhook_url,
                         webhook_secret=self.webhook_secret,
                     )

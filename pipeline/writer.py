@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.journal import Journal
 from pipeline.models import Status
-from pipeline.schema import IMAGE_FIELDS
+from pipeline.schema import IMAGE_FIELDS, UPLOAD_TOKEN
 
 if TYPE_CHECKING:
     import sqlite3
@@ -207,6 +207,12 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan) -> str:
         inputs = json.loads(row["inputs"])
     else:  # a rejected row: show what the manifest said
         inputs = {f: record.get(c) for f, c in layout.columns.items()}
+    if row["inputs"] is not None and UPLOAD_TOKEN in row["inputs"]:
+        # an uploaded input is shown as the manifest gave it (a path or an object URL)
+        record = record or json.loads(row["record"])
+        for field, value in list(inputs.items()):
+            if isinstance(value, str) and value.startswith(UPLOAD_TOKEN):
+                inputs[field] = record.get(layout.columns.get(field, ""), value)
     out: dict[str, Any] = {
         "prompt": _text(inputs.get("prompt")),
         "img_urls": [str(inputs[f]) for f in IMAGE_FIELDS if inputs.get(f)],

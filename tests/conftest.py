@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
+from moto.server import ThreadedMotoServer
 
 from pipeline.config import RunConfig, parse_config
 from pipeline.keys import ApiKey
@@ -164,3 +166,23 @@ def judge_against_ledger(sb: SandboxServer, run_dir: Path, rows: int) -> dict[st
         "ambiguous": sum(r["ambiguous_creates"] for r in results),
         "creates": sum(created.values()),
     }
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's S3 server on loopback, with a bucket; the standard environment points at it."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "wanbatch-test",
+        "AWS_SECRET_ACCESS_KEY": "wanbatch-test-secret",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="catalog-images")
+    yield client
+    server.stop()

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from pipeline.errors import ConfigError
@@ -142,26 +140,6 @@ async def test_a_store_that_cannot_be_made_stops_the_run_before_any_request(
     with pytest.raises(ConfigError, match=r"assets\.store .*afile/images cannot be used"):
         await go(config, [KEY])
     assert sb.ledger() == []
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """moto's S3 server on loopback, with a bucket; the standard environment points at it."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "wanbatch-test",
-        "AWS_SECRET_ACCESS_KEY": "wanbatch-test-secret",
-        "AWS_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="catalog-images")
-    yield client
-    server.stop()
 
 
 async def test_images_go_to_object_storage(sandbox: Start, tmp_path: Path, s3: Any) -> None:

@@ -30,11 +30,24 @@ from starlette.types import Receive, Scope, Send
 from pipeline.sandbox import images
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.state import Job, SandboxState
-from pipeline.schema import IMAGE_FIELDS, MODEL, check_input, check_url, is_loopback_host
+from pipeline.schema import (
+    IMAGE_FIELDS,
+    MAX_INPUT_BYTES,
+    MODEL,
+    check_input,
+    check_url,
+    is_loopback_host,
+)
 
 __all__ = ["DroppedConnection", "create_app"]
 
 _log = logging.getLogger("pipeline.sandbox")
+
+
+def _decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
 
 class DroppedConnection(Exception):
@@ -76,12 +89,14 @@ class _Sandbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inputs: dict[str, Image.Image] = {}
         self._hooks: httpx.AsyncClient | None = None  # made on the first webhook, kept alive
+        self._fetcher: httpx.AsyncClient | None = None  # made on the first input fetched
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._hooks is not None:
-            await self._hooks.aclose()
+        for client in (self._hooks, self._fetcher):
+            if client is not None:
+                await client.aclose()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -138,6 +153,7 @@ class _Sandbox:
             str(request.base_url),
             body.get("webhook_secret"),
         )
+        self._fetch_inputs(job)
         self._schedule_end(job)
         if self.state.chance(faults.lost_create):
             self.state.note_lost_answer(job)
@@ -281,6 +297,62 @@ class _Sandbox:
         self._inputs[url] = image
         return image
 
+    # -- inputs, fetched as the provider fetches them ------------------------------------------
+
+    def _fetch_inputs(self, job: Job) -> None:
+        """With `fetch_inputs`, fetch the job's loopback inputs in the background; the job
+        cannot end before they are judged, and fails if one cannot be had."""
+        if not (self.settings.fetch_inputs and self.settings.allow_loopback_urls):
+            return
+        urls = [str(job.inputs[f]) for f in IMAGE_FIELDS if job.inputs.get(f)]
+        wanted = [
+            u
+            for u in urls
+            if is_loopback_host(urlsplit(u).hostname or "")
+            and not urlsplit(u).path.startswith("/samples/")
+        ]
+        if wanted:
+            job.inputs_ready = False
+            task = asyncio.ensure_future(self._judge_inputs(job, wanted))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _judge_inputs(self, job: Job, urls: list[str]) -> None:
+        try:
+            for url in urls:
+                problem, size = await self._fetch_input(url)
+                self.state.note_input(job, url, problem, size)
+                if problem is not None:
+                    break
+        finally:
+            job.inputs_ready = True
+        if self.state.now() >= job.ends_at:
+            self._on_end(job)  # its end came while the inputs were fetched
+
+    async def _fetch_input(self, url: str) -> tuple[tuple[str, str] | None, int]:
+        """Fetch one input: (error code, why) when it cannot be used, and its size."""
+        if self._fetcher is None:
+            self._fetcher = httpx.AsyncClient(timeout=10.0, trust_env=False)
+        data = bytearray()
+        try:
+            async with self._fetcher.stream("GET", url) as answer:
+                if not answer.is_success:
+                    return ("INPUT_DOWNLOAD_ERROR", f"input answered HTTP {answer.status_code}"), 0
+                async for chunk in answer.aiter_bytes():
+                    data += chunk
+                    if len(data) > MAX_INPUT_BYTES:
+                        return ("INPUT_VALIDATION_ERROR", "input is over 20 MB"), len(data)
+        except httpx.HTTPError as exc:
+            return ("INPUT_DOWNLOAD_ERROR", f"input could not be fetched: {exc!r}"), 0
+        try:
+            image = await asyncio.to_thread(_decode, bytes(data))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return ("INPUT_VALIDATION_ERROR", "input is not an image"), len(data)
+        if len(self._inputs) > 256:
+            self._inputs.clear()
+        self._inputs[url] = image
+        return None, len(data)
+
     async def sample(self, request: Request) -> Response:
         image = images.sample_image(request.path_params["name"])
         if image is None:
@@ -302,7 +374,8 @@ class _Sandbox:
         loop.call_later(delay, self._on_end, job)
 
     def _on_end(self, job: Job) -> None:
-        self.state.finish_due(job)
+        if not self.state.finish_due(job):
+            return  # its inputs are still being fetched: that ends it
         if job.webhook_url:
             task = asyncio.ensure_future(self._send_webhook(job))
             self._tasks.add(task)

@@ -78,6 +78,10 @@ class SandboxSettings:
     price_per_image_usd: float = 0.03
     image_scale: float = 1.0  # 1.0 gives 1024/2048 px images; small values keep tests fast
     allow_loopback_urls: bool = False
+    # fetch each loopback input when a job is created, as the provider fetches its inputs: a job
+    # whose input cannot be fetched fails INPUT_DOWNLOAD_ERROR, one that is no image (or over
+    # 20 MB) INPUT_VALIDATION_ERROR; other inputs (the sandbox has no internet) are drawn
+    fetch_inputs: bool = False
     faults: FaultRates = field(default_factory=FaultRates)
     # faults of particular keys (by secret), in place of `faults`: a throttled or slow key
     key_faults: Mapping[str, FaultRates] = field(default_factory=dict)

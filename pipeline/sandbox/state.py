@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.schema import TRANSIENT_ERROR_CODES, fingerprint
@@ -50,6 +51,7 @@ class Job:
     error_code: str | None = None  # why it fails, when it fails
     cancelled: bool = False  # it ends (or ended) `cancelled`: by the provider, or asked to
     webhook_secret: str | None = None
+    inputs_ready: bool = True  # False while its inputs are being fetched: it cannot end yet
 
     def status(self, now: float) -> str:
         """What a poll of a job still running says: created, then starting, then processing."""
@@ -102,6 +104,7 @@ class SandboxState:
         }
         self.jobs: dict[str, Job] = {}
         self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
+        self.inputs = {"fetched": 0, "failed": 0}  # inputs fetched (fetch_inputs), or not
         self._fingerprints: dict[str, int] = {}
         self._ledger: list[str] = []
         self._lock = threading.Lock()
@@ -217,6 +220,19 @@ class SandboxState:
         )
         return job
 
+    def note_input(self, job: Job, url: str, problem: tuple[str, str] | None, size: int) -> None:
+        """An input fetched for `job` (`problem`: the error code and why, when it failed): the
+        ledger names where it came from, never the query (a presigned URL's signature)."""
+        parts = urlsplit(url)
+        where = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        self.inputs["failed" if problem else "fetched"] += 1
+        entry: dict[str, Any] = {"event": "input_fetched", "key": job.key, "url": where}
+        entry.update(prediction_id=job.prediction_id, bytes=size, signed="Signature" in url)
+        if problem is not None:
+            entry.update(error_code=problem[0], error=problem[1])
+            job.fails, job.error_code = True, problem[0]
+        self._log(entry)
+
     def note_lost_answer(self, job: Job) -> None:
         self._stats[job.key].lost_answers += 1
         self._log({"event": "answer_lost", "key": job.key, "prediction_id": job.prediction_id})
@@ -235,7 +251,7 @@ class SandboxState:
         """Bill a job that has reached its end (once); True when it is terminal."""
         if job.ended:
             return True
-        if self._clock() < job.ends_at:
+        if self._clock() < job.ends_at or not job.inputs_ready:
             return False
         job.ended = True
         stats = self._stats[job.key]
@@ -279,6 +295,7 @@ class SandboxState:
             stats.ends.remove(job.ends_at)
             heapq.heapify(stats.ends)
         job.cancelled, job.fails, job.ends_at = True, False, self._clock()
+        job.inputs_ready = True  # cancelled: whatever its inputs turn out to be
         self.finish_due(job)
         return True
 
@@ -326,6 +343,7 @@ class SandboxState:
             "refused_429": sum(k["refused_429"] for k in per_key.values()),
             "duplicate_creates": duplicates,
             "webhooks": dict(self.webhooks),
+            "inputs": dict(self.inputs),
             "limits": {
                 "creates_per_window": self.settings.creates_per_window,
                 "window_s": self.settings.window_s,

@@ -1,0 +1,106 @@
+"""Object storage through obstore: the image store, input uploads, and files given as URLs.
+
+Credentials and endpoint come from the standard environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_NAME, ...) as obstore
+reads them, plus `assets.storage_options`; neither is ever put into a message. obstore is
+imported only by runs that use object storage.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import ConfigError
+
+__all__ = ["ObjectStore", "ObjectTooLarge", "read_object", "said"]
+
+# loopback object servers in tests speak plain HTTP; a real bucket's HTTPS is unaffected
+_CLIENT = {"allow_http": True}
+
+
+def said(exc: BaseException) -> str:
+    """An obstore error in one line, without the XML bodies and debug dumps it appends."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
+
+def _make(url: str, options: dict[str, str]) -> Any:
+    from obstore.store import from_url
+
+    make: Any = from_url  # its overloads are per scheme; the scheme is the user's
+    return make(url, config=options or None, client_options=_CLIENT)
+
+
+class ObjectStore:
+    """A bucket and prefix: whole-object puts, existence, presigned GETs. `what` names the
+    config setting in messages."""
+
+    def __init__(self, url: str, options: dict[str, str], *, what: str = "assets.store") -> None:
+        self.url = url.rstrip("/")
+        self._what = what
+        try:
+            self._store = _make(self.url, options)
+        except Exception as exc:  # noqa: BLE001 - obstore's errors share no base worth naming
+            raise ConfigError(f"{what} {self.url} cannot be used: {said(exc)}") from None
+
+    def check(self) -> None:
+        """ConfigError when the bucket cannot be listed: called before anything is sent."""
+        import obstore
+
+        try:
+            next(iter(obstore.list(self._store, chunk_size=1)), None)
+        except Exception as exc:  # noqa: BLE001 - see __init__
+            raise ConfigError(f"{self._what} {self.url} cannot be used: {said(exc)}") from None
+
+    def put(self, name: str, data: bytes) -> str:
+        """Write `name` whole (one PUT); where it is."""
+        import obstore
+
+        try:
+            obstore.put(self._store, name, data)
+        except Exception as exc:  # noqa: BLE001 - see __init__
+            raise OSError(f"cannot store {name}: {said(exc)}") from None
+        return f"{self.url}/{name}"
+
+    def exists(self, name: str) -> bool:
+        import obstore
+
+        try:
+            obstore.head(self._store, name)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # noqa: BLE001 - see __init__
+            raise OSError(f"cannot look up {name}: {said(exc)}") from None
+        return True
+
+    def sign(self, name: str, lifetime: datetime.timedelta) -> str:
+        """A presigned HTTPS GET of `name`, valid for `lifetime` from now."""
+        import obstore
+
+        return str(obstore.sign(self._store, "GET", name, lifetime))
+
+
+def read_object(url: str, options: dict[str, str], limit: int) -> bytes:
+    """One object, given by its URL (s3://bucket/key, ...): FileNotFoundError when it is not
+    there, ObjectTooLarge over `limit` bytes, OSError with a one-line reason otherwise."""
+    import obstore
+
+    parts = urlsplit(url)
+    key = parts.path.lstrip("/")
+    try:
+        store = _make(f"{parts.scheme}://{parts.netloc}", options)
+        size = int(obstore.head(store, key)["size"])
+        if size > limit:
+            raise ObjectTooLarge(size)
+        return bytes(obstore.get(store, key).bytes())
+    except (FileNotFoundError, ObjectTooLarge):
+        raise
+    except Exception as exc:  # noqa: BLE001 - see ObjectStore.__init__
+        raise OSError(said(exc)) from None
+
+
+class ObjectTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size:,} bytes")
+        self.size = size
