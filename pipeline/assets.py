@@ -15,7 +15,8 @@ import io
 import math
 import os
 import random
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -27,9 +28,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.config import AssetsSection
 from pipeline.errors import ConfigError
 from pipeline.journal import FailImage, GroupCommit, StoreImage
+from pipeline.models import PriorSuccess
 from pipeline.objects import ObjectStore
 
 __all__ = [
+    "CopyCheck",
     "DownloadStats",
     "Downloader",
     "FolderStore",
@@ -86,6 +89,43 @@ def open_store(section: AssetsSection, run_dir: Path) -> Store:
     return FolderStore(Path(section.store), run_dir)
 
 
+class CopyCheck:
+    """Whether the stored copies an earlier run made of its outputs are still there: a local
+    file, or an object (one HEAD each, a few at a time)."""
+
+    def __init__(self, options: dict[str, str]) -> None:
+        self._options = options
+        self._buckets: dict[str, ObjectStore] = {}
+
+    def present(self, prior: dict[str, PriorSuccess]) -> dict[str, PriorSuccess]:
+        """`prior` with each copy that is gone (or cannot be looked up) dropped, so that its
+        image is fetched again."""
+        wanted = {c.path for p in prior.values() for c in p.copies if c is not None}
+        if not wanted:
+            return prior
+        with ThreadPoolExecutor(8, thread_name_prefix="copies") as pool:
+            there = dict(zip(wanted, pool.map(self._there, wanted), strict=True))
+        return {
+            fp: replace(
+                p, copies=tuple(c if c is not None and there[c.path] else None for c in p.copies)
+            )
+            for fp, p in prior.items()
+        }
+
+    def _there(self, path: str) -> bool:
+        if "://" not in path:
+            return Path(path).is_file()
+        scheme, _, rest = path.partition("://")
+        bucket, _, key = rest.partition("/")
+        base = f"{scheme}://{bucket}"
+        try:
+            if base not in self._buckets:
+                self._buckets[base] = ObjectStore(base, self._options)
+            return self._buckets[base].exists(key)
+        except (ConfigError, OSError):
+            return False
+
+
 class BadImage(Exception):
     """What was downloaded is not an image we keep: too large, cut short, or not decodable."""
 
@@ -134,6 +174,15 @@ class Downloader:
     def submit(self, row_number: int, job_id: str, urls: tuple[str, ...] | list[str]) -> None:
         for index, url in enumerate(urls):
             self._send.send_nowait(_Job(row_number, job_id, index, url))
+
+    def submit_many(self, images: list[tuple[int, str, int, str]]) -> None:
+        """Images (row, job id, index, URL) to fetch; once the run stops taking them, they
+        stay pending in the journal, for the next run."""
+        for row_number, job_id, index, url in images:
+            try:
+                self._send.send_nowait(_Job(row_number, job_id, index, url))
+            except anyio.ClosedResourceError:
+                return
 
     def close(self) -> None:
         """No more submissions: `run()` returns once what is queued is stored (or failed)."""

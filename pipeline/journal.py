@@ -17,14 +17,14 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from pipeline.errors import JournalDamaged
-from pipeline.models import JobOutcome, JobSpec, PriorSuccess, Rejected, Status
+from pipeline.models import JobOutcome, JobSpec, PriorSuccess, Rejected, Status, StoredCopy
 from pipeline.schema import UPLOAD_TOKEN
 
 __all__ = [
@@ -304,6 +304,16 @@ class NoteCancel(Update):
         )
 
 
+def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | None, ...]:
+    """The stored copy of each of `count` outputs, by index (None where not stored)."""
+    copies: list[StoredCopy | None] = [None] * count
+    for idx, path, *rest in json.loads(found or "[]"):
+        if 0 <= idx < count:
+            where = path if "://" in path or Path(path).is_absolute() else str(Path(run_dir, path))
+            copies[idx] = StoredCopy(where, *rest)
+    return tuple(copies)
+
+
 def _entry(row: sqlite3.Row) -> Entry:
     return Entry(
         row_number=row["row_number"],
@@ -386,17 +396,19 @@ class Journal:
         batch: Sequence[JobSpec | Rejected],
         meta: dict[str, str],
         prior: Mapping[str, PriorSuccess] | None = None,
-    ) -> None:
+    ) -> list[tuple[int, str, int, str]]:
         """Add manifest rows (and ingest progress in `meta`) in one transaction. A repeated
         job id is rejected, naming the row that has it first. A row whose fingerprint is in
-        `prior` is journaled as succeeded with the earlier outputs, reused, at no cost."""
+        `prior` is journaled as succeeded with the earlier outputs, reused, at no cost; the
+        outputs whose stored copies are gone are returned, to be fetched again."""
         with self._lock, self._transaction():
-            self._insert(batch, prior or {})
+            fetch = self._insert(batch, prior or {})
             self._db.executemany(
                 "INSERT INTO meta(name, value) VALUES(?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
                 list(meta.items()),
             )
+        return fetch
 
     def reconcile(
         self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess] | None = None
@@ -423,7 +435,7 @@ class Journal:
                 )
             }
             known = self._known_ids({item.job_id for item in batch})
-            added, updates = [], []
+            added, updates, reused = [], [], []
             for item in batch:
                 old = held.get(item.row_number)
                 if old is None:
@@ -431,8 +443,10 @@ class Journal:
                     continue
                 changed = _RECORD(item.record) != old["record"]
                 if old["status"] in _UNSENT:
-                    row = self._ingest_row(self._unique(item, known), prior)
+                    taken = self._unique(item, known)
+                    row = self._ingest_row(taken, prior)
                     updates.append((*row[1:], item.row_number))
+                    reused.append(taken)
                     found["updated"] += changed
                 else:
                     found["changed_after_sent"] += changed
@@ -442,6 +456,8 @@ class Journal:
                 " predict_time_s=?, finished_at=?, reused=?, follows=NULL WHERE row_number=?",
                 updates,
             )
+            db.executemany("DELETE FROM images WHERE row_number=?", [(u[-1],) for u in updates])
+            self._reused_images(reused, prior)  # fetched by the run (they are pending)
             self._insert(added, prior)
             found["added"] += len(added)
         return found
@@ -507,7 +523,7 @@ class Journal:
 
     def _insert(
         self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
-    ) -> None:
+    ) -> list[tuple[int, str, int, str]]:
         known = self._known_ids({item.job_id for item in batch})
         items = [self._unique(item, known) for item in batch]
         leaders = self._leaders(items, prior) if self.share_seeded else {}
@@ -519,6 +535,31 @@ class Journal:
             " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        return self._reused_images(items, prior)
+
+    def _reused_images(
+        self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> list[tuple[int, str, int, str]]:
+        """The images of rows reused from an earlier run: its stored copies where they are
+        still there, else pending (row, job id, index, URL returned) to be fetched again."""
+        rows, fetch = [], []
+        for item in items:
+            done = prior.get(item.fingerprint) if isinstance(item, JobSpec) else None
+            if done is None:
+                continue
+            for idx, url in enumerate(done.output_urls):
+                copy = done.copies[idx] if idx < len(done.copies) else None
+                if copy is None:
+                    rows.append((item.row_number, idx, url, "pending", *[None] * 6))
+                    fetch.append((item.row_number, item.job_id, idx, url))
+                else:
+                    rows.append((item.row_number, idx, url, "stored", *astuple(copy)))
+        self._db.executemany(
+            "INSERT OR REPLACE INTO images(row_number, idx, url, state, path, sha256, bytes,"
+            " width, height, format) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return fetch
 
     def _leaders(
         self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
@@ -698,18 +739,25 @@ class Journal:
     # -- reading back -------------------------------------------------------------------------
 
     def new_successes(self, run_dir: str) -> Iterator[list[PriorSuccess]]:
-        """This run folder's own successes (not reused ones), in batches, for the state store."""
-        columns = "row_number, fingerprint, prediction_id, output_urls, predict_time_s, finished_at"
+        """This run folder's own successes (not reused ones), in batches, for the state store,
+        with the stored copies of their outputs (local paths made absolute)."""
+        columns = (
+            "row_number, fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
+            " (SELECT json_group_array(json_array(idx, path, sha256, bytes, width, height,"
+            " format)) FROM images WHERE images.row_number = jobs.row_number"
+            " AND state = 'stored') AS copies"
+        )
         where = ("status=? AND reused=0", (Status.SUCCEEDED.value,))
         for batch in self._pages(columns, *where):
             yield [
                 PriorSuccess(
                     r["fingerprint"],
                     r["prediction_id"],
-                    tuple(json.loads(r["output_urls"] or "[]")),
+                    urls := tuple(json.loads(r["output_urls"] or "[]")),
                     r["predict_time_s"],
                     r["finished_at"],
                     run_dir,
+                    _copies(len(urls), r["copies"], run_dir),
                 )
                 for r in batch
             ]

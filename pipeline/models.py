@@ -8,7 +8,15 @@ from typing import Any
 
 from pipeline.schema import fingerprint
 
-__all__ = ["JobOutcome", "JobSpec", "PriorSuccess", "Rejected", "Status", "fingerprint"]
+__all__ = [
+    "JobOutcome",
+    "JobSpec",
+    "PriorSuccess",
+    "Rejected",
+    "Status",
+    "StoredCopy",
+    "fingerprint",
+]
 
 
 class Status(StrEnum):
@@ -70,3 +78,18 @@ class PriorSuccess:
     predict_time_s: float | None
     finished_at: float | None
     run_dir: str
+    # per output, where its stored copy is (path or URL, sha256, bytes, width, height, format),
+    # or None when it was not stored
+    copies: tuple[StoredCopy | None, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCopy:
+    """An output image kept by an earlier run: an absolute path or an object URL."""
+
+    path: str
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    format: str

@@ -6,6 +6,7 @@ are kept, journaled predictions are polled again (never created again), and the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.assets import Downloader, open_store
+from pipeline.assets import CopyCheck, Downloader, open_store
 from pipeline.client import EachlabsClient
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
@@ -146,15 +147,21 @@ def _check_identity(journal: Journal, config: RunConfig, force: bool) -> dict[st
 
 
 def _reconcile(
-    manifest: Manifest, journal: Journal, state: StateStore | None, identity: dict[str, str]
+    manifest: Manifest,
+    journal: Journal,
+    state: StateStore | None,
+    identity: dict[str, str],
+    options: dict[str, str],
 ) -> dict[str, int]:
     """`--force`: journal the whole manifest as it is now (see Journal.reconcile)."""
     found: Counter[str] = Counter()
+    copies = CopyCheck(options)
     last = 0
     for batch in manifest.batches():
         prior = None
         if state is not None:
-            prior = state.lookup([item.fingerprint for item in batch if isinstance(item, JobSpec)])
+            found_prior = state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
+            prior = copies.present(found_prior)
         found += journal.reconcile(batch, prior)
         last = batch[-1].row_number
     found += journal.drop_unseen()
@@ -206,16 +213,27 @@ async def _receiver(config: RunConfig) -> AsyncIterator[Receiver | None]:
         yield receiver
 
 
+@dataclass(frozen=True, slots=True)
+class _Reuse:
+    """What an incremental run reuses: the state store, and where stored copies are checked
+    and, when gone, fetched again."""
+
+    state: StateStore
+    copies: CopyCheck
+    downloader: Downloader | None
+
+
 def _ingest(
     manifest: Manifest,
     journal: Journal,
-    state: StateStore | None,
+    reuse: _Reuse | None,
     dispatcher: Dispatcher,
     stop: threading.Event,
     notify: Callable[[Callable[[], None]], None],
 ) -> None:
     """Read the rest of the manifest into the journal (in a thread); with a state store, rows
-    whose input already succeeded come in as reused."""
+    whose input already succeeded come in as reused, pointing at the earlier run's stored
+    copies of their images (fetched again when a copy is gone)."""
     if journal.get_meta("ingest_complete") == "1":
         notify(lambda: dispatcher.ingest_advanced(done=True))
         return
@@ -223,9 +241,13 @@ def _ingest(
         if stop.is_set():
             return
         prior = None
-        if state is not None:
-            prior = state.lookup([item.fingerprint for item in batch if isinstance(item, JobSpec)])
-        journal.ingest(batch, {"ingested_rows": str(batch[-1].row_number)} if batch else {}, prior)
+        if reuse is not None:
+            found = reuse.state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
+            prior = reuse.copies.present(found)
+        meta = {"ingested_rows": str(batch[-1].row_number)} if batch else {}
+        fetch = journal.ingest(batch, meta, prior)
+        if fetch and reuse is not None and reuse.downloader is not None:
+            notify(functools.partial(reuse.downloader.submit_many, fetch))
         notify(dispatcher.ingest_advanced)
     journal.set_meta({"ingest_complete": "1"})
     notify(lambda: dispatcher.ingest_advanced(done=True))
@@ -254,7 +276,7 @@ def _leaf(exc: BaseException) -> str:
 async def _ingest_task(
     manifest: Manifest,
     journal: Journal,
-    state: StateStore | None,
+    reuse: _Reuse | None,
     dispatcher: Dispatcher,
     stop: threading.Event,
     faults: _Faults,
@@ -263,7 +285,7 @@ async def _ingest_task(
     created are seen to their end: money was spent, so the books are finished."""
     try:
         await anyio.to_thread.run_sync(
-            _ingest, manifest, journal, state, dispatcher, stop, anyio.from_thread.run_sync
+            _ingest, manifest, journal, reuse, dispatcher, stop, anyio.from_thread.run_sync
         )
     except Exception as exc:  # noqa: BLE001 - whatever it was, the run must end cleanly
         _log.exception("ingest_failed")
@@ -378,7 +400,9 @@ async def _run_held(
     forced = None
     identity = _check_identity(journal, config, force)
     if identity is not None:
-        forced = await anyio.to_thread.run_sync(_reconcile, manifest, journal, state, identity)
+        forced = await anyio.to_thread.run_sync(
+            _reconcile, manifest, journal, state, identity, config.assets.storage_options
+        )
         folder.forget_results()
     requeued = None
     if reprocess is not None:
@@ -631,8 +655,12 @@ async def _drive(
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(parts.commit.run)
+                reuse = None
+                if state is not None:
+                    copies = CopyCheck(config.assets.storage_options)
+                    reuse = _Reuse(state, copies, worker.downloader)
                 services.start_soon(
-                    _ingest_task, manifest, journal, state, dispatcher, stop_ingest, faults
+                    _ingest_task, manifest, journal, reuse, dispatcher, stop_ingest, faults
                 )
                 if config.budget.cancel_in_flight:
                     services.start_soon(_cancel_on_budget, dispatcher, worker)

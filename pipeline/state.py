@@ -13,10 +13,11 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import astuple
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.models import PriorSuccess
+from pipeline.models import PriorSuccess, StoredCopy
 
 __all__ = ["StateStore"]
 
@@ -27,7 +28,8 @@ CREATE TABLE IF NOT EXISTS succeeded (
     output_urls TEXT NOT NULL,
     predict_time_s REAL,
     finished_at REAL,
-    run_dir TEXT NOT NULL
+    run_dir TEXT NOT NULL,
+    copies TEXT
 );
 """
 _CHUNK = 500
@@ -50,6 +52,9 @@ class StateStore:
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute("PRAGMA busy_timeout=30000")  # other runs may share the store
                 self._db.executescript(_SCHEMA)
+                have = {row[1] for row in self._db.execute("PRAGMA table_info(succeeded)")}
+                if "copies" not in have:  # a store made before stored images were kept
+                    self._db.execute("ALTER TABLE succeeded ADD COLUMN copies TEXT")
         except sqlite3.Error as exc:
             self._db.close()
             raise ConfigError(
@@ -71,11 +76,14 @@ class StateStore:
                 marks = ",".join("?" * len(chunk))
                 for row in self._db.execute(
                     "SELECT fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
-                    f" run_dir FROM succeeded WHERE fingerprint IN ({marks})",
+                    f" run_dir, copies FROM succeeded WHERE fingerprint IN ({marks})",
                     chunk,
                 ):
+                    copies = tuple(
+                        None if c is None else StoredCopy(*c) for c in json.loads(row[6] or "[]")
+                    )
                     found[row[0]] = PriorSuccess(
-                        row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5]
+                        row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5], copies
                     )
         return found
 
@@ -89,6 +97,7 @@ class StateStore:
                 s.predict_time_s,
                 s.finished_at,
                 s.run_dir,
+                json.dumps([None if c is None else astuple(c) for c in s.copies]),
             )
             for s in successes
         ]
@@ -98,10 +107,12 @@ class StateStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT INTO succeeded VALUES(?, ?, ?, ?, ?, ?) ON CONFLICT(fingerprint) DO"
-                    " UPDATE SET prediction_id=excluded.prediction_id,"
+                    "INSERT INTO succeeded(fingerprint, prediction_id, output_urls, predict_time_s,"
+                    " finished_at, run_dir, copies) VALUES(?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(fingerprint) DO UPDATE SET prediction_id=excluded.prediction_id,"
                     " output_urls=excluded.output_urls, predict_time_s=excluded.predict_time_s,"
-                    " finished_at=excluded.finished_at, run_dir=excluded.run_dir",
+                    " finished_at=excluded.finished_at, run_dir=excluded.run_dir,"
+                    " copies=excluded.copies",
                     rows,
                 )
             except BaseException:

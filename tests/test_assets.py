@@ -216,3 +216,41 @@ async def test_rows_with_the_same_seeded_input_are_paid_once(
     assert len(images) == 6  # one per row, the followers' pointing at the leader's copy
     assert sum(i["cost_usd"] for i in images) == pytest.approx(ledger_cost(sb))
     assert sum(r["cost_usd"] for r in out.values()) == pytest.approx(ledger_cost(sb))
+
+
+async def test_reused_rows_point_at_the_earlier_copies(sandbox: Start, tmp_path: Path) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(4))
+    state = {"enabled": True, "state": str(tmp_path / "state.sqlite")}
+
+    def night(name: str) -> Any:
+        return make_config(
+            tmp_path,
+            sb.base_url,
+            manifest,
+            api={"time_scale": SCALE},
+            output={"dir": str(tmp_path / name)},
+            incremental=state,
+        )
+
+    first = await go(night("monday"), [KEY])
+    assert first.exit_code is ExitCode.OK
+    monday = {r["sku"]: r for r in results(first)}
+    gone = tmp_path / "monday" / str(monday["SKU-2"]["output_paths"][0])
+    gone.unlink()  # someone cleaned up one stored copy
+
+    second = await go(night("tuesday"), [KEY])
+    assert second.exit_code is ExitCode.OK
+    assert sb.stats()["creates"] == 4  # nothing created again
+    tuesday = {r["sku"]: r for r in results(second)}
+    assert all(r["reused"] and r["cost_usd"] == 0 for r in tuesday.values())
+    for sku in ("SKU-1", "SKU-3", "SKU-4"):  # still there: pointed at, not fetched again
+        earlier = tmp_path / "monday" / str(monday[sku]["output_paths"][0])
+        assert tuesday[sku]["output_paths"] == [str(earlier)]
+        assert tuesday[sku]["output_sha256"] == monday[sku]["output_sha256"]
+    refetched = tuesday["SKU-2"]["output_paths"][0]  # gone: fetched again into tuesday's store
+    assert str(refetched).startswith("images/") and (tmp_path / "tuesday" / refetched).is_file()
+    assert tuesday["SKU-2"]["output_sha256"] == monday["SKU-2"]["output_sha256"]
+    images = _images(tmp_path / "tuesday")
+    assert [i["state"] for i in images] == ["stored"] * 4
+    assert sum(i["cost_usd"] for i in images) == 0
