@@ -10,7 +10,7 @@ Relative paths are read from the config file's folder; `output.dir` may hold str
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.objects import is_object_url
 from pipeline.sandbox.settings import FaultRates
 from pipeline.schema import INPUT_FIELDS, MODEL, SIZES, is_loopback_host
 
@@ -79,7 +80,10 @@ class RetriesSection(_Section):
 
 
 class ManifestSection(_Section):
-    path: Path
+    path: Path  # a local file; given as an object URL, the run folder's copy of it
+    # the object URL `path` was given as (s3://bucket/key, gs://..., az://...): a run copies it
+    # into its folder when it starts (and again with --force), and reads the copy
+    source: str | None = None
     format: Literal["csv", "parquet"] | None = None
     id_column: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)
@@ -270,6 +274,7 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     """Validate a loaded YAML document; relative paths are taken from `base_dir`."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
+    manifest_url = _object_url(data.get("manifest"))
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -280,6 +285,9 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     out_dir = Path(time.strftime(str(config.output.dir)))
     if not out_dir.is_absolute():
         out_dir = base_dir / out_dir
+    if manifest_url is not None:
+        suffix = PurePosixPath(urlsplit(manifest_url).path).suffix
+        manifest_path = out_dir / f"manifest-source{suffix}"
     hook = config.webhook
     api_host = urlsplit(config.api.base_url).hostname or ""
     local_api = config.embedded_sandbox or is_loopback_host(api_host)
@@ -299,7 +307,9 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
         store = str(store if Path(store).is_absolute() else out_dir / store)
     return config.model_copy(
         update={
-            "manifest": config.manifest.model_copy(update={"path": manifest_path}),
+            "manifest": config.manifest.model_copy(
+                update={"path": manifest_path, "source": manifest_url}
+            ),
             "output": config.output.model_copy(update={"dir": out_dir}),
             "assets": config.assets.model_copy(update={"store": store}),
             "incremental": config.incremental.model_copy(update={"state": state}),
@@ -307,13 +317,39 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     )
 
 
-def load_config(path: Path) -> RunConfig:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+_CONFIG_LIMIT = 4_000_000  # a config larger than this is not a config
+
+
+def _object_url(section: Any) -> str | None:
+    """The manifest's path when it is an object URL (which a Path cannot hold), else None."""
+    path = section.get("path") if isinstance(section, dict) else None
+    if isinstance(path, str) and is_object_url(path):
+        return path
+    return None
+
+
+def load_config(path: Path | str) -> RunConfig:
+    """A config file, or an object URL of one (read with the environment's credentials;
+    its relative paths are then taken from the working folder)."""
+    where = str(path)
+    if is_object_url(where):
+        from pipeline.objects import ObjectTooLarge, read_object
+
+        try:
+            text = read_object(where, {}, _CONFIG_LIMIT).decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"cannot read config {where}: it does not exist") from None
+        except (ObjectTooLarge, OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config {where}: {exc}") from None
+        base_dir = Path.cwd()
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {where}: {exc.strerror}") from None
+        base_dir = Path(path).resolve().parent
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-    return parse_config(data, path.resolve().parent, str(path))
+        raise ConfigError(f"config {where} is not valid YAML: {exc}") from None
+    return parse_config(data, base_dir, where)

@@ -30,7 +30,7 @@ import httpx
 
 from pipeline.errors import ConfigError
 from pipeline.models import JobSpec, Rejected
-from pipeline.objects import ObjectStore, ObjectTooLarge, read_object
+from pipeline.objects import ObjectStore, ObjectTooLarge, is_object_url, read_object
 from pipeline.schema import (
     IMAGE_EXTENSIONS,
     IMAGE_FIELDS,
@@ -40,7 +40,6 @@ from pipeline.schema import (
 )
 
 __all__ = [
-    "OBJECT_SCHEMES",
     "InputStage",
     "Uploads",
     "input_kind",
@@ -48,7 +47,6 @@ __all__ = [
     "probe_url",
 ]
 
-OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "az", "azure", "abfs", "abfss"})
 _FORMATS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp"}  # what the provider takes
 _CACHE = 100_000  # inputs judged this run whose verdicts are kept (each a few hundred bytes)
 _TAKES = ", ".join(IMAGE_EXTENSIONS).upper()
@@ -58,9 +56,9 @@ def input_kind(value: str) -> Literal["url", "file", "object", "upload"]:
     """How an image cell is read: a URL the provider fetches, a local file, an object."""
     if value.startswith(UPLOAD_TOKEN):
         return "upload"
-    scheme = urlsplit(value).scheme.lower() if "://" in value else ""
-    if scheme in OBJECT_SCHEMES:
+    if is_object_url(value):
         return "object"
+    scheme = urlsplit(value).scheme.lower() if "://" in value else ""
     if scheme in ("", "file"):
         return "file"
     return "url"

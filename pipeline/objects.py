@@ -9,12 +9,29 @@ imported only by runs that use object storage.
 from __future__ import annotations
 
 import datetime
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
 
-__all__ = ["ObjectStore", "ObjectTooLarge", "read_object", "said"]
+__all__ = [
+    "OBJECT_SCHEMES",
+    "ObjectStore",
+    "ObjectTooLarge",
+    "is_object_url",
+    "read_object",
+    "said",
+]
+
+# the URL schemes of the object stores obstore speaks to
+OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "az", "azure", "abfs", "abfss"})
+
+
+def is_object_url(value: str) -> bool:
+    return "://" in value and urlsplit(value).scheme.lower() in OBJECT_SCHEMES
+
 
 # loopback object servers in tests speak plain HTTP; a real bucket's HTTPS is unaffected
 _CLIENT = {"allow_http": True}
@@ -97,6 +114,29 @@ def read_object(url: str, options: dict[str, str], limit: int) -> bytes:
     except (FileNotFoundError, ObjectTooLarge):
         raise
     except Exception as exc:  # noqa: BLE001 - see ObjectStore.__init__
+        raise OSError(said(exc)) from None
+
+
+def copy_object(url: str, dest: Path, options: dict[str, str]) -> None:
+    """Copy an object to a local file, streamed, under a temporary name then renamed: the
+    file is whole or absent. FileNotFoundError when it is not there, OSError otherwise."""
+    import obstore
+
+    parts = urlsplit(url)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        store = _make(f"{parts.scheme}://{parts.netloc}", options)
+        with tmp.open("wb") as out:
+            for chunk in obstore.get(store, parts.path.lstrip("/")).stream():
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except Exception as exc:  # noqa: BLE001 - see ObjectStore.__init__
+        tmp.unlink(missing_ok=True)
         raise OSError(said(exc)) from None
 
 

@@ -27,13 +27,20 @@ from pipeline.assets import CopyCheck, Downloader, open_store
 from pipeline.client import EachlabsClient
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
-from pipeline.errors import ConfigError, NoUsableKeyError, RunFolderMismatch, WanbatchError
+from pipeline.errors import (
+    ConfigError,
+    ManifestError,
+    NoUsableKeyError,
+    RunFolderMismatch,
+    WanbatchError,
+)
 from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
 from pipeline.limits import CreateGate
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
+from pipeline.objects import copy_object
 from pipeline.polling import PollPlanner
 from pipeline.runfolder import RunFolder
 from pipeline.sandbox import FaultRates, SandboxSettings
@@ -168,6 +175,22 @@ def _reconcile(
     journal.set_meta({**identity, "ingest_complete": "1", "ingested_rows": str(last)})
     _log.warning("forced", **found)
     return dict(found)
+
+
+def _copy_manifest(config: RunConfig, folder: RunFolder, force: bool) -> None:
+    """A manifest given as an object URL is copied into the run folder when a run starts
+    (and with --force, to take it as it is now); a resume reads the copy it started with."""
+    m = config.manifest
+    assert m.source is not None
+    if m.path.exists() and not force and (folder.path / "journal.sqlite").exists():
+        return
+    try:
+        copy_object(m.source, m.path, config.assets.storage_options)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {m.source} does not exist") from None
+    except OSError as exc:
+        raise ManifestError(f"manifest {m.source} cannot be read: {exc}") from None
+    _log.info("manifest_copied", source=m.source, bytes=m.path.stat().st_size)
 
 
 @asynccontextmanager
@@ -321,6 +344,8 @@ async def run(
                 folder=own,
             )
     started = time.monotonic()
+    if config.manifest.source is not None:
+        await anyio.to_thread.run_sync(_copy_manifest, config, folder, force)
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
     )

@@ -18,15 +18,17 @@ import anyio
 import httpx
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
-from pipeline.config import parse_config
-from pipeline.errors import ConfigError
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError, ManifestError
 from pipeline.runner import ExitCode
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,
     SCALE,
+    catalog,
     config_data,
     go,
     journal_rows,
@@ -247,3 +249,30 @@ async def test_the_sandbox_fails_a_job_whose_input_it_cannot_fetch(
     assert ends["gone.png"]["output"]["error_code"] == "INPUT_DOWNLOAD_ERROR"
     assert sb.stats()["inputs"] == {"fetched": 1, "failed": 2}
     assert sb.stats()["cost_usd"] == pytest.approx(0.03)
+
+
+async def test_manifest_and_config_read_from_a_bucket(
+    sandbox: Start, tmp_path: Path, s3: Any
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2)
+    local = write_manifest(tmp_path / "m.csv", catalog(3))
+    s3.put_object(Bucket="catalog-images", Key="manifests/m.csv", Body=local.read_bytes())
+    data = config_data(tmp_path, sb.base_url, local, api={"time_scale": SCALE})
+    data["manifest"]["path"] = "s3://catalog-images/manifests/m.csv"
+    s3.put_object(Bucket="catalog-images", Key="nightly.yaml", Body=yaml.safe_dump(data))
+
+    config = load_config("s3://catalog-images/nightly.yaml")
+    assert config.manifest.source == "s3://catalog-images/manifests/m.csv"
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.OK
+    assert sorted(r["sku"] for r in results(summary)) == ["SKU-1", "SKU-2", "SKU-3"]
+    assert config.manifest.path.parent == config.output.dir  # the run's copy, in its folder
+    assert config.manifest.path.read_bytes() == local.read_bytes()
+
+    with pytest.raises(ConfigError, match=r"cannot read config s3://catalog-images/no\.yaml"):
+        load_config("s3://catalog-images/no.yaml")
+    data["manifest"]["path"] = "s3://catalog-images/manifests/gone.csv"
+    data["output"]["dir"] = str(tmp_path / "other")
+    with pytest.raises(ManifestError, match=r"manifest s3://catalog-images/manifests/gone\.csv"):
+        await go(parse_config(data, tmp_path), [KEY])
+    assert sb.stats()["creates"] == 3
