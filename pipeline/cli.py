@@ -126,6 +126,9 @@ def sandbox_command(
     image_scale: Annotated[
         float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
     ] = 1.0,
+    output_bytes: Annotated[
+        int, typer.Option(help="Grow each output to this many bytes (a real 2K one: ~4 MB).")
+    ] = 0,
     allow_loopback_urls: bool = False,
     fetch_inputs: Annotated[
         bool,
@@ -172,6 +175,7 @@ def sandbox_command(
             latency_spread=latency_spread,
             seed=seed,
             image_scale=image_scale,
+            output_bytes=output_bytes,
             allow_loopback_urls=allow_loopback_urls,
             fetch_inputs=fetch_inputs,
             ledger_path=ledger,

@@ -54,6 +54,12 @@ def _arguments() -> argparse.Namespace:
         "--webhook", action="store_true", help="webhook mode: callbacks wake a confirming poll"
     )
     parser.add_argument(
+        "--output-mb",
+        type=float,
+        default=0.0,
+        help="grow each output to this size (a real 2K output is about 4 MB)",
+    )
+    parser.add_argument(
         "--no-download", action="store_true", help="keep no images (assets.download: false)"
     )
     parser.add_argument(
@@ -101,6 +107,8 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
         str(args.poll_5xx),
         "--image-scale",
         "0.05",
+        "--output-bytes",
+        str(int(args.output_mb * 1e6)),
         "--allow-loopback-urls",
     ]
     slow, throttled = _troubled(args, keys)

@@ -77,6 +77,9 @@ class SandboxSettings:
     seed: int = 0
     price_per_image_usd: float = 0.03
     image_scale: float = 1.0  # 1.0 gives 1024/2048 px images; small values keep tests fast
+    # each output grown to at least this many bytes (a real 2K output is about 4 MB), so that
+    # downloads move realistic volumes while the pictures stay cheap to draw; 0: as drawn
+    output_bytes: int = 0
     allow_loopback_urls: bool = False
     # fetch each loopback input when a job is created, as the provider fetches its inputs: a job
     # whose input cannot be fetched fails INPUT_DOWNLOAD_ERROR, one that is no image (or over
