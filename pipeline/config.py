@@ -9,7 +9,10 @@ Relative paths are read from the config file's folder; `output.dir` may hold str
 
 from __future__ import annotations
 
+import copy
+import datetime
 import time
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -145,6 +148,19 @@ class AssetsSection(_Section):
     upload_url_lifetime_s: float = Field(3600.0, gt=0, le=604800)
 
 
+class ProgressSection(_Section):
+    # a `progress` line this often on stderr (when it is not a terminal) and in run.log
+    interval_s: float = Field(30.0, gt=0)
+
+
+class MetricsSection(_Section):
+    """metrics.prom is always written; `port` also serves it for scraping while running."""
+
+    port: int | None = Field(None, ge=0, le=65535)
+    listen_host: str = "127.0.0.1"
+    interval_s: float = Field(10.0, gt=0)  # how often metrics.prom is rewritten
+
+
 class BudgetSection(_Section):
     max_cost_usd: float | None = Field(None, ge=0)
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
@@ -222,6 +238,8 @@ class RunConfig(_Section):
     incremental: IncrementalSection = IncrementalSection()
     webhook: WebhookSection = WebhookSection()
     sandbox: SandboxSection = SandboxSection()
+    progress: ProgressSection = ProgressSection()
+    metrics: MetricsSection = MetricsSection()
 
     @model_validator(mode="after")
     def _uploads_outlive_jobs(self) -> RunConfig:
@@ -270,8 +288,37 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
 
 
-def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConfig:
-    """Validate a loaded YAML document; relative paths are taken from `base_dir`."""
+def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """`--set key.path=value` on a loaded document (a copy): the value is read as YAML, so
+    `10`, `true`, `[a, b]` and `s3://bucket/x` are what they look like."""
+    data = copy.deepcopy(data)
+    for item in sets:
+        path, sep, text = item.partition("=")
+        names = path.strip().split(".")
+        if not sep or not all(names):
+            raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. output.dir=runs/x)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = data
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {name} is not a section")
+        node[names[-1]] = value
+    return data
+
+
+def parse_config(
+    data: Any,
+    base_dir: Path,
+    source: str = "<config>",
+    *,
+    run_date: datetime.date | None = None,
+) -> RunConfig:
+    """Validate a loaded YAML document; relative paths are taken from `base_dir`, and strftime
+    fields in `output.dir` from `run_date` (today by default)."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
     manifest_url = _object_url(data.get("manifest"))
@@ -282,7 +329,8 @@ def parse_config(data: Any, base_dir: Path, source: str = "<config>") -> RunConf
     manifest_path = config.manifest.path
     if not manifest_path.is_absolute():
         manifest_path = base_dir / manifest_path
-    out_dir = Path(time.strftime(str(config.output.dir)))
+    when = run_date.timetuple() if run_date is not None else time.localtime()
+    out_dir = Path(time.strftime(str(config.output.dir), when))
     if not out_dir.is_absolute():
         out_dir = base_dir / out_dir
     if manifest_url is not None:
@@ -328,9 +376,16 @@ def _object_url(section: Any) -> str | None:
     return None
 
 
-def load_config(path: Path | str) -> RunConfig:
+def load_config(
+    path: Path | str,
+    *,
+    sets: Sequence[str] = (),
+    output_dir: Path | None = None,
+    run_date: datetime.date | None = None,
+) -> RunConfig:
     """A config file, or an object URL of one (read with the environment's credentials;
-    its relative paths are then taken from the working folder)."""
+    its relative paths are then taken from the working folder), with a scheduler's overrides:
+    `sets` (`key.path=value`), `output_dir` (taken from the working folder) and `run_date`."""
     where = str(path)
     if is_object_url(where):
         from pipeline.objects import ObjectTooLarge, read_object
@@ -352,4 +407,7 @@ def load_config(path: Path | str) -> RunConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {where} is not valid YAML: {exc}") from None
-    return parse_config(data, base_dir, where)
+    if isinstance(data, dict):
+        extra = [*sets, f"output.dir={output_dir.absolute()}"] if output_dir else list(sets)
+        data = apply_overrides(data, extra)
+    return parse_config(data, base_dir, where, run_date=run_date)

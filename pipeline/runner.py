@@ -34,6 +34,7 @@ from pipeline.errors import (
     RunFolderMismatch,
     WanbatchError,
 )
+from pipeline.htmlreport import write_report
 from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
@@ -41,10 +42,13 @@ from pipeline.limits import CreateGate
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
 from pipeline.objects import copy_object
+from pipeline.observe import Observer, Reporter
 from pipeline.polling import PollPlanner
 from pipeline.runfolder import RunFolder
 from pipeline.sandbox import FaultRates, SandboxSettings
 from pipeline.state import StateStore
+from pipeline.summary import finish_line, write_summary
+from pipeline.thumbs import THUMBS
 from pipeline.webhook import Callbacks, Receiver
 from pipeline.worker import KeyLane, RunStats, Worker
 from pipeline.writer import ResultLayout, write_failures, write_images, write_results
@@ -91,6 +95,8 @@ class RunSummary:
     left_failed: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
     forced: dict[str, int] | None = None  # `--force`: how the manifest as it is now was taken
     waiting_on_keys: dict[str, int] = field(default_factory=dict)  # key name -> jobs it holds
+    started_at: float = 0.0  # wall clock (Unix seconds)
+    ended_at: float = 0.0
 
     @property
     def finished_rows(self) -> int:
@@ -327,6 +333,8 @@ async def run(
     handle_signals: bool = True,
     reprocess: Reprocess | None = None,
     folder: RunFolder | None = None,
+    reporter: Reporter | None = None,
+    tick_s: float | None = None,
 ) -> RunSummary:
     """Run (or resume) a config; with `reprocess`, first put the chosen failed rows back to be
     run again. Holds the run folder (`folder`, or one it opens) for the whole run. Raises
@@ -342,6 +350,8 @@ async def run(
                 handle_signals=handle_signals,
                 reprocess=reprocess,
                 folder=own,
+                reporter=reporter,
+                tick_s=tick_s,
             )
     started = time.monotonic()
     if config.manifest.source is not None:
@@ -371,6 +381,7 @@ async def run(
         storage_options=a.storage_options,
         check_urls=config.manifest.check_urls,
         concurrency=a.concurrency,
+        thumbs=config.output.dir / THUMBS,
     )
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
@@ -401,6 +412,7 @@ async def run(
             grace_s,
             handle_signals,
             reprocess,
+            Observer(config, folder.path, started, RunStats(), reporter, tick_s),
         )
     finally:
         journal.close()
@@ -421,6 +433,7 @@ async def _run_held(
     grace_s: float,
     handle_signals: bool,
     reprocess: Reprocess | None,
+    observer: Observer,
 ) -> RunSummary:
     forced = None
     identity = _check_identity(journal, config, force)
@@ -434,31 +447,58 @@ async def _run_held(
         requeued = journal.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
     spent = journal.totals()["cost_usd"]
-    stats = RunStats()
+    stats = observer.stats
     faults = _Faults()
-    async with _api(config, keys) as (base_url, lanes_keys, sandbox):
-        async with _receiver(config) as receiver:
-            stop = await _drive(
-                config,
-                journal,
-                state,
-                manifest,
-                base_url,
-                lanes_keys,
-                stats,
-                spent,
-                grace_s,
-                handle_signals,
-                receiver,
-                faults,
-            )
-        sandbox_stats = sandbox.stats() if sandbox is not None else None
-    books = await _finish_books(config, journal, state, manifest, folder.path)
-    waiting = journal.waiting_on_keys()
-    counts = journal.counts()
-    exit_code, message = _verdict(stop, faults, books, counts, waiting, lanes_keys, stats)
-    if exit_code is not ExitCode.OK:
-        _log.warning("run_ended", exit_code=int(exit_code), message=message)
+    observer.start(_start_line(config, folder.path, journal, keys))
+    with observer.serving():
+        async with _api(config, keys) as (base_url, lanes_keys, sandbox):
+            async with _receiver(config) as receiver:
+                stop = await _drive(
+                    config,
+                    journal,
+                    state,
+                    manifest,
+                    base_url,
+                    lanes_keys,
+                    stats,
+                    spent,
+                    grace_s,
+                    handle_signals,
+                    receiver,
+                    faults,
+                    observer,
+                )
+            sandbox_stats = sandbox.stats() if sandbox is not None else None
+        books = await _finish_books(config, journal, state, manifest, folder.path)
+        waiting = journal.waiting_on_keys()
+        counts = journal.counts()
+        exit_code, message = _verdict(stop, faults, books, counts, waiting, lanes_keys, stats)
+        if exit_code is not ExitCode.OK:
+            _log.warning("run_ended", exit_code=int(exit_code), message=message)
+        summary = _summary(
+            folder, journal, books, counts, stats, started, exit_code, message, lanes_keys
+        )
+        summary.sandbox_stats, summary.requeued, summary.forced = sandbox_stats, requeued, forced
+        summary.waiting_on_keys = waiting
+        await observer.finish(journal, finish_line(summary))
+    try:
+        await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / "summary.json")
+    except OSError as exc:  # a full disk: the journal and the exit code still tell
+        _log.warning("summary_not_written", error=str(exc))
+    return summary
+
+
+def _summary(
+    folder: RunFolder,
+    journal: Journal,
+    books: _Books,
+    counts: dict[str, int],
+    stats: RunStats,
+    started: float,
+    exit_code: ExitCode,
+    message: str,
+    keys: list[ApiKey],
+) -> RunSummary:
     return RunSummary(
         folder.path,
         folder.path / "results.parquet",
@@ -469,12 +509,21 @@ async def _run_held(
         time.monotonic() - started,
         exit_code,
         message,
-        [k.name for k in lanes_keys],
-        sandbox_stats,
-        requeued,
-        journal.failed_types(),
-        forced,
-        waiting,
+        [k.name for k in keys],
+        left_failed=journal.failed_types(),
+        started_at=time.time() - (time.monotonic() - started),
+        ended_at=time.time(),
+    )
+
+
+def _start_line(config: RunConfig, run_dir: Path, journal: Journal, keys: list[ApiKey]) -> str:
+    done = journal.counts()
+    known = sum(done.values())
+    resumed = f", resuming {known:,} journaled rows" if known else ""
+    api = "the embedded sandbox" if config.embedded_sandbox else config.api.base_url
+    return (
+        f"run started in {run_dir}: manifest {config.manifest.source or config.manifest.path}, "
+        f"{len(keys) or config.sandbox.keys} key(s) on {api}{resumed}"
     )
 
 
@@ -521,6 +570,11 @@ async def _finish_books(
         if config.assets.download:
             states = journal.image_states()
             books.images_missing = states.get("pending", 0) + states.get("failed", 0)
+        try:
+            id_column = config.manifest.id_column
+            await anyio.to_thread.run_sync(write_report, journal, run_dir, id_column)
+        except (OSError, ValueError):  # the results stand without it; `wanbatch report` redoes it
+            _log.exception("report_failed")
     except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
         _log.exception("results_failed")
         books.problem = (
@@ -650,7 +704,8 @@ def _build(
     )
     if config.assets.download:
         store = open_store(config.assets, config.output.dir)
-        worker.downloader = Downloader(config.assets, store, commit)
+        thumbs = config.output.dir / THUMBS
+        worker.downloader = Downloader(config.assets, store, commit, thumbs)
         stats.downloads = worker.downloader.stats
     return _Parts(client, dispatcher, commit, worker, lanes)
 
@@ -668,10 +723,14 @@ async def _drive(
     handle_signals: bool,
     receiver: Receiver | None,
     faults: _Faults,
+    observer: Observer,
 ) -> tuple[ExitCode, str]:
     """Drive the workers until no work is left or the run is stopped; how it stopped. An
     unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
     parts = _build(config, journal, base_url, keys, stats, spent, receiver)
+    if parts.worker.downloader is not None and config.embedded_sandbox:
+        parts.worker.downloader.samples_from = base_url.removesuffix("/v1")
+    observer.lanes = parts.lanes
     parts.worker.uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     dispatcher, worker = parts.dispatcher, parts.worker
     stop_ingest = threading.Event()
@@ -680,6 +739,7 @@ async def _drive(
         try:
             async with anyio.create_task_group() as services:
                 services.start_soon(parts.commit.run)
+                services.start_soon(observer.watch, journal, parts.lanes, worker)
                 reuse = None
                 if state is not None:
                     copies = CopyCheck(config.assets.storage_options)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -68,6 +69,18 @@ class RunStats:
     retired_keys: list[str] = field(default_factory=list)
     callbacks: CallbackStats | None = None  # webhook mode only
     downloads: DownloadStats | None = None  # when assets.download
+    # per job that ended with a predict time: it (s), and how long after its end the client
+    # saw the end (s), in end order; 8 bytes each
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    notice_delays: array[float] = field(default_factory=lambda: array("d"))
+    on_end: Callable[[float, float], None] | None = None  # metrics' histograms, when kept
+
+    def job_ended(self, latency: float, notice_delay: float) -> None:
+        notice_delay = max(0.0, notice_delay)
+        self.latencies.append(latency)
+        self.notice_delays.append(notice_delay)
+        if self.on_end is not None:
+            self.on_end(latency, notice_delay)
 
 
 @dataclass
@@ -283,7 +296,12 @@ class Worker:
                 return
             # the provider says to try again; a failed job costs nothing
             self.stats.job_retries += 1
-            log.bound().info("job_retry", error_code=outcome.error_code, attempt=attempts)
+            log.bound().info(
+                "job_retry",
+                prediction_id=outcome.prediction_id,
+                error_code=outcome.error_code,
+                attempt=attempts,
+            )
             entry = replace(entry, status=Status.CREATED, attempts=attempts)
             outcome = None
 
@@ -413,6 +431,8 @@ class Worker:
                     if self.callbacks is not None and waiter is not None:
                         self.callbacks.ended(waiter, self._seen_by(waiter, track))
                     outcome = self._outcome(step.answer, created)
+                    if (took := step.answer.predict_time_s) is not None:
+                        self.stats.job_ended(took, outcome.finished_at - created - took)
                     break
                 if isinstance(step, JobOutcome):
                     outcome = step
@@ -466,7 +486,9 @@ class Worker:
         except ApiError as exc:
             # a paid job is never given up on a poll error: back off until its deadline
             track.failures += 1
-            _log.info("poll_retry", job_id=entry.job_id, error=str(exc))
+            _log.info(
+                "poll_retry", job_id=entry.job_id, prediction_id=prediction_id, error=str(exc)
+            )
             return Deferred(self.policy.backoff(track.failures))
         track.failures = 0
         if answer.terminal:
@@ -574,9 +596,21 @@ class Worker:
 
     async def _finish(self, entry: Entry, outcome: JobOutcome) -> None:
         self.stats.finished += 1
+        _log.debug(  # one per job: at --log-level debug
+            "job_ended",
+            job_id=entry.job_id,
+            row=entry.row_number,
+            prediction_id=outcome.prediction_id,
+            status=outcome.status.value,
+            error_type=outcome.error_type,
+            images=len(outcome.output_urls),
+        )
         # not waited for: a crash before it commits leaves the job `created`, and the resume
         # polls it again and gets the same end
         self.journal.post(Finish(entry.row_number, outcome, self.price))
         self.dispatcher.settle(entry, outcome)
         if self.downloader is not None and outcome.status is Status.SUCCEEDED:
             self.downloader.submit(entry.row_number, entry.job_id, outcome.output_urls)
+            first = entry.inputs.get("img_url")
+            if isinstance(first, str):
+                self.downloader.submit_input(first)  # for the report's thumbnail

@@ -1,0 +1,112 @@
+"""How far a run has got, as one typed snapshot: rows by state, images, cost, rate, ETA, and
+what each key is doing. The runner takes one every tick (for the terminal display, the
+`progress` lines and the metrics) and one at the end; it reads the journal's counts, the
+run's counters and the key lanes, and sends nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.journal import Journal
+from pipeline.worker import KeyLane, RunStats
+
+__all__ = ["KeyState", "Snapshot", "format_duration", "progress_line", "take_snapshot"]
+
+_OPEN = ("pending", "creating", "created")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    name: str
+    in_flight: int
+    state: str  # working, idle, paused (429), retired
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    elapsed_s: float
+    rows: int  # journaled so far (the whole manifest once `ingest_complete`)
+    ingest_complete: bool
+    by_status: dict[str, int]
+    in_flight: int
+    images: int
+    cost_usd: float
+    finished_this_run: int
+    keys: tuple[KeyState, ...]
+
+    @property
+    def rate_per_min(self) -> float:
+        return self.finished_this_run / self.elapsed_s * 60 if self.elapsed_s > 0 else 0.0
+
+    @property
+    def open_rows(self) -> int:
+        return sum(self.by_status.get(s, 0) for s in _OPEN)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at this run's rate, for the rows journaled so far (None: no rate yet)."""
+        rate = self.rate_per_min / 60
+        return self.open_rows / rate if rate > 0 else None
+
+
+def take_snapshot(
+    journal: Journal,
+    stats: RunStats,
+    lanes: Sequence[KeyLane],
+    in_flight: Counter[str],
+    started: float,
+) -> Snapshot:
+    """The run as it stands; `in_flight` counts the jobs polled now per key name."""
+    totals = journal.totals()
+    keys = tuple(
+        KeyState(lane.key.name, in_flight.get(lane.key.name, 0), _lane_state(lane))
+        for lane in lanes
+    )
+    return Snapshot(
+        elapsed_s=time.monotonic() - started,
+        rows=int(totals["rows"]),
+        ingest_complete=journal.get_meta("ingest_complete") == "1",
+        by_status=journal.counts(),
+        in_flight=sum(in_flight.values()),
+        images=int(totals["images"]),
+        cost_usd=float(totals["cost_usd"]),
+        finished_this_run=stats.finished,
+        keys=keys,
+    )
+
+
+def _lane_state(lane: KeyLane) -> str:
+    if lane.retired:
+        return "retired"
+    paused = lane.gate.paused_for()
+    if paused > 0:
+        return f"paused {paused:.0f} s (429)"
+    return "working" if lane.serving else "idle"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_line(snap: Snapshot) -> str:
+    """The snapshot as one plain line (stderr when it is not a terminal, and run.log)."""
+    b = snap.by_status
+    rows = f"{snap.rows:,}" + ("" if snap.ingest_complete else "+ (still reading)")
+    keys = "; ".join(f"{k.name} {k.in_flight} in flight, {k.state}" for k in snap.keys)
+    return (
+        f"progress rows={rows} succeeded={b.get('succeeded', 0):,} "
+        f"failed={b.get('failed', 0):,} rejected={b.get('rejected', 0):,} "
+        f"in_flight={snap.in_flight:,} waiting={snap.open_rows - snap.in_flight:,} "
+        f"images={snap.images:,} cost=${snap.cost_usd:,.2f} rate={snap.rate_per_min:,.1f}/min "
+        f"eta={format_duration(snap.eta_s)} elapsed={format_duration(snap.elapsed_s)}"
+        + (f" keys: {keys}" if keys else "")
+    )
