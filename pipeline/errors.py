@@ -8,6 +8,13 @@
     │   ├── RunFolderMismatch  the folder belongs to another config or manifest
     │   └── JournalDamaged     the journal cannot be read as a database
     ├── NoUsableKeyError       every API key was refused (401): the run stops, rows stay pending
+    ├── RunEnded               (the Python API) a run that ended short of success; `.summary`
+    │   ├── RunFailed          exit 1: an error after work began (books finished; resume)
+    │   ├── RunInterrupted     exit 3: stopped by a signal (resume)
+    │   ├── KeysRefused        exit 4: every key was refused
+    │   ├── BudgetReached      exit 5: budget.max_cost_usd reached
+    │   ├── RowsFailed         exit 6: finished with failed or rejected rows (or missing images)
+    │   └── KeysMissing        exit 7: jobs wait on keys this run was not given
     └── ApiError               one request to the provider went wrong
         ├── InvalidInput       400: final, never retried
         ├── Unauthorized       401: the key is retired
@@ -24,19 +31,28 @@ gateway 502/504) is *ambiguous*: the job may exist and be billed. `ApiError.ambi
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ApiError",
+    "BudgetReached",
     "ConfigError",
     "InvalidInput",
     "JournalDamaged",
+    "KeysMissing",
+    "KeysRefused",
     "ManifestError",
     "NoUsableKeyError",
     "NotFound",
     "ProtocolViolation",
     "RateLimited",
+    "RowsFailed",
+    "RunEnded",
+    "RunFailed",
     "RunFolderError",
     "RunFolderLocked",
     "RunFolderMismatch",
+    "RunInterrupted",
     "ServerError",
     "TransportFailure",
     "Unauthorized",
@@ -75,6 +91,40 @@ class JournalDamaged(RunFolderError):
 
 class NoUsableKeyError(WanbatchError):
     pass
+
+
+class RunEnded(WanbatchError):
+    """A run that ended short of success; `summary` says how far it got (a RunSummary)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, summary: Any) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class RunFailed(RunEnded):
+    exit_code = 1
+
+
+class RunInterrupted(RunEnded):
+    exit_code = 3
+
+
+class KeysRefused(RunEnded):
+    exit_code = 4
+
+
+class BudgetReached(RunEnded):
+    exit_code = 5
+
+
+class RowsFailed(RunEnded):
+    exit_code = 6
+
+
+class KeysMissing(RunEnded):
+    exit_code = 7
 
 
 class ApiError(WanbatchError):

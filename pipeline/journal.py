@@ -41,6 +41,7 @@ __all__ = [
     "NoteCancel",
     "StoreImage",
     "Update",
+    "unique",
 ]
 
 # Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
@@ -304,6 +305,22 @@ class NoteCancel(Update):
         )
 
 
+def unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejected:
+    """The item, or its rejection when another row has its job id already (`known`: job id
+    -> the row that has it first, updated)."""
+    first = known.get(item.job_id)
+    if first is not None and first != item.row_number:
+        return Rejected(
+            f"{item.job_id}#row-{item.row_number}",
+            item.row_number,
+            item.record,
+            f"row {item.row_number}: id {item.job_id!r} repeats row {first} "
+            "(each row needs its own id)",
+        )
+    known[item.job_id] = item.row_number
+    return item
+
+
 def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | None, ...]:
     """The stored copy of each of `count` outputs, by index (None where not stored)."""
     copies: list[StoredCopy | None] = [None] * count
@@ -333,13 +350,21 @@ def _entry(row: sqlite3.Row) -> Entry:
 class Journal:
     """Synchronous access to the journal file; every call takes the lock (callers use threads)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """Open (or create) the journal; `readonly` only reads it (`wanbatch status`, while
+        a run may hold it), never changing the file."""
         self.path = path
+        self._lock = threading.Lock()
+        self.share_seeded = False  # manifest.dedupe: rows with the same seeded input share one job
+        if readonly:
+            self._db = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
+            self._db.row_factory = sqlite3.Row
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        self.share_seeded = False  # manifest.dedupe: rows with the same seeded input share one job
         try:
             with self._lock:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -443,7 +468,7 @@ class Journal:
                     continue
                 changed = _RECORD(item.record) != old["record"]
                 if old["status"] in _UNSENT:
-                    taken = self._unique(item, known)
+                    taken = unique(item, known)
                     row = self._ingest_row(taken, prior)
                     updates.append((*row[1:], item.row_number))
                     reused.append(taken)
@@ -506,26 +531,11 @@ class Journal:
             )
         return known
 
-    @staticmethod
-    def _unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejected:
-        """The item, or its rejection when another row has its job id already."""
-        first = known.get(item.job_id)
-        if first is not None and first != item.row_number:
-            return Rejected(
-                f"{item.job_id}#row-{item.row_number}",
-                item.row_number,
-                item.record,
-                f"row {item.row_number}: id {item.job_id!r} repeats row {first}; "
-                "each row needs its own id",
-            )
-        known[item.job_id] = item.row_number
-        return item
-
     def _insert(
         self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
     ) -> list[tuple[int, str, int, str]]:
         known = self._known_ids({item.job_id for item in batch})
-        items = [self._unique(item, known) for item in batch]
+        items = [unique(item, known) for item in batch]
         leaders = self._leaders(items, prior) if self.share_seeded else {}
         rows = [(*self._ingest_row(i, prior), leaders.get(i.row_number)) for i in items]
         self._db.executemany(

@@ -31,7 +31,7 @@ from pipeline.errors import JournalDamaged, RunFolderError, RunFolderLocked
 from pipeline.journal import Journal
 from pipeline.writer import RESULTS_ROWS, RESULTS_RUN_ID, RESULTS_SUCCEEDED
 
-__all__ = ["Holder", "RunFolder"]
+__all__ = ["Holder", "RunFolder", "holder_of"]
 
 JOURNAL = "journal.sqlite"
 LOCK = "run.lock"
@@ -69,6 +69,23 @@ def _read_holder(fd: int) -> Holder | None:
         return Holder(int(data["pid"]), str(data["host"]), str(data["started"]), data.get("run_id"))
     except (ValueError, TypeError, KeyError):
         return None  # empty (never written) or not ours
+
+
+def holder_of(path: Path) -> Holder | None:
+    """Who holds the run folder `path` now, or None when no run does (`wanbatch status`)."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:
+        return None  # no run ever held it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or Holder(0, "?", "?")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class RunFolder:

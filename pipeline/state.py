@@ -121,6 +121,16 @@ class StateStore:
             self._db.execute("COMMIT")
         return len(rows)
 
+    def latencies(self, limit: int) -> list[float]:
+        """The predict times of the latest `limit` successes (what earlier runs learned)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT predict_time_s FROM succeeded WHERE predict_time_s > 0"
+                " ORDER BY finished_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [float(r[0]) for r in rows]
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM succeeded").fetchone()[0])

@@ -1,0 +1,134 @@
+"""The Python entry point, for orchestrators (an Airflow or Dagster task) that call wanbatch
+without a shell: `pipeline.run(config)` runs or resumes a config and returns its RunSummary,
+or raises the typed error of the CLI's exit code. It installs no signal handlers unless asked.
+
+    summary = pipeline.run("nightly.yaml", overrides=["output.dir=runs/2026-11-25"])
+    summary.exit_code, summary.counts, summary.totals["cost_usd"], summary.results_path
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from pipeline.config import RunConfig, apply_overrides, load_config, parse_config
+from pipeline.errors import (
+    BudgetReached,
+    KeysMissing,
+    KeysRefused,
+    RowsFailed,
+    RunEnded,
+    RunFailed,
+    RunInterrupted,
+)
+from pipeline.keys import ApiKey, keys_from_env
+from pipeline.logs import configure_logging
+from pipeline.observe import Reporter
+from pipeline.runfolder import RunFolder
+from pipeline.runner import ExitCode, Reprocess, RunSummary
+from pipeline.runner import run as run_async
+
+__all__ = ["arun", "load", "run"]
+
+_RAISES: dict[ExitCode, type[RunEnded]] = {
+    ExitCode.ERROR: RunFailed,
+    ExitCode.INTERRUPTED: RunInterrupted,
+    ExitCode.NO_KEY: KeysRefused,
+    ExitCode.BUDGET: BudgetReached,
+    ExitCode.ROWS_FAILED: RowsFailed,
+    ExitCode.KEYS_MISSING: KeysMissing,
+}
+
+
+def load(
+    config: RunConfig | Mapping[str, Any] | str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    run_date: datetime.date | None = None,
+) -> RunConfig:
+    """A config from a path (or object URL), a mapping (relative paths from the working
+    folder) or a loaded RunConfig (overrides do not apply to that)."""
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, Mapping):
+        data = apply_overrides(dict(config), overrides)
+        return parse_config(data, Path.cwd(), "<mapping>", run_date=run_date)
+    return load_config(config, sets=overrides, run_date=run_date)
+
+
+async def arun(
+    config: RunConfig | Mapping[str, Any] | str | Path,
+    *,
+    keys: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    run_date: datetime.date | None = None,
+    fresh: bool = False,
+    force: bool = False,
+    retry_errors: Sequence[str] | None = None,
+    handle_signals: bool = False,
+    raise_on_failed_rows: bool = True,
+    reporter: Reporter | None = None,
+) -> RunSummary:
+    """`run`, in a running event loop."""
+    loaded = load(config, overrides=overrides, run_date=run_date)
+    api_keys = [ApiKey(k) for k in keys] if keys is not None else keys_from_env()
+    reprocess = Reprocess(retry_errors or None) if retry_errors is not None else None
+    with RunFolder(loaded.output.dir, fresh=fresh) as folder:
+        configure_logging(folder.log_path)
+        try:
+            summary = await run_async(
+                loaded,
+                api_keys,
+                force=force,
+                handle_signals=handle_signals,
+                reprocess=reprocess,
+                folder=folder,
+                reporter=reporter,
+            )
+        finally:
+            configure_logging(None)  # run.log is closed with the run
+    raises = _RAISES.get(summary.exit_code)
+    if raises is RowsFailed and not raise_on_failed_rows:
+        return summary
+    if raises is not None:
+        raise raises(summary.message, summary)
+    return summary
+
+
+def run(
+    config: RunConfig | Mapping[str, Any] | str | Path,
+    *,
+    keys: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    run_date: datetime.date | None = None,
+    fresh: bool = False,
+    force: bool = False,
+    retry_errors: Sequence[str] | None = None,
+    handle_signals: bool = False,
+    raise_on_failed_rows: bool = True,
+    reporter: Reporter | None = None,
+) -> RunSummary:
+    """Run (or resume) a config and return its summary; keys from the environment unless
+    given. Raises ConfigError, ManifestError or RunFolderError before anything is sent, and a
+    RunEnded subclass (carrying `.summary`) for a run that ended short of success, as the CLI's
+    exit codes do; `raise_on_failed_rows=False` returns the summary of a run that finished
+    with failed or rejected rows instead. `retry_errors` runs failed rows of those error
+    types again (`[]`: every failure), as `wanbatch retry` does."""
+    return anyio.run(
+        lambda: arun(
+            config,
+            keys=keys,
+            overrides=overrides,
+            run_date=run_date,
+            fresh=fresh,
+            force=force,
+            retry_errors=retry_errors,
+            handle_signals=handle_signals,
+            raise_on_failed_rows=raise_on_failed_rows,
+            reporter=reporter,
+        )
+    )
