@@ -10,15 +10,18 @@ journal, and the next run of the same command fetches it without creating anythi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
 import os
 import random
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -30,6 +33,8 @@ from pipeline.errors import ConfigError
 from pipeline.journal import FailImage, GroupCommit, StoreImage
 from pipeline.models import PriorSuccess
 from pipeline.objects import ObjectStore
+from pipeline.schema import MAX_INPUT_BYTES
+from pipeline.thumbs import input_thumb, output_thumb, write_thumb
 
 __all__ = [
     "CopyCheck",
@@ -161,7 +166,16 @@ class Downloader:
     """`submit()` the outputs of succeeded jobs; `run()` stores them until `close()` and the
     queue is drained."""
 
-    def __init__(self, section: AssetsSection, store: Store, journal: GroupCommit) -> None:
+    def __init__(
+        self,
+        section: AssetsSection,
+        store: Store,
+        journal: GroupCommit,
+        thumbs: Path | None = None,
+    ) -> None:
+        self._thumbs = thumbs  # the report's thumbnails are made here, when given
+        self.samples_from: str | None = None  # the embedded sandbox's root, for its samples
+        self._inputs_seen: OrderedDict[str, None] = OrderedDict()  # inputs thumbnailed
         self._section = section
         self._store = store
         self._journal = journal
@@ -169,11 +183,25 @@ class Downloader:
         send, receive = anyio.create_memory_object_stream[_Job](math.inf)
         self._send: MemoryObjectSendStream[_Job] = send
         self._receive: MemoryObjectReceiveStream[_Job] = receive
+        inputs, taken = anyio.create_memory_object_stream[str](math.inf)
+        self._inputs_send: MemoryObjectSendStream[str] = inputs
+        self._inputs_receive: MemoryObjectReceiveStream[str] = taken
+        self._dead_hosts: set[str] = set()  # inputs' hosts that could not be reached
         self.stats = DownloadStats()
 
     def submit(self, row_number: int, job_id: str, urls: tuple[str, ...] | list[str]) -> None:
         for index, url in enumerate(urls):
             self._send.send_nowait(_Job(row_number, job_id, index, url))
+
+    def submit_input(self, url: str) -> None:
+        """A job's public input, fetched once for the report's thumbnail (best effort)."""
+        if self._thumbs is None or url in self._inputs_seen or "://" not in url:
+            return
+        self._inputs_seen[url] = None
+        if len(self._inputs_seen) > 50_000:
+            self._inputs_seen.popitem(last=False)
+        with contextlib.suppress(anyio.ClosedResourceError):
+            self._inputs_send.send_nowait(url)
 
     def submit_many(self, images: list[tuple[int, str, int, str]]) -> None:
         """Images (row, job id, index, URL) to fetch; once the run stops taking them, they
@@ -201,8 +229,13 @@ class Downloader:
         )
         try:
             async with anyio.create_task_group() as tg:
-                for _ in range(self._section.concurrency):
-                    tg.start_soon(self._consume, self._receive.clone())
+                # the report's input thumbnails: best effort, one at a time, and dropped
+                # once the outputs are stored, so they never hold the run's end
+                tg.start_soon(self._consume_inputs)
+                async with anyio.create_task_group() as outputs:
+                    for _ in range(self._section.concurrency):
+                        outputs.start_soon(self._consume, self._receive.clone())
+                tg.cancel_scope.cancel()
         finally:
             self.discard()
             with anyio.CancelScope(shield=True):
@@ -213,6 +246,12 @@ class Downloader:
         journal, for the next run."""
         self._send.close()
         self._receive.close()
+        self._inputs_send.close()
+
+    async def _consume_inputs(self) -> None:
+        async with self._inputs_receive:
+            async for url in self._inputs_receive:
+                await self._fetch_input(url)
 
     async def _consume(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
         async with receive:
@@ -238,8 +277,8 @@ class Downloader:
         _log.warning("image_failed", job_id=job.job_id, index=job.index, error=error)
         await self._journal.write(FailImage(job.row_number, job.index, error))
 
-    async def _download(self, url: str) -> bytes:
-        limit = self._section.max_bytes
+    async def _download(self, url: str, limit: int | None = None) -> bytes:
+        limit = limit or self._section.max_bytes
         assert self._http is not None
         async with self._http.stream("GET", url) as answer:
             answer.raise_for_status()
@@ -257,11 +296,31 @@ class Downloader:
                 raise BadImage(f"cut short: {len(data):,} of {int(declared):,} bytes")
         return bytes(data)
 
+    async def _fetch_input(self, url: str) -> None:
+        assert self._thumbs is not None
+        parts = urlsplit(url)
+        where = url
+        if self.samples_from is not None and parts.path.startswith("/samples/"):
+            where = self.samples_from + parts.path  # the sandbox serves the demo's samples
+        elif parts.netloc in self._dead_hosts:
+            return
+        try:
+            with anyio.fail_after(10):
+                data = await self._download(where, MAX_INPUT_BYTES)
+            await anyio.to_thread.run_sync(write_thumb, self._thumbs, input_thumb(url), data)
+        except (httpx.TransportError, TimeoutError):
+            self._dead_hosts.add(parts.netloc)  # one try per unreachable host, not per row
+        except (httpx.HTTPError, BadImage, OSError, ValueError) as exc:
+            _log.debug("input_thumbnail_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+
     def _keep(self, job: _Job, data: bytes) -> StoreImage:
         """Check and write one image (in a thread), under a name of our own."""
         kind, width, height = inspect_image(data)
         ident = hashlib.sha256(job.job_id.encode()).hexdigest()[:8]
         name = f"{job.row_number:08d}-{ident}-{job.index}.{_EXTENSIONS.get(kind, 'img')}"
         where = self._store.put(name, data)
+        if self._thumbs is not None:
+            with contextlib.suppress(OSError, ValueError):
+                write_thumb(self._thumbs, output_thumb(job.row_number, job.index), data)
         digest = hashlib.sha256(data).hexdigest()
         return StoreImage(job.row_number, job.index, where, digest, len(data), width, height, kind)

@@ -14,6 +14,7 @@ an image, at most 20 MB, by HEAD or a ranged GET), so a dead link costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
@@ -38,6 +39,7 @@ from pipeline.schema import (
     UPLOAD_TOKEN,
     fingerprint,
 )
+from pipeline.thumbs import input_thumb, write_thumb
 
 __all__ = [
     "InputStage",
@@ -94,13 +96,14 @@ class Uploads:
         self._lifetime = datetime.timedelta(seconds=lifetime_s)
         self._known: set[str] = set()  # uploaded (or found there) this run
         self._busy: dict[str, threading.Lock] = {}  # one upload of a name at a time
+        self.dry = False  # `estimate`: inputs are judged and named, never uploaded
 
     def check(self) -> None:
         self._store.check()
 
     def ensure(self, name: str, data: bytes) -> None:
         """Upload `name` unless this run has, or it is there already (an earlier attempt)."""
-        if name in self._known:
+        if name in self._known or self.dry:
             return
         with self._busy.setdefault(name, threading.Lock()):
             if name not in self._known and not self._store.exists(name):
@@ -139,7 +142,9 @@ class InputStage:
         storage_options: dict[str, str],
         check_urls: bool,
         concurrency: int,
+        thumbs: Path | None = None,
     ) -> None:
+        self._thumbs = thumbs  # the report's input thumbnails, made from what is read
         self._model = model
         self._base_dir = base_dir
         self._columns = columns
@@ -195,6 +200,9 @@ class InputStage:
             extension = _judge(data)
             name = f"inputs/{hashlib.sha256(data).hexdigest()}.{extension}"
             self.uploads.ensure(name, data)
+            if self._thumbs is not None and not self.uploads.dry:
+                with contextlib.suppress(OSError, ValueError):
+                    write_thumb(self._thumbs, input_thumb(UPLOAD_TOKEN + name), data)
             return _Verdict(token=UPLOAD_TOKEN + name)
         except BadInput as exc:
             return _Verdict(problem=str(exc))

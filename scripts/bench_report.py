@@ -1,0 +1,105 @@
+"""How report.html holds up at scale: a journal of N finished rows (default 100,000) is made
+directly, the report written from it, and the page loaded in headless Chromium.
+
+    .venv/bin/python scripts/bench_report.py --rows 100000
+
+Prints the time to write the report, its size, and the time Chromium takes to load it and
+draw the first page (and how many entries that page has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.htmlreport import write_report
+from pipeline.journal import Finish, Journal
+from pipeline.models import JobOutcome, JobSpec, Rejected, Status, fingerprint
+
+
+def _journal(path: Path, rows: int) -> Journal:
+    journal = Journal(path)
+    for start in range(1, rows + 1, 5000):
+        batch: list[JobSpec | Rejected] = []
+        for n in range(start, min(rows, start + 4999) + 1):
+            inputs = {
+                "prompt": f"edit {n}: a product on a warm wooden table",
+                "img_url": f"https://cdn.example.com/{n}.jpg",
+            }
+            if n % 50 == 0:
+                batch.append(
+                    Rejected(f"SKU-{n}", n, {"sku": f"SKU-{n}"}, f"row {n}: prompt: is required")
+                )
+            else:
+                batch.append(
+                    JobSpec(f"SKU-{n}", n, inputs, {"sku": f"SKU-{n}"}, fingerprint("m", inputs))
+                )
+        journal.ingest(batch, {})
+        ends = []
+        for item in batch:
+            if isinstance(item, JobSpec):
+                ok = item.row_number % 20 != 0
+                outcome = JobOutcome(
+                    Status.SUCCEEDED if ok else Status.FAILED,
+                    f"pred-{item.row_number}",
+                    (f"https://out.example.com/{item.row_number}.jpg",) if ok else (),
+                    9.5,
+                    error_type=None if ok else "job_error",
+                    error_message=None if ok else "sandbox fault",
+                    finished_at=time.time(),
+                )
+                ends.append(Finish(item.row_number, outcome, 0.03))
+        journal.apply(ends)
+    return journal
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=100_000)
+    args = parser.parse_args()
+    chromium = shutil.which("chromium")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        journal = _journal(run_dir / "journal.sqlite", args.rows)
+        began = time.perf_counter()
+        report = write_report(journal, run_dir, "sku")
+        wrote = time.perf_counter() - began
+        journal.close()
+        print(f"rows                 {args.rows:,}")
+        print(f"report_write_s       {wrote:.2f}")
+        print(f"report_mb            {report.stat().st_size / 1e6:.1f}")
+        if chromium is None:
+            print("chromium             not installed (apt-get install chromium)")
+            return
+        command = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={run_dir / 'profile'}",
+            "--dump-dom",
+        ]
+        for view in ("", "#status=failed&q=&page=3"):
+            began = time.perf_counter()
+            dom = subprocess.run(
+                [*command, report.as_uri() + view], capture_output=True, text=True, timeout=300
+            ).stdout
+            took = time.perf_counter() - began
+            shown = len(re.findall(r'<article class="entry"', dom))
+            pages = re.search(r"page \d+ of [\d,]+ \([\d,]+ rows\)", dom)
+            label = view or "#first page"
+            said = pages.group() if pages else "?"
+            print(f"chromium_load_s      {took:.2f}  {label}: {shown} entries, {said}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The HTML report, loaded in a real headless Chromium (Debian's `chromium`, installed here when
+missing): what it shows, filtered and paged, with local thumbnails; a screenshot is kept in
+`test-artifacts/`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.runner import ExitCode
+from pipeline.sandbox import FaultRates
+from tests.conftest import (
+    KEY,
+    SCALE,
+    catalog,
+    go,
+    make_config,
+    results,
+    shrunk_sandbox,
+    write_manifest,
+)
+from tests.test_observe import Start, _cli
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed by the test setup when the machine lacks it."""
+    found = shutil.which("chromium")
+    if found is None:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True
+        )
+        found = shutil.which("chromium")
+    assert found is not None, "Debian's chromium package could not be installed"
+    return found
+
+
+def _browse(binary: str, page: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The page's DOM once its script has run (or a screenshot of it)."""
+    args = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--window-size=1280,1800",
+    ]
+    args.append(f"--screenshot={screenshot}" if screenshot else "--dump-dom")
+    done = subprocess.run([*args, page], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _entries(dom: str) -> list[str]:
+    return re.findall(r'<article class="entry" data-status="(\w+)"', dom)
+
+
+@pytest.mark.anyio
+async def test_report_in_headless_chromium(sandbox: Start, tmp_path: Path, chromium: str) -> None:
+    sb = shrunk_sandbox(
+        sandbox,
+        latency_mean_s=2,
+        allow_loopback_urls=True,
+        faults=FaultRates(job_error=0.1),
+    )
+    rows = catalog(130)
+    for i, row in enumerate(rows):  # inputs the sandbox serves, so they have thumbnails
+        row["img_url"] = f"{sb.base_url.removesuffix('/v1')}/samples/mug-white.png?{i}"
+    rows[5]["prompt"] = ""  # rejected
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        manifest={"allow_loopback_urls": True},
+    )
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.ROWS_FAILED
+    out = results(summary)
+    failed = sum(r["status"] == "failed" for r in out)
+    assert failed > 0
+    run_dir = config.output.dir
+    report = run_dir / "report.html"
+    assert report.is_file()
+    profile = tmp_path / "chromium"
+
+    first = _browse(chromium, report.as_uri(), profile)
+    assert len(_entries(first)) == 100  # the first page of 130 rows
+    assert "page 1 of 2 (130 rows)" in first
+    assert re.search(r'data-name="rows"><b>130</b>', first)
+    cost = f"${summary.totals['cost_usd']:.2f}"
+    assert re.search(rf'data-name="cost"><b>{re.escape(cost)}</b>', first)
+    pictures = re.findall(r'<img [^>]*src="([^"]+)"', first)
+    assert pictures and all(p.startswith("report-thumbs/") for p in pictures)  # not hot-linked
+    assert all((run_dir / p).is_file() for p in pictures)
+    inputs = [p for p in pictures if p.startswith("report-thumbs/i-")]
+    outputs = [p for p in pictures if p.startswith("report-thumbs/o-")]
+    assert inputs and len(outputs) >= sum(s == "succeeded" for s in _entries(first))
+
+    only_failed = _browse(chromium, report.as_uri() + "#status=failed&q=&page=1", profile)
+    assert _entries(only_failed) == ["failed"] * failed
+    assert "job_error" in only_failed
+    second = _browse(chromium, report.as_uri() + "#status=all&q=&page=2", profile)
+    assert len(_entries(second)) == 30
+    search = _browse(chromium, report.as_uri() + "#status=all&q=SKU-42&page=1", profile)
+    assert _entries(search) and 'data-row="42"' in search
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    shot.unlink(missing_ok=True)
+    _browse(chromium, report.as_uri(), profile, screenshot=shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+    report.unlink()  # `wanbatch report` writes it again from the journal alone
+    creates = sb.stats()["creates"]
+    again = _cli("report", str(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert report.is_file() and sb.stats()["creates"] == creates
+    assert len(_entries(_browse(chromium, report.as_uri(), profile))) == 100
