@@ -33,9 +33,10 @@ def chromium() -> str:
     """Debian's chromium, installed by the test setup when the machine lacks it."""
     found = shutil.which("chromium")
     if found is None:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True
-        )
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        if subprocess.run(install, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+            subprocess.run(install, check=True, capture_output=True)
         found = shutil.which("chromium")
     assert found is not None, "Debian's chromium package could not be installed"
     return found
