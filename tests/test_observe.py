@@ -301,6 +301,10 @@ def test_overrides_and_errors_on_the_command_line(sandbox: Start, tmp_path: Path
     assert again.returncode == 0, again.stderr
     assert str(here / "elsewhere") in again.stdout
     assert sb.stats()["creates"] == 6  # the retry had nothing to do
+    finished = _cli("status", str(here / "elsewhere"))
+    assert finished.returncode == 0, finished.stderr
+    assert "running now            no" in finished.stdout
+    assert "state                  finished" in finished.stdout and "$0.09" in finished.stdout
 
     bad = _cli("run", str(config), "--set", "limits.max_concurrent=zero")
     assert bad.returncode == 2 and "limits.max_concurrent" in bad.stderr
@@ -338,7 +342,22 @@ def test_python_api(sandbox: Start, tmp_path: Path) -> None:
     with pytest.raises(BudgetReached) as budget:
         pipeline.run(costly, keys=[KEY], overrides=["budget.max_cost_usd=0.05"])
     assert budget.value.summary.counts.get("succeeded", 0) == 1
-    loaded = pipeline.load(
-        config_data(tmp_path, sb.base_url, good), overrides=["limits.window_s=30"]
+    data = config_data(tmp_path, sb.base_url, good)
+    loaded = pipeline.load(data, overrides=["limits.window_s=30"])
+    assert loaded.limits.window_s == 30
+    assert parse_config(data, tmp_path).limits.window_s == 60  # the mapping itself unchanged
+
+    # from a plain Python process, as an orchestrator's task runs it
+    plain = tmp_path / "plain.yaml"
+    data = config_data(
+        tmp_path, sb.base_url, good, api={"time_scale": SCALE}, output={"dir": str(tmp_path / "p")}
     )
-    assert loaded.limits.window_s == 30 and parse_config is not None
+    plain.write_text(yaml.safe_dump(data))
+    script = f"import pipeline; s = pipeline.run({str(plain)!r}); print(s.exit_code.name, s.counts)"
+    env = {**os.environ, "EACHLABS_API_KEY": KEY}
+    env.pop("EACHLABS_API_KEYS", None)
+    ran = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "OK {'succeeded': 4}"
