@@ -26,7 +26,7 @@ from pipeline.errors import (
     RunInterrupted,
 )
 from pipeline.keys import ApiKey, keys_from_env
-from pipeline.logs import configure_logging
+from pipeline.logs import logging_to
 from pipeline.observe import Reporter
 from pipeline.runfolder import RunFolder
 from pipeline.runner import ExitCode, Reprocess, RunSummary
@@ -77,20 +77,16 @@ async def arun(
     loaded = load(config, overrides=overrides, run_date=run_date)
     api_keys = [ApiKey(k) for k in keys] if keys is not None else keys_from_env()
     reprocess = Reprocess(retry_errors or None) if retry_errors is not None else None
-    with RunFolder(loaded.output.dir, fresh=fresh) as folder:
-        configure_logging(folder.log_path)
-        try:
-            summary = await run_async(
-                loaded,
-                api_keys,
-                force=force,
-                handle_signals=handle_signals,
-                reprocess=reprocess,
-                folder=folder,
-                reporter=reporter,
-            )
-        finally:
-            configure_logging(None)  # run.log is closed with the run
+    with RunFolder(loaded.output.dir, fresh=fresh) as folder, logging_to(folder.log_path):
+        summary = await run_async(
+            loaded,
+            api_keys,
+            force=force,
+            handle_signals=handle_signals,
+            reprocess=reprocess,
+            folder=folder,
+            reporter=reporter,
+        )
     raises = _RAISES.get(summary.exit_code)
     if raises is RowsFailed and not raise_on_failed_rows:
         return summary

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
-__all__ = ["configure_logging", "level_named"]
+__all__ = ["configure_logging", "level_named", "logging_to"]
 
 _handle: IO[str] | None = None
 
@@ -92,3 +93,19 @@ def configure_logging(
 
 def _drop(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
     return ""
+
+
+@contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """run.log for the duration of a run called from Python (`pipeline.run`): structlog's
+    configuration is put back as it was afterwards, and the file closed."""
+    global _handle
+    before = structlog.get_config()
+    configure_logging(path)
+    try:
+        yield
+    finally:
+        if _handle is not None:
+            _handle.close()
+            _handle = None
+        structlog.configure(**before)
