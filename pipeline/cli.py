@@ -427,7 +427,7 @@ def sandbox_command(
     window_s: float = 60.0,
     max_concurrent: int = 10,
     latency_mean_s: float = 10.0,
-    latency_spread: float = 0.2,
+    latency_spread: float = 0.3,
     seed: int = 0,
     image_scale: Annotated[
         float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
@@ -457,6 +457,13 @@ def sandbox_command(
     slow: float = 0.0,
     poll_reset: float = 0.0,
     storm_429: float = 0.0,
+    accounts: Annotated[
+        str | None,
+        typer.Option(
+            help="Keys of one account sharing one --max-concurrent, as k1,k2;k3,k4 (the "
+            "provider's cap is per account)."
+        ),
+    ] = None,
     key_faults: Annotated[
         list[str] | None,
         typer.Option(
@@ -498,6 +505,11 @@ def sandbox_command(
                 storm_429=storm_429,
             ),
             key_faults=per_key,
+            accounts=tuple(
+                tuple(k.strip() for k in group.split(",") if k.strip())
+                for group in (accounts or "").split(";")
+                if group.strip()
+            ),
         )
     except ValueError as exc:
         _err.print(Text.assemble(("error: ", "red"), str(exc)))

@@ -73,7 +73,7 @@ class SandboxSettings:
     window_s: float = 60.0
     max_concurrent: int = 10
     latency_mean_s: float = 10.0
-    latency_spread: float = 0.2  # coefficient of variation of a lognormal latency
+    latency_spread: float = 0.3  # coefficient of variation of a lognormal latency
     seed: int = 0
     price_per_image_usd: float = 0.03
     image_scale: float = 1.0  # 1.0 gives 1024/2048 px images; small values keep tests fast
@@ -92,6 +92,9 @@ class SandboxSettings:
     webhook_attempts: int = 3
     # failed jobs in the older shape (`message`/`details`) instead of `output.error_code`
     legacy_errors: bool = False
+    # keys of one account (by secret), sharing one `max_concurrent` as the provider's cap is
+    # per account; a key in none is an account of its own
+    accounts: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -106,6 +109,9 @@ class SandboxSettings:
             raise ValueError("image_scale must be in (0, 1]")
         if unknown := set(self.key_faults) - set(self.keys):
             raise ValueError(f"key_faults name {len(unknown)} key(s) the sandbox does not accept")
+        grouped = [k for account in self.accounts for k in account]
+        if set(grouped) - set(self.keys) or len(grouped) != len(set(grouped)):
+            raise ValueError("accounts must name accepted keys, each in one account at most")
 
     def scaled(self, seconds: float) -> float:
         """Provider seconds to wall-clock seconds."""

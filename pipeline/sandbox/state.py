@@ -102,6 +102,14 @@ class SandboxState:
             name: settings.key_faults.get(secret, settings.faults)
             for secret, name in self._keys.items()
         }
+        # the provider's concurrency cap is per account: each key's account, and the end times
+        # of the account's jobs in flight
+        self._account = {name: name for name in self._keys.values()}
+        for number, account in enumerate(settings.accounts, start=1):
+            for secret in account:
+                self._account[self._keys[secret]] = f"account-{number}"
+        self._account_ends: dict[str, list[float]] = {a: [] for a in self._account.values()}
+        self.account_peak: dict[str, int] = dict.fromkeys(self._account.values(), 0)
         self.jobs: dict[str, Job] = {}
         self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
         self.inputs = {"fetched": 0, "failed": 0}  # inputs fetched (fetch_inputs), or not
@@ -144,6 +152,9 @@ class SandboxState:
             stats.window.popleft()
         while stats.ends and stats.ends[0] <= now:
             heapq.heappop(stats.ends)
+        ends = self._account_ends[self._account[key]]
+        while ends and ends[0] <= now:
+            heapq.heappop(ends)
         refusal: Refusal | None = None
         if stats.storm_until > now:
             refusal = Refusal("rate limit storm", stats.storm_until - now)
@@ -155,10 +166,8 @@ class SandboxState:
                 f"rate limit: {s.creates_per_window} creates per {s.window_s:g} s",
                 stats.window[0] + window - now,
             )
-        elif len(stats.ends) >= s.max_concurrent:
-            refusal = Refusal(
-                f"rate limit: {s.max_concurrent} concurrent jobs", stats.ends[0] - now
-            )
+        elif len(ends) >= s.max_concurrent:
+            refusal = Refusal(f"rate limit: {s.max_concurrent} concurrent jobs", ends[0] - now)
         if refusal is not None:
             stats.refused_429 += 1
             self._log({"event": "refused", "key": key, "status": 429, "reason": refusal.reason})
@@ -204,6 +213,11 @@ class SandboxState:
         self.jobs[job.prediction_id] = job
         stats.window.append(now)
         heapq.heappush(stats.ends, job.ends_at)
+        account = self._account[key]
+        heapq.heappush(self._account_ends[account], job.ends_at)
+        self.account_peak[account] = max(
+            self.account_peak[account], len(self._account_ends[account])
+        )
         stats.creates += 1
         stats.max_creates_in_window = max(stats.max_creates_in_window, len(stats.window))
         stats.max_in_flight = max(stats.max_in_flight, len(stats.ends))
@@ -291,9 +305,10 @@ class SandboxState:
         if self.finish_due(job):
             return False
         stats = self._stats[job.key]
-        if job.ends_at in stats.ends:
-            stats.ends.remove(job.ends_at)
-            heapq.heapify(stats.ends)
+        for ends in (stats.ends, self._account_ends[self._account[job.key]]):
+            if job.ends_at in ends:
+                ends.remove(job.ends_at)
+                heapq.heapify(ends)
         job.cancelled, job.fails, job.ends_at = True, False, self._clock()
         job.inputs_ready = True  # cancelled: whatever its inputs turn out to be
         self.finish_due(job)
@@ -343,6 +358,7 @@ class SandboxState:
             "refused_429": sum(k["refused_429"] for k in per_key.values()),
             "duplicate_creates": duplicates,
             "webhooks": dict(self.webhooks),
+            "max_in_flight_per_account": dict(self.account_peak),
             "inputs": dict(self.inputs),
             "limits": {
                 "creates_per_window": self.settings.creates_per_window,
