@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pipeline.clock import Clock, SystemClock
 from pipeline.errors import RateLimited
 
-__all__ = ["CreateGate", "GatePaused", "RetryPolicy", "Ticket"]
+__all__ = ["CreateGate", "GatePaused", "InFlightCap", "RetryPolicy", "Ticket"]
 
 
 class GatePaused(Exception):
@@ -106,6 +106,11 @@ class CreateGate:
         """No create of this key starts in the next `seconds` (a 429 asked us to wait)."""
         self._paused_until = max(self._paused_until, self.clock.now() + seconds)
 
+    def in_window(self) -> int:
+        """Creates of this key in the window now (answered within `window_s`, or unanswered)."""
+        now = self.clock.now()
+        return sum(1 for t in self._answered if t > now - self._window) + self._open
+
     def paused_for(self) -> float:
         """Seconds left of a pause; 0 when the key is not paused."""
         return max(0.0, self._paused_until - self.clock.now())
@@ -140,6 +145,69 @@ class CreateGate:
                 self._journaling -= 1
                 if not self._journaling:
                     self._settled.set()
+
+
+class InFlightCap:
+    """The jobs one key, or one group of keys sharing the provider's cap (one account), may
+    have in flight: `configured` at most, and fewer once the provider says so.
+
+    A 429 that says the concurrency cap was reached (see `Worker`: the key's window was not
+    full) lowers the cap to the jobs in flight then, less the refused one, and at most to
+    `_DECREASE` of the cap: multiplicative decrease. Each `cap` jobs that end without such a
+    429 raise it by one (additive increase), back to `configured`; a raise that meets a 429
+    again makes the next one wait twice as long, so a provider cap below the configured one
+    costs a 429 every so often, not a storm.
+    """
+
+    def __init__(self, configured: int, name: str) -> None:
+        self.configured = configured
+        self.name = name
+        self.cap = configured
+        self.in_flight = 0
+        self.lowered = 0  # times the provider's 429 lowered it
+        self._ends = 0  # jobs ended since the cap last changed
+        self._patience = 1  # rounds of `cap` ends before the next raise
+        self._probing = False  # the cap was just raised: a 429 now means the raise was wrong
+        self._freed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """One job in flight, from before its create until its end."""
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.in_flight < self.cap)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._ended()
+            async with self._freed:
+                self._freed.notify_all()
+
+    def refused(self) -> None:
+        """The provider refused a create of this key (or group) for its concurrency cap."""
+        others = max(1, self.in_flight - 1)  # the refused job holds one of ours
+        lower = max(1, min(self.cap - 1, others, math.floor(self.cap * _DECREASE)))
+        if self._probing:
+            self._patience = min(_MAX_PATIENCE, self._patience * 2)
+        self._probing = False
+        if lower < self.cap:
+            self.cap, self._ends = lower, 0
+            self.lowered += 1
+
+    def _ended(self) -> None:
+        if self.cap >= self.configured:
+            self._probing = False
+            return
+        self._ends += 1
+        if self._ends >= self.cap * self._patience:
+            if self._probing:  # the last raise held: the provider's cap may be growing back
+                self._patience = max(1, self._patience // 2)
+            self.cap, self._ends, self._probing = self.cap + 1, 0, True
+
+
+_DECREASE = 0.9  # the least a 429 keeps of the cap
+_MAX_PATIENCE = 16
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from pipeline.htmlreport import write_report
 from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
-from pipeline.limits import CreateGate
+from pipeline.limits import CreateGate, InFlightCap
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
 from pipeline.objects import copy_object
@@ -211,7 +211,7 @@ async def _api(
 
     s = config.sandbox
     if not keys:
-        keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(s.keys)]
+        keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(s.keys)]  # as run() checks them
     settings = SandboxSettings(
         keys=tuple(k.secret for k in keys),
         time_scale=s.time_scale,
@@ -361,6 +361,8 @@ async def run(
     )
     if not keys and not config.embedded_sandbox:
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
+    sandbox_keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(config.sandbox.keys)]
+    _caps(config.limits.groups, keys or sandbox_keys, config.limits.max_concurrent)  # checked
     if reprocess is not None and not (folder.path / "journal.sqlite").exists():
         raise ConfigError(
             f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
@@ -634,6 +636,32 @@ def _remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
         state.record(batch)
 
 
+def _caps(
+    groups: list[list[int | str]], keys: list[ApiKey], max_concurrent: int
+) -> dict[str, InFlightCap]:
+    """Each key's in-flight cap: its own, or its group's (limits.groups)."""
+    caps = {k.name: InFlightCap(max_concurrent, k.name) for k in keys}
+    for number, group in enumerate(groups, start=1):
+        shared = InFlightCap(max_concurrent, f"group-{number}")
+        for member in group:
+            name = _member(member, keys, number)
+            if name is not None:
+                caps[name] = shared
+    return caps
+
+
+def _member(member: int | str, keys: list[ApiKey], group: int) -> str | None:
+    """A key of limits.groups by its 1-based position or hash; None for a key not given."""
+    if isinstance(member, int):
+        if not 1 <= member <= len(keys):
+            raise ConfigError(
+                f"limits.groups[{group - 1}]: key {member} is not one of the {len(keys)} keys "
+                f"given in {ENV_KEYS}"
+            )
+        return keys[member - 1].name
+    return member if any(k.name == member for k in keys) else None
+
+
 @dataclass
 class _Parts:
     """The stages of one drive, wired together."""
@@ -679,12 +707,16 @@ def _build(
         min_interval=config.scaled(p.min_interval_s),
         max_interval=config.scaled(p.max_interval_s),
         polls_per_job=p.polls_per_job,
+        delay_fraction=p.delay_fraction,
     )
     callbacks = receiver.callbacks if receiver is not None else None
     if callbacks is not None:
         stats.callbacks = callbacks.stats
     window_s = config.scaled(limits.window_s)
-    lanes = [KeyLane(k, CreateGate(limits.creates_per_window, window_s)) for k in keys]
+    caps = _caps(limits.groups, keys, limits.max_concurrent)
+    lanes = [
+        KeyLane(k, CreateGate(limits.creates_per_window, window_s), caps[k.name]) for k in keys
+    ]
     # a resume: the provider's window still holds the creates of the run before, if recent
     recent = journal.recent_creates(time.time() - window_s)
     to_gate_clock = lanes[0].gate.clock.now() - time.time() if lanes else 0.0

@@ -40,7 +40,7 @@ from pipeline.journal import (
     NoteCancel,
 )
 from pipeline.keys import ApiKey
-from pipeline.limits import CreateGate, GatePaused, RetryPolicy
+from pipeline.limits import CreateGate, GatePaused, InFlightCap, RetryPolicy
 from pipeline.models import JobOutcome, Status
 from pipeline.polling import PollPlanner
 from pipeline.schema import TRANSIENT_ERROR_CODES
@@ -65,6 +65,7 @@ class RunStats:
     timeouts: int = 0
     cancels: int = 0  # cancels the provider accepted or refused (not failed requests)
     job_retries: int = 0  # jobs created again after a transient error code
+    cap_refusals: int = 0  # 429s for the provider's concurrency cap (our window not full)
     finished: int = 0
     retired_keys: list[str] = field(default_factory=list)
     callbacks: CallbackStats | None = None  # webhook mode only
@@ -89,6 +90,7 @@ class KeyLane:
 
     key: ApiKey
     gate: CreateGate
+    cap: InFlightCap  # shared by the keys of one group (limits.groups)
     retired: bool = False
     serving: int = 0  # slots still asking for jobs
 
@@ -227,10 +229,17 @@ class Worker:
         self.job_timeout = config.scaled(config.polling.job_timeout_s)
         self.price = config.api.price_per_image_usd
         self.in_flight: dict[str, tuple[KeyLane, int]] = {}  # prediction id -> its key and row
+        self._created: dict[str, float] = {}  # prediction id -> when its create was answered
+        planner.running = self.ages
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
         self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
         self.uploads: Uploads | None = None  # signs uploaded inputs, when assets.upload_to
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
+
+    def ages(self) -> list[float]:
+        """Seconds since the create of each job in flight: lower bounds on their latencies."""
+        now = time.time()
+        return [now - created for created in self._created.values()]
 
     async def run_slot(self, lane: KeyLane) -> None:
         """Serve jobs on this key until there are none, or the key is retired."""
@@ -256,6 +265,10 @@ class Worker:
         return any(other is not lane and other.open_for_work() for other in self.lanes)
 
     async def run_job(self, lane: KeyLane, entry: Entry) -> None:
+        async with lane.cap.hold():  # in flight at the provider, from its create to its end
+            await self._run_job(lane, entry)
+
+    async def _run_job(self, lane: KeyLane, entry: Entry) -> None:
         log = _JobLog(entry, lane)
         attempts = entry.attempts
         outcome: JobOutcome | None = None
@@ -338,6 +351,10 @@ class Worker:
                 raise _KeyRefused(replace(entry, status=Status.PENDING)) from error
             if isinstance(error, RateLimited):
                 self.stats.rate_limited += 1
+                if lane.gate.in_window() < self.config.limits.creates_per_window:
+                    # our window is not full: the provider's concurrency cap refused it
+                    lane.cap.refused()
+                    self.stats.cap_refusals += 1
                 waits += 1
                 attempts -= 1  # a 429 created nothing; it does not use up an attempt
                 if waits <= _MAX_RATE_LIMIT_WAITS:
@@ -416,6 +433,7 @@ class Worker:
         webhook URL, so a callback may wake the job early. A job still running at its deadline
         is cancelled at the provider. While polled, the job is in `in_flight`."""
         self.in_flight[prediction_id] = (lane, entry.row_number)
+        self._created[prediction_id] = created
         if self.cancel_all:  # created as the run was being stopped for good
             await self._cancel_noted(prediction_id, lane, entry.row_number)
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
@@ -449,6 +467,7 @@ class Worker:
             if waiter is not None and self.callbacks is not None:
                 self.callbacks.forget(waiter)
         del self.in_flight[prediction_id]  # kept when cancelled: see cancel_in_flight
+        self._created.pop(prediction_id, None)
         return outcome
 
     async def _poll_once(
@@ -469,6 +488,7 @@ class Worker:
             )
         except Unauthorized as exc:
             del self.in_flight[prediction_id]
+            self._created.pop(prediction_id, None)
             # the job exists under this key only: it waits, journaled, for a later run
             raise _KeyRefused(
                 replace(

@@ -1,0 +1,102 @@
+"""Keys of one account share its concurrency cap, and a cap lower than configured is learned
+from the provider's 429s: lowered at once, raised back step by step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from pipeline.limits import InFlightCap
+from pipeline.runner import ExitCode
+from pipeline.sandbox import SandboxServer
+from tests.conftest import (
+    KEY,
+    KEY2,
+    SCALE,
+    catalog,
+    go,
+    make_config,
+    results,
+    shrunk_sandbox,
+    write_manifest,
+)
+
+Start = Callable[..., SandboxServer]
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_cap_shrinks_at_a_429_and_grows_back_step_by_step() -> None:
+    cap = InFlightCap(10, "key-test")
+    async with anyio.create_task_group() as tg:
+        release = anyio.Event()
+        holding = 0
+
+        async def job() -> None:
+            nonlocal holding
+            async with cap.hold():
+                holding += 1
+                await release.wait()
+
+        for _ in range(7):
+            tg.start_soon(job)
+        await anyio.wait_all_tasks_blocked()
+        assert holding == 7
+        cap.refused()  # the 7th create was refused: the provider holds 6 of ours
+        assert cap.cap == 6 and cap.lowered == 1
+        tg.start_soon(job)
+        await anyio.wait_all_tasks_blocked()
+        assert holding == 7 and cap.in_flight == 7  # the new one waits for a slot
+        release.set()
+    # six jobs end (one round at 6) without a 429: the cap goes up by one, to probe
+    assert cap.cap == 7
+    async with anyio.create_task_group() as tg:
+        release = anyio.Event()
+        for _ in range(7):
+            tg.start_soon(job)
+        await anyio.wait_all_tasks_blocked()
+        cap.refused()  # the probe met a 429 again: back down, and the next probe waits longer
+        assert cap.cap == 6 and cap.lowered == 2
+        release.set()
+    for _ in range(4):  # 7 + 4 ends: two rounds of patience (12) are not over yet
+        async with cap.hold():
+            pass
+    assert cap.cap == 6
+    async with cap.hold():
+        pass
+    assert cap.cap == 7
+    for _ in range(100):  # no 429 any more: back to the configured cap, and no further
+        async with cap.hold():
+            pass
+    assert cap.cap == 10
+
+
+async def test_keys_of_one_account_share_its_cap(sandbox: Start, tmp_path: Path) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=10, accounts=((KEY, KEY2),))
+    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
+    config = make_config(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits={"groups": [[1, 2]]}
+    )
+    summary = await go(config, [KEY, KEY2])
+    assert summary.exit_code is ExitCode.OK
+    stats = sb.stats()
+    assert stats["max_in_flight_per_account"]["account-1"] == 10  # the shared cap, full
+    assert stats["refused_429"] == 0  # never sent past it
+    assert all(k["creates"] >= 10 for k in stats["keys"].values()), stats["keys"]
+
+
+async def test_a_provider_cap_below_the_configured_one_costs_a_few_429s(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=10, max_concurrent=6)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(120))
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
+    summary = await go(config, [KEY])
+    assert summary.exit_code is ExitCode.OK
+    assert all(r["status"] == "succeeded" for r in results(summary))
+    assert summary.stats.cap_refusals >= 1  # it learned the cap from the provider
+    # a few 429s, not one per create past the cap (120 creates, 4 slots too many each time)
+    assert summary.stats.rate_limited <= 12
+    assert sb.stats()["keys"][next(iter(sb.stats()["keys"]))]["max_in_flight"] == 6
