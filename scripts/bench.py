@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx
 import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,7 +40,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=1)
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--latency-mean", type=float, default=10.0, help="provider seconds")
-    parser.add_argument("--spread", type=float, default=0.05, help="coefficient of variation")
+    parser.add_argument("--spread", type=float, default=0.3, help="coefficient of variation")
     parser.add_argument("--time-scale", type=float, default=0.05)
     parser.add_argument("--creates-per-window", type=int, default=100)
     parser.add_argument("--window", type=float, default=60.0)
@@ -72,6 +73,24 @@ def _arguments() -> argparse.Namespace:
         default=0,
         help="keys whose creates start 429 storms (--storm-rate of them, --storm-s long)",
     )
+    parser.add_argument(
+        "--expected-latency",
+        type=float,
+        default=None,
+        help="polling.expected_latency_s, the client's first guess (default: the true mean)",
+    )
+    parser.add_argument(
+        "--provider-cap",
+        type=int,
+        default=None,
+        help="the provider's concurrency cap per account (default: --max-concurrent)",
+    )
+    parser.add_argument(
+        "--account-keys",
+        type=int,
+        default=1,
+        help="keys per account: they share the provider's cap, and limits.groups says so",
+    )
     parser.add_argument("--storm-rate", type=float, default=1.0)
     parser.add_argument("--storm-s", type=float, default=30.0, help="provider seconds")
     return parser.parse_args()
@@ -98,7 +117,9 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
         "--window-s",
         str(args.window),
         "--max-concurrent",
-        str(args.max_concurrent),
+        str(args.provider_cap or args.max_concurrent),
+        "--accounts",
+        ";".join(",".join(group) for group in _accounts(args, keys)),
         "--job-error",
         str(args.job_error),
         "--create-5xx",
@@ -119,6 +140,11 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
+
+
+def _accounts(args: argparse.Namespace, keys: list[str]) -> list[list[str]]:
+    size = max(1, args.account_keys)
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
 def _troubled(args: argparse.Namespace, keys: list[str]) -> tuple[list[str], list[str]]:
@@ -168,9 +194,14 @@ def main() -> None:
                         "creates_per_window": args.creates_per_window,
                         "window_s": args.window,
                         "max_concurrent": args.max_concurrent,
+                        "groups": [
+                            [keys.index(k) + 1 for k in group]
+                            for group in _accounts(args, keys)
+                            if len(group) > 1
+                        ],
                     },
                     "polling": {
-                        "expected_latency_s": args.latency_mean,
+                        "expected_latency_s": args.expected_latency or args.latency_mean,
                         **({"polls_per_job": args.polls_per_job} if args.polls_per_job else {}),
                     },
                     "manifest": {"path": str(manifest), "id_column": "sku"},
@@ -204,6 +235,10 @@ def main() -> None:
             by_key = {ApiKey(k).name: k for k in keys}
             per_key = pc.value_counts(ends["key"]).to_pylist()
         sandbox_cpu = psutil.Process(proc.pid).cpu_times()
+        sandbox_stats = httpx.get(base_url.removesuffix("/v1") + "/_admin/stats").json()
+        ends_sorted = sorted(
+            t.timestamp() for t in ends["finished_at"].to_pylist() if t is not None
+        )
     finally:
         proc.terminate()
         proc.wait(10)
@@ -211,8 +246,11 @@ def main() -> None:
     rate = jobs / summary.elapsed_s
     wall_window = args.window * args.time_scale
     wall_latency = args.latency_mean * args.time_scale
-    bound = args.keys * min(
-        args.creates_per_window / wall_window, args.max_concurrent / wall_latency
+    # per account: its keys' create rate, or the provider's cap over the latency
+    cap = min(args.provider_cap or args.max_concurrent, args.max_concurrent * args.account_keys)
+    bound = sum(
+        min(len(group) * args.creates_per_window / wall_window, cap / wall_latency)
+        for group in _accounts(args, keys)
     )
     # the first and last latency of a finite run cannot be overlapped: count them in the bound
     ramp = wall_latency
@@ -234,6 +272,17 @@ def main() -> None:
         p90_ms = held[int(0.9 * (len(held) - 1))] * 1000
         print(f"slot_held_beyond_job_ms   mean {mean_ms:.1f}  p90 {p90_ms:.1f}")
     print(f"429s                      {summary.stats.rate_limited}")
+    print(f"429s_for_the_cap          {summary.stats.cap_refusals}")
+    delays = sorted(summary.stats.notice_delays)
+    if delays:
+        p50, p95 = delays[len(delays) // 2], delays[int(0.95 * (len(delays) - 1))]
+        print(f"notice_delay_ms           p50 {p50 * 1000:.0f}  p95 {p95 * 1000:.0f}")
+    if len(ends_sorted) > 150:
+        # a wrong first guess: the rate of ends 30 to 50 against the steady one (100 to -50)
+        early = 20 / (ends_sorted[50] - ends_sorted[30])
+        steady = (len(ends_sorted) - 150) / (ends_sorted[-50] - ends_sorted[100])
+        print(f"rate_ends_30_50_vs_steady {early / steady:.3f}")
+    print(f"max_in_flight_per_account {sandbox_stats.get('max_in_flight_per_account')}")
     print(f"polls_per_job             {summary.stats.polls / max(jobs, 1):.2f}")
     per_1000 = 1000 / max(jobs, 1)
     print(f"client_cpu_s_per_1000     {cpu * per_1000:.2f}")
