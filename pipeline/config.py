@@ -66,10 +66,10 @@ class PollingSection(_Section):
     target_delay_s: float = Field(0.15, gt=0)
     # the schedule aims at a mean notice delay of `delay_fraction` of the mean latency with as
     # few polls as that takes, and never plans more than `polls_per_job` per job on average
-    # (0.2 fewer, kept for late jobs and retried polls): at a 30 % spread about 8 are made, at
+    # (0.2 fewer, kept for late jobs and retried polls): at a 30 % spread nearly 10 are made, at
     # 5 % about 3. `delay_fraction: null` always spends the whole budget.
     polls_per_job: float = Field(10.0, ge=1)
-    delay_fraction: float | None = Field(0.025, gt=0, le=1)
+    delay_fraction: float | None = Field(0.015, gt=0, le=1)
     min_interval_s: float = Field(0.1, gt=0)
     max_interval_s: float = Field(30.0, gt=0)
 

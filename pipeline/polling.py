@@ -10,8 +10,8 @@ with a bisection on the price of one poll. Jobs that outlive the schedule are po
 `step`, backing off as they grow late.
 
 How many polls: as few as reach a mean notice delay of `delay_fraction` of the mean latency
-(2.5 % by default), and never more than `polls_per_job`; so the budget follows the learned
-spread: a narrow one needs about 3 polls, a 30 % one about 8.
+(1.5 % by default), and never more than `polls_per_job`; so the budget follows the learned
+spread: a narrow one needs about 3 polls, a 30 % one all 10.
 
 The distribution is the learned ends themselves once there are `_EMPIRICAL` of them. Before
 that, a handful of ends would make a poor one: they are the soonest ends of the jobs started
@@ -45,7 +45,7 @@ _PRIOR_WEIGHT = 2  # pseudo-ends the prior counts for in a fit
 _GRID = 96  # quantile points the schedule may poll at
 _TAIL_QUANTILE = 0.995
 _EM_ROUNDS = 25
-_PRIOR_BUDGET = 0.6  # of the poll budget, planned before any job has ended
+_PRIOR_BUDGET = 0.5  # of the poll budget, planned before any job has ended
 
 
 def poll_schedule(
@@ -166,7 +166,7 @@ class PollPlanner:
         min_interval: float,
         max_interval: float,
         polls_per_job: float = 10.0,
-        delay_fraction: float | None = 0.025,
+        delay_fraction: float | None = 0.015,
         memory: int = 512,
         running: Callable[[], Iterable[float]] | None = None,
     ) -> None:

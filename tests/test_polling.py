@@ -178,7 +178,7 @@ def _planner(expected: float) -> PollPlanner:
 
 
 @pytest.mark.parametrize(
-    ("spread", "most_polls", "most_delay"), [(0.05, 3.0, 0.03), (0.3, 10.0, 0.04)]
+    ("spread", "most_polls", "most_delay"), [(0.05, 4.0, 0.02), (0.3, 10.0, 0.035)]
 )
 def test_the_poll_budget_follows_the_spread(
     spread: float, most_polls: float, most_delay: float
