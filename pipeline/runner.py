@@ -354,37 +354,9 @@ async def run(
                 tick_s=tick_s,
             )
     started = time.monotonic()
-    if config.manifest.source is not None:
-        await anyio.to_thread.run_sync(_copy_manifest, config, folder, force)
-    manifest = Manifest(
-        config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
-    )
-    if not keys and not config.embedded_sandbox:
-        raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
-    sandbox_keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(config.sandbox.keys)]
-    _caps(config.limits.groups, keys or sandbox_keys, config.limits.max_concurrent)  # checked
-    if reprocess is not None and not (folder.path / "journal.sqlite").exists():
-        raise ConfigError(
-            f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
-            "run the config with `wanbatch run` first"
-        )
-    store = open_store(config.assets, config.output.dir) if config.assets.download else None
-    if store is not None:
-        await anyio.to_thread.run_sync(store.check)
-    a = config.assets
-    uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
-    if uploads is not None:
-        await anyio.to_thread.run_sync(uploads.check)
-    manifest.inputs = InputStage(
-        model=config.api.model,
-        base_dir=manifest.path.parent,
-        columns=manifest.mapper.columns,
-        uploads=uploads,
-        storage_options=a.storage_options,
-        check_urls=config.manifest.check_urls,
-        concurrency=a.concurrency,
-        thumbs=config.output.dir / THUMBS,
-    )
+    _check_before(config, keys, folder, reprocess)
+    manifest = await _open_manifest(config, folder, force)
+    uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     try:
@@ -399,7 +371,7 @@ async def run(
     except BaseException:
         if state is not None:
             state.close()
-        manifest.inputs.close()
+        _close_inputs(manifest)
         raise
     try:
         return await _run_held(
@@ -418,9 +390,56 @@ async def run(
         )
     finally:
         journal.close()
-        manifest.inputs.close()
+        _close_inputs(manifest)
         if state is not None:
             state.close()
+
+
+def _check_before(
+    config: RunConfig, keys: list[ApiKey], folder: RunFolder, reprocess: Reprocess | None
+) -> None:
+    """What can be refused before reading anything: keys, key groups, a retry of nothing."""
+    if not keys and not config.embedded_sandbox:
+        raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
+    sandbox_keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(config.sandbox.keys)]
+    _caps(config.limits.groups, keys or sandbox_keys, config.limits.max_concurrent)
+    if reprocess is not None and not (folder.path / "journal.sqlite").exists():
+        raise ConfigError(
+            f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
+            "run the config with `wanbatch run` first"
+        )
+
+
+async def _open_manifest(config: RunConfig, folder: RunFolder, force: bool) -> Manifest:
+    """The manifest (copied first when it is an object URL), with its inputs' stage; the image
+    store and the uploads' bucket checked before anything is sent."""
+    if config.manifest.source is not None:
+        await anyio.to_thread.run_sync(_copy_manifest, config, folder, force)
+    manifest = Manifest(
+        config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
+    )
+    if config.assets.download:
+        await anyio.to_thread.run_sync(open_store(config.assets, config.output.dir).check)
+    a = config.assets
+    uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
+    if uploads is not None:
+        await anyio.to_thread.run_sync(uploads.check)
+    manifest.inputs = InputStage(
+        model=config.api.model,
+        base_dir=manifest.path.parent,
+        columns=manifest.mapper.columns,
+        uploads=uploads,
+        storage_options=a.storage_options,
+        check_urls=config.manifest.check_urls,
+        concurrency=a.concurrency,
+        thumbs=config.output.dir / THUMBS,
+    )
+    return manifest
+
+
+def _close_inputs(manifest: Manifest) -> None:
+    if manifest.inputs is not None:
+        manifest.inputs.close()
 
 
 async def _run_held(

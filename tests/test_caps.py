@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.limits import InFlightCap
 from pipeline.runner import ExitCode
 from pipeline.sandbox import SandboxServer
@@ -100,3 +101,16 @@ async def test_a_provider_cap_below_the_configured_one_costs_a_few_429s(
     # a few 429s, not one per create past the cap (120 creates, 4 slots too many each time)
     assert summary.stats.rate_limited <= 12
     assert sb.stats()["keys"][next(iter(sb.stats()["keys"]))]["max_in_flight"] == 6
+
+
+async def test_a_group_naming_a_key_not_given_stops_before_anything_is_sent(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(3))
+    config = make_config(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits={"groups": [[1, 3]]}
+    )
+    with pytest.raises(ConfigError, match=r"limits\.groups\[0\]: key 3 is not one of the 2 keys"):
+        await go(config, [KEY, KEY2])
+    assert sb.stats()["creates"] == 0
