@@ -131,6 +131,9 @@ class CopyCheck:
             return False
 
 
+_INPUT_GRACE_S = 5.0  # the inputs' thumbnails still queued get this long once outputs are in
+
+
 class BadImage(Exception):
     """What was downloaded is not an image we keep: too large, cut short, or not decodable."""
 
@@ -195,7 +198,9 @@ class Downloader:
 
     def submit_input(self, url: str) -> None:
         """A job's public input, fetched once for the report's thumbnail (best effort)."""
-        if self._thumbs is None or url in self._inputs_seen or "://" not in url:
+        if not self._section.input_thumbnails or self._thumbs is None:
+            return
+        if url in self._inputs_seen or "://" not in url:
             return
         self._inputs_seen[url] = None
         if len(self._inputs_seen) > 50_000:
@@ -231,10 +236,14 @@ class Downloader:
             async with anyio.create_task_group() as tg:
                 # the report's input thumbnails: best effort, one at a time, and dropped
                 # once the outputs are stored, so they never hold the run's end
-                tg.start_soon(self._consume_inputs)
+                inputs_done = anyio.Event()
+                tg.start_soon(self._consume_inputs, inputs_done)
                 async with anyio.create_task_group() as outputs:
                     for _ in range(self._section.concurrency):
                         outputs.start_soon(self._consume, self._receive.clone())
+                self._inputs_send.close()
+                with anyio.move_on_after(_INPUT_GRACE_S):  # what is queued, if it is quick
+                    await inputs_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             self.discard()
@@ -248,10 +257,13 @@ class Downloader:
         self._receive.close()
         self._inputs_send.close()
 
-    async def _consume_inputs(self) -> None:
-        async with self._inputs_receive:
-            async for url in self._inputs_receive:
-                await self._fetch_input(url)
+    async def _consume_inputs(self, done: anyio.Event) -> None:
+        try:
+            async with self._inputs_receive:
+                async for url in self._inputs_receive:
+                    await self._fetch_input(url)
+        finally:
+            done.set()
 
     async def _consume(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
         async with receive:

@@ -150,6 +150,9 @@ class AssetsSection(_Section):
     attempts: int = Field(3, ge=1)  # per image and run; the next run tries again
     # where local and bucket inputs are uploaded (s3://bucket/prefix, gs://..., az://...); each
     # create is sent a presigned URL of its upload, valid this long (at most 7 days, S3's limit)
+    # the report's thumbnail of each public input: fetched once per URL beside the downloads
+    # (a second download of every input, if small); false leaves report.html without them
+    input_thumbnails: bool = True
     upload_to: str | None = None
     upload_url_lifetime_s: float = Field(3600.0, gt=0, le=604800)
 

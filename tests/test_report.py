@@ -131,3 +131,28 @@ async def test_report_in_headless_chromium(sandbox: Start, tmp_path: Path, chrom
     assert again.returncode == 0, again.stderr
     assert report.is_file() and sb.stats()["creates"] == creates
     assert len(_entries(_browse(chromium, report.as_uri(), profile))) == 100
+
+
+@pytest.mark.anyio
+async def test_input_thumbnails_can_be_left_out(sandbox: Start, tmp_path: Path) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    rows = catalog(3)
+    for i, row in enumerate(rows):
+        row["img_url"] = f"{sb.base_url.removesuffix('/v1')}/samples/mug-white.png?{i}"
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+
+    async def thumbnails(out: str, keep_inputs: bool) -> list[str]:
+        config = make_config(
+            tmp_path,
+            sb.base_url,
+            manifest,
+            api={"time_scale": SCALE},
+            output={"dir": str(tmp_path / out)},
+            manifest={"allow_loopback_urls": True},
+            assets={"input_thumbnails": keep_inputs},
+        )
+        assert (await go(config, [KEY])).exit_code is ExitCode.OK
+        return sorted(p.name[:2] for p in (config.output.dir / "report-thumbs").iterdir())
+
+    assert await thumbnails("with", True) == ["i-"] * 3 + ["o-"] * 3
+    assert await thumbnails("without", False) == ["o-"] * 3
