@@ -67,6 +67,9 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
     ]
     if summary.failures_path is not None:
         rows.append(("failures manifest", str(summary.failures_path)))
+    for label, name in (("report", "report.html"), ("summary", "summary.json")):
+        if (summary.run_dir / name).is_file():
+            rows.append((label, str(summary.run_dir / name)))
     return rows
 
 
