@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import re
 import statistics
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.errors import ManifestError
 from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import unique
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec, Rejected
+from pipeline.objects import copy_object
 from pipeline.state import StateStore
 
 __all__ = ["Estimate", "estimate", "rule_of"]
@@ -68,7 +72,23 @@ class Estimate:
 
 
 def estimate(config: RunConfig, keys: int) -> Estimate:
-    """Read the whole manifest as a run would; nothing is created or uploaded."""
+    """Read the whole manifest as a run would; nothing is created or uploaded (a manifest in
+    a bucket is read from a temporary copy, not the run folder's)."""
+    if config.manifest.source is None:
+        return _estimate(config, keys)
+    with tempfile.TemporaryDirectory(prefix="wanbatch-estimate-") as tmp:
+        copy = Path(tmp) / config.manifest.path.name
+        try:
+            copy_object(config.manifest.source, copy, config.assets.storage_options)
+        except OSError as exc:  # FileNotFoundError included
+            raise ManifestError(
+                f"manifest {config.manifest.source} cannot be read: {exc}"
+            ) from None
+        section = config.manifest.model_copy(update={"path": copy})
+        return _estimate(config.model_copy(update={"manifest": section}), keys)
+
+
+def _estimate(config: RunConfig, keys: int) -> Estimate:
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
     )

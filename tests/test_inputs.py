@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError, ManifestError
+from pipeline.estimate import estimate
 from pipeline.runner import ExitCode
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
@@ -263,6 +264,8 @@ async def test_manifest_and_config_read_from_a_bucket(
 
     config = load_config("s3://catalog-images/nightly.yaml")
     assert config.manifest.source == "s3://catalog-images/manifests/m.csv"
+    assert estimate(config, keys=1).rows == 3  # from a copy of its own
+    assert not config.output.dir.exists()
     summary = await go(config, [KEY])
     assert summary.exit_code is ExitCode.OK
     assert sorted(r["sku"] for r in results(summary)) == ["SKU-1", "SKU-2", "SKU-3"]
