@@ -8,7 +8,7 @@ __all__ = ["summary_rows"]
 
 
 def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
-    counts, totals, stats = summary.counts, summary.totals, summary.stats
+    counts, totals = summary.counts, summary.totals
     rows = [
         ("rows", f"{int(totals['rows']):,}"),
         ("succeeded", f"{counts.get('succeeded', 0):,}"),
@@ -28,6 +28,15 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         rows.append(("unfinished (resumable)", f"{unfinished:,}"))
     if summary.waiting_on_keys:
         rows.append(("jobs in flight, per key", _by_type(summary.waiting_on_keys)))
+    rows += _activity(summary)
+    rows += _files(summary)
+    return rows
+
+
+def _activity(summary: RunSummary) -> list[tuple[str, str]]:
+    """Images, cost, keys and requests of the run."""
+    totals, stats = summary.totals, summary.stats
+    rows = []
     rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     if stats.downloads is not None:
         d = stats.downloads
@@ -61,10 +70,12 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
                 f"{c.ends_by_poll:,}; unconfirmed {c.unconfirmed:,}, unknown {c.unknown:,}",
             )
         )
-    rows += [
-        ("throughput", f"{rate * 60:,.1f} jobs/min this run ({summary.elapsed_s:,.1f} s)"),
-        ("results", str(summary.results_path)),
-    ]
+    rows.append(("throughput", f"{rate * 60:,.1f} jobs/min this run ({summary.elapsed_s:,.1f} s)"))
+    return rows
+
+
+def _files(summary: RunSummary) -> list[tuple[str, str]]:
+    rows = [("results", str(summary.results_path))]
     if summary.failures_path is not None:
         rows.append(("failures manifest", str(summary.failures_path)))
     for label, name in (("report", "report.html"), ("summary", "summary.json")):
