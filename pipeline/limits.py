@@ -149,45 +149,56 @@ class CreateGate:
 
 class InFlightCap:
     """The jobs one key, or one group of keys sharing the provider's cap (one account), may
-    have in flight: `configured` at most, and fewer once the provider says so.
+    have running at the provider: `configured` at most, and fewer once the provider says so.
 
-    A 429 that says the concurrency cap was reached (see `Worker`: the key's window was not
-    full) lowers the cap to the jobs in flight then, less the refused one, and at most to
-    `_DECREASE` of the cap: multiplicative decrease. Each `cap` jobs that end without such a
-    429 raise it by one (additive increase), back to `configured`; a raise that meets a 429
-    again makes the next one wait twice as long, so a provider cap below the configured one
-    costs a 429 every so often, not a storm.
+    A create is sent only while the jobs running at the provider plus the creates being sent
+    are under the cap (`sending()`); a job counts from its create's answer to its end
+    (`started()`, `ended()`). A 429 that says the concurrency cap was reached (see `Worker`:
+    the key's window was not full) lowers the cap to the jobs running there then and at most to
+    `_DECREASE` of it: multiplicative decrease. Each `cap` jobs that end without such a 429
+    raise it by one (additive increase), back to `configured`; a raise that meets a 429 again
+    makes the next one wait twice as long, so a provider cap below the configured one costs a
+    429 every so often, not a storm.
     """
 
     def __init__(self, configured: int, name: str) -> None:
         self.configured = configured
         self.name = name
         self.cap = configured
-        self.in_flight = 0
+        self.running = 0  # jobs created and not seen to end
         self.lowered = 0  # times the provider's 429 lowered it
+        self._sending = 0
         self._ends = 0  # jobs ended since the cap last changed
         self._patience = 1  # rounds of `cap` ends before the next raise
         self._probing = False  # the cap was just raised: a 429 now means the raise was wrong
-        self._freed = asyncio.Condition()
+        self._changed = asyncio.Event()  # set when room may have opened
 
     @asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
-        """One job in flight, from before its create until its end."""
-        async with self._freed:
-            await self._freed.wait_for(lambda: self.in_flight < self.cap)
-            self.in_flight += 1
+    async def sending(self) -> AsyncIterator[None]:
+        """Room for one create, held until its answer (call `started()` inside on success)."""
+        while self.running + self._sending >= self.cap:
+            self._changed.clear()
+            await self._changed.wait()
+        self._sending += 1
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self._ended()
-            async with self._freed:
-                self._freed.notify_all()
+            self._sending -= 1
+            self._changed.set()
+
+    def started(self) -> None:
+        """A job is running at the provider (its create answered, or a resumed one)."""
+        self.running += 1
+
+    def ended(self) -> None:
+        """A job running at the provider was seen to end (or is no longer followed)."""
+        self.running -= 1
+        self._count_end()
+        self._changed.set()
 
     def refused(self) -> None:
         """The provider refused a create of this key (or group) for its concurrency cap."""
-        others = max(1, self.in_flight - 1)  # the refused job holds one of ours
-        lower = max(1, min(self.cap - 1, others, math.floor(self.cap * _DECREASE)))
+        lower = max(1, min(self.cap - 1, self.running, math.floor(self.cap * _DECREASE)))
         if self._probing:
             self._patience = min(_MAX_PATIENCE, self._patience * 2)
         self._probing = False
@@ -195,7 +206,7 @@ class InFlightCap:
             self.cap, self._ends = lower, 0
             self.lowered += 1
 
-    def _ended(self) -> None:
+    def _count_end(self) -> None:
         if self.cap >= self.configured:
             self._probing = False
             return

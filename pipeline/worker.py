@@ -265,10 +265,6 @@ class Worker:
         return any(other is not lane and other.open_for_work() for other in self.lanes)
 
     async def run_job(self, lane: KeyLane, entry: Entry) -> None:
-        async with lane.cap.hold():  # in flight at the provider, from its create to its end
-            await self._run_job(lane, entry)
-
-    async def _run_job(self, lane: KeyLane, entry: Entry) -> None:
         log = _JobLog(entry, lane)
         attempts = entry.attempts
         outcome: JobOutcome | None = None
@@ -280,6 +276,7 @@ class Worker:
                 )
                 return
             self.stats.reattached += 1
+            lane.cap.started()  # it runs at the provider: it counts against the cap
             log.bound().info("reattach", prediction_id=entry.prediction_id)
             outcome = await self._poll(lane, entry, entry.prediction_id, time.time(), attempts)
         elif entry.status is Status.CREATING:
@@ -384,7 +381,10 @@ class Worker:
         """One create through the key's gate: its id (durable before the next create of this
         key is sent), the error, or NotSent when the run was stopped first."""
         try:
-            async with lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket:
+            async with (
+                lane.cap.sending(),
+                lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket,
+            ):
                 if self.dispatcher.halted:
                     if marked:
                         await self.journal.write(MarkPending(entry.row_number))
@@ -406,6 +406,7 @@ class Worker:
                     )
                 except ApiError as exc:
                     return exc
+                lane.cap.started()  # running at the provider until its end is seen
                 # so a crash leaves ambiguous only creates whose answers had not come
                 ticket.answered()
                 await self.journal.write(
@@ -464,6 +465,7 @@ class Worker:
                     outcome = await self._timed_out(lane, entry, prediction_id)
                     break
         finally:
+            lane.cap.ended()
             if waiter is not None and self.callbacks is not None:
                 self.callbacks.forget(waiter)
         del self.in_flight[prediction_id]  # kept when cancelled: see cancel_in_flight
