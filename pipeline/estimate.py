@@ -20,7 +20,6 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.errors import ManifestError
-from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import unique
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec, Rejected
@@ -92,20 +91,8 @@ def _estimate(config: RunConfig, keys: int) -> Estimate:
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
     )
-    a = config.assets
-    uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
-    if uploads is not None:
-        uploads.check()
-        uploads.dry = True
-    manifest.inputs = InputStage(
-        model=config.api.model,
-        base_dir=manifest.path.parent,
-        columns=manifest.mapper.columns,
-        uploads=uploads,
-        storage_options=a.storage_options,
-        check_urls=config.manifest.check_urls,
-        concurrency=a.concurrency,
-    )
+    manifest.judge_inputs(config, dry=True)
+    assert manifest.inputs is not None
     inc = config.incremental
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     found = Estimate(keys=keys)

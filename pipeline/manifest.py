@@ -13,14 +13,15 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ManifestSection
+from pipeline.config import ManifestSection, RunConfig
 from pipeline.errors import ManifestError
-from pipeline.inputs import InputStage, input_kind
+from pipeline.inputs import InputStage, input_kind, open_uploads
 from pipeline.models import JobSpec, Rejected
 from pipeline.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
 
@@ -200,6 +201,28 @@ class Manifest:
         self.extra_columns = [c for c in self.columns if c not in mapped]
         # judges (and uploads) inputs that are not public URLs; set by the run that has uploads
         self.inputs: InputStage | None = None
+
+    def judge_inputs(
+        self, config: RunConfig, *, thumbs: Path | None = None, dry: bool = False
+    ) -> None:
+        """Judge the inputs that are not public URLs (and, with `manifest.check_urls`, those
+        too) as rows are read: uploaded to `assets.upload_to` unless `dry` (an estimate). The
+        bucket is checked first: ConfigError, before anything is sent."""
+        a = config.assets
+        uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
+        if uploads is not None:
+            uploads.check()
+            uploads.dry = dry
+        self.inputs = InputStage(
+            model=config.api.model,
+            base_dir=self.path.parent,
+            columns=self.mapper.columns,
+            uploads=uploads,
+            storage_options=a.storage_options,
+            check_urls=config.manifest.check_urls,
+            concurrency=a.concurrency,
+            thumbs=thumbs,
+        )
 
     def _read_columns(self) -> list[str]:
         try:

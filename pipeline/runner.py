@@ -35,7 +35,6 @@ from pipeline.errors import (
     WanbatchError,
 )
 from pipeline.htmlreport import write_report
-from pipeline.inputs import InputStage, open_uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
 from pipeline.limits import CreateGate, InFlightCap
@@ -420,20 +419,8 @@ async def _open_manifest(config: RunConfig, folder: RunFolder, force: bool) -> M
     )
     if config.assets.download:
         await anyio.to_thread.run_sync(open_store(config.assets, config.output.dir).check)
-    a = config.assets
-    uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
-    if uploads is not None:
-        await anyio.to_thread.run_sync(uploads.check)
-    manifest.inputs = InputStage(
-        model=config.api.model,
-        base_dir=manifest.path.parent,
-        columns=manifest.mapper.columns,
-        uploads=uploads,
-        storage_options=a.storage_options,
-        check_urls=config.manifest.check_urls,
-        concurrency=a.concurrency,
-        thumbs=config.output.dir / THUMBS,
-    )
+    thumbs = config.output.dir / THUMBS
+    await anyio.to_thread.run_sync(functools.partial(manifest.judge_inputs, config, thumbs=thumbs))
     return manifest
 
 
