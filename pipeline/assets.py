@@ -224,8 +224,7 @@ class Downloader:
     async def run(self, pending: list[tuple[int, str, int, str]]) -> None:
         """Store `pending` (left by an earlier run) and whatever is submitted; the store was
         checked before anything was sent."""
-        for row_number, job_id, index, url in pending:
-            self._send.send_nowait(_Job(row_number, job_id, index, url))
+        self.submit_many(pending)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=self._section.concurrency),

@@ -111,7 +111,7 @@ class Observer:
     ) -> Snapshot:
         flying: Counter[str] = Counter()
         if worker is not None:
-            flying.update(lane.key.name for lane, _ in worker.in_flight.values())
+            flying.update(job.lane.key.name for job in worker.in_flight.values())
         snap = await anyio.to_thread.run_sync(
             take_snapshot, journal, self.stats, lanes, flying, self.started
         )

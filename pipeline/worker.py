@@ -18,7 +18,7 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import anyio
 import structlog
@@ -82,6 +82,14 @@ class RunStats:
         self.notice_delays.append(notice_delay)
         if self.on_end is not None:
             self.on_end(latency, notice_delay)
+
+
+class Flying(NamedTuple):
+    """A job being polled: its key, its row, and when its create was answered (wall time)."""
+
+    lane: KeyLane
+    row: int
+    created: float
 
 
 @dataclass
@@ -228,8 +236,7 @@ class Worker:
         )
         self.job_timeout = config.scaled(config.polling.job_timeout_s)
         self.price = config.api.price_per_image_usd
-        self.in_flight: dict[str, tuple[KeyLane, int]] = {}  # prediction id -> its key and row
-        self._created: dict[str, float] = {}  # prediction id -> when its create was answered
+        self.in_flight: dict[str, Flying] = {}  # prediction id -> its key, row and creation
         planner.running = self.ages
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
         self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
@@ -239,7 +246,7 @@ class Worker:
     def ages(self) -> list[float]:
         """Seconds since the create of each job in flight: lower bounds on their latencies."""
         now = time.time()
-        return [now - created for created in self._created.values()]
+        return [now - job.created for job in self.in_flight.values()]
 
     async def run_slot(self, lane: KeyLane) -> None:
         """Serve jobs on this key until there are none, or the key is retired."""
@@ -433,8 +440,7 @@ class Worker:
         (invariant 1), so a crash never loses a paid job. `hooked`: the create carried our
         webhook URL, so a callback may wake the job early. A job still running at its deadline
         is cancelled at the provider. While polled, the job is in `in_flight`."""
-        self.in_flight[prediction_id] = (lane, entry.row_number)
-        self._created[prediction_id] = created
+        self.in_flight[prediction_id] = Flying(lane, entry.row_number, created)
         if self.cancel_all:  # created as the run was being stopped for good
             await self._cancel_noted(prediction_id, lane, entry.row_number)
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
@@ -469,7 +475,6 @@ class Worker:
             if waiter is not None and self.callbacks is not None:
                 self.callbacks.forget(waiter)
         del self.in_flight[prediction_id]  # kept when cancelled: see cancel_in_flight
-        self._created.pop(prediction_id, None)
         return outcome
 
     async def _poll_once(
@@ -490,7 +495,6 @@ class Worker:
             )
         except Unauthorized as exc:
             del self.in_flight[prediction_id]
-            self._created.pop(prediction_id, None)
             # the job exists under this key only: it waits, journaled, for a later run
             raise _KeyRefused(
                 replace(
@@ -551,8 +555,8 @@ class Worker:
         self.cancel_all = True
         jobs = list(self.in_flight.items())
         async with anyio.create_task_group() as tg:
-            for prediction_id, (lane, row) in jobs:
-                tg.start_soon(self._cancel_noted, prediction_id, lane, row)
+            for prediction_id, job in jobs:
+                tg.start_soon(self._cancel_noted, prediction_id, job.lane, job.row)
         _log.warning("cancelled_in_flight", jobs=len(jobs))
 
     async def _cancel_noted(self, prediction_id: str, lane: KeyLane, row: int) -> None:
