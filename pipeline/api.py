@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from pipeline.cluster import Workers
 from pipeline.config import RunConfig, apply_overrides, load_config, parse_config
 from pipeline.errors import (
     BudgetReached,
@@ -72,6 +73,8 @@ async def arun(
     handle_signals: bool = False,
     raise_on_failed_rows: bool = True,
     reporter: Reporter | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RunSummary:
     """`run`, in a running event loop."""
     loaded = load(config, overrides=overrides, run_date=run_date)
@@ -86,6 +89,7 @@ async def arun(
             reprocess=reprocess,
             folder=folder,
             reporter=reporter,
+            workers=Workers(workers, ray_address) if workers is not None else None,
         )
     raises = _RAISES.get(summary.exit_code)
     if raises is RowsFailed and not raise_on_failed_rows:
@@ -107,13 +111,17 @@ def run(
     handle_signals: bool = False,
     raise_on_failed_rows: bool = True,
     reporter: Reporter | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RunSummary:
     """Run (or resume) a config and return its summary; keys from the environment unless
     given. Raises ConfigError, ManifestError or RunFolderError before anything is sent, and a
     RunEnded subclass (carrying `.summary`) for a run that ended short of success, as the CLI's
     exit codes do; `raise_on_failed_rows=False` returns the summary of a run that finished
     with failed or rejected rows instead. `retry_errors` runs failed rows of those error
-    types again (`[]`: every failure), as `wanbatch retry` does."""
+    types again (`[]`: every failure), as `wanbatch retry` does. `workers`: spread the keys
+    over that many Ray workers (on `ray_address`, RAY_ADDRESS, or a local cluster), as
+    `--workers` does."""
     return anyio.run(
         lambda: arun(
             config,
@@ -126,5 +134,7 @@ def run(
             handle_signals=handle_signals,
             raise_on_failed_rows=raise_on_failed_rows,
             reporter=reporter,
+            workers=workers,
+            ray_address=ray_address,
         )
     )

@@ -30,11 +30,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.config import AssetsSection
 from pipeline.errors import ConfigError
-from pipeline.journal import FailImage, GroupCommit, StoreImage
+from pipeline.journal import Commits, FailImage, StoreImage
 from pipeline.models import PriorSuccess
 from pipeline.objects import ObjectStore
 from pipeline.schema import MAX_INPUT_BYTES
-from pipeline.thumbs import input_thumb, output_thumb, write_thumb
+from pipeline.thumbs import ThumbSink, input_thumb, output_thumb
 
 __all__ = [
     "CopyCheck",
@@ -173,8 +173,8 @@ class Downloader:
         self,
         section: AssetsSection,
         store: Store,
-        journal: GroupCommit,
-        thumbs: Path | None = None,
+        journal: Commits,
+        thumbs: ThumbSink | None = None,
     ) -> None:
         self._thumbs = thumbs  # the report's thumbnails are made here, when given
         self.samples_from: str | None = None  # the embedded sandbox's root, for its samples
@@ -318,7 +318,7 @@ class Downloader:
         try:
             with anyio.fail_after(10):
                 data = await self._download(where, MAX_INPUT_BYTES)
-            await anyio.to_thread.run_sync(write_thumb, self._thumbs, input_thumb(url), data)
+            await anyio.to_thread.run_sync(self._thumbs.put, input_thumb(url), data)
         except (httpx.TransportError, TimeoutError):
             self._dead_hosts.add(parts.netloc)  # one try per unreachable host, not per row
         except (httpx.HTTPError, BadImage, OSError, ValueError) as exc:
@@ -332,6 +332,6 @@ class Downloader:
         where = self._store.put(name, data)
         if self._thumbs is not None:
             with contextlib.suppress(OSError, ValueError):
-                write_thumb(self._thumbs, output_thumb(job.row_number, job.index), data)
+                self._thumbs.put(output_thumb(job.row_number, job.index), data)
         digest = hashlib.sha256(data).hexdigest()
         return StoreImage(job.row_number, job.index, where, digest, len(data), width, height, kind)

@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline import __version__
+from pipeline.cluster import Workers
 from pipeline.config import RunConfig, load_config
 from pipeline.display import LineReporter, LiveReporter
 from pipeline.errors import ConfigError, RunFolderError, WanbatchError
@@ -177,7 +178,13 @@ def _reporter(config: RunConfig) -> tuple[Reporter, float | None]:
 
 
 def _execute(
-    given: _Given, *, force: bool, grace: float, fresh: bool, reprocess: Reprocess | None
+    given: _Given,
+    *,
+    force: bool,
+    grace: float,
+    fresh: bool,
+    reprocess: Reprocess | None,
+    workers: Workers | None = None,
 ) -> int:
     config = given.load()
     keys = keys_from_env()
@@ -197,6 +204,7 @@ def _execute(
                 folder=folder,
                 reporter=reporter,
                 tick_s=tick,
+                workers=workers,
             )
         )
     _print_summary(summary)
@@ -221,6 +229,27 @@ _RunDate = Annotated[
     str | None,
     typer.Option(help="YYYY-MM-DD for strftime fields in output.dir, in place of today."),
 ]
+_Workers = Annotated[
+    int | None,
+    typer.Option(
+        help="Spread the keys over N Ray workers (pip install 'wanbatch[ray]'); a local Ray "
+        "cluster is started unless --ray-address or RAY_ADDRESS names one."
+    ),
+]
+_RayAddress = Annotated[
+    str | None,
+    typer.Option(help="The Ray cluster for --workers (default: RAY_ADDRESS, else a local one)."),
+]
+
+
+def _workers(count: int | None, address: str | None) -> Workers | None:
+    if count is None:
+        if address is not None:
+            raise ConfigError("--ray-address goes with --workers N")
+        return None
+    return Workers(count, address)
+
+
 _Set = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value: key.path=value (YAML); repeatable."),
@@ -241,6 +270,8 @@ def run_command(
     output_dir: _OutputDir = None,
     run_date: _RunDate = None,
     overrides: _Set = None,
+    workers: _Workers = None,
+    ray_address: _RayAddress = None,
 ) -> None:
     """Run a config, or resume it where it stopped."""
 
@@ -248,7 +279,10 @@ def run_command(
         given = _given(config, overrides, output_dir, run_date)
         if dry_run:
             return _estimate(given)
-        return _execute(given, force=force, grace=grace, fresh=fresh, reprocess=None)
+        spread = _workers(workers, ray_address)
+        return _execute(
+            given, force=force, grace=grace, fresh=fresh, reprocess=None, workers=spread
+        )
 
     _guarded(act)
 
@@ -271,6 +305,8 @@ def retry_command(
     output_dir: _OutputDir = None,
     run_date: _RunDate = None,
     overrides: _Set = None,
+    workers: _Workers = None,
+    ray_address: _RayAddress = None,
 ) -> None:
     """Run a config's failed rows again, in the same run folder (and finish any unfinished)."""
     wanted = {e.strip() for e in errors.split(",") if e.strip()}
@@ -287,6 +323,7 @@ def retry_command(
             grace=grace,
             fresh=False,
             reprocess=Reprocess(selection),
+            workers=_workers(workers, ray_address),
         )
     )
 

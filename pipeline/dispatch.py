@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 
@@ -18,10 +18,25 @@ from pipeline.errors import NoUsableKeyError
 from pipeline.journal import Entry, Journal
 from pipeline.models import JobOutcome, Status
 
-if TYPE_CHECKING:
-    from pipeline.worker import KeyLane
+__all__ = ["Dispatcher", "JobSource"]
 
-__all__ = ["Dispatcher"]
+
+class JobSource(Protocol):
+    """What a key's slots take jobs from: the `Dispatcher`, or on a Ray worker its proxy,
+    which asks the driver's dispatcher."""
+
+    halted: bool
+
+    async def next_job(self, key_name: str) -> Entry | None: ...
+
+    def give_back(self, entry: Entry) -> None: ...
+
+    def retire(self, key_name: str) -> None: ...
+
+    async def rest(self, seconds: float) -> None: ...
+
+    def settle(self, entry: Entry, outcome: JobOutcome) -> None: ...
+
 
 _PAGE = 1000
 
@@ -48,11 +63,12 @@ class Dispatcher:
         self._ingest_progress = anyio.Event()
         self._drained = asyncio.Event()  # a slot was told there is no more work
         self._live_lanes = lanes
+        self._retired: set[str] = set()
         self.halted = False  # stopped by a signal: not even jobs already handed out are sent
         self.abandoned = False  # stopped for good (a second signal): jobs in flight are dropped
         self.budget_reached = False
         self.budget_hit = asyncio.Event()
-        self.on_retire: Callable[[KeyLane], None] | None = None
+        self.on_retire: Callable[[str], None] | None = None
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -133,13 +149,14 @@ class Dispatcher:
         if outcome.status is Status.SUCCEEDED:
             self._committed += len(outcome.output_urls) * self._price
 
-    def retire(self, lane: KeyLane) -> None:
-        if lane.retired:
+    def retire(self, key_name: str) -> None:
+        """The provider refused this key (401); NoUsableKeyError once every key is refused."""
+        if key_name in self._retired:
             return
-        lane.retired = True
+        self._retired.add(key_name)
         self._live_lanes -= 1
         if self.on_retire is not None:
-            self.on_retire(lane)
+            self.on_retire(key_name)
         if self._live_lanes <= 0:
             raise NoUsableKeyError(
                 "every API key was refused by the provider (401); set a valid key in "

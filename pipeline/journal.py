@@ -19,7 +19,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -29,6 +29,7 @@ from pipeline.schema import UPLOAD_TOKEN
 
 __all__ = [
     "TRANSIENT_ERRORS",
+    "Commits",
     "Entry",
     "FailImage",
     "Finish",
@@ -663,6 +664,23 @@ class Journal:
 
     # -- work -------------------------------------------------------------------------------
 
+    def open_entries(self, rows: Collection[int]) -> list[Entry]:
+        """The jobs of `rows` that are not finished, in row order (a lost worker's jobs)."""
+        wanted = sorted(rows)
+        found: list[Entry] = []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            with self._lock:
+                found += [
+                    _entry(r)
+                    for r in self._db.execute(
+                        f"SELECT * FROM jobs WHERE status IN (?, ?, ?) AND row_number IN"
+                        f" ({','.join('?' * len(chunk))}) ORDER BY row_number",
+                        (*_OPEN, *chunk),
+                    )
+                ]
+        return found
+
     def open_jobs(self, after_row: int, limit: int) -> list[Entry]:
         """Jobs not finished, in row order, after `after_row`."""
         with self._lock:
@@ -745,6 +763,19 @@ class Journal:
                 (Status.CREATED.value,),
             ).fetchall()
         return {str(key): int(count) for key, count in rows}
+
+    def by_key(self) -> dict[str, dict[str, float]]:
+        """Per key that sent a create: jobs, of which succeeded, and their cost."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key_name, COUNT(*), SUM(status = ?), COALESCE(SUM(cost_usd), 0)"
+                " FROM jobs WHERE key_name IS NOT NULL AND reused = 0 GROUP BY key_name",
+                (Status.SUCCEEDED.value,),
+            ).fetchall()
+        return {
+            str(key): {"jobs": int(jobs), "succeeded": int(ok), "cost_usd": round(cost, 6)}
+            for key, jobs, ok, cost in rows
+        }
 
     # -- reading back -------------------------------------------------------------------------
 
@@ -895,6 +926,16 @@ class Journal:
 
     def _transaction(self) -> Journal._Tx:
         return Journal._Tx(self._db)
+
+
+class Commits(Protocol):
+    """Where a worker's updates go: the journal's `GroupCommit`, or, on a Ray worker, the
+    driver's through the worker's outbox. `write` returns once its updates are durable;
+    `post` returns at once with an event set when they are."""
+
+    async def write(self, *updates: Update) -> None: ...
+
+    def post(self, *updates: Update) -> asyncio.Event: ...
 
 
 class _Batch:

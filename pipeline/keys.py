@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
 
-__all__ = ["ENV_KEY", "ENV_KEYS", "ApiKey", "keys_from_env"]
+__all__ = ["ENV_KEY", "ENV_KEYS", "ApiKey", "keys_from_env", "resolve_groups"]
 
 ENV_KEY = "EACHLABS_API_KEY"
 ENV_KEYS = "EACHLABS_API_KEYS"
@@ -56,3 +56,24 @@ def keys_from_env(environ: Mapping[str, str] | None = None) -> list[ApiKey]:
             raise ConfigError(f"{ENV_KEYS} lists the same key twice ({key.name})")
         keys.append(key)
     return keys
+
+
+def resolve_groups(groups: list[list[int | str]], keys: list[ApiKey]) -> list[list[str]]:
+    """limits.groups as key names: each member given by its 1-based position in the keys or
+    by its hash; a hash of a key not given is left out, a position out of range refused."""
+    named: list[list[str]] = []
+    for number, group in enumerate(groups, start=1):
+        members = [_member(member, keys, number) for member in group]
+        named.append([name for name in members if name is not None])
+    return named
+
+
+def _member(member: int | str, keys: list[ApiKey], group: int) -> str | None:
+    if isinstance(member, int):
+        if not 1 <= member <= len(keys):
+            raise ConfigError(
+                f"limits.groups[{group - 1}]: key {member} is not one of the {len(keys)} keys "
+                f"given in {ENV_KEYS}"
+            )
+        return keys[member - 1].name
+    return member if any(k.name == member for k in keys) else None

@@ -29,14 +29,15 @@ import asyncio
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from pipeline.clock import Clock, SystemClock
 from pipeline.errors import RateLimited
+from pipeline.keys import ApiKey
 
-__all__ = ["CreateGate", "GatePaused", "InFlightCap", "RetryPolicy", "Ticket"]
+__all__ = ["CreateGate", "GatePaused", "InFlightCap", "RetryPolicy", "Ticket", "caps_for"]
 
 
 class GatePaused(Exception):
@@ -239,3 +240,18 @@ class RetryPolicy:
         if error.retry_after is None:
             return self.backoff(attempt)
         return min(error.retry_after, self.retry_after_max_s)
+
+
+def caps_for(
+    groups: list[list[str]], keys: Iterable[ApiKey], max_concurrent: int
+) -> dict[str, InFlightCap]:
+    """Each key's in-flight cap by key name: its own, or its group's (limits.groups, as names;
+    groups are numbered as configured, so a group's cap has the same name in every process)."""
+    caps = {k.name: InFlightCap(max_concurrent, k.name) for k in keys}
+    for number, group in enumerate(groups, start=1):
+        members = [name for name in group if name in caps]
+        if members:
+            shared = InFlightCap(max_concurrent, f"group-{number}")
+            for name in members:
+                caps[name] = shared
+    return caps

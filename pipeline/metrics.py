@@ -64,6 +64,18 @@ class RunMetrics:
         self._in_flight = Gauge(
             "wanbatch_in_flight_jobs", "Jobs in flight per API key", ["key"], registry=r
         )
+        self._worker_flying = Gauge(
+            "wanbatch_worker_in_flight_jobs",
+            "Jobs in flight per Ray worker",
+            ["worker"],
+            registry=r,
+        )
+        self._worker_finished = Gauge(
+            "wanbatch_worker_jobs_finished", "Jobs a Ray worker saw end", ["worker"], registry=r
+        )
+        self._worker_restarts = Gauge(
+            "wanbatch_worker_restarts", "Times a Ray worker was replaced", ["worker"], registry=r
+        )
         self._latency = Histogram(
             "wanbatch_job_latency_seconds",
             "Job latency the provider reports (predict_time)",
@@ -90,6 +102,10 @@ class RunMetrics:
         self._cost.set(snap.cost_usd)
         for key in snap.keys:
             self._in_flight.labels(key.name).set(key.in_flight)
+        for worker in snap.workers:
+            self._worker_flying.labels(worker.name).set(worker.in_flight)
+            self._worker_finished.labels(worker.name).set(worker.finished)
+            self._worker_restarts.labels(worker.name).set(worker.restarts)
 
     def write(self, path: Path) -> None:
         """The text file, replaced whole (prometheus_client writes a temporary file and

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
-from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +19,8 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.journal import Journal
 from pipeline.metrics import RunMetrics
-from pipeline.progress import Snapshot, progress_line, take_snapshot
-from pipeline.worker import KeyLane, RunStats, Worker
+from pipeline.progress import KeyState, RunView, Snapshot, WorkerState, progress_line, take_snapshot
+from pipeline.worker import RunStats
 
 __all__ = ["Observer", "Reporter"]
 
@@ -48,7 +46,7 @@ class Observer:
     reporter: Reporter | None = None
     tick_s: float | None = None  # how often `reporter.progress` is called (a terminal: 1 s)
     metrics: RunMetrics = field(init=False)
-    lanes: Sequence[KeyLane] = ()  # the run's keys, once they are driven
+    view: RunView | None = None  # the run's keys (and workers), once they are driven
 
     def __post_init__(self) -> None:
         self.metrics = RunMetrics(self.stats)
@@ -81,14 +79,14 @@ class Observer:
         if self.reporter is not None:
             self.reporter.started(line)
 
-    async def watch(self, journal: Journal, lanes: Sequence[KeyLane], worker: Worker) -> None:
+    async def watch(self, journal: Journal) -> None:
         """Until cancelled: a snapshot every tick, for the reporter, run.log and metrics."""
         p, m = self.config.progress.interval_s, self.config.metrics.interval_s
         tick = min(self.tick_s or math.inf, p, m)
         next_line = next_metrics = time.monotonic()
         while True:
             await anyio.sleep(tick)
-            snap = await self.snapshot(journal, lanes, worker)
+            snap = await self.snapshot(journal)
             now = time.monotonic()
             if self.reporter is not None:
                 self.reporter.progress(snap)
@@ -106,21 +104,24 @@ class Observer:
         except OSError as exc:
             _log.warning("metrics_not_written", error=str(exc))
 
-    async def snapshot(
-        self, journal: Journal, lanes: Sequence[KeyLane], worker: Worker | None
-    ) -> Snapshot:
-        flying: Counter[str] = Counter()
-        if worker is not None:
-            flying.update(job.lane.key.name for job in worker.in_flight.values())
+    async def snapshot(self, journal: Journal, final: bool = False) -> Snapshot:
+        """The run now; `final`: at its end, when no job is in flight any more."""
+        keys: tuple[KeyState, ...] = ()
+        workers: tuple[WorkerState, ...] = ()
+        if self.view is not None:
+            keys, workers = self.view.keys(), self.view.workers()
+        if final:
+            keys = tuple(replace(k, in_flight=0) for k in keys)
+            workers = tuple(replace(w, in_flight=0) for w in workers)
         snap = await anyio.to_thread.run_sync(
-            take_snapshot, journal, self.stats, lanes, flying, self.started
+            take_snapshot, journal, self.stats, keys, workers, self.started
         )
         self.metrics.update(snap)
         return snap
 
     async def finish(self, journal: Journal, line: str) -> Snapshot:
         """The last snapshot: metrics.prom written, the finish line logged and reported."""
-        snap = await self.snapshot(journal, self.lanes, None)
+        snap = await self.snapshot(journal, final=True)
         await self._write_metrics()
         _log.info("run_finished", line=line, progress=progress_line(snap))
         if self.reporter is not None:

@@ -10,11 +10,21 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pipeline.journal import Journal
-from pipeline.worker import KeyLane, RunStats
+from pipeline.worker import KeyLane, RunStats, Worker
 
-__all__ = ["KeyState", "Snapshot", "format_duration", "progress_line", "take_snapshot"]
+__all__ = [
+    "KeyState",
+    "LocalView",
+    "RunView",
+    "Snapshot",
+    "WorkerState",
+    "format_duration",
+    "progress_line",
+    "take_snapshot",
+]
 
 _OPEN = ("pending", "creating", "created")
 
@@ -24,6 +34,50 @@ class KeyState:
     name: str
     in_flight: int
     state: str  # working, idle, paused (429), retired
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """One Ray worker of a distributed run (`--workers`)."""
+
+    name: str  # worker-1, ...
+    host: str
+    keys: int
+    in_flight: int
+    finished: int  # jobs it saw end, over all its lives
+    restarts: int  # times it was replaced after dying
+    state: str  # starting, working, done, replacing
+
+
+class RunView(Protocol):
+    """What drives the keys, as the progress sees it: this process's lanes, or the workers
+    of a distributed run."""
+
+    def keys(self) -> tuple[KeyState, ...]: ...
+
+    def workers(self) -> tuple[WorkerState, ...]: ...
+
+
+class LocalView:
+    """The keys driven by this process."""
+
+    def __init__(self, lanes: Sequence[KeyLane], worker: Worker) -> None:
+        self._lanes = lanes
+        self._worker = worker
+
+    def keys(self) -> tuple[KeyState, ...]:
+        return key_states(self._lanes, self._worker)
+
+    def workers(self) -> tuple[WorkerState, ...]:
+        return ()
+
+
+def key_states(lanes: Sequence[KeyLane], worker: Worker) -> tuple[KeyState, ...]:
+    """Each lane's jobs in flight and what it does."""
+    flying = Counter(job.lane.key.name for job in worker.in_flight.values())
+    return tuple(
+        KeyState(lane.key.name, flying.get(lane.key.name, 0), _lane_state(lane)) for lane in lanes
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +91,7 @@ class Snapshot:
     cost_usd: float
     finished_this_run: int
     keys: tuple[KeyState, ...]
+    workers: tuple[WorkerState, ...] = ()
 
     @property
     def rate_per_min(self) -> float:
@@ -56,26 +111,23 @@ class Snapshot:
 def take_snapshot(
     journal: Journal,
     stats: RunStats,
-    lanes: Sequence[KeyLane],
-    in_flight: Counter[str],
+    keys: tuple[KeyState, ...],
+    workers: tuple[WorkerState, ...],
     started: float,
 ) -> Snapshot:
-    """The run as it stands; `in_flight` counts the jobs polled now per key name."""
+    """The run as it stands, with each key's and each worker's state as given."""
     totals = journal.totals()
-    keys = tuple(
-        KeyState(lane.key.name, in_flight.get(lane.key.name, 0), _lane_state(lane))
-        for lane in lanes
-    )
     return Snapshot(
         elapsed_s=time.monotonic() - started,
         rows=int(totals["rows"]),
         ingest_complete=journal.get_meta("ingest_complete") == "1",
         by_status=journal.counts(),
-        in_flight=sum(in_flight.values()),
+        in_flight=sum(k.in_flight for k in keys),
         images=int(totals["images"]),
         cost_usd=float(totals["cost_usd"]),
         finished_this_run=stats.finished,
         keys=keys,
+        workers=workers,
     )
 
 
@@ -102,6 +154,11 @@ def progress_line(snap: Snapshot) -> str:
     b = snap.by_status
     rows = f"{snap.rows:,}" + ("" if snap.ingest_complete else "+ (still reading)")
     keys = "; ".join(f"{k.name} {k.in_flight} in flight, {k.state}" for k in snap.keys)
+    workers = "; ".join(
+        f"{w.name} on {w.host} {w.keys} keys {w.in_flight} in flight {w.finished:,} done"
+        f" {w.restarts} restarts, {w.state}"
+        for w in snap.workers
+    )
     return (
         f"progress rows={rows} succeeded={b.get('succeeded', 0):,} "
         f"failed={b.get('failed', 0):,} rejected={b.get('rejected', 0):,} "
@@ -109,4 +166,5 @@ def progress_line(snap: Snapshot) -> str:
         f"images={snap.images:,} cost=${snap.cost_usd:,.2f} rate={snap.rate_per_min:,.1f}/min "
         f"eta={format_duration(snap.eta_s)} elapsed={format_duration(snap.elapsed_s)}"
         + (f" keys: {keys}" if keys else "")
+        + (f" workers: {workers}" if workers else "")
     )

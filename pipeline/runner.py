@@ -18,13 +18,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
 
+from pipeline.assemble import assemble
 from pipeline.assets import CopyCheck, Downloader, open_store
-from pipeline.client import EachlabsClient
+from pipeline.cluster import Cluster, Workers, check_workers, ray_session, spread
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
 from pipeline.errors import (
@@ -36,20 +37,19 @@ from pipeline.errors import (
 )
 from pipeline.htmlreport import write_report
 from pipeline.journal import GroupCommit, Journal
-from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey
-from pipeline.limits import CreateGate, InFlightCap
+from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey, resolve_groups
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
 from pipeline.objects import copy_object
 from pipeline.observe import Observer, Reporter
-from pipeline.polling import PollPlanner
+from pipeline.progress import LocalView, RunView
 from pipeline.runfolder import RunFolder
 from pipeline.sandbox import FaultRates, SandboxSettings
 from pipeline.state import StateStore
 from pipeline.summary import finish_line, write_summary
-from pipeline.thumbs import THUMBS
+from pipeline.thumbs import THUMBS, FolderThumbs
 from pipeline.webhook import Callbacks, Receiver
-from pipeline.worker import KeyLane, RunStats, Worker
+from pipeline.worker import RunStats
 from pipeline.writer import ResultLayout, write_failures, write_images, write_results
 
 __all__ = ["ExitCode", "Reprocess", "RunSummary", "run"]
@@ -91,6 +91,8 @@ class RunSummary:
     keys: list[str] = field(default_factory=list)
     sandbox_stats: dict[str, Any] | None = None
     requeued: dict[str, int] | None = None  # `wanbatch retry`: rows run again, per error type
+    workers: list[dict[str, Any]] = field(default_factory=list)  # `--workers`: each one's figures
+    per_key: dict[str, dict[str, float]] = field(default_factory=dict)  # jobs and cost per key
     left_failed: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
     forced: dict[str, int] | None = None  # `--force`: how the manifest as it is now was taken
     waiting_on_keys: dict[str, int] = field(default_factory=dict)  # key name -> jobs it holds
@@ -334,6 +336,7 @@ async def run(
     folder: RunFolder | None = None,
     reporter: Reporter | None = None,
     tick_s: float | None = None,
+    workers: Workers | None = None,
 ) -> RunSummary:
     """Run (or resume) a config; with `reprocess`, first put the chosen failed rows back to be
     run again. Holds the run folder (`folder`, or one it opens) for the whole run. Raises
@@ -351,9 +354,10 @@ async def run(
                 folder=own,
                 reporter=reporter,
                 tick_s=tick_s,
+                workers=workers,
             )
     started = time.monotonic()
-    _check_before(config, keys, folder, reprocess)
+    _check_before(config, keys, folder, reprocess, workers)
     manifest = await _open_manifest(config, folder, force)
     uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     inc = config.incremental
@@ -386,6 +390,7 @@ async def run(
             handle_signals,
             reprocess,
             Observer(config, folder.path, started, RunStats(), reporter, tick_s),
+            workers,
         )
     finally:
         journal.close()
@@ -395,13 +400,20 @@ async def run(
 
 
 def _check_before(
-    config: RunConfig, keys: list[ApiKey], folder: RunFolder, reprocess: Reprocess | None
+    config: RunConfig,
+    keys: list[ApiKey],
+    folder: RunFolder,
+    reprocess: Reprocess | None,
+    workers: Workers | None,
 ) -> None:
-    """What can be refused before reading anything: keys, key groups, a retry of nothing."""
+    """What can be refused before reading anything: keys, key groups, a retry of nothing,
+    workers without Ray or with webhooks."""
+    if workers is not None:
+        check_workers(workers, config)
     if not keys and not config.embedded_sandbox:
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
     sandbox_keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(config.sandbox.keys)]
-    _caps(config.limits.groups, keys or sandbox_keys, config.limits.max_concurrent)
+    resolve_groups(config.limits.groups, keys or sandbox_keys)
     if reprocess is not None and not (folder.path / "journal.sqlite").exists():
         raise ConfigError(
             f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
@@ -442,6 +454,7 @@ async def _run_held(
     handle_signals: bool,
     reprocess: Reprocess | None,
     observer: Observer,
+    workers: Workers | None,
 ) -> RunSummary:
     forced = None
     identity = _check_identity(journal, config, force)
@@ -460,22 +473,18 @@ async def _run_held(
     observer.start(_start_line(config, folder.path, journal, keys))
     with observer.serving():
         async with _api(config, keys) as (base_url, lanes_keys, sandbox):
-            async with _receiver(config) as receiver:
-                stop = await _drive(
-                    config,
-                    journal,
-                    state,
-                    manifest,
-                    base_url,
-                    lanes_keys,
-                    stats,
-                    spent,
-                    grace_s,
-                    handle_signals,
-                    receiver,
-                    faults,
-                    observer,
-                )
+            drive = _Drive(
+                config, journal, state, manifest, grace_s, handle_signals, faults, observer
+            )
+            async with (
+                _receiver(config) as receiver,
+                _engine(
+                    config, journal, manifest, base_url, lanes_keys, stats, spent, receiver, workers
+                ) as engine,
+            ):
+                observer.view = engine.view
+                stop = await _drive(drive, engine)
+                worker_figures = engine.figures()
             sandbox_stats = sandbox.stats() if sandbox is not None else None
         books = await _finish_books(config, journal, state, manifest, folder.path)
         waiting = journal.waiting_on_keys()
@@ -487,7 +496,7 @@ async def _run_held(
             folder, journal, books, counts, stats, started, exit_code, message, lanes_keys
         )
         summary.sandbox_stats, summary.requeued, summary.forced = sandbox_stats, requeued, forced
-        summary.waiting_on_keys = waiting
+        summary.waiting_on_keys, summary.workers = waiting, worker_figures
         await observer.finish(journal, finish_line(summary))
     try:
         await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / "summary.json")
@@ -519,6 +528,7 @@ def _summary(
         message,
         [k.name for k in keys],
         left_failed=journal.failed_types(),
+        per_key=journal.by_key(),
         started_at=time.time() - (time.monotonic() - started),
         ended_at=time.time(),
     )
@@ -642,168 +652,226 @@ def _remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
         state.record(batch)
 
 
-def _caps(
-    groups: list[list[int | str]], keys: list[ApiKey], max_concurrent: int
-) -> dict[str, InFlightCap]:
-    """Each key's in-flight cap: its own, or its group's (limits.groups)."""
-    caps = {k.name: InFlightCap(max_concurrent, k.name) for k in keys}
-    for number, group in enumerate(groups, start=1):
-        shared = InFlightCap(max_concurrent, f"group-{number}")
-        for member in group:
-            name = _member(member, keys, number)
-            if name is not None:
-                caps[name] = shared
-    return caps
+class _Engine(Protocol):
+    """What drives the keys: this process's slots, or Ray workers (`--workers`)."""
 
-
-def _member(member: int | str, keys: list[ApiKey], group: int) -> str | None:
-    """A key of limits.groups by its 1-based position or hash; None for a key not given."""
-    if isinstance(member, int):
-        if not 1 <= member <= len(keys):
-            raise ConfigError(
-                f"limits.groups[{group - 1}]: key {member} is not one of the {len(keys)} keys "
-                f"given in {ENV_KEYS}"
-            )
-        return keys[member - 1].name
-    return member if any(k.name == member for k in keys) else None
-
-
-@dataclass
-class _Parts:
-    """The stages of one drive, wired together."""
-
-    client: EachlabsClient
     dispatcher: Dispatcher
     commit: GroupCommit
-    worker: Worker
-    lanes: list[KeyLane]
+    downloader: Downloader | None
+    view: RunView
+
+    def figures(self) -> list[dict[str, Any]]:
+        """Per worker, for summary.json (none for a local run)."""
+
+    async def work(self) -> None:
+        """Drive the keys until no work is left or the run is stopped; when stopped for good,
+        cancel the jobs in flight at the provider."""
+
+    def limit(self, seconds: float) -> None:
+        """Jobs in flight get `seconds` more (a first signal)."""
+
+    def cancel(self) -> None:
+        """Stop now (a second signal)."""
+
+    async def cancel_in_flight(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
-def _build(
-    config: RunConfig,
-    journal: Journal,
-    base_url: str,
-    keys: list[ApiKey],
-    stats: RunStats,
-    spent: float,
-    receiver: Receiver | None,
-) -> _Parts:
-    limits = config.limits
-    client = EachlabsClient(
-        base_url,
-        config.api.model,
-        connect_timeout=config.api.connect_timeout_s,
-        read_timeout=config.api.read_timeout_s,
-        max_connections=limits.max_concurrent * len(keys) + 4,
-        http2=config.api.http2,
-    )
+class _Local:
+    """The keys driven by this process's slots."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        journal: Journal,
+        base_url: str,
+        keys: list[ApiKey],
+        stats: RunStats,
+        spent: float,
+        receiver: Receiver | None,
+    ) -> None:
+        self.config = config
+        self.dispatcher = _dispatcher(config, journal, stats, spent, len(keys))
+        self.commit = GroupCommit(journal)
+        # a resume: the provider's window still holds the creates of the run before, if recent
+        recent = journal.recent_creates(time.time() - config.scaled(config.limits.window_s))
+        self.side = assemble(
+            config,
+            base_url,
+            keys,
+            resolve_groups(config.limits.groups, keys),
+            self.commit,
+            self.dispatcher,
+            stats,
+            recent,
+            receiver=receiver,
+            thumbs=FolderThumbs(config.output.dir / THUMBS),
+        )
+        self.downloader = self.side.worker.downloader
+        self._scope = anyio.CancelScope()
+        self.view: RunView = LocalView(self.side.lanes, self.side.worker)
+
+    def figures(self) -> list[dict[str, Any]]:
+        return []
+
+    async def work(self) -> None:
+        worker = self.side.worker
+        with self._scope:
+            async with anyio.create_task_group() as slots:
+                for lane in self.side.lanes:
+                    for _ in range(self.config.limits.max_concurrent):
+                        slots.start_soon(worker.run_slot, lane)
+        if self.dispatcher.abandoned and worker.in_flight:
+            with anyio.move_on_after(self.config.api.read_timeout_s):
+                await worker.cancel_in_flight()
+
+    def limit(self, seconds: float) -> None:
+        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def cancel_in_flight(self) -> None:
+        await self.side.worker.cancel_in_flight()
+
+    async def aclose(self) -> None:
+        await self.side.client.aclose()
+
+
+class _Distributed:
+    """The keys driven by Ray workers, each owning some (see `pipeline.cluster`); this
+    process keeps the journal of record, hands out the jobs, and fetches the images an
+    earlier run left pending."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        config: RunConfig,
+        journal: Journal,
+        stats: RunStats,
+        spent: float,
+        keys: int,
+    ) -> None:
+        self.cluster = cluster
+        self.view: RunView = cluster
+        self.journal = journal
+        self.stats = stats
+        self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
+        self.commit = GroupCommit(journal)
+        self.downloader = None
+        if config.assets.download:
+            store = open_store(config.assets, config.output.dir)
+            thumbs = FolderThumbs(config.output.dir / THUMBS)
+            self.downloader = Downloader(config.assets, store, self.commit, thumbs)
+            stats.downloads = self.downloader.stats
+
+    def figures(self) -> list[dict[str, Any]]:
+        return self.cluster.figures()
+
+    async def work(self) -> None:
+        await self.cluster.serve(self.journal, self.commit, self.dispatcher, self.stats)
+
+    def limit(self, seconds: float) -> None:
+        self.cluster.limit(seconds)
+
+    def cancel(self) -> None:
+        self.dispatcher.abandoned = True
+        self.cluster.cancel()
+
+    async def cancel_in_flight(self) -> None:
+        await self.cluster.cancel_in_flight()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _dispatcher(
+    config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: int
+) -> Dispatcher:
     dispatcher = Dispatcher(
         journal,
         price_per_image_usd=config.api.price_per_image_usd,
         budget_usd=config.budget.max_cost_usd,
         spent_usd=spent,
-        lanes=len(keys),
+        lanes=keys,
     )
-    dispatcher.on_retire = lambda lane: stats.retired_keys.append(lane.key.name)
-    commit = GroupCommit(journal)
-    p = config.polling
-    planner = PollPlanner(
-        expected_latency=config.scaled(p.expected_latency_s),
-        target_delay=config.scaled(p.target_delay_s),
-        min_interval=config.scaled(p.min_interval_s),
-        max_interval=config.scaled(p.max_interval_s),
-        polls_per_job=p.polls_per_job,
-        delay_fraction=p.delay_fraction,
-    )
-    callbacks = receiver.callbacks if receiver is not None else None
-    if callbacks is not None:
-        stats.callbacks = callbacks.stats
-    window_s = config.scaled(limits.window_s)
-    caps = _caps(limits.groups, keys, limits.max_concurrent)
-    lanes = [
-        KeyLane(k, CreateGate(limits.creates_per_window, window_s), caps[k.name]) for k in keys
-    ]
-    # a resume: the provider's window still holds the creates of the run before, if recent
-    recent = journal.recent_creates(time.time() - window_s)
-    to_gate_clock = lanes[0].gate.clock.now() - time.time() if lanes else 0.0
-    for lane in lanes:
-        lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
-    worker = Worker(
-        config,
-        client,
-        commit,
-        dispatcher,
-        planner,
-        stats,
-        callbacks,
-        receiver.url if receiver is not None else None,
-        lanes,
-        receiver.secret if receiver is not None else None,
-    )
-    if config.assets.download:
-        store = open_store(config.assets, config.output.dir)
-        thumbs = config.output.dir / THUMBS
-        worker.downloader = Downloader(config.assets, store, commit, thumbs)
-        stats.downloads = worker.downloader.stats
-    return _Parts(client, dispatcher, commit, worker, lanes)
+    dispatcher.on_retire = stats.retired_keys.append
+    return dispatcher
 
 
-async def _drive(
+@dataclass(frozen=True, slots=True)
+class _Drive:
+    """What one drive works with, besides its engine."""
+
+    config: RunConfig
+    journal: Journal
+    state: StateStore | None
+    manifest: Manifest
+    grace_s: float
+    handle_signals: bool
+    faults: _Faults
+    observer: Observer
+
+
+@asynccontextmanager
+async def _engine(
     config: RunConfig,
     journal: Journal,
-    state: StateStore | None,
     manifest: Manifest,
     base_url: str,
     keys: list[ApiKey],
     stats: RunStats,
     spent: float,
-    grace_s: float,
-    handle_signals: bool,
     receiver: Receiver | None,
-    faults: _Faults,
-    observer: Observer,
-) -> tuple[ExitCode, str]:
-    """Drive the workers until no work is left or the run is stopped; how it stopped. An
+    workers: Workers | None,
+) -> AsyncIterator[_Engine]:
+    """This process's slots, or Ray workers started and checked (ConfigError before any
+    create when they cannot do their part)."""
+    uploads = manifest.inputs.uploads if manifest.inputs is not None else None
+    if workers is None:
+        local = _Local(config, journal, base_url, keys, stats, spent, receiver)
+        local.side.worker.uploads = uploads
+        yield local
+        return
+    with ray_session(workers) as ray:
+        groups = resolve_groups(config.limits.groups, keys)
+        key_sets = spread(keys, groups, workers.count, config)
+        cluster = Cluster(ray, config, key_sets, groups, base_url, uploads is not None)
+        async with cluster.started(journal):
+            yield _Distributed(cluster, config, journal, stats, spent, len(keys))
+
+
+async def _drive(drive: _Drive, engine: _Engine) -> tuple[ExitCode, str]:
+    """Drive the keys until no work is left or the run is stopped; how it stopped. An
     unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
-    parts = _build(config, journal, base_url, keys, stats, spent, receiver)
-    if parts.worker.downloader is not None and config.embedded_sandbox:
-        parts.worker.downloader.samples_from = base_url.removesuffix("/v1")
-    observer.lanes = parts.lanes
-    parts.worker.uploads = manifest.inputs.uploads if manifest.inputs is not None else None
-    dispatcher, worker = parts.dispatcher, parts.worker
+    config, journal, state, faults = drive.config, drive.journal, drive.state, drive.faults
+    dispatcher = engine.dispatcher
     stop_ingest = threading.Event()
     no_key: NoUsableKeyError | None = None
     try:
         try:
             async with anyio.create_task_group() as services:
-                services.start_soon(parts.commit.run)
-                services.start_soon(observer.watch, journal, parts.lanes, worker)
+                services.start_soon(engine.commit.run)
+                services.start_soon(drive.observer.watch, journal)
                 reuse = None
                 if state is not None:
                     copies = CopyCheck(config.assets.storage_options)
-                    reuse = _Reuse(state, copies, worker.downloader)
+                    reuse = _Reuse(state, copies, engine.downloader)
                 services.start_soon(
-                    _ingest_task, manifest, journal, reuse, dispatcher, stop_ingest, faults
+                    _ingest_task, drive.manifest, journal, reuse, dispatcher, stop_ingest, faults
                 )
                 if config.budget.cancel_in_flight:
-                    services.start_soon(_cancel_on_budget, dispatcher, worker)
+                    services.start_soon(_cancel_on_budget, dispatcher, engine)
                 downloads = anyio.Event()
-                if worker.downloader is not None:
+                if engine.downloader is not None:
                     pending = await anyio.to_thread.run_sync(journal.images_to_fetch)
-                    services.start_soon(_download, worker.downloader, pending, downloads)
-                async with anyio.create_task_group() as workers:
-                    if handle_signals:
-                        services.start_soon(
-                            _watch_signals, dispatcher, workers.cancel_scope, grace_s
-                        )
-                    for lane in parts.lanes:
-                        for _ in range(config.limits.max_concurrent):
-                            workers.start_soon(worker.run_slot, lane)
-                if dispatcher.abandoned and worker.in_flight:
-                    with anyio.move_on_after(config.api.read_timeout_s):
-                        await worker.cancel_in_flight()
-                if worker.downloader is not None and not dispatcher.abandoned:
-                    worker.downloader.close()  # the images of every job that ended are stored
+                    services.start_soon(_download, engine.downloader, pending, downloads)
+                if drive.handle_signals:
+                    services.start_soon(_watch_signals, dispatcher, engine, drive.grace_s)
+                await engine.work()
+                if engine.downloader is not None and not dispatcher.abandoned:
+                    engine.downloader.close()  # the images of every job that ended are stored
                     await downloads.wait()
                 stop_ingest.set()
                 services.cancel_scope.cancel()
@@ -814,9 +882,9 @@ async def _drive(
         faults.drive = exc
     finally:
         stop_ingest.set()
-        if worker.downloader is not None:
-            worker.downloader.discard()
-        await parts.client.aclose()
+        if engine.downloader is not None:
+            engine.downloader.discard()
+        await engine.aclose()
     return _stopped_by(config, dispatcher, no_key)
 
 
@@ -844,16 +912,14 @@ async def _download(
         done.set()
 
 
-async def _cancel_on_budget(dispatcher: Dispatcher, worker: Worker) -> None:
+async def _cancel_on_budget(dispatcher: Dispatcher, engine: _Engine) -> None:
     """budget.cancel_in_flight: once no more jobs fit the budget, the jobs in flight are
     cancelled at the provider; each then ends `cancelled`, billed nothing."""
     await dispatcher.budget_hit.wait()
-    await worker.cancel_in_flight()
+    await engine.cancel_in_flight()
 
 
-async def _watch_signals(
-    dispatcher: Dispatcher, workers: anyio.CancelScope, grace_s: float
-) -> None:
+async def _watch_signals(dispatcher: Dispatcher, engine: _Engine, grace_s: float) -> None:
     """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop
     now, and cancel the jobs in flight at the provider."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -861,8 +927,8 @@ async def _watch_signals(
             if not dispatcher.stopped:
                 _log.warning("stopping", signal=signal.Signals(signum).name, grace_s=grace_s)
                 dispatcher.stop()
-                workers.deadline = min(workers.deadline, anyio.current_time() + grace_s)
+                engine.limit(grace_s)
             else:
                 _log.warning("stopping_now", signal=signal.Signals(signum).name)
                 dispatcher.abandoned = True  # the jobs in flight are cancelled at the provider
-                workers.cancel()
+                engine.cancel()

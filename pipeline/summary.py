@@ -110,6 +110,8 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "latency_s": percentiles(stats.latencies),
         "notice_delay_s": percentiles(stats.notice_delays),
         "keys": summary.keys,
+        "per_key": summary.per_key,
+        "workers": summary.workers,
         "retired_keys": stats.retired_keys,
         "waiting_on_keys": summary.waiting_on_keys,
         "started_at": _iso(summary.started_at),

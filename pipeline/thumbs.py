@@ -10,10 +10,20 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import Protocol
 
 from pipeline.schema import UPLOAD_TOKEN
 
-__all__ = ["THUMBS", "input_thumb", "make_thumbnail", "output_thumb", "write_thumb"]
+__all__ = [
+    "THUMBS",
+    "FolderThumbs",
+    "ThumbSink",
+    "input_thumb",
+    "make_thumbnail",
+    "output_thumb",
+    "save_thumb",
+    "write_thumb",
+]
 
 THUMBS = "report-thumbs"
 _SIDE = 160  # px, the longer side
@@ -45,7 +55,28 @@ def make_thumbnail(data: bytes) -> bytes:
 def write_thumb(folder: Path, name: str, data: bytes) -> None:
     """Write a thumbnail of `data` as `name`, whole or not at all; OSError and a picture
     Pillow cannot read (ValueError, OSError) are the caller's to ignore."""
+    save_thumb(folder, name, make_thumbnail(data))
+
+
+def save_thumb(folder: Path, name: str, thumbnail: bytes) -> None:
+    """Write a thumbnail already made, whole or not at all."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
-    tmp.write_bytes(make_thumbnail(data))
+    tmp.write_bytes(thumbnail)
     os.replace(tmp, folder / name)
+
+
+class ThumbSink(Protocol):
+    """Where the downloader's thumbnails go: the run folder, or (on a Ray worker) the driver,
+    which writes them there."""
+
+    def put(self, name: str, data: bytes) -> None:
+        """A thumbnail of the image `data`, as `name` (raises as `write_thumb` does)."""
+
+
+class FolderThumbs:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def put(self, name: str, data: bytes) -> None:
+        write_thumb(self.folder, name, data)

@@ -26,13 +26,13 @@ import structlog
 from pipeline.assets import Downloader, DownloadStats
 from pipeline.client import EachlabsClient, Prediction
 from pipeline.config import RunConfig
-from pipeline.dispatch import Dispatcher
+from pipeline.dispatch import JobSource
 from pipeline.errors import ApiError, NotFound, RateLimited, Unauthorized, UnsafePredictionId
 from pipeline.inputs import Uploads
 from pipeline.journal import (
+    Commits,
     Entry,
     Finish,
-    GroupCommit,
     MarkCreated,
     MarkCreating,
     MarkPending,
@@ -206,8 +206,8 @@ class Worker:
         self,
         config: RunConfig,
         client: EachlabsClient,
-        journal: GroupCommit,
-        dispatcher: Dispatcher,
+        journal: Commits,
+        dispatcher: JobSource,
         planner: PollPlanner,
         stats: RunStats,
         callbacks: Callbacks | None = None,
@@ -260,7 +260,8 @@ class Worker:
                     await self.run_job(lane, entry)
                 except _KeyRefused as refused:
                     self.dispatcher.give_back(refused.entry)
-                    self.dispatcher.retire(lane)
+                    lane.retired = True
+                    self.dispatcher.retire(lane.key.name)
                     return
                 except _GiveWay as way:
                     self.dispatcher.give_back(way.entry)
