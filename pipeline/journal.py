@@ -854,15 +854,17 @@ class Journal:
         failed = (Status.FAILED.value, Status.REJECTED.value)
         return self._pages("row_number, record", "status IN (?, ?)", failed, batch_size)
 
-    def images_to_fetch(self) -> list[tuple[int, str, int, str]]:
-        """Output images of succeeded jobs not stored yet (pending, or failed before): row
-        number, job id, index, URL."""
+    def images_to_fetch(self, pending_only: bool = False) -> list[tuple[int, str, int, str]]:
+        """Output images of succeeded jobs not stored yet (pending, or failed before, unless
+        `pending_only`): row number, job id, index, URL."""
+        states = ("pending",) if pending_only else ("pending", "failed")
         with self._lock:
             rows = self._db.execute(
                 "SELECT i.row_number, j.job_id, i.idx, i.url FROM images i"
                 " JOIN jobs j ON j.row_number = i.row_number"
-                " WHERE i.state != 'stored' AND j.status = ? ORDER BY i.row_number, i.idx",
-                (Status.SUCCEEDED.value,),
+                f" WHERE i.state IN ({','.join('?' * len(states))}) AND j.status = ?"
+                " ORDER BY i.row_number, i.idx",
+                (*states, Status.SUCCEEDED.value),
             ).fetchall()
         return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
 

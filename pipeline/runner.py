@@ -771,6 +771,11 @@ class _Distributed:
 
     async def work(self) -> None:
         await self.cluster.serve(self.journal, self.commit, self.dispatcher, self.stats)
+        if self.downloader is not None and not self.dispatcher.abandoned:
+            # images a dead worker was still fetching: every worker is done, so the ones
+            # still pending are those
+            lost = await anyio.to_thread.run_sync(self.journal.images_to_fetch, True)
+            self.downloader.submit_many(lost)
 
     def limit(self, seconds: float) -> None:
         self.cluster.limit(seconds)

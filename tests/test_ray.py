@@ -1,0 +1,248 @@
+"""Runs spread over Ray workers (`--workers`): one local Ray cluster for the session
+(`ray.init(num_cpus=2)`), the sandbox as a real server on loopback, its ledger the judge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+import ray
+import yaml
+
+from pipeline.cluster import Workers, spread
+from pipeline.errors import ConfigError
+from pipeline.keys import ApiKey
+from pipeline.runner import ExitCode
+from pipeline.sandbox import SandboxServer, key_hash
+from tests.conftest import (
+    KEY,
+    KEY2,
+    SCALE,
+    assert_one_result_per_row,
+    catalog,
+    config_data,
+    go,
+    judge_against_ledger,
+    ledger_cost,
+    make_config,
+    results,
+    shrunk_sandbox,
+    write_manifest,
+)
+from tests.test_crash import Pipeline, wait_for
+
+Start = Callable[..., SandboxServer]
+pytestmark = pytest.mark.anyio
+
+KEYS = (KEY, KEY2, "sandbox-key-three", "sandbox-key-four")
+LIMITS = {"creates_per_window": 20, "max_concurrent": 4}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray cluster for every test that needs it; its address, for subprocesses."""
+    ray.init(
+        num_cpus=2,
+        object_store_memory=80 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield str(ray.get_runtime_context().gcs_address)
+    ray.shutdown()
+
+
+def _worker_processes() -> list[psutil.Process]:
+    """The processes of our Ray workers (Ray titles an actor's process with its class)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if line.startswith("ray::WorkerProcess"):
+            found.append(proc)
+    return found
+
+
+async def _until(check: Callable[[], bool], within: float = 60) -> None:
+    """Until `check` holds (polled in a thread: what it reads has no event to wait on)."""
+    held = await anyio.to_thread.run_sync(wait_for, check, within, lambda: True)
+    assert held, f"not seen within {within} s"
+
+
+def _sandbox(sandbox: Start, **kwargs: Any) -> SandboxServer:
+    return shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=4, **LIMITS, **kwargs)
+
+
+async def test_two_workers_drive_four_keys_each_within_its_limits(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _sandbox(sandbox)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(160))
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    summary = await go(config, list(KEYS), workers=Workers(2))
+    rows = results(summary)
+    assert summary.exit_code is ExitCode.OK, summary.message
+    assert_one_result_per_row(rows, 160)
+    assert all(r["status"] == "succeeded" and r["images"] == 1 for r in rows)
+
+    # each key owned by one worker, two keys each
+    owned = [set(w["keys"]) for w in summary.workers]
+    assert [len(o) for o in owned] == [2, 2] and not owned[0] & owned[1]
+    assert set().union(*owned) == {ApiKey(k).name for k in KEYS}
+    assert all(w["jobs_finished"] > 0 and w["restarts"] == 0 for w in summary.workers)
+
+    # every key within its limits at the provider, and every key worked
+    for key in KEYS:
+        stats = sb.stats()["keys"][key_hash(key)]
+        assert stats["max_creates_in_window"] <= 20
+        assert stats["max_in_flight"] <= 4
+        assert stats["refused_429"] == 0
+        assert summary.per_key[ApiKey(key).name]["jobs"] > 0
+
+    # nothing paid twice, and the cost is the ledger's
+    figures = judge_against_ledger(sb, config.output.dir, 160)
+    assert figures["creates"] == 160 and figures["orphans"] == 0
+    assert summary.totals["cost_usd"] == pytest.approx(ledger_cost(sb))
+    assert summary.stats.creates_sent == 160 and summary.stats.finished == 160
+    assert len(summary.stats.latencies) == 160
+
+    # one run of record: results, images and a summary covering both workers
+    document = json.loads((config.output.dir / "summary.json").read_text())
+    assert [w["worker"] for w in document["workers"]] == ["worker-1", "worker-2"]
+    assert document["jobs_finished_this_run"] == 160
+    assert len(list((config.output.dir / "images").iterdir())) == 160
+    thumbs = config.output.dir / "report-thumbs"
+    assert len([p for p in thumbs.iterdir() if p.name.startswith("o-")]) == 160
+    metrics = (config.output.dir / "metrics.prom").read_text()
+    assert 'wanbatch_worker_jobs_finished{worker="worker-1"}' in metrics
+    for key in KEYS:
+        assert f'wanbatch_in_flight_jobs{{key="{ApiKey(key).name}"}}' in metrics
+
+
+async def test_a_worker_killed_mid_run_loses_nothing(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _sandbox(sandbox)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(200))
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    summary = None
+
+    async def run() -> None:
+        nonlocal summary
+        summary = await go(config, list(KEYS), workers=Workers(2))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await _until(lambda: len(_worker_processes()) == 2 and sb.stats()["creates"] >= 60)
+        victim = _worker_processes()[0]
+        victim.send_signal(signal.SIGKILL)
+    assert summary is not None
+    assert summary.exit_code is ExitCode.OK, summary.message
+    rows = results(summary)
+    assert_one_result_per_row(rows, 200)
+    assert all(r["status"] == "succeeded" for r in rows)
+    assert sum(w["restarts"] for w in summary.workers) == 1
+    # what the dead worker held was polled again or created again, never paid twice uncounted
+    figures = judge_against_ledger(sb, config.output.dir, 200)
+    # a create in flight at the kill may or may not have reached the provider: it is counted
+    assert 200 <= figures["creates"] <= 200 + figures["ambiguous"]
+    assert summary.stats.ambiguous_creates == figures["ambiguous"]
+    assert summary.totals["cost_usd"] == pytest.approx(ledger_cost(sb) - figures["orphans"] * 0.03)
+    for key in KEYS:
+        stats = sb.stats()["keys"][key_hash(key)]
+        assert stats["max_creates_in_window"] <= 20 and stats["max_in_flight"] <= 4
+
+
+def _created(run_dir: Path) -> int:
+    path = run_dir / "journal.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status='created'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        db.close()
+
+
+async def test_a_killed_distributed_run_resumes(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _sandbox(sandbox)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(120))
+    data = config_data(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    driver = Pipeline(path, "--workers", "2", "--ray-address", ray_cluster, keys=",".join(KEYS))
+    run_dir = tmp_path / "run"
+    await _until(lambda: _created(run_dir) >= 8 or not driver.running(), within=90)
+    assert driver.running(), driver.wait()[1]
+    os.kill(driver.proc.pid, signal.SIGKILL)
+    driver.wait()
+    # the driver's workers go with it; the same command resumes, here from Python
+    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    summary = await go(config, list(KEYS), workers=Workers(2))
+    assert summary.exit_code is ExitCode.OK, summary.message
+    assert summary.stats.reattached >= 1
+    rows = results(summary)
+    assert_one_result_per_row(rows, 120)
+    assert all(r["status"] == "succeeded" for r in rows)
+    figures = judge_against_ledger(sb, run_dir, 120)
+    assert 120 <= figures["creates"] <= 120 + figures["ambiguous"]
+
+
+def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "m.csv")
+    keys = [ApiKey(f"key-number-{i}") for i in range(7)]
+    groups = [[keys[0].name, keys[1].name, keys[2].name]]  # one account: one cap for three
+    sets = spread(keys, groups, 3, config)
+    names = [{k.name for k in s} for s in sets]
+    assert sum(len(s) for s in sets) == 7
+    assert any(set(groups[0]) <= n for n in names)  # a group is never split
+    # a group of three shares one cap (10 jobs in flight): worth one key at the real pace
+    assert sorted(len(s) for s in sets) == [2, 2, 3]
+    assert len(spread(keys[:2], [], 4, config)) == 2  # never more workers than keys
+
+
+async def test_workers_with_webhooks_or_a_bad_count_stop_before_anything(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _sandbox(sandbox)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(3))
+    hooked = make_config(tmp_path, sb.base_url, manifest, webhook={"enabled": True})
+    with pytest.raises(ConfigError, match=r"webhook\.enabled and --workers"):
+        await go(hooked, [KEY], workers=Workers(2))
+    plain = make_config(tmp_path, sb.base_url, manifest)
+    with pytest.raises(ConfigError, match="at least 1"):
+        await go(plain, [KEY], workers=Workers(0))
+    assert sb.stats()["creates"] == 0
+
+
+def test_the_cli_names_the_extra_when_ray_is_missing(tmp_path: Path) -> None:
+    """Without Ray importable, `--workers` says how to install it (exit 2, one line)."""
+    blocker = tmp_path / "noray"
+    blocker.mkdir()
+    (blocker / "ray.py").write_text("raise ImportError('no ray here')\n")
+    manifest = write_manifest(tmp_path / "m.csv", catalog(2))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_data(tmp_path, "http://127.0.0.1:9/v1", manifest)))
+    env = {**os.environ, "PYTHONPATH": str(blocker), "EACHLABS_API_KEY": KEY}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(path), "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "pip install 'wanbatch[ray]'" in done.stderr
+    assert "Traceback" not in done.stderr
