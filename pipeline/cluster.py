@@ -14,6 +14,7 @@ flight as ambiguous, as a resumed run does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import secrets
@@ -94,6 +95,7 @@ def ray_session(workers: Workers) -> Iterator[Any]:
                 num_cpus=max(os.cpu_count() or 1, workers.count),
                 include_dashboard=False,
                 log_to_driver=False,
+                logging_level=logging.ERROR,  # Ray's own start-up lines stay off the terminal
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"at {address}" if address else "locally"
@@ -167,7 +169,7 @@ class Cluster:
         uploads: bool,
     ) -> None:
         self._ray = ray
-        self._config = config
+        self._config = _absolute(config)
         self._groups = groups
         self._base_url = base_url
         self._uploads = uploads
@@ -248,7 +250,7 @@ class Cluster:
     async def started(self, journal: Journal) -> AsyncIterator[None]:
         """Every worker started and checked (ConfigError before any create if one cannot do
         its part); they are stopped when the block ends."""
-        async with self._store_marker():
+        with self._store_marker():
             try:
                 async with anyio.create_task_group() as tg:
                     for member in self.members:
@@ -259,7 +261,8 @@ class Cluster:
                 yield
             finally:
                 for member in self.members:
-                    self._ray.kill(member.actor, no_restart=True)
+                    if member.actor is not None:
+                        self._ray.kill(member.actor, no_restart=True)
 
     async def serve(
         self, journal: Journal, commit: GroupCommit, dispatcher: Dispatcher, stats: RunStats
@@ -269,8 +272,8 @@ class Cluster:
             for member in self.members:
                 tg.start_soon(self._keep, member, journal, commit, dispatcher, stats)
 
-    @asynccontextmanager
-    async def _store_marker(self) -> AsyncIterator[None]:
+    @contextmanager
+    def _store_marker(self) -> Iterator[None]:
         """A folder store gets a file each worker must see there: a worker on a node that
         cannot reach the folder stops the run before any create."""
         a = self._config.assets
@@ -278,7 +281,6 @@ class Cluster:
             yield
             return
         folder = Path(a.store)
-        folder = folder if folder.is_absolute() else self._config.output.dir / folder
         folder.mkdir(parents=True, exist_ok=True)
         self._marker = folder / f".wanbatch-reach-{secrets.token_hex(6)}"
         self._marker.write_text("every worker must see this file\n")
@@ -459,6 +461,20 @@ class Cluster:
         for entry in entries:
             dispatcher.give_back(entry)
         _log.warning("worker_jobs_recovered", worker=member.name, jobs=len(entries))
+
+
+def _absolute(config: RunConfig) -> RunConfig:
+    """The config with the run folder and a folder store made absolute: a worker's working
+    folder is not the driver's."""
+    store = config.assets.store
+    if "://" not in store:
+        store = str(Path(store).absolute())
+    return config.model_copy(
+        update={
+            "output": config.output.model_copy(update={"dir": config.output.dir.absolute()}),
+            "assets": config.assets.model_copy(update={"store": store}),
+        }
+    )
 
 
 async def _save_thumbs(folder: Path, thumbs: list[tuple[str, bytes]]) -> None:

@@ -9,6 +9,11 @@ they achieve beside the troubled ones.
 
     python scripts/bench.py --keys 1 --rows 600 --latency-mean 10 --spread 0.05 --time-scale 0.05
     python scripts/bench.py --keys 8 --rows 8000 --slow-keys 1 --throttled-keys 1
+    python scripts/bench.py --keys 8 --rows 4800 --time-scale 0.2 --workers 2
+
+With `--workers N` the keys are spread over N Ray workers on a local Ray cluster, started
+before the clock starts; client CPU then counts the driver and every worker, and each worker's
+peak memory is printed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cluster import Workers
 from pipeline.config import parse_config
 from pipeline.keys import ApiKey
 from pipeline.logs import configure_logging
@@ -92,6 +98,7 @@ def _arguments() -> argparse.Namespace:
         help="keys per account: they share the provider's cap, and limits.groups says so",
     )
     parser.add_argument("--storm-rate", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=None, help="Ray workers (--workers)")
     parser.add_argument("--storm-s", type=float, default=30.0, help="provider seconds")
     return parser.parse_args()
 
@@ -174,6 +181,19 @@ def _held_beyond_latency(ends: pa.Table) -> list[float]:
     return sorted((f - c) / 1e6 - t for c, f, t in zip(created, finished, latency, strict=True))
 
 
+def _start_ray(count: int | None) -> Workers | None:
+    """A local Ray cluster for `--workers`, started before the clock starts (the run joins
+    it); None without workers."""
+    if count is None:
+        return None
+    import os
+
+    import ray
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, count), include_dashboard=False)
+    return Workers(count)
+
+
 def main() -> None:
     args = _arguments()
     keys = [f"bench-key-{i}" for i in range(args.keys)]
@@ -213,12 +233,17 @@ def main() -> None:
             )
             time.sleep(0.5)  # the sandbox process is listening once it printed its URL
             configure_logging(None)
+            workers = _start_ray(args.workers)
             cpu0, wall0 = time.process_time(), time.time()
             use0 = resource.getrusage(resource.RUSAGE_SELF)
             summary = anyio.run(
-                lambda: run(config, [ApiKey(k) for k in keys], handle_signals=False)
+                lambda: run(
+                    config, [ApiKey(k) for k in keys], handle_signals=False, workers=workers
+                )
             )
             cpu, wall1 = time.process_time() - cpu0, time.time()
+            driver_cpu = cpu
+            cpu += sum(w["cpu_s"] or 0.0 for w in summary.workers)
             use1 = resource.getrusage(resource.RUSAGE_SELF)
             user, system = use1.ru_utime - use0.ru_utime, use1.ru_stime - use0.ru_stime
             switches = use1.ru_nvcsw - use0.ru_nvcsw + use1.ru_nivcsw - use0.ru_nivcsw
@@ -293,6 +318,15 @@ def main() -> None:
     print(f"client_user_sys_per_1000  {user * per_1000:.2f} {system * per_1000:.2f}")
     print(f"context_switches_per_job  {switches / max(jobs, 1):.1f}")
     print(f"peak_rss_mb               {peak_mb:.0f}")
+    if summary.workers:
+        print(f"workers                   {len(summary.workers)}")
+        print(f"driver_cpu_ms_per_job     {driver_cpu / max(jobs, 1) * 1000:.2f}")
+        for w in summary.workers:
+            print(
+                f"{w['worker']:<25} keys {len(w['keys'])} jobs {w['jobs_finished']} "
+                f"cpu_ms_per_job {w['cpu_s'] / max(w['jobs_finished'], 1) * 1000:.2f} "
+                f"peak_rss_mb {w['peak_rss_mb']:.0f} restarts {w['restarts']}"
+            )
     # the double shares the 2 cores: when it is busy, the client's numbers suffer with it
     sandbox_s = sandbox_cpu.user + sandbox_cpu.system
     print(f"sandbox_cpu_s_per_1000    {sandbox_s / max(jobs, 1) * 1000:.2f}")

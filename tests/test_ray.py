@@ -19,6 +19,7 @@ import pytest
 import ray
 import yaml
 
+from pipeline.api import arun
 from pipeline.cluster import Workers, spread
 from pipeline.errors import ConfigError
 from pipeline.keys import ApiKey
@@ -87,7 +88,7 @@ async def test_two_workers_drive_four_keys_each_within_its_limits(
     sb = _sandbox(sandbox)
     manifest = write_manifest(tmp_path / "m.csv", catalog(160))
     config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
-    summary = await go(config, list(KEYS), workers=Workers(2))
+    summary = await arun(config, keys=list(KEYS), workers=2)  # run.log, as from Python
     rows = results(summary)
     assert summary.exit_code is ExitCode.OK, summary.message
     assert_one_result_per_row(rows, 160)
@@ -125,6 +126,10 @@ async def test_two_workers_drive_four_keys_each_within_its_limits(
     assert 'wanbatch_worker_jobs_finished{worker="worker-1"}' in metrics
     for key in KEYS:
         assert f'wanbatch_in_flight_jobs{{key="{ApiKey(key).name}"}}' in metrics
+    events = [json.loads(line) for line in (config.output.dir / "run.log").read_text().splitlines()]
+    finished = next(e for e in events if e["event"] == "run_finished")
+    assert "worker-1 on" in finished["progress"] and "worker-2 on" in finished["progress"]
+    assert all(KEY not in line for line in map(json.dumps, events))  # no secret logged
 
 
 async def test_a_worker_killed_mid_run_loses_nothing(
