@@ -267,7 +267,6 @@ class WorkerProcess:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: anyio.CancelScope | None = None
         self._side: KeySide | None = None
-        _forward_logs(self._outbox)
 
     def check(self) -> str | None:
         """What keeps this worker from doing its part (None: nothing), before any create."""
@@ -283,6 +282,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         """Drive the keys until no work is left for them (or the driver stops the run)."""
+        _forward_logs(self._outbox)
         task = asyncio.get_running_loop().create_task(self._main())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ import yaml
 
 from pipeline.api import arun
 from pipeline.cluster import Workers, spread
+from pipeline.config import RunConfig, parse_config
 from pipeline.errors import ConfigError
 from pipeline.keys import ApiKey
+from pipeline.remote import WorkerProcess, WorkerSetup
 from pipeline.runner import ExitCode
 from pipeline.sandbox import SandboxServer, key_hash
 from tests.conftest import (
@@ -82,12 +85,19 @@ def _sandbox(sandbox: Start, **kwargs: Any) -> SandboxServer:
     return shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=4, **LIMITS, **kwargs)
 
 
+def _catalog_run(sandbox: Start, tmp_path: Path, rows: int) -> tuple[SandboxServer, RunConfig]:
+    """A sandbox of the four keys and a config for a catalog of `rows` against it."""
+    sb = _sandbox(sandbox)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(rows))
+    data = config_data(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    return sb, parse_config(data, tmp_path)
+
+
 async def test_two_workers_drive_four_keys_each_within_its_limits(
     ray_cluster: str, sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = _sandbox(sandbox)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(160))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    sb, config = _catalog_run(sandbox, tmp_path, 160)
     summary = await arun(config, keys=list(KEYS), workers=2)  # run.log, as from Python
     rows = results(summary)
     assert summary.exit_code is ExitCode.OK, summary.message
@@ -135,9 +145,7 @@ async def test_two_workers_drive_four_keys_each_within_its_limits(
 async def test_a_worker_killed_mid_run_loses_nothing(
     ray_cluster: str, sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = _sandbox(sandbox)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(200))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    sb, config = _catalog_run(sandbox, tmp_path, 200)
     summary = None
 
     async def run() -> None:
@@ -182,19 +190,21 @@ def _created(run_dir: Path) -> int:
 async def test_a_killed_distributed_run_resumes(
     ray_cluster: str, sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = _sandbox(sandbox)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(120))
-    data = config_data(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    driver = Pipeline(path, "--workers", "2", "--ray-address", ray_cluster, keys=",".join(KEYS))
+    sb, config = _catalog_run(sandbox, tmp_path, 120)
+    driver = Pipeline(
+        tmp_path / "config.yaml",
+        "--workers",
+        "2",
+        "--ray-address",
+        ray_cluster,
+        keys=",".join(KEYS),
+    )
     run_dir = tmp_path / "run"
     await _until(lambda: _created(run_dir) >= 8 or not driver.running(), within=90)
     assert driver.running(), driver.wait()[1]
     os.kill(driver.proc.pid, signal.SIGKILL)
     driver.wait()
     # the driver's workers go with it; the same command resumes, here from Python
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
     summary = await go(config, list(KEYS), workers=Workers(2))
     assert summary.exit_code is ExitCode.OK, summary.message
     assert summary.stats.reattached >= 1
@@ -251,3 +261,18 @@ def test_the_cli_names_the_extra_when_ray_is_missing(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "pip install 'wanbatch[ray]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_worker_that_cannot_see_a_folder_store_says_so(tmp_path: Path) -> None:
+    """A folder store on the driver's disk that a worker's node does not share (the marker
+    the driver wrote is not there) is named, with what to use instead."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "m.csv")
+    seen = tmp_path / "images" / ".wanbatch-reach-1"
+    seen.parent.mkdir()
+    seen.write_text("x")
+    setup = WorkerSetup(1, config, [ApiKey(KEY)], [], "http://127.0.0.1:9/v1", {}, False)
+    assert WorkerProcess(replace(setup, store_marker=str(seen))).check() is None
+    unseen = str(tmp_path / "elsewhere" / ".wanbatch-reach-1")
+    problem = WorkerProcess(replace(setup, store_marker=unseen)).check()
+    assert problem is not None
+    assert "cannot see" in problem and "s3://" in problem and str(tmp_path / "elsewhere") in problem
