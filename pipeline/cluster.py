@@ -147,8 +147,8 @@ class _Member:
     last_post: asyncio.Event | None = None  # the last of its updates given to the journal
     jobs: list[tuple[str, Entry | None]] = field(default_factory=list)
     wake: anyio.Event = field(default_factory=anyio.Event)
-    sent: tuple[int, bool, bool, bool] = (0, False, False, False)  # the last orders' acked
-    # and flags
+    sent: tuple[int, bool, bool, bool, bool] = (0, False, False, False, False)  # the last
+    # orders' acked and flags
 
     @property
     def name(self) -> str:
@@ -178,6 +178,7 @@ class Cluster:
         self._cancel = False
         self._deadline = math.inf
         self._marker: Path | None = None
+        self._returns = anyio.Event()
         self._actor_class = ray.remote(WorkerProcess).options(
             num_cpus=1, scheduling_strategy="SPREAD", max_restarts=0
         )
@@ -306,7 +307,7 @@ class Cluster:
         )
         member.actor = self._actor_class.remote(setup)
         member.state, member.counted, member.stored = "starting", {}, (0, 0, 0)
-        member.acked, member.jobs, member.sent = 0, [], (0, False, False, False)
+        member.acked, member.jobs, member.sent = 0, [], (0, False, False, False, False)
         try:
             problem = await member.actor.check.remote()
         except self._ray.exceptions.RayActorError as exc:
@@ -327,6 +328,8 @@ class Cluster:
             died = await self._life(member, commit, dispatcher, stats)
             if not died:
                 member.state = "done"
+                member.handed.clear()  # every job it held ended or was given back
+                self._returned()
                 return
             member.state = "replacing"
             if member.last_post is not None:  # what it sent is journaled before its jobs are read
@@ -385,12 +388,16 @@ class Cluster:
         for entry in report.given_back:
             member.handed.pop(entry.row_number, None)
             dispatcher.give_back(entry)
+        if report.given_back:
+            self._returned()
         if report.updates:
             for update in report.updates:
                 if isinstance(update, Finish):
                     held = member.handed.pop(update.row_number, None)
                     if held is not None:
                         dispatcher.settle(held, update.outcome)
+                        if not member.handed:  # asks waiting on its jobs look again
+                            self._returned()
             member.last_post = commit.post(*report.updates)
             tg.start_soon(self._ack, member, commit, member.last_post, report.seq)
         for name in report.retired:
@@ -413,7 +420,15 @@ class Cluster:
         member.wake.set()
 
     async def _hand(self, member: _Member, dispatcher: Dispatcher, key_name: str) -> None:
-        entry = await dispatcher.next_job(key_name)
+        """A job for a free slot of `member`'s key. While other workers hold jobs that may
+        come back (a paused key gives its unstarted jobs back, a dead worker's are read
+        again), "no more work" waits for them rather than ending the slot."""
+        while True:
+            entry = await dispatcher.next_job(key_name)
+            if entry is not None or dispatcher.stopped or not self._held_elsewhere(member):
+                break
+            with anyio.move_on_after(_ORDERS_TICK_S):
+                await self._returns.wait()
         if entry is not None:
             member.handed[entry.row_number] = entry
         member.jobs.append((key_name, entry))
@@ -427,7 +442,12 @@ class Cluster:
             member.wake = anyio.Event()
             if time.monotonic() >= self._deadline:
                 self._abandon = True
-            flags = (dispatcher.halted, self._abandon or dispatcher.abandoned, self._cancel)
+            flags = (
+                dispatcher.halted,
+                self._abandon or dispatcher.abandoned,
+                self._cancel,
+                self._open_elsewhere(member),
+            )
             now = (member.acked, *flags)
             if not member.jobs and now == member.sent:
                 continue
@@ -435,6 +455,23 @@ class Cluster:
             orders = Orders(member.acked, jobs, *flags)
             member.sent = now
             await member.actor.deliver.remote(orders)
+
+    def _held_elsewhere(self, member: _Member) -> bool:
+        return any(other is not member and other.handed for other in self.members)
+
+    def _returned(self) -> None:
+        """A job came back to the dispatcher, or a worker ended: waiting asks look again."""
+        self._returns.set()
+        self._returns = anyio.Event()
+
+    def _open_elsewhere(self, member: _Member) -> bool:
+        """Whether a key of another worker was serving and not paused at its last report."""
+        return any(
+            key.state == "working"
+            for other in self.members
+            if other is not member and other.state == "working" and other.figures is not None
+            for key in other.figures.keys
+        )
 
     def _merge(self, member: _Member, figures: Figures, stats: RunStats) -> None:
         for name in COUNTERS:
@@ -460,6 +497,7 @@ class Cluster:
         entries = await anyio.to_thread.run_sync(journal.open_entries, rows)
         for entry in entries:
             dispatcher.give_back(entry)
+        self._returned()
         _log.warning("worker_jobs_recovered", worker=member.name, jobs=len(entries))
 
 

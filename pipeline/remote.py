@@ -110,6 +110,7 @@ class Orders:
     halt: bool = False  # no new creates (a signal, the budget): jobs handed out go back
     abandon: bool = False  # stop now and cancel the jobs in flight
     cancel_in_flight: bool = False  # budget.cancel_in_flight
+    open_elsewhere: bool = False  # a key of another worker is serving and not paused
 
 
 class Outbox:
@@ -191,6 +192,7 @@ class Handouts:
         self._drained = asyncio.Event()  # the driver said a key has no more work
         self.halted = False
         self.abandoned = False
+        self.open_elsewhere = False  # a paused key's job can go to another worker's key
 
     async def next_job(self, key_name: str) -> Entry | None:
         if self.halted:
@@ -295,6 +297,7 @@ class WorkerProcess:
         for key_name, entry in orders.jobs:
             self._handouts.deliver(key_name, entry)
         self._handouts.halted = self._handouts.halted or orders.halt
+        self._handouts.open_elsewhere = orders.open_elsewhere
         side = self._side
         if orders.abandon and not self._handouts.abandoned:
             self._handouts.abandoned = True
@@ -330,6 +333,7 @@ class WorkerProcess:
             thumbs=_RemoteThumbs(self._outbox),
         )
         worker = side.worker
+        worker.open_elsewhere = lambda: self._handouts.open_elsewhere
         a = config.assets
         if s.uploads and a.upload_to is not None:
             worker.uploads = Uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)

@@ -241,6 +241,8 @@ class Worker:
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
         self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
         self.uploads: Uploads | None = None  # signs uploaded inputs, when assets.upload_to
+        # on a Ray worker: whether a key of another worker can take a job now
+        self.open_elsewhere: Callable[[], bool] | None = None
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
 
     def ages(self) -> list[float]:
@@ -270,7 +272,9 @@ class Worker:
             lane.serving -= 1
 
     def _others_open(self, lane: KeyLane) -> bool:
-        return any(other is not lane and other.open_for_work() for other in self.lanes)
+        if any(other is not lane and other.open_for_work() for other in self.lanes):
+            return True
+        return self.open_elsewhere is not None and self.open_elsewhere()
 
     async def run_job(self, lane: KeyLane, entry: Entry) -> None:
         log = _JobLog(entry, lane)

@@ -27,7 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.keys import ApiKey
 from pipeline.remote import WorkerProcess, WorkerSetup
 from pipeline.runner import ExitCode
-from pipeline.sandbox import SandboxServer, key_hash
+from pipeline.sandbox import FaultRates, SandboxServer, key_hash
 from tests.conftest import (
     KEY,
     KEY2,
@@ -213,6 +213,38 @@ async def test_a_killed_distributed_run_resumes(
     assert all(r["status"] == "succeeded" for r in rows)
     figures = judge_against_ledger(sb, run_dir, 120)
     assert 120 <= figures["creates"] <= 120 + figures["ambiguous"]
+
+
+async def test_a_throttled_key_gives_its_jobs_to_another_workers_key(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    """Each key alone on its worker: the throttled key's jobs go back to the driver and on to
+    the other worker's key instead of waiting out 429 after 429 until they fail."""
+    keys = ["k-ok", "k-throttled"]
+    sb = shrunk_sandbox(
+        sandbox,
+        keys=tuple(keys),
+        latency_mean_s=2,
+        key_faults={"k-throttled": FaultRates(storm_429=1.0, storm_s=100_000)},
+    )
+    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        retries={"retry_after_max_s": 2},
+    )
+    summary = await go(config, keys, workers=Workers(2))
+    assert [len(w["keys"]) for w in summary.workers] == [1, 1]
+    rows = results(summary)
+    assert summary.exit_code is ExitCode.OK, summary.message
+    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in rows)
+    assert {r["key"] for r in rows} == {ApiKey("k-ok").name}
+    throttled = sb.stats()["keys"][key_hash("k-throttled")]
+    assert throttled["creates"] == 0 and throttled["refused_429"] > 0
+    assert summary.stats.rate_limited == throttled["refused_429"]
+    assert sb.stats()["creates"] == 80
 
 
 def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
