@@ -37,7 +37,8 @@ class LineReporter:
 
 
 class LiveReporter:
-    """A table that redraws in place: rows by state, images, cost, rate, ETA, and each key."""
+    """A table that redraws in place: rows by state, images, cost, rate, ETA, each key, and
+    each Ray worker of a distributed run."""
 
     def __init__(self, console: Console) -> None:
         self._console = console
@@ -87,4 +88,28 @@ class LiveReporter:
                 else ""
             )
             keys.add_row(key.name, str(key.in_flight), Text(key.state, style=style))
-        return Group(Text(self._title, style="bold"), figures, keys)
+        if not snap.workers:
+            return Group(Text(self._title, style="bold"), figures, keys)
+        workers = Table(
+            "worker",
+            "host",
+            "keys",
+            "in flight",
+            "done",
+            "restarts",
+            "state",
+            box=None,
+            padding=(0, 2),
+        )
+        for w in snap.workers:
+            style = "yellow" if w.restarts else ""
+            workers.add_row(
+                w.name,
+                w.host,
+                str(w.keys),
+                str(w.in_flight),
+                f"{w.finished:,}",
+                Text(str(w.restarts), style=style),
+                w.state,
+            )
+        return Group(Text(self._title, style="bold"), figures, keys, workers)
