@@ -180,7 +180,10 @@ class Cluster:
         self._marker: Path | None = None
         self._returns = anyio.Event()
         self._actor_class = ray.remote(WorkerProcess).options(
-            num_cpus=1, scheduling_strategy="SPREAD", max_restarts=0
+            num_cpus=1,
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+            runtime_env={"env_vars": _forwarded_env()},
         )
 
     # -- the run's view ------------------------------------------------------------------------
@@ -499,6 +502,19 @@ class Cluster:
             dispatcher.give_back(entry)
         self._returned()
         _log.warning("worker_jobs_recovered", worker=member.name, jobs=len(entries))
+
+
+# what the workers read from their environment as the driver does: object storage's
+# credentials and endpoints (obstore), and the proxies and CA of httpx
+_FORWARDED = ("AWS_", "GOOGLE_", "AZURE_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_")
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The driver's settings that workers need, so a worker on any node reaches the same
+    store, provider and proxy (sent to the workers through Ray, never logged)."""
+    return {
+        name: value for name, value in os.environ.items() if name.upper().startswith(_FORWARDED)
+    }
 
 
 def _absolute(config: RunConfig) -> RunConfig:

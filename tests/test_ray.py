@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 import anyio
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
@@ -85,11 +87,15 @@ def _sandbox(sandbox: Start, **kwargs: Any) -> SandboxServer:
     return shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=4, **LIMITS, **kwargs)
 
 
-def _catalog_run(sandbox: Start, tmp_path: Path, rows: int) -> tuple[SandboxServer, RunConfig]:
+def _catalog_run(
+    sandbox: Start, tmp_path: Path, rows: int, **sections: Any
+) -> tuple[SandboxServer, RunConfig]:
     """A sandbox of the four keys and a config for a catalog of `rows` against it."""
     sb = _sandbox(sandbox)
     manifest = write_manifest(tmp_path / "m.csv", catalog(rows))
-    data = config_data(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    data = config_data(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS, **sections
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     return sb, parse_config(data, tmp_path)
 
@@ -245,6 +251,31 @@ async def test_a_throttled_key_gives_its_jobs_to_another_workers_key(
     assert throttled["creates"] == 0 and throttled["refused_429"] > 0
     assert summary.stats.rate_limited == throttled["refused_429"]
     assert sb.stats()["creates"] == 80
+
+
+async def test_workers_store_the_images_in_object_storage(
+    ray_cluster: str, sandbox: Start, tmp_path: Path, s3: Any
+) -> None:
+    """The workers reach the bucket with the driver's settings (set here after the Ray
+    cluster started, so they can only have come from the driver)."""
+    sb, config = _catalog_run(sandbox, tmp_path, 40, assets={"store": "s3://catalog-images/n1"})
+    summary = await arun(config, keys=list(KEYS), workers=2)
+    assert summary.exit_code is ExitCode.OK, summary.message
+    images = pq.read_table(config.output.dir / "images.parquet").to_pylist()
+    assert len(images) == 40 and {i["state"] for i in images} == {"stored"}
+    listed = s3.list_objects_v2(Bucket="catalog-images", Prefix="n1/")["Contents"]
+    assert sorted(f"s3://catalog-images/{o['Key']}" for o in listed) == sorted(
+        str(i["path"]) for i in images
+    )
+    for image in images[:5]:
+        key = str(image["path"]).removeprefix("s3://catalog-images/")
+        body = s3.get_object(Bucket="catalog-images", Key=key)["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == image["sha256"]
+    assert not (config.output.dir / "images").exists()  # nothing on the driver's disk
+    assert summary.totals["cost_usd"] == pytest.approx(ledger_cost(sb))
+    log = (config.output.dir / "run.log").read_text()
+    assert "wanbatch-test-secret" not in log + json.dumps(summary.workers)
+    assert "wanbatch-test-secret" not in (config.output.dir / "summary.json").read_text()
 
 
 def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
