@@ -22,7 +22,7 @@ from pipeline.thumbs import ThumbSink
 from pipeline.webhook import Receiver
 from pipeline.worker import KeyLane, RunStats, Worker
 
-__all__ = ["KeySide", "assemble"]
+__all__ = ["KeySide", "assemble", "downloader"]
 
 
 @dataclass
@@ -93,9 +93,16 @@ def assemble(
         receiver.secret if receiver is not None else None,
     )
     if config.assets.download:
-        store = open_store(config.assets, config.output.dir)
-        worker.downloader = Downloader(config.assets, store, commit, thumbs)
-        stats.downloads = worker.downloader.stats
+        worker.downloader = downloader(config, commit, stats, thumbs)
         if config.embedded_sandbox:  # the sandbox serves the demo's sample inputs
             worker.downloader.samples_from = base_url.removesuffix("/v1")
     return KeySide(client, worker, lanes)
+
+
+def downloader(
+    config: RunConfig, commit: Commits, stats: RunStats, thumbs: ThumbSink | None
+) -> Downloader:
+    """The run's images kept in `assets.store`; its figures counted in `stats`."""
+    kept = Downloader(config.assets, open_store(config.assets, config.output.dir), commit, thumbs)
+    stats.downloads = kept.stats
+    return kept

@@ -18,16 +18,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import structlog
 
-from pipeline.assemble import assemble
 from pipeline.assets import CopyCheck, Downloader, open_store
-from pipeline.cluster import Cluster, Workers, check_workers, ray_session, spread
+from pipeline.cluster import Workers, check_workers
 from pipeline.config import RunConfig
 from pipeline.dispatch import Dispatcher
+from pipeline.engine import Engine, open_engine
 from pipeline.errors import (
     ConfigError,
     ManifestError,
@@ -36,18 +36,17 @@ from pipeline.errors import (
     WanbatchError,
 )
 from pipeline.htmlreport import write_report
-from pipeline.journal import GroupCommit, Journal
+from pipeline.journal import Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey, resolve_groups
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
 from pipeline.objects import copy_object
 from pipeline.observe import Observer, Reporter
-from pipeline.progress import LocalView, RunView
 from pipeline.runfolder import RunFolder
 from pipeline.sandbox import FaultRates, SandboxSettings
 from pipeline.state import StateStore
 from pipeline.summary import finish_line, write_summary
-from pipeline.thumbs import THUMBS, FolderThumbs
+from pipeline.thumbs import THUMBS
 from pipeline.webhook import Callbacks, Receiver
 from pipeline.worker import RunStats
 from pipeline.writer import ResultLayout, write_failures, write_images, write_results
@@ -478,7 +477,7 @@ async def _run_held(
             )
             async with (
                 _receiver(config) as receiver,
-                _engine(
+                open_engine(
                     config, journal, manifest, base_url, lanes_keys, stats, spent, receiver, workers
                 ) as engine,
             ):
@@ -652,159 +651,6 @@ def _remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
         state.record(batch)
 
 
-class _Engine(Protocol):
-    """What drives the keys: this process's slots, or Ray workers (`--workers`)."""
-
-    dispatcher: Dispatcher
-    commit: GroupCommit
-    downloader: Downloader | None
-    view: RunView
-
-    def figures(self) -> list[dict[str, Any]]:
-        """Per worker, for summary.json (none for a local run)."""
-
-    async def work(self) -> None:
-        """Drive the keys until no work is left or the run is stopped; when stopped for good,
-        cancel the jobs in flight at the provider."""
-
-    def limit(self, seconds: float) -> None:
-        """Jobs in flight get `seconds` more (a first signal)."""
-
-    def cancel(self) -> None:
-        """Stop now (a second signal)."""
-
-    async def cancel_in_flight(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-class _Local:
-    """The keys driven by this process's slots."""
-
-    def __init__(
-        self,
-        config: RunConfig,
-        journal: Journal,
-        base_url: str,
-        keys: list[ApiKey],
-        stats: RunStats,
-        spent: float,
-        receiver: Receiver | None,
-    ) -> None:
-        self.config = config
-        self.dispatcher = _dispatcher(config, journal, stats, spent, len(keys))
-        self.commit = GroupCommit(journal)
-        # a resume: the provider's window still holds the creates of the run before, if recent
-        recent = journal.recent_creates(time.time() - config.scaled(config.limits.window_s))
-        self.side = assemble(
-            config,
-            base_url,
-            keys,
-            resolve_groups(config.limits.groups, keys),
-            self.commit,
-            self.dispatcher,
-            stats,
-            recent,
-            receiver=receiver,
-            thumbs=FolderThumbs(config.output.dir / THUMBS),
-        )
-        self.downloader = self.side.worker.downloader
-        self._scope = anyio.CancelScope()
-        self.view: RunView = LocalView(self.side.lanes, self.side.worker)
-
-    def figures(self) -> list[dict[str, Any]]:
-        return []
-
-    async def work(self) -> None:
-        worker = self.side.worker
-        with self._scope:
-            async with anyio.create_task_group() as slots:
-                for lane in self.side.lanes:
-                    for _ in range(self.config.limits.max_concurrent):
-                        slots.start_soon(worker.run_slot, lane)
-        if self.dispatcher.abandoned and worker.in_flight:
-            with anyio.move_on_after(self.config.api.read_timeout_s):
-                await worker.cancel_in_flight()
-
-    def limit(self, seconds: float) -> None:
-        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
-
-    def cancel(self) -> None:
-        self._scope.cancel()
-
-    async def cancel_in_flight(self) -> None:
-        await self.side.worker.cancel_in_flight()
-
-    async def aclose(self) -> None:
-        await self.side.client.aclose()
-
-
-class _Distributed:
-    """The keys driven by Ray workers, each owning some (see `pipeline.cluster`); this
-    process keeps the journal of record, hands out the jobs, and fetches the images an
-    earlier run left pending."""
-
-    def __init__(
-        self,
-        cluster: Cluster,
-        config: RunConfig,
-        journal: Journal,
-        stats: RunStats,
-        spent: float,
-        keys: int,
-    ) -> None:
-        self.cluster = cluster
-        self.view: RunView = cluster
-        self.journal = journal
-        self.stats = stats
-        self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
-        self.commit = GroupCommit(journal)
-        self.downloader = None
-        if config.assets.download:
-            store = open_store(config.assets, config.output.dir)
-            thumbs = FolderThumbs(config.output.dir / THUMBS)
-            self.downloader = Downloader(config.assets, store, self.commit, thumbs)
-            stats.downloads = self.downloader.stats
-
-    def figures(self) -> list[dict[str, Any]]:
-        return self.cluster.figures()
-
-    async def work(self) -> None:
-        await self.cluster.serve(self.journal, self.commit, self.dispatcher, self.stats)
-        if self.downloader is not None and not self.dispatcher.abandoned:
-            # images a dead worker was still fetching: every worker is done, so the ones
-            # still pending are those
-            lost = await anyio.to_thread.run_sync(self.journal.images_to_fetch, True)
-            self.downloader.submit_many(lost)
-
-    def limit(self, seconds: float) -> None:
-        self.cluster.limit(seconds)
-
-    def cancel(self) -> None:
-        self.dispatcher.abandoned = True
-        self.cluster.cancel()
-
-    async def cancel_in_flight(self) -> None:
-        await self.cluster.cancel_in_flight()
-
-    async def aclose(self) -> None:
-        return None
-
-
-def _dispatcher(
-    config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: int
-) -> Dispatcher:
-    dispatcher = Dispatcher(
-        journal,
-        price_per_image_usd=config.api.price_per_image_usd,
-        budget_usd=config.budget.max_cost_usd,
-        spent_usd=spent,
-        lanes=keys,
-    )
-    dispatcher.on_retire = stats.retired_keys.append
-    return dispatcher
-
-
 @dataclass(frozen=True, slots=True)
 class _Drive:
     """What one drive works with, besides its engine."""
@@ -819,35 +665,7 @@ class _Drive:
     observer: Observer
 
 
-@asynccontextmanager
-async def _engine(
-    config: RunConfig,
-    journal: Journal,
-    manifest: Manifest,
-    base_url: str,
-    keys: list[ApiKey],
-    stats: RunStats,
-    spent: float,
-    receiver: Receiver | None,
-    workers: Workers | None,
-) -> AsyncIterator[_Engine]:
-    """This process's slots, or Ray workers started and checked (ConfigError before any
-    create when they cannot do their part)."""
-    uploads = manifest.inputs.uploads if manifest.inputs is not None else None
-    if workers is None:
-        local = _Local(config, journal, base_url, keys, stats, spent, receiver)
-        local.side.worker.uploads = uploads
-        yield local
-        return
-    with ray_session(workers) as ray:
-        groups = resolve_groups(config.limits.groups, keys)
-        key_sets = spread(keys, groups, workers.count, config)
-        cluster = Cluster(ray, config, key_sets, groups, base_url, uploads is not None)
-        async with cluster.started(journal):
-            yield _Distributed(cluster, config, journal, stats, spent, len(keys))
-
-
-async def _drive(drive: _Drive, engine: _Engine) -> tuple[ExitCode, str]:
+async def _drive(drive: _Drive, engine: Engine) -> tuple[ExitCode, str]:
     """Drive the keys until no work is left or the run is stopped; how it stopped. An
     unexpected error lands in `faults`, once the jobs it did not cut short have ended."""
     config, journal, state, faults = drive.config, drive.journal, drive.state, drive.faults
@@ -917,14 +735,14 @@ async def _download(
         done.set()
 
 
-async def _cancel_on_budget(dispatcher: Dispatcher, engine: _Engine) -> None:
+async def _cancel_on_budget(dispatcher: Dispatcher, engine: Engine) -> None:
     """budget.cancel_in_flight: once no more jobs fit the budget, the jobs in flight are
     cancelled at the provider; each then ends `cancelled`, billed nothing."""
     await dispatcher.budget_hit.wait()
     await engine.cancel_in_flight()
 
 
-async def _watch_signals(dispatcher: Dispatcher, engine: _Engine, grace_s: float) -> None:
+async def _watch_signals(dispatcher: Dispatcher, engine: Engine, grace_s: float) -> None:
     """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop
     now, and cancel the jobs in flight at the provider."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
