@@ -278,6 +278,29 @@ async def test_workers_store_the_images_in_object_storage(
     assert "wanbatch-test-secret" not in (config.output.dir / "summary.json").read_text()
 
 
+async def test_keys_of_one_account_stay_on_one_worker_and_share_its_cap(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=10, accounts=((KEY, KEY2),), **LIMITS)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        limits={**LIMITS, "groups": [[1, 2]]},
+    )
+    summary = await go(config, list(KEYS), workers=Workers(2))
+    assert summary.exit_code is ExitCode.OK, summary.message
+    owned = [set(w["keys"]) for w in summary.workers]
+    account = {ApiKey(KEY).name, ApiKey(KEY2).name}
+    assert account in owned  # the group on one worker, the two other keys on the other
+    stats = sb.stats()
+    assert stats["max_in_flight_per_account"]["account-1"] == 4  # the shared cap, full
+    assert stats["refused_429"] == 0  # never sent past it
+    assert all(k["creates"] > 0 for k in stats["keys"].values()), stats["keys"]
+
+
 def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
     config = make_config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "m.csv")
     keys = [ApiKey(f"key-number-{i}") for i in range(7)]
