@@ -301,6 +301,37 @@ async def test_keys_of_one_account_stay_on_one_worker_and_share_its_cap(
     assert all(k["creates"] > 0 for k in stats["keys"].values()), stats["keys"]
 
 
+async def test_the_budget_holds_over_all_workers_and_can_cancel_their_jobs(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    """The driver reserves each job's worst case before handing it to any worker."""
+    sb, config = _catalog_run(sandbox, tmp_path, 60, budget={"max_cost_usd": 0.45})
+    summary = await go(config, list(KEYS), workers=Workers(2))
+    assert summary.exit_code is ExitCode.BUDGET
+    assert sb.stats()["creates"] == 15 and ledger_cost(sb) <= 0.45 + 1e-9
+    assert summary.totals["cost_usd"] == pytest.approx(ledger_cost(sb))
+    assert summary.counts.get("pending", 0) == 45
+
+    # 3 s jobs, in flight when the budget binds: cancelled at the provider by their workers
+    slow = shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=60, **LIMITS)
+    manifest = write_manifest(tmp_path / "slow.csv", catalog(20))
+    config = make_config(
+        tmp_path,
+        slow.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        limits=LIMITS,
+        output={"dir": str(tmp_path / "slow")},
+        budget={"max_cost_usd": 0.15, "cancel_in_flight": True},
+    )
+    summary = await go(config, list(KEYS), workers=Workers(2))
+    assert summary.exit_code is ExitCode.BUDGET
+    cancelled = [r for r in results(summary) if r["error_type"] == "cancelled"]
+    assert len(cancelled) == 5 and slow.stats()["creates"] == 5
+    assert all(r["cancel_accepted"] is True and r["cost_usd"] == 0 for r in cancelled)
+    assert ledger_cost(slow) == 0 and summary.totals["cost_usd"] == 0
+
+
 def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
     config = make_config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "m.csv")
     keys = [ApiKey(f"key-number-{i}") for i in range(7)]
