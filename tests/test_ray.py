@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from tests.conftest import (
     catalog,
     config_data,
     go,
+    journal_rows,
     judge_against_ledger,
     ledger_cost,
     make_config,
@@ -98,6 +100,12 @@ def _catalog_run(
     )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     return sb, parse_config(data, tmp_path)
+
+
+def _distributed(config: Path, ray_cluster: str, *args: str) -> Pipeline:
+    """`wanbatch run CONFIG --workers 2` in a process of its own, on the session's cluster."""
+    keys = ",".join(KEYS)
+    return Pipeline(config, "--workers", "2", "--ray-address", ray_cluster, *args, keys=keys)
 
 
 async def test_two_workers_drive_four_keys_each_within_its_limits(
@@ -197,19 +205,13 @@ async def test_a_killed_distributed_run_resumes(
     ray_cluster: str, sandbox: Start, tmp_path: Path
 ) -> None:
     sb, config = _catalog_run(sandbox, tmp_path, 120)
-    driver = Pipeline(
-        tmp_path / "config.yaml",
-        "--workers",
-        "2",
-        "--ray-address",
-        ray_cluster,
-        keys=",".join(KEYS),
-    )
+    driver = _distributed(tmp_path / "config.yaml", ray_cluster)
     run_dir = tmp_path / "run"
-    await _until(lambda: _created(run_dir) >= 8 or not driver.running(), within=90)
-    assert driver.running(), driver.wait()[1]
-    os.kill(driver.proc.pid, signal.SIGKILL)
-    driver.wait()
+    try:
+        await _until(lambda: _created(run_dir) >= 8 or not driver.running(), within=90)
+        assert driver.running(), driver.wait()[1]
+    finally:
+        driver.kill()  # SIGKILL
     # the driver's workers go with it; the same command resumes, here from Python
     summary = await go(config, list(KEYS), workers=Workers(2))
     assert summary.exit_code is ExitCode.OK, summary.message
@@ -330,6 +332,50 @@ async def test_the_budget_holds_over_all_workers_and_can_cancel_their_jobs(
     assert len(cancelled) == 5 and slow.stats()["creates"] == 5
     assert all(r["cancel_accepted"] is True and r["cost_usd"] == 0 for r in cancelled)
     assert ledger_cost(slow) == 0 and summary.totals["cost_usd"] == 0
+
+
+def test_signals_stop_a_distributed_run_as_a_local_one(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    """A first signal: no new create, the workers' jobs in flight end within the grace.
+    After a second: every worker cancels its jobs in flight at the provider at once."""
+    sb = shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=40, latency_spread=0.1, **LIMITS)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
+    data = config_data(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+
+    first = _distributed(config, ray_cluster, "--grace", "20")
+    try:
+        assert wait_for(lambda: sb.stats()["creates"] >= 10, 60, first.running)
+        first.proc.send_signal(signal.SIGTERM)
+        code, output = first.wait(timeout=30)
+    finally:
+        first.kill()
+    assert code == 3, output
+    journal = journal_rows(run_dir)
+    statuses = {r["status"] for r in journal}
+    assert "created" not in statuses and "creating" not in statuses  # every job ended
+    done = sum(r["status"] == "succeeded" for r in journal)
+    assert done == sb.stats()["creates"] and done < 60
+
+    second = _distributed(config, ray_cluster, "--grace", "60")
+    try:
+        assert wait_for(lambda: sb.stats()["creates"] >= done + 10, 60, second.running)
+        second.proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        second.proc.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        code, output = second.wait(timeout=30)
+    finally:
+        second.kill()
+    assert code == 3, output
+    assert time.monotonic() - signalled < 5  # it did not wait for the 2 s jobs to end
+    in_flight = [r for r in journal_rows(run_dir) if r["status"] == "created"]
+    assert in_flight and all(r["cancel_accepted"] == 1 for r in in_flight)
+    ends = {e["prediction_id"]: e for e in sb.ledger() if e["event"] == "ended"}
+    assert all(ends[r["prediction_id"]]["status"] == "cancelled" for r in in_flight)
 
 
 def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
