@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import structlog
@@ -174,6 +175,10 @@ class Cluster:
         self._base_url = base_url
         self._uploads = uploads
         self.members = [_Member(i + 1, keys) for i, keys in enumerate(key_sets)]
+        _log.info(
+            "workers_planned",
+            workers={m.name: [k.name for k in m.keys] for m in self.members},
+        )
         self._abandon = False
         self._cancel = False
         self._deadline = math.inf
@@ -254,6 +259,7 @@ class Cluster:
     async def started(self, journal: Journal) -> AsyncIterator[None]:
         """Every worker started and checked (ConfigError before any create if one cannot do
         its part); they are stopped when the block ends."""
+        self._check_reach()
         with self._store_marker():
             try:
                 async with anyio.create_task_group() as tg:
@@ -275,6 +281,20 @@ class Cluster:
         async with anyio.create_task_group() as tg:
             for member in self.members:
                 tg.start_soon(self._keep, member, journal, commit, dispatcher, stats)
+
+    def _check_reach(self) -> None:
+        """A provider on this machine's loopback (the sandbox) serves a one-node cluster
+        only: workers on other nodes could not reach it."""
+        host = urlsplit(self._base_url).hostname or ""
+        if not (host == "localhost" or host == "::1" or host.startswith("127.")):
+            return
+        nodes = [n for n in self._ray.nodes() if n.get("Alive")]
+        if len(nodes) > 1:
+            raise ConfigError(
+                f"api.base_url {self._base_url} is on this machine's loopback, which workers "
+                f"on the cluster's {len(nodes) - 1} other node(s) cannot reach: run the sandbox "
+                "on an address the nodes share, or use a one-node cluster"
+            )
 
     @contextmanager
     def _store_marker(self) -> Iterator[None]:

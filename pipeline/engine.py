@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
+import structlog
 
 from pipeline.assemble import assemble, downloader
 from pipeline.assets import Downloader
@@ -27,6 +28,8 @@ from pipeline.webhook import Receiver
 from pipeline.worker import RunStats
 
 __all__ = ["Engine", "open_engine"]
+
+_log = structlog.get_logger("pipeline.engine")
 
 
 class Engine(Protocol):
@@ -203,6 +206,13 @@ async def open_engine(
     with ray_session(workers) as ray:
         groups = resolve_groups(config.limits.groups, keys)
         key_sets = spread(keys, groups, workers.count, config)
+        if len(key_sets) < workers.count:  # a key (or group) is never split over workers
+            _log.warning(
+                "fewer_workers",
+                asked=workers.count,
+                started=len(key_sets),
+                why="one worker per key or key group at most",
+            )
         cluster = Cluster(ray, config, key_sets, groups, base_url, uploads is not None)
         async with cluster.started(journal):
             yield Distributed(cluster, config, journal, stats, spent, len(keys))

@@ -24,9 +24,10 @@ import ray
 import yaml
 
 from pipeline.api import arun
-from pipeline.cluster import Workers, spread
+from pipeline.cluster import Cluster, Workers, spread
 from pipeline.config import RunConfig, parse_config
 from pipeline.errors import ConfigError
+from pipeline.journal import Journal
 from pipeline.keys import ApiKey
 from pipeline.remote import WorkerProcess, WorkerSetup
 from pipeline.runner import ExitCode
@@ -439,3 +440,32 @@ def test_a_worker_that_cannot_see_a_folder_store_says_so(tmp_path: Path) -> None
     problem = WorkerProcess(replace(setup, store_marker=unseen)).check()
     assert problem is not None
     assert "cannot see" in problem and "s3://" in problem and str(tmp_path / "elsewhere") in problem
+
+
+class _TwoNodes:
+    """Ray as it answers on a cluster of two nodes (only `nodes()` differs)."""
+
+    exceptions = ray.exceptions
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
+
+    def remote(self, cls: type) -> Any:
+        return ray.remote(cls)
+
+
+async def test_a_loopback_provider_is_refused_on_a_cluster_of_several_nodes(
+    tmp_path: Path,
+) -> None:
+    """The sandbox on this machine's loopback cannot serve workers on other nodes: said
+    before any worker starts."""
+    config = make_config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "m.csv")
+    cluster = Cluster(_TwoNodes(), config, [[ApiKey(KEY)]], [], "http://127.0.0.1:9/v1", False)
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        with pytest.raises(ConfigError, match="1 other node"):
+            async with cluster.started(journal):
+                pass
+    finally:
+        journal.close()
+    assert cluster.members[0].actor is None  # no worker was started
