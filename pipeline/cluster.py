@@ -51,6 +51,10 @@ class WorkerLost(WanbatchError):
     """A worker died more often than it may be replaced, or failed outright."""
 
 
+class _StartFailed(ConfigError):
+    """A worker died before it could say whether it can do its part."""
+
+
 @dataclass(frozen=True, slots=True)
 class Workers:
     """`--workers N` and where the Ray cluster is (None: RAY_ADDRESS, else a local one)."""
@@ -184,12 +188,8 @@ class Cluster:
         self._deadline = math.inf
         self._marker: Path | None = None
         self._returns = anyio.Event()
-        self._actor_class = ray.remote(WorkerProcess).options(
-            num_cpus=1,
-            scheduling_strategy="SPREAD",
-            max_restarts=0,
-            runtime_env={"env_vars": _forwarded_env()},
-        )
+        self._actor_class = ray.remote(WorkerProcess)
+        self._env = _forwarded_env()
 
     # -- the run's view ------------------------------------------------------------------------
 
@@ -328,13 +328,20 @@ class Cluster:
             self._uploads,
             str(self._marker) if self._marker is not None else None,
         )
-        member.actor = self._actor_class.remote(setup)
+        # the worker's name in its environment, for `ps e` and the operator's tools
+        env = {**self._env, "WANBATCH_WORKER": member.name}
+        member.actor = self._actor_class.options(
+            num_cpus=1,
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+            runtime_env={"env_vars": env},
+        ).remote(setup)
         member.state, member.counted, member.stored = "starting", {}, (0, 0, 0)
         member.acked, member.jobs, member.sent = 0, [], (0, False, False, False, False)
         try:
             problem = await member.actor.check.remote()
         except self._ray.exceptions.RayActorError as exc:
-            raise ConfigError(f"{member.name} could not start: {_first_line(exc)}") from None
+            raise _StartFailed(f"{member.name} could not start: {_first_line(exc)}") from None
         if problem is not None:
             raise ConfigError(problem)
 
@@ -347,17 +354,19 @@ class Cluster:
         stats: RunStats,
     ) -> None:
         """The worker's lives: served, and replaced when it dies."""
-        while True:
-            died = await self._life(member, commit, dispatcher, stats)
-            if not died:
-                member.state = "done"
-                member.handed.clear()  # every job it held ended or was given back
-                self._returned()
-                return
+        while await self._life(member, commit, dispatcher, stats):
             member.state = "replacing"
             if member.last_post is not None:  # what it sent is journaled before its jobs are read
                 await commit.durable(member.last_post)
             await self._recover(member, journal, dispatcher)
+            await self._replace(member, journal)
+        member.state = "done"
+        member.handed.clear()  # every job it held ended or was given back
+        self._returned()
+
+    async def _replace(self, member: _Member, journal: Journal) -> None:
+        """A new worker for a dead one's keys; one that dies as it starts is another death."""
+        while True:
             if member.restarts >= _MAX_RESTARTS:
                 raise WorkerLost(
                     f"{member.name} died {member.restarts + 1} times; its jobs are kept in the "
@@ -368,6 +377,9 @@ class Cluster:
             self._ray.kill(member.actor, no_restart=True)
             try:
                 await self._spawn(member, journal)
+                return
+            except _StartFailed as exc:
+                _log.warning("worker_died", worker=member.name, error=str(exc))
             except ConfigError as exc:
                 raise WorkerLost(f"{member.name} could not be replaced: {exc}") from None
 

@@ -70,19 +70,28 @@ def ray_cluster() -> Iterator[str]:
     ray.shutdown()
 
 
-def _worker_processes() -> list[psutil.Process]:
-    """The processes of our Ray workers (Ray titles an actor's process with its class)."""
+def _worker_processes(name: str | None = None) -> list[psutil.Process]:
+    """The processes of our Ray workers (Ray titles an actor's process with its class), or
+    of the one called `name` (in its environment)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         line = " ".join(proc.info["cmdline"] or [])
-        if line.startswith("ray::WorkerProcess"):
-            found.append(proc)
+        try:
+            if line.startswith("ray::WorkerProcess") and (
+                name is None or proc.environ().get("WANBATCH_WORKER") == name
+            ):
+                found.append(proc)
+        except psutil.Error:  # it ended meanwhile
+            continue
     return found
 
 
-async def _until(check: Callable[[], bool], within: float = 60) -> None:
-    """Until `check` holds (polled in a thread: what it reads has no event to wait on)."""
-    held = await anyio.to_thread.run_sync(wait_for, check, within, lambda: True)
+async def _until(
+    check: Callable[[], bool], within: float = 60, still: Callable[[], bool] = lambda: True
+) -> None:
+    """Until `check` holds, while `still` does (polled in a thread: what they read has no
+    event to wait on)."""
+    held = await anyio.to_thread.run_sync(wait_for, check, within, still, abandon_on_cancel=True)
     assert held, f"not seen within {within} s"
 
 
@@ -187,6 +196,43 @@ async def test_a_worker_killed_mid_run_loses_nothing(
     for key in KEYS:
         stats = sb.stats()["keys"][key_hash(key)]
         assert stats["max_creates_in_window"] <= 20 and stats["max_in_flight"] <= 4
+
+
+async def test_a_worker_that_keeps_dying_stops_the_run_which_resumes(
+    ray_cluster: str, sandbox: Start, tmp_path: Path
+) -> None:
+    """Replaced three times, a worker that dies a fourth time (a node lost for good) stops
+    the run with exit code 1, its books finished; the same run resumes and loses nothing."""
+    sb, config = _catalog_run(sandbox, tmp_path, 400)
+    summary = None
+
+    async def run() -> None:
+        nonlocal summary
+        summary = await go(config, list(KEYS), workers=Workers(2))
+
+    def up() -> bool:  # a worker-1 is running (it may be starting: a death all the same)
+        return len(_worker_processes("worker-1")) == 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await _until(lambda: sb.stats()["creates"] > 0)  # the run is under way
+        for _ in range(4):
+            await _until(up, still=lambda: summary is None)
+            _worker_processes("worker-1")[0].send_signal(signal.SIGKILL)
+            await _until(lambda: not up(), still=lambda: summary is None)
+    assert summary is not None
+    assert summary.exit_code is ExitCode.ERROR
+    assert "worker-1 died 4 times" in summary.message and "resume" in summary.message
+    assert [w["restarts"] for w in summary.workers] == [3, 0]
+    assert len(results(summary)) == 400  # results hold every row, finished or not
+
+    again = await go(config, list(KEYS), workers=Workers(2))
+    assert again.exit_code is ExitCode.OK, again.message
+    rows = results(again)
+    assert_one_result_per_row(rows, 400)
+    assert all(r["status"] == "succeeded" for r in rows)
+    figures = judge_against_ledger(sb, config.output.dir, 400)
+    assert 400 <= figures["creates"] <= 400 + figures["ambiguous"]
 
 
 def _created(run_dir: Path) -> int:
