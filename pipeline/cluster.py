@@ -36,7 +36,7 @@ from pipeline.journal import Entry, Finish, GroupCommit, Journal
 from pipeline.keys import ApiKey
 from pipeline.progress import KeyState, WorkerState
 from pipeline.remote import COUNTERS, Figures, Orders, Report, WorkerProcess, WorkerSetup
-from pipeline.thumbs import save_thumb
+from pipeline.thumbs import THUMBS, save_thumb
 from pipeline.worker import RunStats
 
 __all__ = ["Cluster", "WorkerLost", "Workers", "check_workers", "ray_session", "spread"]
@@ -152,8 +152,7 @@ class _Member:
     last_post: asyncio.Event | None = None  # the last of its updates given to the journal
     jobs: list[tuple[str, Entry | None]] = field(default_factory=list)
     wake: anyio.Event = field(default_factory=anyio.Event)
-    sent: tuple[int, bool, bool, bool, bool] = (0, False, False, False, False)  # the last
-    # orders' acked and flags
+    sent: tuple[object, ...] = ()  # the last orders' acked batch and flags: resent on change
 
     @property
     def name(self) -> str:
@@ -337,7 +336,7 @@ class Cluster:
             runtime_env={"env_vars": env},
         ).remote(setup)
         member.state, member.counted, member.stored = "starting", {}, (0, 0, 0)
-        member.acked, member.jobs, member.sent = 0, [], (0, False, False, False, False)
+        member.acked, member.jobs, member.sent = 0, [], ()
         try:
             problem = await member.actor.check.remote()
         except self._ray.exceptions.RayActorError as exc:
@@ -441,7 +440,7 @@ class Cluster:
             for _ in range(count):
                 tg.start_soon(self._hand, member, dispatcher, key_name)
         if report.thumbs:
-            folder = self._config.output.dir / "report-thumbs"
+            folder = self._config.output.dir / THUMBS
             tg.start_soon(_save_thumbs, folder, report.thumbs)
         for method, event in report.logs:
             _relog(member.name, method, event)
