@@ -17,7 +17,7 @@ from moto.server import ThreadedMotoServer
 from pipeline.config import RunConfig, parse_config
 from pipeline.keys import ApiKey
 from pipeline.runner import RunSummary, run
-from pipeline.sandbox import SandboxServer, SandboxSettings
+from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 
 KEY = "test-key-1"
 KEY2 = "test-key-2"
@@ -102,6 +102,29 @@ def shrunk_sandbox(sandbox: Callable[..., SandboxServer], **kwargs: Any) -> Sand
     kwargs.setdefault("max_concurrent", 10)
     kwargs.setdefault("latency_mean_s", 10)
     return sandbox(**kwargs)
+
+
+def throttled_run(
+    sandbox: Callable[..., SandboxServer], tmp_path: Path, keys: list[str], throttled: str
+) -> tuple[SandboxServer, RunConfig]:
+    """A sandbox of `keys` where every create on `throttled` meets a 429 storm that outlasts
+    the run (its Retry-After clamped to 2 provider seconds, so the key is tried again and
+    again), and a config of 80 rows against it."""
+    sb = shrunk_sandbox(
+        sandbox,
+        keys=tuple(keys),
+        latency_mean_s=2,
+        key_faults={throttled: FaultRates(storm_429=1.0, storm_s=100_000)},
+    )
+    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
+    config = make_config(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        retries={"retry_after_max_s": 2},
+    )
+    return sb, config
 
 
 async def go(config: Any, keys: list[str], **kwargs: Any) -> RunSummary:

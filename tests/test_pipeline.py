@@ -24,6 +24,7 @@ from tests.conftest import (
     make_config,
     results,
     shrunk_sandbox,
+    throttled_run,
     write_manifest,
 )
 
@@ -103,22 +104,7 @@ async def test_a_throttled_key_gives_its_jobs_to_the_other_keys(
     sandbox: Start, tmp_path: Path
 ) -> None:
     keys = ["k-ok-1", "k-ok-2", "k-throttled"]
-    # every create on the third key meets a 429 storm that outlasts the run; its Retry-After
-    # is clamped to 2 provider seconds, so the key is tried again and again
-    sb = shrunk_sandbox(
-        sandbox,
-        keys=tuple(keys),
-        latency_mean_s=2,
-        key_faults={"k-throttled": FaultRates(storm_429=1.0, storm_s=100_000)},
-    )
-    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
-    config = make_config(
-        tmp_path,
-        sb.base_url,
-        manifest,
-        api={"time_scale": SCALE},
-        retries={"retry_after_max_s": 2},
-    )
+    sb, config = throttled_run(sandbox, tmp_path, keys, "k-throttled")
     summary = await go(config, keys)
     rows = results(summary)
     assert summary.exit_code is ExitCode.OK

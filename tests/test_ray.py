@@ -31,7 +31,7 @@ from pipeline.journal import Journal
 from pipeline.keys import ApiKey
 from pipeline.remote import WorkerProcess, WorkerSetup
 from pipeline.runner import ExitCode
-from pipeline.sandbox import FaultRates, SandboxServer, key_hash
+from pipeline.sandbox import SandboxServer, key_hash
 from tests.conftest import (
     KEY,
     KEY2,
@@ -46,6 +46,7 @@ from tests.conftest import (
     make_config,
     results,
     shrunk_sandbox,
+    throttled_run,
     write_manifest,
 )
 from tests.test_crash import Pipeline, wait_for
@@ -276,20 +277,7 @@ async def test_a_throttled_key_gives_its_jobs_to_another_workers_key(
     """Each key alone on its worker: the throttled key's jobs go back to the driver and on to
     the other worker's key instead of waiting out 429 after 429 until they fail."""
     keys = ["k-ok", "k-throttled"]
-    sb = shrunk_sandbox(
-        sandbox,
-        keys=tuple(keys),
-        latency_mean_s=2,
-        key_faults={"k-throttled": FaultRates(storm_429=1.0, storm_s=100_000)},
-    )
-    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
-    config = make_config(
-        tmp_path,
-        sb.base_url,
-        manifest,
-        api={"time_scale": SCALE},
-        retries={"retry_after_max_s": 2},
-    )
+    sb, config = throttled_run(sandbox, tmp_path, keys, "k-throttled")
     summary = await go(config, keys, workers=Workers(2))
     assert [len(w["keys"]) for w in summary.workers] == [1, 1]
     rows = results(summary)
