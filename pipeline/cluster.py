@@ -147,6 +147,8 @@ class _Member:
     figures: Figures | None = None
     counted: dict[str, int] = field(default_factory=dict)  # counters merged, this life
     finished: int = 0  # jobs it saw end, over all its lives
+    cpu_before: float = 0.0  # CPU seconds of its earlier lives
+    peak_rss_mb: float = 0.0  # the most any of its lives held
     stored: tuple[int, int, int] = (0, 0, 0)  # downloads merged, this life
     acked: int = 0
     last_post: asyncio.Event | None = None  # the last of its updates given to the journal
@@ -225,8 +227,8 @@ class Cluster:
                 "pid": m.figures.pid if m.figures is not None else None,
                 "restarts": m.restarts,
                 "jobs_finished": m.finished,
-                "cpu_s": round(m.figures.cpu_s, 3) if m.figures is not None else None,
-                "peak_rss_mb": round(m.figures.peak_rss_mb, 1) if m.figures is not None else None,
+                "cpu_s": round(m.cpu_before + (m.figures.cpu_s if m.figures else 0.0), 3),
+                "peak_rss_mb": round(m.peak_rss_mb, 1),
             }
             for m in self.members
         ]
@@ -329,6 +331,9 @@ class Cluster:
         )
         # the worker's name in its environment, for `ps e` and the operator's tools
         env = {**self._env, "WANBATCH_WORKER": member.name}
+        if member.figures is not None:  # a replacement: the dead life's CPU is kept
+            member.cpu_before += member.figures.cpu_s
+            member.figures = None
         member.actor = self._actor_class.options(
             num_cpus=1,
             scheduling_strategy="SPREAD",
@@ -523,6 +528,7 @@ class Cluster:
             d.stored, d.failed, d.bytes = d.stored + new[0], d.failed + new[1], d.bytes + new[2]
             member.stored = figures.downloads
         member.figures = figures
+        member.peak_rss_mb = max(member.peak_rss_mb, figures.peak_rss_mb)
 
     async def _recover(self, member: _Member, journal: Journal, dispatcher: Dispatcher) -> None:
         """A dead worker's jobs, as the journal holds them now, go back to be handed out."""
