@@ -159,7 +159,6 @@ class Distributed:
         self.cluster.limit(seconds)
 
     def cancel(self) -> None:
-        self.dispatcher.abandoned = True
         self.cluster.cancel()
 
     async def cancel_in_flight(self) -> None:

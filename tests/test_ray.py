@@ -96,18 +96,24 @@ async def _until(
     assert held, f"not seen within {within} s"
 
 
-def _sandbox(sandbox: Start, **kwargs: Any) -> SandboxServer:
-    return shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=4, **LIMITS, **kwargs)
-
-
 def _catalog_run(
-    sandbox: Start, tmp_path: Path, rows: int, **sections: Any
+    sandbox: Start,
+    tmp_path: Path,
+    rows: int,
+    provider: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> tuple[SandboxServer, RunConfig]:
-    """A sandbox of the four keys and a config for a catalog of `rows` against it."""
-    sb = _sandbox(sandbox)
+    """A sandbox of the four keys (4 s jobs unless `provider` says otherwise) and a config
+    for a catalog of `rows` against it, also written as config.yaml; `sections` override."""
+    sb = shrunk_sandbox(
+        sandbox, **{"keys": KEYS, "latency_mean_s": 4, **LIMITS, **(provider or {})}
+    )
     manifest = write_manifest(tmp_path / "m.csv", catalog(rows))
     data = config_data(
-        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS, **sections
+        tmp_path,
+        sb.base_url,
+        manifest,
+        **{"api": {"time_scale": SCALE}, "limits": LIMITS, **sections},
     )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     return sb, parse_config(data, tmp_path)
@@ -319,13 +325,11 @@ async def test_workers_store_the_images_in_object_storage(
 async def test_keys_of_one_account_stay_on_one_worker_and_share_its_cap(
     ray_cluster: str, sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=10, accounts=((KEY, KEY2),), **LIMITS)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(80))
-    config = make_config(
+    sb, config = _catalog_run(
+        sandbox,
         tmp_path,
-        sb.base_url,
-        manifest,
-        api={"time_scale": SCALE},
+        80,
+        {"latency_mean_s": 10, "accounts": ((KEY, KEY2),)},
         limits={**LIMITS, "groups": [[1, 2]]},
     )
     summary = await go(config, list(KEYS), workers=Workers(2))
@@ -375,11 +379,8 @@ def test_signals_stop_a_distributed_run_as_a_local_one(
 ) -> None:
     """A first signal: no new create, the workers' jobs in flight end within the grace.
     After a second: every worker cancels its jobs in flight at the provider at once."""
-    sb = shrunk_sandbox(sandbox, keys=KEYS, latency_mean_s=40, latency_spread=0.1, **LIMITS)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
-    data = config_data(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits=LIMITS)
+    sb, _ = _catalog_run(sandbox, tmp_path, 60, {"latency_mean_s": 40, "latency_spread": 0.1})
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(data))
     run_dir = tmp_path / "run"
 
     first = _distributed(config, ray_cluster, "--grace", "20")
@@ -430,12 +431,10 @@ def test_keys_are_spread_to_equal_capacity_groups_whole(tmp_path: Path) -> None:
 async def test_workers_with_webhooks_or_a_bad_count_stop_before_anything(
     sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = _sandbox(sandbox)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(3))
-    hooked = make_config(tmp_path, sb.base_url, manifest, webhook={"enabled": True})
+    sb, hooked = _catalog_run(sandbox, tmp_path, 3, webhook={"enabled": True})
     with pytest.raises(ConfigError, match=r"webhook\.enabled and --workers"):
         await go(hooked, [KEY], workers=Workers(2))
-    plain = make_config(tmp_path, sb.base_url, manifest)
+    _, plain = _catalog_run(sandbox, tmp_path, 3)
     with pytest.raises(ConfigError, match="at least 1"):
         await go(plain, [KEY], workers=Workers(0))
     assert sb.stats()["creates"] == 0
