@@ -488,6 +488,23 @@ def sandbox_command(
     legacy_errors: Annotated[
         bool, typer.Option(help="Failed jobs in the older message/details shape.")
     ] = False,
+    api_shape: Annotated[
+        str,
+        typer.Option(
+            help="Answers as the seed document ('seed': error, predictionID, exec_id callbacks) "
+            "or the API reference ('reference': failed, id, input, logs, body-signed callbacks)."
+        ),
+    ] = "seed",
+    price_per_image_usd: Annotated[
+        float, typer.Option(help="What an image is billed (metrics.cost and the ledger).")
+    ] = 0.03,
+    report_cost: Annotated[bool, typer.Option(help="Polls carry metrics.cost.")] = True,
+    late_cancel: Annotated[
+        int, typer.Option(help="A cancel of an ended job answers 409, or 200 as if cancelled.")
+    ] = 409,
+    cancel_delay_s: Annotated[
+        float, typer.Option(help="A cancel takes effect this long after its answer.")
+    ] = 0.0,
     create_5xx: float = 0.0,
     poll_5xx: float = 0.0,
     lost_create: float = 0.0,
@@ -530,6 +547,11 @@ def sandbox_command(
             fetch_inputs=fetch_inputs,
             ledger_path=ledger,
             legacy_errors=legacy_errors,
+            api_shape=api_shape,
+            price_per_image_usd=price_per_image_usd,
+            report_cost=report_cost,
+            late_cancel=late_cancel,
+            cancel_delay_s=cancel_delay_s,
             faults=FaultRates(
                 job_error=job_error,
                 transient_error=transient_error,

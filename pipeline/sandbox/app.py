@@ -39,7 +39,7 @@ from pipeline.schema import (
     is_loopback_host,
 )
 
-__all__ = ["DroppedConnection", "create_app"]
+__all__ = ["DroppedConnection", "create_app", "sign_body", "sign_webhook"]
 
 _log = logging.getLogger("pipeline.sandbox")
 
@@ -214,15 +214,37 @@ class _Sandbox:
             return fault
         if self.state.chance(faults.poll_reset):
             return _DropResponse()
-        return JSONResponse(self._job_body(job))
+        answer = self._job_body(job)
+        if job.ended:
+            job.terminal_polls += 1
+        return JSONResponse(answer)
 
     def _job_body(self, job: Job) -> dict[str, Any]:
+        """A poll's answer, in the shape `api_shape` names."""
+        body = self._seed_body(job)
+        if self.settings.api_shape == "seed":
+            return body
+        pid = job.prediction_id
+        status = {"error": "failed", "created": "starting"}.get(body["status"], body["status"])
+        shaped: dict[str, Any] = {"id": pid, "input": job.inputs, "status": status}
+        shaped["output"] = body.get("output")
+        failure = body.get("output") if isinstance(body.get("output"), dict) else None
+        shaped["logs"] = f"{failure['error_code']}: {failure['error_message']}" if failure else ""
+        if "metrics" in body:
+            shaped["metrics"] = body["metrics"]
+        get = f"{job.base_url}v1/prediction/{pid}"
+        shaped["urls"] = {"get": get, "cancel": f"{get}/cancel"}
+        return shaped
+
+    def _seed_body(self, job: Job) -> dict[str, Any]:
         pid = job.prediction_id
         if not self.state.finish_due(job):
             return {"status": job.status(self.state.now()), "predictionID": pid}
-        metrics = {"predict_time": self.state.predict_time(job)}
+        metrics: dict[str, Any] = {"predict_time": self.state.predict_time(job)}
+        if self.settings.report_cost:
+            metrics["cost"] = self.state.cost(job)
         if job.cancelled:
-            return {"status": "cancelled", "predictionID": pid, "output": None}
+            return {"status": "cancelled", "predictionID": pid, "output": None, "metrics": metrics}
         if job.fails and self.settings.legacy_errors:
             details = f"sandbox fault: job error ({job.error_code})"
             return {
@@ -240,11 +262,21 @@ class _Sandbox:
         return {"status": "success", "predictionID": pid, "output": urls, "metrics": metrics}
 
     async def cancel(self, request: Request) -> Response:
+        """A cancel: answered as accepted while the job runs (it may still lose the race to its
+        own end, see `SandboxState.cancel`); for a job that has ended, 409 or, as a provider
+        that does not say "too late", the same 200."""
         job = self._own_job(request)
         if isinstance(job, Response):
             return job
-        if not self.state.cancel(job):
+        if self.state.cancel(job):
+            if job.ends_at > self.state.now():
+                self._schedule_end(job)  # its callback, when the cancel takes a while
+        elif self.settings.late_cancel == 409:
             return _error(409, "Conflict", "the prediction has ended already")
+        if self.settings.api_shape == "reference":
+            pid = job.prediction_id
+            answer = {"status": "cancelled", "message": "Prediction canceled successfully"}
+            return JSONResponse({**answer, "predictionID": pid})
         return JSONResponse({"status": "success", "message": "Prediction cancelled"})
 
     async def output(self, request: Request) -> Response:
@@ -377,21 +409,15 @@ class _Sandbox:
 
     def _on_end(self, job: Job) -> None:
         if not self.state.finish_due(job):
-            return  # its inputs are still being fetched: that ends it
-        if job.webhook_url:
+            return  # its inputs are still being fetched (that ends it), or a cancel moved it
+        if job.webhook_url and not job.hooked:
+            job.hooked = True
             task = asyncio.ensure_future(self._send_webhook(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _send_webhook(self, job: Job) -> None:
-        body = self._job_body(job)
-        succeeded = body["status"] == "success"
-        payload = {
-            "exec_id": job.prediction_id,
-            "status": "succeeded" if succeeded else "failed",
-            "output": body["output"][0] if succeeded else "",
-            "error": "" if succeeded else job.error_code or body["status"],
-        }
+        data, headers = self._callback(job)
         assert job.webhook_url is not None
         if self._hooks is None:
             timeout = httpx.Timeout(self.settings.scaled(30.0), connect=self.settings.scaled(10.0))
@@ -401,8 +427,6 @@ class _Sandbox:
                 headers={"User-Agent": "sandbox-webhook"},
                 trust_env=False,  # the receiver is on loopback, never behind a proxy
             )
-        data = json.dumps(payload).encode()
-        headers = {} if job.webhook_secret is None else sign_webhook(job.webhook_secret, data)
         delay = self.settings.scaled(1.0)
         for _ in range(self.settings.webhook_attempts):  # the same signature each time
             try:
@@ -416,6 +440,36 @@ class _Sandbox:
             delay *= 2
         self.state.webhooks["failed"] += 1
         _log.warning("webhook for %s was not accepted", job.prediction_id)
+
+    def _callback(self, job: Job) -> tuple[bytes, dict[str, str]]:
+        """A job-end callback's body and signature headers, in the shape `api_shape` names."""
+        body = self._seed_body(job)
+        succeeded = body["status"] == "success"
+        payload: dict[str, Any]
+        if self.settings.api_shape == "reference":
+            shaped = self._job_body(job)
+            names = ("id", "status", "output", "input", "metrics", "logs")
+            payload = {k: shaped[k] for k in names if k in shaped}
+            payload["status"] = "success" if succeeded else "failed"
+        else:
+            payload = {
+                "exec_id": job.prediction_id,
+                "status": "succeeded" if succeeded else "failed",
+                "output": body["output"][0] if succeeded else "",
+                "error": "" if succeeded else job.error_code or body["status"],
+            }
+        data = json.dumps(payload).encode()
+        if job.webhook_secret is None:
+            return data, {}
+        if self.settings.api_shape == "reference":
+            return data, sign_body(job.webhook_secret, data)
+        return data, sign_webhook(job.webhook_secret, data)
+
+
+def sign_body(secret: str, body: bytes) -> dict[str, str]:
+    """The reference's example signature: the hex HMAC-SHA256 of the raw body alone."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"X-Webhook-Signature": digest}
 
 
 def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:

@@ -95,6 +95,17 @@ class SandboxSettings:
     # keys of one account (by secret), sharing one `max_concurrent` as the provider's cap is
     # per account; a key in none is an account of its own
     accounts: tuple[tuple[str, ...], ...] = ()
+    # which of the provider's documents the answers follow: "seed" (`error`, `predictionID`,
+    # callbacks `{"exec_id", ...}` signed over "<timestamp>.<body>") or "reference" (`failed`,
+    # `id`, `input`, `logs`, `urls`, callbacks `{"id", "status", "output", "input", "metrics"}`
+    # signed over the body alone)
+    api_shape: str = "seed"
+    report_cost: bool = True  # a poll of an ended job carries `metrics.cost`, the USD billed
+    # what a cancel of a job that has ended answers: 409, or 200 as if it had been cancelled
+    late_cancel: int = 409
+    # a cancel takes effect this long (provider seconds) after it is answered; a job whose own
+    # end comes first ends as it would have, and is billed
+    cancel_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -109,6 +120,12 @@ class SandboxSettings:
             raise ValueError("image_scale must be in (0, 1]")
         if unknown := set(self.key_faults) - set(self.keys):
             raise ValueError(f"key_faults name {len(unknown)} key(s) the sandbox does not accept")
+        if self.api_shape not in ("seed", "reference"):
+            raise ValueError("api_shape must be 'seed' or 'reference'")
+        if self.late_cancel not in (200, 409):
+            raise ValueError("late_cancel must be 200 or 409")
+        if self.cancel_delay_s < 0:
+            raise ValueError("cancel_delay_s must not be negative")
         grouped = [k for account in self.accounts for k in account]
         if set(grouped) - set(self.keys) or len(grouped) != len(set(grouped)):
             raise ValueError("accounts must name accepted keys, each in one account at most")

@@ -52,6 +52,9 @@ class Job:
     cancelled: bool = False  # it ends (or ended) `cancelled`: by the provider, or asked to
     webhook_secret: str | None = None
     inputs_ready: bool = True  # False while its inputs are being fetched: it cannot end yet
+    cancel_asked: bool = False  # a cancel was answered (it may still end otherwise: see cancel)
+    hooked: bool = False  # its callback was sent
+    terminal_polls: int = 0  # polls answered with its end: a client that saw it needs one
 
     def status(self, now: float) -> str:
         """What a poll of a job still running says: created, then starting, then processing."""
@@ -283,7 +286,7 @@ class SandboxState:
                 }
             )
         else:
-            cost = round(job.n * self.settings.price_per_image_usd, 6)
+            cost = self.cost(job)
             stats.succeeded += 1
             stats.images += job.n
             stats.cost_usd = round(stats.cost_usd + cost, 6)
@@ -300,19 +303,34 @@ class SandboxState:
         return True
 
     def cancel(self, job: Job) -> bool:
-        """Cancel a job still running: it ends now, `cancelled`, billed nothing, and frees its
-        key's slot. False when it had ended already."""
+        """Cancel a job still running: it ends `cancelled`, billed nothing, and frees its key's
+        slot, `cancel_delay_s` from now (at once by default). A job whose own end comes sooner
+        ends as it would have, and is billed: the cancel was answered, but lost the race.
+        False when the job had ended already."""
         if self.finish_due(job):
             return False
+        if job.cancel_asked:
+            return True
+        job.cancel_asked = True
+        at = self._clock() + self.settings.scaled(self.settings.cancel_delay_s)
+        if at >= job.ends_at:
+            return True  # its own end comes first
         stats = self._stats[job.key]
         for ends in (stats.ends, self._account_ends[self._account[job.key]]):
             if job.ends_at in ends:
                 ends.remove(job.ends_at)
+                ends.append(at)
                 heapq.heapify(ends)
-        job.cancelled, job.fails, job.ends_at = True, False, self._clock()
+        job.cancelled, job.fails, job.ends_at = True, False, at
         job.inputs_ready = True  # cancelled: whatever its inputs turn out to be
         self.finish_due(job)
         return True
+
+    def cost(self, job: Job) -> float:
+        """What an ended job was billed."""
+        if job.fails or job.cancelled:
+            return 0.0
+        return round(job.n * self.settings.price_per_image_usd, 6)
 
     def predict_time(self, job: Job) -> float:
         return round(job.ends_at - job.created_at, 4)
@@ -350,6 +368,7 @@ class SandboxState:
                 for name, st in self._stats.items()
             }
             duplicates = sum(count - 1 for count in self._fingerprints.values() if count > 1)
+            again = sum(max(0, j.terminal_polls - 1) for j in list(self.jobs.values()))
         return {
             "keys": per_key,
             "creates": sum(k["creates"] for k in per_key.values()),
@@ -357,6 +376,7 @@ class SandboxState:
             "cost_usd": round(sum(k["cost_usd"] for k in per_key.values()), 6),
             "refused_429": sum(k["refused_429"] for k in per_key.values()),
             "duplicate_creates": duplicates,
+            "polls_after_end": again,  # polls of a job after one that answered its end
             "webhooks": dict(self.webhooks),
             "max_in_flight_per_account": dict(self.account_peak),
             "inputs": dict(self.inputs),
