@@ -59,10 +59,16 @@ _unknown_seen: set[str] = set()
 _PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
+# a job's predict time or cost beyond these is no reading: it is taken as not given
+_MAX_PREDICT_TIME_S = 7 * 86400.0
+_MAX_JOB_COST_USD = 10_000.0
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """One poll's answer: `running`, `success` (with outputs), `error` (with the provider's
-    error code and message; `transient` when its advice is to retry) or `cancelled`."""
+    error code and message; `transient` when its advice is to retry) or `cancelled`.
+    `cost_usd` is the provider's own figure for the job (`metrics.cost`), when it gives one."""
 
     prediction_id: str
     status: str
@@ -70,6 +76,7 @@ class Prediction:
     predict_time_s: float | None = None
     message: str = ""
     error_code: str | None = None
+    cost_usd: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -125,16 +132,29 @@ def _path(prediction_id: str) -> str:
 
 def _failure(answer: dict[str, Any]) -> tuple[str | None, str]:
     """A failed prediction's error code and message: `output.error_code`/`error_message`, or
-    the older string `output` or `message`/`details`. Never parsed for meaning."""
+    the older string `output` or `message`/`details`, or the reference's `logs`. Never parsed
+    for meaning."""
     output = answer.get("output")
     if isinstance(output, dict):
         code = output.get("error_code")
         message = output.get("error_message")
         return (str(code) if code else None), str(message or code or "the provider failed it")
-    parts = [str(answer[k]) for k in ("message", "details", "error") if answer.get(k)]
+    parts = [str(answer[k]) for k in ("message", "details", "error", "logs") if answer.get(k)]
     if isinstance(output, str) and output:
         parts.insert(0, output)
     return None, ": ".join(parts)[:500] or "the provider reported an error"
+
+
+def _reading(value: object, most: float) -> float | None:
+    """A number the provider reports (a predict time, a cost), or None when it is missing or
+    no reading at all (not a number, NaN, infinite, negative, absurdly large)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        return None
+    return number if 0.0 <= number <= most else None
 
 
 def check_prediction_id(value: object) -> str:
@@ -199,23 +219,27 @@ class EachlabsClient:
         return check_prediction_id(answer.get("predictionID"))  # a missing one too: final
 
     async def get(self, key: ApiKey, prediction_id: str) -> Prediction:
+        """One poll. Every terminal status the provider documents ends the job: `success`,
+        `error` or `failed` (the reference's word for it), `cancelled`."""
         answer = await self._send("GET", _path(prediction_id), key, None, creating=False)
         status = answer.get("status")
         metrics = answer.get("metrics")
-        predict_time = metrics.get("predict_time") if isinstance(metrics, dict) else None
-        seconds = float(predict_time) if isinstance(predict_time, int | float) else None
+        metrics = metrics if isinstance(metrics, dict) else {}
+        seconds = _reading(metrics.get("predict_time"), _MAX_PREDICT_TIME_S)
+        cost = _reading(metrics.get("cost"), _MAX_JOB_COST_USD)
         if status == "success":
             output = answer.get("output")
             if isinstance(output, str):
                 output = [output]
             if not isinstance(output, list) or not all(isinstance(u, str) for u in output):
                 raise ProtocolViolation("a successful poll has no list of output URLs", status=200)
-            return Prediction(prediction_id, "success", tuple(output), seconds)
-        if status == "error":
+            return Prediction(prediction_id, "success", tuple(output), seconds, cost_usd=cost)
+        if status in ("error", "failed"):
             code, message = _failure(answer)
-            return Prediction(prediction_id, "error", (), seconds, message, code)
-        if status == "cancelled":
-            return Prediction(prediction_id, "cancelled", (), seconds, "cancelled at the provider")
+            return Prediction(prediction_id, "error", (), seconds, message, code, cost)
+        if status in ("cancelled", "canceled"):
+            said = "cancelled at the provider"
+            return Prediction(prediction_id, "cancelled", (), seconds, said, cost_usd=cost)
         if not isinstance(status, str) or not status:
             raise ProtocolViolation(f"poll answered without a status ({status!r})", status=200)
         if status not in _RUNNING and status not in _unknown_seen:
@@ -224,8 +248,10 @@ class EachlabsClient:
         return Prediction(prediction_id, "running")
 
     async def cancel(self, key: ApiKey, prediction_id: str) -> bool:
-        """Ask the provider to cancel a job: True when it accepted, False when the job had
-        ended (or is unknown to it); ApiError when the request itself failed."""
+        """Ask the provider to cancel a job: True when it answered as accepted, False when it
+        said the job had ended (or is unknown to it); ApiError when the request itself failed.
+        The answer is a request's, not the job's end: a job that ended a moment before may be
+        answered 200 all the same, and a cancel may take a while. Only a poll tells the end."""
         try:
             await self._send("POST", f"{_path(prediction_id)}/cancel", key, None, creating=False)
         except (NotFound, ProtocolViolation) as exc:
