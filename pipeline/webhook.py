@@ -1,11 +1,13 @@
 """Webhook mode: a receiver for the provider's job-end callbacks, and the hints they give workers.
 
-A callback is never trusted: its body is not read beyond `exec_id`. It only wakes the worker
-that waits on that prediction, which then polls the provider to confirm (a forged callback
-costs one poll and nothing else). The receiver's path ends in a random token made per process,
-so a callback is only accepted from whoever was given the URL with our creates; each create also
-carries a per-run `webhook_secret`, and a callback whose signature (HMAC-SHA256 of
-"<timestamp>.<body>") is present but wrong is counted and ignored.
+A callback is never trusted: its body is not read beyond the prediction's id (`exec_id` in the
+seed's shape, `id` in the reference's). It only wakes the worker that waits on that prediction,
+which then polls the provider to confirm (a forged callback costs one poll and nothing else).
+The receiver's path ends in a random token made per process, so a callback is only accepted from
+whoever was given the URL with our creates; each create also carries a per-run
+`webhook_secret`, and a callback whose signature is present but wrong is counted and ignored.
+Both documented forms are taken: the hex HMAC-SHA256 of "<timestamp>.<body>" with
+`X-Webhook-Timestamp`, or of the body alone; either with or without a `sha256=` prefix.
 
 The receiver is a bare ASGI app served by uvicorn on the run's own event loop, guarded for the
 open internet: a cap on connections (the oldest idle one makes room for a new one), a short
@@ -239,23 +241,29 @@ class Receiver:
             data = json.loads(body.decode())  # JSON is UTF-8: no encoding to detect
         except (json.JSONDecodeError, UnicodeDecodeError):
             data = None
-        exec_id = data.get("exec_id") if isinstance(data, dict) else None
-        if not isinstance(exec_id, str) or not exec_id or len(exec_id) > 200:
-            return 400, b"expected a JSON object with exec_id"
-        self.callbacks.hint(exec_id)
+        named = None
+        if isinstance(data, dict):
+            named = data.get("exec_id") or data.get("id")
+        if not isinstance(named, str) or not named or len(named) > 200:
+            return 400, b"expected a JSON object with exec_id or id"
+        self.callbacks.hint(named)
         return 200, b"ok"
 
     def _signed_by_us(self, headers: dict[bytes, bytes], body: bytes) -> bool:
-        """True when unsigned (the URL's token is the guard) or signed with our secret
-        within the allowed clock difference."""
+        """True when unsigned (the URL's token is the guard), or signed with our secret: over
+        the body alone, or over "<timestamp>.<body>" within the allowed clock difference."""
         signature = headers.get(b"x-webhook-signature")
         if signature is None:
+            return True
+        given = signature.strip().removeprefix(b"sha256=").lower()
+        key = self.secret.encode()
+        if hmac.compare_digest(given, hmac.new(key, body, hashlib.sha256).hexdigest().encode()):
             return True
         stamp = headers.get(b"x-webhook-timestamp", b"")
         if not stamp.isdigit() or abs(int(stamp) - time.time()) > _CLOCK_SKEW_S:
             return False
-        digest = hmac.new(self.secret.encode(), stamp + b"." + body, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(signature, f"sha256={digest}".encode())
+        digest = hmac.new(key, stamp + b"." + body, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(given, digest.encode())
 
     async def _app(self, scope: Any, receive: Any, send: Any) -> None:
         """The bare ASGI app: read the body (up to a limit), answer."""

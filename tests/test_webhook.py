@@ -238,11 +238,13 @@ async def test_the_receiver_speaks_plain_http_and_keeps_connections() -> None:
             assert (await http.post(receiver.url + "?retry=1", json={"exec_id": "q"})).is_success
             assert (await http.get(receiver.url)).status_code == 405
             assert (await http.post(receiver.url, content=b"x" * 70_000)).status_code == 413
-            assert (await http.post(receiver.url, json={"id": "p"})).status_code == 400
+            # the reference's payload names the prediction `id`; a body naming none is refused
+            assert (await http.post(receiver.url, json={"id": "p", "status": "x"})).is_success
+            assert (await http.post(receiver.url, json={"name": "p"})).status_code == 400
             assert (
                 await http.post(receiver.listening + "/", json={"exec_id": "p"})
             ).status_code == 404
-        assert callbacks.stats.received == 4
+        assert callbacks.stats.received == 5
         host, port = receiver.listening.removeprefix("http://").rsplit(":", 1)
         async with await anyio.connect_tcp(host, int(port)) as raw:
             await raw.send(b"NOT HTTP AT ALL\r\n\r\n")
