@@ -19,6 +19,7 @@ from pipeline.cluster import Workers
 from pipeline.config import RunConfig, apply_overrides, load_config, parse_config
 from pipeline.errors import (
     BudgetReached,
+    CostsUnconfirmed,
     KeysMissing,
     KeysRefused,
     RowsFailed,
@@ -42,6 +43,7 @@ _RAISES: dict[ExitCode, type[RunEnded]] = {
     ExitCode.BUDGET: BudgetReached,
     ExitCode.ROWS_FAILED: RowsFailed,
     ExitCode.KEYS_MISSING: KeysMissing,
+    ExitCode.UNCONFIRMED: CostsUnconfirmed,
 }
 
 

@@ -62,6 +62,9 @@ class LimitsSection(_Section):
 
 class PollingSection(_Section):
     job_timeout_s: float = Field(900.0, gt=0)
+    # a job cancelled (at its timeout, a second signal, budget.cancel_in_flight) is polled this
+    # long for the provider to confirm its end; one still running then is left for the next run
+    cancel_grace_s: float = Field(30.0, gt=0)
     expected_latency_s: float = Field(10.0, gt=0)
     target_delay_s: float = Field(0.15, gt=0)
     # the schedule aims at a mean notice delay of `delay_fraction` of the mean latency with as

@@ -103,8 +103,7 @@ class Local:
                     for _ in range(self.config.limits.max_concurrent):
                         slots.start_soon(worker.run_slot, lane)
         if self.dispatcher.abandoned and worker.in_flight:
-            with anyio.move_on_after(self.config.api.read_timeout_s):
-                await worker.cancel_in_flight()
+            await worker.cancel_in_flight(confirm_within=_confirm_within(self.config))
 
     def limit(self, seconds: float) -> None:
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
@@ -166,6 +165,11 @@ class Distributed:
 
     async def aclose(self) -> None:
         return None
+
+
+def _confirm_within(config: RunConfig) -> float:
+    """How long a run stopped for good polls its cancelled jobs for their ends."""
+    return config.scaled(config.polling.cancel_grace_s)
 
 
 def _dispatcher(

@@ -14,7 +14,8 @@
     │   ├── KeysRefused        exit 4: every key was refused
     │   ├── BudgetReached      exit 5: budget.max_cost_usd reached
     │   ├── RowsFailed         exit 6: finished with failed or rejected rows (or missing images)
-    │   └── KeysMissing        exit 7: jobs wait on keys this run was not given
+    │   ├── KeysMissing        exit 7: jobs wait on keys this run was not given
+    │   └── CostsUnconfirmed   exit 8: jobs created were not seen to end (cost may be billed)
     └── ApiError               one request to the provider went wrong
         ├── InvalidInput       400: final, never retried
         ├── Unauthorized       401: the key is retired
@@ -37,6 +38,7 @@ __all__ = [
     "ApiError",
     "BudgetReached",
     "ConfigError",
+    "CostsUnconfirmed",
     "InvalidInput",
     "JournalDamaged",
     "KeysMissing",
@@ -125,6 +127,10 @@ class RowsFailed(RunEnded):
 
 class KeysMissing(RunEnded):
     exit_code = 7
+
+
+class CostsUnconfirmed(RunEnded):
+    exit_code = 8
 
 
 class ApiError(WanbatchError):

@@ -30,6 +30,7 @@ from pipeline.schema import UPLOAD_TOKEN
 __all__ = [
     "TRANSIENT_ERRORS",
     "Commits",
+    "CostBooks",
     "Entry",
     "FailImage",
     "Finish",
@@ -76,7 +77,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     history TEXT,
     error_code TEXT,
     cancel_accepted INTEGER,
-    follows INTEGER
+    follows INTEGER,
+    provider_cost_usd REAL,
+    priced_cost_usd REAL,
+    unconfirmed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
 CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs(fingerprint) WHERE fingerprint IS NOT NULL;
@@ -97,18 +101,33 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_state ON images(state, row_number);
 """
 # columns added since the first journals: a journal made before them gets them on opening
-_ADDED = {"error_code": "TEXT", "cancel_accepted": "INTEGER", "follows": "INTEGER"}
+_ADDED = {
+    "error_code": "TEXT",
+    "cancel_accepted": "INTEGER",
+    "follows": "INTEGER",
+    "provider_cost_usd": "REAL",
+    "priced_cost_usd": "REAL",
+    "unconfirmed": "INTEGER NOT NULL DEFAULT 0",
+}
+# a job that may exist at the provider with no end seen: its cost may be billed
+_UNCONFIRMED = "(status IN ('creating', 'created') OR unconfirmed = 1)"
 
 # made once: json.dumps with any argument of its own builds a new encoder on every call
 _RECORD = json.JSONEncoder(default=str, ensure_ascii=False).encode
 _INPUTS = json.JSONEncoder(ensure_ascii=False).encode
 
 # REAL values are written with 15 significant digits: every one here is rounded well below that
-_RESULT_COLUMNS = """row_number, record, inputs, history, json_object(
+_RESULT_COLUMNS = (
+    """row_number, record, inputs, history, json_object(
     'job_id', job_id, 'row_number', row_number, 'status', status,
     'prediction_id', prediction_id,
     'output_urls', json(COALESCE(NULLIF(output_urls, ''), '[]')),
-    'images', images, 'cost_usd', cost_usd, 'predict_time_s', predict_time_s,
+    'images', images, 'cost_usd', cost_usd, 'provider_cost_usd', provider_cost_usd,
+    'priced_cost_usd', COALESCE(priced_cost_usd, cost_usd),
+    'unconfirmed', json(CASE WHEN """
+    + _UNCONFIRMED
+    + """ THEN 'true' ELSE 'false' END),
+    'predict_time_s', predict_time_s,
     'latency_s', CASE WHEN started_at AND finished_at THEN round(finished_at - started_at, 4) END,
     'attempts', attempts, 'ambiguous_creates', ambiguous,
     'possible_duplicate_charge', json(CASE WHEN ambiguous > 0 THEN 'true' ELSE 'false' END),
@@ -125,8 +144,35 @@ _RESULT_COLUMNS = """row_number, record, inputs, history, json_object(
         'height', json_group_array(height), 'state', json_group_array(state)
     ) FROM (SELECT * FROM images WHERE images.row_number = jobs.row_number ORDER BY idx)
 ) AS stored"""
+)
 
 _OPEN = (Status.PENDING.value, Status.CREATING.value, Status.CREATED.value)
+# the images a job asks for, from its journaled input (a rejected row has none)
+_WANTED = "COALESCE(json_extract(inputs, '$.n'), 1)"
+
+
+@dataclass(frozen=True, slots=True)
+class CostBooks:
+    """The run's cost as the provider's word and as ours: `confirmed_usd` is what the results
+    record (each job's end seen by a poll); `provider_usd` the part the provider stated
+    (`metrics.cost`), `priced_usd` our price times images; `mismatched` jobs where the two
+    differ. `unconfirmed` jobs may exist with no end seen, `unconfirmed_images` the most they
+    may have made; `ambiguous_images` the most that lost creates may have made."""
+
+    confirmed_usd: float
+    provider_usd: float
+    priced_usd: float
+    mismatched: int
+    unconfirmed: int
+    unconfirmed_images: int
+    ambiguous_images: int
+
+    def possibly_billed_usd(self, price_per_image_usd: float) -> float:
+        """The most the provider may have billed beyond `confirmed_usd`."""
+        images = self.unconfirmed_images + self.ambiguous_images
+        return round(images * price_per_image_usd, 6)
+
+
 _UNSENT = (Status.PENDING.value, Status.REJECTED.value)  # no create of the row's inputs is out
 
 
@@ -212,6 +258,10 @@ class MarkPending(Update):
 
 @dataclass(frozen=True, slots=True)
 class Finish(Update):
+    """A job's end. Its cost is the provider's figure where a poll gave one, our price times
+    images beside it. A cancel asked for earlier (a run stopped for good) is judged by the end
+    a poll saw: accepted only when the job ended `cancelled`."""
+
     row_number: int
     outcome: JobOutcome
     price_per_image_usd: float
@@ -219,25 +269,34 @@ class Finish(Update):
     def apply(self, db: sqlite3.Connection) -> None:
         o = self.outcome
         images = len(o.output_urls) if o.status is Status.SUCCEEDED else 0
+        price = self.price_per_image_usd
         db.execute(
-            "UPDATE jobs SET status=?, prediction_id=COALESCE(?, prediction_id), output_urls=?,"
-            " images=?, cost_usd=?, predict_time_s=?, error_type=?, error_message=?,"
-            " finished_at=?, error_code=?, cancel_accepted=COALESCE(?, cancel_accepted)"
-            " WHERE row_number=?",
-            (
-                o.status.value,
-                o.prediction_id,
-                json.dumps(list(o.output_urls)),
-                images,
-                round(images * self.price_per_image_usd, 6),
-                o.predict_time_s,
-                o.error_type,
-                o.error_message,
-                o.finished_at,
-                o.error_code,
-                o.cancel_accepted,
-                self.row_number,
-            ),
+            "UPDATE jobs SET status=:status, prediction_id=COALESCE(:pid, prediction_id),"
+            " output_urls=:urls, images=:images, cost_usd=:cost,"
+            " provider_cost_usd=:provider, priced_cost_usd=:priced, unconfirmed=:unconfirmed,"
+            " predict_time_s=:took, error_type=:type, error_message=:message,"
+            " finished_at=:at, error_code=:code, cancel_accepted=CASE"
+            " WHEN :accepted IS NOT NULL THEN :accepted"
+            " WHEN cancel_accepted IS NULL OR :ended IS NULL THEN cancel_accepted"
+            " ELSE :ended = 'cancelled' END WHERE row_number=:row",
+            {
+                "status": o.status.value,
+                "pid": o.prediction_id,
+                "urls": json.dumps(list(o.output_urls)),
+                "images": images,
+                "cost": o.cost(price),
+                "provider": o.provider_cost_usd,
+                "priced": o.priced(price),
+                "unconfirmed": int(o.unconfirmed),
+                "took": o.predict_time_s,
+                "type": o.error_type,
+                "message": o.error_message,
+                "at": o.finished_at,
+                "code": o.error_code,
+                "accepted": o.cancel_accepted,
+                "ended": o.ended,
+                "row": self.row_number,
+            },
         )
         if o.status is Status.SUCCEEDED:  # its outputs, to be downloaded and stored
             db.execute("DELETE FROM images WHERE row_number=?", (self.row_number,))
@@ -294,15 +353,25 @@ class FailImage(Update):
 
 @dataclass(frozen=True, slots=True)
 class NoteCancel(Update):
-    """A cancel was asked for the job's prediction; whether the provider accepted it."""
+    """A cancel was asked for the job's prediction; whether the provider accepted it. A job
+    that a poll saw end before this note is judged by that end (accepted only if it ended
+    cancelled), never by the cancel's answer."""
 
     row_number: int
     accepted: bool
 
     def apply(self, db: sqlite3.Connection) -> None:
         db.execute(
-            "UPDATE jobs SET cancel_accepted=? WHERE row_number=?",
-            (int(self.accepted), self.row_number),
+            "UPDATE jobs SET cancel_accepted=CASE WHEN status IN (:creating, :created)"
+            " THEN :accepted ELSE status = :failed AND error_type IN ('cancelled', 'timeout')"
+            " END WHERE row_number=:row",
+            {
+                "creating": Status.CREATING.value,
+                "created": Status.CREATED.value,
+                "failed": Status.FAILED.value,
+                "accepted": int(self.accepted),
+                "row": self.row_number,
+            },
         )
 
 
@@ -731,6 +800,7 @@ class Journal:
                     "UPDATE jobs SET status=?, prediction_id=?, created_at=?, started_at=?,"
                     " output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
                     " error_message=NULL, error_code=NULL, cancel_accepted=NULL, finished_at=NULL,"
+                    " provider_cost_usd=NULL, priced_cost_usd=NULL, unconfirmed=0,"
                     " history=? WHERE row_number=?",
                     (
                         (Status.CREATED if reattach else Status.PENDING).value,
@@ -833,6 +903,22 @@ class Journal:
             "reused": row[5],
         }
 
+    def cost_books(self) -> CostBooks:
+        """What the run's cost rests on: confirmed by the provider, or possibly billed."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(provider_cost_usd), 0),"
+                " COALESCE(SUM(COALESCE(priced_cost_usd, cost_usd)), 0),"
+                " COALESCE(SUM(provider_cost_usd IS NOT NULL"
+                "  AND abs(provider_cost_usd - priced_cost_usd) > 5e-7), 0),"
+                f" COALESCE(SUM({_UNCONFIRMED}), 0),"
+                f" COALESCE(SUM(CASE WHEN {_UNCONFIRMED} THEN {_WANTED} ELSE 0 END), 0),"
+                f" COALESCE(SUM(ambiguous * {_WANTED}), 0) FROM jobs"
+            ).fetchone()
+        return CostBooks(
+            round(row[0], 6), round(row[1], 6), round(row[2], 6), *(int(v) for v in row[3:])
+        )
+
     def recent_creates(self, since: float) -> dict[str, list[float]]:
         """Per key, the wall times (oldest first) of creates answered, or sent when no answer
         was journaled, after `since`: what the provider's window may still hold of them."""
@@ -879,7 +965,8 @@ class Journal:
         while True:
             with self._lock:
                 batch = self._db.execute(
-                    "SELECT i.*, j.job_id, j.prediction_id, j.record, j.reused FROM images i"
+                    "SELECT i.*, j.job_id, j.prediction_id, j.record, j.reused, j.cost_usd,"
+                    " j.images FROM images i"
                     " JOIN jobs j ON j.row_number = i.row_number"
                     " WHERE j.status = ? AND (i.row_number, i.idx) > (?, ?)"
                     " ORDER BY i.row_number, i.idx LIMIT ?",

@@ -43,6 +43,16 @@ class _Counters(Collector):
             ("wanbatch_polls", "Polls sent", s.polls),
             ("wanbatch_ambiguous_creates", "Creates whose answer was lost", s.ambiguous_creates),
             ("wanbatch_jobs_finished", "Jobs that ended in this process", s.finished),
+            (
+                "wanbatch_jobs_unconfirmed",
+                "Jobs left with no end seen at the provider (their cost may be billed)",
+                s.unconfirmed,
+            ),
+            (
+                "wanbatch_cost_mismatches",
+                "Jobs whose provider-reported cost differs from price times images",
+                s.cost_mismatches,
+            ),
         ):
             yield CounterMetricFamily(name, text, value=value)
         if s.downloads is not None:

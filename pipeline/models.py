@@ -55,7 +55,11 @@ class Rejected:
 
 @dataclass(frozen=True, slots=True)
 class JobOutcome:
-    """How one job ended (succeeded or failed), as the worker saw it."""
+    """How one job ended (succeeded or failed), as the worker saw it.
+
+    `ended` is the provider's terminal status when a poll saw it (success, error, cancelled):
+    the provider's word on the job's end and cost. Without it, `unconfirmed` says whether a job
+    may exist at the provider that nobody saw end (it may be billed)."""
 
     status: Status
     prediction_id: str | None = None
@@ -65,7 +69,22 @@ class JobOutcome:
     error_message: str | None = None
     finished_at: float = 0.0
     error_code: str | None = None  # the provider's, for a failed prediction
-    cancel_accepted: bool | None = None  # asked to cancel it at the provider: was it accepted
+    # a cancel was asked for it at the provider: did the job end `cancelled` (None: not asked)
+    cancel_accepted: bool | None = None
+    provider_cost_usd: float | None = None  # the provider's own figure (`metrics.cost`)
+    ended: str | None = None  # the terminal status a poll saw
+    unconfirmed: bool = False
+
+    def priced(self, price_per_image_usd: float) -> float:
+        """Our price times the images returned."""
+        images = len(self.output_urls) if self.status is Status.SUCCEEDED else 0
+        return round(images * price_per_image_usd, 6)
+
+    def cost(self, price_per_image_usd: float) -> float:
+        """What the job cost: the provider's word where it gave one, else our price."""
+        if self.provider_cost_usd is not None:
+            return round(self.provider_cost_usd, 6)
+        return self.priced(price_per_image_usd)
 
 
 @dataclass(frozen=True, slots=True)

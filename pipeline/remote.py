@@ -51,6 +51,8 @@ COUNTERS = (
     "job_retries",
     "cap_refusals",
     "finished",
+    "unconfirmed",
+    "cost_mismatches",
 )
 _REPORT_EVERY_S = 1.0  # a report goes out at least this often, for the figures
 
@@ -348,8 +350,8 @@ class WorkerProcess:
                         for _ in range(config.limits.max_concurrent):
                             slots.start_soon(worker.run_slot, lane)
                 if self._handouts.abandoned and worker.in_flight:
-                    with anyio.move_on_after(config.api.read_timeout_s):
-                        await worker.cancel_in_flight()
+                    grace = config.scaled(config.polling.cancel_grace_s)
+                    await worker.cancel_in_flight(confirm_within=grace)
                 if worker.downloader is not None and not self._handouts.abandoned:
                     worker.downloader.close()
                     await downloads.wait()

@@ -36,7 +36,7 @@ from pipeline.errors import (
     WanbatchError,
 )
 from pipeline.htmlreport import write_report
-from pipeline.journal import Journal
+from pipeline.journal import CostBooks, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey, resolve_groups
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec
@@ -67,6 +67,7 @@ class ExitCode(IntEnum):
     BUDGET = 5  # budget.max_cost_usd reached: raise it and run again to resume
     ROWS_FAILED = 6  # finished: some rows failed or were rejected (see failures manifest)
     KEYS_MISSING = 7  # jobs wait on keys this run was not given (or were refused): add them
+    UNCONFIRMED = 8  # finished, but jobs created were not seen to end: their cost may be billed
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,8 @@ class RunSummary:
     waiting_on_keys: dict[str, int] = field(default_factory=dict)  # key name -> jobs it holds
     started_at: float = 0.0  # wall clock (Unix seconds)
     ended_at: float = 0.0
+    cost: CostBooks | None = None  # the cost confirmed by the provider, and what may be billed
+    possibly_billed_usd: float = 0.0  # at most, beyond the results' cost (unconfirmed jobs)
 
     @property
     def finished_rows(self) -> int:
@@ -488,7 +491,11 @@ async def _run_held(
         books = await _finish_books(config, journal, state, manifest, folder.path)
         waiting = journal.waiting_on_keys()
         counts = journal.counts()
-        exit_code, message = _verdict(stop, faults, books, counts, waiting, lanes_keys, stats)
+        books.cost = journal.cost_books()
+        price = config.api.price_per_image_usd
+        exit_code, message = _verdict(
+            stop, faults, books, counts, waiting, lanes_keys, stats, price
+        )
         if exit_code is not ExitCode.OK:
             _log.warning("run_ended", exit_code=int(exit_code), message=message)
         summary = _summary(
@@ -496,6 +503,8 @@ async def _run_held(
         )
         summary.sandbox_stats, summary.requeued, summary.forced = sandbox_stats, requeued, forced
         summary.waiting_on_keys, summary.workers = waiting, worker_figures
+        summary.cost = books.cost
+        summary.possibly_billed_usd = books.cost.possibly_billed_usd(price)
         await observer.finish(journal, finish_line(summary))
     try:
         await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / "summary.json")
@@ -549,6 +558,7 @@ class _Books:
     failures: Path | None = None
     problem: str | None = None  # why results could not be written, or were written in part
     images_missing: int = 0  # outputs of succeeded jobs not stored (yet)
+    cost: CostBooks | None = None
 
 
 async def _finish_books(
@@ -601,6 +611,17 @@ async def _finish_books(
     return books
 
 
+def _unconfirmed(cost: CostBooks | None, price: float) -> str | None:
+    """What the books cannot confirm, in words, or None when every job's end was seen."""
+    if cost is None or not cost.unconfirmed:
+        return None
+    return (
+        f"{cost.unconfirmed:,} jobs created were not seen to end at the provider: up to "
+        f"${cost.possibly_billed_usd(price):,.2f} may be billed beyond the results' cost "
+        "(results column `unconfirmed`); the same command polls those still journaled"
+    )
+
+
 def _verdict(
     stop: tuple[ExitCode, str],
     faults: _Faults,
@@ -609,8 +630,29 @@ def _verdict(
     waiting: dict[str, int],
     keys: list[ApiKey],
     stats: RunStats,
+    price: float,
 ) -> tuple[ExitCode, str]:
-    """The exit code and its one-line explanation, the gravest first."""
+    """The exit code and its one-line explanation, the gravest first; a run that leaves jobs
+    unconfirmed says so whatever its code."""
+    unconfirmed = _unconfirmed(books.cost, price)
+    code, message = _gravest(stop, faults, books, counts, waiting, keys, stats)
+    if unconfirmed is None or code is ExitCode.KEYS_MISSING:
+        return code, message
+    if code in (ExitCode.OK, ExitCode.ROWS_FAILED):  # finished: the money question first
+        also = f"; also {message}" if message else ""
+        return ExitCode.UNCONFIRMED, f"finished, but {unconfirmed}{also}"
+    return code, f"{message}. Also: {unconfirmed}"
+
+
+def _gravest(
+    stop: tuple[ExitCode, str],
+    faults: _Faults,
+    books: _Books,
+    counts: dict[str, int],
+    waiting: dict[str, int],
+    keys: list[ApiKey],
+    stats: RunStats,
+) -> tuple[ExitCode, str]:
     fault = faults.describe()
     if fault is not None:
         return ExitCode.ERROR, (

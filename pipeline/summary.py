@@ -80,6 +80,22 @@ def _throughput(summary: RunSummary, config: RunConfig) -> dict[str, float | Non
     }
 
 
+def _cost(summary: RunSummary) -> dict[str, Any] | None:
+    """The cost confirmed by the provider (a poll saw each job end), apart from what may have
+    been billed with no end seen; the provider's own figures beside our price."""
+    c = summary.cost
+    if c is None:
+        return None
+    return {
+        "confirmed_usd": c.confirmed_usd,
+        "possibly_billed_usd": summary.possibly_billed_usd,
+        "unconfirmed_jobs": c.unconfirmed,
+        "provider_reported_usd": c.provider_usd,
+        "priced_usd": c.priced_usd,
+        "provider_price_mismatches": c.mismatched,
+    }
+
+
 def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
     counts, totals, stats = summary.counts, summary.totals, summary.stats
     by_error = dict(summary.left_failed)
@@ -99,6 +115,7 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "images": int(totals["images"]),
         "images_stored": images,
         "cost_usd": totals["cost_usd"],
+        "cost": _cost(summary),
         "reused": int(totals.get("reused", 0)),
         "possible_duplicate_charges": int(totals["ambiguous_creates"]),
         "creates": stats.creates_sent,
@@ -135,6 +152,12 @@ def finish_line(summary: RunSummary) -> str:
         f"run finished (exit {int(summary.exit_code)}): {int(t['rows']):,} rows, "
         f"{c.get('succeeded', 0):,} succeeded, {c.get('failed', 0):,} failed, "
         f"{c.get('rejected', 0):,} rejected; {int(t['images']):,} images, "
-        f"${t['cost_usd']:,.2f}; {summary.elapsed_s:,.1f} s"
+        f"${t['cost_usd']:,.2f}"
+        + (
+            f" confirmed (up to ${summary.possibly_billed_usd:,.2f} more unconfirmed)"
+            if summary.possibly_billed_usd
+            else ""
+        )
+        + f"; {summary.elapsed_s:,.1f} s"
         + (f"; {summary.message}" if summary.message else "")
     )

@@ -2,6 +2,10 @@
 
 A key has `max_concurrent` workers, so a key's slot is held from the create request until the
 job's terminal status (or until a job that may exist on the provider is given time to end).
+A job's end and its cost are the provider's word, read from a terminal poll: a callback, a
+cancel's answer or a timeout only lead to a poll. A job cancelled at its timeout is polled for
+`polling.cancel_grace_s` more; one still running then stays journaled `created` (its end and
+cost unconfirmed) and the next run polls it.
 The rules of invariant 5 live here: 400 final, 401 retires the key, 429 waits, 5xx and
 transport errors back off, and a create whose answer was lost is counted as ambiguous.
 
@@ -67,6 +71,8 @@ class RunStats:
     job_retries: int = 0  # jobs created again after a transient error code
     cap_refusals: int = 0  # 429s for the provider's concurrency cap (our window not full)
     finished: int = 0
+    unconfirmed: int = 0  # jobs left running at the provider, their end not seen (see Left)
+    cost_mismatches: int = 0  # jobs whose `metrics.cost` differs from our price times images
     retired_keys: list[str] = field(default_factory=list)
     callbacks: CallbackStats | None = None  # webhook mode only
     downloads: DownloadStats | None = None  # when assets.download
@@ -85,11 +91,13 @@ class RunStats:
 
 
 class Flying(NamedTuple):
-    """A job being polled: its key, its row, and when its create was answered (wall time)."""
+    """A job being polled: its key, its journal entry, when its create was answered (wall
+    time) and the attempt it is."""
 
     lane: KeyLane
-    row: int
+    entry: Entry
     created: float
+    attempts: int
 
 
 @dataclass
@@ -164,6 +172,12 @@ class Ended:
 
 
 @dataclass(frozen=True, slots=True)
+class Left:
+    """A job left running at the provider with its end unconfirmed (cancelled, and still
+    running past the grace): it stays journaled `created`, and the next run polls it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Deferred:
     """Poll again after `wait` seconds (an error's backoff), or on the schedule when None
     (the job still runs)."""
@@ -235,6 +249,11 @@ class Worker:
             config.scaled(r.retry_after_max_s),
         )
         self.job_timeout = config.scaled(config.polling.job_timeout_s)
+        self._cancel_grace = config.scaled(config.polling.cancel_grace_s)
+        # at most about ten polls in a cancel's grace
+        shortest = config.scaled(config.polling.min_interval_s)
+        self._confirm_every = max(shortest, self._cancel_grace / 10)
+        self._asked: dict[str, bool] = {}  # prediction id -> whether its cancel was answered yes
         self.price = config.api.price_per_image_usd
         self.in_flight: dict[str, Flying] = {}  # prediction id -> its key, row and creation
         planner.running = self.ages
@@ -244,6 +263,7 @@ class Worker:
         # on a Ray worker: whether a key of another worker can take a job now
         self.open_elsewhere: Callable[[], bool] | None = None
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
+        self._cost_said = False  # a difference between the provider's cost and ours: said once
 
     def ages(self) -> list[float]:
         """Seconds since the create of each job in flight: lower bounds on their latencies."""
@@ -290,7 +310,10 @@ class Worker:
             self.stats.reattached += 1
             lane.cap.started()  # it runs at the provider: it counts against the cap
             log.bound().info("reattach", prediction_id=entry.prediction_id)
-            outcome = await self._poll(lane, entry, entry.prediction_id, time.time(), attempts)
+            polled = await self._poll(lane, entry, entry.prediction_id, time.time(), attempts)
+            if isinstance(polled, Left):
+                return
+            outcome = polled
         elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
             await self._ambiguous(entry, log)
@@ -308,9 +331,12 @@ class Worker:
                     return
                 attempts = created.attempts
                 hooked = self.webhook_url is not None
-                outcome = await self._poll(
+                polled = await self._poll(
                     lane, entry, created.prediction_id, time.time(), attempts, hooked=hooked
                 )
+                if isinstance(polled, Left):
+                    return
+                outcome = polled
             if not (
                 outcome.error_code in TRANSIENT_ERROR_CODES and attempts < self.policy.max_attempts
             ):
@@ -440,41 +466,18 @@ class Worker:
         attempts: int,
         *,
         hooked: bool = False,
-    ) -> JobOutcome:
+    ) -> JobOutcome | Left:
         """Poll a job to its end, and how it ended; its prediction id is durable already
         (invariant 1), so a crash never loses a paid job. `hooked`: the create carried our
-        webhook URL, so a callback may wake the job early. A job still running at its deadline
-        is cancelled at the provider. While polled, the job is in `in_flight`."""
-        self.in_flight[prediction_id] = Flying(lane, entry.row_number, created)
+        webhook URL, so a callback may wake the job early. While polled, the job is in
+        `in_flight`."""
+        self.in_flight[prediction_id] = Flying(lane, entry, created, attempts)
         if self.cancel_all:  # created as the run was being stopped for good
             await self._cancel_noted(prediction_id, lane, entry.row_number)
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
         track = _Track(waiter)
         try:
-            deadline = created + self.job_timeout
-            delay = self._delay(waiter, None, False)
-            while True:
-                await self._wait(max(0.0, min(delay, deadline - time.time())), waiter)
-                track.woken()
-                step = await self._poll_once(lane, entry, prediction_id, attempts, track)
-                if isinstance(step, Ended):
-                    if self.callbacks is not None and waiter is not None:
-                        self.callbacks.ended(waiter, self._seen_by(waiter, track))
-                    outcome = self._outcome(step.answer, created)
-                    if (took := step.answer.predict_time_s) is not None:
-                        self.stats.job_ended(took, outcome.finished_at - created - took)
-                    break
-                if isinstance(step, JobOutcome):
-                    outcome = step
-                    break
-                delay = (
-                    step.wait
-                    if step.wait is not None
-                    else self._delay(waiter, time.time() - created, track.contradicted)
-                )
-                if time.time() >= deadline:
-                    outcome = await self._timed_out(lane, entry, prediction_id)
-                    break
+            outcome = await self._poll_to_end(lane, entry, prediction_id, created, track)
         finally:
             lane.cap.ended()
             if waiter is not None and self.callbacks is not None:
@@ -482,23 +485,82 @@ class Worker:
         del self.in_flight[prediction_id]  # kept when cancelled: see cancel_in_flight
         return outcome
 
+    async def _poll_to_end(
+        self, lane: KeyLane, entry: Entry, prediction_id: str, created: float, track: _Track
+    ) -> JobOutcome | Left:
+        """The polls of one job. Past its deadline the job is cancelled at the provider and
+        polled for the cancel's grace: the end a poll sees is the job's (it may have ended
+        `success` as the cancel went out); past the grace it is left, unconfirmed."""
+        deadline = created + self.job_timeout
+        timed_out = False
+        delay = self._delay(track.waiter, None, False)
+        while True:
+            await self._wait(max(0.0, min(delay, deadline - time.time())), track.waiter)
+            track.woken()
+            step = await self._poll_once(lane, entry, prediction_id, track)
+            if isinstance(step, Ended):
+                return self._ended(step.answer, created, track, timed_out)
+            if isinstance(step, JobOutcome):
+                return step
+            if step.wait is not None:
+                delay = step.wait
+            elif timed_out:
+                delay = self._confirm_every
+            else:
+                delay = self._delay(track.waiter, time.time() - created, track.contradicted)
+            if time.time() < deadline:
+                continue
+            if timed_out:
+                return self._left(entry, prediction_id)
+            timed_out = True
+            self.stats.timeouts += 1
+            await self._cancel_noted(prediction_id, lane, entry.row_number)
+            deadline, delay = time.time() + self._cancel_grace, 0.0
+
+    def _ended(
+        self, answer: Prediction, created: float, track: _Track, timed_out: bool
+    ) -> JobOutcome:
+        if self.callbacks is not None and track.waiter is not None:
+            self.callbacks.ended(track.waiter, self._seen_by(track.waiter, track))
+        outcome = self._outcome(answer, created, timed_out)
+        if (took := answer.predict_time_s) is not None:
+            self.stats.job_ended(took, outcome.finished_at - created - took)
+        return outcome
+
+    def _left(self, entry: Entry, prediction_id: str) -> Left:
+        self.stats.unconfirmed += 1
+        _log.warning(
+            "end_unconfirmed",
+            job_id=entry.job_id,
+            row=entry.row_number,
+            prediction_id=prediction_id,
+            hint="cancelled, and still running after polling.cancel_grace_s: it stays "
+            "journaled and the next run polls it; its cost may be billed",
+        )
+        return Left()
+
     async def _poll_once(
-        self, lane: KeyLane, entry: Entry, prediction_id: str, attempts: int, track: _Track
+        self, lane: KeyLane, entry: Entry, prediction_id: str, track: _Track
     ) -> Ended | JobOutcome | Deferred:
         """One poll: the job ended, or an outcome without an end (the provider does not know
-        the job, or its id is unsafe), or when to poll again."""
+        the job, or its id is unsafe: a job was created and nobody saw it end, so the row is
+        flagged unconfirmed), or when to poll again."""
         self.stats.polls += 1
         try:
             answer = await self.client.get(lane.key, prediction_id)
         except (NotFound, UnsafePredictionId) as exc:
+            self.stats.unconfirmed += 1
             return JobOutcome(
                 Status.FAILED,
                 prediction_id,
                 error_type=exc.error_type,
-                error_message=str(exc),
+                error_message=f"{exc}; it was created, and its cost is not confirmed",
                 finished_at=time.time(),
+                cancel_accepted=self._asked.pop(prediction_id, None),
+                unconfirmed=True,
             )
         except Unauthorized as exc:
+            attempts = self.in_flight[prediction_id].attempts
             del self.in_flight[prediction_id]
             # the job exists under this key only: it waits, journaled, for a later run
             raise _KeyRefused(
@@ -529,21 +591,6 @@ class Worker:
         track.running()
         return Deferred()
 
-    async def _timed_out(self, lane: KeyLane, entry: Entry, prediction_id: str) -> JobOutcome:
-        """A job past polling.job_timeout_s: cancelled at the provider, so it is not billed
-        for a result nobody waits for."""
-        self.stats.timeouts += 1
-        accepted = await self._cancel(lane, prediction_id)
-        said = "accepted" if accepted else "not accepted (it may still end and be billed)"
-        return JobOutcome(
-            Status.FAILED,
-            prediction_id,
-            error_type="timeout",
-            error_message=f"still processing after {self._timeout_text}; its cancel was {said}",
-            finished_at=time.time(),
-            cancel_accepted=accepted,
-        )
-
     async def _cancel(self, lane: KeyLane, prediction_id: str) -> bool:
         try:
             accepted = await self.client.cancel(lane.key, prediction_id)
@@ -553,19 +600,54 @@ class Worker:
         self.stats.cancels += 1
         return accepted
 
-    async def cancel_in_flight(self) -> None:
+    async def cancel_in_flight(self, confirm_within: float | None = None) -> None:
         """The run is stopped for good: cancel at the provider every job in flight, and every
-        job that comes in flight from now on (its create was under way); each row records
-        whether its cancel was accepted, and the jobs end `cancelled` on their next poll."""
+        job that comes in flight from now on (its create was under way). A cancel is a request:
+        each job ends on a poll. While the slots still poll (a budget reached) they see it;
+        once they are stopped (a second signal), `confirm_within` seconds of polls here finish
+        each job a poll sees end, and leave the others journaled for the next run."""
         self.cancel_all = True
         jobs = list(self.in_flight.items())
         async with anyio.create_task_group() as tg:
             for prediction_id, job in jobs:
-                tg.start_soon(self._cancel_noted, prediction_id, job.lane, job.row)
+                tg.start_soon(self._cancel_noted, prediction_id, job.lane, job.entry.row_number)
         _log.warning("cancelled_in_flight", jobs=len(jobs))
+        if confirm_within is None or not jobs:
+            return
+        with anyio.move_on_after(confirm_within):
+            async with anyio.create_task_group() as tg:
+                for prediction_id, job in jobs:
+                    tg.start_soon(self._confirm_end, prediction_id, job)
+        left = [p for p, _ in jobs if p in self.in_flight]
+        if left:
+            self.stats.unconfirmed += len(left)
+            _log.warning("ends_unconfirmed", jobs=len(left), hint="the next run polls them")
+
+    async def _confirm_end(self, prediction_id: str, job: Flying) -> None:
+        """Poll a cancelled job (its slot stopped) until a poll sees it end, and finish it."""
+        track = _Track(None)
+        delay = 0.0
+        while True:
+            await anyio.sleep(delay)
+            try:
+                step = await self._poll_once(job.lane, job.entry, prediction_id, track)
+            except _KeyRefused:
+                return  # its key is refused: it stays journaled for a run with a key
+            if isinstance(step, Ended):
+                outcome = self._outcome(step.answer, job.created, False)
+                break
+            if isinstance(step, JobOutcome):
+                outcome = step
+                break
+            delay = step.wait if step.wait is not None else self._confirm_every
+        self.in_flight.pop(prediction_id, None)
+        await self._finish(job.entry, outcome)
 
     async def _cancel_noted(self, prediction_id: str, lane: KeyLane, row: int) -> None:
-        await self.journal.write(NoteCancel(row, await self._cancel(lane, prediction_id)))
+        accepted = await self._cancel(lane, prediction_id)
+        if prediction_id in self.in_flight:  # not seen to end while the cancel was out
+            self._asked[prediction_id] = accepted
+        await self.journal.write(NoteCancel(row, accepted))
 
     def _delay(self, waiter: Waiter | None, elapsed: float | None, contradicted: bool) -> float:
         """Seconds to the next poll, `elapsed` seconds after the create (None: the first poll):
@@ -602,28 +684,69 @@ class Worker:
         finally:
             timer.cancel()
 
-    def _outcome(self, answer: Prediction, created: float) -> JobOutcome:
+    def _outcome(self, answer: Prediction, created: float, timed_out: bool) -> JobOutcome:
+        """A job's end as a poll saw it, with the provider's cost where it gave one; a cancel
+        asked for counts as accepted only when the job ended `cancelled`."""
         now = time.time()
-        self.planner.observe(answer.predict_time_s or (now - created))
+        asked = self._asked.pop(answer.prediction_id, None)
+        stopped = answer.status == "cancelled"
+        if not (stopped and asked is not None):  # a job we stopped says nothing of latency
+            self.planner.observe(answer.predict_time_s or (now - created))
+        accepted = None if asked is None else stopped
         if answer.status == "success":
-            return JobOutcome(
+            outcome = JobOutcome(
                 Status.SUCCEEDED,
                 answer.prediction_id,
                 answer.output_urls,
                 answer.predict_time_s,
                 finished_at=now,
+                cancel_accepted=accepted,
+                provider_cost_usd=answer.cost_usd,
+                ended=answer.status,
             )
-        cancelled = answer.status == "cancelled"
-        return JobOutcome(
-            Status.FAILED,
-            answer.prediction_id,
-            (),
-            answer.predict_time_s,
-            error_type="cancelled" if cancelled else "job_error",
-            error_message=answer.message,
-            finished_at=now,
-            error_code=answer.error_code,
-        )
+        else:
+            error_type, message = "cancelled" if stopped else "job_error", answer.message
+            if stopped and timed_out:
+                error_type = "timeout"
+                message = (
+                    f"still processing after {self._timeout_text}; cancelled at the provider "
+                    "(its cancel was accepted)"
+                )
+            outcome = JobOutcome(
+                Status.FAILED,
+                answer.prediction_id,
+                (),
+                answer.predict_time_s,
+                error_type=error_type,
+                error_message=message,
+                finished_at=now,
+                error_code=answer.error_code,
+                cancel_accepted=accepted,
+                provider_cost_usd=answer.cost_usd,
+                ended=answer.status,
+            )
+        self._compare_cost(outcome)
+        return outcome
+
+    def _compare_cost(self, outcome: JobOutcome) -> None:
+        """Count a job whose cost at the provider differs from our price times its images;
+        the first is logged, so a price change is seen the first night."""
+        if outcome.provider_cost_usd is None:
+            return
+        ours = outcome.priced(self.price)
+        if abs(outcome.provider_cost_usd - ours) <= 5e-7:
+            return
+        self.stats.cost_mismatches += 1
+        if not self._cost_said:
+            self._cost_said = True
+            _log.warning(
+                "provider_cost_differs",
+                prediction_id=outcome.prediction_id,
+                provider_cost_usd=outcome.provider_cost_usd,
+                priced_usd=ours,
+                price_per_image_usd=self.price,
+                hint="results record the provider's cost; check api.price_per_image_usd",
+            )
 
     async def _finish(self, entry: Entry, outcome: JobOutcome) -> None:
         self.stats.finished += 1

@@ -148,7 +148,10 @@ def _base_fields() -> list[pa.Field]:
         pa.field("output_height", pa.list_(pa.int64())),
         pa.field("outputs_status", pa.string()),
         pa.field("images", pa.int64()),
-        pa.field("cost_usd", pa.float64()),
+        pa.field("cost_usd", pa.float64()),  # the provider's figure where given, else priced
+        pa.field("provider_cost_usd", pa.float64()),  # `metrics.cost`, when a poll gave it
+        pa.field("priced_cost_usd", pa.float64()),  # api.price_per_image_usd times images
+        pa.field("unconfirmed", pa.bool_()),  # created, and no poll saw it end: may be billed
         pa.field("predict_time_s", pa.float64()),
         pa.field("latency_s", pa.float64()),
         pa.field("attempts", pa.int64()),
@@ -432,19 +435,21 @@ def _image_schema(layout: ResultLayout) -> tuple[pa.Schema, pa.Schema | None]:
         pa.field("state", pa.string()),
         pa.field("error", pa.string()),
         pa.field("cost_usd", pa.float64()),
+        pa.field("priced_cost_usd", pa.float64()),
     ]
     return pa.schema(fields), own
 
 
 _IMAGE_COLUMNS = frozenset(
     {"job_id", "row_number", "prediction_id", "index", "url", "path", "sha256", "bytes"}
-    | {"width", "height", "format", "state", "error", "cost_usd"}
+    | {"width", "height", "format", "state", "error", "cost_usd", "priced_cost_usd"}
 )
 
 
 def write_images(journal: Journal, layout: ResultLayout, path: Path, price: float) -> int:
-    """One row per output image of a succeeded job, its own cost beside it (so the column sums
-    to what the provider billed); the number of images."""
+    """One row per output image of a succeeded job, its own cost beside it: its share of the
+    job's cost (the provider's figure where given), so the column sums to what the provider
+    billed, and our price; the number of images."""
     schema, own = _image_schema(layout)
     manifest = None if own is None else _ManifestRows(layout.manifest_path, own)
     count = 0
@@ -459,7 +464,10 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
             }
             for name in ("path", "sha256", "bytes", "width", "height", "format", "state", "error"):
                 columns[name] = [r[name] for r in batch]
-            columns["cost_usd"] = [0.0 if r["reused"] else price for r in batch]
+            columns["cost_usd"] = [
+                0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6) for r in batch
+            ]
+            columns["priced_cost_usd"] = [0.0 if r["reused"] else price for r in batch]
             if layout.id_column is not None:
                 id_name = schema.names[2]
                 if manifest is not None:

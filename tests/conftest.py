@@ -192,6 +192,15 @@ def judge_against_ledger(sb: SandboxServer, run_dir: Path, rows: int) -> dict[st
 
 
 @pytest.fixture
+def pipelines() -> Iterator[list[Any]]:
+    """Runs in subprocesses a test starts (`tests.test_crash.Pipeline`), killed at its end."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+@pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """moto's S3 server on loopback, with a bucket; the standard environment points at it."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
