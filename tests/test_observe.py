@@ -41,10 +41,9 @@ from tests.conftest import (
     shrunk_sandbox,
     write_manifest,
 )
-from tests.test_crash import Pipeline, pipelines, wait_for, write_config
+from tests.test_crash import Pipeline, wait_for, write_config
 
 Start = Callable[..., SandboxServer]
-__all__ = ["pipelines"]  # the fixture, used here by name
 
 
 def _cli(*args: str, keys: str = KEY, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
