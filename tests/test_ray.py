@@ -409,8 +409,12 @@ def test_signals_stop_a_distributed_run_as_a_local_one(
         second.kill()
     assert code == 3, output
     assert time.monotonic() - signalled < 5  # it did not wait for the 2 s jobs to end
-    in_flight = [r for r in journal_rows(run_dir) if r["status"] == "created"]
+    # each job in flight was cancelled at the provider and, on a worker's poll, booked as the
+    # provider ended it (cancelled, here), or left journaled for the resume
+    in_flight = [r for r in journal_rows(run_dir) if r["cancel_accepted"] is not None]
     assert in_flight and all(r["cancel_accepted"] == 1 for r in in_flight)
+    assert all(r["status"] in ("created", "failed") for r in in_flight)
+    assert all(r["error_type"] == "cancelled" for r in in_flight if r["status"] == "failed")
     ends = {e["prediction_id"]: e for e in sb.ledger() if e["event"] == "ended"}
     assert all(ends[r["prediction_id"]]["status"] == "cancelled" for r in in_flight)
 
