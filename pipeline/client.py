@@ -276,6 +276,10 @@ class EachlabsClient:
             raise TransportFailure(
                 f"{what}: no answer from the provider ({_name(exc)})", ambiguous=creating
             ) from exc
+        except httpx.HTTPError as exc:  # an answer that cannot be decoded (a false gzip, ...)
+            raise ProtocolViolation(
+                f"{what}: the answer cannot be read ({_name(exc)})", ambiguous=creating
+            ) from exc
         return self._read(response, what, creating)
 
     @staticmethod
