@@ -1,23 +1,60 @@
 """Structured logs with structlog: JSON lines in the run folder's `run.log`, and the same events,
 human-readable, on stderr from `console_level` up (warnings by default; `--log-level` lowers
 it). Job events carry the job id and, once known, the prediction id; keys appear only by their
-short hash.
+short hash. A traceback is logged without its frames' local variables (they hold request
+headers: a key, a webhook secret). A log line that cannot be written (a full disk) is dropped
+and counted, never raised into the run: the run's books come first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO, cast
 
 import structlog
 
-__all__ = ["configure_logging", "level_named", "logging_to"]
+__all__ = ["configure_logging", "dropped_lines", "level_named", "logging_to"]
 
-_handle: IO[str] | None = None
+_handle: _LogFile | None = None
+# tracebacks as data, without locals: a frame's locals may hold a key or a webhook secret
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
+class _LogFile:
+    """run.log's file for structlog's WriteLogger: a write or flush that fails (a full disk,
+    an I/O error) is dropped and counted instead of raised into whatever was logging."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._handle = handle
+        self.dropped = 0
+
+    def write(self, text: str) -> None:
+        try:
+            self._handle.write(text)
+        except OSError:
+            self.dropped += 1
+
+    def flush(self) -> None:
+        try:
+            self._handle.flush()
+        except OSError:
+            self.dropped += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.close()
+
+
+def dropped_lines() -> int:
+    """run.log lines that could not be written in this process's current log."""
+    return _handle.dropped if _handle is not None else 0
 
 
 def level_named(name: str) -> int:
@@ -46,7 +83,8 @@ class _Console:
                 if self._tracebacks
                 else {k: v for k, v in event.items() if k != "exc_info"}
             )
-            print(self._render(logger, method, shown), file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # a closed or broken stderr loses only this
+                print(self._render(logger, method, shown), file=sys.stderr, flush=True)
         return event
 
 
@@ -77,9 +115,9 @@ def configure_logging(
     lowest = min(level, console_level if console_level is not None else level)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _handle = path.open("a", encoding="utf-8")
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
-        factory: Any = structlog.WriteLoggerFactory(file=_handle)
+        _handle = _LogFile(path.open("a", encoding="utf-8"))
+        processors += [_TRACEBACKS, structlog.processors.JSONRenderer()]
+        factory: Any = structlog.WriteLoggerFactory(file=cast(TextIO, _handle))  # write, flush
     else:
         processors.append(_drop)
         factory = structlog.ReturnLoggerFactory()
