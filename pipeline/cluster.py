@@ -153,6 +153,7 @@ class _Member:
     acked: int = 0
     last_post: asyncio.Event | None = None  # the last of its updates given to the journal
     jobs: list[tuple[str, Entry | None]] = field(default_factory=list)
+    reserved: list[tuple[int, bool]] = field(default_factory=list)  # answers to send
     wake: anyio.Event = field(default_factory=anyio.Event)
     sent: tuple[object, ...] = ()  # the last orders' acked batch and flags: resent on change
 
@@ -439,6 +440,10 @@ class Cluster:
                             self._returned()
             member.last_post = commit.post(*report.updates)
             tg.start_soon(self._ack, member, commit, member.last_post, report.seq)
+        for row_number in report.reserves:
+            held = member.handed.get(row_number)
+            member.reserved.append((row_number, held is not None and dispatcher.reserve_now(held)))
+            member.wake.set()
         for name in report.retired:
             dispatcher.retire(name)
         for key_name, count in report.asks.items():
@@ -488,10 +493,11 @@ class Cluster:
                 self._open_elsewhere(member),
             )
             now = (member.acked, *flags)
-            if not member.jobs and now == member.sent:
+            if not member.jobs and not member.reserved and now == member.sent:
                 continue
             jobs, member.jobs = member.jobs, []
-            orders = Orders(member.acked, jobs, *flags)
+            reserved, member.reserved = member.reserved, []
+            orders = Orders(member.acked, jobs, *flags, reserved=reserved)
             member.sent = now
             await member.actor.deliver.remote(orders)
 

@@ -37,6 +37,11 @@ class JobSource(Protocol):
 
     def settle(self, entry: Entry, outcome: JobOutcome) -> None: ...
 
+    async def reserve(self, entry: Entry) -> bool:
+        """One more create of a job already handed out (its last create's answer was lost, so
+        that one may be billed too): True when the budget can take its worst case."""
+        ...
+
 
 _PAGE = 1000
 
@@ -140,6 +145,22 @@ class Dispatcher:
     def _release(self, entry: Entry) -> None:
         if self._budget is not None:
             self._committed -= self._worst(entry)
+
+    async def reserve(self, entry: Entry) -> bool:
+        return self.reserve_now(entry)
+
+    def reserve_now(self, entry: Entry) -> bool:
+        """`reserve`, for the driver of Ray workers. The reservation is never released: the
+        create whose answer was lost may have been billed."""
+        if self._budget is None:
+            return True
+        worst = self._worst(entry)
+        if self._committed + worst > self._budget + 1e-9:
+            self.budget_reached = True
+            self.budget_hit.set()
+            return False
+        self._committed += worst
+        return True
 
     def settle(self, entry: Entry, outcome: JobOutcome) -> None:
         """Replace a job's worst-case reservation by what it cost."""

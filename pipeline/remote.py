@@ -95,6 +95,7 @@ class Report:
     updates: list[Update]
     asks: dict[str, int]
     given_back: list[Entry]
+    reserves: list[int]  # rows whose create is to be sent again: may the budget take it
     retired: list[str]
     thumbs: list[tuple[str, bytes]]
     logs: list[tuple[str, dict[str, Any]]]
@@ -113,6 +114,7 @@ class Orders:
     abandon: bool = False  # stop now and cancel the jobs in flight
     cancel_in_flight: bool = False  # budget.cancel_in_flight
     open_elsewhere: bool = False  # a key of another worker is serving and not paused
+    reserved: list[tuple[int, bool]] = field(default_factory=list)  # answers to `reserves`
 
 
 class Outbox:
@@ -128,6 +130,7 @@ class Outbox:
         self._empty = asyncio.Event()
         self.asks: Counter[str] = Counter()
         self.given_back: list[Entry] = []
+        self.reserves: list[int] = []
         self.retired: list[str] = []
         self.thumbs: list[tuple[str, bytes]] = []  # appended from download threads
         self.logs: list[tuple[str, dict[str, Any]]] = []
@@ -173,6 +176,7 @@ class Outbox:
             updates,
             dict(self.asks),
             self.given_back,
+            self.reserves,
             self.retired,
             self.thumbs,
             self.logs,
@@ -182,6 +186,7 @@ class Outbox:
         )
         self.asks = Counter()
         self.given_back, self.retired, self.thumbs, self.logs = [], [], [], []
+        self.reserves = []
         return report
 
 
@@ -192,6 +197,7 @@ class Handouts:
         self._outbox = outbox
         self._waiting: defaultdict[str, deque[asyncio.Future[Entry | None]]] = defaultdict(deque)
         self._drained = asyncio.Event()  # the driver said a key has no more work
+        self._reserving: dict[int, asyncio.Future[bool]] = {}
         self.halted = False
         self.abandoned = False
         self.open_elsewhere = False  # a paused key's job can go to another worker's key
@@ -232,6 +238,19 @@ class Handouts:
 
     def settle(self, entry: Entry, outcome: JobOutcome) -> None:
         """The driver settles the budget as it journals the job's end."""
+
+    async def reserve(self, entry: Entry) -> bool:
+        """Asks the driver's dispatcher, which holds the run's budget."""
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._reserving[entry.row_number] = answer
+        self._outbox.reserves.append(entry.row_number)
+        self._outbox.wake()
+        return await answer
+
+    def reserved(self, row_number: int, granted: bool) -> None:
+        answer = self._reserving.pop(row_number, None)
+        if answer is not None and not answer.done():
+            answer.set_result(granted)
 
 
 class _RemoteThumbs:
@@ -298,6 +317,8 @@ class WorkerProcess:
         self._outbox.acked(orders.acked)
         for key_name, entry in orders.jobs:
             self._handouts.deliver(key_name, entry)
+        for row_number, granted in orders.reserved:
+            self._handouts.reserved(row_number, granted)
         self._handouts.halted = self._handouts.halted or orders.halt
         self._handouts.open_elsewhere = orders.open_elsewhere
         side = self._side

@@ -29,6 +29,7 @@ import structlog
 
 from pipeline.assets import Downloader, DownloadStats
 from pipeline.client import EachlabsClient, Prediction
+from pipeline.clock import Clock, SystemClock
 from pipeline.config import RunConfig
 from pipeline.dispatch import JobSource
 from pipeline.errors import ApiError, NotFound, RateLimited, Unauthorized, UnsafePredictionId
@@ -91,8 +92,8 @@ class RunStats:
 
 
 class Flying(NamedTuple):
-    """A job being polled: its key, its journal entry, when its create was answered (wall
-    time) and the attempt it is."""
+    """A job being polled: its key, its journal entry, when its create was answered (on the
+    worker's monotonic clock) and the attempt it is."""
 
     lane: KeyLane
     entry: Entry
@@ -162,6 +163,12 @@ class Created:
 @dataclass(frozen=True, slots=True)
 class NotSent:
     """The run was stopped before the create went out: the row is kept for the resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    """A create again (its answer was lost) would pass the budget: the row waits, pending, for
+    a later run, and its reservation stays spent (the lost create may be billed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +263,9 @@ class Worker:
         self._asked: dict[str, bool] = {}  # prediction id -> whether its cancel was answered yes
         self.price = config.api.price_per_image_usd
         self.in_flight: dict[str, Flying] = {}  # prediction id -> its key, row and creation
+        # durations and deadlines: monotonic, so a step of the wall clock moves none of them;
+        # wall time only for what is journaled and shown
+        self.clock: Clock = SystemClock()
         planner.running = self.ages
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
         self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
@@ -267,7 +277,7 @@ class Worker:
 
     def ages(self) -> list[float]:
         """Seconds since the create of each job in flight: lower bounds on their latencies."""
-        now = time.time()
+        now = self.clock.now()
         return [now - job.created for job in self.in_flight.values()]
 
     async def run_slot(self, lane: KeyLane) -> None:
@@ -310,7 +320,7 @@ class Worker:
             self.stats.reattached += 1
             lane.cap.started()  # it runs at the provider: it counts against the cap
             log.bound().info("reattach", prediction_id=entry.prediction_id)
-            polled = await self._poll(lane, entry, entry.prediction_id, time.time(), attempts)
+            polled = await self._poll(lane, entry, entry.prediction_id, self.clock.now(), attempts)
             if isinstance(polled, Left):
                 return
             outcome = polled
@@ -323,6 +333,8 @@ class Worker:
         while True:
             if outcome is None:
                 created = await self._create(lane, entry, attempts, log)
+                if isinstance(created, Withheld):
+                    return
                 if isinstance(created, NotSent):
                     self.dispatcher.give_back(entry)
                     return
@@ -332,7 +344,7 @@ class Worker:
                 attempts = created.attempts
                 hooked = self.webhook_url is not None
                 polled = await self._poll(
-                    lane, entry, created.prediction_id, time.time(), attempts, hooked=hooked
+                    lane, entry, created.prediction_id, self.clock.now(), attempts, hooked=hooked
                 )
                 if isinstance(polled, Left):
                     return
@@ -369,8 +381,9 @@ class Worker:
 
     async def _create(
         self, lane: KeyLane, entry: Entry, attempts: int, log: _JobLog
-    ) -> Created | JobOutcome | NotSent:
-        """Create the job: its id, or how it failed (a JobOutcome), or NotSent."""
+    ) -> Created | JobOutcome | NotSent | Withheld:
+        """Create the job: its id, or how it failed (a JobOutcome), or NotSent, or Withheld
+        when the budget cannot take another create after a lost answer."""
         failures = 0
         waits = 0
         marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
@@ -405,6 +418,10 @@ class Worker:
                 await self._ambiguous(entry, log)
                 if self.config.retries.ambiguous_creates == "fail":
                     return self._ambiguous_outcome()
+                if not await self.dispatcher.reserve(entry):
+                    await self.journal.write(MarkPending(entry.row_number))
+                    log.bound().warning("budget_withholds_create", attempt=attempts)
+                    return Withheld()
                 # the lost job may hold one of this key's provider slots: keep ours until it ends
                 await anyio.sleep(self.planner.quantile(0.9))
             if failures >= self.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
@@ -495,7 +512,7 @@ class Worker:
         timed_out = False
         delay = self._delay(track.waiter, None, False)
         while True:
-            await self._wait(max(0.0, min(delay, deadline - time.time())), track.waiter)
+            await self._wait(max(0.0, min(delay, deadline - self.clock.now())), track.waiter)
             track.woken()
             step = await self._poll_once(lane, entry, prediction_id, track)
             if isinstance(step, Ended):
@@ -507,15 +524,15 @@ class Worker:
             elif timed_out:
                 delay = self._confirm_every
             else:
-                delay = self._delay(track.waiter, time.time() - created, track.contradicted)
-            if time.time() < deadline:
+                delay = self._delay(track.waiter, self.clock.now() - created, track.contradicted)
+            if self.clock.now() < deadline:
                 continue
             if timed_out:
                 return self._left(entry, prediction_id)
             timed_out = True
             self.stats.timeouts += 1
             await self._cancel_noted(prediction_id, lane, entry.row_number)
-            deadline, delay = time.time() + self._cancel_grace, 0.0
+            deadline, delay = self.clock.now() + self._cancel_grace, 0.0
 
     def _ended(
         self, answer: Prediction, created: float, track: _Track, timed_out: bool
@@ -524,7 +541,7 @@ class Worker:
             self.callbacks.ended(track.waiter, self._seen_by(track.waiter, track))
         outcome = self._outcome(answer, created, timed_out)
         if (took := answer.predict_time_s) is not None:
-            self.stats.job_ended(took, outcome.finished_at - created - took)
+            self.stats.job_ended(took, self.clock.now() - created - took)
         return outcome
 
     def _left(self, entry: Entry, prediction_id: str) -> Left:
@@ -691,7 +708,7 @@ class Worker:
         asked = self._asked.pop(answer.prediction_id, None)
         stopped = answer.status == "cancelled"
         if not (stopped and asked is not None):  # a job we stopped says nothing of latency
-            self.planner.observe(answer.predict_time_s or (now - created))
+            self.planner.observe(answer.predict_time_s or (self.clock.now() - created))
         accepted = None if asked is None else stopped
         if answer.status == "success":
             outcome = JobOutcome(
