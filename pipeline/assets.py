@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("pipeline.assets")
+_PROBE = ".wanbatch-probe"  # written and deleted by a store's check
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
 
@@ -70,21 +71,28 @@ class FolderStore:
         self._run_dir = run_dir
 
     def check(self) -> None:
+        """Made if missing, then a probe file written, synced and deleted: a folder that
+        exists but cannot be written (read-only, full, /proc) fails here, before any money."""
         try:
             self._folder.mkdir(parents=True, exist_ok=True)
+            self.put(_PROBE, b"wanbatch store probe")
+            (self._folder / _PROBE).unlink()
         except OSError as exc:
             raise ConfigError(
-                f"assets.store {self._folder} cannot be used: {exc.strerror}"
+                f"assets.store {self._folder} cannot be used: {exc.strerror or exc}"
             ) from None
 
     def put(self, name: str, data: bytes) -> str:
         path = self._folder / name
         tmp = path.with_name(f".{name}.tmp")
-        with tmp.open("wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone once renamed; a failed write leaves nothing
         return str(path.relative_to(self._run_dir) if path.is_relative_to(self._run_dir) else path)
 
 
@@ -105,17 +113,26 @@ class CopyCheck:
     def present(self, prior: dict[str, PriorSuccess]) -> dict[str, PriorSuccess]:
         """`prior` with each copy that is gone (or cannot be looked up) dropped, so that its
         image is fetched again."""
-        wanted = {c.path for p in prior.values() for c in p.copies if c is not None}
+        wanted = list({c.path for p in prior.values() for c in p.copies if c is not None})
         if not wanted:
             return prior
-        with ThreadPoolExecutor(8, thread_name_prefix="copies") as pool:
-            there = dict(zip(wanted, pool.map(self._there, wanted), strict=True))
+        gone = self.gone(wanted)
         return {
             fp: replace(
-                p, copies=tuple(c if c is not None and there[c.path] else None for c in p.copies)
+                p,
+                copies=tuple(c if c is not None and c.path not in gone else None for c in p.copies),
             )
             for fp, p in prior.items()
         }
+
+    def gone(self, paths: list[str]) -> set[str]:
+        """Which of these stored copies (absolute paths or object URLs) are not there."""
+        if not paths:
+            return set()
+        with ThreadPoolExecutor(8, thread_name_prefix="copies") as pool:
+            return {
+                p for p, there in zip(paths, pool.map(self._there, paths), strict=True) if not there
+            }
 
     def _there(self, path: str) -> bool:
         if "://" not in path:
@@ -227,7 +244,9 @@ class Downloader:
         self.submit_many(pending)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(60.0, connect=10.0),
-            limits=httpx.Limits(max_connections=self._section.concurrency),
+            # a connection for each output consumer and the inputs' one: no request waits in
+            # the pool's queue, where a cancel (a download's deadline) could leak its slot
+            limits=httpx.Limits(max_connections=self._section.concurrency + 1),
             follow_redirects=True,
             trust_env=True,
         )
@@ -271,10 +290,15 @@ class Downloader:
 
     async def _fetch(self, job: _Job) -> None:
         error = ""
+        limit = self._section.download_timeout_s
         for attempt in range(1, self._section.attempts + 1):
             try:
-                data = await self._download(job.url)
+                with anyio.fail_after(limit):  # never queued for the pool: see run()
+                    data = await self._download(job.url)
                 stored = await anyio.to_thread.run_sync(self._keep, job, data)
+            except TimeoutError:
+                error = f"the download took over {limit:g} s (assets.download_timeout_s)"
+                break  # a server that slow now is tried again by the next run, not this one
             except (httpx.HTTPError, BadImage, OSError) as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500]
                 if attempt < self._section.attempts:

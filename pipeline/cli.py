@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable
@@ -383,6 +384,8 @@ def report_command(
         try:
             id_column = _recorded_id_column(run_dir)
             path = write_report(journal, run_dir, id_column)
+        except sqlite3.DatabaseError as exc:
+            raise RunFolderError(f"journal {journal.path} cannot be read: {exc}") from None
         finally:
             journal.close()
         _out.print(str(path), highlight=False, markup=False, soft_wrap=True)
@@ -511,6 +514,9 @@ def sandbox_command(
     slow: float = 0.0,
     poll_reset: float = 0.0,
     storm_429: float = 0.0,
+    trickle_output: Annotated[
+        float, typer.Option(help="Output images served one byte every slow_s.")
+    ] = 0.0,
     accounts: Annotated[
         str | None,
         typer.Option(
@@ -562,6 +568,7 @@ def sandbox_command(
                 slow=slow,
                 poll_reset=poll_reset,
                 storm_429=storm_429,
+                trickle_output=trickle_output,
             ),
             key_faults=per_key,
             accounts=tuple(

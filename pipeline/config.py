@@ -30,17 +30,21 @@ __all__ = ["SANDBOX", "RunConfig", "load_config"]
 SANDBOX = "sandbox"
 
 
+_DAY = 86400.0
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no setting is infinite or NaN: each would hang a run or book "$inf"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ApiSection(_Section):
     base_url: str = "https://api.eachlabs.ai/v1"
     model: str = MODEL
-    price_per_image_usd: float = Field(0.03, ge=0)
-    time_scale: float = Field(1.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)
+    price_per_image_usd: float = Field(0.03, ge=0, le=100)
+    time_scale: float = Field(1.0, ge=0.001, le=100)
+    connect_timeout_s: float = Field(10.0, gt=0, le=3600)
+    read_timeout_s: float = Field(30.0, gt=0, le=3600)
     http2: bool = False  # HTTP/2 over TLS where the provider offers it (ALPN), else HTTP/1.1
 
     @field_validator("base_url")
@@ -52,29 +56,29 @@ class ApiSection(_Section):
 
 
 class LimitsSection(_Section):
-    creates_per_window: int = Field(100, ge=1)
-    window_s: float = Field(60.0, gt=0)
-    max_concurrent: int = Field(10, ge=1)
+    creates_per_window: int = Field(100, ge=1, le=1_000_000)
+    window_s: float = Field(60.0, ge=0.001, le=_DAY)
+    max_concurrent: int = Field(10, ge=1, le=10_000)
     # keys of one account, sharing one max_concurrent (the provider's cap is per account):
     # each key named by its position in EACHLABS_API_KEYS (1 is the first) or its hash
     groups: list[list[int | str]] = Field(default_factory=list)
 
 
 class PollingSection(_Section):
-    job_timeout_s: float = Field(900.0, gt=0)
+    job_timeout_s: float = Field(900.0, gt=0, le=7 * _DAY)
     # a job cancelled (at its timeout, a second signal, budget.cancel_in_flight) is polled this
     # long for the provider to confirm its end; one still running then is left for the next run
-    cancel_grace_s: float = Field(30.0, gt=0)
-    expected_latency_s: float = Field(10.0, gt=0)
-    target_delay_s: float = Field(0.15, gt=0)
+    cancel_grace_s: float = Field(30.0, gt=0, le=_DAY)
+    expected_latency_s: float = Field(10.0, ge=0.01, le=_DAY)
+    target_delay_s: float = Field(0.15, ge=0.001, le=3600)
     # the schedule aims at a mean notice delay of `delay_fraction` of the mean latency with as
     # few polls as that takes, and never plans more than `polls_per_job` per job on average
     # (0.2 fewer, kept for late jobs and retried polls): at a 30 % spread nearly 10 are made, at
     # 5 % about 3. `delay_fraction: null` always spends the whole budget.
-    polls_per_job: float = Field(10.0, ge=1)
-    delay_fraction: float | None = Field(0.015, gt=0, le=1)
-    min_interval_s: float = Field(0.1, gt=0)
-    max_interval_s: float = Field(30.0, gt=0)
+    polls_per_job: float = Field(10.0, ge=1, le=1000)
+    delay_fraction: float | None = Field(0.015, ge=1e-4, le=1)
+    min_interval_s: float = Field(0.1, ge=0.001, le=3600)
+    max_interval_s: float = Field(30.0, ge=0.001, le=3600)
 
     @model_validator(mode="after")
     def _order(self) -> PollingSection:
@@ -84,10 +88,10 @@ class PollingSection(_Section):
 
 
 class RetriesSection(_Section):
-    max_attempts: int = Field(5, ge=1)
-    backoff_initial_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
-    retry_after_max_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=100)
+    backoff_initial_s: float = Field(1.0, ge=0.001, le=3600)
+    backoff_max_s: float = Field(30.0, ge=0.001, le=_DAY)
+    retry_after_max_s: float = Field(120.0, ge=0.001, le=_DAY)
     ambiguous_creates: Literal["retry", "fail"] = "retry"
 
 
@@ -100,7 +104,7 @@ class ManifestSection(_Section):
     id_column: str | None = None
     columns: dict[str, str] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)
-    batch_rows: int = Field(5000, ge=1)
+    batch_rows: int = Field(5000, ge=1, le=1_000_000)
     allow_loopback_urls: bool = False
     # rows whose input (seed included) an earlier row already sends share its job and outputs
     dedupe: bool = True
@@ -148,9 +152,14 @@ class AssetsSection(_Section):
     # AWS_ACCESS_KEY_ID, ...) and `storage_options`, never from this file's log or results
     store: str = "images"
     storage_options: dict[str, str] = Field(default_factory=dict)
-    max_bytes: int = Field(50_000_000, ge=1)  # an image larger than this is refused
-    concurrency: int = Field(8, ge=1)  # downloads at once, apart from the API's slots
-    attempts: int = Field(3, ge=1)  # per image and run; the next run tries again
+    max_bytes: int = Field(
+        50_000_000, ge=1, le=2_000_000_000
+    )  # an image larger than this is refused
+    concurrency: int = Field(8, ge=1, le=1000)  # downloads at once, apart from the API's slots
+    attempts: int = Field(3, ge=1, le=100)  # per image and run; the next run tries again
+    # the most one image's download may take, start to end (a server trickling bytes would
+    # otherwise hold the run); one that takes longer fails this run, and the next fetches it
+    download_timeout_s: float = Field(120.0, gt=0, le=86400)
     # where local and bucket inputs are uploaded (s3://bucket/prefix, gs://..., az://...); each
     # create is sent a presigned URL of its upload, valid this long (at most 7 days, S3's limit)
     # the report's thumbnail of each public input: fetched once per URL beside the downloads
@@ -162,7 +171,7 @@ class AssetsSection(_Section):
 
 class ProgressSection(_Section):
     # a `progress` line this often on stderr (when it is not a terminal) and in run.log
-    interval_s: float = Field(30.0, gt=0)
+    interval_s: float = Field(30.0, ge=0.01, le=_DAY)
 
 
 class MetricsSection(_Section):
@@ -170,11 +179,11 @@ class MetricsSection(_Section):
 
     port: int | None = Field(None, ge=0, le=65535)
     listen_host: str = "127.0.0.1"
-    interval_s: float = Field(10.0, gt=0)  # how often metrics.prom is rewritten
+    interval_s: float = Field(10.0, ge=0.01, le=_DAY)  # how often metrics.prom is rewritten
 
 
 class BudgetSection(_Section):
-    max_cost_usd: float | None = Field(None, ge=0)
+    max_cost_usd: float | None = Field(None, ge=0, le=1e9)
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
     # them end (and be billed)
     cancel_in_flight: bool = False
@@ -203,13 +212,13 @@ class WebhookSection(_Section):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(0, ge=0, le=65535)  # 0: a free port
     public_url: str | None = None  # what the provider posts to, a secret token appended
-    fallback_after_s: float = Field(5.0, ge=0)
-    fallback_interval_s: float = Field(15.0, gt=0)
-    missed_callbacks: int = Field(5, ge=1)
+    fallback_after_s: float = Field(5.0, ge=0, le=_DAY)
+    fallback_interval_s: float = Field(15.0, ge=0.001, le=_DAY)
+    missed_callbacks: int = Field(5, ge=1, le=1_000_000)
     # the receiver faces the internet: connections at once (the oldest idle one makes room),
     # and wall seconds a connection may stay silent
-    max_connections: int = Field(256, ge=1)
-    idle_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(256, ge=1, le=100_000)
+    idle_timeout_s: float = Field(5.0, ge=0.01, le=3600)
 
     @field_validator("public_url")
     @classmethod
@@ -220,10 +229,10 @@ class WebhookSection(_Section):
 
 
 class SandboxSection(_Section):
-    time_scale: float = Field(1.0, gt=0)
+    time_scale: float = Field(1.0, ge=0.001, le=100)
     keys: int = Field(1, ge=1, le=64)
-    latency_mean_s: float = Field(10.0, gt=0)
-    latency_spread: float = Field(0.3, ge=0)
+    latency_mean_s: float = Field(10.0, ge=0.01, le=_DAY)
+    latency_spread: float = Field(0.3, ge=0, le=10)
     image_scale: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     faults: dict[str, float] = Field(default_factory=dict)

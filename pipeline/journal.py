@@ -166,11 +166,18 @@ class CostBooks:
     unconfirmed: int
     unconfirmed_images: int
     ambiguous_images: int
+    creating_images: int = 0  # of rows left `creating`: a create sent, its answer not seen
 
     def possibly_billed_usd(self, price_per_image_usd: float) -> float:
         """The most the provider may have billed beyond `confirmed_usd`."""
         images = self.unconfirmed_images + self.ambiguous_images
         return round(images * price_per_image_usd, 6)
+
+    def lost_spend_usd(self, price_per_image_usd: float) -> float:
+        """What creates whose answers were lost (counted, or left `creating` by a crash) may
+        have been billed: spent, as far as a budget knows. A job that is journaled `created`
+        is not in it: its next poll books it, and its row's reservation covers it."""
+        return round((self.ambiguous_images + self.creating_images) * price_per_image_usd, 6)
 
 
 _UNSENT = (Status.PENDING.value, Status.REJECTED.value)  # no create of the row's inputs is out
@@ -553,6 +560,12 @@ class Journal:
             )
             db.executemany("DELETE FROM images WHERE row_number=?", [(u[-1],) for u in updates])
             self._reused_images(reused, prior)  # fetched by the run (they are pending)
+            if self.share_seeded:  # rows taken as they are now share a seeded input as new ones do
+                leaders = self._leaders(reused, prior)
+                db.executemany(
+                    "UPDATE jobs SET follows=? WHERE row_number=? AND status=?",
+                    [(lead, row, Status.PENDING.value) for row, lead in leaders.items()],
+                )
             self._insert(added, prior)
             found["added"] += len(added)
         return found
@@ -913,7 +926,9 @@ class Journal:
                 "  AND abs(provider_cost_usd - priced_cost_usd) > 5e-7), 0),"
                 f" COALESCE(SUM({_UNCONFIRMED}), 0),"
                 f" COALESCE(SUM(CASE WHEN {_UNCONFIRMED} THEN {_WANTED} ELSE 0 END), 0),"
-                f" COALESCE(SUM(ambiguous * {_WANTED}), 0) FROM jobs"
+                f" COALESCE(SUM(ambiguous * {_WANTED}), 0),"
+                f" COALESCE(SUM(CASE WHEN status = 'creating' THEN {_WANTED} ELSE 0 END), 0)"
+                " FROM jobs"
             ).fetchone()
         return CostBooks(
             round(row[0], 6), round(row[1], 6), round(row[2], 6), *(int(v) for v in row[3:])
@@ -953,6 +968,31 @@ class Journal:
                 (*states, Status.SUCCEEDED.value),
             ).fetchall()
         return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
+
+    def stored_copies(self, batch_size: int = 5000) -> Iterator[list[tuple[int, int, str]]]:
+        """The images journaled as stored (row, index, where), in batches."""
+        after = (0, -1)
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    "SELECT row_number, idx, path FROM images WHERE state = 'stored'"
+                    " AND (row_number, idx) > (?, ?) ORDER BY row_number, idx LIMIT ?",
+                    (*after, batch_size),
+                ).fetchall()
+            if not batch:
+                return
+            yield [(int(r[0]), int(r[1]), str(r[2])) for r in batch]
+            after = (batch[-1][0], batch[-1][1])
+
+    def unstore(self, images: Sequence[tuple[int, int]]) -> None:
+        """Images whose stored copy is gone: pending again, to be fetched once more."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE images SET state='pending', path=NULL, sha256=NULL, bytes=NULL,"
+                " width=NULL, height=NULL, format=NULL, error='its stored copy was gone'"
+                " WHERE row_number=? AND idx=?",
+                images,
+            )
 
     def image_states(self) -> dict[str, int]:
         with self._lock:

@@ -33,6 +33,7 @@ def is_object_url(value: str) -> bool:
     return "://" in value and urlsplit(value).scheme.lower() in OBJECT_SCHEMES
 
 
+PROBE = ".wanbatch-probe"  # written and deleted by a store's check
 # loopback object servers in tests speak plain HTTP; a real bucket's HTTPS is unaffected
 _CLIENT = {"allow_http": True}
 
@@ -49,6 +50,33 @@ def _make(url: str, options: dict[str, str]) -> Any:
     return make(url, config=options or None, client_options=_CLIENT)
 
 
+# where the standard environment and storage options name an endpoint
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """An error of the store library (any Exception, or a Rust panic, which pyo3 raises as a
+    BaseException) as opposed to an interrupt or a cancellation."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _check_endpoints(options: dict[str, str]) -> None:
+    """ConfigError for an endpoint that is no URL (the store library panics on some)."""
+    named = [(name, os.environ.get(name)) for name in _ENDPOINT_VARIABLES]
+    named += [(f"storage_options.{k}", v) for k, v in options.items() if "endpoint" in k.lower()]
+    for name, value in named:
+        if not value:
+            continue
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # a port that is no number raises here
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name} {value[:80]!r} is not an http(s) URL of an endpoint")
+
+
 class ObjectStore:
     """A bucket and prefix: whole-object puts, existence, presigned GETs. `what` names the
     config setting in messages."""
@@ -56,18 +84,25 @@ class ObjectStore:
     def __init__(self, url: str, options: dict[str, str], *, what: str = "assets.store") -> None:
         self.url = url.rstrip("/")
         self._what = what
+        _check_endpoints(options)
         try:
             self._store = _make(self.url, options)
-        except Exception as exc:  # noqa: BLE001 - obstore's errors share no base worth naming
+        except BaseException as exc:  # obstore's errors share no base; a panic is a BaseException
+            if not _store_failure(exc):
+                raise
             raise ConfigError(f"{what} {self.url} cannot be used: {said(exc)}") from None
 
     def check(self) -> None:
-        """ConfigError when the bucket cannot be listed: called before anything is sent."""
+        """ConfigError when a probe object cannot be written and deleted: called before
+        anything is sent (a bucket that can be listed may still refuse writes)."""
         import obstore
 
         try:
-            next(iter(obstore.list(self._store, chunk_size=1)), None)
-        except Exception as exc:  # noqa: BLE001 - see __init__
+            obstore.put(self._store, PROBE, b"wanbatch store probe")
+            obstore.delete(self._store, PROBE)
+        except BaseException as exc:  # see __init__
+            if not _store_failure(exc):
+                raise
             raise ConfigError(f"{self._what} {self.url} cannot be used: {said(exc)}") from None
 
     def put(self, name: str, data: bytes) -> str:

@@ -363,8 +363,10 @@ async def run(
     manifest = await _open_manifest(config, folder, force)
     uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     inc = config.incremental
-    state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
+    state = None
     try:
+        if inc.enabled and inc.state is not None:
+            state = StateStore(inc.state, hold=True)  # one run at a time: see StateStore
         journal = folder.open_journal()
         journal.share_seeded = config.manifest.dedupe
         if uploads is None and journal.has_uploads():
@@ -469,7 +471,9 @@ async def _run_held(
     if reprocess is not None:
         requeued = journal.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
-    spent = journal.totals()["cost_usd"]
+    # what a budget counts as spent: booked, and what lost creates may have been billed
+    price = config.api.price_per_image_usd
+    spent = journal.totals()["cost_usd"] + journal.cost_books().lost_spend_usd(price)
     stats = observer.stats
     faults = _Faults()
     observer.start(_start_line(config, folder.path, journal, keys))
@@ -492,7 +496,6 @@ async def _run_held(
         waiting = journal.waiting_on_keys()
         counts = journal.counts()
         books.cost = journal.cost_books()
-        price = config.api.price_per_image_usd
         exit_code, message = _verdict(
             stop, faults, books, counts, waiting, lanes_keys, stats, price
         )
@@ -636,8 +639,8 @@ def _verdict(
     unconfirmed says so whatever its code."""
     unconfirmed = _unconfirmed(books.cost, price)
     code, message = _gravest(stop, faults, books, counts, waiting, keys, stats)
-    if unconfirmed is None or code is ExitCode.KEYS_MISSING:
-        return code, message
+    if unconfirmed is None or code is ExitCode.KEYS_MISSING or faults.describe() is not None:
+        return code, message  # those say what is left already
     if code in (ExitCode.OK, ExitCode.ROWS_FAILED):  # finished: the money question first
         also = f"; also {message}" if message else ""
         return ExitCode.UNCONFIRMED, f"finished, but {unconfirmed}{also}"
@@ -655,10 +658,16 @@ def _gravest(
 ) -> tuple[ExitCode, str]:
     fault = faults.describe()
     if fault is not None:
+        open_jobs = books.cost.unconfirmed if books.cost is not None else 0
+        seen = (
+            "jobs already created were seen to their end"
+            if not open_jobs
+            else f"{open_jobs:,} jobs created were not seen to end and stay journaled"
+        )
         return ExitCode.ERROR, (
-            f"{fault}; no more creates were sent, jobs already created were seen to their "
-            "end, and results hold every row read so far. Fix it and run the same command "
-            "again to resume" + (f". Also: {books.problem}" if books.problem else "")
+            f"{fault}; no more creates were sent, {seen}, and results hold every row read so "
+            "far. Fix it and run the same command again to resume"
+            + (f". Also: {books.problem}" if books.problem else "")
         )
     if stop[0] is not ExitCode.OK:
         return stop
@@ -730,14 +739,19 @@ async def _drive(drive: _Drive, engine: Engine) -> tuple[ExitCode, str]:
                     services.start_soon(_cancel_on_budget, dispatcher, engine)
                 downloads = anyio.Event()
                 if engine.downloader is not None:
+                    check = functools.partial(_recheck_copies, journal, config)
+                    await anyio.to_thread.run_sync(check)
                     pending = await anyio.to_thread.run_sync(journal.images_to_fetch)
                     services.start_soon(_download, engine.downloader, pending, downloads)
+                waiting = anyio.CancelScope()  # for downloads; a signal limits or ends it
                 if drive.handle_signals:
-                    services.start_soon(_watch_signals, dispatcher, engine, drive.grace_s)
+                    watch = functools.partial(_watch_signals, downloads_wait=waiting)
+                    services.start_soon(watch, dispatcher, engine, drive.grace_s)
                 await engine.work()
                 if engine.downloader is not None and not dispatcher.abandoned:
                     engine.downloader.close()  # the images of every job that ended are stored
-                    await downloads.wait()
+                    with waiting:  # images not stored by then stay pending, for the next run
+                        await downloads.wait()
                 stop_ingest.set()
                 services.cancel_scope.cancel()
         except* NoUsableKeyError as group:
@@ -768,6 +782,23 @@ def _stopped_by(
     return ExitCode.OK, ""
 
 
+def _recheck_copies(journal: Journal, config: RunConfig) -> None:
+    """A resume counts a stored image only if its copy is still there (someone may have
+    cleared the folder or the bucket): the ones gone are fetched again."""
+    copies = CopyCheck(config.assets.storage_options)
+    gone: list[tuple[int, int]] = []
+    for batch in journal.stored_copies():
+        where = {
+            (row, idx): p if "://" in p or Path(p).is_absolute() else str(config.output.dir / p)
+            for row, idx, p in batch
+        }
+        missing = copies.gone(list(set(where.values())))
+        gone += [image for image, p in where.items() if p in missing]
+    if gone:
+        journal.unstore(gone)
+        _log.warning("stored_images_missing", images=len(gone), hint="fetched again")
+
+
 async def _download(
     downloader: Downloader, pending: list[tuple[int, str, int, str]], done: anyio.Event
 ) -> None:
@@ -784,16 +815,21 @@ async def _cancel_on_budget(dispatcher: Dispatcher, engine: Engine) -> None:
     await engine.cancel_in_flight()
 
 
-async def _watch_signals(dispatcher: Dispatcher, engine: Engine, grace_s: float) -> None:
-    """First SIGINT/SIGTERM: no new creates, jobs in flight get `grace_s` to end. Second: stop
-    now, and cancel the jobs in flight at the provider."""
+async def _watch_signals(
+    dispatcher: Dispatcher, engine: Engine, grace_s: float, *, downloads_wait: anyio.CancelScope
+) -> None:
+    """First SIGINT/SIGTERM: no new creates, jobs in flight and the downloads get `grace_s` to
+    end. Second: stop now, cancel the jobs in flight at the provider, and end the downloads."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not dispatcher.stopped:
                 _log.warning("stopping", signal=signal.Signals(signum).name, grace_s=grace_s)
                 dispatcher.stop()
                 engine.limit(grace_s)
+                until = anyio.current_time() + grace_s
+                downloads_wait.deadline = min(downloads_wait.deadline, until)
             else:
                 _log.warning("stopping_now", signal=signal.Signals(signum).name)
                 dispatcher.abandoned = True  # the jobs in flight are cancelled at the provider
                 engine.cancel()
+                downloads_wait.cancel()

@@ -5,11 +5,18 @@ run with `incremental.enabled` looks each new row up here and, when that exact i
 succeeded, carries the earlier outputs over instead of sending it again. The store is a small
 SQLite file the config names, so the nightly runs of one catalog share it; it is the only place
 besides the journal that touches SQLite.
+
+A run holds the store for its whole life (`fcntl.flock` on `<state>.lock`, released by the OS
+however the process ends): two runs at once would each look an input up before the other has
+recorded it, and both would pay for it. A second run is refused before it sends anything.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -36,14 +43,19 @@ _CHUNK = 500
 
 
 class StateStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, hold: bool = False) -> None:
         """Open (or create) the store; ConfigError, before anything is sent, when it cannot be
-        used as one."""
+        used as one. `hold`: a run's, held until `close()`; refused while another run holds
+        it (an estimate only reads)."""
         self.path = path
+        self._held: int | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if hold:
+                self._held = _hold(path)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
+            self._release()
             raise ConfigError(f"incremental.state {path} cannot be opened: {exc}") from None
         self._lock = threading.Lock()
         try:
@@ -57,6 +69,7 @@ class StateStore:
                     self._db.execute("ALTER TABLE succeeded ADD COLUMN copies TEXT")
         except sqlite3.Error as exc:
             self._db.close()
+            self._release()
             raise ConfigError(
                 f"incremental.state {path} cannot be used as the state store ({exc}); "
                 "restore it, or name a new file"
@@ -65,6 +78,12 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)  # the lock goes with the descriptor
+            self._held = None
 
     def lookup(self, fingerprints: Sequence[str]) -> dict[str, PriorSuccess]:
         """The earlier successes among `fingerprints`."""
@@ -134,3 +153,22 @@ class StateStore:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM succeeded").fetchone()[0])
+
+
+def _hold(path: Path) -> int:
+    """The store's lock, taken for this process: its descriptor. ConfigError when another run
+    holds it, naming that run."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a run starting"
+        os.close(fd)
+        raise ConfigError(
+            f"incremental.state {path} is in use by another run ({holder}): two runs on one "
+            "state store would each pay for the inputs they share. Run them one after the "
+            "other, or give each catalog a state store of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd

@@ -23,7 +23,7 @@ import httpx
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -73,6 +73,14 @@ class _DropResponse(Response):
         )
         await send({"type": "http.response.body", "body": b'{"status":', "more_body": True})
         raise DroppedConnection("sandbox fault: connection dropped")
+
+
+async def _trickle(body: bytes, every: float) -> AsyncIterator[bytes]:
+    """A body sent one byte at a time, `every` seconds apart: a download that never times out
+    on a read, yet never ends."""
+    for at in range(len(body)):
+        yield body[at : at + 1]
+        await asyncio.sleep(every)
 
 
 def _error(
@@ -301,7 +309,12 @@ class _Sandbox:
             body = bytes(len(body))  # as long as the image, but zeros
         elif self.state.chance(faults.truncated_output):
             body = body[: len(body) // 2]
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+        headers = {"Cache-Control": "max-age=86400"}
+        if self.state.chance(faults.trickle_output):
+            headers["Content-Length"] = str(len(body))
+            slowly = _trickle(body, self.settings.scaled(faults.slow_s))
+            return StreamingResponse(slowly, media_type="image/jpeg", headers=headers)
+        return Response(body, media_type="image/jpeg", headers=headers)
 
     async def _input_image(self, url: str) -> Image.Image:
         """A job's input: a known sample by path, a loopback fetch when allowed, else drawn."""

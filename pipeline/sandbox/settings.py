@@ -24,6 +24,7 @@ class FaultRates:
     slow: float = 0.0  # an answer delayed by `slow_s`
     poll_reset: float = 0.0  # a poll whose connection is dropped mid-answer
     storm_429: float = 0.0  # a create that starts a 429 storm on its key for `storm_s`
+    trickle_output: float = 0.0  # an output image served one byte every `slow_s`
     slow_s: float = 2.0
     storm_s: float = 5.0
 
@@ -40,6 +41,7 @@ class FaultRates:
             "slow",
             "poll_reset",
             "storm_429",
+            "trickle_output",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
