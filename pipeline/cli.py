@@ -517,6 +517,12 @@ def sandbox_command(
     trickle_output: Annotated[
         float, typer.Option(help="Output images served one byte every slow_s.")
     ] = 0.0,
+    garbled_poll: Annotated[
+        float, typer.Option(help="Polls answered Content-Encoding: gzip, not gzip.")
+    ] = 0.0,
+    nonsense_metrics: Annotated[
+        float, typer.Option(help="Ended jobs' predict_time as NaN, Infinity or 1e300.")
+    ] = 0.0,
     accounts: Annotated[
         str | None,
         typer.Option(
@@ -569,6 +575,8 @@ def sandbox_command(
                 poll_reset=poll_reset,
                 storm_429=storm_429,
                 trickle_output=trickle_output,
+                garbled_poll=garbled_poll,
+                nonsense_metrics=nonsense_metrics,
             ),
             key_faults=per_key,
             accounts=tuple(

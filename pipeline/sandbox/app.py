@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -222,9 +223,17 @@ class _Sandbox:
             return fault
         if self.state.chance(faults.poll_reset):
             return _DropResponse()
+        if self.state.chance(faults.garbled_poll):
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            return Response(b'{"status": "processing"} and not gzip', headers=headers)
         answer = self._job_body(job)
         if job.ended:
             job.terminal_polls += 1
+        if "metrics" in answer and self.state.chance(faults.nonsense_metrics):
+            # what Python's json writes for them, as a careless provider might
+            nonsense = self.state.pick([math.nan, math.inf, 1e300])
+            answer["metrics"] = {**answer["metrics"], "predict_time": nonsense}
+            return Response(json.dumps(answer), media_type="application/json")
         return JSONResponse(answer)
 
     def _job_body(self, job: Job) -> dict[str, Any]:

@@ -25,6 +25,8 @@ class FaultRates:
     poll_reset: float = 0.0  # a poll whose connection is dropped mid-answer
     storm_429: float = 0.0  # a create that starts a 429 storm on its key for `storm_s`
     trickle_output: float = 0.0  # an output image served one byte every `slow_s`
+    garbled_poll: float = 0.0  # a poll answered `Content-Encoding: gzip` with a body that is not
+    nonsense_metrics: float = 0.0  # an ended job's predict_time sent as NaN, Infinity or 1e300
     slow_s: float = 2.0
     storm_s: float = 5.0
 
@@ -42,6 +44,8 @@ class FaultRates:
             "poll_reset",
             "storm_429",
             "trickle_output",
+            "garbled_poll",
+            "nonsense_metrics",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -142,6 +142,9 @@ class SandboxState:
     def chance(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
+    def pick(self, choices: list[float]) -> float:
+        return self._rng.choice(choices)
+
     # -- creates --------------------------------------------------------------------------
 
     def admit(self, key: str) -> Refusal | None:
