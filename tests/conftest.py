@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sqlite3
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,6 +190,16 @@ def judge_against_ledger(sb: SandboxServer, run_dir: Path, rows: int) -> dict[st
         "ambiguous": sum(r["ambiguous_creates"] for r in results),
         "creates": sum(created.values()),
     }
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MB disk of its own (tmpfs), for a run folder that another process fills."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.fixture

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -306,16 +305,6 @@ def test_malformed_keys_are_named_by_position_never_shown() -> None:
         assert "EACHLABS_API_KEYS: key 2 of 2" in text and bad not in text
     with pytest.raises(ConfigError, match="EACHLABS_API_KEY: key 1 of 1"):
         keys_from_env({"EACHLABS_API_KEY": "se\u2028cret"})
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MB disk of its own (tmpfs), for a run folder that another process fills."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 async def test_a_full_disk_mid_run_ends_with_its_books_and_resumes_without_paying_twice(
