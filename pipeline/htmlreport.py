@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.journal import Journal
+from pipeline.models import Status
 from pipeline.thumbs import THUMBS, input_thumb, output_thumb, write_thumb
 
 __all__ = ["REPORT", "write_report"]
@@ -95,6 +96,7 @@ def write_report(journal: Journal, run_dir: Path, id_column: str | None) -> Path
         "duplicates": int(totals["ambiguous_creates"]),
         "reused": int(totals["reused"]),
         "thumbs": THUMBS,
+        "statuses": [s.value for s in Status],  # the one status vocabulary, in its order
     }
     data = json.dumps({"head": head, "rows": rows}, separators=(",", ":"))
     page = _PAGE.replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
@@ -150,7 +152,7 @@ const el = (tag, cls, text) => {
 function totals() {
   const t = document.getElementById("totals");
   const items = [["rows", H.rows.toLocaleString()]];
-  for (const s of ["succeeded", "failed", "rejected", "pending", "creating", "created"]) {
+  for (const s of H.statuses) {
     if (H.counts[s]) items.push([s, H.counts[s].toLocaleString()]);
   }
   items.push(["images", H.images.toLocaleString()], ["cost", "$" + H.cost.toFixed(2)]);
@@ -215,7 +217,7 @@ function go(change) {
 }
 function controls() {
   const select = document.getElementById("status");
-  for (const s of ["all", "succeeded", "failed", "rejected", "pending", "creating", "created"]) {
+  for (const s of ["all", ...H.statuses]) {
     if (s === "all" || H.counts[s]) select.append(new Option(s, s));
   }
   select.onchange = () => go({status: select.value, page: 1});

@@ -58,9 +58,12 @@ def input_kind(value: str) -> Literal["url", "file", "object", "upload"]:
     """How an image cell is read: a URL the provider fetches, a local file, an object."""
     if value.startswith(UPLOAD_TOKEN):
         return "upload"
-    if is_object_url(value):
-        return "object"
-    scheme = urlsplit(value).scheme.lower() if "://" in value else ""
+    try:
+        if is_object_url(value):
+            return "object"
+        scheme = urlsplit(value).scheme.lower() if "://" in value else ""
+    except ValueError:  # not a URL at all (`http://[::1`): the schema's check says why
+        return "url"
     if scheme in ("", "file"):
         return "file"
     return "url"

@@ -180,7 +180,8 @@ class CostBooks:
         return round((self.ambiguous_images + self.creating_images) * price_per_image_usd, 6)
 
 
-_UNSENT = (Status.PENDING.value, Status.REJECTED.value)  # no create of the row's inputs is out
+# no create of the row's inputs is out
+_UNSENT = (Status.PENDING.value, Status.REJECTED.value, Status.SKIPPED.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,7 +580,7 @@ class Journal:
             db = self._db
             db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
             dropped = db.execute(
-                f"DELETE FROM jobs WHERE {unseen} AND status IN (?, ?) AND ambiguous=0"
+                f"DELETE FROM jobs WHERE {unseen} AND status IN (?, ?, ?) AND ambiguous=0"
                 " AND history IS NULL",
                 _UNSENT,
             ).rowcount
@@ -723,9 +724,11 @@ class Journal:
     def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
         """The INSERT values of one row: what it is, then its outcome so far."""
         record = _RECORD(item.record)
-        if isinstance(item, Rejected):
-            rejected = (item.row_number, item.job_id, None, None, record, Status.REJECTED.value)
-            return (*rejected, "invalid_row", item.reason, None, None, 0, None, None, 0)
+        if isinstance(item, Rejected):  # never sent: a rule broken, or skipped on purpose
+            status = Status.SKIPPED if item.skipped else Status.REJECTED
+            kind = None if item.skipped else "invalid_row"
+            rejected = (item.row_number, item.job_id, None, None, record, status.value)
+            return (*rejected, kind, item.reason, None, None, 0, None, None, 0)
         inputs = _INPUTS(item.inputs)
         head = (item.row_number, item.job_id, item.fingerprint, inputs, record)
         done = prior.get(item.fingerprint)

@@ -1,18 +1,18 @@
-"""The manifest: CSV or Parquet rows read as a stream of batches, each row checked and mapped.
+"""The manifest: CSV, TSV or Parquet rows read as a stream of batches, each row checked and
+mapped (see `rowmap`).
 
 A row becomes a `JobSpec` (the API input it will send) or a `Rejected` (the field and the rule it
-breaks); a bad row never stops the run. Problems with the file as a whole (missing, unreadable,
-a mapped column absent) raise `ManifestError` before anything is sent.
+breaks, or why it is skipped); a bad row never stops the run, and no row vanishes: a quote that
+never closes rejects its row, naming the line where it opened, and each line after it as unread.
+Problems with the file as a whole (missing, unreadable, a repeated column name, a mapped column
+absent) raise `ManifestError` before anything is sent.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ManifestSection, RunConfig
 from pipeline.errors import ManifestError
-from pipeline.inputs import InputStage, input_kind, open_uploads
+from pipeline.inputs import InputStage, open_uploads
 from pipeline.models import JobSpec, Rejected
-from pipeline.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
+from pipeline.rowmap import PromptTemplate, RowMapper
+from pipeline.schema import INPUT_FIELDS
 
 __all__ = ["CELL_LIMIT", "Manifest", "RowMapper"]
 
-_INT_FIELDS = ("n", "seed")
 _FIRST_BATCH = 200
 # the most characters in one CSV cell: Python's csv default, kept as a rule that rejects the row
 CELL_LIMIT = 131_072
@@ -76,95 +76,6 @@ def _arrow_records(batch: pa.RecordBatch, first: int, start_row: int) -> list[Re
     return out
 
 
-def _read_by_us(value: Any) -> bool:
-    return isinstance(value, str) and input_kind(value) in ("file", "object")
-
-
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _to_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("+-").isdigit():
-            return int(text)
-    return None
-
-
-def _coerce(field: str, value: Any) -> tuple[Any, str | None]:
-    """The API value for a manifest cell, or the rule it breaks."""
-    if field in _INT_FIELDS:
-        number = _to_int(value)
-        if number is None:
-            return None, f"must be an integer, not {value!r}"
-        return number, None
-    if not isinstance(value, str):
-        return None, f"must be text, not {type(value).__name__} {value!r}"
-    if field == "size":
-        return value.strip().upper(), None
-    if field in IMAGE_FIELDS:
-        return value.strip(), None
-    return value, None
-
-
-@dataclass(frozen=True, slots=True)
-class RowMapper:
-    """Turns one manifest record into the API input it sends, or the reason it cannot."""
-
-    model: str
-    columns: dict[str, str]  # API field -> manifest column
-    defaults: dict[str, Any]
-    id_column: str | None
-    allow_loopback: bool
-
-    def map(self, row_number: int, record: dict[str, Any]) -> JobSpec | Rejected:
-        job_id = self._job_id(row_number, record)
-        if self.id_column is not None and _is_blank(record.get(self.id_column)):
-            return Rejected(
-                job_id,
-                row_number,
-                record,
-                f"row {row_number}: id column {self.id_column!r} is empty",
-            )
-        inputs: dict[str, Any] = {}
-        problems: list[str] = []
-        for field in INPUT_FIELDS:
-            column = self.columns.get(field)
-            value = record.get(column) if column is not None else None
-            if _is_blank(value):
-                if field in self.defaults:
-                    inputs[field] = self.defaults[field]
-                continue
-            coerced, rule = _coerce(field, value)
-            if rule is not None:
-                problems.append(f"{field} (column {column!r}): {rule}")
-            else:
-                inputs[field] = coerced
-        if not problems:
-            for violation in check_input(inputs, allow_loopback=self.allow_loopback):
-                if violation.field in IMAGE_FIELDS and _read_by_us(inputs[violation.field]):
-                    continue  # a local file or an object: judged and uploaded by InputStage
-                column = self.columns.get(violation.field)
-                where = f" (column {column!r})" if column else ""
-                problems.append(f"{violation.field}{where}: {violation.rule}")
-        if problems:
-            return Rejected(job_id, row_number, record, f"row {row_number}: " + "; ".join(problems))
-        return JobSpec(job_id, row_number, inputs, record, fingerprint(self.model, inputs))
-
-    def _job_id(self, row_number: int, record: dict[str, Any]) -> str:
-        if self.id_column is not None and not _is_blank(record.get(self.id_column)):
-            return str(record[self.id_column]).strip()
-        blob = json.dumps(record, sort_keys=True, default=str).encode()
-        return f"row-{row_number}-{hashlib.sha256(blob).hexdigest()[:8]}"
-
-
 class Manifest:
     """A manifest file: its columns, and its rows as batches of `JobSpec | Rejected`."""
 
@@ -172,35 +83,70 @@ class Manifest:
         self.path = section.path
         self.kind = section.kind
         self.batch_rows = section.batch_rows
+        self._delimiter = section.separator
+        self._encoding = section.encoding
         if not self.path.is_file():
             raise ManifestError(f"manifest {self.path} does not exist or is not a file")
         self.columns = self._read_columns()
-        if section.id_column is not None and section.id_column not in self.columns:
-            raise ManifestError(
-                f"manifest {self.path}: id_column {section.id_column!r} is not a column "
-                f"(columns: {', '.join(self.columns)})"
-            )
+        template = PromptTemplate(section.prompt_template) if section.prompt_template else None
         mapping = {f: f for f in INPUT_FIELDS if f in self.columns}
         mapping.update(section.columns)
+        if template is not None:
+            mapping.pop("prompt", None)  # the template makes the prompt
+        self._check_names(section, mapping, template)
+        self.mapper = RowMapper(
+            model,
+            mapping,
+            dict(section.defaults),
+            section.id_columns,
+            allow_loopback,
+            template,
+            tuple(section.skip_if_blank),
+            section.extra_images,
+        )
+        # the columns beside ours in the results: every one but those that gave a field of
+        # the same name (the results' own `prompt` is that column) and a lone id column
+        same = {c for f, c in mapping.items() if f == c}
+        own_id = {section.id_column_name} if section.id_column_name else set()
+        self.extra_columns = [c for c in self.columns if c not in same | own_id]
+        # judges (and uploads) inputs that are not public URLs; set by the run that has uploads
+        self.inputs: InputStage | None = None
+
+    def _check_names(
+        self, section: ManifestSection, mapping: dict[str, str], template: PromptTemplate | None
+    ) -> None:
+        """Every column the config names is in the file; the required fields are given."""
+        have = f"(columns: {', '.join(self.columns)})"
+        for column in section.id_columns:
+            if column not in self.columns:
+                raise ManifestError(
+                    f"manifest {self.path}: id_column {column!r} is not a column {have}"
+                )
         for field, column in section.columns.items():
             if column not in self.columns:
                 raise ManifestError(
                     f"manifest {self.path}: columns.{field} names column {column!r}, which the "
-                    f"manifest does not have (columns: {', '.join(self.columns)})"
+                    f"manifest does not have {have}"
                 )
+        for column in template.columns if template is not None else ():
+            if column not in self.columns:
+                raise ManifestError(
+                    f"manifest {self.path}: prompt_template names {{{column}}}, which is not a "
+                    f"column {have}"
+                )
+        given = set(mapping) | set(section.defaults) | ({"prompt"} if template else set())
         for field in ("prompt", "img_url"):
-            if field not in mapping and field not in section.defaults:
+            if field not in given:
                 raise ManifestError(
                     f"manifest {self.path}: no column gives the required field {field!r}; "
                     f"map one under manifest.columns.{field}"
+                    + (" or write manifest.prompt_template" if field == "prompt" else "")
                 )
-        self.mapper = RowMapper(
-            model, mapping, dict(section.defaults), section.id_column, allow_loopback
-        )
-        mapped = set(mapping.values()) | ({section.id_column} if section.id_column else set())
-        self.extra_columns = [c for c in self.columns if c not in mapped]
-        # judges (and uploads) inputs that are not public URLs; set by the run that has uploads
-        self.inputs: InputStage | None = None
+        for field in section.skip_if_blank:
+            if field not in mapping:
+                raise ManifestError(
+                    f"manifest {self.path}: skip_if_blank names {field!r}, which no column gives"
+                )
 
     def judge_inputs(
         self, config: RunConfig, *, thumbs: Path | None = None, dry: bool = False
@@ -227,10 +173,11 @@ class Manifest:
     def _read_columns(self) -> list[str]:
         try:
             if self.kind == "parquet":
-                return list(pq.ParquetFile(self.path).schema_arrow.names)
-            with self._open_csv() as handle:
-                header = next(csv.reader(handle), None)
-        except (OSError, csv.Error, pa.ArrowException) as exc:
+                header = list(pq.ParquetFile(self.path).schema_arrow.names)
+            else:
+                with self._open_csv() as handle:
+                    header = next(self._reader(handle), [])
+        except (OSError, csv.Error, pa.ArrowException, UnicodeError) as exc:
             raise ManifestError(
                 f"cannot read manifest {self.path} (row 0, the header): {exc}"
             ) from None
@@ -249,7 +196,11 @@ class Manifest:
     def _open_csv(self) -> TextIO:
         # an undecodable byte is kept as a lone surrogate and found in its cell, so it rejects
         # its own row instead of ending the read wherever the decoder meets it
-        return self.path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+        return self.path.open(newline="", encoding=self._encoding, errors="surrogateescape")
+
+    def _reader(self, handle: TextIO) -> Any:
+        # strict: a quote that never closes raises at the end instead of swallowing the rest
+        return csv.reader(handle, delimiter=self._delimiter, strict=True)
 
     def records(self, start_row: int = 1) -> Iterator[list[Record]]:
         """Batches of (row number, record, the rule the row breaks as a whole or None)."""
@@ -283,16 +234,20 @@ class Manifest:
             csv.field_size_limit(_CSV_READ_LIMIT)  # cells over CELL_LIMIT are our rule, below
         out: list[Record] = []
         with self._open_csv() as handle:
-            reader = csv.reader(handle)
+            reader = self._reader(handle)
             next(reader, None)
             row_number = 0
             while True:
+                opened = reader.line_num + 1  # the line the next row starts on
                 try:
                     cells = next(reader)
                 except StopIteration:
                     break
                 except csv.Error as exc:  # the reader goes on at the next line
                     row_number += 1
+                    if "unexpected end of data" in str(exc):
+                        out += self._unclosed(row_number, opened, start_row)
+                        break
                     if row_number >= start_row:
                         out.append((row_number, {}, f"row {row_number}: not readable CSV: {exc}"))
                 else:
@@ -303,8 +258,21 @@ class Manifest:
                 if len(out) >= self.batch_rows:
                     yield out
                     out = []
-        if out:
-            yield out
+        for begin in range(0, len(out), self.batch_rows):
+            yield out[begin : begin + self.batch_rows]
+
+    def _unclosed(self, row_number: int, opened: int, start_row: int) -> list[Record]:
+        """A quote opened on line `opened` that never closes: its row, and each non-empty line
+        after it, rejected as unread (never silently swallowed into one cell)."""
+        why = f"a quote opened on line {opened} of the file never closes"
+        out: list[Record] = [(row_number, {}, f"row {row_number}: {why}")]
+        with self._open_csv() as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if line_number > opened and line.strip():
+                    row_number += 1
+                    reason = f"row {row_number} (line {line_number}): unread: {why}"
+                    out.append((row_number, {}, reason))
+        return [r for r in out if r[0] >= start_row]
 
     def _csv_record(self, row_number: int, cells: list[str]) -> Record:
         if len(cells) != len(self.columns):

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import write_to_textfile
 from prometheus_client.registry import Collector
 
+from pipeline.models import Status
 from pipeline.progress import Snapshot
 from pipeline.worker import RunStats
 
@@ -106,7 +107,7 @@ class RunMetrics:
         self._delay.observe(notice_delay)
 
     def update(self, snap: Snapshot) -> None:
-        for status in ("pending", "creating", "created", "succeeded", "failed", "rejected"):
+        for status in (s.value for s in Status):
             self._rows.labels(status).set(snap.by_status.get(status, 0))
         self._images.set(snap.images)
         self._cost.set(snap.cost_usd)

@@ -26,6 +26,7 @@ class Status(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REJECTED = "rejected"  # never sent: the manifest row breaks the input schema
+    SKIPPED = "skipped"  # never sent on purpose: blank where manifest.skip_if_blank says
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +46,14 @@ class JobSpec:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A manifest row that breaks a rule; it becomes a `rejected` result with no API call."""
+    """A manifest row that is never sent: it breaks a rule (a `rejected` result), or it is
+    `skipped` (blank where manifest.skip_if_blank says: not work, not a failure)."""
 
     job_id: str
     row_number: int
     record: dict[str, Any]
     reason: str
+    skipped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
         ("succeeded", f"{counts.get('succeeded', 0):,}"),
         ("failed", f"{counts.get('failed', 0):,}"),
         ("rejected", f"{counts.get('rejected', 0):,}"),
+        ("skipped", f"{counts.get('skipped', 0):,}"),
     ]
     if summary.requeued is not None:
         rows.insert(0, ("run again (retry)", _by_type(summary.requeued)))

@@ -151,7 +151,9 @@ def finish_line(summary: RunSummary) -> str:
     return (
         f"run finished (exit {int(summary.exit_code)}): {int(t['rows']):,} rows, "
         f"{c.get('succeeded', 0):,} succeeded, {c.get('failed', 0):,} failed, "
-        f"{c.get('rejected', 0):,} rejected; {int(t['images']):,} images, "
+        f"{c.get('rejected', 0):,} rejected"
+        + (f", {c['skipped']:,} skipped" if c.get("skipped") else "")
+        + f"; {int(t['images']):,} images, "
         f"${t['cost_usd']:,.2f}"
         + (
             f" confirmed (up to ${summary.possibly_billed_usd:,.2f} more unconfirmed)"

@@ -378,6 +378,8 @@ class SandboxState:
             "images": sum(k["images"] for k in per_key.values()),
             "cost_usd": round(sum(k["cost_usd"] for k in per_key.values()), 6),
             "refused_429": sum(k["refused_429"] for k in per_key.values()),
+            # creates refused for breaking the input schema: a client sends none
+            "refused_400": sum(k["refused_400"] for k in per_key.values()),
             "duplicate_creates": duplicates,
             "polls_after_end": again,  # polls of a job after one that answered its end
             "webhooks": dict(self.webhooks),
