@@ -404,7 +404,7 @@ def _read_journal(run_dir: Path) -> Journal:
 def _recorded_id_column(run_dir: Path) -> str | None:
     """The id column of the config that made the folder, when it can still be loaded."""
     try:
-        return _given(str(run_dir), None, None, None).load().manifest.id_column
+        return _given(str(run_dir), None, None, None).load().manifest.id_column_name
     except WanbatchError:
         return None
 

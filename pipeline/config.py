@@ -9,6 +9,7 @@ Relative paths are read from the config file's folder; `output.dir` may hold str
 
 from __future__ import annotations
 
+import codecs
 import copy
 import datetime
 import time
@@ -100,8 +101,17 @@ class ManifestSection(_Section):
     # the object URL `path` was given as (s3://bucket/key, gs://..., az://...): a run copies it
     # into its folder when it starts (and again with --force), and reads the copy
     source: str | None = None
-    format: Literal["csv", "parquet"] | None = None
-    id_column: str | None = None
+    format: Literal["csv", "tsv", "parquet"] | None = None
+    delimiter: str | None = None  # one character; "," for CSV, a tab for TSV
+    encoding: str = "utf-8-sig"  # of a CSV or TSV file: cp1252, latin-1, utf-16 (Excel), ...
+    # the column whose value is a row's id, or several whose values together are (Shopify:
+    # [Handle, Image Position]); ids must be unique
+    id_column: str | list[str] | None = None
+    # the prompt from the row: `{Column Name}` fields filled with the row's values, as they are
+    prompt_template: str | None = None
+    skip_if_blank: list[str] = Field(default_factory=list)  # API fields: blank there = skipped
+    # an image cell with more images than the image fields left: rejected, or the first sent
+    extra_images: Literal["reject", "keep_first"] = "reject"
     columns: dict[str, str] = Field(default_factory=dict)
     defaults: dict[str, Any] = Field(default_factory=dict)
     batch_rows: int = Field(5000, ge=1, le=1_000_000)
@@ -121,6 +131,50 @@ class ManifestSection(_Section):
                 )
         return value
 
+    @field_validator("skip_if_blank")
+    @classmethod
+    def _skip_fields(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in INPUT_FIELDS:
+                raise ValueError(
+                    f"{name!r} is not an API input field (allowed: {', '.join(INPUT_FIELDS)})"
+                )
+        return value
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 1 or value in '"\r\n'):
+            raise ValueError("must be one character, not a quote or a line break")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"{value!r} is not an encoding Python knows") from None
+        return value
+
+    @field_validator("id_column")
+    @classmethod
+    def _id_columns(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("a list of id columns must name each column once")
+        return value
+
+    @property
+    def id_columns(self) -> tuple[str, ...]:
+        if self.id_column is None:
+            return ()
+        return (self.id_column,) if isinstance(self.id_column, str) else tuple(self.id_column)
+
+    @property
+    def id_column_name(self) -> str | None:
+        """The id column, when one column is the id (results put it beside `job_id`)."""
+        return self.id_column if isinstance(self.id_column, str) else None
+
     @field_validator("defaults")
     @classmethod
     def _default_values(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -133,10 +187,18 @@ class ManifestSection(_Section):
         return value
 
     @property
-    def kind(self) -> Literal["csv", "parquet"]:
+    def kind(self) -> Literal["csv", "tsv", "parquet"]:
         if self.format is not None:
             return self.format
-        return "parquet" if self.path.suffix.lower() in (".parquet", ".pq") else "csv"
+        suffix = self.path.suffix.lower()
+        if suffix in (".parquet", ".pq"):
+            return "parquet"
+        return "tsv" if suffix in (".tsv", ".tab") else "csv"
+
+    @property
+    def separator(self) -> str:
+        """The field delimiter of a CSV or TSV manifest."""
+        return self.delimiter or ("\t" if self.kind == "tsv" else ",")
 
 
 class OutputSection(_Section):
@@ -309,19 +371,31 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
 
 
+def _set_value(text: str) -> Any:
+    """A `--set` value: a number, a boolean, null, `[a, b]` or `{k: v}` as YAML reads them;
+    anything else is the text exactly as given (YAML would cut `#1 best seller` at the `#` and
+    read `Background: pure white` as a mapping)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, dict | list):
+        return value if text.lstrip().startswith(("{", "[")) else text
+    if isinstance(value, str) or (value is None and text.strip() not in ("", "null", "~")):
+        return text
+    return value
+
+
 def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
-    """`--set key.path=value` on a loaded document (a copy): the value is read as YAML, so
-    `10`, `true`, `[a, b]` and `s3://bucket/x` are what they look like."""
+    """`--set key.path=value` on a loaded document (a copy): `10`, `true`, `[a, b]` are what
+    they look like, and text is kept exactly (see `_set_value`)."""
     data = copy.deepcopy(data)
     for item in sets:
         path, sep, text = item.partition("=")
         names = path.strip().split(".")
         if not sep or not all(names):
             raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. output.dir=runs/x)")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
+        value = _set_value(text)
         node = data
         for name in names[:-1]:
             node = node.setdefault(name, {})

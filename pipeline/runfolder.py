@@ -36,7 +36,7 @@ __all__ = ["Holder", "RunFolder", "holder_of"]
 JOURNAL = "journal.sqlite"
 LOCK = "run.lock"
 RESULTS = "results.parquet"
-_RESULT_FILES = (RESULTS, "images.parquet", "failures.csv", "failures.parquet")
+_RESULT_FILES = (RESULTS, "images.parquet", "failures.csv", "failures.tsv", "failures.parquet")
 _FILES = (  # what --fresh removes (the lock stays: it is held)
     JOURNAL,
     f"{JOURNAL}-wal",

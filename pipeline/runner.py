@@ -39,7 +39,7 @@ from pipeline.htmlreport import write_report
 from pipeline.journal import CostBooks, Journal
 from pipeline.keys import ENV_KEY, ENV_KEYS, ApiKey, resolve_groups
 from pipeline.manifest import Manifest
-from pipeline.models import JobSpec
+from pipeline.models import JobSpec, Status
 from pipeline.objects import copy_object
 from pipeline.observe import Observer, Reporter
 from pipeline.runfolder import RunFolder
@@ -101,9 +101,17 @@ class RunSummary:
     cost: CostBooks | None = None  # the cost confirmed by the provider, and what may be billed
     possibly_billed_usd: float = 0.0  # at most, beyond the results' cost (unconfirmed jobs)
 
+    def results(self) -> Any:
+        """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
+        stay integers, lists stay lists)."""
+        import pandas as pd  # loaded only when asked for
+
+        return pd.read_parquet(self.results_path, dtype_backend="pyarrow")
+
     @property
     def finished_rows(self) -> int:
-        return sum(self.counts.get(s, 0) for s in ("succeeded", "failed", "rejected"))
+        done = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)
+        return sum(self.counts.get(s.value, 0) for s in done)
 
 
 def _identity(config: RunConfig) -> dict[str, str]:
@@ -574,7 +582,7 @@ async def _finish_books(
     """The state store, results and failures manifest, from the journal. A failure here loses
     nothing (the journal holds every row) and is reported, not raised."""
     layout = ResultLayout(
-        config.manifest.id_column,
+        config.manifest.id_column_name,
         manifest.mapper.columns,
         manifest.extra_columns,
         manifest.columns,
@@ -601,7 +609,7 @@ async def _finish_books(
             states = journal.image_states()
             books.images_missing = states.get("pending", 0) + states.get("failed", 0)
         try:
-            id_column = config.manifest.id_column
+            id_column = config.manifest.id_column_name
             await anyio.to_thread.run_sync(write_report, journal, run_dir, id_column)
         except (OSError, ValueError):  # the results stand without it; `wanbatch report` redoes it
             _log.exception("report_failed")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.journal import Journal
 from pipeline.models import Status
+from pipeline.rowmap import to_int
 from pipeline.schema import IMAGE_FIELDS, UPLOAD_TOKEN
 
 if TYPE_CHECKING:
@@ -175,25 +176,26 @@ _OURS = frozenset(f.name for f in _base_fields())
 def _passthrough_names(layout: ResultLayout, fields: list[pa.Field]) -> list[tuple[str, str]]:
     """Each passthrough column and its results name: its own unless one of ours has it, else
     `manifest_` in front, as often as needed for a name no other column has."""
-    ours = {f.name for f in fields}
-    taken = ours | {c for c in layout.passthrough if c not in ours}
+    # compared in any letter case: a shop's `Status` beside our `status` is renamed too, since
+    # DuckDB, Excel and many warehouses fold the case of column names
+    ours = {f.name.lower() for f in fields}
+    taken = ours | {c.lower() for c in layout.passthrough if c.lower() not in ours}
     names = []
     for column in layout.passthrough:
         name = column
-        if name in ours:
-            while name in taken:
+        if name.lower() in ours:
+            while name.lower() in taken:
                 name = f"{_PREFIX}{name}"
-            taken.add(name)
+            taken.add(name.lower())
         names.append((column, name))
     return names
 
 
 def _as_int(value: Any) -> int | None:
     """An int64 value for the results, or None (a rejected row may say anything)."""
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and _INT64[0] <= value <= _INT64[1]:
-        return value
+    number = to_int(value)
+    if number is not None and _INT64[0] <= number <= _INT64[1]:
+        return number
     return None
 
 
@@ -376,7 +378,7 @@ def write_results(journal: Journal, layout: ResultLayout, path: Path) -> Written
 
 def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Path | None:
     """The failed and rejected rows as a manifest of the input's columns; None if there are none."""
-    suffix = "parquet" if layout.manifest_kind == "parquet" else "csv"
+    suffix = layout.manifest_kind  # csv, tsv or parquet: feed it back as it came
     path = run_dir / f"failures.{suffix}"
     pages = journal.failed_records()
     first = next(pages, None)
@@ -385,9 +387,9 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
         return None
     columns = layout.manifest_columns
     with _atomic(path) as tmp:
-        if suffix == "csv":
+        if suffix != "parquet":
             with tmp.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
+                writer = csv.writer(handle, delimiter="\t" if suffix == "tsv" else ",")
                 writer.writerow(columns)
                 for page in (first, *pages):
                     for row in page:
