@@ -3,17 +3,24 @@ without a shell: `pipeline.run(config)` runs or resumes a config and returns its
 or raises the typed error of the CLI's exit code. It installs no signal handlers unless asked.
 
     summary = pipeline.run("nightly.yaml", overrides=["output.dir=runs/2026-11-25"])
-    summary.exit_code, summary.counts, summary.totals["cost_usd"], summary.results_path
+    summary.exit_code, summary.counts, summary.totals["cost_usd"], summary.results()
+
+The manifest may be a pandas DataFrame or a pyarrow Table (`manifest=df`): the config then
+needs no `manifest.path`, and the run folder keeps it as `manifest.parquet`; passing the same
+table again resumes the run, another one is refused as a mismatch (or taken with `force`).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.cluster import Workers
 from pipeline.config import RunConfig, apply_overrides, load_config, parse_config
@@ -22,6 +29,7 @@ from pipeline.errors import (
     CostsUnconfirmed,
     KeysMissing,
     KeysRefused,
+    ManifestError,
     RowsFailed,
     RunEnded,
     RunFailed,
@@ -35,6 +43,8 @@ from pipeline.runner import ExitCode, Reprocess, RunSummary
 from pipeline.runner import run as run_async
 
 __all__ = ["arun", "load", "run"]
+
+TABLE_MANIFEST = "manifest.parquet"  # a manifest given from Python, kept in the run folder
 
 _RAISES: dict[ExitCode, type[RunEnded]] = {
     ExitCode.ERROR: RunFailed,
@@ -52,15 +62,56 @@ def load(
     *,
     overrides: Sequence[str] = (),
     run_date: datetime.date | None = None,
+    table: bool = False,
 ) -> RunConfig:
     """A config from a path (or object URL), a mapping (relative paths from the working
-    folder) or a loaded RunConfig (overrides do not apply to that)."""
+    folder) or a loaded RunConfig (overrides do not apply to that). `table`: the manifest is
+    given from Python, kept in the run folder (see TABLE_MANIFEST)."""
+    if table:  # a stand-in, so a config without manifest.path validates
+        overrides = [*overrides, f"manifest.path={TABLE_MANIFEST}"]
     if isinstance(config, RunConfig):
-        return config
-    if isinstance(config, Mapping):
+        loaded = config
+    elif isinstance(config, Mapping):
         data = apply_overrides(dict(config), overrides)
-        return parse_config(data, Path.cwd(), "<mapping>", run_date=run_date)
-    return load_config(config, sets=overrides, run_date=run_date)
+        loaded = parse_config(data, Path.cwd(), "<mapping>", run_date=run_date)
+    else:
+        loaded = load_config(config, sets=overrides, run_date=run_date)
+    if not table:
+        return loaded
+    kept = loaded.manifest.model_copy(
+        update={"path": loaded.output.dir / TABLE_MANIFEST, "format": "parquet", "source": None}
+    )
+    return loaded.model_copy(update={"manifest": kept})
+
+
+def _keep_table(manifest: Any, path: Path) -> None:
+    """A DataFrame or Arrow Table written as the run folder's Parquet manifest (whole, or
+    not at all); its column types are kept, nullable integers included."""
+    if isinstance(manifest, pa.Table):
+        table = manifest
+    else:
+        import pandas as pd  # only a run given a DataFrame loads pandas
+
+        if not isinstance(manifest, pd.DataFrame):
+            raise ManifestError(
+                "manifest= takes a pandas DataFrame or a pyarrow Table, not "
+                f"{type(manifest).__name__}"
+            )
+        names = [str(c) for c in manifest.columns]
+        if len(set(names)) != len(names):
+            raise ManifestError(f"the manifest DataFrame has a repeated column name: {names}")
+        try:
+            table = pa.Table.from_pandas(manifest, preserve_index=False)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ManifestError(
+                f"the manifest DataFrame cannot be kept as Parquet: {exc}"
+            ) from None
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 async def arun(
@@ -77,12 +128,15 @@ async def arun(
     reporter: Reporter | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
+    manifest: Any = None,
 ) -> RunSummary:
     """`run`, in a running event loop."""
-    loaded = load(config, overrides=overrides, run_date=run_date)
+    loaded = load(config, overrides=overrides, run_date=run_date, table=manifest is not None)
     api_keys = [ApiKey(k) for k in keys] if keys is not None else keys_from_env()
     reprocess = Reprocess(retry_errors or None) if retry_errors is not None else None
     with RunFolder(loaded.output.dir, fresh=fresh) as folder, logging_to(folder.log_path):
+        if manifest is not None:
+            await anyio.to_thread.run_sync(_keep_table, manifest, loaded.manifest.path)
         summary = await run_async(
             loaded,
             api_keys,
@@ -115,6 +169,7 @@ def run(
     reporter: Reporter | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
+    manifest: Any = None,
 ) -> RunSummary:
     """Run (or resume) a config and return its summary; keys from the environment unless
     given. Raises ConfigError, ManifestError or RunFolderError before anything is sent, and a
@@ -123,7 +178,8 @@ def run(
     with failed or rejected rows instead. `retry_errors` runs failed rows of those error
     types again (`[]`: every failure), as `wanbatch retry` does. `workers`: spread the keys
     over that many Ray workers (on `ray_address`, RAY_ADDRESS, or a local cluster), as
-    `--workers` does."""
+    `--workers` does. `manifest`: a pandas DataFrame or pyarrow Table to run instead of
+    the config's manifest.path (see the module's docstring)."""
     return anyio.run(
         lambda: arun(
             config,
@@ -138,5 +194,6 @@ def run(
             reporter=reporter,
             workers=workers,
             ray_address=ray_address,
+            manifest=manifest,
         )
     )
