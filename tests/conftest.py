@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sqlite3
 import subprocess
 from collections import Counter
@@ -13,12 +14,24 @@ from typing import Any
 import boto3
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, settings
 from moto.server import ThreadedMotoServer
 
 from pipeline.config import RunConfig, parse_config
 from pipeline.keys import ApiKey
 from pipeline.runner import RunSummary, run
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+
+# Hypothesis: CI runs a bounded, repeatable search; a developer's run searches more widely
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=150, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 KEY = "test-key-1"
 KEY2 = "test-key-2"

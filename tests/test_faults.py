@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -215,10 +216,15 @@ def test_a_trickling_download_has_a_deadline_and_signals_end_the_wait(
     config.write_text(yaml.safe_dump(data))
     patient = Pipeline(config, "--grace", "1", keys=KEY)
     pipelines.append(patient)
-    _until(lambda: (tmp_path / "run2" / "journal.sqlite").exists(), 30)
-    _until(
-        lambda: sum(r["status"] == "succeeded" for r in journal_rows(tmp_path / "run2")) == 4, 30
-    )
+
+    def all_succeeded() -> bool:
+        try:  # the journal's file may be there a moment before its tables
+            statuses = [r["status"] for r in journal_rows(tmp_path / "run2")]
+        except sqlite3.Error:
+            return False
+        return statuses == ["succeeded"] * 4
+
+    _until(all_succeeded, 30)
     patient.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     code, output = patient.wait(timeout=30)
