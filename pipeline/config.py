@@ -101,6 +101,9 @@ class ManifestSection(_Section):
     # the object URL `path` was given as (s3://bucket/key, gs://..., az://...): a run copies it
     # into its folder when it starts (and again with --force), and reads the copy
     source: str | None = None
+    # the local file `path` was given as, when the run reads its copy in the run folder (made
+    # when the run starts, and again with --force)
+    given: Path | None = None
     format: Literal["csv", "tsv", "parquet"] | None = None
     delimiter: str | None = None  # one character; "," for CSV, a tab for TSV
     encoding: str = "utf-8-sig"  # of a CSV or TSV file: cp1252, latin-1, utf-16 (Excel), ...

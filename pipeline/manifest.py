@@ -81,12 +81,14 @@ class Manifest:
 
     def __init__(self, section: ManifestSection, *, model: str, allow_loopback: bool) -> None:
         self.path = section.path
+        # how messages name it: the file the config names, though the run reads its copy
+        self.shown = section.given or section.path
         self.kind = section.kind
         self.batch_rows = section.batch_rows
         self._delimiter = section.separator
         self._encoding = section.encoding
         if not self.path.is_file():
-            raise ManifestError(f"manifest {self.path} does not exist or is not a file")
+            raise ManifestError(f"manifest {self.shown} does not exist or is not a file")
         self.columns = self._read_columns()
         template = PromptTemplate(section.prompt_template) if section.prompt_template else None
         mapping = {f: f for f in INPUT_FIELDS if f in self.columns}
@@ -120,32 +122,32 @@ class Manifest:
         for column in section.id_columns:
             if column not in self.columns:
                 raise ManifestError(
-                    f"manifest {self.path}: id_column {column!r} is not a column {have}"
+                    f"manifest {self.shown}: id_column {column!r} is not a column {have}"
                 )
         for field, column in section.columns.items():
             if column not in self.columns:
                 raise ManifestError(
-                    f"manifest {self.path}: columns.{field} names column {column!r}, which the "
+                    f"manifest {self.shown}: columns.{field} names column {column!r}, which the "
                     f"manifest does not have {have}"
                 )
         for column in template.columns if template is not None else ():
             if column not in self.columns:
                 raise ManifestError(
-                    f"manifest {self.path}: prompt_template names {{{column}}}, which is not a "
+                    f"manifest {self.shown}: prompt_template names {{{column}}}, which is not a "
                     f"column {have}"
                 )
         given = set(mapping) | set(section.defaults) | ({"prompt"} if template else set())
         for field in ("prompt", "img_url"):
             if field not in given:
                 raise ManifestError(
-                    f"manifest {self.path}: no column gives the required field {field!r}; "
+                    f"manifest {self.shown}: no column gives the required field {field!r}; "
                     f"map one under manifest.columns.{field}"
                     + (" or write manifest.prompt_template" if field == "prompt" else "")
                 )
         for field in section.skip_if_blank:
             if field not in mapping:
                 raise ManifestError(
-                    f"manifest {self.path}: skip_if_blank names {field!r}, which no column gives"
+                    f"manifest {self.shown}: skip_if_blank names {field!r}, which no column gives"
                 )
 
     def judge_inputs(
@@ -161,7 +163,7 @@ class Manifest:
             uploads.dry = dry
         self.inputs = InputStage(
             model=config.api.model,
-            base_dir=self.path.parent,
+            base_dir=self.shown.parent,  # a relative image path is the config's manifest's
             columns=self.mapper.columns,
             uploads=uploads,
             storage_options=a.storage_options,
@@ -179,18 +181,18 @@ class Manifest:
                     header = next(self._reader(handle), [])
         except (OSError, csv.Error, pa.ArrowException, UnicodeError) as exc:
             raise ManifestError(
-                f"cannot read manifest {self.path} (row 0, the header): {exc}"
+                f"cannot read manifest {self.shown} (row 0, the header): {exc}"
             ) from None
         if not header:
-            raise ManifestError(f"manifest {self.path} is empty (no header row)")
+            raise ManifestError(f"manifest {self.shown} is empty (no header row)")
         header = [name.strip() for name in header]
         for index, name in enumerate(header, start=1):
             if bad := _undecodable(name):
                 raise ManifestError(
-                    f"manifest {self.path}, row 0 (the header), column {index}: {bad}"
+                    f"manifest {self.shown}, row 0 (the header), column {index}: {bad}"
                 )
         if len(set(header)) != len(header):
-            raise ManifestError(f"manifest {self.path} has a repeated column name: {header}")
+            raise ManifestError(f"manifest {self.shown} has a repeated column name: {header}")
         return header
 
     def _open_csv(self) -> TextIO:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import shutil
 import signal
 import threading
 import time
@@ -121,7 +123,7 @@ def _identity(config: RunConfig) -> dict[str, str]:
     mapping = json.dumps(
         {
             "model": config.api.model,
-            "path": str(m.path),
+            "path": str(m.given or m.path),
             "id": m.id_column,
             "columns": m.columns,
             "defaults": m.defaults,
@@ -158,11 +160,11 @@ def _check_identity(journal: Journal, config: RunConfig, force: bool) -> dict[st
     if changed:
         what = {
             "mapping": "the model or the manifest mapping in the config",
-            "manifest_file": "the manifest file",
+            "manifest_file": "manifest file",
         }
         raise RunFolderMismatch(
             f"run folder {config.output.dir} holds a run of another "
-            + " and ".join(what[c] for c in changed)
+            + " and of another ".join(what[c] for c in changed)
             + "; resuming would mix results. Pass --force to continue with the manifest as it "
             "is now (finished rows are kept, unsent rows take their new inputs), --fresh to "
             "start over (every row is paid again), or use a new output.dir."
@@ -192,6 +194,47 @@ def _reconcile(
     journal.set_meta({**identity, "ingest_complete": "1", "ingested_rows": str(last)})
     _log.warning("forced", **found)
     return dict(found)
+
+
+KEPT_MANIFEST = "manifest-source"  # the run folder's copy of its manifest, its suffix after
+
+
+def _keep_manifest(config: RunConfig, run_dir: Path, force: bool) -> RunConfig:
+    """A local manifest is copied into the run folder when the run starts (and again with
+    --force), and the run reads the copy: a resume or a retry reads what the run started with,
+    even after tonight's export replaced the file. An object URL's copy is made by
+    `_copy_manifest`; a manifest given from Python is in the run folder already."""
+    m = config.manifest
+    if m.source is not None or m.path.parent == run_dir:
+        return config
+    kept = run_dir / f"{KEPT_MANIFEST}{m.path.suffix}"
+    started = (run_dir / "journal.sqlite").exists()
+    if m.path.is_file() and (force or not started or not kept.is_file()):
+        tmp = kept.with_name(f".{kept.name}.tmp")
+        try:
+            shutil.copyfile(m.path, tmp)
+            os.replace(tmp, kept)
+        except OSError as exc:
+            raise ManifestError(
+                f"manifest {m.path} cannot be copied into {run_dir}: {exc}"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    if not kept.is_file():
+        return config  # nothing to read: the manifest's own check says so
+    if started and not force and m.path.is_file() and _changed(m.path, kept):
+        _log.warning(
+            "manifest_changed",
+            path=str(m.path),
+            hint="this run goes on with the manifest it started with; --force takes the file "
+            "as it is now, --fresh starts over",
+        )
+    section = m.model_copy(update={"path": kept, "given": m.path, "format": m.kind})
+    return config.model_copy(update={"manifest": section})
+
+
+def _changed(path: Path, kept: Path) -> bool:
+    return path.stat().st_size != kept.stat().st_size or _file_digest(path) != _file_digest(kept)
 
 
 def _copy_manifest(config: RunConfig, folder: RunFolder, force: bool) -> None:
@@ -368,6 +411,7 @@ async def run(
             )
     started = time.monotonic()
     _check_before(config, keys, folder, reprocess, workers)
+    config = await anyio.to_thread.run_sync(_keep_manifest, config, folder.path, force)
     manifest = await _open_manifest(config, folder, force)
     uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     inc = config.incremental
@@ -554,12 +598,13 @@ def _summary(
 
 
 def _start_line(config: RunConfig, run_dir: Path, journal: Journal, keys: list[ApiKey]) -> str:
+    m = config.manifest
     done = journal.counts()
     known = sum(done.values())
     resumed = f", resuming {known:,} journaled rows" if known else ""
     api = "the embedded sandbox" if config.embedded_sandbox else config.api.base_url
     return (
-        f"run started in {run_dir}: manifest {config.manifest.source or config.manifest.path}, "
+        f"run started in {run_dir}: manifest {m.source or m.given or m.path}, "
         f"{len(keys) or config.sandbox.keys} key(s) on {api}{resumed}"
     )
 

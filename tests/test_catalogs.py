@@ -31,8 +31,8 @@ from pipeline.inputs import input_kind
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec, Rejected
 from pipeline.rowmap import PromptTemplate, RowMapper, split_images
-from pipeline.runner import ExitCode, RunSummary
-from pipeline.sandbox import SandboxServer
+from pipeline.runner import ExitCode, Reprocess, RunSummary
+from pipeline.sandbox import FaultRates, SandboxServer
 from pipeline.schema import IMAGE_FIELDS, MODEL, check_input
 from tests.conftest import (
     KEY,
@@ -439,3 +439,29 @@ def test_any_manifest_runs_to_one_result_per_row_and_no_refused_create(
     assert sb.stats()["refused_400"] == 0  # no create the provider's schema refuses
     billed = ledger_cost(sb)
     assert sum(r["cost_usd"] for r in table) == pytest.approx(billed)
+
+
+@pytest.mark.anyio
+async def test_last_nights_folder_is_retried_after_tonights_export_replaced_the_file(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, faults=FaultRates(job_error=0.3), seed=11)
+    path = _write(
+        tmp_path / "export.csv",
+        ["sku", "prompt", "img_url"],
+        [[f"S{i}", f"edit {i}", f"https://x.example.com/{i}.jpg"] for i in range(1, 21)],
+    )
+    config = make_config(tmp_path, sb.base_url, path, api={"time_scale": SCALE})
+    first = await go(config, [KEY])
+    failed = first.counts.get("failed", 0)
+    assert failed > 0 and (first.run_dir / "manifest-source.csv").is_file()
+    # tonight's export replaces the file: last night's folder still reads what it started with
+    _write(path, ["sku", "prompt", "img_url"], [["T1", "other", "https://x.example.com/t.jpg"]])
+    again = await go(config, [KEY], reprocess=Reprocess(None))
+    assert again.requeued is not None and sum(again.requeued.values()) == failed
+    assert sb.stats()["creates"] == 20 + failed + first.stats.job_retries + again.stats.job_retries
+    assert all(r["sku"].startswith("S") for r in again.results().to_dict("records"))
+    # --force takes the file as it is now: its one row differs from row 1 as sent (a row
+    # sent keeps what was sent), and the 19 rows it no longer has were paid for, so are kept
+    forced = await go(config, [KEY], force=True)
+    assert forced.forced == {"changed_after_sent": 1, "kept": 19}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import structlog
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ManifestError, RunFolderMismatch
@@ -378,7 +379,15 @@ async def test_a_changed_manifest_is_not_mixed_into_a_run(sandbox: Start, tmp_pa
     config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
     await go(config, [KEY])
     write_manifest(manifest, catalog(4))
-    with pytest.raises(RunFolderMismatch, match="manifest file"):
+    # the run goes on with the manifest it started with (its copy), and says the file changed
+    with structlog.testing.capture_logs() as logged:
+        again = await go(config, [KEY])
+    assert again.totals["rows"] == 3 and sb.stats()["creates"] == 3
+    assert [e for e in logged if e["event"] == "manifest_changed"]
+    # a folder whose copy is gone (made before copies were kept) still refuses a changed file
+    (again.run_dir / "manifest-source.csv").unlink()
+    write_manifest(manifest, catalog(5))
+    with pytest.raises(RunFolderMismatch, match="another manifest file"):
         await go(config, [KEY])
 
 
