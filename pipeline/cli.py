@@ -357,6 +357,8 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
         ("rejected", f"{found.rejected:,}"),
     ]
     rows += [(f"  {n:,} x", rule) for rule, n in found.rejected_by_rule.most_common()]
+    if found.skipped:
+        rows.append(("skipped (manifest.skip_if_blank)", f"{found.skipped:,}"))
     rows += [
         ("reused (incremental)", f"{found.reused:,}"),
         ("shared (same seeded input)", f"{found.shared:,}"),

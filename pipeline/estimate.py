@@ -54,6 +54,7 @@ class Estimate:
     rows: int = 0
     rejected: int = 0
     rejected_by_rule: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0  # blank where manifest.skip_if_blank says: never sent, not a failure
     reused: int = 0  # succeeded in an earlier run (incremental): not sent, no cost
     shared: int = 0  # the same seeded input as an earlier row: follows it, no cost
     to_send: int = 0
@@ -67,7 +68,7 @@ class Estimate:
 
     @property
     def valid(self) -> int:
-        return self.rows - self.rejected
+        return self.rows - self.rejected - self.skipped
 
 
 def estimate(config: RunConfig, keys: int) -> Estimate:
@@ -119,7 +120,9 @@ def _count(
             prior = state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
         for item in (unique(i, ids) for i in batch):
             found.rows += 1
-            if isinstance(item, Rejected):
+            if isinstance(item, Rejected) and item.skipped:
+                found.skipped += 1
+            elif isinstance(item, Rejected):
                 found.rejected += 1
                 found.rejected_by_rule.update(rule_of(item.reason))
             elif item.fingerprint in prior:

@@ -114,7 +114,7 @@ class PromptTemplate:
 
         filled = _FIELD.sub(value, self.text)
         if problems:
-            return None, "prompt_template: " + "; ".join(problems)
+            return None, "; ".join(f"prompt_template: {p}" for p in problems)
         return filled, None
 
 

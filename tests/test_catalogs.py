@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 import pipeline
 from pipeline.config import apply_overrides, parse_config
 from pipeline.errors import ManifestError
+from pipeline.estimate import estimate
 from pipeline.inputs import input_kind
 from pipeline.manifest import Manifest
 from pipeline.models import JobSpec, Rejected
@@ -142,6 +143,11 @@ async def test_a_shopify_export_runs_as_exported(sandbox: Start, tmp_path: Path)
     assert summary.counts["skipped"] == 2
     failures = (summary.run_dir / "failures.csv").read_text()
     assert "TEE-M" not in failures and "GIFT" not in failures
+    # an estimate counts them the same way, before anything is sent
+    found = estimate(config, keys=1)
+    assert (found.rows, found.skipped, found.rejected, found.to_send) == (5, 2, 1, 2)
+    assert found.rejected_by_rule == {"prompt_template: column 'Type' is blank": 1,
+                                      "prompt_template: column 'Vendor' is blank": 1}  # fmt: skip
 
 
 # -- a Merchant Center feed (TSV, several images in one cell) ----------------------------
