@@ -26,9 +26,11 @@ from pipeline.objects import is_object_url
 from pipeline.sandbox.settings import FaultRates
 from pipeline.schema import INPUT_FIELDS, MODEL, SIZES, is_loopback_host
 
-__all__ = ["SANDBOX", "RunConfig", "load_config"]
+__all__ = ["KEPT_MANIFEST", "SANDBOX", "RunConfig", "load_config"]
 
 SANDBOX = "sandbox"
+# the run folder's copy of its manifest (an object URL's, or a local file's), its suffix after
+KEPT_MANIFEST = "manifest-source"
 
 
 _DAY = 86400.0
@@ -433,7 +435,7 @@ def parse_config(
         out_dir = base_dir / out_dir
     if manifest_url is not None:
         suffix = PurePosixPath(urlsplit(manifest_url).path).suffix
-        manifest_path = out_dir / f"manifest-source{suffix}"
+        manifest_path = out_dir / f"{KEPT_MANIFEST}{suffix}"
     hook = config.webhook
     api_host = urlsplit(config.api.base_url).hostname or ""
     local_api = config.embedded_sandbox or is_loopback_host(api_host)

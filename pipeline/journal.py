@@ -974,18 +974,9 @@ class Journal:
 
     def stored_copies(self, batch_size: int = 5000) -> Iterator[list[tuple[int, int, str]]]:
         """The images journaled as stored (row, index, where), in batches."""
-        after = (0, -1)
-        while True:
-            with self._lock:
-                batch = self._db.execute(
-                    "SELECT row_number, idx, path FROM images WHERE state = 'stored'"
-                    " AND (row_number, idx) > (?, ?) ORDER BY row_number, idx LIMIT ?",
-                    (*after, batch_size),
-                ).fetchall()
-            if not batch:
-                return
+        select = "SELECT i.row_number, i.idx, i.path FROM images i"
+        for batch in self._image_pages(select, "i.state = 'stored'", (), batch_size):
             yield [(int(r[0]), int(r[1]), str(r[2])) for r in batch]
-            after = (batch[-1][0], batch[-1][1])
 
     def unstore(self, images: Sequence[tuple[int, int]]) -> None:
         """Images whose stored copy is gone: pending again, to be fetched once more."""
@@ -1004,16 +995,24 @@ class Journal:
 
     def image_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every output image of a succeeded job, in row and image order, in batches."""
+        select = (
+            "SELECT i.*, j.job_id, j.prediction_id, j.record, j.reused, j.cost_usd, j.images"
+            " FROM images i JOIN jobs j ON j.row_number = i.row_number"
+        )
+        yield from self._image_pages(select, "j.status = ?", (Status.SUCCEEDED.value,), batch_size)
+
+    def _image_pages(
+        self, select: str, where: str, params: tuple[Any, ...], batch_size: int
+    ) -> Iterator[list[sqlite3.Row]]:
+        """Images (`select` from `images i`) matching `where`, in row and image order, a batch
+        at a time (keyset paging, as `_pages` does for jobs)."""
         after = (0, -1)
         while True:
             with self._lock:
                 batch = self._db.execute(
-                    "SELECT i.*, j.job_id, j.prediction_id, j.record, j.reused, j.cost_usd,"
-                    " j.images FROM images i"
-                    " JOIN jobs j ON j.row_number = i.row_number"
-                    " WHERE j.status = ? AND (i.row_number, i.idx) > (?, ?)"
+                    f"{select} WHERE ({where}) AND (i.row_number, i.idx) > (?, ?)"
                     " ORDER BY i.row_number, i.idx LIMIT ?",
-                    (Status.SUCCEEDED.value, *after, batch_size),
+                    (*params, *after, batch_size),
                 ).fetchall()
             if not batch:
                 return

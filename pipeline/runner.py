@@ -27,7 +27,7 @@ import structlog
 
 from pipeline.assets import CopyCheck, Downloader, open_store
 from pipeline.cluster import Workers, check_workers
-from pipeline.config import RunConfig
+from pipeline.config import KEPT_MANIFEST, RunConfig
 from pipeline.dispatch import Dispatcher
 from pipeline.engine import Engine, open_engine
 from pipeline.errors import (
@@ -194,9 +194,6 @@ def _reconcile(
     journal.set_meta({**identity, "ingest_complete": "1", "ingested_rows": str(last)})
     _log.warning("forced", **found)
     return dict(found)
-
-
-KEPT_MANIFEST = "manifest-source"  # the run folder's copy of its manifest, its suffix after
 
 
 def _keep_manifest(config: RunConfig, run_dir: Path, force: bool) -> RunConfig:
