@@ -22,9 +22,8 @@ import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cluster import Workers
-from pipeline.config import RunConfig, apply_overrides, load_config, parse_config
-from pipeline.errors import (
+from pipeline.core.config import RunConfig, apply_overrides, load_config, parse_config
+from pipeline.core.errors import (
     BudgetReached,
     CostsUnconfirmed,
     KeysMissing,
@@ -35,12 +34,13 @@ from pipeline.errors import (
     RunFailed,
     RunInterrupted,
 )
-from pipeline.keys import ApiKey, keys_from_env
-from pipeline.logs import logging_to
-from pipeline.observe import Reporter
-from pipeline.runfolder import RunFolder
-from pipeline.runner import ExitCode, Reprocess, RunSummary
-from pipeline.runner import run as run_async
+from pipeline.core.keys import ApiKey, keys_from_env
+from pipeline.drive.ray.cluster import Workers
+from pipeline.observe.observer import Reporter
+from pipeline.runs.folder import RunFolder
+from pipeline.runs.logs import logging_to
+from pipeline.runs.runner import ExitCode, Reprocess, RunSummary
+from pipeline.runs.runner import run as run_async
 
 __all__ = ["arun", "load", "run"]
 

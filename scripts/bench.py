@@ -34,11 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cluster import Workers
-from pipeline.config import parse_config
-from pipeline.keys import ApiKey
-from pipeline.logs import configure_logging
-from pipeline.runner import run
+from pipeline.core.config import parse_config
+from pipeline.core.keys import ApiKey
+from pipeline.drive.ray.cluster import Workers
+from pipeline.runs.logs import configure_logging
+from pipeline.runs.runner import run
 
 
 def _arguments() -> argparse.Namespace:

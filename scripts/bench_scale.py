@@ -7,7 +7,7 @@ manifest would otherwise count in the ingest's peak):
 1. manifest: writes the Parquet manifest.
 2. ingest: reads, validates and journals every row, as a run's ingest thread does; prints the
    time, the rate and the peak RSS.
-3. resume: `wanbatch run`'s own code (`pipeline.runner.run`) on that run folder, against the
+3. resume: `wanbatch run`'s own code (`pipeline.runs.runner.run`) on that run folder, against the
    embedded sandbox, with a budget that stops it after a few creates. Prints the start-up (from
    the call to the first create's answer), the peak RSS of the whole run, and how long its end
    took: writing the results file of every row.
@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, parse_config
-from pipeline.journal import Journal
-from pipeline.logs import configure_logging
-from pipeline.manifest import Manifest
-from pipeline.runner import _check_identity, run
+from pipeline.core.config import RunConfig, parse_config
+from pipeline.intake.manifest import Manifest
+from pipeline.journal.store import Journal
+from pipeline.runs.logs import configure_logging
+from pipeline.runs.runner import _check_identity, run
 
 _CREATES = 10  # the budget lets this many creates through, then the run stops (exit 5)
 

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from moto.server import ThreadedMotoServer
 
-from pipeline.config import RunConfig, parse_config
-from pipeline.keys import ApiKey
-from pipeline.runner import RunSummary, run
+from pipeline.core.config import RunConfig, parse_config
+from pipeline.core.keys import ApiKey
+from pipeline.runs.runner import RunSummary, run
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 
 # Hypothesis: CI runs a bounded, repeatable search; a developer's run searches more widely

@@ -9,9 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.limits import InFlightCap
-from pipeline.runner import ExitCode
+from pipeline.core.errors import ConfigError
+from pipeline.provider.limits import InFlightCap
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,

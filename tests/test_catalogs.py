@@ -25,16 +25,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pipeline
-from pipeline.config import apply_overrides, parse_config
-from pipeline.errors import ManifestError
-from pipeline.estimate import estimate
-from pipeline.inputs import input_kind
-from pipeline.manifest import Manifest
-from pipeline.models import JobSpec, Rejected
-from pipeline.rowmap import PromptTemplate, RowMapper, split_images
-from pipeline.runner import ExitCode, Reprocess, RunSummary
+from pipeline.core.config import apply_overrides, parse_config
+from pipeline.core.errors import ManifestError
+from pipeline.core.records import JobSpec, Rejected
+from pipeline.core.schema import IMAGE_FIELDS, MODEL, check_input
+from pipeline.intake.estimate import estimate
+from pipeline.intake.inputs import input_kind
+from pipeline.intake.manifest import Manifest
+from pipeline.intake.rowmap import PromptTemplate, RowMapper, split_images
+from pipeline.runs.runner import ExitCode, Reprocess, RunSummary
 from pipeline.sandbox import FaultRates, SandboxServer
-from pipeline.schema import IMAGE_FIELDS, MODEL, check_input
 from tests.conftest import (
     KEY,
     SCALE,

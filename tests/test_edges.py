@@ -17,14 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, RunFolderError
-from pipeline.keys import keys_from_env
-from pipeline.manifest import CELL_LIMIT
-from pipeline.models import fingerprint
-from pipeline.runner import ExitCode, RunSummary
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import ConfigError, RunFolderError
+from pipeline.core.keys import keys_from_env
+from pipeline.core.records import fingerprint
+from pipeline.core.schema import MODEL
+from pipeline.intake.manifest import CELL_LIMIT
+from pipeline.runs.runner import ExitCode, RunSummary
 from pipeline.sandbox import SandboxServer
-from pipeline.schema import MODEL
 from tests.conftest import (
     KEY,
     SCALE,

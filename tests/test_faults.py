@@ -24,12 +24,12 @@ import pytest
 import yaml
 
 from pipeline import api
-from pipeline.client import EachlabsClient
-from pipeline.config import parse_config
-from pipeline.errors import ConfigError, RunEnded
-from pipeline.runner import ExitCode, RunSummary
+from pipeline.core.config import parse_config
+from pipeline.core.errors import ConfigError, RunEnded
+from pipeline.journal.incremental import StateStore
+from pipeline.provider.client import EachlabsClient
+from pipeline.runs.runner import ExitCode, RunSummary
 from pipeline.sandbox import FaultRates, SandboxServer
-from pipeline.state import StateStore
 from tests.conftest import (
     KEY,
     PRICE,

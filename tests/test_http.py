@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline.client import EachlabsClient, check_prediction_id
-from pipeline.errors import UnsafePredictionId
-from pipeline.keys import ApiKey
-from pipeline.runner import ExitCode
+from pipeline.core.errors import UnsafePredictionId
+from pipeline.core.keys import ApiKey
+from pipeline.provider.client import EachlabsClient, check_prediction_id
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import SandboxServer, ServerThread
 from tests.conftest import (
     KEY,

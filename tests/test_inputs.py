@@ -21,10 +21,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import load_config, parse_config
-from pipeline.errors import ConfigError, ManifestError
-from pipeline.estimate import estimate
-from pipeline.runner import ExitCode
+from pipeline.core.config import load_config, parse_config
+from pipeline.core.errors import ConfigError, ManifestError
+from pipeline.intake.estimate import estimate
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,

@@ -24,10 +24,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline
-from pipeline.config import parse_config
-from pipeline.errors import BudgetReached, RowsFailed
-from pipeline.estimate import estimate
-from pipeline.runner import ExitCode
+from pipeline.core.config import parse_config
+from pipeline.core.errors import BudgetReached, RowsFailed
+from pipeline.intake.estimate import estimate
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

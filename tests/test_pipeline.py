@@ -10,10 +10,10 @@ import anyio
 import pytest
 import structlog
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, ManifestError, RunFolderMismatch
-from pipeline.keys import ApiKey
-from pipeline.runner import ExitCode
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError, ManifestError, RunFolderMismatch
+from pipeline.core.keys import ApiKey
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import FaultRates, SandboxServer, key_hash
 from tests.conftest import (
     KEY,

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from pipeline.polling import PollPlanner, poll_schedule
+from pipeline.provider.polling import PollPlanner, poll_schedule
 
 
 def _lognormal(count: int, mean: float, spread: float, seed: int) -> list[float]:

@@ -25,16 +25,23 @@ import pyarrow.parquet as pq
 import pytest
 import structlog
 
-from pipeline.client import EachlabsClient
-from pipeline.config import WebhookSection
-from pipeline.journal import CostBooks, Finish, Journal, MarkCreated, NoteAmbiguous, NoteCancel
-from pipeline.keys import ApiKey
-from pipeline.models import JobOutcome, JobSpec, Status
-from pipeline.runner import ExitCode
+from pipeline.core.config import WebhookSection
+from pipeline.core.keys import ApiKey
+from pipeline.core.records import JobOutcome, JobSpec, Status
+from pipeline.core.schema import MODEL
+from pipeline.drive.driver import RunStats
+from pipeline.journal.store import (
+    CostBooks,
+    Finish,
+    Journal,
+    MarkCreated,
+    NoteAmbiguous,
+    NoteCancel,
+)
+from pipeline.provider.client import EachlabsClient
+from pipeline.provider.webhook import Callbacks, Receiver
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import FaultRates, SandboxServer
-from pipeline.schema import MODEL
-from pipeline.webhook import Callbacks, Receiver
-from pipeline.worker import RunStats
 from tests.conftest import (
     KEY,
     KEY2,
@@ -480,7 +487,7 @@ def test_the_books_keep_the_providers_cost_apart_from_what_may_be_billed(tmp_pat
 
 
 def test_unconfirmed_jobs_decide_a_finished_runs_exit_code() -> None:
-    from pipeline.runner import _Books, _Faults, _verdict
+    from pipeline.runs.runner import _Books, _Faults, _verdict
 
     unsure = CostBooks(0.3, 0.0, 0.3, 0, 1, 2, 0)
     sure = CostBooks(0.3, 0.0, 0.3, 0, 0, 0, 0)

@@ -24,13 +24,13 @@ import ray
 import yaml
 
 from pipeline.api import arun
-from pipeline.cluster import Cluster, Workers, spread
-from pipeline.config import RunConfig, parse_config
-from pipeline.errors import ConfigError
-from pipeline.journal import Journal
-from pipeline.keys import ApiKey
-from pipeline.remote import WorkerProcess, WorkerSetup
-from pipeline.runner import ExitCode
+from pipeline.core.config import RunConfig, parse_config
+from pipeline.core.errors import ConfigError
+from pipeline.core.keys import ApiKey
+from pipeline.drive.ray.cluster import Cluster, Workers, spread
+from pipeline.drive.ray.remote import WorkerProcess, WorkerSetup
+from pipeline.journal.store import Journal
+from pipeline.runs.runner import ExitCode
 from pipeline.sandbox import SandboxServer, key_hash
 from tests.conftest import (
     KEY,

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.core.schema import TRANSIENT_ERROR_CODES
 from pipeline.sandbox import FaultRates, SandboxServer, ServerThread, key_hash
-from pipeline.schema import TRANSIENT_ERROR_CODES
 from tests.conftest import KEY, KEY2
 
 MODEL = "alibaba-wan-2-7-image-edit"

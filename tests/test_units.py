@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.client import EachlabsClient, parse_retry_after
-from pipeline.config import parse_config
-from pipeline.errors import (
+from pipeline.core.config import parse_config
+from pipeline.core.errors import (
     ConfigError,
     InvalidInput,
     NotFound,
@@ -30,13 +29,14 @@ from pipeline.errors import (
     TransportFailure,
     Unauthorized,
 )
-from pipeline.journal import Finish, Journal, MarkCreated, MarkCreating, NoteAmbiguous
-from pipeline.keys import ApiKey, keys_from_env
-from pipeline.limits import CreateGate, GatePaused
-from pipeline.manifest import Manifest
-from pipeline.models import JobOutcome, JobSpec, Rejected, Status
-from pipeline.schema import is_loopback_host
-from pipeline.writer import ResultLayout, write_results
+from pipeline.core.keys import ApiKey, keys_from_env
+from pipeline.core.records import JobOutcome, JobSpec, Rejected, Status
+from pipeline.core.schema import is_loopback_host
+from pipeline.intake.manifest import Manifest
+from pipeline.journal.store import Finish, Journal, MarkCreated, MarkCreating, NoteAmbiguous
+from pipeline.outputs.results import ResultLayout, write_results
+from pipeline.provider.client import EachlabsClient, parse_retry_after
+from pipeline.provider.limits import CreateGate, GatePaused
 
 SECRET = "sk-very-secret-value"
 
@@ -357,7 +357,7 @@ def test_parquet_manifest_in_batches(tmp_path: Path) -> None:
 
 
 def test_manifest_problems_stop_before_anything(tmp_path: Path) -> None:
-    from pipeline.errors import ManifestError
+    from pipeline.core.errors import ManifestError
 
     path = _csv(tmp_path, "title,img_url\nx,https://x.com/a.jpg\n")
     with pytest.raises(ManifestError, match="required field 'prompt'"):
@@ -481,5 +481,7 @@ def test_importing_the_config_loads_no_server_library() -> None:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
         return list(json.loads(out.stdout.replace("'", '"')))
 
-    assert loaded("pipeline.config") == []
-    assert loaded("pipeline.runner") == ["uvicorn"]  # the webhook receiver's; not the sandbox's
+    assert loaded("pipeline.core.config") == []
+    assert loaded("pipeline.runs.runner") == [
+        "uvicorn"
+    ]  # the webhook receiver's; not the sandbox's

@@ -14,12 +14,12 @@ import httpx
 import pytest
 import structlog
 
-from pipeline.config import RunConfig, WebhookSection, parse_config
-from pipeline.errors import ConfigError
-from pipeline.runner import ExitCode, RunSummary
+from pipeline.core.config import RunConfig, WebhookSection, parse_config
+from pipeline.core.errors import ConfigError
+from pipeline.provider.webhook import Callbacks, Receiver
+from pipeline.runs.runner import ExitCode, RunSummary
 from pipeline.sandbox import FaultRates, SandboxServer
 from pipeline.sandbox.app import sign_webhook
-from pipeline.webhook import Callbacks, Receiver
 from tests.conftest import (
     KEY,
     KEY2,

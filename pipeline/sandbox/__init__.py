@@ -1,7 +1,8 @@
 """A faithful local double of the Eachlabs prediction API for Wan 2.7 Image Edit, on loopback.
 
 Its settings import alone (the config needs `FaultRates`); the server, the app and their
-libraries (starlette, uvicorn, Pillow) load on first use, so `import pipeline.config` stays light.
+libraries (starlette, uvicorn, Pillow) load on first use, so
+`import pipeline.core.config` stays light.
 """
 
 from __future__ import annotations

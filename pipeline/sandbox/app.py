@@ -28,10 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from pipeline.sandbox import images
-from pipeline.sandbox.settings import FaultRates, SandboxSettings
-from pipeline.sandbox.state import Job, SandboxState
-from pipeline.schema import (
+from pipeline.core.schema import (
     IMAGE_FIELDS,
     MAX_INPUT_BYTES,
     MODEL,
@@ -39,6 +36,9 @@ from pipeline.schema import (
     check_url,
     is_loopback_host,
 )
+from pipeline.sandbox import images
+from pipeline.sandbox.settings import FaultRates, SandboxSettings
+from pipeline.sandbox.state import Job, SandboxState
 
 __all__ = ["DroppedConnection", "create_app", "sign_body", "sign_webhook"]
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from pipeline.core.schema import TRANSIENT_ERROR_CODES, fingerprint
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
-from pipeline.schema import TRANSIENT_ERROR_CODES, fingerprint
 
 __all__ = ["Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
 

@@ -1,0 +1,600 @@
+"""The `wanbatch` command; the only module that prints (with `display`, its live view).
+
+Every error a user can cause is one line on stderr and a documented exit code; `--debug` adds
+the traceback. A run's folder remembers how its config was given (`run.json`: the config's
+path or URL and the `--set` overrides, never a credential), so `retry` and `status` take the
+folder itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sqlite3
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pipeline import __version__
+from pipeline.cli.display import LineReporter, LiveReporter
+from pipeline.core.config import RunConfig, load_config
+from pipeline.core.errors import ConfigError, RunFolderError, WanbatchError
+from pipeline.core.keys import keys_from_env
+from pipeline.drive.ray.cluster import Workers
+from pipeline.intake.estimate import Estimate, estimate
+from pipeline.journal.store import TRANSIENT_ERRORS, Journal
+from pipeline.observe.observer import Reporter
+from pipeline.observe.progress import format_duration
+from pipeline.outputs.html_report import write_report
+from pipeline.outputs.summary_rows import summary_rows
+from pipeline.runs.folder import RunFolder
+from pipeline.runs.logs import configure_logging, level_named
+from pipeline.runs.runner import ExitCode, Reprocess, RunSummary, run
+from pipeline.runs.status import FolderStatus, folder_status
+from pipeline.sandbox import FaultRates, SandboxSettings, serve
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.",
+)
+_out = Console()
+_err = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
+_RUN_RECORD = "run.json"  # how the run folder's config was given
+
+
+@dataclass
+class _Options:
+    debug: bool = False
+    log_level: int | None = None  # --log-level: run.log and the terminal from this level
+
+
+_opts = _Options()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"wanbatch {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks of errors.")] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug, info, warning or error: run.log and the terminal from it."),
+    ] = None,
+) -> None:
+    _opts.debug = debug
+    if log_level is not None:
+        try:
+            _opts.log_level = level_named(log_level)
+        except ValueError as exc:
+            _fail(str(exc), ExitCode.BAD_INPUT)
+
+
+def _fail(message: str, code: int) -> None:
+    if _opts.debug:
+        traceback.print_exc()
+    _err.print(Text.assemble(("error: ", "red"), message))
+    raise typer.Exit(code)
+
+
+def _guarded(action: Callable[[], int]) -> None:
+    """Run a command: a WanbatchError (a user's to fix) is one line and exit 2; anything else
+    is a bug, one line and exit 1, with the traceback under --debug."""
+    try:
+        code = action()
+    except WanbatchError as exc:
+        _fail(str(exc), ExitCode.BAD_INPUT)
+    except KeyboardInterrupt:
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except Exception as exc:  # noqa: BLE001 - a bug: said in one line, traceback with --debug
+        _fail(
+            f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the "
+            "traceback, and report it)",
+            ExitCode.ERROR,
+        )
+    raise typer.Exit(code)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    table = Table(title=f"wanbatch run: {summary.run_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for label, value in summary_rows(summary):
+        table.add_row(label, value)
+    _out.print(table)
+    if summary.message:
+        _err.print(Text(summary.message, style="yellow"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Given:
+    """How the user gave a config: a file or URL, or a run folder (read from its run.json)."""
+
+    config: str
+    sets: tuple[str, ...] = ()
+    output_dir: Path | None = None
+    run_date: datetime.date | None = None
+
+    def load(self) -> RunConfig:
+        return load_config(
+            self.config, sets=self.sets, output_dir=self.output_dir, run_date=self.run_date
+        )
+
+    def record(self, folder: Path) -> None:
+        """run.json: how to load this folder's config again (no --set of storage options,
+        which may hold credentials)."""
+        sets = [s for s in self.sets if not s.startswith("assets.storage_options")]
+        where = self.config if "://" in self.config else str(Path(self.config).absolute())
+        (folder / _RUN_RECORD).write_text(json.dumps({"config": where, "set": sets}) + "\n")
+
+
+def _given(
+    config: str, sets: list[str] | None, output_dir: Path | None, run_date: str | None
+) -> _Given:
+    """The config as given; a run folder stands for the config that made it."""
+    date = None
+    if run_date is not None:
+        try:
+            date = datetime.date.fromisoformat(run_date)
+        except ValueError:
+            raise ConfigError(f"--run-date {run_date!r} is not a date (YYYY-MM-DD)") from None
+    folder = Path(config)
+    if "://" not in config and folder.is_dir():
+        try:
+            recorded = json.loads((folder / _RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"{folder} is a folder but not a run folder made by wanbatch 0.1 or later "
+                f"(no {_RUN_RECORD}): give the config file instead"
+            ) from None
+        earlier = tuple(recorded.get("set", ()))
+        return _Given(recorded["config"], (*earlier, *(sets or ())), folder.absolute())
+    return _Given(config, tuple(sets or ()), output_dir, date)
+
+
+def _reporter(config: RunConfig) -> tuple[Reporter, float | None]:
+    if _err.is_terminal:
+        return LiveReporter(_err), 1.0
+    return LineReporter(_err, config.progress.interval_s), None
+
+
+def _execute(
+    given: _Given,
+    *,
+    force: bool,
+    grace: float,
+    fresh: bool,
+    reprocess: Reprocess | None,
+    workers: Workers | None = None,
+) -> int:
+    config = given.load()
+    keys = keys_from_env()
+    with RunFolder(config.output.dir, fresh=fresh) as folder:
+        given.record(folder.path)
+        level = _opts.log_level or logging.INFO
+        console = _opts.log_level or (logging.WARNING if _err.is_terminal else logging.ERROR)
+        configure_logging(folder.log_path, level, console, tracebacks=_opts.debug)
+        reporter, tick = _reporter(config)
+        summary = anyio.run(
+            lambda: run(
+                config,
+                keys,
+                force=force,
+                grace_s=grace,
+                reprocess=reprocess,
+                folder=folder,
+                reporter=reporter,
+                tick_s=tick,
+                workers=workers,
+            )
+        )
+    _print_summary(summary)
+    return int(summary.exit_code)
+
+
+_Config = Annotated[
+    str,
+    typer.Argument(metavar="CONFIG", help="The run's config: a YAML file or its object URL."),
+]
+_Force = Annotated[
+    bool,
+    typer.Option(help="Continue a run folder even if the config's mapping or manifest changed."),
+]
+_Grace = Annotated[
+    float, typer.Option(help="Seconds jobs in flight get to end after SIGINT/SIGTERM.")
+]
+_OutputDir = Annotated[
+    Path | None, typer.Option(help="The run folder, in place of the config's output.dir.")
+]
+_RunDate = Annotated[
+    str | None,
+    typer.Option(help="YYYY-MM-DD for strftime fields in output.dir, in place of today."),
+]
+_Workers = Annotated[
+    int | None,
+    typer.Option(
+        help="Spread the keys over N Ray workers (pip install 'wanbatch[ray]'); a local Ray "
+        "cluster is started unless --ray-address or RAY_ADDRESS names one."
+    ),
+]
+_RayAddress = Annotated[
+    str | None,
+    typer.Option(help="The Ray cluster for --workers (default: RAY_ADDRESS, else a local one)."),
+]
+
+
+def _workers(count: int | None, address: str | None) -> Workers | None:
+    if count is None:
+        if address is not None:
+            raise ConfigError("--ray-address goes with --workers N")
+        return None
+    return Workers(count, address)
+
+
+_Set = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: key.path=value (YAML); repeatable."),
+]
+
+
+@app.command("run")
+def run_command(
+    config: _Config,
+    force: _Force = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Start over: remove the run folder's journal and results first.")
+    ] = False,
+    grace: _Grace = 30.0,
+    dry_run: Annotated[
+        bool, typer.Option(help="Estimate only (as `wanbatch estimate`): nothing is sent.")
+    ] = False,
+    output_dir: _OutputDir = None,
+    run_date: _RunDate = None,
+    overrides: _Set = None,
+    workers: _Workers = None,
+    ray_address: _RayAddress = None,
+) -> None:
+    """Run a config, or resume it where it stopped."""
+
+    def act() -> int:
+        given = _given(config, overrides, output_dir, run_date)
+        if dry_run:
+            return _estimate(given)
+        spread = _workers(workers, ray_address)
+        return _execute(
+            given, force=force, grace=grace, fresh=fresh, reprocess=None, workers=spread
+        )
+
+    _guarded(act)
+
+
+@app.command("retry")
+def retry_command(
+    config: Annotated[
+        str, typer.Argument(metavar="CONFIG|RUN_DIR", help="The config, or its run folder.")
+    ],
+    errors: Annotated[
+        str,
+        typer.Option(
+            help="Error types to run again, comma-separated, or 'all'. Default: the transient "
+            f"ones ({', '.join(sorted(TRANSIENT_ERRORS))}). Rejected rows are never retried: "
+            "fix them in the failures manifest and run it as a new manifest."
+        ),
+    ] = "transient",
+    force: _Force = False,
+    grace: _Grace = 30.0,
+    output_dir: _OutputDir = None,
+    run_date: _RunDate = None,
+    overrides: _Set = None,
+    workers: _Workers = None,
+    ray_address: _RayAddress = None,
+) -> None:
+    """Run a config's failed rows again, in the same run folder (and finish any unfinished)."""
+    wanted = {e.strip() for e in errors.split(",") if e.strip()}
+    selection: frozenset[str] | None
+    if wanted == {"all"}:
+        selection = None
+    else:
+        named = wanted - {"transient"}
+        selection = (TRANSIENT_ERRORS if "transient" in wanted else frozenset()) | named
+    _guarded(
+        lambda: _execute(
+            _given(config, overrides, output_dir, run_date),
+            force=force,
+            grace=grace,
+            fresh=False,
+            reprocess=Reprocess(selection),
+            workers=_workers(workers, ray_address),
+        )
+    )
+
+
+@app.command("estimate")
+def estimate_command(
+    config: _Config,
+    output_dir: _OutputDir = None,
+    run_date: _RunDate = None,
+    overrides: _Set = None,
+) -> None:
+    """Read and check the whole manifest, and say what a run would cost and take: nothing is
+    sent to the provider, nothing uploaded."""
+    _guarded(lambda: _estimate(_given(config, overrides, output_dir, run_date)))
+
+
+def _estimate(given: _Given) -> int:
+    config = given.load()
+    keys = len(keys_from_env()) or (config.sandbox.keys if config.embedded_sandbox else 0)
+    found = estimate(config, keys)
+    for label, value in _estimate_rows(found, config):
+        _out.print(f"{label:<28} {value}", highlight=False, markup=False, soft_wrap=True)
+    return ExitCode.OK
+
+
+def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
+    rows = [
+        ("rows", f"{found.rows:,}"),
+        ("valid", f"{found.valid:,}"),
+        ("rejected", f"{found.rejected:,}"),
+    ]
+    rows += [(f"  {n:,} x", rule) for rule, n in found.rejected_by_rule.most_common()]
+    if found.skipped:
+        rows.append(("skipped (manifest.skip_if_blank)", f"{found.skipped:,}"))
+    rows += [
+        ("reused (incremental)", f"{found.reused:,}"),
+        ("shared (same seeded input)", f"{found.shared:,}"),
+        ("to send", f"{found.to_send:,}"),
+        ("images", f"{found.images:,}"),
+        ("cost", f"${found.cost_usd:,.2f}"),
+        ("keys", f"{found.keys:,}" if found.keys else "none: set EACHLABS_API_KEY(S)"),
+        ("latency per job", f"{found.latency_s:g} s ({found.latency_from})"),
+    ]
+    duration = config.scaled(found.duration_s) if config.embedded_sandbox else found.duration_s
+    rows.append(("expected duration", format_duration(duration) if found.keys else "unknown"))
+    if found.over_budget:
+        rows.append(("budget", f"over budget.max_cost_usd ({config.budget.max_cost_usd:g})"))
+    return rows
+
+
+@app.command("report")
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
+) -> None:
+    """Write the run folder's report.html again from its journal: nothing is sent."""
+
+    def act() -> int:
+        journal = _read_journal(run_dir)
+        try:
+            id_column = _recorded_id_column(run_dir)
+            path = write_report(journal, run_dir, id_column)
+        except sqlite3.DatabaseError as exc:
+            raise RunFolderError(f"journal {journal.path} cannot be read: {exc}") from None
+        finally:
+            journal.close()
+        _out.print(str(path), highlight=False, markup=False, soft_wrap=True)
+        return ExitCode.OK
+
+    _guarded(act)
+
+
+def _read_journal(run_dir: Path) -> Journal:
+    path = run_dir / "journal.sqlite"
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} holds no run (no journal.sqlite)")
+    return Journal(path, readonly=True)
+
+
+def _recorded_id_column(run_dir: Path) -> str | None:
+    """The id column of the config that made the folder, when it can still be loaded."""
+    try:
+        return _given(str(run_dir), None, None, None).load().manifest.id_column_name
+    except WanbatchError:
+        return None
+
+
+@app.command("status")
+def status_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
+) -> None:
+    """A run folder's state from its journal alone: nothing is sent."""
+
+    def act() -> int:
+        found = folder_status(run_dir, keys_from_env())
+        for label, value in _status_rows(found):
+            _out.print(f"{label:<22} {value}", highlight=False, markup=False, soft_wrap=True)
+        return ExitCode.OK
+
+    _guarded(act)
+
+
+def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:
+    b = found.by_status
+    held = f"yes, by {found.holder}" if found.holder else "no"
+    state = "finished" if found.finished else "unfinished (run the same command to resume)"
+    rows = [
+        ("run folder", str(found.run_dir)),
+        ("running now", held),
+        ("state", state),
+        ("rows", f"{found.rows:,}" + ("" if found.ingest_complete else " (manifest not all read)")),
+    ]
+    rows += [(f"  {s}", f"{b[s]:,}") for s in sorted(b)]
+    rows += [
+        ("images", f"{found.images:,}"),
+        ("cost so far", f"${found.cost_usd:,.2f}"),
+        ("possible duplicates", f"{found.possible_duplicate_charges:,}"),
+    ]
+    if found.images_by_state:
+        rows.append(
+            (
+                "images by state",
+                ", ".join(f"{k} {v:,}" for k, v in sorted(found.images_by_state.items())),
+            )
+        )
+    if found.missing_keys:
+        rows.append(
+            (
+                "waiting on keys",
+                ", ".join(f"{k} ({n:,} rows)" for k, n in sorted(found.missing_keys.items()))
+                + " not given in EACHLABS_API_KEYS",
+            )
+        )
+    return rows
+
+
+@app.command("sandbox")
+def sandbox_command(
+    keys: Annotated[str, typer.Option(help="Accepted API keys, comma-separated.")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
+    time_scale: Annotated[float, typer.Option(help="Wall seconds per provider second.")] = 1.0,
+    creates_per_window: int = 100,
+    window_s: float = 60.0,
+    max_concurrent: int = 10,
+    latency_mean_s: float = 10.0,
+    latency_spread: float = 0.3,
+    seed: int = 0,
+    image_scale: Annotated[
+        float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
+    ] = 1.0,
+    output_bytes: Annotated[
+        int, typer.Option(help="Grow each output to this many bytes (a real 2K one: ~4 MB).")
+    ] = 0,
+    allow_loopback_urls: bool = False,
+    fetch_inputs: Annotated[
+        bool,
+        typer.Option(
+            help="Fetch loopback inputs as the provider does; fail jobs whose input fails."
+        ),
+    ] = False,
+    ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
+    job_error: Annotated[float, typer.Option(help="Jobs that fail with a final code.")] = 0.0,
+    transient_error: Annotated[
+        float, typer.Option(help="Jobs that fail with a code the provider says to retry.")
+    ] = 0.0,
+    cancelled: Annotated[float, typer.Option(help="Jobs the provider cancels.")] = 0.0,
+    legacy_errors: Annotated[
+        bool, typer.Option(help="Failed jobs in the older message/details shape.")
+    ] = False,
+    api_shape: Annotated[
+        str,
+        typer.Option(
+            help="Answers as the seed document ('seed': error, predictionID, exec_id callbacks) "
+            "or the API reference ('reference': failed, id, input, logs, body-signed callbacks)."
+        ),
+    ] = "seed",
+    price_per_image_usd: Annotated[
+        float, typer.Option(help="What an image is billed (metrics.cost and the ledger).")
+    ] = 0.03,
+    report_cost: Annotated[bool, typer.Option(help="Polls carry metrics.cost.")] = True,
+    late_cancel: Annotated[
+        int, typer.Option(help="A cancel of an ended job answers 409, or 200 as if cancelled.")
+    ] = 409,
+    cancel_delay_s: Annotated[
+        float, typer.Option(help="A cancel takes effect this long after its answer.")
+    ] = 0.0,
+    create_5xx: float = 0.0,
+    poll_5xx: float = 0.0,
+    lost_create: float = 0.0,
+    slow: float = 0.0,
+    poll_reset: float = 0.0,
+    storm_429: float = 0.0,
+    trickle_output: Annotated[
+        float, typer.Option(help="Output images served one byte every slow_s.")
+    ] = 0.0,
+    garbled_poll: Annotated[
+        float, typer.Option(help="Polls answered Content-Encoding: gzip, not gzip.")
+    ] = 0.0,
+    nonsense_metrics: Annotated[
+        float, typer.Option(help="Ended jobs' predict_time as NaN, Infinity or 1e300.")
+    ] = 0.0,
+    accounts: Annotated[
+        str | None,
+        typer.Option(
+            help="Keys of one account sharing one --max-concurrent, as k1,k2;k3,k4 (the "
+            "provider's cap is per account)."
+        ),
+    ] = None,
+    key_faults: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Faults of one key in place of the others', as KEY:name=value,... "
+            "(e.g. KEY:storm_429=1,storm_s=30 for a throttled key); repeatable."
+        ),
+    ] = None,
+) -> None:
+    """Serve the sandbox (a local double of the provider); prints its base URL first."""
+    try:
+        per_key = {}
+        for item in key_faults or ():
+            secret, _, spec = item.partition(":")
+            per_key[secret.strip()] = FaultRates.parse(spec)
+        settings = SandboxSettings(
+            keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
+            time_scale=time_scale,
+            creates_per_window=creates_per_window,
+            window_s=window_s,
+            max_concurrent=max_concurrent,
+            latency_mean_s=latency_mean_s,
+            latency_spread=latency_spread,
+            seed=seed,
+            image_scale=image_scale,
+            output_bytes=output_bytes,
+            allow_loopback_urls=allow_loopback_urls,
+            fetch_inputs=fetch_inputs,
+            ledger_path=ledger,
+            legacy_errors=legacy_errors,
+            api_shape=api_shape,
+            price_per_image_usd=price_per_image_usd,
+            report_cost=report_cost,
+            late_cancel=late_cancel,
+            cancel_delay_s=cancel_delay_s,
+            faults=FaultRates(
+                job_error=job_error,
+                transient_error=transient_error,
+                cancelled=cancelled,
+                create_5xx=create_5xx,
+                poll_5xx=poll_5xx,
+                lost_create=lost_create,
+                slow=slow,
+                poll_reset=poll_reset,
+                storm_429=storm_429,
+                trickle_output=trickle_output,
+                garbled_poll=garbled_poll,
+                nonsense_metrics=nonsense_metrics,
+            ),
+            key_faults=per_key,
+            accounts=tuple(
+                tuple(k.strip() for k in group.split(",") if k.strip())
+                for group in (accounts or "").split(";")
+                if group.strip()
+            ),
+        )
+    except ValueError as exc:
+        _err.print(Text.assemble(("error: ", "red"), str(exc)))
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    serve(settings, port, announce=lambda line: print(line, flush=True))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(ExitCode.INTERRUPTED)

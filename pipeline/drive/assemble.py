@@ -1,0 +1,108 @@
+"""The key side of a run, built one way wherever it runs: the HTTP client, the poll planner,
+one lane per key (its create gate, seeded with the creates the provider's window may still
+hold, and its in-flight cap), the worker that drives them, and the downloader that keeps the
+images. The driver's process builds it for a local run; each Ray worker builds it for the
+keys it owns.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pipeline.core.config import RunConfig
+from pipeline.core.keys import ApiKey
+from pipeline.drive.dispatcher import JobSource
+from pipeline.drive.driver import KeyLane, RunStats, Worker
+from pipeline.journal.store import Commits
+from pipeline.outputs.downloads import Downloader, open_store
+from pipeline.outputs.thumbs import ThumbSink
+from pipeline.provider.client import EachlabsClient
+from pipeline.provider.limits import CreateGate, caps_for
+from pipeline.provider.polling import PollPlanner
+from pipeline.provider.webhook import Receiver
+
+__all__ = ["KeySide", "assemble", "downloader"]
+
+
+@dataclass
+class KeySide:
+    client: EachlabsClient
+    worker: Worker
+    lanes: list[KeyLane]
+
+
+def _planner(config: RunConfig) -> PollPlanner:
+    p = config.polling
+    return PollPlanner(
+        expected_latency=config.scaled(p.expected_latency_s),
+        target_delay=config.scaled(p.target_delay_s),
+        min_interval=config.scaled(p.min_interval_s),
+        max_interval=config.scaled(p.max_interval_s),
+        polls_per_job=p.polls_per_job,
+        delay_fraction=p.delay_fraction,
+    )
+
+
+def assemble(
+    config: RunConfig,
+    base_url: str,
+    keys: list[ApiKey],
+    groups: list[list[str]],
+    commit: Commits,
+    source: JobSource,
+    stats: RunStats,
+    recent: dict[str, list[float]],
+    *,
+    receiver: Receiver | None = None,
+    thumbs: ThumbSink | None = None,
+) -> KeySide:
+    """`keys` driven over `commit` (where updates go) and `source` (where jobs come from);
+    `recent`: per key, the wall times of its creates still in the provider's window;
+    `groups`: limits.groups as key names."""
+    limits = config.limits
+    client = EachlabsClient(
+        base_url,
+        config.api.model,
+        connect_timeout=config.api.connect_timeout_s,
+        read_timeout=config.api.read_timeout_s,
+        max_connections=limits.max_concurrent * len(keys) + 4,
+        http2=config.api.http2,
+    )
+    callbacks = receiver.callbacks if receiver is not None else None
+    if callbacks is not None:
+        stats.callbacks = callbacks.stats
+    window_s = config.scaled(limits.window_s)
+    caps = caps_for(groups, keys, limits.max_concurrent)
+    lanes = [
+        KeyLane(k, CreateGate(limits.creates_per_window, window_s), caps[k.name]) for k in keys
+    ]
+    to_gate_clock = lanes[0].gate.clock.now() - time.time() if lanes else 0.0
+    for lane in lanes:
+        lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
+    worker = Worker(
+        config,
+        client,
+        commit,
+        source,
+        _planner(config),
+        stats,
+        callbacks,
+        receiver.url if receiver is not None else None,
+        lanes,
+        receiver.secret if receiver is not None else None,
+    )
+    if config.assets.download:
+        worker.downloader = downloader(config, commit, stats, thumbs)
+        if config.embedded_sandbox:  # the sandbox serves the demo's sample inputs
+            worker.downloader.samples_from = base_url.removesuffix("/v1")
+    return KeySide(client, worker, lanes)
+
+
+def downloader(
+    config: RunConfig, commit: Commits, stats: RunStats, thumbs: ThumbSink | None
+) -> Downloader:
+    """The run's images kept in `assets.store`; its figures counted in `stats`."""
+    kept = Downloader(config.assets, open_store(config.assets, config.output.dir), commit, thumbs)
+    stats.downloads = kept.stats
+    return kept

@@ -1,0 +1,221 @@
+"""What drives a run's keys: this process's slots (`Local`), or Ray workers each owning
+some keys (`Distributed`, `--workers`). Either way the run has one dispatcher handing out
+jobs, one group commit into the journal of record, and, when images are kept, a downloader;
+the runner drives an engine without knowing which it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+from pipeline.core.config import RunConfig
+from pipeline.core.keys import ApiKey, resolve_groups
+from pipeline.drive.assemble import assemble, downloader
+from pipeline.drive.dispatcher import Dispatcher
+from pipeline.drive.driver import RunStats
+from pipeline.drive.ray.cluster import Cluster, Workers, ray_session, spread
+from pipeline.intake.manifest import Manifest
+from pipeline.journal.store import GroupCommit, Journal
+from pipeline.observe.progress import LocalView, RunView
+from pipeline.outputs.downloads import Downloader
+from pipeline.outputs.thumbs import THUMBS, FolderThumbs
+from pipeline.provider.webhook import Receiver
+
+__all__ = ["Engine", "open_engine"]
+
+_log = structlog.get_logger("pipeline.drive.engine")
+
+
+class Engine(Protocol):
+    """What drives the keys: this process's slots, or Ray workers (`--workers`)."""
+
+    dispatcher: Dispatcher
+    commit: GroupCommit
+    downloader: Downloader | None
+    view: RunView
+
+    def figures(self) -> list[dict[str, Any]]:
+        """Per worker, for summary.json (none for a local run)."""
+
+    async def work(self) -> None:
+        """Drive the keys until no work is left or the run is stopped; when stopped for good,
+        cancel the jobs in flight at the provider."""
+
+    def limit(self, seconds: float) -> None:
+        """Jobs in flight get `seconds` more (a first signal)."""
+
+    def cancel(self) -> None:
+        """Stop now (a second signal)."""
+
+    async def cancel_in_flight(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Local:
+    """The keys driven by this process's slots."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        journal: Journal,
+        base_url: str,
+        keys: list[ApiKey],
+        stats: RunStats,
+        spent: float,
+        receiver: Receiver | None,
+    ) -> None:
+        self.config = config
+        self.dispatcher = _dispatcher(config, journal, stats, spent, len(keys))
+        self.commit = GroupCommit(journal)
+        # a resume: the provider's window still holds the creates of the run before, if recent
+        recent = journal.recent_creates(time.time() - config.scaled(config.limits.window_s))
+        self.side = assemble(
+            config,
+            base_url,
+            keys,
+            resolve_groups(config.limits.groups, keys),
+            self.commit,
+            self.dispatcher,
+            stats,
+            recent,
+            receiver=receiver,
+            thumbs=FolderThumbs(config.output.dir / THUMBS),
+        )
+        self.downloader = self.side.worker.downloader
+        self._scope = anyio.CancelScope()
+        self.view: RunView = LocalView(self.side.lanes, self.side.worker)
+
+    def figures(self) -> list[dict[str, Any]]:
+        return []
+
+    async def work(self) -> None:
+        worker = self.side.worker
+        with self._scope:
+            async with anyio.create_task_group() as slots:
+                for lane in self.side.lanes:
+                    for _ in range(self.config.limits.max_concurrent):
+                        slots.start_soon(worker.run_slot, lane)
+        if self.dispatcher.abandoned and worker.in_flight:
+            await worker.cancel_in_flight(confirm_within=_confirm_within(self.config))
+
+    def limit(self, seconds: float) -> None:
+        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def cancel_in_flight(self) -> None:
+        await self.side.worker.cancel_in_flight()
+
+    async def aclose(self) -> None:
+        await self.side.client.aclose()
+
+
+class Distributed:
+    """The keys driven by Ray workers, each owning some (see `pipeline.drive.ray.cluster`); this
+    process keeps the journal of record, hands out the jobs, and fetches the images an
+    earlier run left pending."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        config: RunConfig,
+        journal: Journal,
+        stats: RunStats,
+        spent: float,
+        keys: int,
+    ) -> None:
+        self.cluster = cluster
+        self.view: RunView = cluster
+        self.journal = journal
+        self.stats = stats
+        self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
+        self.commit = GroupCommit(journal)
+        self.downloader: Downloader | None = None
+        if config.assets.download:
+            thumbs = FolderThumbs(config.output.dir / THUMBS)
+            self.downloader = downloader(config, self.commit, stats, thumbs)
+
+    def figures(self) -> list[dict[str, Any]]:
+        return self.cluster.figures()
+
+    async def work(self) -> None:
+        await self.cluster.serve(self.journal, self.commit, self.dispatcher, self.stats)
+        if self.downloader is not None and not self.dispatcher.abandoned:
+            # images a dead worker was still fetching: every worker is done, so the ones
+            # still pending are those
+            lost = await anyio.to_thread.run_sync(self.journal.images_to_fetch, True)
+            self.downloader.submit_many(lost)
+
+    def limit(self, seconds: float) -> None:
+        self.cluster.limit(seconds)
+
+    def cancel(self) -> None:
+        self.cluster.cancel()
+
+    async def cancel_in_flight(self) -> None:
+        await self.cluster.cancel_in_flight()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _confirm_within(config: RunConfig) -> float:
+    """How long a run stopped for good polls its cancelled jobs for their ends."""
+    return config.scaled(config.polling.cancel_grace_s)
+
+
+def _dispatcher(
+    config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: int
+) -> Dispatcher:
+    dispatcher = Dispatcher(
+        journal,
+        price_per_image_usd=config.api.price_per_image_usd,
+        budget_usd=config.budget.max_cost_usd,
+        spent_usd=spent,
+        lanes=keys,
+    )
+    dispatcher.on_retire = stats.retired_keys.append
+    return dispatcher
+
+
+@asynccontextmanager
+async def open_engine(
+    config: RunConfig,
+    journal: Journal,
+    manifest: Manifest,
+    base_url: str,
+    keys: list[ApiKey],
+    stats: RunStats,
+    spent: float,
+    receiver: Receiver | None,
+    workers: Workers | None,
+) -> AsyncIterator[Engine]:
+    """This process's slots, or Ray workers started and checked (ConfigError before any
+    create when they cannot do their part)."""
+    uploads = manifest.inputs.uploads if manifest.inputs is not None else None
+    if workers is None:
+        local = Local(config, journal, base_url, keys, stats, spent, receiver)
+        local.side.worker.uploads = uploads
+        yield local
+        return
+    with ray_session(workers) as ray:
+        groups = resolve_groups(config.limits.groups, keys)
+        key_sets = spread(keys, groups, workers.count, config)
+        if len(key_sets) < workers.count:  # a key (or group) is never split over workers
+            _log.warning(
+                "fewer_workers",
+                asked=workers.count,
+                started=len(key_sets),
+                why="one worker per key or key group at most",
+            )
+        cluster = Cluster(ray, config, key_sets, groups, base_url, uploads is not None)
+        async with cluster.started(journal):
+            yield Distributed(cluster, config, journal, stats, spent, len(keys))

@@ -1,0 +1,160 @@
+"""`wanbatch estimate CONFIG` (and `run --dry-run`): the whole manifest read and checked as a
+run would, without creating anything, and what the run would cost and take.
+
+Rows are counted by what the run would do with them: rejected (grouped by the rule they
+break), reused from the state store, sharing an earlier row's seeded job (`dedupe`), or sent.
+Local and bucket inputs are judged but not uploaded. The duration is the rows to send over the
+bound the limits allow at the configured keys: keys x min(creates_per_window / window_s,
+max_concurrent / latency), plus one latency for the last jobs; the latency is the median the
+state store learned from earlier runs (at least 20 of them), else `polling.expected_latency_s`.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import ManifestError
+from pipeline.core.records import JobSpec, Rejected
+from pipeline.core.storage import copy_object
+from pipeline.intake.manifest import Manifest
+from pipeline.journal.incremental import StateStore
+from pipeline.journal.store import unique
+
+__all__ = ["Estimate", "estimate", "rule_of"]
+
+_ROW = re.compile(r"^row \d+: ")
+# what varies from row to row within one rule: the value, a location, an id, a size
+_VALUES = (
+    (re.compile(r", not .*$"), ", not ..."),
+    (re.compile(r"(?<=file )\S*/\S*|(?<=object )\S*/\S*|\bhttps?://\S+"), "..."),
+    (re.compile(r"\bid .[^.]*. repeats row \d+"), "id ... repeats an earlier row"),
+    (re.compile(r"\b\d[\d.,]* MB\b"), "N MB"),
+)
+_LEARNED_FROM = 20  # earlier jobs the state store must hold to stand for the latency
+
+
+def rule_of(reason: str) -> list[str]:
+    """The rules a rejection names, without the row and the values: what to group by."""
+    rules = []
+    for part in _ROW.sub("", reason).split("; "):
+        for pattern, stands in _VALUES:
+            part = pattern.sub(stands, part)
+        rules.append(part)
+    return rules
+
+
+@dataclass
+class Estimate:
+    rows: int = 0
+    rejected: int = 0
+    rejected_by_rule: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0  # blank where manifest.skip_if_blank says: never sent, not a failure
+    reused: int = 0  # succeeded in an earlier run (incremental): not sent, no cost
+    shared: int = 0  # the same seeded input as an earlier row: follows it, no cost
+    to_send: int = 0
+    images: int = 0
+    cost_usd: float = 0.0
+    keys: int = 0
+    latency_s: float = 0.0  # provider seconds
+    latency_from: str = "polling.expected_latency_s"
+    duration_s: float = 0.0  # provider seconds
+    over_budget: bool = False
+
+    @property
+    def valid(self) -> int:
+        return self.rows - self.rejected - self.skipped
+
+
+def estimate(config: RunConfig, keys: int) -> Estimate:
+    """Read the whole manifest as a run would; nothing is created or uploaded (a manifest in
+    a bucket is read from a temporary copy, not the run folder's)."""
+    if config.manifest.source is None:
+        return _estimate(config, keys)
+    with tempfile.TemporaryDirectory(prefix="wanbatch-estimate-") as tmp:
+        copy = Path(tmp) / config.manifest.path.name
+        try:
+            copy_object(config.manifest.source, copy, config.assets.storage_options)
+        except OSError as exc:  # FileNotFoundError included
+            raise ManifestError(
+                f"manifest {config.manifest.source} cannot be read: {exc}"
+            ) from None
+        section = config.manifest.model_copy(update={"path": copy})
+        return _estimate(config.model_copy(update={"manifest": section}), keys)
+
+
+def _estimate(config: RunConfig, keys: int) -> Estimate:
+    manifest = Manifest(
+        config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
+    )
+    manifest.judge_inputs(config, dry=True)
+    assert manifest.inputs is not None
+    inc = config.incremental
+    state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
+    found = Estimate(keys=keys)
+    try:
+        _count(manifest, state, config, found)
+        learned = state.latencies(1000) if state is not None else []
+    finally:
+        manifest.inputs.close()
+        if state is not None:
+            state.close()
+    _plan(config, found, learned)
+    return found
+
+
+def _count(
+    manifest: Manifest, state: StateStore | None, config: RunConfig, found: Estimate
+) -> None:
+    seeded: set[bytes] = set()
+    ids: dict[str, int] = {}
+    price = config.api.price_per_image_usd
+    for batch in manifest.batches():
+        prior = {}
+        if state is not None:
+            prior = state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
+        for item in (unique(i, ids) for i in batch):
+            found.rows += 1
+            if isinstance(item, Rejected) and item.skipped:
+                found.skipped += 1
+            elif isinstance(item, Rejected):
+                found.rejected += 1
+                found.rejected_by_rule.update(rule_of(item.reason))
+            elif item.fingerprint in prior:
+                found.reused += 1
+            elif config.manifest.dedupe and "seed" in item.inputs and _seen(item, seeded):
+                found.shared += 1
+            else:
+                found.to_send += 1
+                found.images += item.images_requested
+    found.cost_usd = round(found.images * price, 6)
+
+
+def _seen(item: JobSpec, seeded: set[bytes]) -> bool:
+    """Whether an earlier row sends this row's exact seeded input; remembers it if not."""
+    digest = bytes.fromhex(item.fingerprint)
+    if digest in seeded:
+        return True
+    seeded.add(digest)
+    return False
+
+
+def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
+    limits = config.limits
+    found.latency_s = config.polling.expected_latency_s
+    if len(learned) >= _LEARNED_FROM:
+        # the store keeps what the clock saw: wall seconds, which a sandbox shrinks
+        found.latency_s = statistics.median(learned) / config.time_scale
+        found.latency_from = f"the median of {len(learned):,} earlier jobs (state store)"
+    per_key = min(
+        limits.creates_per_window / limits.window_s, limits.max_concurrent / found.latency_s
+    )
+    if found.to_send and found.keys:
+        found.duration_s = found.to_send / (found.keys * per_key) + found.latency_s
+    budget = config.budget.max_cost_usd
+    found.over_budget = budget is not None and found.cost_usd > budget

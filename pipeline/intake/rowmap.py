@@ -1,0 +1,256 @@
+"""One manifest row to the API input it sends: cells read as a person would read them.
+
+A cell is blank when it is empty, null, NaN, whitespace or zero-width characters only. An image
+cell may hold several images (a Parquet list, or text with several URLs separated by commas or
+whitespace; a URL's own commas stay in it): they fill the field it is mapped to and the image
+fields after it, in order. A prompt may be built from the row (`manifest.prompt_template`). A
+row is skipped (never sent, no failure) when a field of `manifest.skip_if_blank` is blank, and
+rejected, naming the row, the column and the rule, when a cell breaks a rule: whatever a cell
+holds, the mapper returns a value and never raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.core.records import JobSpec, Rejected
+from pipeline.core.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
+from pipeline.intake.inputs import input_kind
+
+__all__ = ["PromptTemplate", "RowMapper", "is_blank", "split_images", "to_int"]
+
+_INT_FIELDS = ("n", "seed")
+_ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
+_INTEGER = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
+# where one image ends and the next begins in a text cell: a comma or whitespace before the
+# next URL's scheme; a comma inside a URL (`?tr=w_800,h_800`) is followed by no scheme
+_NEXT_IMAGE = re.compile(r"(?:\s*,\s*|\s+)(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def is_blank(value: Any) -> bool:
+    """Empty, null, NaN, or only whitespace and zero-width characters."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, str):
+        return not value.strip().strip(_ZERO_WIDTH).strip()
+    if isinstance(value, list | tuple):
+        return all(is_blank(v) for v in value)
+    return False
+
+
+def to_int(value: Any) -> int | None:
+    """An integer written as one (`5`, `+5`, `5.0`, 5, 5.0), or None: `--5`, `²`, `①`, 5.5,
+    NaN and text are not integers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and _INTEGER.fullmatch(text):
+            return int(text.split(".", 1)[0])
+    return None
+
+
+def split_images(value: Any) -> tuple[list[str], str | None]:
+    """The images a cell names, in order, or the rule it breaks."""
+    if isinstance(value, list | tuple):
+        images: list[str] = []
+        for item in value:
+            if is_blank(item):
+                continue
+            if not isinstance(item, str):
+                return [], f"must hold text URLs, not {type(item).__name__} {_shown(item)}"
+            images += split_images(item)[0]
+        return images, None
+    if not isinstance(value, str):
+        return [], f"must be text, not {type(value).__name__} {_shown(value)}"
+    parts = (p.strip().strip(_ZERO_WIDTH).rstrip(",;").strip() for p in _NEXT_IMAGE.split(value))
+    return [p for p in parts if p], None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTemplate:
+    """`manifest.prompt_template`: text with `{Column Name}` fields filled from the row, the
+    values put in as they are (braces, `#` or `:` in a value stay text); `{{` and `}}` are
+    literal braces."""
+
+    text: str
+
+    @property
+    def columns(self) -> list[str]:
+        return [m.group(1) for m in _FIELD.finditer(self.text) if m.group(1) is not None]
+
+    def fill(self, record: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The prompt, or the rule the row breaks (a blank or non-text field)."""
+        problems: list[str] = []
+
+        def value(match: re.Match[str]) -> str:
+            if match.group(1) is None:
+                return match.group()[0]  # {{ or }}
+            cell = record.get(match.group(1))
+            if is_blank(cell):
+                problems.append(f"column {match.group(1)!r} is blank")
+                return ""
+            if isinstance(cell, list | tuple | dict):
+                problems.append(f"column {match.group(1)!r} holds {type(cell).__name__}")
+                return ""
+            return cell if isinstance(cell, str) else str(cell)
+
+        filled = _FIELD.sub(value, self.text)
+        if problems:
+            return None, "; ".join(f"prompt_template: {p}" for p in problems)
+        return filled, None
+
+
+def _coerce(field: str, value: Any) -> tuple[Any, str | None]:
+    """The API value of a field that is not an image, or the rule it breaks."""
+    if field in _INT_FIELDS:
+        number = to_int(value)
+        if number is None:
+            return None, f"must be an integer, not {_shown(value)}"
+        return number, None
+    if not isinstance(value, str):
+        return None, f"must be text, not {type(value).__name__} {_shown(value)}"
+    if field == "size":
+        return value.strip().upper(), None
+    return value, None
+
+
+@dataclass(frozen=True, slots=True)
+class RowMapper:
+    """Turns one manifest record into the API input it sends, or the reason it cannot."""
+
+    model: str
+    columns: dict[str, str]  # API field -> manifest column
+    defaults: dict[str, Any]
+    id_columns: tuple[str, ...]
+    allow_loopback: bool
+    prompt_template: PromptTemplate | None = None
+    skip_if_blank: tuple[str, ...] = ()  # API fields
+    extra_images: Literal["reject", "keep_first"] = "reject"
+
+    @property
+    def id_column(self) -> str | None:
+        return self.id_columns[0] if len(self.id_columns) == 1 else None
+
+    def map(self, row_number: int, record: dict[str, Any]) -> JobSpec | Rejected:
+        job_id = self._job_id(row_number, record)
+        if skipped := self._skipped(record):
+            return Rejected(job_id, row_number, record, f"row {row_number}: {skipped}", True)
+        if self.id_columns and all(is_blank(record.get(c)) for c in self.id_columns):
+            named = ", ".join(repr(c) for c in self.id_columns)
+            reason = f"row {row_number}: id column {named} is empty"
+            return Rejected(job_id, row_number, record, reason)
+        inputs, problems = self._inputs(record)
+        if not problems:
+            for violation in check_input(inputs, allow_loopback=self.allow_loopback):
+                value = inputs.get(violation.field)
+                if violation.field in IMAGE_FIELDS and _read_by_us(value):
+                    continue  # a local file or an object: judged and uploaded by InputStage
+                where = self._where(violation.field)
+                problems.append(f"{violation.field}{where}: {violation.rule}")
+        if problems:
+            return Rejected(job_id, row_number, record, f"row {row_number}: " + "; ".join(problems))
+        return JobSpec(job_id, row_number, inputs, record, fingerprint(self.model, inputs))
+
+    def _skipped(self, record: dict[str, Any]) -> str | None:
+        for field in self.skip_if_blank:
+            column = self.columns.get(field)
+            if column is not None and is_blank(record.get(column)):
+                return f"{field} (column {column!r}) is blank: skipped (manifest.skip_if_blank)"
+        return None
+
+    def _where(self, field: str) -> str:
+        if field == "prompt" and self.prompt_template is not None:
+            return " (manifest.prompt_template)"
+        column = self.columns.get(field)
+        return f" (column {column!r})" if column else ""
+
+    def _inputs(self, record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        inputs: dict[str, Any] = {}
+        problems: list[str] = []
+        for field in INPUT_FIELDS:
+            if field in IMAGE_FIELDS:
+                continue
+            if field == "prompt" and self.prompt_template is not None:
+                prompt, rule = self.prompt_template.fill(record)
+                if rule is not None:
+                    problems.append(rule)
+                else:
+                    inputs["prompt"] = prompt
+                continue
+            column = self.columns.get(field)
+            value = record.get(column) if column is not None else None
+            if is_blank(value):
+                if field in self.defaults:
+                    inputs[field] = self.defaults[field]
+                continue
+            coerced, rule = _coerce(field, value)
+            if rule is not None:
+                problems.append(f"{field} (column {column!r}): {rule}")
+            else:
+                inputs[field] = coerced
+        images, rules = self._images(record)
+        problems += rules
+        inputs.update(images)
+        return {f: inputs[f] for f in INPUT_FIELDS if f in inputs}, problems
+
+    def _images(self, record: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+        """The image fields: each mapped cell's images fill its field and the ones after it."""
+        slots: list[str | None] = [None] * len(IMAGE_FIELDS)
+        problems: list[str] = []
+        for index, field in enumerate(IMAGE_FIELDS):
+            column = self.columns.get(field)
+            value = record.get(column) if column is not None else None
+            if is_blank(value):
+                if field in self.defaults and slots[index] is None:
+                    slots[index] = str(self.defaults[field])
+                continue
+            found, rule = split_images(value)
+            if rule is not None:
+                problems.append(f"{field} (column {column!r}): {rule}")
+                continue
+            free = [at for at in range(index, len(slots)) if slots[at] is None]
+            if len(found) > len(free) and self.extra_images == "reject":
+                problems.append(
+                    f"{field} (column {column!r}) holds {len(found)} images; {field} and the "
+                    f"image fields after it take {len(free)} (manifest.extra_images: keep_first "
+                    "sends the first ones that fit)"
+                )
+                continue
+            for at, image in zip(free, found, strict=False):
+                slots[at] = image
+        return {f: v for f, v in zip(IMAGE_FIELDS, slots, strict=True) if v is not None}, problems
+
+    def _job_id(self, row_number: int, record: dict[str, Any]) -> str:
+        parts = [record.get(c) for c in self.id_columns]
+        if parts and not all(is_blank(p) for p in parts):
+            return "/".join("" if is_blank(p) else _id_part(p) for p in parts)
+        blob = json.dumps(record, sort_keys=True, default=str).encode()
+        return f"row-{row_number}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+def _id_part(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a nullable integer column read as float
+    return str(value).strip()
+
+
+def _read_by_us(value: Any) -> bool:
+    return isinstance(value, str) and input_kind(value) in ("file", "object")

@@ -1,0 +1,174 @@
+"""The incremental state store: which inputs already succeeded, across runs and run folders.
+
+A row's fingerprint (the model plus the canonical input it sends) names what was paid for; a
+run with `incremental.enabled` looks each new row up here and, when that exact input already
+succeeded, carries the earlier outputs over instead of sending it again. The store is a small
+SQLite file the config names, so the nightly runs of one catalog share it; it is the only place
+besides the journal that touches SQLite.
+
+A run holds the store for its whole life (`fcntl.flock` on `<state>.lock`, released by the OS
+however the process ends): two runs at once would each look an input up before the other has
+recorded it, and both would pay for it. A second run is refused before it sends anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple
+from pathlib import Path
+
+from pipeline.core.errors import ConfigError
+from pipeline.core.records import PriorSuccess, StoredCopy
+
+__all__ = ["StateStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS succeeded (
+    fingerprint TEXT PRIMARY KEY,
+    prediction_id TEXT,
+    output_urls TEXT NOT NULL,
+    predict_time_s REAL,
+    finished_at REAL,
+    run_dir TEXT NOT NULL,
+    copies TEXT
+);
+"""
+_CHUNK = 500
+
+
+class StateStore:
+    def __init__(self, path: Path, *, hold: bool = False) -> None:
+        """Open (or create) the store; ConfigError, before anything is sent, when it cannot be
+        used as one. `hold`: a run's, held until `close()`; refused while another run holds
+        it (an estimate only reads)."""
+        self.path = path
+        self._held: int | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if hold:
+                self._held = _hold(path)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            self._release()
+            raise ConfigError(f"incremental.state {path} cannot be opened: {exc}") from None
+        self._lock = threading.Lock()
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA busy_timeout=30000")  # other runs may share the store
+                self._db.executescript(_SCHEMA)
+                have = {row[1] for row in self._db.execute("PRAGMA table_info(succeeded)")}
+                if "copies" not in have:  # a store made before stored images were kept
+                    self._db.execute("ALTER TABLE succeeded ADD COLUMN copies TEXT")
+        except sqlite3.Error as exc:
+            self._db.close()
+            self._release()
+            raise ConfigError(
+                f"incremental.state {path} cannot be used as the state store ({exc}); "
+                "restore it, or name a new file"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)  # the lock goes with the descriptor
+            self._held = None
+
+    def lookup(self, fingerprints: Sequence[str]) -> dict[str, PriorSuccess]:
+        """The earlier successes among `fingerprints`."""
+        found: dict[str, PriorSuccess] = {}
+        unique = list(dict.fromkeys(fingerprints))
+        with self._lock:
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                    "SELECT fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
+                    f" run_dir, copies FROM succeeded WHERE fingerprint IN ({marks})",
+                    chunk,
+                ):
+                    copies = tuple(
+                        None if c is None else StoredCopy(*c) for c in json.loads(row[6] or "[]")
+                    )
+                    found[row[0]] = PriorSuccess(
+                        row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5], copies
+                    )
+        return found
+
+    def record(self, successes: Iterable[PriorSuccess]) -> int:
+        """Remember successes (the latest one wins for an input); how many were written."""
+        rows = [
+            (
+                s.fingerprint,
+                s.prediction_id,
+                json.dumps(list(s.output_urls)),
+                s.predict_time_s,
+                s.finished_at,
+                s.run_dir,
+                json.dumps([None if c is None else astuple(c) for c in s.copies]),
+            )
+            for s in successes
+        ]
+        if not rows:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO succeeded(fingerprint, prediction_id, output_urls, predict_time_s,"
+                    " finished_at, run_dir, copies) VALUES(?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(fingerprint) DO UPDATE SET prediction_id=excluded.prediction_id,"
+                    " output_urls=excluded.output_urls, predict_time_s=excluded.predict_time_s,"
+                    " finished_at=excluded.finished_at, run_dir=excluded.run_dir,"
+                    " copies=excluded.copies",
+                    rows,
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return len(rows)
+
+    def latencies(self, limit: int) -> list[float]:
+        """The predict times of the latest `limit` successes (what earlier runs learned)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT predict_time_s FROM succeeded WHERE predict_time_s > 0"
+                " ORDER BY finished_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [float(r[0]) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM succeeded").fetchone()[0])
+
+
+def _hold(path: Path) -> int:
+    """The store's lock, taken for this process: its descriptor. ConfigError when another run
+    holds it, naming that run."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a run starting"
+        os.close(fd)
+        raise ConfigError(
+            f"incremental.state {path} is in use by another run ({holder}): two runs on one "
+            "state store would each pay for the inputs they share. Run them one after the "
+            "other, or give each catalog a state store of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd

@@ -1,0 +1,165 @@
+"""summary.json: what a run did, for the morning and for the scheduler, written at the end of
+every run (stopped ones too), beside the results it agrees with.
+
+Throughput is this run's jobs per second; efficiency is that against the bound the limits
+allow: keys x min(creates_per_window / window_s, max_concurrent / mean latency), the latency
+being the mean the provider reported for this run's jobs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import __version__
+from pipeline.core.config import RunConfig
+
+if TYPE_CHECKING:
+    from pipeline.runs.runner import RunSummary
+
+__all__ = ["config_hash", "finish_line", "percentiles", "summary_document", "write_summary"]
+
+_VERSIONS = ("httpx", "pyarrow", "obstore", "pydantic", "structlog", "anyio")
+
+
+def percentiles(values: Any) -> dict[str, float | None]:
+    """p50, p95 and p99 of a sequence of numbers (nearest rank), rounded to the millisecond."""
+    ordered = sorted(values)
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+        out[name] = (
+            round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4) if ordered else None
+        )
+    return out
+
+
+def config_hash(config: RunConfig) -> str:
+    """What the run was asked to do, hashed: the config as validated, storage options left out
+    (credentials may be in them)."""
+    data = config.model_dump(mode="json")
+    data["assets"].pop("storage_options", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _iso(seconds: float) -> str | None:
+    if not seconds:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    found = {"wanbatch": __version__, "python": platform.python_version()}
+    for name in _VERSIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _throughput(summary: RunSummary, config: RunConfig) -> dict[str, float | None]:
+    stats, limits = summary.stats, config.limits
+    rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    latency = sum(stats.latencies) / len(stats.latencies) if stats.latencies else None
+    keys = len(summary.keys) - len(stats.retired_keys)
+    bound = None
+    if latency and keys > 0:
+        window = config.scaled(limits.window_s)
+        bound = keys * min(limits.creates_per_window / window, limits.max_concurrent / latency)
+    return {
+        "jobs_per_s": round(rate, 4),
+        "bound_jobs_per_s": round(bound, 4) if bound else None,
+        "efficiency": round(rate / bound, 4) if bound else None,
+        "mean_latency_s": round(latency, 4) if latency else None,
+    }
+
+
+def _cost(summary: RunSummary) -> dict[str, Any] | None:
+    """The cost confirmed by the provider (a poll saw each job end), apart from what may have
+    been billed with no end seen; the provider's own figures beside our price."""
+    c = summary.cost
+    if c is None:
+        return None
+    return {
+        "confirmed_usd": c.confirmed_usd,
+        "possibly_billed_usd": summary.possibly_billed_usd,
+        "unconfirmed_jobs": c.unconfirmed,
+        "provider_reported_usd": c.provider_usd,
+        "priced_usd": c.priced_usd,
+        "provider_price_mismatches": c.mismatched,
+    }
+
+
+def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
+    counts, totals, stats = summary.counts, summary.totals, summary.stats
+    by_error = dict(summary.left_failed)
+    if counts.get("rejected"):
+        by_error["invalid_row"] = by_error.get("invalid_row", 0) + counts["rejected"]
+    images = None
+    if stats.downloads is not None:
+        d = stats.downloads
+        images = {"stored_this_run": d.stored, "failed_this_run": d.failed, "bytes": d.bytes}
+    return {
+        "run_dir": str(summary.run_dir),
+        "exit_code": int(summary.exit_code),
+        "message": summary.message,
+        "rows": int(totals["rows"]),
+        "by_status": {s: counts.get(s, 0) for s in sorted({*counts, "succeeded", "failed"})},
+        "by_error_type": by_error,
+        "images": int(totals["images"]),
+        "images_stored": images,
+        "cost_usd": totals["cost_usd"],
+        "cost": _cost(summary),
+        "reused": int(totals.get("reused", 0)),
+        "possible_duplicate_charges": int(totals["ambiguous_creates"]),
+        "creates": stats.creates_sent,
+        "429s": stats.rate_limited,
+        "retries": stats.retries,
+        "polls": stats.polls,
+        "jobs_finished_this_run": stats.finished,
+        "throughput": _throughput(summary, config),
+        "latency_s": percentiles(stats.latencies),
+        "notice_delay_s": percentiles(stats.notice_delays),
+        "keys": summary.keys,
+        "per_key": summary.per_key,
+        "workers": summary.workers,
+        "retired_keys": stats.retired_keys,
+        "waiting_on_keys": summary.waiting_on_keys,
+        "started_at": _iso(summary.started_at),
+        "ended_at": _iso(summary.ended_at),
+        "elapsed_s": round(summary.elapsed_s, 3),
+        "config_hash": config_hash(config),
+        "versions": _versions(),
+    }
+
+
+def write_summary(summary: RunSummary, config: RunConfig, path: Path) -> None:
+    """summary.json, replaced whole (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary_document(summary, config), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def finish_line(summary: RunSummary) -> str:
+    c, t = summary.counts, summary.totals
+    return (
+        f"run finished (exit {int(summary.exit_code)}): {int(t['rows']):,} rows, "
+        f"{c.get('succeeded', 0):,} succeeded, {c.get('failed', 0):,} failed, "
+        f"{c.get('rejected', 0):,} rejected"
+        + (f", {c['skipped']:,} skipped" if c.get("skipped") else "")
+        + f"; {int(t['images']):,} images, "
+        f"${t['cost_usd']:,.2f}"
+        + (
+            f" confirmed (up to ${summary.possibly_billed_usd:,.2f} more unconfirmed)"
+            if summary.possibly_billed_usd
+            else ""
+        )
+        + f"; {summary.elapsed_s:,.1f} s"
+        + (f"; {summary.message}" if summary.message else "")
+    )

@@ -1,0 +1,93 @@
+"""The run's summary as rows of label and value, for the terminal and for scripts."""
+
+from __future__ import annotations
+
+from pipeline.runs.runner import RunSummary
+
+__all__ = ["summary_rows"]
+
+
+def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    counts, totals = summary.counts, summary.totals
+    rows = [
+        ("rows", f"{int(totals['rows']):,}"),
+        ("succeeded", f"{counts.get('succeeded', 0):,}"),
+        ("failed", f"{counts.get('failed', 0):,}"),
+        ("rejected", f"{counts.get('rejected', 0):,}"),
+        ("skipped", f"{counts.get('skipped', 0):,}"),
+    ]
+    if summary.requeued is not None:
+        rows.insert(0, ("run again (retry)", _by_type(summary.requeued)))
+    if summary.forced is not None:
+        rows.insert(0, ("manifest as it is now (--force)", _by_type(summary.forced)))
+    if counts.get("failed", 0):
+        rows.append(("failed by error type", _by_type(summary.left_failed)))
+    if totals.get("reused"):
+        rows.append(("reused (incremental, no cost)", f"{int(totals['reused']):,}"))
+    unfinished = int(totals["rows"]) - summary.finished_rows
+    if unfinished:
+        rows.append(("unfinished (resumable)", f"{unfinished:,}"))
+    if summary.waiting_on_keys:
+        rows.append(("jobs in flight, per key", _by_type(summary.waiting_on_keys)))
+    rows += _activity(summary)
+    rows += _files(summary)
+    return rows
+
+
+def _activity(summary: RunSummary) -> list[tuple[str, str]]:
+    """Images, cost, keys and requests of the run."""
+    totals, stats = summary.totals, summary.stats
+    rows = []
+    rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
+    if stats.downloads is not None:
+        d = stats.downloads
+        rows.append(
+            (
+                "images stored",
+                f"{d.stored:,} this run ({d.bytes / 1e6:,.1f} MB)"
+                + (f", {d.failed:,} failed: run again to fetch them" if d.failed else ""),
+            )
+        )
+    rows += [
+        ("images", f"{int(totals['images']):,}"),
+        ("cost", f"${totals['cost_usd']:,.2f}"),
+        ("possible duplicate charges", f"{int(totals['ambiguous_creates']):,}"),
+        (
+            "keys",
+            ", ".join(summary.keys)
+            + (f" (retired: {', '.join(stats.retired_keys)})" if stats.retired_keys else ""),
+        ),
+        ("creates sent", f"{stats.creates_sent:,}"),
+        ("429s received", f"{stats.rate_limited:,}"),
+        ("polls", f"{stats.polls:,}"),
+    ]
+    if stats.callbacks is not None:
+        c = stats.callbacks
+        rows.append(
+            (
+                "webhook callbacks",
+                f"{c.received:,} received; ends seen by callback {c.ends_by_callback:,}, "
+                f"by fallback poll {c.ends_by_fallback:,}, on the poll schedule "
+                f"{c.ends_by_poll:,}; unconfirmed {c.unconfirmed:,}, unknown {c.unknown:,}",
+            )
+        )
+    rows.append(("throughput", f"{rate * 60:,.1f} jobs/min this run ({summary.elapsed_s:,.1f} s)"))
+    return rows
+
+
+def _files(summary: RunSummary) -> list[tuple[str, str]]:
+    rows = [("results", str(summary.results_path))]
+    if summary.failures_path is not None:
+        rows.append(("failures manifest", str(summary.failures_path)))
+    for label, name in (("report", "report.html"), ("summary", "summary.json")):
+        if (summary.run_dir / name).is_file():
+            rows.append((label, str(summary.run_dir / name)))
+    return rows
+
+
+def _by_type(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    parts = ", ".join(f"{kind} {n:,}" for kind, n in sorted(counts.items()))
+    return f"{total:,} ({parts})"

@@ -1,0 +1,318 @@
+"""The provider's calls, and the one place where transport errors and provider answers are
+translated into `pipeline.core.errors`.
+
+One `httpx.AsyncClient` per run: explicit timeouts, a pool sized to the run's slots (so no
+request waits, or is cancelled, in the pool's queue), the environment's proxies and CA bundle
+(`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, `SSL_CERT_FILE`), HTTP/2 when asked. Unit tests give
+it an `httpx.MockTransport`; everything else is the same code. A prediction id comes from the
+provider and goes back into a URL path: it must look like one, and it is percent-encoded.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import structlog
+
+from pipeline import __version__
+from pipeline.core.errors import (
+    ApiError,
+    InvalidInput,
+    NotFound,
+    ProtocolViolation,
+    RateLimited,
+    ServerError,
+    TransportFailure,
+    Unauthorized,
+    UnsafePredictionId,
+)
+from pipeline.core.keys import ApiKey
+from pipeline.core.schema import TRANSIENT_ERROR_CODES
+
+_log = structlog.get_logger("pipeline.provider.client")
+
+__all__ = ["EachlabsClient", "Prediction", "check_prediction_id", "parse_retry_after"]
+
+# A gateway error means the request may have reached the provider and been carried out.
+_AMBIGUOUS_STATUSES = (502, 504)
+# Raised before the request left: the provider cannot have seen it.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+# statuses of a prediction still running; any other unknown one is taken as running too
+_RUNNING = frozenset({"created", "starting", "queued", "processing", "in_queue", "running"})
+_unknown_seen: set[str] = set()
+# What a prediction id may hold: it goes back into request paths
+_PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+# a job's predict time or cost beyond these is no reading: it is taken as not given
+_MAX_PREDICT_TIME_S = 7 * 86400.0
+_MAX_JOB_COST_USD = 10_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One poll's answer: `running`, `success` (with outputs), `error` (with the provider's
+    error code and message; `transient` when its advice is to retry) or `cancelled`.
+    `cost_usd` is the provider's own figure for the job (`metrics.cost`), when it gives one."""
+
+    prediction_id: str
+    status: str
+    output_urls: tuple[str, ...] = ()
+    predict_time_s: float | None = None
+    message: str = ""
+    error_code: str | None = None
+    cost_usd: float | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def transient(self) -> bool:
+        return self.error_code in TRANSIENT_ERROR_CODES
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: whole seconds, a decimal or an HTTP date.
+    None when absent or unreadable (the caller falls back to backoff)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _describe(response: httpx.Response) -> str:
+    """What an error answer says: `{"status": "error", "message", "details"}`, or the fuller
+    reference's `{"error": "..."}`; never parsed for meaning."""
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return response.content[:200].decode("utf-8", "replace") or response.reason_phrase
+    if isinstance(body, dict):
+        parts = [str(body.get(k)) for k in ("message", "details", "error") if body.get(k)]
+        return ": ".join(parts)[:500] or response.reason_phrase
+    return response.reason_phrase
+
+
+def _name(exc: BaseException) -> str:
+    """How a transport failure is named in messages: the lower library's words, no secrets."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _path(prediction_id: str) -> str:
+    return f"prediction/{quote(check_prediction_id(prediction_id), safe='')}"
+
+
+def _failure(answer: dict[str, Any]) -> tuple[str | None, str]:
+    """A failed prediction's error code and message: `output.error_code`/`error_message`, or
+    the older string `output` or `message`/`details`, or the reference's `logs`. Never parsed
+    for meaning."""
+    output = answer.get("output")
+    if isinstance(output, dict):
+        code = output.get("error_code")
+        message = output.get("error_message")
+        return (str(code) if code else None), str(message or code or "the provider failed it")
+    parts = [str(answer[k]) for k in ("message", "details", "error", "logs") if answer.get(k)]
+    if isinstance(output, str) and output:
+        parts.insert(0, output)
+    return None, ": ".join(parts)[:500] or "the provider reported an error"
+
+
+def _reading(value: object, most: float) -> float | None:
+    """A number the provider reports (a predict time, a cost), or None when it is missing or
+    no reading at all (not a number, NaN, infinite, negative, absurdly large)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        return None
+    return number if 0.0 <= number <= most else None
+
+
+def check_prediction_id(value: object) -> str:
+    """`value` when it looks like a prediction id; UnsafePredictionId otherwise."""
+    if isinstance(value, str) and _PREDICTION_ID.fullmatch(value) and ".." not in value:
+        return value
+    shown = repr(value)[:60] + ("..." if len(repr(value)) > 60 else "")
+    raise UnsafePredictionId(
+        f"the provider gave a prediction id that is not one ({shown}): letters, digits and "
+        "._:- only, at most 128; the job may exist and be billed",
+        status=200,
+        ambiguous=True,
+    )
+
+
+class EachlabsClient:
+    """Creates and polls predictions; every failure comes out as an `ApiError` subclass."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        max_connections: int = 16,
+        http2: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.model = model
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            http2=http2,
+            trust_env=True,
+            transport=transport,
+            follow_redirects=False,
+            headers={"User-Agent": f"wanbatch/{__version__}"},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create(
+        self,
+        key: ApiKey,
+        inputs: dict[str, Any],
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+    ) -> str:
+        """Start a prediction; its id. Errors whose `ambiguous` is set may have created it."""
+        body: dict[str, Any] = {"model": self.model, "input": inputs}
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
+            if webhook_secret is not None:
+                body["webhook_secret"] = webhook_secret
+        answer = await self._send("POST", "prediction/", key, body, creating=True)
+        return check_prediction_id(answer.get("predictionID"))  # a missing one too: final
+
+    async def get(self, key: ApiKey, prediction_id: str) -> Prediction:
+        """One poll. Every terminal status the provider documents ends the job: `success`,
+        `error` or `failed` (the reference's word for it), `cancelled`."""
+        answer = await self._send("GET", _path(prediction_id), key, None, creating=False)
+        status = answer.get("status")
+        metrics = answer.get("metrics")
+        metrics = metrics if isinstance(metrics, dict) else {}
+        seconds = _reading(metrics.get("predict_time"), _MAX_PREDICT_TIME_S)
+        cost = _reading(metrics.get("cost"), _MAX_JOB_COST_USD)
+        if status == "success":
+            output = answer.get("output")
+            if isinstance(output, str):
+                output = [output]
+            if not isinstance(output, list) or not all(isinstance(u, str) for u in output):
+                raise ProtocolViolation("a successful poll has no list of output URLs", status=200)
+            return Prediction(prediction_id, "success", tuple(output), seconds, cost_usd=cost)
+        if status in ("error", "failed"):
+            code, message = _failure(answer)
+            return Prediction(prediction_id, "error", (), seconds, message, code, cost)
+        if status in ("cancelled", "canceled"):
+            said = "cancelled at the provider"
+            return Prediction(prediction_id, "cancelled", (), seconds, said, cost_usd=cost)
+        if not isinstance(status, str) or not status:
+            raise ProtocolViolation(f"poll answered without a status ({status!r})", status=200)
+        if status not in _RUNNING and status not in _unknown_seen:
+            _unknown_seen.add(status)  # any other status means running: said once a run
+            _log.warning("unknown_status", status=status[:40], taken_as="running")
+        return Prediction(prediction_id, "running")
+
+    async def cancel(self, key: ApiKey, prediction_id: str) -> bool:
+        """Ask the provider to cancel a job: True when it answered as accepted, False when it
+        said the job had ended (or is unknown to it); ApiError when the request itself failed.
+        The answer is a request's, not the job's end: a job that ended a moment before may be
+        answered 200 all the same, and a cancel may take a while. Only a poll tells the end."""
+        try:
+            await self._send("POST", f"{_path(prediction_id)}/cancel", key, None, creating=False)
+        except (NotFound, ProtocolViolation) as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    async def _send(
+        self, method: str, path: str, key: ApiKey, body: dict[str, Any] | None, *, creating: bool
+    ) -> dict[str, Any]:
+        what = "create" if creating else "poll"
+        headers = {"X-API-Key": key.secret}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        try:
+            response = await self._http.request(method, path, content=payload, headers=headers)
+        except _NOT_SENT as exc:
+            raise TransportFailure(f"{what}: cannot reach the provider ({_name(exc)})") from exc
+        except httpx.TransportError as exc:
+            raise TransportFailure(
+                f"{what}: no answer from the provider ({_name(exc)})", ambiguous=creating
+            ) from exc
+        except httpx.HTTPError as exc:  # an answer that cannot be decoded (a false gzip, ...)
+            raise ProtocolViolation(
+                f"{what}: the answer cannot be read ({_name(exc)})", ambiguous=creating
+            ) from exc
+        return self._read(response, what, creating)
+
+    @staticmethod
+    def _read(response: httpx.Response, what: str, creating: bool) -> dict[str, Any]:
+        status = response.status_code
+        if status < 300:
+            try:
+                answer = json.loads(response.content.decode())  # UTF-8: nothing to detect
+            except ValueError as exc:
+                raise ProtocolViolation(
+                    f"{what}: the answer is not JSON", status=status, ambiguous=creating
+                ) from exc
+            if not isinstance(answer, dict):
+                raise ProtocolViolation(
+                    f"{what}: the answer is not a JSON object", status=status, ambiguous=creating
+                )
+            return answer
+        detail = f"{what}: HTTP {status}: {_describe(response)}"
+        error: ApiError
+        if status == 400:
+            error = InvalidInput(detail, status=status)
+        elif status == 401:
+            error = Unauthorized(detail, status=status)
+        elif status == 404:
+            error = NotFound(detail, status=status)
+        elif status == 429:
+            error = RateLimited(
+                detail, retry_after=parse_retry_after(response.headers.get("retry-after"))
+            )
+        elif status >= 500:
+            error = ServerError(
+                detail, status=status, ambiguous=creating and status in _AMBIGUOUS_STATUSES
+            )
+        else:
+            error = ProtocolViolation(detail, status=status, ambiguous=creating)
+        raise error

@@ -1,0 +1,68 @@
+"""`wanbatch status RUN_DIR`: a run folder as its journal tells it, read-only and without
+sending anything: whether a run holds it now, rows by state, cost and images so far, and the
+rows whose jobs wait on a key this environment does not give.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.errors import RunFolderError
+from pipeline.journal.store import Journal
+from pipeline.core.keys import ApiKey
+from pipeline.runs.folder import JOURNAL, Holder, holder_of
+
+__all__ = ["FolderStatus", "folder_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStatus:
+    run_dir: Path
+    holder: Holder | None  # the run holding the folder now
+    by_status: dict[str, int]
+    rows: int
+    images: int
+    cost_usd: float
+    possible_duplicate_charges: int
+    ingest_complete: bool
+    images_by_state: dict[str, int]
+    waiting_on_keys: dict[str, int]  # key name -> jobs in flight it alone can see end
+    missing_keys: dict[str, int] = field(default_factory=dict)  # of those, keys not given
+
+    @property
+    def finished(self) -> bool:
+        open_rows = sum(self.by_status.get(s, 0) for s in ("pending", "creating", "created"))
+        return self.ingest_complete and open_rows == 0
+
+
+def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
+    """RunFolderError when `run_dir` holds no journal (or one that cannot be read)."""
+    path = run_dir / JOURNAL
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} holds no run (no {JOURNAL})")
+    try:
+        journal = Journal(path, readonly=True)
+        try:
+            totals, counts = journal.totals(), journal.counts()
+            waiting, images = journal.waiting_on_keys(), journal.image_states()
+            complete = journal.get_meta("ingest_complete") == "1"
+        finally:
+            journal.close()
+    except sqlite3.DatabaseError as exc:
+        raise RunFolderError(f"journal {path} cannot be read: {exc}") from None
+    given = {k.name for k in keys}
+    return FolderStatus(
+        run_dir=run_dir,
+        holder=holder_of(run_dir),
+        by_status=counts,
+        rows=int(totals["rows"]),
+        images=int(totals["images"]),
+        cost_usd=float(totals["cost_usd"]),
+        possible_duplicate_charges=int(totals["ambiguous_creates"]),
+        ingest_complete=complete,
+        images_by_state=images,
+        waiting_on_keys=waiting,
+        missing_keys={k: n for k, n in waiting.items() if k not in given},
+    )
