@@ -1,5 +1,5 @@
 """`python -m pipeline`: the same as the `wanbatch` command."""
 
-from pipeline.cli.app import main
+from pipeline.cli import main
 
 main()

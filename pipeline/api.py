@@ -22,25 +22,29 @@ import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.config import RunConfig, apply_overrides, load_config, parse_config
-from pipeline.core.errors import (
+from pipeline.core import (
+    ApiKey,
     BudgetReached,
     CostsUnconfirmed,
+    ExitCode,
     KeysMissing,
     KeysRefused,
     ManifestError,
     RowsFailed,
+    RunConfig,
     RunEnded,
     RunFailed,
     RunInterrupted,
+    apply_overrides,
+    keys_from_env,
+    load_config,
+    parse_config,
 )
-from pipeline.core.keys import ApiKey, keys_from_env
-from pipeline.drive.ray.cluster import Workers
-from pipeline.observe.observer import Reporter
-from pipeline.runs.folder import RunFolder
-from pipeline.runs.logs import logging_to
-from pipeline.runs.runner import ExitCode, Reprocess, RunSummary
-from pipeline.runs.runner import run as run_async
+from pipeline.drive import Workers
+from pipeline.observe import Reporter
+from pipeline.outputs import RunSummary
+from pipeline.runs import OpenSandbox, Reprocess, RunFolder, logging_to
+from pipeline.runs import run as run_async
 
 __all__ = ["arun", "load", "run"]
 
@@ -146,6 +150,7 @@ async def arun(
             folder=folder,
             reporter=reporter,
             workers=Workers(workers, ray_address) if workers is not None else None,
+            embedded=_embedded(loaded),
         )
     raises = _RAISES.get(summary.exit_code)
     if raises is RowsFailed and not raise_on_failed_rows:
@@ -153,6 +158,15 @@ async def arun(
     if raises is not None:
         raise raises(summary.message, summary)
     return summary
+
+
+def _embedded(config: RunConfig) -> OpenSandbox | None:
+    """The embedded sandbox's opener when the config asks for it (loaded only then)."""
+    if not config.embedded_sandbox:
+        return None
+    from pipeline.sandbox.embedded import open_embedded
+
+    return open_embedded
 
 
 def run(

@@ -34,11 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import parse_config
-from pipeline.core.keys import ApiKey
-from pipeline.drive.ray.cluster import Workers
-from pipeline.runs.logs import configure_logging
-from pipeline.runs.runner import run
+from pipeline.core import ApiKey, parse_config
+from pipeline.drive import Workers
+from pipeline.runs import configure_logging, run
 
 
 def _arguments() -> argparse.Namespace:

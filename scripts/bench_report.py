@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.core.records import JobOutcome, JobSpec, Rejected, Status, fingerprint
-from pipeline.journal.store import Finish, Journal
-from pipeline.outputs.html_report import write_report
+from pipeline.core import JobOutcome, JobSpec, Rejected, Status, fingerprint
+from pipeline.journal import Finish, Journal
+from pipeline.outputs import write_report
 
 
 def _journal(path: Path, rows: int) -> Journal:

@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core.config import RunConfig, parse_config
-from pipeline.intake.manifest import Manifest
-from pipeline.journal.store import Journal
-from pipeline.runs.logs import configure_logging
-from pipeline.runs.runner import _check_identity, run
+from pipeline.core import RunConfig, parse_config
+from pipeline.intake import Manifest
+from pipeline.journal import Journal
+from pipeline.runs import configure_logging, run
+from pipeline.runs.runner import _check_identity
 
 _CREATES = 10  # the budget lets this many creates through, then the run stops (exit 5)
 

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 from moto.server import ThreadedMotoServer
 
-from pipeline.core.config import RunConfig, parse_config
-from pipeline.core.keys import ApiKey
-from pipeline.runs.runner import RunSummary, run
-from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+from pipeline.core import ApiKey, RunConfig, parse_config
+from pipeline.outputs import RunSummary
+from pipeline.runs import run
+from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings, open_embedded
 
 # Hypothesis: CI runs a bounded, repeatable search; a developer's run searches more widely
 settings.register_profile(
@@ -142,6 +142,7 @@ def throttled_run(
 
 
 async def go(config: Any, keys: list[str], **kwargs: Any) -> RunSummary:
+    kwargs.setdefault("embedded", open_embedded)
     return await run(config, [ApiKey(k) for k in keys], handle_signals=False, **kwargs)
 
 

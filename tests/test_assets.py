@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.core.errors import ConfigError
-from pipeline.runs.runner import ExitCode
+from pipeline.core import ConfigError, ExitCode
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

@@ -9,9 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from pipeline.core.errors import ConfigError
-from pipeline.provider.limits import InFlightCap
-from pipeline.runs.runner import ExitCode
+from pipeline.core import ConfigError, ExitCode
+from pipeline.provider import InFlightCap
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,

@@ -25,15 +25,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pipeline
-from pipeline.core.config import apply_overrides, parse_config
-from pipeline.core.errors import ManifestError
-from pipeline.core.records import JobSpec, Rejected
-from pipeline.core.schema import IMAGE_FIELDS, MODEL, check_input
-from pipeline.intake.estimate import estimate
+from pipeline.core import (
+    IMAGE_FIELDS,
+    ExitCode,
+    JobSpec,
+    ManifestError,
+    Rejected,
+    apply_overrides,
+    check_input,
+    parse_config,
+)
+from pipeline.core.schema import MODEL
+from pipeline.intake import Manifest, estimate
 from pipeline.intake.inputs import input_kind
-from pipeline.intake.manifest import Manifest
 from pipeline.intake.rowmap import PromptTemplate, RowMapper, split_images
-from pipeline.runs.runner import ExitCode, Reprocess, RunSummary
+from pipeline.outputs import RunSummary
+from pipeline.runs import Reprocess
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.core.keys import ApiKey
+from pipeline.core import ApiKey
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

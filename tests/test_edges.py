@@ -17,13 +17,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core.config import RunConfig
-from pipeline.core.errors import ConfigError, RunFolderError
-from pipeline.core.keys import keys_from_env
-from pipeline.core.records import fingerprint
+from pipeline.core import (
+    ConfigError,
+    ExitCode,
+    RunConfig,
+    RunFolderError,
+    fingerprint,
+    keys_from_env,
+)
 from pipeline.core.schema import MODEL
 from pipeline.intake.manifest import CELL_LIMIT
-from pipeline.runs.runner import ExitCode, RunSummary
+from pipeline.outputs import RunSummary
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,

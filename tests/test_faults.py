@@ -24,11 +24,10 @@ import pytest
 import yaml
 
 from pipeline import api
-from pipeline.core.config import parse_config
-from pipeline.core.errors import ConfigError, RunEnded
-from pipeline.journal.incremental import StateStore
-from pipeline.provider.client import EachlabsClient
-from pipeline.runs.runner import ExitCode, RunSummary
+from pipeline.core import ConfigError, ExitCode, RunEnded, parse_config
+from pipeline.journal import StateStore
+from pipeline.outputs import RunSummary
+from pipeline.provider import EachlabsClient
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

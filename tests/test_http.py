@@ -17,10 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline.core.errors import UnsafePredictionId
-from pipeline.core.keys import ApiKey
-from pipeline.provider.client import EachlabsClient, check_prediction_id
-from pipeline.runs.runner import ExitCode
+from pipeline.core import ApiKey, ExitCode, UnsafePredictionId
+from pipeline.provider import EachlabsClient
+from pipeline.provider.client import check_prediction_id
 from pipeline.sandbox import SandboxServer, ServerThread
 from tests.conftest import (
     KEY,

@@ -21,10 +21,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.core.config import load_config, parse_config
-from pipeline.core.errors import ConfigError, ManifestError
-from pipeline.intake.estimate import estimate
-from pipeline.runs.runner import ExitCode
+from pipeline.core import ConfigError, ExitCode, ManifestError, load_config, parse_config
+from pipeline.intake import estimate
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,

@@ -24,10 +24,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline
-from pipeline.core.config import parse_config
-from pipeline.core.errors import BudgetReached, RowsFailed
-from pipeline.intake.estimate import estimate
-from pipeline.runs.runner import ExitCode
+from pipeline.core import BudgetReached, ExitCode, RowsFailed, parse_config
+from pipeline.intake import estimate
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

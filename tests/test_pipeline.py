@@ -10,10 +10,14 @@ import anyio
 import pytest
 import structlog
 
-from pipeline.core.config import load_config
-from pipeline.core.errors import ConfigError, ManifestError, RunFolderMismatch
-from pipeline.core.keys import ApiKey
-from pipeline.runs.runner import ExitCode
+from pipeline.core import (
+    ApiKey,
+    ConfigError,
+    ExitCode,
+    ManifestError,
+    RunFolderMismatch,
+    load_config,
+)
 from pipeline.sandbox import FaultRates, SandboxServer, key_hash
 from tests.conftest import (
     KEY,

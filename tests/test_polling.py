@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from pipeline.provider.polling import PollPlanner, poll_schedule
+from pipeline.provider import PollPlanner
+from pipeline.provider.polling import poll_schedule
 
 
 def _lognormal(count: int, mean: float, spread: float, seed: int) -> list[float]:

@@ -25,22 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 import structlog
 
-from pipeline.core.config import WebhookSection
-from pipeline.core.keys import ApiKey
-from pipeline.core.records import JobOutcome, JobSpec, Status
+from pipeline.core import ApiKey, ExitCode, JobOutcome, JobSpec, RunStats, Status, WebhookSection
 from pipeline.core.schema import MODEL
-from pipeline.drive.driver import RunStats
-from pipeline.journal.store import (
-    CostBooks,
-    Finish,
-    Journal,
-    MarkCreated,
-    NoteAmbiguous,
-    NoteCancel,
-)
-from pipeline.provider.client import EachlabsClient
-from pipeline.provider.webhook import Callbacks, Receiver
-from pipeline.runs.runner import ExitCode
+from pipeline.journal import CostBooks, Finish, Journal, MarkCreated, NoteAmbiguous, NoteCancel
+from pipeline.provider import Callbacks, EachlabsClient, Receiver
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

@@ -24,13 +24,11 @@ import ray
 import yaml
 
 from pipeline.api import arun
-from pipeline.core.config import RunConfig, parse_config
-from pipeline.core.errors import ConfigError
-from pipeline.core.keys import ApiKey
-from pipeline.drive.ray.cluster import Cluster, Workers, spread
+from pipeline.core import ApiKey, ConfigError, ExitCode, RunConfig, parse_config
+from pipeline.drive import Workers
+from pipeline.drive.ray.cluster import Cluster, spread
 from pipeline.drive.ray.remote import WorkerProcess, WorkerSetup
-from pipeline.journal.store import Journal
-from pipeline.runs.runner import ExitCode
+from pipeline.journal import Journal
 from pipeline.sandbox import SandboxServer, key_hash
 from tests.conftest import (
     KEY,

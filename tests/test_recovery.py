@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.errors import ConfigError
-from pipeline.journal.store import Journal
-from pipeline.runs.runner import ExitCode, Reprocess
+from pipeline.core import ConfigError, ExitCode
+from pipeline.journal import Journal
+from pipeline.runs import Reprocess
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,
@@ -242,8 +242,8 @@ async def test_incremental_needs_a_state_store(tmp_path: Path) -> None:
 
 
 def test_requeue_keeps_history_and_filters_types(tmp_path: Path) -> None:
-    from pipeline.core.records import JobOutcome, JobSpec, Status
-    from pipeline.journal.store import Finish
+    from pipeline.core import JobOutcome, JobSpec, Status
+    from pipeline.journal import Finish
 
     journal = Journal(tmp_path / "journal.sqlite")
     specs = [JobSpec(f"j{i}", i, {"prompt": "p"}, {}, f"fp{i}") for i in range(1, 5)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runs.runner import ExitCode
+from pipeline.core import ExitCode
 from pipeline.sandbox import FaultRates
 from tests.conftest import (
     KEY,

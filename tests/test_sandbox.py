@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.core.schema import TRANSIENT_ERROR_CODES
+from pipeline.core import TRANSIENT_ERROR_CODES
 from pipeline.sandbox import FaultRates, SandboxServer, ServerThread, key_hash
 from tests.conftest import KEY, KEY2
 

@@ -18,25 +18,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core.config import parse_config
-from pipeline.core.errors import (
+from pipeline.core import (
+    ApiKey,
     ConfigError,
     InvalidInput,
+    JobOutcome,
+    JobSpec,
     NotFound,
     ProtocolViolation,
     RateLimited,
+    Rejected,
     ServerError,
+    Status,
     TransportFailure,
     Unauthorized,
+    keys_from_env,
+    parse_config,
 )
-from pipeline.core.keys import ApiKey, keys_from_env
-from pipeline.core.records import JobOutcome, JobSpec, Rejected, Status
 from pipeline.core.schema import is_loopback_host
-from pipeline.intake.manifest import Manifest
-from pipeline.journal.store import Finish, Journal, MarkCreated, MarkCreating, NoteAmbiguous
-from pipeline.outputs.results import ResultLayout, write_results
-from pipeline.provider.client import EachlabsClient, parse_retry_after
-from pipeline.provider.limits import CreateGate, GatePaused
+from pipeline.intake import Manifest
+from pipeline.journal import Finish, Journal, MarkCreated, MarkCreating, NoteAmbiguous
+from pipeline.outputs import ResultLayout, write_results
+from pipeline.provider import CreateGate, EachlabsClient, GatePaused
+from pipeline.provider.client import parse_retry_after
 
 SECRET = "sk-very-secret-value"
 
@@ -357,7 +361,7 @@ def test_parquet_manifest_in_batches(tmp_path: Path) -> None:
 
 
 def test_manifest_problems_stop_before_anything(tmp_path: Path) -> None:
-    from pipeline.core.errors import ManifestError
+    from pipeline.core import ManifestError
 
     path = _csv(tmp_path, "title,img_url\nx,https://x.com/a.jpg\n")
     with pytest.raises(ManifestError, match="required field 'prompt'"):
@@ -482,6 +486,5 @@ def test_importing_the_config_loads_no_server_library() -> None:
         return list(json.loads(out.stdout.replace("'", '"')))
 
     assert loaded("pipeline.core.config") == []
-    assert loaded("pipeline.runs.runner") == [
-        "uvicorn"
-    ]  # the webhook receiver's; not the sandbox's
+    # the webhook receiver's uvicorn; not the sandbox's
+    assert loaded("pipeline.runs.runner") == ["uvicorn"]

@@ -14,10 +14,9 @@ import httpx
 import pytest
 import structlog
 
-from pipeline.core.config import RunConfig, WebhookSection, parse_config
-from pipeline.core.errors import ConfigError
-from pipeline.provider.webhook import Callbacks, Receiver
-from pipeline.runs.runner import ExitCode, RunSummary
+from pipeline.core import ConfigError, ExitCode, RunConfig, WebhookSection, parse_config
+from pipeline.outputs import RunSummary
+from pipeline.provider import Callbacks, Receiver
 from pipeline.sandbox import FaultRates, SandboxServer
 from pipeline.sandbox.app import sign_webhook
 from tests.conftest import (

@@ -1,0 +1,7 @@
+"""cli."""
+
+from __future__ import annotations
+
+from pipeline.cli.app import main
+
+__all__ = ["main"]

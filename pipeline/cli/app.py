@@ -27,21 +27,30 @@ from rich.text import Text
 
 from pipeline import __version__
 from pipeline.cli.display import LineReporter, LiveReporter
-from pipeline.core.config import RunConfig, load_config
-from pipeline.core.errors import ConfigError, RunFolderError, WanbatchError
-from pipeline.core.keys import keys_from_env
-from pipeline.drive.ray.cluster import Workers
-from pipeline.intake.estimate import Estimate, estimate
-from pipeline.journal.store import TRANSIENT_ERRORS, Journal
-from pipeline.observe.observer import Reporter
-from pipeline.observe.progress import format_duration
-from pipeline.outputs.html_report import write_report
-from pipeline.outputs.summary_rows import summary_rows
-from pipeline.runs.folder import RunFolder
-from pipeline.runs.logs import configure_logging, level_named
-from pipeline.runs.runner import ExitCode, Reprocess, RunSummary, run
-from pipeline.runs.status import FolderStatus, folder_status
-from pipeline.sandbox import FaultRates, SandboxSettings, serve
+from pipeline.core import (
+    ConfigError,
+    ExitCode,
+    RunConfig,
+    RunFolderError,
+    WanbatchError,
+    keys_from_env,
+    load_config,
+)
+from pipeline.drive import Workers
+from pipeline.intake import Estimate, estimate
+from pipeline.journal import TRANSIENT_ERRORS, Journal
+from pipeline.observe import Reporter, format_duration
+from pipeline.outputs import RunSummary, summary_rows, write_report
+from pipeline.runs import (
+    FolderStatus,
+    Reprocess,
+    RunFolder,
+    configure_logging,
+    folder_status,
+    level_named,
+    run,
+)
+from pipeline.sandbox import FaultRates, SandboxSettings, open_embedded, serve
 
 __all__ = ["app", "main"]
 
@@ -206,6 +215,7 @@ def _execute(
                 reporter=reporter,
                 tick_s=tick,
                 workers=workers,
+                embedded=open_embedded,
             )
         )
     _print_summary(summary)

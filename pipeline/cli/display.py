@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.observe.progress import Snapshot, format_duration, progress_line
+from pipeline.observe import Snapshot, format_duration, progress_line
 
 __all__ = ["LineReporter", "LiveReporter"]
 

@@ -22,9 +22,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.faults import FaultRates
 from pipeline.core.schema import INPUT_FIELDS, MODEL, SIZES, is_loopback_host
 from pipeline.core.storage import is_object_url
-from pipeline.sandbox.settings import FaultRates
 
 __all__ = ["KEPT_MANIFEST", "SANDBOX", "RunConfig", "load_config"]
 

@@ -32,6 +32,7 @@ gateway 502/504) is *ambiguous*: the job may exist and be billed. `ApiError.ambi
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "BudgetReached",
     "ConfigError",
     "CostsUnconfirmed",
+    "ExitCode",
     "InvalidInput",
     "JournalDamaged",
     "KeysMissing",
@@ -61,6 +63,20 @@ __all__ = [
     "UnsafePredictionId",
     "WanbatchError",
 ]
+
+
+class ExitCode(IntEnum):
+    """What a scheduler can act on; the README's table says the same."""
+
+    OK = 0  # finished: every row succeeded
+    ERROR = 1  # stopped by an error after work began (books finished, see the message); resume
+    BAD_INPUT = 2  # bad config, keys, manifest or run folder, or the folder is held: nothing sent
+    INTERRUPTED = 3  # stopped by a signal: run the same command again to resume
+    NO_KEY = 4  # every key was refused: fix the key and run again to resume
+    BUDGET = 5  # budget.max_cost_usd reached: raise it and run again to resume
+    ROWS_FAILED = 6  # finished: some rows failed or were rejected (see failures manifest)
+    KEYS_MISSING = 7  # jobs wait on keys this run was not given (or were refused): add them
+    UNCONFIRMED = 8  # finished, but jobs created were not seen to end: their cost may be billed
 
 
 class WanbatchError(Exception):
@@ -98,7 +114,7 @@ class NoUsableKeyError(WanbatchError):
 class RunEnded(WanbatchError):
     """A run that ended short of success; `summary` says how far it got (a RunSummary)."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
     def __init__(self, message: str, summary: Any) -> None:
         super().__init__(message)
@@ -106,31 +122,31 @@ class RunEnded(WanbatchError):
 
 
 class RunFailed(RunEnded):
-    exit_code = 1
+    exit_code: int = ExitCode.ERROR
 
 
 class RunInterrupted(RunEnded):
-    exit_code = 3
+    exit_code: int = ExitCode.INTERRUPTED
 
 
 class KeysRefused(RunEnded):
-    exit_code = 4
+    exit_code: int = ExitCode.NO_KEY
 
 
 class BudgetReached(RunEnded):
-    exit_code = 5
+    exit_code: int = ExitCode.BUDGET
 
 
 class RowsFailed(RunEnded):
-    exit_code = 6
+    exit_code: int = ExitCode.ROWS_FAILED
 
 
 class KeysMissing(RunEnded):
-    exit_code = 7
+    exit_code: int = ExitCode.KEYS_MISSING
 
 
 class CostsUnconfirmed(RunEnded):
-    exit_code = 8
+    exit_code: int = ExitCode.UNCONFIRMED
 
 
 class ApiError(WanbatchError):

@@ -10,17 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pipeline.core.config import RunConfig
-from pipeline.core.keys import ApiKey
+from pipeline.core import ApiKey, RunConfig, RunStats
 from pipeline.drive.dispatcher import JobSource
-from pipeline.drive.driver import KeyLane, RunStats, Worker
-from pipeline.journal.store import Commits
-from pipeline.outputs.downloads import Downloader, open_store
-from pipeline.outputs.thumbs import ThumbSink
-from pipeline.provider.client import EachlabsClient
-from pipeline.provider.limits import CreateGate, caps_for
-from pipeline.provider.polling import PollPlanner
-from pipeline.provider.webhook import Receiver
+from pipeline.drive.driver import Worker
+from pipeline.drive.lanes import KeyLane
+from pipeline.journal import Commits
+from pipeline.outputs import Downloader, ThumbSink, open_store
+from pipeline.provider import CreateGate, EachlabsClient, PollPlanner, Receiver, caps_for
 
 __all__ = ["KeySide", "assemble", "downloader"]
 

@@ -14,9 +14,8 @@ from typing import Protocol
 
 import anyio
 
-from pipeline.core.errors import NoUsableKeyError
-from pipeline.core.records import JobOutcome, Status
-from pipeline.journal.store import Entry, Journal
+from pipeline.core import JobOutcome, NoUsableKeyError, Status
+from pipeline.journal import Entry, Journal
 
 __all__ = ["Dispatcher", "JobSource"]
 

@@ -19,23 +19,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import anyio
 import structlog
 
-from pipeline.core.clock import Clock, SystemClock
-from pipeline.core.config import RunConfig
-from pipeline.core.errors import ApiError, NotFound, RateLimited, Unauthorized, UnsafePredictionId
-from pipeline.core.keys import ApiKey
-from pipeline.core.records import JobOutcome, Status
-from pipeline.core.schema import TRANSIENT_ERROR_CODES
+from pipeline.core import (
+    TRANSIENT_ERROR_CODES,
+    ApiError,
+    Clock,
+    JobOutcome,
+    NotFound,
+    RateLimited,
+    RunConfig,
+    RunStats,
+    Status,
+    SystemClock,
+    Unauthorized,
+    UnsafePredictionId,
+)
 from pipeline.drive.dispatcher import JobSource
-from pipeline.intake.inputs import Uploads
-from pipeline.journal.store import (
+from pipeline.drive.lanes import KeyLane
+from pipeline.intake import Uploads
+from pipeline.journal import (
     Commits,
     Entry,
     Finish,
@@ -45,50 +53,21 @@ from pipeline.journal.store import (
     NoteAmbiguous,
     NoteCancel,
 )
-from pipeline.outputs.downloads import Downloader, DownloadStats
-from pipeline.provider.client import EachlabsClient, Prediction
-from pipeline.provider.limits import CreateGate, GatePaused, InFlightCap, RetryPolicy
-from pipeline.provider.polling import PollPlanner
-from pipeline.provider.webhook import Callbacks, CallbackStats, Waiter
+from pipeline.outputs import Downloader
+from pipeline.provider import (
+    Callbacks,
+    EachlabsClient,
+    GatePaused,
+    PollPlanner,
+    Prediction,
+    RetryPolicy,
+    Waiter,
+)
 
 __all__ = ["KeyLane", "RunStats", "Worker"]
 
 _log = structlog.get_logger("pipeline.drive.driver")
 _MAX_RATE_LIMIT_WAITS = 50
-
-
-@dataclass
-class RunStats:
-    """Counters of one run, for the summary and the benchmark."""
-
-    creates_sent: int = 0
-    rate_limited: int = 0
-    retries: int = 0
-    ambiguous_creates: int = 0
-    polls: int = 0
-    reattached: int = 0
-    timeouts: int = 0
-    cancels: int = 0  # cancels the provider accepted or refused (not failed requests)
-    job_retries: int = 0  # jobs created again after a transient error code
-    cap_refusals: int = 0  # 429s for the provider's concurrency cap (our window not full)
-    finished: int = 0
-    unconfirmed: int = 0  # jobs left running at the provider, their end not seen (see Left)
-    cost_mismatches: int = 0  # jobs whose `metrics.cost` differs from our price times images
-    retired_keys: list[str] = field(default_factory=list)
-    callbacks: CallbackStats | None = None  # webhook mode only
-    downloads: DownloadStats | None = None  # when assets.download
-    # per job that ended with a predict time: it (s), and how long after its end the client
-    # saw the end (s), in end order; 8 bytes each
-    latencies: array[float] = field(default_factory=lambda: array("d"))
-    notice_delays: array[float] = field(default_factory=lambda: array("d"))
-    on_end: Callable[[float, float], None] | None = None  # metrics' histograms, when kept
-
-    def job_ended(self, latency: float, notice_delay: float) -> None:
-        notice_delay = max(0.0, notice_delay)
-        self.latencies.append(latency)
-        self.notice_delays.append(notice_delay)
-        if self.on_end is not None:
-            self.on_end(latency, notice_delay)
 
 
 class Flying(NamedTuple):
@@ -99,21 +78,6 @@ class Flying(NamedTuple):
     entry: Entry
     created: float
     attempts: int
-
-
-@dataclass
-class KeyLane:
-    """One API key with its create gate; retired when the provider refuses the key."""
-
-    key: ApiKey
-    gate: CreateGate
-    cap: InFlightCap  # shared by the keys of one group (limits.groups)
-    retired: bool = False
-    serving: int = 0  # slots still asking for jobs
-
-    def open_for_work(self) -> bool:
-        """Serving and not paused by a 429: a job given back now can go out on this key."""
-        return not self.retired and self.serving > 0 and self.gate.paused_for() == 0
 
 
 class _JobLog:
@@ -274,6 +238,10 @@ class Worker:
         self.open_elsewhere: Callable[[], bool] | None = None
         self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
         self._cost_said = False  # a difference between the provider's cost and ours: said once
+
+    def flying_lanes(self) -> list[KeyLane]:
+        """The lane of each job in flight, for the progress view."""
+        return [job.lane for job in self.in_flight.values()]
 
     def ages(self) -> list[float]:
         """Seconds since the create of each job in flight: lower bounds on their latencies."""

@@ -14,18 +14,16 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
-from pipeline.core.config import RunConfig
-from pipeline.core.keys import ApiKey, resolve_groups
+from pipeline.core import ApiKey, RunConfig, RunStats, resolve_groups
 from pipeline.drive.assemble import assemble, downloader
 from pipeline.drive.dispatcher import Dispatcher
-from pipeline.drive.driver import RunStats
+from pipeline.drive.lanes import LocalView
 from pipeline.drive.ray.cluster import Cluster, Workers, ray_session, spread
-from pipeline.intake.manifest import Manifest
-from pipeline.journal.store import GroupCommit, Journal
-from pipeline.observe.progress import LocalView, RunView
-from pipeline.outputs.downloads import Downloader
-from pipeline.outputs.thumbs import THUMBS, FolderThumbs
-from pipeline.provider.webhook import Receiver
+from pipeline.intake import Manifest
+from pipeline.journal import GroupCommit, Journal
+from pipeline.observe import RunView
+from pipeline.outputs import THUMBS, Downloader, FolderThumbs
+from pipeline.provider import Receiver
 
 __all__ = ["Engine", "open_engine"]
 
@@ -90,7 +88,7 @@ class Local:
         )
         self.downloader = self.side.worker.downloader
         self._scope = anyio.CancelScope()
-        self.view: RunView = LocalView(self.side.lanes, self.side.worker)
+        self.view: RunView = LocalView(self.side.lanes, self.side.worker.flying_lanes)
 
     def figures(self) -> list[dict[str, Any]]:
         return []

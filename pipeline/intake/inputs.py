@@ -29,17 +29,21 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from pipeline.core.errors import ConfigError
-from pipeline.core.records import JobSpec, Rejected
-from pipeline.core.schema import (
+from pipeline.core import (
     IMAGE_EXTENSIONS,
     IMAGE_FIELDS,
     MAX_INPUT_BYTES,
     UPLOAD_TOKEN,
+    ConfigError,
+    JobSpec,
+    ObjectStore,
+    ObjectTooLarge,
+    Rejected,
     fingerprint,
+    is_object_url,
+    read_object,
 )
-from pipeline.core.storage import ObjectStore, ObjectTooLarge, is_object_url, read_object
-from pipeline.outputs.thumbs import input_thumb, write_thumb
+from pipeline.outputs import input_thumb, write_thumb
 
 __all__ = [
     "InputStage",

@@ -19,10 +19,7 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.config import ManifestSection, RunConfig
-from pipeline.core.errors import ManifestError
-from pipeline.core.records import JobSpec, Rejected
-from pipeline.core.schema import INPUT_FIELDS
+from pipeline.core import INPUT_FIELDS, JobSpec, ManifestError, ManifestSection, Rejected, RunConfig
 from pipeline.intake.inputs import InputStage, open_uploads
 from pipeline.intake.rowmap import PromptTemplate, RowMapper
 

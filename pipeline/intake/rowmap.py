@@ -13,53 +13,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.core.records import JobSpec, Rejected
-from pipeline.core.schema import IMAGE_FIELDS, INPUT_FIELDS, check_input, fingerprint
+from pipeline.core import (
+    IMAGE_FIELDS,
+    INPUT_FIELDS,
+    ZERO_WIDTH,
+    JobSpec,
+    Rejected,
+    check_input,
+    fingerprint,
+    is_blank,
+    to_int,
+)
 from pipeline.intake.inputs import input_kind
 
 __all__ = ["PromptTemplate", "RowMapper", "is_blank", "split_images", "to_int"]
 
 _INT_FIELDS = ("n", "seed")
-_ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
-_INTEGER = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
 # where one image ends and the next begins in a text cell: a comma or whitespace before the
 # next URL's scheme; a comma inside a URL (`?tr=w_800,h_800`) is followed by no scheme
 _NEXT_IMAGE = re.compile(r"(?:\s*,\s*|\s+)(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
-
-
-def is_blank(value: Any) -> bool:
-    """Empty, null, NaN, or only whitespace and zero-width characters."""
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    if isinstance(value, str):
-        return not value.strip().strip(_ZERO_WIDTH).strip()
-    if isinstance(value, list | tuple):
-        return all(is_blank(v) for v in value)
-    return False
-
-
-def to_int(value: Any) -> int | None:
-    """An integer written as one (`5`, `+5`, `5.0`, 5, 5.0), or None: `--5`, `²`, `①`, 5.5,
-    NaN and text are not integers."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isascii() and _INTEGER.fullmatch(text):
-            return int(text.split(".", 1)[0])
-    return None
 
 
 def split_images(value: Any) -> tuple[list[str], str | None]:
@@ -75,7 +52,7 @@ def split_images(value: Any) -> tuple[list[str], str | None]:
         return images, None
     if not isinstance(value, str):
         return [], f"must be text, not {type(value).__name__} {_shown(value)}"
-    parts = (p.strip().strip(_ZERO_WIDTH).rstrip(",;").strip() for p in _NEXT_IMAGE.split(value))
+    parts = (p.strip().strip(ZERO_WIDTH).rstrip(",;").strip() for p in _NEXT_IMAGE.split(value))
     return [p for p in parts if p], None
 
 

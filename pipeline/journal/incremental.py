@@ -23,8 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import astuple
 from pathlib import Path
 
-from pipeline.core.errors import ConfigError
-from pipeline.core.records import PriorSuccess, StoredCopy
+from pipeline.core import ConfigError, PriorSuccess, StoredCopy
 
 __all__ = ["StateStore"]
 

@@ -23,9 +23,16 @@ from typing import Any, Protocol
 
 import anyio
 
-from pipeline.core.errors import JournalDamaged
-from pipeline.core.records import JobOutcome, JobSpec, PriorSuccess, Rejected, Status, StoredCopy
-from pipeline.core.schema import UPLOAD_TOKEN
+from pipeline.core import (
+    UPLOAD_TOKEN,
+    JobOutcome,
+    JobSpec,
+    JournalDamaged,
+    PriorSuccess,
+    Rejected,
+    Status,
+    StoredCopy,
+)
 
 __all__ = [
     "TRANSIENT_ERRORS",

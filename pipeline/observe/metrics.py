@@ -18,8 +18,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import write_to_textfile
 from prometheus_client.registry import Collector
 
-from pipeline.core.records import Status
-from pipeline.drive.driver import RunStats
+from pipeline.core import COUNTERS, RunStats, Status
 from pipeline.observe.progress import Snapshot
 
 __all__ = ["RunMetrics"]
@@ -36,26 +35,8 @@ class _Counters(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         s = self._stats
-        for name, text, value in (
-            ("wanbatch_creates", "Create requests sent", s.creates_sent),
-            ("wanbatch_rate_limited", "429 answers received", s.rate_limited),
-            ("wanbatch_retries", "Requests retried after 5xx or transport errors", s.retries),
-            ("wanbatch_job_retries", "Jobs created again after a transient error", s.job_retries),
-            ("wanbatch_polls", "Polls sent", s.polls),
-            ("wanbatch_ambiguous_creates", "Creates whose answer was lost", s.ambiguous_creates),
-            ("wanbatch_jobs_finished", "Jobs that ended in this process", s.finished),
-            (
-                "wanbatch_jobs_unconfirmed",
-                "Jobs left with no end seen at the provider (their cost may be billed)",
-                s.unconfirmed,
-            ),
-            (
-                "wanbatch_cost_mismatches",
-                "Jobs whose provider-reported cost differs from price times images",
-                s.cost_mismatches,
-            ),
-        ):
-            yield CounterMetricFamily(name, text, value=value)
+        for counter in COUNTERS:
+            yield CounterMetricFamily(counter.metric, counter.help, value=getattr(s, counter.name))
         if s.downloads is not None:
             d = s.downloads
             yield CounterMetricFamily("wanbatch_images_stored", "Images stored", value=d.stored)

@@ -15,10 +15,8 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
-from pipeline.core.config import RunConfig
-from pipeline.core.errors import ConfigError
-from pipeline.drive.driver import RunStats
-from pipeline.journal.store import Journal
+from pipeline.core import ConfigError, RunConfig, RunStats
+from pipeline.journal import Journal
 from pipeline.observe.metrics import RunMetrics
 from pipeline.observe.progress import (
     KeyState,

@@ -7,17 +7,14 @@ run's counters and the key lanes, and sends nothing.
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.drive.driver import KeyLane, RunStats, Worker
-from pipeline.journal.store import Journal
+from pipeline.core import RunStats
+from pipeline.journal import Journal
 
 __all__ = [
     "KeyState",
-    "LocalView",
     "RunView",
     "Snapshot",
     "WorkerState",
@@ -56,28 +53,6 @@ class RunView(Protocol):
     def keys(self) -> tuple[KeyState, ...]: ...
 
     def workers(self) -> tuple[WorkerState, ...]: ...
-
-
-class LocalView:
-    """The keys driven by this process."""
-
-    def __init__(self, lanes: Sequence[KeyLane], worker: Worker) -> None:
-        self._lanes = lanes
-        self._worker = worker
-
-    def keys(self) -> tuple[KeyState, ...]:
-        return key_states(self._lanes, self._worker)
-
-    def workers(self) -> tuple[WorkerState, ...]:
-        return ()
-
-
-def key_states(lanes: Sequence[KeyLane], worker: Worker) -> tuple[KeyState, ...]:
-    """Each lane's jobs in flight and what it does."""
-    flying = Counter(job.lane.key.name for job in worker.in_flight.values())
-    return tuple(
-        KeyState(lane.key.name, flying.get(lane.key.name, 0), _lane_state(lane)) for lane in lanes
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +104,6 @@ def take_snapshot(
         keys=keys,
         workers=workers,
     )
-
-
-def _lane_state(lane: KeyLane) -> str:
-    if lane.retired:
-        return "retired"
-    paused = lane.gate.paused_for()
-    if paused > 0:
-        return f"paused {paused:.0f} s (429)"
-    return "working" if lane.serving else "idle"
 
 
 def format_duration(seconds: float | None) -> str:

@@ -1,0 +1,51 @@
+"""outputs."""
+
+from __future__ import annotations
+
+from pipeline.outputs.closing import summary_rows
+from pipeline.outputs.downloads import CopyCheck, Downloader, open_store
+from pipeline.outputs.html_report import write_report
+from pipeline.outputs.results import (
+    RESULTS_ROWS,
+    RESULTS_RUN_ID,
+    RESULTS_SUCCEEDED,
+    ResultLayout,
+    write_failures,
+    write_images,
+    write_results,
+)
+from pipeline.outputs.summary import RunSummary, finish_line, write_summary
+from pipeline.outputs.thumbs import (
+    THUMBS,
+    FolderThumbs,
+    ThumbSink,
+    input_thumb,
+    make_thumbnail,
+    save_thumb,
+    write_thumb,
+)
+
+__all__ = [
+    "RESULTS_ROWS",
+    "RESULTS_RUN_ID",
+    "RESULTS_SUCCEEDED",
+    "THUMBS",
+    "CopyCheck",
+    "Downloader",
+    "FolderThumbs",
+    "ResultLayout",
+    "RunSummary",
+    "ThumbSink",
+    "finish_line",
+    "input_thumb",
+    "make_thumbnail",
+    "open_store",
+    "save_thumb",
+    "summary_rows",
+    "write_failures",
+    "write_images",
+    "write_report",
+    "write_results",
+    "write_summary",
+    "write_thumb",
+]

@@ -28,17 +28,19 @@ import httpx
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.core.config import AssetsSection
-from pipeline.core.errors import ConfigError
-from pipeline.core.records import PriorSuccess
-from pipeline.core.schema import MAX_INPUT_BYTES
-from pipeline.core.storage import ObjectStore
-from pipeline.journal.store import Commits, FailImage, StoreImage
+from pipeline.core import (
+    MAX_INPUT_BYTES,
+    AssetsSection,
+    ConfigError,
+    DownloadStats,
+    ObjectStore,
+    PriorSuccess,
+)
+from pipeline.journal import Commits, FailImage, StoreImage
 from pipeline.outputs.thumbs import ThumbSink, input_thumb, output_thumb
 
 __all__ = [
     "CopyCheck",
-    "DownloadStats",
     "Downloader",
     "FolderStore",
     "ObjectStore",
@@ -153,13 +155,6 @@ _INPUT_GRACE_S = 5.0  # the inputs' thumbnails still queued get this long once o
 
 class BadImage(Exception):
     """What was downloaded is not an image we keep: too large, cut short, or not decodable."""
-
-
-@dataclass
-class DownloadStats:
-    stored: int = 0
-    failed: int = 0
-    bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

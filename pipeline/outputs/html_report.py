@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.records import Status
-from pipeline.journal.store import Journal
+from pipeline.core import Status
+from pipeline.journal import Journal
 from pipeline.outputs.thumbs import THUMBS, input_thumb, output_thumb, write_thumb
 
 __all__ = ["REPORT", "write_report"]

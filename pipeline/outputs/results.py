@@ -23,10 +23,8 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.core.records import Status
-from pipeline.core.schema import IMAGE_FIELDS, UPLOAD_TOKEN
-from pipeline.intake.rowmap import to_int
-from pipeline.journal.store import Journal
+from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, Status, to_int
+from pipeline.journal import Journal
 
 if TYPE_CHECKING:
     import sqlite3

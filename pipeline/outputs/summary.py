@@ -13,19 +13,62 @@ import hashlib
 import json
 import os
 import platform
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import __version__
-from pipeline.core.config import RunConfig
+from pipeline.core import COUNTERS, ExitCode, RunConfig, RunStats, Status
+from pipeline.journal import CostBooks
 
-if TYPE_CHECKING:
-    from pipeline.runs.runner import RunSummary
-
-__all__ = ["config_hash", "finish_line", "percentiles", "summary_document", "write_summary"]
+__all__ = [
+    "RunSummary",
+    "config_hash",
+    "finish_line",
+    "percentiles",
+    "summary_document",
+    "write_summary",
+]
 
 _VERSIONS = ("httpx", "pyarrow", "obstore", "pydantic", "structlog", "anyio")
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    results_path: Path
+    failures_path: Path | None
+    counts: dict[str, int]
+    totals: dict[str, float]
+    stats: RunStats
+    elapsed_s: float
+    exit_code: ExitCode
+    message: str = ""
+    keys: list[str] = field(default_factory=list)
+    sandbox_stats: dict[str, Any] | None = None
+    requeued: dict[str, int] | None = None  # `wanbatch retry`: rows run again, per error type
+    workers: list[dict[str, Any]] = field(default_factory=list)  # `--workers`: each one's figures
+    per_key: dict[str, dict[str, float]] = field(default_factory=dict)  # jobs and cost per key
+    left_failed: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
+    forced: dict[str, int] | None = None  # `--force`: how the manifest as it is now was taken
+    waiting_on_keys: dict[str, int] = field(default_factory=dict)  # key name -> jobs it holds
+    started_at: float = 0.0  # wall clock (Unix seconds)
+    ended_at: float = 0.0
+    cost: CostBooks | None = None  # the cost confirmed by the provider, and what may be billed
+    possibly_billed_usd: float = 0.0  # at most, beyond the results' cost (unconfirmed jobs)
+
+    def results(self) -> Any:
+        """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
+        stay integers, lists stay lists)."""
+        import pandas as pd  # loaded only when asked for
+
+        return pd.read_parquet(self.results_path, dtype_backend="pyarrow")
+
+    @property
+    def finished_rows(self) -> int:
+        done = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)
+        return sum(self.counts.get(s.value, 0) for s in done)
 
 
 def percentiles(values: Any) -> dict[str, float | None]:
@@ -118,11 +161,7 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "cost": _cost(summary),
         "reused": int(totals.get("reused", 0)),
         "possible_duplicate_charges": int(totals["ambiguous_creates"]),
-        "creates": stats.creates_sent,
-        "429s": stats.rate_limited,
-        "retries": stats.retries,
-        "polls": stats.polls,
-        "jobs_finished_this_run": stats.finished,
+        **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
         "throughput": _throughput(summary, config),
         "latency_s": percentiles(stats.latencies),
         "notice_delay_s": percentiles(stats.notice_delays),

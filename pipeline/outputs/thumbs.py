@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.core.schema import UPLOAD_TOKEN
+from pipeline.core import UPLOAD_TOKEN
 
 __all__ = [
     "THUMBS",

@@ -23,8 +23,10 @@ import httpx
 import structlog
 
 from pipeline import __version__
-from pipeline.core.errors import (
+from pipeline.core import (
+    TRANSIENT_ERROR_CODES,
     ApiError,
+    ApiKey,
     InvalidInput,
     NotFound,
     ProtocolViolation,
@@ -34,8 +36,6 @@ from pipeline.core.errors import (
     Unauthorized,
     UnsafePredictionId,
 )
-from pipeline.core.keys import ApiKey
-from pipeline.core.schema import TRANSIENT_ERROR_CODES
 
 _log = structlog.get_logger("pipeline.provider.client")
 

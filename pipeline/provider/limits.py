@@ -33,9 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from pipeline.core.clock import Clock, SystemClock
-from pipeline.core.errors import RateLimited
-from pipeline.core.keys import ApiKey
+from pipeline.core import ApiKey, Clock, RateLimited, SystemClock
 
 __all__ = ["CreateGate", "GatePaused", "InFlightCap", "RetryPolicy", "Ticket", "caps_for"]
 

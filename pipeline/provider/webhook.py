@@ -35,10 +35,9 @@ import structlog
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from pipeline.core.config import WebhookSection
-from pipeline.core.errors import ConfigError
+from pipeline.core import CallbackStats, ConfigError, WebhookSection
 
-__all__ = ["CallbackStats", "Callbacks", "Receiver", "Waiter"]
+__all__ = ["Callbacks", "Receiver", "Waiter"]
 
 _log = structlog.get_logger("pipeline.provider.webhook")
 _MAX_BODY = 64 * 1024
@@ -58,17 +57,6 @@ class Waiter:
     def rearm(self) -> None:
         self.event.clear()
         self.hinted = False
-
-
-@dataclass
-class CallbackStats:
-    received: int = 0  # accepted by the receiver (right token, an exec_id)
-    unknown: int = 0  # for no job of this run in flight
-    unconfirmed: int = 0  # the confirming poll found the job still running
-    ends_by_callback: int = 0
-    ends_by_fallback: int = 0  # found by a fallback poll: its callback did not come in time
-    ends_by_poll: int = 0  # found on the poll schedule (after a contradicted callback)
-    bad_signatures: int = 0  # signed, but not by our secret (or too old): ignored
 
 
 class Callbacks:

@@ -27,9 +27,9 @@ from types import TracebackType
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.errors import JournalDamaged, RunFolderError, RunFolderLocked
-from pipeline.journal.store import Journal
-from pipeline.outputs.results import RESULTS_ROWS, RESULTS_RUN_ID, RESULTS_SUCCEEDED
+from pipeline.core import JournalDamaged, RunFolderError, RunFolderLocked
+from pipeline.journal import Journal
+from pipeline.outputs import RESULTS_ROWS, RESULTS_RUN_ID, RESULTS_SUCCEEDED
 
 __all__ = ["Holder", "RunFolder", "holder_of"]
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -25,51 +25,55 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.outputs.downloads import CopyCheck, Downloader, open_store
-from pipeline.drive.ray.cluster import Workers, check_workers
-from pipeline.core.config import KEPT_MANIFEST, RunConfig
-from pipeline.drive.dispatcher import Dispatcher
-from pipeline.drive.engine import Engine, open_engine
-from pipeline.core.errors import (
+from pipeline.core import (
+    ENV_KEY,
+    ENV_KEYS,
+    KEPT_MANIFEST,
+    ApiKey,
     ConfigError,
+    ExitCode,
+    JobSpec,
     ManifestError,
     NoUsableKeyError,
+    RunConfig,
     RunFolderMismatch,
+    RunStats,
+    Status,
     WanbatchError,
+    copy_object,
+    resolve_groups,
+    sandbox_keys,
 )
-from pipeline.outputs.html_report import write_report
-from pipeline.journal.store import CostBooks, Journal
-from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, resolve_groups
-from pipeline.intake.manifest import Manifest
-from pipeline.core.records import JobSpec, Status
-from pipeline.core.storage import copy_object
-from pipeline.observe.observer import Observer, Reporter
+from pipeline.drive import Dispatcher, Engine, Workers, check_workers, open_engine
+from pipeline.intake import Manifest
+from pipeline.journal import CostBooks, Journal, StateStore
+from pipeline.observe import Observer, Reporter
+from pipeline.outputs import (
+    THUMBS,
+    CopyCheck,
+    Downloader,
+    ResultLayout,
+    RunSummary,
+    finish_line,
+    open_store,
+    write_failures,
+    write_images,
+    write_report,
+    write_results,
+    write_summary,
+)
+from pipeline.provider import Callbacks, Receiver
 from pipeline.runs.folder import RunFolder
-from pipeline.sandbox import FaultRates, SandboxSettings
-from pipeline.journal.incremental import StateStore
-from pipeline.outputs.summary import finish_line, write_summary
-from pipeline.outputs.thumbs import THUMBS
-from pipeline.provider.webhook import Callbacks, Receiver
-from pipeline.drive.driver import RunStats
-from pipeline.outputs.results import ResultLayout, write_failures, write_images, write_results
 
-__all__ = ["ExitCode", "Reprocess", "RunSummary", "run"]
+__all__ = ["OpenSandbox", "Reprocess", "run"]
+
+# starts the embedded sandbox for a run (`pipeline.sandbox.open_embedded`): its base URL, the
+# keys to use and its server (for its stats)
+OpenSandbox = Callable[
+    [RunConfig, list[ApiKey]], AbstractAsyncContextManager[tuple[str, list[ApiKey], Any]]
+]
 
 _log = structlog.get_logger("pipeline.runs.runner")
-
-
-class ExitCode(IntEnum):
-    """What a scheduler can act on; the README's table says the same."""
-
-    OK = 0  # finished: every row succeeded
-    ERROR = 1  # stopped by an error after work began (books finished, see the message); resume
-    BAD_INPUT = 2  # bad config, keys, manifest or run folder, or the folder is held: nothing sent
-    INTERRUPTED = 3  # stopped by a signal: run the same command again to resume
-    NO_KEY = 4  # every key was refused: fix the key and run again to resume
-    BUDGET = 5  # budget.max_cost_usd reached: raise it and run again to resume
-    ROWS_FAILED = 6  # finished: some rows failed or were rejected (see failures manifest)
-    KEYS_MISSING = 7  # jobs wait on keys this run was not given (or were refused): add them
-    UNCONFIRMED = 8  # finished, but jobs created were not seen to end: their cost may be billed
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,43 +81,6 @@ class Reprocess:
     """`wanbatch retry`: which failed rows to run again (`error_types` None: every failure)."""
 
     error_types: Collection[str] | None
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    results_path: Path
-    failures_path: Path | None
-    counts: dict[str, int]
-    totals: dict[str, float]
-    stats: RunStats
-    elapsed_s: float
-    exit_code: ExitCode
-    message: str = ""
-    keys: list[str] = field(default_factory=list)
-    sandbox_stats: dict[str, Any] | None = None
-    requeued: dict[str, int] | None = None  # `wanbatch retry`: rows run again, per error type
-    workers: list[dict[str, Any]] = field(default_factory=list)  # `--workers`: each one's figures
-    per_key: dict[str, dict[str, float]] = field(default_factory=dict)  # jobs and cost per key
-    left_failed: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
-    forced: dict[str, int] | None = None  # `--force`: how the manifest as it is now was taken
-    waiting_on_keys: dict[str, int] = field(default_factory=dict)  # key name -> jobs it holds
-    started_at: float = 0.0  # wall clock (Unix seconds)
-    ended_at: float = 0.0
-    cost: CostBooks | None = None  # the cost confirmed by the provider, and what may be billed
-    possibly_billed_usd: float = 0.0  # at most, beyond the results' cost (unconfirmed jobs)
-
-    def results(self) -> Any:
-        """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
-        stay integers, lists stay lists)."""
-        import pandas as pd  # loaded only when asked for
-
-        return pd.read_parquet(self.results_path, dtype_backend="pyarrow")
-
-    @property
-    def finished_rows(self) -> int:
-        done = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)
-        return sum(self.counts.get(s.value, 0) for s in done)
 
 
 def _identity(config: RunConfig) -> dict[str, str]:
@@ -252,35 +219,20 @@ def _copy_manifest(config: RunConfig, folder: RunFolder, force: bool) -> None:
 
 @asynccontextmanager
 async def _api(
-    config: RunConfig, keys: list[ApiKey]
+    config: RunConfig, keys: list[ApiKey], embedded: OpenSandbox | None
 ) -> AsyncIterator[tuple[str, list[ApiKey], Any]]:
-    """The base URL and keys to use; starts the embedded sandbox when the config says so."""
+    """The base URL and keys to use, and the embedded sandbox when the config asks for one
+    (started by whoever composed the run: `wanbatch run` or `pipeline.run`)."""
     if not config.embedded_sandbox:
         yield config.api.base_url, keys, None
         return
-    from pipeline.sandbox.server import SandboxServer  # starlette, uvicorn, Pillow: only here
-
-    s = config.sandbox
-    if not keys:
-        keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(s.keys)]  # as run() checks them
-    settings = SandboxSettings(
-        keys=tuple(k.secret for k in keys),
-        time_scale=s.time_scale,
-        creates_per_window=config.limits.creates_per_window,
-        window_s=config.limits.window_s,
-        max_concurrent=config.limits.max_concurrent,
-        latency_mean_s=s.latency_mean_s,
-        latency_spread=s.latency_spread,
-        seed=s.seed,
-        price_per_image_usd=config.api.price_per_image_usd,
-        image_scale=s.image_scale,
-        allow_loopback_urls=True,
-        fetch_inputs=True,
-        faults=FaultRates(**s.faults),
-        ledger_path=config.output.dir / "sandbox-ledger.jsonl",
-    )
-    with SandboxServer(settings) as server:
-        yield server.base_url, keys, server
+    if embedded is None:
+        raise ConfigError(
+            "api.base_url: sandbox runs from `wanbatch run` or `pipeline.run()`, which start "
+            "the embedded sandbox; give an API's URL to run from elsewhere"
+        )
+    async with embedded(config, keys) as (base_url, used, server):
+        yield base_url, used, server
 
 
 @asynccontextmanager
@@ -387,6 +339,7 @@ async def run(
     reporter: Reporter | None = None,
     tick_s: float | None = None,
     workers: Workers | None = None,
+    embedded: OpenSandbox | None = None,
 ) -> RunSummary:
     """Run (or resume) a config; with `reprocess`, first put the chosen failed rows back to be
     run again. Holds the run folder (`folder`, or one it opens) for the whole run. Raises
@@ -444,6 +397,7 @@ async def run(
             reprocess,
             Observer(config, folder.path, started, RunStats(), reporter, tick_s),
             workers,
+            embedded,
         )
     finally:
         journal.close()
@@ -465,8 +419,8 @@ def _check_before(
         check_workers(workers, config)
     if not keys and not config.embedded_sandbox:
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
-    sandbox_keys = [ApiKey(f"sandbox-key-{i + 1}") for i in range(config.sandbox.keys)]
-    resolve_groups(config.limits.groups, keys or sandbox_keys)
+    made_up = [ApiKey(k) for k in sandbox_keys(config.sandbox.keys)]
+    resolve_groups(config.limits.groups, keys or made_up)
     if reprocess is not None and not (folder.path / "journal.sqlite").exists():
         raise ConfigError(
             f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
@@ -508,6 +462,7 @@ async def _run_held(
     reprocess: Reprocess | None,
     observer: Observer,
     workers: Workers | None,
+    embedded: OpenSandbox | None,
 ) -> RunSummary:
     forced = None
     identity = _check_identity(journal, config, force)
@@ -527,7 +482,7 @@ async def _run_held(
     faults = _Faults()
     observer.start(_start_line(config, folder.path, journal, keys))
     with observer.serving():
-        async with _api(config, keys) as (base_url, lanes_keys, sandbox):
+        async with _api(config, keys, embedded) as (base_url, lanes_keys, sandbox):
             drive = _Drive(
                 config, journal, state, manifest, grace_s, handle_signals, faults, observer
             )

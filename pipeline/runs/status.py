@@ -9,10 +9,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.errors import RunFolderError
-from pipeline.journal.store import Journal
-from pipeline.core.keys import ApiKey
-from pipeline.runs.folder import JOURNAL, Holder, holder_of
+from pipeline.core import RunFolderError
+from pipeline.journal import Journal
+from pipeline.core import ApiKey
+from pipeline.runs.folder import Holder, JOURNAL, holder_of
 
 __all__ = ["FolderStatus", "folder_status"]
 

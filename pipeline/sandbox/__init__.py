@@ -14,6 +14,7 @@ from pipeline.sandbox.settings import FaultRates, SandboxSettings
 
 if TYPE_CHECKING:
     from pipeline.sandbox.app import create_app
+    from pipeline.sandbox.embedded import open_embedded
     from pipeline.sandbox.server import SandboxServer, ServerThread, serve
     from pipeline.sandbox.state import SandboxState, key_hash
 
@@ -25,6 +26,7 @@ __all__ = [
     "ServerThread",
     "create_app",
     "key_hash",
+    "open_embedded",
     "serve",
 ]
 
@@ -34,6 +36,7 @@ _LAZY = {
     "ServerThread": "pipeline.sandbox.server",
     "serve": "pipeline.sandbox.server",
     "SandboxState": "pipeline.sandbox.state",
+    "open_embedded": "pipeline.sandbox.embedded",
     "key_hash": "pipeline.sandbox.state",
 }
 

@@ -1,5 +1,5 @@
 """The driver's side of a distributed run (`--workers N`): Ray workers (`remote.py`), each
- owning some keys, fed from the driver's dispatcher, their updates made durable in the
+owning some keys, fed from the driver's dispatcher, their updates made durable in the
 driver's journal of record.
 
 Keys are owned, never shared: each key, or each group of limits.groups, is driven by one
@@ -29,15 +29,12 @@ from urllib.parse import urlsplit
 import anyio
 import structlog
 
-from pipeline.core.config import RunConfig
-from pipeline.core.errors import ConfigError, WanbatchError
-from pipeline.core.keys import ApiKey
+from pipeline.core import COUNTERS, ApiKey, ConfigError, RunConfig, RunStats, WanbatchError
 from pipeline.drive.dispatcher import Dispatcher
-from pipeline.drive.driver import RunStats
-from pipeline.drive.ray.remote import COUNTERS, Figures, Orders, Report, WorkerProcess, WorkerSetup
-from pipeline.journal.store import Entry, Finish, GroupCommit, Journal
-from pipeline.observe.progress import KeyState, WorkerState
-from pipeline.outputs.thumbs import THUMBS, save_thumb
+from pipeline.drive.ray.remote import Figures, Orders, Report, WorkerProcess, WorkerSetup
+from pipeline.journal import Entry, Finish, GroupCommit, Journal
+from pipeline.observe import KeyState, WorkerState
+from pipeline.outputs import THUMBS, save_thumb
 
 __all__ = ["Cluster", "WorkerLost", "Workers", "check_workers", "ray_session", "spread"]
 
@@ -519,7 +516,8 @@ class Cluster:
         )
 
     def _merge(self, member: _Member, figures: Figures, stats: RunStats) -> None:
-        for name in COUNTERS:
+        for counter in COUNTERS:
+            name = counter.name
             value = figures.counters.get(name, 0)
             setattr(stats, name, getattr(stats, name) + value - member.counted.get(name, 0))
         member.finished += figures.counters.get("finished", 0) - member.counted.get("finished", 0)

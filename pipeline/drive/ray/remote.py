@@ -25,35 +25,16 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.core.config import RunConfig
-from pipeline.core.keys import ApiKey
-from pipeline.core.records import JobOutcome
+from pipeline.core import ApiKey, JobOutcome, RunConfig, RunStats
 from pipeline.drive.assemble import KeySide, assemble
-from pipeline.drive.driver import RunStats
-from pipeline.intake.inputs import Uploads
-from pipeline.journal.store import Entry, Update
-from pipeline.observe.progress import KeyState, key_states
-from pipeline.outputs.downloads import Downloader
-from pipeline.outputs.thumbs import make_thumbnail
+from pipeline.drive.lanes import key_states
+from pipeline.intake import Uploads
+from pipeline.journal import Entry, Update
+from pipeline.observe import KeyState
+from pipeline.outputs import Downloader, make_thumbnail
 
-__all__ = ["COUNTERS", "Figures", "Orders", "Report", "WorkerProcess", "WorkerSetup"]
+__all__ = ["Figures", "Orders", "Report", "WorkerProcess", "WorkerSetup"]
 
-# RunStats' counters a worker reports, summed over the workers by the driver
-COUNTERS = (
-    "creates_sent",
-    "rate_limited",
-    "retries",
-    "ambiguous_creates",
-    "polls",
-    "reattached",
-    "timeouts",
-    "cancels",
-    "job_retries",
-    "cap_refusals",
-    "finished",
-    "unconfirmed",
-    "cost_mismatches",
-)
 _REPORT_EVERY_S = 1.0  # a report goes out at least this often, for the figures
 
 
@@ -390,11 +371,11 @@ class WorkerProcess:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         side = self._side
         return Figures(
-            counters={name: int(getattr(st, name)) for name in COUNTERS},
+            counters=st.counted(),
             latencies=list(st.latencies[new]),
             notice_delays=list(st.notice_delays[new]),
             downloads=(d.stored, d.failed, d.bytes) if d is not None else (0, 0, 0),
-            keys=key_states(side.lanes, side.worker) if side is not None else (),
+            keys=key_states(side.lanes, side.worker.flying_lanes()) if side is not None else (),
             host=socket.gethostname(),
             pid=os.getpid(),
             cpu_s=usage.ru_utime + usage.ru_stime,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.runs.runner import RunSummary
+from pipeline.core import COUNTERS
+from pipeline.outputs.summary import RunSummary
 
 __all__ = ["summary_rows"]
 
@@ -57,10 +58,8 @@ def _activity(summary: RunSummary) -> list[tuple[str, str]]:
             ", ".join(summary.keys)
             + (f" (retired: {', '.join(stats.retired_keys)})" if stats.retired_keys else ""),
         ),
-        ("creates sent", f"{stats.creates_sent:,}"),
-        ("429s received", f"{stats.rate_limited:,}"),
-        ("polls", f"{stats.polls:,}"),
     ]
+    rows += [(c.label, f"{getattr(stats, c.name):,}") for c in COUNTERS if c.label]
     if stats.callbacks is not None:
         c = stats.callbacks
         rows.append(

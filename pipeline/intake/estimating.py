@@ -18,13 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.config import RunConfig
-from pipeline.core.errors import ManifestError
-from pipeline.core.records import JobSpec, Rejected
-from pipeline.core.storage import copy_object
+from pipeline.core import JobSpec, ManifestError, Rejected, RunConfig, copy_object
 from pipeline.intake.manifest import Manifest
-from pipeline.journal.incremental import StateStore
-from pipeline.journal.store import unique
+from pipeline.journal import StateStore, unique
 
 __all__ = ["Estimate", "estimate", "rule_of"]
 
