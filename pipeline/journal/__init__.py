@@ -1,17 +1,26 @@
-"""journal."""
+"""The journal: every row's state in SQLite in the run folder, the run's memory across crashes.
+
+file.py         the file: opening, meta values, updates applied, open jobs read
+updates.py      the state changes (pending -> creating -> created -> an end; images)
+commit.py       group commit: many slots' updates, one durable transaction
+ingest.py       the manifest's rows in, deduplicated; a changed manifest reconciled
+reports.py      read back: failures requeued, counts, totals, costs, rows for the outputs
+rows.py         the typed rows handed back (Entry, CostBooks)
+tables.py       the tables, and the columns the readers take
+incremental.py  the incremental state across nightly runs (StateStore)
+"""
 
 from __future__ import annotations
 
+from pipeline.journal.commit import Commits, GroupCommit
 from pipeline.journal.incremental import StateStore
-from pipeline.journal.store import (
-    TRANSIENT_ERRORS,
-    Commits,
-    CostBooks,
-    Entry,
+from pipeline.journal.ingest import unique
+from pipeline.journal.rows import CostBooks, Entry
+from pipeline.journal.store import Journal
+from pipeline.journal.tables import TRANSIENT_ERRORS
+from pipeline.journal.updates import (
     FailImage,
     Finish,
-    GroupCommit,
-    Journal,
     MarkCreated,
     MarkCreating,
     MarkPending,
@@ -19,7 +28,6 @@ from pipeline.journal.store import (
     NoteCancel,
     StoreImage,
     Update,
-    unique,
 )
 
 __all__ = [

@@ -1,0 +1,294 @@
+"""Rows into the journal, and the manifest as it is now reconciled with it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import astuple
+from typing import Any
+
+from pipeline.core import (
+    JobSpec,
+    PriorSuccess,
+    Rejected,
+    Status,
+)
+from pipeline.journal.file import JournalFile
+from pipeline.journal.tables import _INPUTS, _RECORD, _UNSENT
+
+
+def unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejected:
+    """The item, or its rejection when another row has its job id already (`known`: job id
+    -> the row that has it first, updated)."""
+    first = known.get(item.job_id)
+    if first is not None and first != item.row_number:
+        return Rejected(
+            f"{item.job_id}#row-{item.row_number}",
+            item.row_number,
+            item.record,
+            f"row {item.row_number}: id {item.job_id!r} repeats row {first} "
+            "(each row needs its own id)",
+        )
+    known[item.job_id] = item.row_number
+    return item
+
+
+class Ingest(JournalFile):
+    """The manifest into the journal: new rows journaled (deduplicated by job id, and by
+    seeded input when `manifest.dedupe`), reused successes of earlier runs, and a changed
+    manifest reconciled with what the journal holds."""
+
+    def ingest(
+        self,
+        batch: Sequence[JobSpec | Rejected],
+        meta: dict[str, str],
+        prior: Mapping[str, PriorSuccess] | None = None,
+    ) -> list[tuple[int, str, int, str]]:
+        """Add manifest rows (and ingest progress in `meta`) in one transaction. A repeated
+        job id is rejected, naming the row that has it first. A row whose fingerprint is in
+        `prior` is journaled as succeeded with the earlier outputs, reused, at no cost; the
+        outputs whose stored copies are gone are returned, to be fetched again."""
+        with self._lock, self._transaction():
+            fetch = self._insert(batch, prior or {})
+            self._db.executemany(
+                "INSERT INTO meta(name, value) VALUES(?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                list(meta.items()),
+            )
+        return fetch
+
+    def reconcile(
+        self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess] | None = None
+    ) -> Counter[str]:
+        """`--force`: journal the manifest as it is now, a batch at a time. A row never sent
+        (pending or rejected) takes its current inputs (`updated` when they changed); a row
+        already sent keeps what was sent (`changed_after_sent` when the manifest now says
+        otherwise); a new row is added (`added`). See `drop_unseen` for rows that went away."""
+        found: Counter[str] = Counter()
+        if not batch:
+            return found
+        prior = prior or {}
+        with self._lock, self._transaction():
+            db = self._db
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
+            db.executemany(
+                "INSERT OR IGNORE INTO seen VALUES (?)", [(i.row_number,) for i in batch]
+            )
+            held = {
+                r["row_number"]: r
+                for r in db.execute(
+                    "SELECT row_number, status, record FROM jobs WHERE row_number BETWEEN ? AND ?",
+                    (batch[0].row_number, batch[-1].row_number),
+                )
+            }
+            known = self._known_ids({item.job_id for item in batch})
+            added, updates, reused = [], [], []
+            for item in batch:
+                old = held.get(item.row_number)
+                if old is None:
+                    added.append(item)
+                    continue
+                changed = _RECORD(item.record) != old["record"]
+                if old["status"] in _UNSENT:
+                    taken = unique(item, known)
+                    row = self._ingest_row(taken, prior)
+                    updates.append((*row[1:], item.row_number))
+                    reused.append(taken)
+                    found["updated"] += changed
+                else:
+                    found["changed_after_sent"] += changed
+            db.executemany(
+                "UPDATE jobs SET job_id=?, fingerprint=?, inputs=?, record=?, status=?,"
+                " error_type=?, error_message=?, prediction_id=?, output_urls=?, images=?,"
+                " predict_time_s=?, finished_at=?, reused=?, follows=NULL WHERE row_number=?",
+                updates,
+            )
+            db.executemany("DELETE FROM images WHERE row_number=?", [(u[-1],) for u in updates])
+            self._reused_images(reused, prior)  # fetched by the run (they are pending)
+            if self.share_seeded:  # rows taken as they are now share a seeded input as new ones do
+                leaders = self._leaders(reused, prior)
+                db.executemany(
+                    "UPDATE jobs SET follows=? WHERE row_number=? AND status=?",
+                    [(lead, row, Status.PENDING.value) for row, lead in leaders.items()],
+                )
+            self._insert(added, prior)
+            found["added"] += len(added)
+        return found
+
+    def drop_unseen(self) -> Counter[str]:
+        """After `reconcile` has seen the whole manifest: rows it no longer has. One never sent
+        and without a trace is dropped (`dropped`); one that may have been paid for is kept
+        (`kept`), and if it was not finished it ends failed (`not_in_manifest`), never sent."""
+        unseen = "row_number NOT IN (SELECT row_number FROM seen)"
+        with self._lock, self._transaction():
+            db = self._db
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
+            dropped = db.execute(
+                f"DELETE FROM jobs WHERE {unseen} AND status IN (?, ?, ?) AND ambiguous=0"
+                " AND history IS NULL",
+                _UNSENT,
+            ).rowcount
+            kept = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {unseen}").fetchone()[0]
+            db.execute(
+                # a `creating` row's create may have been billed: it counts as ambiguous
+                f"UPDATE jobs SET ambiguous=ambiguous+(status=:creating), status=:failed,"
+                " error_type='not_in_manifest', error_message='the row is no longer in the"
+                f" manifest (--force)', finished_at=:now WHERE {unseen}"
+                " AND status IN (:pending, :creating)",
+                {
+                    "creating": Status.CREATING.value,
+                    "pending": Status.PENDING.value,
+                    "failed": Status.FAILED.value,
+                    "now": time.time(),
+                },
+            )
+            db.execute("DROP TABLE seen")
+        return Counter(dropped=dropped, kept=int(kept))
+
+    def _known_ids(self, ids: Collection[str]) -> dict[str, int]:
+        """Which of these job ids the journal has, and on which row."""
+        listed = list(ids)
+        known: dict[str, int] = {}
+        for start in range(0, len(listed), 500):
+            chunk = listed[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                self._db.execute(
+                    f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
+                ).fetchall()
+            )
+        return known
+
+    def _insert(
+        self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> list[tuple[int, str, int, str]]:
+        known = self._known_ids({item.job_id for item in batch})
+        items = [unique(item, known) for item in batch]
+        leaders = self._leaders(items, prior) if self.share_seeded else {}
+        rows = [(*self._ingest_row(i, prior), leaders.get(i.row_number)) for i in items]
+        self._db.executemany(
+            "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
+            " error_type, error_message, prediction_id, output_urls, images,"
+            " predict_time_s, finished_at, reused, follows)"
+            " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return self._reused_images(items, prior)
+
+    def _reused_images(
+        self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> list[tuple[int, str, int, str]]:
+        """The images of rows reused from an earlier run: its stored copies where they are
+        still there, else pending (row, job id, index, URL returned) to be fetched again."""
+        rows, fetch = [], []
+        for item in items:
+            done = prior.get(item.fingerprint) if isinstance(item, JobSpec) else None
+            if done is None:
+                continue
+            for idx, url in enumerate(done.output_urls):
+                copy = done.copies[idx] if idx < len(done.copies) else None
+                if copy is None:
+                    rows.append((item.row_number, idx, url, "pending", *[None] * 6))
+                    fetch.append((item.row_number, item.job_id, idx, url))
+                else:
+                    rows.append((item.row_number, idx, url, "stored", *astuple(copy)))
+        self._db.executemany(
+            "INSERT OR REPLACE INTO images(row_number, idx, url, state, path, sha256, bytes,"
+            " width, height, format) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return fetch
+
+    def _leaders(
+        self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> dict[int, int]:
+        """Rows whose exact input, seed included, an earlier row of this run already sends:
+        the row each follows. Without a seed, each row is a new draw and is sent."""
+        seeded = [
+            i
+            for i in items
+            if isinstance(i, JobSpec) and "seed" in i.inputs and i.fingerprint not in prior
+        ]
+        if not seeded:
+            return {}
+        prints = list({i.fingerprint for i in seeded})
+        first: dict[str, int] = {}
+        for start in range(0, len(prints), 500):
+            chunk = prints[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            first.update(
+                self._db.execute(
+                    f"SELECT fingerprint, MIN(row_number) FROM jobs WHERE fingerprint IN ({marks})"
+                    " AND follows IS NULL AND status != ? GROUP BY fingerprint",
+                    (*chunk, Status.REJECTED.value),
+                ).fetchall()
+            )
+        follows: dict[int, int] = {}
+        for item in seeded:
+            leader = first.setdefault(item.fingerprint, item.row_number)
+            if leader != item.row_number:
+                follows[item.row_number] = leader
+        return follows
+
+    def settle_followers(self) -> None:
+        """Rows that share a seeded input with an earlier row take its end: its outputs (and
+        stored images), reused and at no cost, or its failure. Those whose leader has not
+        ended wait for a later run."""
+        done, failed = Status.SUCCEEDED.value, Status.FAILED.value
+        with self._lock, self._transaction():
+            db = self._db
+            db.execute(
+                "UPDATE jobs SET status=l.status, prediction_id=l.prediction_id,"
+                " output_urls=l.output_urls, images=l.images, cost_usd=0, reused=1,"
+                " predict_time_s=l.predict_time_s, finished_at=l.finished_at"
+                " FROM (SELECT row_number AS lead, status, prediction_id, output_urls, images,"
+                " predict_time_s, finished_at FROM jobs WHERE status=?) AS l"
+                " WHERE jobs.follows = l.lead AND jobs.status=?",
+                (done, Status.PENDING.value),
+            )
+            db.execute(
+                "UPDATE jobs SET status=l.status, error_type=l.error_type,"
+                " error_code=l.error_code, finished_at=l.finished_at,"
+                " error_message='shares its input with row ' || l.lead || ', which failed: '"
+                " || COALESCE(l.error_message, '')"
+                " FROM (SELECT row_number AS lead, status, error_type, error_code, error_message,"
+                " finished_at FROM jobs WHERE status=?) AS l"
+                " WHERE jobs.follows = l.lead AND jobs.status=?",
+                (failed, Status.PENDING.value),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO images(row_number, idx, url, state, path, sha256, bytes,"
+                " width, height, format, error) SELECT f.row_number, i.idx, i.url, i.state,"
+                " i.path, i.sha256, i.bytes, i.width, i.height, i.format, i.error"
+                " FROM jobs f JOIN images i ON i.row_number = f.follows WHERE f.status=?",
+                (done,),
+            )
+
+    @staticmethod
+    def _ingest_row(item: JobSpec | Rejected, prior: Mapping[str, PriorSuccess]) -> tuple[Any, ...]:
+        """The INSERT values of one row: what it is, then its outcome so far."""
+        record = _RECORD(item.record)
+        if isinstance(item, Rejected):  # never sent: a rule broken, or skipped on purpose
+            status = Status.SKIPPED if item.skipped else Status.REJECTED
+            kind = None if item.skipped else "invalid_row"
+            rejected = (item.row_number, item.job_id, None, None, record, status.value)
+            return (*rejected, kind, item.reason, None, None, 0, None, None, 0)
+        inputs = _INPUTS(item.inputs)
+        head = (item.row_number, item.job_id, item.fingerprint, inputs, record)
+        done = prior.get(item.fingerprint)
+        if done is None:
+            return (*head, Status.PENDING.value, None, None, None, None, 0, None, None, 0)
+        return (
+            *head,
+            Status.SUCCEEDED.value,
+            None,
+            None,
+            done.prediction_id,
+            json.dumps(list(done.output_urls)),
+            len(done.output_urls),
+            done.predict_time_s,
+            done.finished_at,
+            1,
+        )

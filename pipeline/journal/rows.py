@@ -1,0 +1,91 @@
+"""What the journal hands back, typed: an open job's entry, and the cost books."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core import (
+    JobSpec,
+    Status,
+    StoredCopy,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CostBooks:
+    """The run's cost as the provider's word and as ours: `confirmed_usd` is what the results
+    record (each job's end seen by a poll); `provider_usd` the part the provider stated
+    (`metrics.cost`), `priced_usd` our price times images; `mismatched` jobs where the two
+    differ. `unconfirmed` jobs may exist with no end seen, `unconfirmed_images` the most they
+    may have made; `ambiguous_images` the most that lost creates may have made."""
+
+    confirmed_usd: float
+    provider_usd: float
+    priced_usd: float
+    mismatched: int
+    unconfirmed: int
+    unconfirmed_images: int
+    ambiguous_images: int
+    creating_images: int = 0  # of rows left `creating`: a create sent, its answer not seen
+
+    def possibly_billed_usd(self, price_per_image_usd: float) -> float:
+        """The most the provider may have billed beyond `confirmed_usd`."""
+        images = self.unconfirmed_images + self.ambiguous_images
+        return round(images * price_per_image_usd, 6)
+
+    def lost_spend_usd(self, price_per_image_usd: float) -> float:
+        """What creates whose answers were lost (counted, or left `creating` by a crash) may
+        have been billed: spent, as far as a budget knows. A job that is journaled `created`
+        is not in it: its next poll books it, and its row's reservation covers it."""
+        return round((self.ambiguous_images + self.creating_images) * price_per_image_usd, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A job as the journal holds it: what to send and how far it got."""
+
+    row_number: int
+    job_id: str
+    fingerprint: str
+    inputs: dict[str, Any]
+    record: dict[str, Any]
+    status: Status
+    prediction_id: str | None
+    key_name: str | None
+    attempts: int
+    ambiguous: int
+    started_at: float | None
+
+    @property
+    def spec(self) -> JobSpec:
+        return JobSpec(self.job_id, self.row_number, self.inputs, self.record, self.fingerprint)
+
+
+def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | None, ...]:
+    """The stored copy of each of `count` outputs, by index (None where not stored)."""
+    copies: list[StoredCopy | None] = [None] * count
+    for idx, path, *rest in json.loads(found or "[]"):
+        if 0 <= idx < count:
+            where = path if "://" in path or Path(path).is_absolute() else str(Path(run_dir, path))
+            copies[idx] = StoredCopy(where, *rest)
+    return tuple(copies)
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    return Entry(
+        row_number=row["row_number"],
+        job_id=row["job_id"],
+        fingerprint=row["fingerprint"],
+        inputs=json.loads(row["inputs"]),
+        record=json.loads(row["record"]),
+        status=Status(row["status"]),
+        prediction_id=row["prediction_id"],
+        key_name=row["key_name"],
+        attempts=row["attempts"],
+        ambiguous=row["ambiguous"],
+        started_at=row["started_at"],
+    )

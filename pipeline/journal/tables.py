@@ -1,0 +1,129 @@
+"""The journal's tables in SQLite, and the columns its readers take from them."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.core import (
+    Status,
+)
+
+# Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
+TRANSIENT_ERRORS = frozenset(
+    {"server_error", "transport", "rate_limited", "protocol", "timeout", "job_error"}
+)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    row_number INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL UNIQUE,
+    fingerprint TEXT,
+    inputs TEXT,
+    record TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prediction_id TEXT,
+    key_name TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    ambiguous INTEGER NOT NULL DEFAULT 0,
+    output_urls TEXT,
+    images INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    predict_time_s REAL,
+    error_type TEXT,
+    error_message TEXT,
+    started_at REAL,
+    created_at REAL,
+    finished_at REAL,
+    reused INTEGER NOT NULL DEFAULT 0,
+    history TEXT,
+    error_code TEXT,
+    cancel_accepted INTEGER,
+    follows INTEGER,
+    provider_cost_usd REAL,
+    priced_cost_usd REAL,
+    unconfirmed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
+CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs(fingerprint) WHERE fingerprint IS NOT NULL;
+CREATE TABLE IF NOT EXISTS images (
+    row_number INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    path TEXT,
+    sha256 TEXT,
+    bytes INTEGER,
+    width INTEGER,
+    height INTEGER,
+    format TEXT,
+    error TEXT,
+    PRIMARY KEY (row_number, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS images_state ON images(state, row_number);
+"""
+
+
+# columns added since the first journals: a journal made before them gets them on opening
+_ADDED = {
+    "error_code": "TEXT",
+    "cancel_accepted": "INTEGER",
+    "follows": "INTEGER",
+    "provider_cost_usd": "REAL",
+    "priced_cost_usd": "REAL",
+    "unconfirmed": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+# a job that may exist at the provider with no end seen: its cost may be billed
+_UNCONFIRMED = "(status IN ('creating', 'created') OR unconfirmed = 1)"
+
+
+# made once: json.dumps with any argument of its own builds a new encoder on every call
+_RECORD = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+_INPUTS = json.JSONEncoder(ensure_ascii=False).encode
+
+
+# REAL values are written with 15 significant digits: every one here is rounded well below that
+_RESULT_COLUMNS = (
+    """row_number, record, inputs, history, json_object(
+    'job_id', job_id, 'row_number', row_number, 'status', status,
+    'prediction_id', prediction_id,
+    'output_urls', json(COALESCE(NULLIF(output_urls, ''), '[]')),
+    'images', images, 'cost_usd', cost_usd, 'provider_cost_usd', provider_cost_usd,
+    'priced_cost_usd', COALESCE(priced_cost_usd, cost_usd),
+    'unconfirmed', json(CASE WHEN """
+    + _UNCONFIRMED
+    + """ THEN 'true' ELSE 'false' END),
+    'predict_time_s', predict_time_s,
+    'latency_s', CASE WHEN started_at AND finished_at THEN round(finished_at - started_at, 4) END,
+    'attempts', attempts, 'ambiguous_creates', ambiguous,
+    'possible_duplicate_charge', json(CASE WHEN ambiguous > 0 THEN 'true' ELSE 'false' END),
+    'reused', json(CASE WHEN reused THEN 'true' ELSE 'false' END),
+    'error_type', error_type, 'error_code', error_code, 'error_message', error_message,
+    'cancel_accepted', json(CASE cancel_accepted WHEN 1 THEN 'true' WHEN 0 THEN 'false' END),
+    'created_at', CASE WHEN created_at THEN CAST(created_at * 1000000 AS INTEGER) END,
+    'finished_at', CASE WHEN finished_at THEN CAST(finished_at * 1000000 AS INTEGER) END,
+    'key', key_name
+) AS outcome, (
+    SELECT json_object(
+        'path', json_group_array(path), 'sha256', json_group_array(sha256),
+        'bytes', json_group_array(bytes), 'width', json_group_array(width),
+        'height', json_group_array(height), 'state', json_group_array(state)
+    ) FROM (SELECT * FROM images WHERE images.row_number = jobs.row_number ORDER BY idx)
+) AS stored"""
+)
+
+
+_OPEN = (Status.PENDING.value, Status.CREATING.value, Status.CREATED.value)
+
+
+# the images a job asks for, from its journaled input (a rejected row has none)
+_WANTED = "COALESCE(json_extract(inputs, '$.n'), 1)"
+
+
+# no create of the row's inputs is out
+_UNSENT = (Status.PENDING.value, Status.REJECTED.value, Status.SKIPPED.value)
