@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pipeline.core import ApiKey, RunConfig, RunStats
 from pipeline.drive.dispatcher import JobSource
-from pipeline.drive.driver import Worker
+from pipeline.drive.driver import KeyDriver
 from pipeline.drive.lanes import KeyLane
 from pipeline.journal import Commits
 from pipeline.outputs import Downloader, ThumbSink, open_store
@@ -24,7 +24,7 @@ __all__ = ["KeySide", "assemble", "downloader"]
 @dataclass
 class KeySide:
     client: EachlabsClient
-    worker: Worker
+    worker: KeyDriver
     lanes: list[KeyLane]
 
 
@@ -76,7 +76,7 @@ def assemble(
     to_gate_clock = lanes[0].gate.clock.now() - time.time() if lanes else 0.0
     for lane in lanes:
         lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
-    worker = Worker(
+    worker = KeyDriver(
         config,
         client,
         commit,

@@ -8,4 +8,13 @@ from pipeline.runs.runner import OpenSandbox, Reprocess, run
 from pipeline.runs.status import FolderStatus, folder_status
 
 __all__ = [
-    "OpenSandbox","FolderStatus", "Reprocess", "RunFolder", "configure_logging", "folder_status", "level_named", "logging_to", "run"]
+    "FolderStatus",
+    "OpenSandbox",
+    "Reprocess",
+    "RunFolder",
+    "configure_logging",
+    "folder_status",
+    "level_named",
+    "logging_to",
+    "run",
+]

@@ -17,8 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from pipeline.core import (
     RunConfig,
     RunFolderMismatch,
     RunStats,
-    Status,
     WanbatchError,
     copy_object,
     resolve_groups,

@@ -9,10 +9,9 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core import RunFolderError
+from pipeline.core import ApiKey, RunFolderError
 from pipeline.journal import Journal
-from pipeline.core import ApiKey
-from pipeline.runs.folder import Holder, JOURNAL, holder_of
+from pipeline.runs.folder import JOURNAL, Holder, holder_of
 
 __all__ = ["FolderStatus", "folder_status"]
 

@@ -8,20 +8,14 @@ demos) and `GET /_admin/stats` / `GET /_admin/ledger` (what was billed).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import io
 import json
 import logging
 import math
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -30,25 +24,21 @@ from starlette.types import Receive, Scope, Send
 
 from pipeline.core.schema import (
     IMAGE_FIELDS,
-    MAX_INPUT_BYTES,
     MODEL,
     check_input,
     check_url,
     is_loopback_host,
 )
 from pipeline.sandbox import images
+from pipeline.sandbox.hooks import Hooks, callback
+from pipeline.sandbox.inputs import InputImages
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
+from pipeline.sandbox.signing import sign_body, sign_webhook
 from pipeline.sandbox.state import Job, SandboxState
 
 __all__ = ["DroppedConnection", "create_app", "sign_body", "sign_webhook"]
 
 _log = logging.getLogger("pipeline.sandbox")
-
-
-def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
 
 
 class DroppedConnection(Exception):
@@ -96,16 +86,14 @@ class _Sandbox:
         self.settings = settings
         self.state = state
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inputs: dict[str, Image.Image] = {}
-        self._hooks: httpx.AsyncClient | None = None  # made on the first webhook, kept alive
-        self._fetcher: httpx.AsyncClient | None = None  # made on the first input fetched
+        self.inputs = InputImages(settings)
+        self.hooks = Hooks(settings, state)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for client in (self._hooks, self._fetcher):
-            if client is not None:
-                await client.aclose()
+        await self.inputs.aclose()
+        await self.hooks.aclose()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -302,8 +290,8 @@ class _Sandbox:
         if job is None or not job.ended or job.fails or job.cancelled or not 0 <= index < job.n:
             return _error(404, "Not found", "no such output")
         urls = [str(job.inputs[f]) for f in IMAGE_FIELDS if job.inputs.get(f)]
-        last = await self._input_image(urls[-1])
-        first = last if len(urls) == 1 else await self._input_image(urls[0])
+        last = await self.inputs.image(urls[-1])
+        first = last if len(urls) == 1 else await self.inputs.image(urls[0])
         size = images.target_size(
             str(job.inputs.get("size", "2K")), last.size, self.settings.image_scale
         )
@@ -324,34 +312,6 @@ class _Sandbox:
             slowly = _trickle(body, self.settings.scaled(faults.slow_s))
             return StreamingResponse(slowly, media_type="image/jpeg", headers=headers)
         return Response(body, media_type="image/jpeg", headers=headers)
-
-    async def _input_image(self, url: str) -> Image.Image:
-        """A job's input: a known sample by path, a loopback fetch when allowed, else drawn."""
-        cached = self._inputs.get(url)
-        if cached is not None:
-            return cached
-        parts = urlsplit(url)
-        name = parts.path.rsplit("/", 1)[-1]
-        image = images.sample_image(name) if parts.path.startswith("/samples/") else None
-        if (
-            image is None
-            and self.settings.allow_loopback_urls
-            and is_loopback_host(parts.hostname or "")
-        ):
-            try:
-                async with httpx.AsyncClient(timeout=5) as client:
-                    answer = await client.get(url)
-                answer.raise_for_status()
-                image = Image.open(io.BytesIO(answer.content))
-                image.load()
-            except (httpx.HTTPError, OSError):
-                image = None
-        if image is None:
-            image = images.synthetic_input(url)
-        if len(self._inputs) > 256:
-            self._inputs.clear()
-        self._inputs[url] = image
-        return image
 
     # -- inputs, fetched as the provider fetches them ------------------------------------------
 
@@ -376,7 +336,7 @@ class _Sandbox:
     async def _judge_inputs(self, job: Job, urls: list[str]) -> None:
         try:
             for url in urls:
-                problem, size = await self._fetch_input(url)
+                problem, size = await self.inputs.fetch(url)
                 self.state.note_input(job, url, problem, size)
                 if problem is not None:
                     break
@@ -384,30 +344,6 @@ class _Sandbox:
             job.inputs_ready = True
         if self.state.now() >= job.ends_at:
             self._on_end(job)  # its end came while the inputs were fetched
-
-    async def _fetch_input(self, url: str) -> tuple[tuple[str, str] | None, int]:
-        """Fetch one input: (error code, why) when it cannot be used, and its size."""
-        if self._fetcher is None:
-            self._fetcher = httpx.AsyncClient(timeout=10.0, trust_env=False)
-        data = bytearray()
-        try:
-            async with self._fetcher.stream("GET", url) as answer:
-                if not answer.is_success:
-                    return ("INPUT_DOWNLOAD_ERROR", f"input answered HTTP {answer.status_code}"), 0
-                async for chunk in answer.aiter_bytes():
-                    data += chunk
-                    if len(data) > MAX_INPUT_BYTES:
-                        return ("INPUT_VALIDATION_ERROR", "input is over 20 MB"), len(data)
-        except httpx.HTTPError as exc:
-            return ("INPUT_DOWNLOAD_ERROR", f"input could not be fetched: {exc!r}"), 0
-        try:
-            image = await asyncio.to_thread(_decode, bytes(data))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return ("INPUT_VALIDATION_ERROR", "input is not an image"), len(data)
-        if len(self._inputs) > 256:
-            self._inputs.clear()
-        self._inputs[url] = image
-        return None, len(data)
 
     async def sample(self, request: Request) -> Response:
         image = images.sample_image(request.path_params["name"])
@@ -434,71 +370,13 @@ class _Sandbox:
             return  # its inputs are still being fetched (that ends it), or a cancel moved it
         if job.webhook_url and not job.hooked:
             job.hooked = True
-            task = asyncio.ensure_future(self._send_webhook(job))
+            task = asyncio.ensure_future(
+                self.hooks.send(
+                    job, *callback(self.settings, job, self._seed_body(job), self._job_body(job))
+                )
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    async def _send_webhook(self, job: Job) -> None:
-        data, headers = self._callback(job)
-        assert job.webhook_url is not None
-        if self._hooks is None:
-            timeout = httpx.Timeout(self.settings.scaled(30.0), connect=self.settings.scaled(10.0))
-            self._hooks = httpx.AsyncClient(
-                timeout=timeout,
-                limits=httpx.Limits(max_connections=64),
-                headers={"User-Agent": "sandbox-webhook"},
-                trust_env=False,  # the receiver is on loopback, never behind a proxy
-            )
-        delay = self.settings.scaled(1.0)
-        for _ in range(self.settings.webhook_attempts):  # the same signature each time
-            try:
-                answer = await self._hooks.post(job.webhook_url, content=data, headers=headers)
-                if answer.is_success:
-                    self.state.webhooks["delivered"] += 1
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(delay)
-            delay *= 2
-        self.state.webhooks["failed"] += 1
-        _log.warning("webhook for %s was not accepted", job.prediction_id)
-
-    def _callback(self, job: Job) -> tuple[bytes, dict[str, str]]:
-        """A job-end callback's body and signature headers, in the shape `api_shape` names."""
-        body = self._seed_body(job)
-        succeeded = body["status"] == "success"
-        payload: dict[str, Any]
-        if self.settings.api_shape == "reference":
-            shaped = self._job_body(job)
-            names = ("id", "status", "output", "input", "metrics", "logs")
-            payload = {k: shaped[k] for k in names if k in shaped}
-            payload["status"] = "success" if succeeded else "failed"
-        else:
-            payload = {
-                "exec_id": job.prediction_id,
-                "status": "succeeded" if succeeded else "failed",
-                "output": body["output"][0] if succeeded else "",
-                "error": "" if succeeded else job.error_code or body["status"],
-            }
-        data = json.dumps(payload).encode()
-        if job.webhook_secret is None:
-            return data, {}
-        if self.settings.api_shape == "reference":
-            return data, sign_body(job.webhook_secret, data)
-        return data, sign_webhook(job.webhook_secret, data)
-
-
-def sign_body(secret: str, body: bytes) -> dict[str, str]:
-    """The reference's example signature: the hex HMAC-SHA256 of the raw body alone."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-Webhook-Signature": digest}
-
-
-def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-    """The provider's signature headers: HMAC-SHA256 of "<timestamp>.<raw body>"."""
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return {"X-Webhook-Timestamp": stamp, "X-Webhook-Signature": f"sha256={digest}"}
 
 
 def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> Starlette:

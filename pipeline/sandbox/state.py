@@ -354,47 +354,52 @@ class SandboxState:
             return list(self._ledger)
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            per_key = {
-                name: {
-                    "creates": st.creates,
-                    "refused_429": st.refused_429,
-                    "refused_400": st.refused_400,
-                    "lost_answers": st.lost_answers,
-                    "succeeded": st.succeeded,
-                    "failed": st.failed,
-                    "images": st.images,
-                    "cost_usd": st.cost_usd,
-                    "max_creates_in_window": st.max_creates_in_window,
-                    "max_in_flight": st.max_in_flight,
-                }
-                for name, st in self._stats.items()
-            }
-            duplicates = sum(count - 1 for count in self._fingerprints.values() if count > 1)
-            again = sum(max(0, j.terminal_polls - 1) for j in list(self.jobs.values()))
-        return {
-            "keys": per_key,
-            "creates": sum(k["creates"] for k in per_key.values()),
-            "images": sum(k["images"] for k in per_key.values()),
-            "cost_usd": round(sum(k["cost_usd"] for k in per_key.values()), 6),
-            "refused_429": sum(k["refused_429"] for k in per_key.values()),
-            # creates refused for breaking the input schema: a client sends none
-            "refused_400": sum(k["refused_400"] for k in per_key.values()),
-            "duplicate_creates": duplicates,
-            "polls_after_end": again,  # polls of a job after one that answered its end
-            "webhooks": dict(self.webhooks),
-            "max_in_flight_per_account": dict(self.account_peak),
-            "inputs": dict(self.inputs),
-            "limits": {
-                "creates_per_window": self.settings.creates_per_window,
-                "window_s": self.settings.window_s,
-                "max_concurrent": self.settings.max_concurrent,
-                "time_scale": self.settings.time_scale,
-            },
-        }
+        return _figures(self)
 
     def close(self) -> None:
         with self._lock:
             if self._ledger_file is not None:
                 self._ledger_file.close()
                 self._ledger_file = None
+
+
+def _figures(state: SandboxState) -> dict[str, Any]:
+    """What the sandbox did, per key and in all: `/_admin/stats`."""
+    with state._lock:
+        per_key = {
+            name: {
+                "creates": st.creates,
+                "refused_429": st.refused_429,
+                "refused_400": st.refused_400,
+                "lost_answers": st.lost_answers,
+                "succeeded": st.succeeded,
+                "failed": st.failed,
+                "images": st.images,
+                "cost_usd": st.cost_usd,
+                "max_creates_in_window": st.max_creates_in_window,
+                "max_in_flight": st.max_in_flight,
+            }
+            for name, st in state._stats.items()
+        }
+        duplicates = sum(count - 1 for count in state._fingerprints.values() if count > 1)
+        again = sum(max(0, j.terminal_polls - 1) for j in list(state.jobs.values()))
+    return {
+        "keys": per_key,
+        "creates": sum(k["creates"] for k in per_key.values()),
+        "images": sum(k["images"] for k in per_key.values()),
+        "cost_usd": round(sum(k["cost_usd"] for k in per_key.values()), 6),
+        "refused_429": sum(k["refused_429"] for k in per_key.values()),
+        # creates refused for breaking the input schema: a client sends none
+        "refused_400": sum(k["refused_400"] for k in per_key.values()),
+        "duplicate_creates": duplicates,
+        "polls_after_end": again,  # polls of a job after one that answered its end
+        "webhooks": dict(state.webhooks),
+        "max_in_flight_per_account": dict(state.account_peak),
+        "inputs": dict(state.inputs),
+        "limits": {
+            "creates_per_window": state.settings.creates_per_window,
+            "window_s": state.settings.window_s,
+            "max_concurrent": state.settings.max_concurrent,
+            "time_scale": state.settings.time_scale,
+        },
+    }

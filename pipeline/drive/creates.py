@@ -1,0 +1,159 @@
+"""A job's create: the create gate, the request, and its answer journaled before any poll
+(invariant 5: 400 final, 401 retires the key, 429 waits, 5xx backs off, a lost answer is
+ambiguous)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import anyio
+import structlog
+
+from pipeline.core import (
+    ApiError,
+    JobOutcome,
+    RateLimited,
+    Status,
+    Unauthorized,
+)
+from pipeline.drive.books import Books
+from pipeline.drive.lanes import KeyLane
+from pipeline.drive.slot import (
+    Created,
+    GiveWay,
+    JobLog,
+    KeyRefused,
+    NotSent,
+    Withheld,
+    failed_outcome,
+)
+from pipeline.journal import (
+    Entry,
+    MarkCreated,
+    MarkCreating,
+    MarkPending,
+    NoteAmbiguous,
+)
+from pipeline.provider import (
+    GatePaused,
+)
+
+_log = structlog.get_logger("pipeline.drive.driver")
+_MAX_RATE_LIMIT_WAITS = 50
+
+
+__all__ = ["Creates"]
+
+
+class Creates(Books):
+    """Sending a job's create, and what its answer (or its loss) means."""
+
+    async def _create(
+        self, lane: KeyLane, entry: Entry, attempts: int, log: JobLog
+    ) -> Created | JobOutcome | NotSent | Withheld:
+        """Create the job: its id, or how it failed (a JobOutcome), or NotSent, or Withheld
+        when the budget cannot take another create after a lost answer."""
+        failures = 0
+        waits = 0
+        marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
+        while True:
+            attempts += 1
+            sent = await self._send_create(lane, entry, attempts, marked)
+            if not isinstance(sent, ApiError):
+                return sent
+            marked, error = True, sent
+            if isinstance(error, Unauthorized):
+                await self.journal.write(MarkPending(entry.row_number))
+                log.bound().error("key_refused", error=str(error))
+                raise KeyRefused(replace(entry, status=Status.PENDING)) from error
+            if isinstance(error, RateLimited):
+                self.stats.rate_limited += 1
+                if lane.gate.in_window() < self.config.limits.creates_per_window:
+                    # our window is not full: the provider's concurrency cap refused it
+                    lane.cap.refused()
+                    self.stats.cap_refusals += 1
+                waits += 1
+                attempts -= 1  # a 429 created nothing; it does not use up an attempt
+                if waits <= _MAX_RATE_LIMIT_WAITS:
+                    # the whole key waits; this job waits with it or goes to another key
+                    lane.gate.pause(self.policy.rate_limit_wait(error, waits))
+                    continue
+            elif not error.retryable:
+                if error.ambiguous:  # e.g. an answer whose id we will not use: maybe billed
+                    await self._ambiguous(entry, log)
+                return failed_outcome(error, str(error))
+            failures += 1
+            if error.ambiguous:
+                await self._ambiguous(entry, log)
+                if self.config.retries.ambiguous_creates == "fail":
+                    return self._ambiguous_outcome()
+                if not await self.dispatcher.reserve(entry):
+                    await self.journal.write(MarkPending(entry.row_number))
+                    log.bound().warning("budget_withholds_create", attempt=attempts)
+                    return Withheld()
+                # the lost job may hold one of this key's provider slots: keep ours until it ends
+                await anyio.sleep(self.planner.quantile(0.9))
+            if failures >= self.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
+                return failed_outcome(error, f"{error} (after {attempts} attempts)")
+            self.stats.retries += 1
+            log.bound().info("create_retry", error=str(error), attempt=attempts)
+            await anyio.sleep(self.policy.backoff(failures))
+
+    async def _send_create(
+        self, lane: KeyLane, entry: Entry, attempts: int, marked: bool
+    ) -> Created | ApiError | NotSent:
+        """One create through the key's gate: its id (durable before the next create of this
+        key is sent), the error, or NotSent when the run was stopped first."""
+        try:
+            async with (
+                lane.cap.sending(),
+                lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket,
+            ):
+                if self.dispatcher.halted:
+                    if marked:
+                        await self.journal.write(MarkPending(entry.row_number))
+                    return NotSent()
+                await self.journal.write(
+                    MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
+                )
+                await lane.gate.settled()
+                self.stats.creates_sent += 1
+                inputs = entry.inputs
+                if self.uploads is not None:  # a fresh presigned URL for each create
+                    inputs = self.uploads.presigned(inputs)
+                try:
+                    prediction_id = await self.client.create(
+                        lane.key,
+                        inputs,
+                        webhook_url=self.webhook_url,
+                        webhook_secret=self.webhook_secret,
+                    )
+                except ApiError as exc:
+                    return exc
+                lane.cap.started()  # running at the provider until its end is seen
+                # so a crash leaves ambiguous only creates whose answers had not come
+                ticket.answered()
+                await self.journal.write(
+                    MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
+                )
+                return Created(prediction_id, attempts)
+        except GatePaused as paused:
+            if marked:
+                await self.journal.write(MarkPending(entry.row_number))
+            given = replace(entry, status=Status.PENDING, attempts=attempts - 1)
+            raise GiveWay(given, paused.wait) from None
+
+    async def _ambiguous(self, entry: Entry, log: JobLog) -> None:
+        self.stats.ambiguous_creates += 1
+        await self.journal.write(NoteAmbiguous(entry.row_number))
+        log.bound().warning("ambiguous_create", policy=self.config.retries.ambiguous_creates)
+
+    def _ambiguous_outcome(self) -> JobOutcome:
+        return JobOutcome(
+            Status.FAILED,
+            error_type="ambiguous_create",
+            error_message="the answer to a create was lost: a job may have been created and "
+            "billed; not retried (retries.ambiguous_creates: fail)",
+            finished_at=time.time(),
+        )

@@ -1,0 +1,244 @@
+"""What a slot of the key driver holds and hands between its steps: the jobs in flight, the
+answers a create or a poll can end in, and the driver's own state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import structlog
+
+from pipeline.core import (
+    ApiError,
+    Clock,
+    JobOutcome,
+    RunConfig,
+    RunStats,
+    Status,
+    SystemClock,
+)
+from pipeline.drive.dispatcher import JobSource
+from pipeline.drive.lanes import KeyLane
+from pipeline.intake import Uploads
+from pipeline.journal import (
+    Commits,
+    Entry,
+)
+from pipeline.outputs import Downloader
+from pipeline.provider import (
+    Callbacks,
+    EachlabsClient,
+    PollPlanner,
+    Prediction,
+    RetryPolicy,
+    Waiter,
+)
+
+_log = structlog.get_logger("pipeline.drive.driver")
+_MAX_RATE_LIMIT_WAITS = 50
+
+
+__all__ = [
+    "Created",
+    "Deferred",
+    "DriverBase",
+    "Ended",
+    "Flying",
+    "GiveWay",
+    "JobLog",
+    "KeyRefused",
+    "Left",
+    "NotSent",
+    "Track",
+    "Withheld",
+    "failed_outcome",
+]
+
+
+class Flying(NamedTuple):
+    """A job being polled: its key, its journal entry, when its create was answered (on the
+    worker's monotonic clock) and the attempt it is."""
+
+    lane: KeyLane
+    entry: Entry
+    created: float
+    attempts: int
+
+
+class JobLog:
+    """A job's logger, bound on first use: binding one for every job costs CPU on every job,
+    and most jobs log nothing."""
+
+    __slots__ = ("_bound", "_entry", "_key")
+
+    def __init__(self, entry: Entry, lane: KeyLane) -> None:
+        self._entry = entry
+        self._key = lane.key.name
+        self._bound: structlog.typing.FilteringBoundLogger | None = None
+
+    def bound(self) -> structlog.typing.FilteringBoundLogger:
+        if self._bound is None:
+            e = self._entry
+            self._bound = _log.bind(job_id=e.job_id, row=e.row_number, key=self._key)
+        return self._bound
+
+
+class KeyRefused(Exception):
+    """The key was refused; `entry` is the job as the journal now holds it."""
+
+    def __init__(self, entry: Entry) -> None:
+        super().__init__(entry.job_id)
+        self.entry = entry
+
+
+class GiveWay(Exception):
+    """The key is paused and another can take the job: `entry` is the job as the journal now
+    holds it, `wait` the pause left."""
+
+    def __init__(self, entry: Entry, wait: float) -> None:
+        super().__init__(entry.job_id)
+        self.entry = entry
+        self.wait = wait
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A create the provider answered: the job's id, durable in the journal, and the attempt."""
+
+    prediction_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """The run was stopped before the create went out: the row is kept for the resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    """A create again (its answer was lost) would pass the budget: the row waits, pending, for
+    a later run, and its reservation stays spent (the lost create may be billed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A poll saw the job end (success, error or cancelled)."""
+
+    answer: Prediction
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """A job left running at the provider with its end unconfirmed (cancelled, and still
+    running past the grace): it stays journaled `created`, and the next run polls it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Poll again after `wait` seconds (an error's backoff), or on the schedule when None
+    (the job still runs)."""
+
+    wait: float | None = None
+
+
+def failed_outcome(error: ApiError, message: str) -> JobOutcome:
+    return JobOutcome(
+        Status.FAILED, error_type=error.error_type, error_message=message, finished_at=time.time()
+    )
+
+
+class Track:
+    """What one job's polls have seen: errors in a row, and its callback's hint (webhook mode):
+    a hint no poll has confirmed yet, or one a poll contradicted (the job is then polled on
+    the schedule)."""
+
+    __slots__ = ("contradicted", "failures", "hinted", "waiter")
+
+    def __init__(self, waiter: Waiter | None) -> None:
+        self.waiter = waiter
+        self.failures = 0
+        self.hinted = False
+        self.contradicted = False
+
+    def woken(self) -> None:
+        if self.waiter is not None:
+            self.hinted = self.hinted or self.waiter.hinted
+            self.waiter.rearm()
+
+    def running(self) -> None:
+        """A poll said the job still runs: a hint before it was wrong."""
+        if self.hinted and self.waiter is not None:
+            self.contradicted, self.hinted = True, False
+
+
+class DriverBase:
+    """What the key driver holds: its parts (client, journal, dispatcher, planner, lanes),
+    its settings, and the jobs in flight. The create, poll and booking steps build on it."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        client: EachlabsClient,
+        journal: Commits,
+        dispatcher: JobSource,
+        planner: PollPlanner,
+        stats: RunStats,
+        callbacks: Callbacks | None = None,
+        webhook_url: str | None = None,
+        lanes: Sequence[KeyLane] = (),
+        webhook_secret: str | None = None,
+    ) -> None:
+        self.config = config
+        self.lanes = lanes
+        self.client = client
+        self.journal = journal
+        self.dispatcher = dispatcher
+        self.planner = planner
+        self.stats = stats
+        self.callbacks = callbacks
+        self.webhook_url = webhook_url
+        self.webhook_secret = webhook_secret  # the provider signs its callbacks with it
+        self._fallback_after = config.scaled(config.webhook.fallback_after_s)
+        self._fallback_interval = config.scaled(config.webhook.fallback_interval_s)
+        r = config.retries
+        self.policy = RetryPolicy(
+            r.max_attempts,
+            config.scaled(r.backoff_initial_s),
+            config.scaled(r.backoff_max_s),
+            config.scaled(r.retry_after_max_s),
+        )
+        self.job_timeout = config.scaled(config.polling.job_timeout_s)
+        self._cancel_grace = config.scaled(config.polling.cancel_grace_s)
+        # at most about ten polls in a cancel's grace
+        shortest = config.scaled(config.polling.min_interval_s)
+        self._confirm_every = max(shortest, self._cancel_grace / 10)
+        self._asked: dict[str, bool] = {}  # prediction id -> whether its cancel was answered yes
+        self.price = config.api.price_per_image_usd
+        self.in_flight: dict[str, Flying] = {}  # prediction id -> its key, row and creation
+        # durations and deadlines: monotonic, so a step of the wall clock moves none of them;
+        # wall time only for what is journaled and shown
+        self.clock: Clock = SystemClock()
+        planner.running = self.ages
+        self.cancel_all = False  # stopped for good: every job in flight is cancelled
+        self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
+        self.uploads: Uploads | None = None  # signs uploaded inputs, when assets.upload_to
+        # on a Ray worker: whether a key of another worker can take a job now
+        self.open_elsewhere: Callable[[], bool] | None = None
+        self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
+        self._cost_said = False  # a difference between the provider's cost and ours: said once
+
+    def _others_open(self, lane: KeyLane) -> bool:
+        if any(other is not lane and other.open_for_work() for other in self.lanes):
+            return True
+        return self.open_elsewhere is not None and self.open_elsewhere()
+
+    def ages(self) -> list[float]:
+        """Seconds since the create of each job in flight: lower bounds on their latencies."""
+        now = self.clock.now()
+        return [now - job.created for job in self.in_flight.values()]
+
+    def flying_lanes(self) -> list[KeyLane]:
+        """The lane of each job in flight, for the progress view."""
+        return [job.lane for job in self.in_flight.values()]
