@@ -1,7 +1,8 @@
 """Time as the waiting parts of the run see it: a `Clock` to read and to sleep on.
 
-The create gate waits on computed deadlines; given a clock, its tests run in virtual time
-(`now()` moves only when the gate sleeps), so they check exact instants instead of sleeping.
+The create gate, the key driver and the dispatcher wait on computed deadlines. Their tests
+run them in virtual time (an event loop whose clock jumps to the next timer when every task
+waits), so they check exact instants instead of sleeping.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The clock of asyncio's timers."""
+    """The clock of asyncio's timers: the running loop's (monotonic) time, so deadlines and
+    the loop's own sleeps agree, in a test loop's virtual time too."""
 
     def now(self) -> float:
-        return time.monotonic()
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # no loop running: the same monotonic clock asyncio uses
+            return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)  # anyio.sleep would look the backend up on every call

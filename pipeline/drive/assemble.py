@@ -14,6 +14,8 @@ from pipeline.core import ApiKey, RunConfig, RunStats
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.lanes import KeyLane
+from pipeline.drive.slot import DriverSettings, Webhook
+from pipeline.intake import Uploads
 from pipeline.journal import Commits
 from pipeline.outputs import Downloader, ThumbSink, open_store
 from pipeline.provider import CreateGate, EachlabsClient, PollPlanner, Receiver, caps_for
@@ -52,6 +54,7 @@ def assemble(
     *,
     receiver: Receiver | None = None,
     thumbs: ThumbSink | None = None,
+    uploads: Uploads | None = None,
 ) -> KeySide:
     """`keys` driven over `commit` (where updates go) and `source` (where jobs come from);
     `recent`: per key, the wall times of its creates still in the provider's window;
@@ -76,22 +79,26 @@ def assemble(
     to_gate_clock = lanes[0].gate.clock.now() - time.time() if lanes else 0.0
     for lane in lanes:
         lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
+    kept = None
+    if config.assets.download:
+        kept = downloader(config, commit, stats, thumbs)
+        if config.embedded_sandbox:  # the sandbox serves the demo's sample inputs
+            kept.samples_from = base_url.removesuffix("/v1")
+    webhook = None
+    if receiver is not None:
+        webhook = Webhook(receiver.url, receiver.secret, receiver.callbacks)
     worker = KeyDriver(
-        config,
+        DriverSettings.of(config),
         client,
         commit,
         source,
         _planner(config),
         stats,
-        callbacks,
-        receiver.url if receiver is not None else None,
         lanes,
-        receiver.secret if receiver is not None else None,
+        webhook=webhook,
+        downloader=kept,
+        uploads=uploads,
     )
-    if config.assets.download:
-        worker.downloader = downloader(config, commit, stats, thumbs)
-        if config.embedded_sandbox:  # the sandbox serves the demo's sample inputs
-            worker.downloader.samples_from = base_url.removesuffix("/v1")
     return KeySide(client, worker, lanes)
 
 

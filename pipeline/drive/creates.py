@@ -69,7 +69,7 @@ class Creates(Books):
                 raise KeyRefused(replace(entry, status=Status.PENDING)) from error
             if isinstance(error, RateLimited):
                 self.stats.rate_limited += 1
-                if lane.gate.in_window() < self.config.limits.creates_per_window:
+                if lane.gate.in_window() < self.settings.creates_per_window:
                     # our window is not full: the provider's concurrency cap refused it
                     lane.cap.refused()
                     self.stats.cap_refusals += 1
@@ -86,7 +86,7 @@ class Creates(Books):
             failures += 1
             if error.ambiguous:
                 await self._ambiguous(entry, log)
-                if self.config.retries.ambiguous_creates == "fail":
+                if self.settings.ambiguous_creates == "fail":
                     return self._ambiguous_outcome()
                 if not await self.dispatcher.reserve(entry):
                     await self.journal.write(MarkPending(entry.row_number))
@@ -147,7 +147,7 @@ class Creates(Books):
     async def _ambiguous(self, entry: Entry, log: JobLog) -> None:
         self.stats.ambiguous_creates += 1
         await self.journal.write(NoteAmbiguous(entry.row_number))
-        log.bound().warning("ambiguous_create", policy=self.config.retries.ambiguous_creates)
+        log.bound().warning("ambiguous_create", policy=self.settings.ambiguous_creates)
 
     def _ambiguous_outcome(self) -> JobOutcome:
         return JobOutcome(

@@ -87,7 +87,7 @@ class KeyDriver(Creates, Polls):
         elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
             await self._ambiguous(entry, log)
-            if self.config.retries.ambiguous_creates == "fail":
+            if self.settings.ambiguous_creates == "fail":
                 await self._finish(entry, self._ambiguous_outcome())
                 return
         while True:

@@ -9,20 +9,21 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
 from pipeline.core import ApiKey, RunConfig, RunStats, resolve_groups
 from pipeline.drive.assemble import assemble, downloader
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.lanes import LocalView
 from pipeline.drive.ray.cluster import Cluster, Workers, ray_session, spread
-from pipeline.intake import Manifest
+from pipeline.intake import Manifest, Uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.observe import RunView
-from pipeline.outputs import THUMBS, Downloader, FolderThumbs
+from pipeline.outputs import THUMBS, CopyCheck, Downloader, FolderThumbs, recheck_copies
 from pipeline.provider import Receiver
 
 __all__ = ["Engine", "open_engine"]
@@ -30,33 +31,89 @@ __all__ = ["Engine", "open_engine"]
 _log = structlog.get_logger("pipeline.drive.engine")
 
 
-class Engine(Protocol):
-    """What drives the keys: this process's slots, or Ray workers (`--workers`)."""
+class Engine:
+    """What drives the keys: this process's slots (`Local`), or Ray workers (`Distributed`).
+    Either owns the run's dispatcher, its group commit and its downloader: `serve` runs the
+    commit and the downloads for as long as the run, `stored` waits for the images of the
+    jobs that ended, `aclose` lets go of everything."""
 
     dispatcher: Dispatcher
     commit: GroupCommit
     downloader: Downloader | None
     view: RunView
 
+    def __init__(self, config: RunConfig, journal: Journal) -> None:
+        self._config = config
+        self._journal = journal
+        self._downloads_done = anyio.Event()
+
     def figures(self) -> list[dict[str, Any]]:
         """Per worker, for summary.json (none for a local run)."""
+        return []
 
     async def work(self) -> None:
         """Drive the keys until no work is left or the run is stopped; when stopped for good,
         cancel the jobs in flight at the provider."""
+        raise NotImplementedError
 
     def limit(self, seconds: float) -> None:
         """Jobs in flight get `seconds` more (a first signal)."""
+        raise NotImplementedError
 
     def cancel(self) -> None:
         """Stop now (a second signal)."""
+        raise NotImplementedError
 
-    async def cancel_in_flight(self) -> None: ...
+    def abandon(self) -> None:
+        """Stop for good (a second signal): no job waits, those in flight are cancelled at the
+        provider, and images not stored yet stay pending for the next run."""
+        self.dispatcher.abandoned = True
+        self.cancel()
 
-    async def aclose(self) -> None: ...
+    async def cancel_in_flight(self) -> None:
+        raise NotImplementedError
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The engine's own services, until cancelled: the group commit, and the downloads
+        (the images an earlier run left pending first, those gone from the store again).
+        Started (`task_status`) once the pending images are known, before any job runs."""
+        async with anyio.create_task_group() as services:
+            services.start_soon(self.commit.run)
+            if self.downloader is not None:
+                try:
+                    journal, config = self._journal, self._config
+                    check = CopyCheck(config.assets.storage_options)
+                    await anyio.to_thread.run_sync(
+                        recheck_copies, journal, check, config.output.dir
+                    )
+                    pending = await anyio.to_thread.run_sync(journal.images_to_fetch)
+                except BaseException:
+                    self._downloads_done.set()
+                    raise
+                services.start_soon(self._download, self.downloader, pending)
+            task_status.started()
+
+    async def _download(
+        self, downloader: Downloader, pending: list[tuple[int, str, int, str]]
+    ) -> None:
+        try:
+            await downloader.run(pending)
+        finally:
+            self._downloads_done.set()
+
+    async def stored(self) -> None:
+        """Once the work is done: the images of every job that ended, stored (the caller's
+        scope bounds the wait; what is not stored by then stays pending)."""
+        if self.downloader is not None and not self.dispatcher.abandoned:
+            self.downloader.close()
+            await self._downloads_done.wait()
+
+    async def aclose(self) -> None:
+        if self.downloader is not None:
+            self.downloader.discard()
 
 
-class Local:
+class Local(Engine):
     """The keys driven by this process's slots."""
 
     def __init__(
@@ -68,8 +125,9 @@ class Local:
         stats: RunStats,
         spent: float,
         receiver: Receiver | None,
+        uploads: Uploads | None,
     ) -> None:
-        self.config = config
+        super().__init__(config, journal)
         self.dispatcher = _dispatcher(config, journal, stats, spent, len(keys))
         self.commit = GroupCommit(journal)
         # a resume: the provider's window still holds the creates of the run before, if recent
@@ -85,23 +143,21 @@ class Local:
             recent,
             receiver=receiver,
             thumbs=FolderThumbs(config.output.dir / THUMBS),
+            uploads=uploads,
         )
         self.downloader = self.side.worker.downloader
         self._scope = anyio.CancelScope()
         self.view: RunView = LocalView(self.side.lanes, self.side.worker.flying_lanes)
-
-    def figures(self) -> list[dict[str, Any]]:
-        return []
 
     async def work(self) -> None:
         worker = self.side.worker
         with self._scope:
             async with anyio.create_task_group() as slots:
                 for lane in self.side.lanes:
-                    for _ in range(self.config.limits.max_concurrent):
+                    for _ in range(self._config.limits.max_concurrent):
                         slots.start_soon(worker.run_slot, lane)
         if self.dispatcher.abandoned and worker.in_flight:
-            await worker.cancel_in_flight(confirm_within=_confirm_within(self.config))
+            await worker.cancel_in_flight(confirm_within=_confirm_within(self._config))
 
     def limit(self, seconds: float) -> None:
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
@@ -113,10 +169,11 @@ class Local:
         await self.side.worker.cancel_in_flight()
 
     async def aclose(self) -> None:
+        await super().aclose()
         await self.side.client.aclose()
 
 
-class Distributed:
+class Distributed(Engine):
     """The keys driven by Ray workers, each owning some (see `pipeline.drive.ray.cluster`); this
     process keeps the journal of record, hands out the jobs, and fetches the images an
     earlier run left pending."""
@@ -130,6 +187,7 @@ class Distributed:
         spent: float,
         keys: int,
     ) -> None:
+        super().__init__(config, journal)
         self.cluster = cluster
         self.view: RunView = cluster
         self.journal = journal
@@ -160,9 +218,6 @@ class Distributed:
 
     async def cancel_in_flight(self) -> None:
         await self.cluster.cancel_in_flight()
-
-    async def aclose(self) -> None:
-        return None
 
 
 def _confirm_within(config: RunConfig) -> float:
@@ -200,8 +255,7 @@ async def open_engine(
     create when they cannot do their part)."""
     uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     if workers is None:
-        local = Local(config, journal, base_url, keys, stats, spent, receiver)
-        local.side.worker.uploads = uploads
+        local = Local(config, journal, base_url, keys, stats, spent, receiver, uploads)
         yield local
         return
     with ray_session(workers) as ray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import structlog
 
@@ -44,6 +44,7 @@ __all__ = [
     "Created",
     "Deferred",
     "DriverBase",
+    "DriverSettings",
     "Ended",
     "Flying",
     "GiveWay",
@@ -52,6 +53,7 @@ __all__ = [
     "Left",
     "NotSent",
     "Track",
+    "Webhook",
     "Withheld",
     "failed_outcome",
 ]
@@ -173,60 +175,106 @@ class Track:
             self.contradicted, self.hinted = True, False
 
 
+@dataclass(frozen=True, slots=True)
+class DriverSettings:
+    """What the key driver takes from the config, every duration on its clock (the sandbox's
+    time scale applied)."""
+
+    policy: RetryPolicy
+    job_timeout: float
+    cancel_grace: float
+    confirm_every: float  # how often a cancelled job is polled for its end
+    fallback_after: float  # webhook mode: how late a callback may be before a poll
+    fallback_interval: float
+    price_per_image_usd: float
+    creates_per_window: int
+    ambiguous_creates: Literal["retry", "fail"]
+    timeout_text: str  # the job timeout as the config says it, for messages
+
+    @classmethod
+    def of(cls, config: RunConfig) -> DriverSettings:
+        r, p, scaled = config.retries, config.polling, config.scaled
+        grace = scaled(p.cancel_grace_s)
+        return cls(
+            policy=RetryPolicy(
+                r.max_attempts,
+                scaled(r.backoff_initial_s),
+                scaled(r.backoff_max_s),
+                scaled(r.retry_after_max_s),
+            ),
+            job_timeout=scaled(p.job_timeout_s),
+            cancel_grace=grace,
+            # at most about ten polls in a cancel's grace
+            confirm_every=max(scaled(p.min_interval_s), grace / 10),
+            fallback_after=scaled(config.webhook.fallback_after_s),
+            fallback_interval=scaled(config.webhook.fallback_interval_s),
+            price_per_image_usd=config.api.price_per_image_usd,
+            creates_per_window=config.limits.creates_per_window,
+            ambiguous_creates=r.ambiguous_creates,
+            timeout_text=f"{p.job_timeout_s:g} s (polling.job_timeout_s)",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """Webhook mode: where the provider sends its callbacks, the secret it signs them with,
+    and the callbacks received."""
+
+    url: str
+    secret: str | None
+    callbacks: Callbacks
+
+
 class DriverBase:
-    """What the key driver holds: its parts (client, journal, dispatcher, planner, lanes),
-    its settings, and the jobs in flight. The create, poll and booking steps build on it."""
+    """What the key driver holds: its parts (client, journal, dispatcher, planner, lanes,
+    and the downloader and uploads when kept), its settings, and the jobs in flight. The
+    create, poll and booking steps build on it."""
 
     def __init__(
         self,
-        config: RunConfig,
+        settings: DriverSettings,
         client: EachlabsClient,
         journal: Commits,
         dispatcher: JobSource,
         planner: PollPlanner,
         stats: RunStats,
-        callbacks: Callbacks | None = None,
-        webhook_url: str | None = None,
-        lanes: Sequence[KeyLane] = (),
-        webhook_secret: str | None = None,
+        lanes: Sequence[KeyLane],
+        *,
+        webhook: Webhook | None = None,
+        downloader: Downloader | None = None,
+        uploads: Uploads | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        self.config = config
+        self.settings = settings
         self.lanes = lanes
         self.client = client
         self.journal = journal
         self.dispatcher = dispatcher
         self.planner = planner
         self.stats = stats
-        self.callbacks = callbacks
-        self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret  # the provider signs its callbacks with it
-        self._fallback_after = config.scaled(config.webhook.fallback_after_s)
-        self._fallback_interval = config.scaled(config.webhook.fallback_interval_s)
-        r = config.retries
-        self.policy = RetryPolicy(
-            r.max_attempts,
-            config.scaled(r.backoff_initial_s),
-            config.scaled(r.backoff_max_s),
-            config.scaled(r.retry_after_max_s),
-        )
-        self.job_timeout = config.scaled(config.polling.job_timeout_s)
-        self._cancel_grace = config.scaled(config.polling.cancel_grace_s)
-        # at most about ten polls in a cancel's grace
-        shortest = config.scaled(config.polling.min_interval_s)
-        self._confirm_every = max(shortest, self._cancel_grace / 10)
+        self.callbacks = webhook.callbacks if webhook is not None else None
+        self.webhook_url = webhook.url if webhook is not None else None
+        # the provider signs its callbacks with it
+        self.webhook_secret = webhook.secret if webhook is not None else None
+        self._fallback_after = settings.fallback_after
+        self._fallback_interval = settings.fallback_interval
+        self.policy = settings.policy
+        self.job_timeout = settings.job_timeout
+        self._cancel_grace = settings.cancel_grace
+        self._confirm_every = settings.confirm_every
         self._asked: dict[str, bool] = {}  # prediction id -> whether its cancel was answered yes
-        self.price = config.api.price_per_image_usd
+        self.price = settings.price_per_image_usd
         self.in_flight: dict[str, Flying] = {}  # prediction id -> its key, row and creation
         # durations and deadlines: monotonic, so a step of the wall clock moves none of them;
         # wall time only for what is journaled and shown
-        self.clock: Clock = SystemClock()
+        self.clock: Clock = clock or SystemClock()
         planner.running = self.ages
         self.cancel_all = False  # stopped for good: every job in flight is cancelled
-        self.downloader: Downloader | None = None  # keeps the outputs, when assets.download
-        self.uploads: Uploads | None = None  # signs uploaded inputs, when assets.upload_to
+        self.downloader = downloader  # keeps the outputs, when assets.download
+        self.uploads = uploads  # signs uploaded inputs, when assets.upload_to
         # on a Ray worker: whether a key of another worker can take a job now
         self.open_elsewhere: Callable[[], bool] | None = None
-        self._timeout_text = f"{config.polling.job_timeout_s:g} s (polling.job_timeout_s)"
+        self._timeout_text = settings.timeout_text
         self._cost_said = False  # a difference between the provider's cost and ours: said once
 
     def _others_open(self, lane: KeyLane) -> bool:

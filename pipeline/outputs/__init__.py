@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.outputs.closing import summary_rows
-from pipeline.outputs.downloads import CopyCheck, Downloader, open_store
+from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
 from pipeline.outputs.results import (
     RESULTS_ROWS,
@@ -40,6 +40,7 @@ __all__ = [
     "input_thumb",
     "make_thumbnail",
     "open_store",
+    "recheck_copies",
     "save_thumb",
     "summary_rows",
     "write_failures",

@@ -36,7 +36,7 @@ from pipeline.core import (
     ObjectStore,
     PriorSuccess,
 )
-from pipeline.journal import Commits, FailImage, StoreImage
+from pipeline.journal import Commits, FailImage, Journal, StoreImage
 from pipeline.outputs.thumbs import ThumbSink, input_thumb, output_thumb
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "ObjectStore",
     "inspect_image",
     "open_store",
+    "recheck_copies",
 ]
 
 _log = structlog.get_logger("pipeline.outputs.downloads")
@@ -102,6 +103,22 @@ def open_store(section: AssetsSection, run_dir: Path) -> Store:
     if "://" in section.store:
         return ObjectStore(section.store, section.storage_options)
     return FolderStore(Path(section.store), run_dir)
+
+
+def recheck_copies(journal: Journal, copies: CopyCheck, run_dir: Path) -> None:
+    """A resume counts a stored image only if its copy is still there (someone may have
+    cleared the folder or the bucket): the ones gone are fetched again."""
+    gone: list[tuple[int, int]] = []
+    for batch in journal.stored_copies():
+        where = {
+            (row, idx): p if "://" in p or Path(p).is_absolute() else str(run_dir / p)
+            for row, idx, p in batch
+        }
+        missing = copies.gone(list(set(where.values())))
+        gone += [image for image, p in where.items() if p in missing]
+    if gone:
+        journal.unstore(gone)
+        _log.warning("stored_images_missing", images=len(gone), hint="fetched again")
 
 
 class CopyCheck:
@@ -187,7 +204,10 @@ class Downloader:
         store: Store,
         journal: Commits,
         thumbs: ThumbSink | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self._transport = transport  # tests hand one in; the network otherwise
         self._thumbs = thumbs  # the report's thumbnails are made here, when given
         self.samples_from: str | None = None  # the embedded sandbox's root, for its samples
         self._inputs_seen: OrderedDict[str, None] = OrderedDict()  # inputs thumbnailed
@@ -244,6 +264,7 @@ class Downloader:
             limits=httpx.Limits(max_connections=self._section.concurrency + 1),
             follow_redirects=True,
             trust_env=True,
+            transport=self._transport,
         )
         try:
             async with anyio.create_task_group() as tg:

@@ -356,6 +356,7 @@ async def run(
                 reporter=reporter,
                 tick_s=tick_s,
                 workers=workers,
+                embedded=embedded,
             )
     started = time.monotonic()
     _check_before(config, keys, folder, reprocess, workers)
@@ -729,7 +730,7 @@ async def _drive(drive: _Drive, engine: Engine) -> tuple[ExitCode, str]:
     try:
         try:
             async with anyio.create_task_group() as services:
-                services.start_soon(engine.commit.run)
+                await services.start(engine.serve)
                 services.start_soon(drive.observer.watch, journal)
                 reuse = None
                 if state is not None:
@@ -740,21 +741,13 @@ async def _drive(drive: _Drive, engine: Engine) -> tuple[ExitCode, str]:
                 )
                 if config.budget.cancel_in_flight:
                     services.start_soon(_cancel_on_budget, dispatcher, engine)
-                downloads = anyio.Event()
-                if engine.downloader is not None:
-                    check = functools.partial(_recheck_copies, journal, config)
-                    await anyio.to_thread.run_sync(check)
-                    pending = await anyio.to_thread.run_sync(journal.images_to_fetch)
-                    services.start_soon(_download, engine.downloader, pending, downloads)
                 waiting = anyio.CancelScope()  # for downloads; a signal limits or ends it
                 if drive.handle_signals:
                     watch = functools.partial(_watch_signals, downloads_wait=waiting)
                     services.start_soon(watch, dispatcher, engine, drive.grace_s)
                 await engine.work()
-                if engine.downloader is not None and not dispatcher.abandoned:
-                    engine.downloader.close()  # the images of every job that ended are stored
-                    with waiting:  # images not stored by then stay pending, for the next run
-                        await downloads.wait()
+                with waiting:  # images not stored by then stay pending, for the next run
+                    await engine.stored()
                 stop_ingest.set()
                 services.cancel_scope.cancel()
         except* NoUsableKeyError as group:
@@ -764,8 +757,6 @@ async def _drive(drive: _Drive, engine: Engine) -> tuple[ExitCode, str]:
         faults.drive = exc
     finally:
         stop_ingest.set()
-        if engine.downloader is not None:
-            engine.downloader.discard()
         await engine.aclose()
     return _stopped_by(config, dispatcher, no_key)
 
@@ -783,32 +774,6 @@ def _stopped_by(
     if dispatcher.halted:
         return ExitCode.INTERRUPTED, "stopped by a signal; run the same command again to resume"
     return ExitCode.OK, ""
-
-
-def _recheck_copies(journal: Journal, config: RunConfig) -> None:
-    """A resume counts a stored image only if its copy is still there (someone may have
-    cleared the folder or the bucket): the ones gone are fetched again."""
-    copies = CopyCheck(config.assets.storage_options)
-    gone: list[tuple[int, int]] = []
-    for batch in journal.stored_copies():
-        where = {
-            (row, idx): p if "://" in p or Path(p).is_absolute() else str(config.output.dir / p)
-            for row, idx, p in batch
-        }
-        missing = copies.gone(list(set(where.values())))
-        gone += [image for image, p in where.items() if p in missing]
-    if gone:
-        journal.unstore(gone)
-        _log.warning("stored_images_missing", images=len(gone), hint="fetched again")
-
-
-async def _download(
-    downloader: Downloader, pending: list[tuple[int, str, int, str]], done: anyio.Event
-) -> None:
-    try:
-        await downloader.run(pending)
-    finally:
-        done.set()
 
 
 async def _cancel_on_budget(dispatcher: Dispatcher, engine: Engine) -> None:
@@ -833,6 +798,5 @@ async def _watch_signals(
                 downloads_wait.deadline = min(downloads_wait.deadline, until)
             else:
                 _log.warning("stopping_now", signal=signal.Signals(signum).name)
-                dispatcher.abandoned = True  # the jobs in flight are cancelled at the provider
-                engine.cancel()
+                engine.abandon()  # the jobs in flight are cancelled at the provider
                 downloads_wait.cancel()

@@ -325,6 +325,10 @@ class WorkerProcess:
     async def _drive(self) -> None:
         s = self._setup
         config = s.config
+        a = config.assets
+        uploads = None
+        if s.uploads and a.upload_to is not None:
+            uploads = Uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
         side = self._side = assemble(
             config,
             s.base_url,
@@ -335,12 +339,10 @@ class WorkerProcess:
             self._stats,
             s.recent,
             thumbs=_RemoteThumbs(self._outbox),
+            uploads=uploads,
         )
         worker = side.worker
         worker.open_elsewhere = lambda: self._handouts.open_elsewhere
-        a = config.assets
-        if s.uploads and a.upload_to is not None:
-            worker.uploads = Uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
         downloads = anyio.Event()
         try:
             async with anyio.create_task_group() as services:

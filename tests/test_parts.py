@@ -1,0 +1,555 @@
+"""The run's parts held alone, in virtual time: the key driver, the dispatcher, the group commit
+and the downloader, each with fakes of its neighbours and the provider behind an
+`httpx.MockTransport`. No server, no sleep: an event loop whose clock jumps to its next timer
+whenever every task waits (looptime), so a test checks exact instants in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import looptime
+import pytest
+from PIL import Image
+
+from pipeline.core import ApiKey, AssetsSection, NoUsableKeyError, RunStats, Status
+from pipeline.drive.dispatcher import Dispatcher
+from pipeline.drive.driver import KeyDriver
+from pipeline.drive.lanes import KeyLane
+from pipeline.drive.slot import DriverSettings
+from pipeline.journal import (
+    Entry,
+    FailImage,
+    Finish,
+    GroupCommit,
+    MarkCreated,
+    MarkCreating,
+    StoreImage,
+    Update,
+)
+from pipeline.outputs.downloads import Downloader, FolderStore
+from pipeline.provider import CreateGate, EachlabsClient, InFlightCap, PollPlanner, RetryPolicy
+
+T = TypeVar("T")
+KEY = ApiKey("unit-key-1")
+
+
+def virtual(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main` on an event loop in virtual time, starting at 0."""
+    loop = looptime.new_event_loop(start=0.0, noop_cycles=10)
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def entry(row: int, **changes: Any) -> Entry:
+    fields: dict[str, Any] = {
+        "row_number": row,
+        "job_id": f"job-{row}",
+        "fingerprint": f"fp-{row}",
+        "inputs": {"prompt": "white background", "img_url": f"https://shop.test/{row}.jpg"},
+        "record": {"id": f"job-{row}"},
+        "status": Status.PENDING,
+        "prediction_id": None,
+        "key_name": None,
+        "attempts": 0,
+        "ambiguous": 0,
+        "started_at": None,
+    }
+    fields.update(changes)
+    return Entry(**fields)
+
+
+class Events:
+    """One ordered record of what the parts did and what the provider saw, with instants."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, str, Any]] = []
+
+    def add(self, kind: str, what: Any) -> None:
+        self.seen.append((now(), kind, what))
+
+    def of(self, kind: str) -> list[tuple[float, Any]]:
+        return [(at, what) for at, k, what in self.seen if k == kind]
+
+
+class Commits:
+    """The journal's side as the driver sees it: every update durable at once, in order."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+
+    async def write(self, *updates: Update) -> None:
+        for update in updates:
+            self.events.add("journal", update)
+
+    def post(self, *updates: Update) -> asyncio.Event:
+        for update in updates:
+            self.events.add("journal", update)
+        done = asyncio.Event()
+        done.set()
+        return done
+
+
+class Source:
+    """The dispatcher's side: a list of jobs, and what came back."""
+
+    halted = False
+
+    def __init__(self, jobs: list[Entry]) -> None:
+        self.jobs = list(jobs)
+        self.given_back: list[Entry] = []
+        self.retired: list[str] = []
+
+    async def next_job(self, key_name: str) -> Entry | None:
+        return self.jobs.pop(0) if self.jobs else None
+
+    def give_back(self, entry: Entry) -> None:
+        self.given_back.append(entry)
+
+    def retire(self, key_name: str) -> None:
+        self.retired.append(key_name)
+        raise NoUsableKeyError("every key refused")
+
+    async def rest(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def settle(self, entry: Entry, outcome: Any) -> None:
+        return None
+
+    async def reserve(self, entry: Entry) -> bool:
+        return True
+
+
+class Provider:
+    """The provider's create, poll and cancel, in its own shapes: each job ends `latency`
+    seconds after its create, unless a test scripts the answers otherwise."""
+
+    def __init__(self, events: Events, latency: float = 10.0) -> None:
+        self.events = events
+        self.latency = latency
+        self.ends: dict[str, float] = {}
+        self.cancelled: set[str] = set()
+        self.creates: list[httpx.Response | Exception] = []  # scripted answers, first ones
+        self.never_ends = False
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "POST" and path.endswith("/prediction/"):
+            self.events.add("create", None)
+            if self.creates:
+                scripted = self.creates.pop(0)
+                if isinstance(scripted, Exception):
+                    raise scripted
+                return scripted
+            pid = f"p{len(self.ends) + 1}"
+            self.ends[pid] = now() + self.latency
+            return httpx.Response(200, json={"predictionID": pid})
+        pid = path.rstrip("/").split("/")[-1 if not path.endswith("/cancel") else -2]
+        if path.endswith("/cancel"):
+            self.events.add("cancel", pid)
+            self.cancelled.add(pid)
+            return httpx.Response(200, json={"status": "ok"})
+        self.events.add("poll", pid)
+        if pid in self.cancelled:
+            return httpx.Response(200, json={"status": "cancelled"})
+        if self.never_ends or now() < self.ends[pid]:
+            return httpx.Response(200, json={"status": "processing"})
+        body = {
+            "status": "success",
+            "output": [f"https://cdn.test/{pid}.png"],
+            "metrics": {"predict_time": self.latency, "cost": 0.03},
+        }
+        return httpx.Response(200, json=body)
+
+
+def settings(**changes: Any) -> DriverSettings:
+    values: dict[str, Any] = {
+        "policy": RetryPolicy(3, 1.0, 8.0, 60.0),
+        "job_timeout": 600.0,
+        "cancel_grace": 30.0,
+        "confirm_every": 3.0,
+        "fallback_after": 10.0,
+        "fallback_interval": 5.0,
+        "price_per_image_usd": 0.03,
+        "creates_per_window": 100,
+        "ambiguous_creates": "retry",
+        "timeout_text": "600 s (polling.job_timeout_s)",
+    }
+    values.update(changes)
+    return DriverSettings(**values)
+
+
+async def drive(
+    provider: Provider, jobs: list[Entry] | Source, concurrent: int = 10, **changes: Any
+) -> tuple[KeyDriver, Source, RunStats]:
+    """The jobs driven on one key by `concurrent` slots, until none is left."""
+    client = EachlabsClient("https://api.test/v1", "wan", transport=provider.transport())
+    lane = KeyLane(KEY, CreateGate(100, 60.0), InFlightCap(concurrent, KEY.name))
+    planner = PollPlanner(
+        expected_latency=10.0, target_delay=1.0, min_interval=1.0, max_interval=30.0
+    )
+    source = jobs if isinstance(jobs, Source) else Source(jobs)
+    stats = RunStats()
+    driver = KeyDriver(
+        settings(**changes), client, Commits(provider.events), source, planner, stats, [lane]
+    )
+    try:
+        async with asyncio.TaskGroup() as slots:
+            for _ in range(concurrent):
+                slots.create_task(driver.run_slot(lane))
+    finally:
+        await client.aclose()
+    return driver, source, stats
+
+
+def updates(events: Events, kind: type) -> list[tuple[float, Any]]:
+    return [(at, u) for at, u in events.of("journal") if isinstance(u, kind)]
+
+
+# -- the key driver ----------------------------------------------------------------------------
+
+
+def test_driver_journals_each_step_before_the_next_and_ends_each_job_once() -> None:
+    events = Events()
+    provider = Provider(events, latency=10.0)
+
+    async def main() -> tuple[RunStats, float]:
+        _, _, stats = await drive(provider, [entry(r) for r in range(1, 5)])
+        return stats, now()
+
+    stats, ended = virtual(main)
+    order = [(k, getattr(w, "row_number", w)) for _, k, w in events.seen if k != "poll"]
+    # every create is preceded by its row's `creating`, durable before it is sent
+    creating = [w.row_number for _, w in updates(events, MarkCreating)]
+    assert sorted(creating) == [1, 2, 3, 4]
+    for at, pid in events.of("poll"):
+        created_at = [a for a, u in updates(events, MarkCreated) if u.prediction_id == pid]
+        assert created_at and created_at[0] <= at  # its id journaled before its first poll
+    finishes = updates(events, Finish)
+    assert sorted(u.row_number for _, u in finishes) == [1, 2, 3, 4]
+    assert all(u.outcome.status is Status.SUCCEEDED for _, u in finishes)
+    assert all(u.outcome.provider_cost_usd == pytest.approx(0.03) for _, u in finishes)
+    assert all(at >= 10.0 for at, _ in finishes)  # none booked before the provider ended it
+    assert stats.creates_sent == 4 and stats.finished == 4 and stats.rate_limited == 0
+    assert len(events.of("create")) == 4
+    assert ended < 15.0  # four slots in parallel: the run is one latency and its notice
+    assert order.index(("journal", 1)) < order.index(("create", None))
+
+
+def test_driver_waits_out_a_429_on_its_key_before_creating_again() -> None:
+    events = Events()
+    provider = Provider(events)
+    provider.creates.append(httpx.Response(429, headers={"Retry-After": "20"}, json={}))
+
+    async def main() -> RunStats:
+        return (await drive(provider, [entry(1)], concurrent=1))[2]
+
+    stats = virtual(main)
+    creates = [at for at, _ in events.of("create")]
+    assert len(creates) == 2 and creates[0] == pytest.approx(0.0, abs=0.01)
+    assert creates[1] >= 20.0  # the key paused for the Retry-After the provider asked
+    assert stats.rate_limited == 1 and stats.finished == 1
+
+
+def test_driver_counts_a_lost_create_answer_as_ambiguous_and_creates_again() -> None:
+    events = Events()
+    provider = Provider(events)
+    provider.creates.append(httpx.ReadError("connection reset after the request was sent"))
+
+    async def main() -> RunStats:
+        return (await drive(provider, [entry(1)], concurrent=1))[2]
+
+    stats = virtual(main)
+    assert stats.ambiguous_creates == 1
+    assert len(events.of("create")) == 2
+    (finish,) = [u for _, u in updates(events, Finish)]
+    assert finish.outcome.status is Status.SUCCEEDED
+
+
+def test_driver_fails_a_refused_input_at_once_and_never_retries_it() -> None:
+    events = Events()
+    provider = Provider(events)
+    provider.creates.append(httpx.Response(400, json={"message": "bad image URL"}))
+
+    async def main() -> RunStats:
+        return (await drive(provider, [entry(1)], concurrent=1))[2]
+
+    stats = virtual(main)
+    assert len(events.of("create")) == 1
+    (finish,) = [u for _, u in updates(events, Finish)]
+    assert finish.outcome.status is Status.FAILED
+    assert finish.outcome.error_type == "invalid_input"
+    assert stats.retries == 0
+
+
+def test_driver_gives_the_job_back_and_retires_a_refused_key() -> None:
+    events = Events()
+    provider = Provider(events)
+    provider.creates.append(httpx.Response(401, json={"message": "unknown key"}))
+    source = Source([entry(1)])
+
+    async def main() -> None:
+        with pytest.raises(ExceptionGroup) as raised:
+            await drive(provider, source, concurrent=1)
+        assert raised.group_contains(NoUsableKeyError)
+
+    virtual(main)
+    assert len(events.of("create")) == 1
+    assert [e.row_number for e in source.given_back] == [1]  # for another key to run
+    assert source.retired == [KEY.name]
+    assert updates(events, Finish) == []  # the row is not failed
+
+
+def test_driver_cancels_a_job_at_its_timeout_and_books_the_end_a_poll_confirms() -> None:
+    events = Events()
+    provider = Provider(events)
+    provider.never_ends = True
+
+    async def main() -> RunStats:
+        return (await drive(provider, [entry(1)], concurrent=1, job_timeout=60.0))[2]
+
+    stats = virtual(main)
+    ((cancelled_at, pid),) = events.of("cancel")
+    assert cancelled_at >= 60.0
+    kinds = [(k, w) for _, k, w in events.seen if k in ("cancel", "poll")]
+    assert ("poll", pid) in kinds[kinds.index(("cancel", pid)) :]  # a poll saw the end
+    (finish,) = [u for _, u in updates(events, Finish)]
+    assert finish.outcome.status is Status.FAILED and finish.outcome.error_type == "timeout"
+    assert finish.outcome.cancel_accepted is True
+    assert stats.timeouts == 1
+
+
+# -- the dispatcher ----------------------------------------------------------------------------
+
+
+class Pages:
+    """The journal's side as the dispatcher sees it: open jobs by row, a page at a time."""
+
+    def __init__(self, jobs: list[Entry]) -> None:
+        self.jobs = jobs
+
+    def open_jobs(self, after_row: int, limit: int) -> list[Entry]:
+        return [j for j in self.jobs if j.row_number > after_row][:limit]
+
+
+def dispatcher(jobs: list[Entry], **options: Any) -> Dispatcher:
+    given: dict[str, Any] = {"price_per_image_usd": 0.03, "budget_usd": None, "spent_usd": 0.0}
+    given.update(options)
+    made = Dispatcher(Pages(jobs), lanes=given.pop("lanes", 1), **given)  # type: ignore[arg-type]
+    made.ingest_advanced(done=True)
+    return made
+
+
+def test_dispatcher_hands_out_rows_in_order_and_a_created_job_only_to_its_key() -> None:
+    jobs = [entry(1), entry(2, status=Status.CREATED, prediction_id="p2", key_name="k2"), entry(3)]
+
+    async def main() -> tuple[list[int | None], list[int | None]]:
+        d = dispatcher(jobs, lanes=2)
+        first = [getattr(await d.next_job("k1"), "row_number", None) for _ in range(3)]
+        second = [getattr(await d.next_job("k2"), "row_number", None) for _ in range(2)]
+        return first, second
+
+    first, second = virtual(main)
+    assert first == [1, 3, None]  # row 2 was created with k2: it is polled with k2 alone
+    assert second == [2, None]
+
+
+def test_dispatcher_stops_handing_out_at_the_budget_and_says_so() -> None:
+    jobs = [entry(r) for r in range(1, 6)]
+
+    async def main() -> tuple[list[int], bool]:
+        d = dispatcher(jobs, budget_usd=0.10)
+        handed = []
+        while (job := await d.next_job("k1")) is not None:
+            handed.append(job.row_number)
+        return handed, d.budget_hit.is_set()
+
+    handed, hit = virtual(main)
+    assert handed == [1, 2, 3]  # three at $0.03 fit in $0.10, a fourth would not
+    assert hit
+
+
+def test_dispatcher_rest_ends_at_the_pause_or_at_once_when_no_work_is_left() -> None:
+    async def main() -> tuple[float, float]:
+        d = dispatcher([entry(1)])
+        job = await d.next_job("k1")
+        assert job is not None
+        d.give_back(job)  # a paused key gave it back: work is left, the rest lasts
+        start = now()
+        await d.rest(30.0)
+        waited = now() - start
+        assert await d.next_job("k1") is not None
+        assert await d.next_job("k1") is None  # drained
+        start = now()
+        await d.rest(30.0)
+        return waited, now() - start
+
+    waited, drained = virtual(main)
+    assert waited == pytest.approx(30.0)
+    assert drained == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dispatcher_raises_when_the_last_key_is_retired() -> None:
+    async def main() -> None:
+        d = dispatcher([entry(1)], lanes=2)
+        d.retire("k1")
+        with pytest.raises(NoUsableKeyError):
+            d.retire("k2")
+
+    virtual(main)
+
+
+# -- the group commit --------------------------------------------------------------------------
+
+
+class File:
+    """The journal file's side as the group commit sees it: batches applied, in order."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[Update]] = []
+        self.fail = fail
+
+    def apply(self, updates: list[Update]) -> None:
+        if self.fail:
+            raise sqlite3.OperationalError("disk I/O error")
+        self.batches.append(list(updates))
+
+
+def mark(row: int) -> MarkCreating:
+    return MarkCreating(row, 1, KEY.name, 0.0)
+
+
+def test_group_commit_makes_many_writers_durable_in_one_transaction() -> None:
+    file = File()
+
+    async def main() -> int:
+        commit = GroupCommit(file)  # type: ignore[arg-type]
+        async with asyncio.TaskGroup() as tasks:
+            runner = tasks.create_task(commit.run())
+            async with asyncio.TaskGroup() as writers:
+                for row in range(1, 51):
+                    writers.create_task(commit.write(mark(row)))
+            runner.cancel()
+        return commit.commits
+
+    commits = virtual(main)
+    assert sum(len(b) for b in file.batches) == 50
+    assert commits == len(file.batches) <= 2  # fifty writers, not fifty fsyncs
+
+
+def test_group_commit_lets_a_posted_update_wait_for_company_at_most_lazy_s() -> None:
+    file = File()
+
+    async def main() -> tuple[float, float]:
+        commit = GroupCommit(file, lazy_s=0.2)  # type: ignore[arg-type]
+        runner = asyncio.ensure_future(commit.run())
+        start = now()
+        done = commit.post(mark(1))
+        await asyncio.sleep(0.1)
+        assert not done.is_set() and file.batches == []  # still waiting for company
+        commit.post(mark(2))
+        await done.wait()
+        durable_at = now() - start
+        await commit.write(mark(3))  # a writer does not wait: committed at once
+        written_at = now() - start
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return durable_at, written_at
+
+    durable_at, written_at = virtual(main)
+    assert durable_at == pytest.approx(0.2, abs=0.01)
+    assert written_at == pytest.approx(0.2, abs=0.01)
+    assert [len(b) for b in file.batches] == [2, 1]
+
+
+def test_group_commit_fails_every_writer_after_a_failed_transaction() -> None:
+    async def main() -> None:
+        commit = GroupCommit(File(fail=True))  # type: ignore[arg-type]
+        runner = asyncio.ensure_future(commit.run())
+        with pytest.raises(sqlite3.OperationalError):
+            await commit.write(mark(1))
+        with pytest.raises(sqlite3.OperationalError):
+            commit.post(mark(2))  # nothing more is taken once the journal failed
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    virtual(main)
+
+
+# -- the downloader ----------------------------------------------------------------------------
+
+
+def png(width: int = 8, height: int = 6) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(out, "PNG")
+    return out.getvalue()
+
+
+def downloader(tmp_path: Path, handler: Any, events: Events, **section: Any) -> Downloader:
+    assets = AssetsSection(**{"store": str(tmp_path / "images"), **section})
+    store = FolderStore(tmp_path / "images", tmp_path)
+    store.check()
+    return Downloader(assets, store, Commits(events), transport=httpx.MockTransport(handler))
+
+
+def test_downloader_stores_each_image_whole_and_journals_it(tmp_path: Path) -> None:
+    events = Events()
+    image = png()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("broken.png"):
+            return httpx.Response(200, content=b"\x89PNG not really an image")
+        return httpx.Response(200, content=image, headers={"Content-Type": "image/png"})
+
+    async def main() -> None:
+        kept = downloader(tmp_path, handler, events, attempts=2)
+        kept.submit(1, "job-1", ["https://cdn.test/a.png", "https://cdn.test/b.png"])
+        kept.submit(2, "job-2", ["https://cdn.test/broken.png"])
+        kept.close()
+        await kept.run([])
+
+    virtual(main)
+    stored = [u for _, u in updates(events, StoreImage)]
+    assert sorted((u.row_number, u.index) for u in stored) == [(1, 0), (1, 1)]
+    for u in stored:
+        assert (tmp_path / u.path).read_bytes() == image
+        assert (u.width, u.height) == (8, 6)
+    (failed,) = [u for _, u in updates(events, FailImage)]
+    assert failed.row_number == 2 and "BadImage" in failed.error
+    assert not list((tmp_path / "images").glob(".*.tmp"))  # nothing half-written is left
+
+
+def test_downloader_gives_up_on_a_slow_server_at_its_timeout(tmp_path: Path) -> None:
+    events = Events()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(3600)  # an hour, in virtual time
+        return httpx.Response(200, content=png())
+
+    async def main() -> float:
+        kept = downloader(tmp_path, handler, events, download_timeout_s=45)
+        kept.submit(1, "job-1", ["https://cdn.test/slow.png"])
+        kept.close()
+        start = now()
+        await kept.run([])
+        return now() - start
+
+    took = virtual(main)
+    (failed,) = [u for _, u in updates(events, FailImage)]
+    assert "45 s (assets.download_timeout_s)" in failed.error
+    assert 45.0 <= took < 60.0  # stopped at its timeout (and the inputs' short grace)
