@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.core import ApiKey, parse_config
+from pipeline.core import ApiKey, LimitsSection, parse_config
 from pipeline.drive import Workers
 from pipeline.runs import configure_logging, run
 
@@ -271,8 +271,11 @@ def main() -> None:
     wall_latency = args.latency_mean * args.time_scale
     # per account: its keys' create rate, or the provider's cap over the latency
     cap = min(args.provider_cap or args.max_concurrent, args.max_concurrent * args.account_keys)
+    limits = LimitsSection(
+        creates_per_window=args.creates_per_window, window_s=wall_window, max_concurrent=cap
+    )
     bound = sum(
-        min(len(group) * args.creates_per_window / wall_window, cap / wall_latency)
+        limits.jobs_per_s(wall_latency, len(group), one_account=True)
         for group in _accounts(args, keys)
     )
     # the first and last latency of a finite run cannot be overlapped: count them in the bound

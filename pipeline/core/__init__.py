@@ -1,4 +1,19 @@
-"""core."""
+"""The values every wing shares, and nothing that does work: the config (validated), the
+exception tree and exit codes, the job records and their status vocabulary, the counters, the
+keys, the provider's input schema, the clock, and where bytes are read and written (local
+paths and object URLs).
+
+    config.py    the run's settings: every key, its default and its bounds
+    errors.py    the exception tree, and the exit codes a scheduler acts on
+    records.py   a row's job, its outcome, and the status vocabulary (Status, OPEN, FINISHED)
+    counters.py  the run's counters, declared once
+    schema.py    the provider's input fields and rules
+    keys.py      API keys, named by a short hash
+    cells.py     what a manifest cell holds
+    clock.py     the time the waiting parts read and sleep on
+    storage.py   local paths and object URLs (obstore)
+    faults.py    the sandbox's faults, as the config names them
+"""
 
 from __future__ import annotations
 
@@ -7,6 +22,7 @@ from pipeline.core.clock import Clock, SystemClock
 from pipeline.core.config import (
     KEPT_MANIFEST,
     AssetsSection,
+    LimitsSection,
     ManifestSection,
     RunConfig,
     WebhookSection,
@@ -45,7 +61,17 @@ from pipeline.core.errors import (
 )
 from pipeline.core.faults import FaultRates, sandbox_keys
 from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, keys_from_env, resolve_groups
-from pipeline.core.records import JobOutcome, JobSpec, PriorSuccess, Rejected, Status, StoredCopy
+from pipeline.core.records import (
+    FINISHED,
+    MAY_BE_BILLED,
+    OPEN,
+    JobOutcome,
+    JobSpec,
+    PriorSuccess,
+    Rejected,
+    Status,
+    StoredCopy,
+)
 from pipeline.core.schema import (
     IMAGE_EXTENSIONS,
     IMAGE_FIELDS,
@@ -68,11 +94,14 @@ __all__ = [
     "COUNTERS",
     "ENV_KEY",
     "ENV_KEYS",
+    "FINISHED",
     "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
     "INPUT_FIELDS",
     "KEPT_MANIFEST",
     "MAX_INPUT_BYTES",
+    "MAY_BE_BILLED",
+    "OPEN",
     "TRANSIENT_ERROR_CODES",
     "UPLOAD_TOKEN",
     "ZERO_WIDTH",
@@ -93,6 +122,7 @@ __all__ = [
     "JournalDamaged",
     "KeysMissing",
     "KeysRefused",
+    "LimitsSection",
     "ManifestError",
     "ManifestSection",
     "NoUsableKeyError",

@@ -66,6 +66,24 @@ class LimitsSection(_Section):
     # each key named by its position in EACHLABS_API_KEYS (1 is the first) or its hash
     groups: list[list[int | str]] = Field(default_factory=list)
 
+    def jobs_per_s(
+        self,
+        latency_s: float,
+        keys: int = 1,
+        *,
+        window_s: float | None = None,
+        one_account: bool = False,
+    ) -> float:
+        """The most jobs a second `keys` keys can finish at this latency: each is held to
+        `creates_per_window` per window, and to `max_concurrent` jobs in flight (shared by
+        them all when `one_account`), whichever binds first. The one capacity formula, read by
+        the estimate, the summary, the Ray workers' spread and the benchmark; `window_s` in the
+        clock's seconds when a time scale shrinks it."""
+        window = self.window_s if window_s is None else window_s
+        creates = keys * self.creates_per_window / window
+        caps = 1 if one_account else keys
+        return min(creates, caps * self.max_concurrent / max(latency_s, 1e-9))
+
 
 class PollingSection(_Section):
     job_timeout_s: float = Field(900.0, gt=0, le=7 * _DAY)

@@ -9,6 +9,9 @@ from typing import Any
 from pipeline.core.schema import fingerprint
 
 __all__ = [
+    "FINISHED",
+    "MAY_BE_BILLED",
+    "OPEN",
     "JobOutcome",
     "JobSpec",
     "PriorSuccess",
@@ -27,6 +30,12 @@ class Status(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"  # never sent: the manifest row breaks the input schema
     SKIPPED = "skipped"  # never sent on purpose: blank where manifest.skip_if_blank says
+
+
+# the groups every part counts by, declared here alone
+OPEN = (Status.PENDING, Status.CREATING, Status.CREATED)  # still to be sent, or to be seen to end
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)  # nothing to do
+MAY_BE_BILLED = (Status.CREATING, Status.CREATED)  # a create may have reached the provider
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,9 +147,7 @@ def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
         # the store keeps what the clock saw: wall seconds, which a sandbox shrinks
         found.latency_s = statistics.median(learned) / config.time_scale
         found.latency_from = f"the median of {len(learned):,} earlier jobs (state store)"
-    per_key = min(
-        limits.creates_per_window / limits.window_s, limits.max_concurrent / found.latency_s
-    )
+    per_key = limits.jobs_per_s(found.latency_s)
     if found.to_send and found.keys:
         found.duration_s = found.to_send / (found.keys * per_key) + found.latency_s
     budget = config.budget.max_cost_usd

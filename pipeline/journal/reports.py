@@ -167,7 +167,8 @@ class Reports(JournalFile):
                 f" COALESCE(SUM({_UNCONFIRMED}), 0),"
                 f" COALESCE(SUM(CASE WHEN {_UNCONFIRMED} THEN {_WANTED} ELSE 0 END), 0),"
                 f" COALESCE(SUM(ambiguous * {_WANTED}), 0),"
-                f" COALESCE(SUM(CASE WHEN status = 'creating' THEN {_WANTED} ELSE 0 END), 0)"
+                f" COALESCE(SUM(CASE WHEN status = '{Status.CREATING}' THEN {_WANTED} ELSE 0 END),"
+                " 0)"
                 " FROM jobs"
             ).fetchone()
         return CostBooks(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.core import (
-    Status,
-)
+from pipeline.core import MAY_BE_BILLED, OPEN, Status
 
 # Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
 TRANSIENT_ERRORS = frozenset(
@@ -77,7 +75,7 @@ _ADDED = {
 
 
 # a job that may exist at the provider with no end seen: its cost may be billed
-_UNCONFIRMED = "(status IN ('creating', 'created') OR unconfirmed = 1)"
+_UNCONFIRMED = f"(status IN {tuple(s.value for s in MAY_BE_BILLED)} OR unconfirmed = 1)"
 
 
 # made once: json.dumps with any argument of its own builds a new encoder on every call
@@ -118,7 +116,7 @@ _RESULT_COLUMNS = (
 )
 
 
-_OPEN = (Status.PENDING.value, Status.CREATING.value, Status.CREATED.value)
+_OPEN = tuple(s.value for s in OPEN)
 
 
 # the images a job asks for, from its journaled input (a rejected row has none)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.core import RunStats
+from pipeline.core import OPEN, RunStats
 from pipeline.journal import Journal
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "take_snapshot",
 ]
 
-_OPEN = ("pending", "creating", "created")
+_OPEN = tuple(s.value for s in OPEN)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.core import COUNTERS, ExitCode, RunConfig, RunStats, Status
+from pipeline.core import COUNTERS, FINISHED, ExitCode, RunConfig, RunStats
 from pipeline.journal import CostBooks
 
 __all__ = [
@@ -67,8 +67,7 @@ class RunSummary:
 
     @property
     def finished_rows(self) -> int:
-        done = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)
-        return sum(self.counts.get(s.value, 0) for s in done)
+        return sum(self.counts.get(s.value, 0) for s in FINISHED)
 
 
 def percentiles(values: Any) -> dict[str, float | None]:
@@ -114,7 +113,7 @@ def _throughput(summary: RunSummary, config: RunConfig) -> dict[str, float | Non
     bound = None
     if latency and keys > 0:
         window = config.scaled(limits.window_s)
-        bound = keys * min(limits.creates_per_window / window, limits.max_concurrent / latency)
+        bound = limits.jobs_per_s(latency, keys, window_s=window)
     return {
         "jobs_per_s": round(rate, 4),
         "bound_jobs_per_s": round(bound, 4) if bound else None,

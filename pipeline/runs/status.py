@@ -9,7 +9,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core import ApiKey, RunFolderError
+from pipeline.core import OPEN, ApiKey, RunFolderError
 from pipeline.journal import Journal
 from pipeline.runs.folder import JOURNAL, Holder, holder_of
 
@@ -32,7 +32,7 @@ class FolderStatus:
 
     @property
     def finished(self) -> bool:
-        open_rows = sum(self.by_status.get(s, 0) for s in ("pending", "creating", "created"))
+        open_rows = sum(self.by_status.get(s.value, 0) for s in OPEN)
         return self.ingest_complete and open_rows == 0
 
 

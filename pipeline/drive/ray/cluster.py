@@ -106,21 +106,22 @@ def spread(
 ) -> list[list[ApiKey]]:
     """The keys in at most `count` sets of equal capacity, a group of limits.groups never
     split: largest first, each onto the set that can finish least per second so far."""
-    limits = config.limits
-    rate = limits.creates_per_window / limits.window_s
-    per_cap = limits.max_concurrent / max(config.polling.expected_latency_s, 1e-9)
+    latency = config.polling.expected_latency_s
+
+    def capacity(unit: list[ApiKey]) -> float:  # a group shares one in-flight cap
+        return config.limits.jobs_per_s(latency, len(unit), one_account=True)
+
     grouped = {name for group in groups for name in group}
     by_name = {k.name: k for k in keys}
     units = [[by_name[n] for n in group if n in by_name] for group in groups]
     units = [u for u in units if u] + [[k] for k in keys if k.name not in grouped]
-    # a group shares one in-flight cap; a key alone has its own
-    units.sort(key=lambda u: -min(len(u) * rate, per_cap))
+    units.sort(key=lambda u: -capacity(u))
     sets: list[list[ApiKey]] = [[] for _ in range(min(count, len(units)))]
     load = [0.0] * len(sets)
     for unit in units:
         least = load.index(min(load))
         sets[least] += unit
-        load[least] += min(len(unit) * rate, per_cap)
+        load[least] += capacity(unit)
     return sets
 
 
