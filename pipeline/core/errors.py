@@ -66,7 +66,7 @@ __all__ = [
 
 
 class ExitCode(IntEnum):
-    """What a scheduler can act on; the README's table says the same."""
+    """What a scheduler can act on; docs/operations.md's table says the same."""
 
     OK = 0  # finished: every row succeeded
     ERROR = 1  # stopped by an error after work began (books finished, see the message); resume

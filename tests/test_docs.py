@@ -1,0 +1,54 @@
+"""The docs stay true to the code: every config key is in docs/configuration.md under its
+section, the README stays a short page, and every page it links to exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipeline.core import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    found = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            found += _keys(kind, f"{prefix}{name}.")
+        else:
+            found.append(f"{prefix}{name}")
+    return found
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Each `## name` (or `## name, other`) section's text, by every name its heading gives."""
+    found: dict[str, str] = {}
+    heads = list(re.finditer(r"^## (.+)$", text, flags=re.MULTILINE))
+    for at, head in enumerate(heads):
+        end = heads[at + 1].start() if at + 1 < len(heads) else len(text)
+        for name in re.findall(r"[a-z_]+", head.group(1).split("(")[0]):
+            found[name] = text[head.end() : end]
+    return found
+
+
+def test_every_config_key_is_documented_under_its_section() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    sections = _sections(text)
+    missing = []
+    for key in _keys(RunConfig):
+        section, _, name = key.rpartition(".")
+        where = sections.get(section.split(".")[0], "") if section else text
+        if f"`{name}`" not in where and f"`{key}`" not in where:
+            missing.append(key)
+    assert missing == []
+
+
+def test_the_readme_is_short_and_its_links_lead_somewhere() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) < 15_000
+    links = re.findall(r"\]\(([^)#]+)\)", readme)
+    assert links and all((ROOT / link).is_file() for link in links)
