@@ -15,7 +15,7 @@ from __future__ import annotations
 from pipeline.journal.commit import Commits, GroupCommit
 from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
-from pipeline.journal.rows import CostBooks, Entry
+from pipeline.journal.rows import CostBooks, Entry, ReportRow
 from pipeline.journal.store import Journal
 from pipeline.journal.tables import TRANSIENT_ERRORS
 from pipeline.journal.updates import (
@@ -44,6 +44,7 @@ __all__ = [
     "MarkPending",
     "NoteAmbiguous",
     "NoteCancel",
+    "ReportRow",
     "StateStore",
     "StoreImage",
     "Update",

@@ -65,6 +65,36 @@ class Entry:
         return JobSpec(self.job_id, self.row_number, self.inputs, self.record, self.fingerprint)
 
 
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    """One row as the report shows it: its job, how it ended, what was sent and the row as the
+    catalog had it, and where each output is stored (None where it is not)."""
+
+    row_number: int
+    job_id: str
+    status: Status
+    cost_usd: float
+    error_type: str | None
+    error_message: str | None
+    inputs: dict[str, Any]
+    record: dict[str, Any]
+    output_paths: tuple[str | None, ...]
+
+
+def _report_row(row: sqlite3.Row) -> ReportRow:
+    return ReportRow(
+        row_number=row["row_number"],
+        job_id=row["job_id"],
+        status=Status(row["status"]),
+        cost_usd=row["cost_usd"] or 0.0,
+        error_type=row["error_type"],
+        error_message=row["error_message"],
+        inputs=json.loads(row["inputs"]) if row["inputs"] else {},
+        record=json.loads(row["record"]),
+        output_paths=tuple(json.loads(row["paths"])) if row["paths"] else (),
+    )
+
+
 def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | None, ...]:
     """The stored copy of each of `count` outputs, by index (None where not stored)."""
     copies: list[StoredCopy | None] = [None] * count

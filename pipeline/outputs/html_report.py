@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import Status
-from pipeline.journal import Journal
+from pipeline.journal import Journal, ReportRow
 from pipeline.outputs.thumbs import THUMBS, input_thumb, output_thumb, write_thumb
 
 __all__ = ["REPORT", "write_report"]
@@ -29,32 +29,30 @@ _TEXT = 300  # characters of a prompt or an error kept in the page
 _BACKFILL = 5_000  # output thumbnails a report may make from stored copies (reused rows)
 
 
-def _entry(row: Any, id_column: str | None, thumbs: set[str], backfill: list[Any]) -> list[Any]:
+def _entry(
+    row: ReportRow, id_column: str | None, thumbs: set[str], backfill: list[Any]
+) -> list[Any]:
     """One row as the page's compact array: row, id, status, cost, prompt, error, input
     thumbnail, output thumbnails (None where there is none)."""
-    outcome = json.loads(row["outcome"])
-    inputs = json.loads(row["inputs"]) if row["inputs"] else {}
-    record = json.loads(row["record"]) if id_column else {}
-    number = int(outcome["row_number"])
-    ident = str(record.get(id_column, "")) if id_column else str(outcome["job_id"])
-    first = inputs.get("img_url")
+    number = row.row_number
+    ident = str(row.record.get(id_column, "")) if id_column else row.job_id
+    first = row.inputs.get("img_url")
     source = input_thumb(first) if isinstance(first, str) else None
-    stored = json.loads(row["stored"]) if row["stored"] else {"path": [], "state": []}
     outputs = []
-    for index, path in enumerate(stored.get("path") or []):
+    for index, path in enumerate(row.output_paths):
         name = output_thumb(number, index)
         if name not in thumbs and path and len(backfill) < _BACKFILL:
             backfill.append((name, path))
         outputs.append(name)
-    error = outcome.get("error_message") or ""
-    if outcome.get("error_type"):
-        error = f"{outcome['error_type']}: {error}"
+    error = row.error_message or ""
+    if row.error_type:
+        error = f"{row.error_type}: {error}"
     return [
         number,
         ident,
-        outcome["status"],
-        outcome.get("cost_usd") or 0,
-        str(inputs.get("prompt") or "")[:_TEXT],
+        row.status.value,
+        row.cost_usd,
+        str(row.inputs.get("prompt") or "")[:_TEXT],
         error[:_TEXT],
         source if source in thumbs else None,
         outputs,
@@ -78,7 +76,7 @@ def write_report(journal: Journal, run_dir: Path, id_column: str | None) -> Path
     thumbs = set(os.listdir(folder)) if folder.is_dir() else set()
     rows: list[list[Any]] = []
     wanted: list[Any] = []
-    for batch in journal.result_rows():
+    for batch in journal.report_rows():
         rows += [_entry(r, id_column, thumbs, wanted) for r in batch]
     if wanted:
         _backfill(folder, run_dir, wanted, thumbs)
