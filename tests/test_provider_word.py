@@ -475,7 +475,8 @@ def test_the_books_keep_the_providers_cost_apart_from_what_may_be_billed(tmp_pat
 
 
 def test_unconfirmed_jobs_decide_a_finished_runs_exit_code() -> None:
-    from pipeline.runs.runner import _Books, _Faults, _verdict
+    from pipeline.runs.verdict import Books, Faults
+    from pipeline.runs.verdict import verdict as run_verdict
 
     unsure = CostBooks(0.3, 0.0, 0.3, 0, 1, 2, 0)
     sure = CostBooks(0.3, 0.0, 0.3, 0, 0, 0, 0)
@@ -483,8 +484,8 @@ def test_unconfirmed_jobs_decide_a_finished_runs_exit_code() -> None:
     stats = RunStats()
 
     def verdict(cost: CostBooks, stop: ExitCode, counts: dict[str, int]) -> tuple[ExitCode, str]:
-        return _verdict(
-            (stop, "stopped"), _Faults(), _Books(cost=cost), counts, {}, [], stats, 0.03
+        return run_verdict(
+            (stop, "stopped"), Faults(), Books(cost=cost), counts, {}, [], stats, 0.03
         )
 
     assert verdict(sure, ExitCode.OK, failed)[0] is ExitCode.ROWS_FAILED

@@ -1,0 +1,213 @@
+"""How a run ended: its books finished (results, images, failures, report, summary), and the
+exit code and message a scheduler acts on, the gravest cause first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import structlog
+
+from pipeline.core import (
+    ENV_KEYS,
+    ApiKey,
+    ExitCode,
+    NoUsableKeyError,
+    RunConfig,
+    RunStats,
+    WanbatchError,
+)
+from pipeline.drive import Dispatcher
+from pipeline.intake import Manifest
+from pipeline.journal import CostBooks, Journal, StateStore
+from pipeline.outputs import (
+    ResultLayout,
+    write_failures,
+    write_images,
+    write_report,
+    write_results,
+)
+
+_log = structlog.get_logger("pipeline.runs.runner")
+
+
+@dataclass
+class Faults:
+    """What went wrong once work began: the run stops creating and finishes its books."""
+
+    ingest: BaseException | None = None
+    drive: BaseException | None = None
+
+    def describe(self) -> str | None:
+        for where, exc in (("reading the manifest", self.ingest), ("the run", self.drive)):
+            if exc is not None:
+                return f"{where} failed: {leaf(exc)}"
+        return None
+
+
+def leaf(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup):  # task groups nest: find the error itself
+        exc = exc.exceptions[0]
+    return f"{exc}" if isinstance(exc, WanbatchError) else f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class Books:
+    failures: Path | None = None
+    problem: str | None = None  # why results could not be written, or were written in part
+    images_missing: int = 0  # outputs of succeeded jobs not stored (yet)
+    cost: CostBooks | None = None
+
+
+async def finish_books(
+    config: RunConfig,
+    journal: Journal,
+    state: StateStore | None,
+    manifest: Manifest,
+    run_dir: Path,
+) -> Books:
+    """The state store, results and failures manifest, from the journal. A failure here loses
+    nothing (the journal holds every row) and is reported, not raised."""
+    layout = ResultLayout(
+        config.manifest.id_column_name,
+        manifest.mapper.columns,
+        manifest.extra_columns,
+        manifest.columns,
+        manifest.kind,
+        manifest.path,
+    )
+    books = Books()
+    try:
+        await anyio.to_thread.run_sync(journal.settle_followers)
+        if state is not None:
+            await anyio.to_thread.run_sync(remember, journal, state, run_dir)
+        results_path = run_dir / "results.parquet"
+        written = await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
+        if written.problem is not None:
+            books.problem = (
+                f"the manifest's own columns could not all be read again for the results "
+                f"({written.problem}): some are empty"
+            )
+        books.failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
+        images = run_dir / "images.parquet"
+        price = config.api.price_per_image_usd
+        await anyio.to_thread.run_sync(write_images, journal, layout, images, price)
+        if config.assets.download:
+            states = journal.image_states()
+            books.images_missing = states.get("pending", 0) + states.get("failed", 0)
+        try:
+            id_column = config.manifest.id_column_name
+            await anyio.to_thread.run_sync(write_report, journal, run_dir, id_column)
+        except (OSError, ValueError):  # the results stand without it; `wanbatch report` redoes it
+            _log.exception("report_failed")
+    except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
+        _log.exception("results_failed")
+        books.problem = (
+            f"results could not be written in {run_dir} ({type(exc).__name__}: {exc}); "
+            "the journal keeps every row: fix this and run the same command again to write them"
+        )
+    return books
+
+
+def unconfirmed_line(cost: CostBooks | None, price: float) -> str | None:
+    """What the books cannot confirm, in words, or None when every job's end was seen."""
+    if cost is None or not cost.unconfirmed:
+        return None
+    return (
+        f"{cost.unconfirmed:,} jobs created were not seen to end at the provider: up to "
+        f"${cost.possibly_billed_usd(price):,.2f} may be billed beyond the results' cost "
+        "(results column `unconfirmed`); the same command polls those still journaled"
+    )
+
+
+def verdict(
+    stop: tuple[ExitCode, str],
+    faults: Faults,
+    books: Books,
+    counts: dict[str, int],
+    waiting: dict[str, int],
+    keys: list[ApiKey],
+    stats: RunStats,
+    price: float,
+) -> tuple[ExitCode, str]:
+    """The exit code and its one-line explanation, the gravest first; a run that leaves jobs
+    unconfirmed says so whatever its code."""
+    unconfirmed = unconfirmed_line(books.cost, price)
+    code, message = gravest(stop, faults, books, counts, waiting, keys, stats)
+    if unconfirmed is None or code is ExitCode.KEYS_MISSING or faults.describe() is not None:
+        return code, message  # those say what is left already
+    if code in (ExitCode.OK, ExitCode.ROWS_FAILED):  # finished: the money question first
+        also = f"; also {message}" if message else ""
+        return ExitCode.UNCONFIRMED, f"finished, but {unconfirmed}{also}"
+    return code, f"{message}. Also: {unconfirmed}"
+
+
+def gravest(
+    stop: tuple[ExitCode, str],
+    faults: Faults,
+    books: Books,
+    counts: dict[str, int],
+    waiting: dict[str, int],
+    keys: list[ApiKey],
+    stats: RunStats,
+) -> tuple[ExitCode, str]:
+    fault = faults.describe()
+    if fault is not None:
+        open_jobs = books.cost.unconfirmed if books.cost is not None else 0
+        seen = (
+            "jobs already created were seen to their end"
+            if not open_jobs
+            else f"{open_jobs:,} jobs created were not seen to end and stay journaled"
+        )
+        return ExitCode.ERROR, (
+            f"{fault}; no more creates were sent, {seen}, and results hold every row read so "
+            "far. Fix it and run the same command again to resume"
+            + (f". Also: {books.problem}" if books.problem else "")
+        )
+    if stop[0] is not ExitCode.OK:
+        return stop
+    if books.problem is not None:
+        return ExitCode.ERROR, books.problem
+    usable = {k.name for k in keys} - set(stats.retired_keys)
+    missing = {k: n for k, n in waiting.items() if k not in usable}
+    if missing:
+        named = ", ".join(f"{k} ({n:,} rows)" for k, n in sorted(missing.items()))
+        return ExitCode.KEYS_MISSING, (
+            f"{sum(missing.values()):,} rows wait on jobs created with keys this run could not "
+            f"use: {named}. Only the key that created a job can see it end: set those keys in "
+            f"{ENV_KEYS} and run the same command again to finish them"
+        )
+    if counts.get("failed", 0) or counts.get("rejected", 0):
+        return ExitCode.ROWS_FAILED, (
+            f"finished with {counts.get('failed', 0):,} failed and {counts.get('rejected', 0):,}"
+            " rejected rows: see the failures manifest (`wanbatch retry` runs failed rows again)"
+        )
+    if books.images_missing:
+        return ExitCode.ROWS_FAILED, (
+            f"finished, but {books.images_missing:,} output images could not be downloaded and"
+            " stored (see images.parquet, state failed): run the same command again to fetch"
+            " them; nothing is created again"
+        )
+    return ExitCode.OK, ""
+
+
+def remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
+    """Write this run folder's successes into the state store, for the runs after it."""
+    for batch in journal.new_successes(str(run_dir)):
+        state.record(batch)
+
+
+def stopped_by(
+    config: RunConfig, dispatcher: Dispatcher, no_key: NoUsableKeyError | None
+) -> tuple[ExitCode, str]:
+    if no_key is not None:
+        return ExitCode.NO_KEY, str(no_key)
+    if dispatcher.budget_reached:
+        return ExitCode.BUDGET, (
+            f"budget.max_cost_usd ({config.budget.max_cost_usd:g}) reached; "
+            "unsent rows are kept: raise the budget and run again"
+        )
+    if dispatcher.halted:
+        return ExitCode.INTERRUPTED, "stopped by a signal; run the same command again to resume"
+    return ExitCode.OK, ""
