@@ -1,4 +1,10 @@
-"""intake."""
+"""The catalog in: rows read, mapped to the provider's input and checked, inputs judged.
+
+manifest.py    CSV, TSV and Parquet manifests (and DataFrames) read in batches
+rowmap.py      a row to a JobSpec or a Rejected naming its field and rule
+inputs.py      local and bucket inputs read, judged and uploaded; public ones probed
+estimating.py  `wanbatch estimate`: what a run would send, cost and take
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""observe."""
+"""Watching a run: snapshots of its progress, for a person and for a scraper.
+
+progress.py  a run's snapshot: rows by state, images, cost, rate, ETA, keys and workers
+observer.py  the snapshots every tick: the display, `progress` lines, metrics.prom
+metrics.py   the Prometheus registry (the counters, the gauges, the histograms)
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""outputs."""
+"""What a run leaves behind: the images kept, and the files written from the journal.
+
+downloads.py    output images downloaded, checked and stored (a folder or a bucket)
+thumbs.py       the report's thumbnails
+results.py      results.parquet, images.parquet and the failures manifest
+html_report.py  report.html
+summary.py      the run's summary (RunSummary) and summary.json
+closing.py      the closing summary's rows, for the terminal
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""runs."""
+"""A run: its folder, its logs and its state, and the runner that wires the wings together.
+
+runner.py    `run`: checks, the folder held, the engine driven, the books finished
+driving.py   the engine with the ingest, the budget's cancel and the signals beside it
+identity.py  which run a folder holds, and the manifest copy it keeps
+verdict.py   the books finished; the exit code and its message
+folder.py    the run folder's lock and the checks before anything is sent
+logs.py      run.log and the terminal's events (structlog)
+status.py    `wanbatch status`: a folder's state from its journal alone
+"""
 
 from __future__ import annotations
 
