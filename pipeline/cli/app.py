@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import sqlite3
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,14 +30,13 @@ from pipeline.core import (
     ConfigError,
     ExitCode,
     RunConfig,
-    RunFolderError,
     WanbatchError,
     keys_from_env,
     load_config,
 )
 from pipeline.drive import Workers
 from pipeline.intake import Estimate, estimate
-from pipeline.journal import TRANSIENT_ERRORS, Journal
+from pipeline.journal import TRANSIENT_ERRORS, reading
 from pipeline.observe import Reporter, format_duration
 from pipeline.outputs import RunSummary, summary_rows, write_report
 from pipeline.runs import (
@@ -392,25 +390,12 @@ def report_command(
     """Write the run folder's report.html again from its journal: nothing is sent."""
 
     def act() -> int:
-        journal = _read_journal(run_dir)
-        try:
-            id_column = _recorded_id_column(run_dir)
-            path = write_report(journal, run_dir, id_column)
-        except sqlite3.DatabaseError as exc:
-            raise RunFolderError(f"journal {journal.path} cannot be read: {exc}") from None
-        finally:
-            journal.close()
+        with reading(run_dir) as journal:
+            path = write_report(journal, run_dir, _recorded_id_column(run_dir))
         _out.print(str(path), highlight=False, markup=False, soft_wrap=True)
         return ExitCode.OK
 
     _guarded(act)
-
-
-def _read_journal(run_dir: Path) -> Journal:
-    path = run_dir / "journal.sqlite"
-    if not path.is_file():
-        raise RunFolderError(f"{run_dir} holds no run (no journal.sqlite)")
-    return Journal(path, readonly=True)
 
 
 def _recorded_id_column(run_dir: Path) -> str | None:

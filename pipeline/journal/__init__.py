@@ -16,7 +16,7 @@ from pipeline.journal.commit import Commits, GroupCommit
 from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
 from pipeline.journal.rows import CostBooks, Entry, ReportRow
-from pipeline.journal.store import Journal
+from pipeline.journal.store import JOURNAL, Journal, reading
 from pipeline.journal.tables import TRANSIENT_ERRORS
 from pipeline.journal.updates import (
     FailImage,
@@ -31,6 +31,7 @@ from pipeline.journal.updates import (
 )
 
 __all__ = [
+    "JOURNAL",
     "TRANSIENT_ERRORS",
     "Commits",
     "CostBooks",
@@ -48,5 +49,6 @@ __all__ = [
     "StateStore",
     "StoreImage",
     "Update",
+    "reading",
     "unique",
 ]

@@ -9,12 +9,37 @@ one durable transaction by `GroupCommit`, so a commit costs one fsync whatever t
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.core import RunFolderError
 from pipeline.journal.ingest import Ingest
 from pipeline.journal.reports import Reports
 
-__all__ = ["Journal"]
+__all__ = ["JOURNAL", "Journal", "reading"]
+
+JOURNAL = "journal.sqlite"  # in the run folder
 
 
 class Journal(Ingest, Reports):
     """The journal: its file (`JournalFile`), rows into it (`Ingest`) and read back
     (`Reports`); one object, opened by the run and closed by it."""
+
+
+@contextmanager
+def reading(run_dir: Path) -> Iterator[Journal]:
+    """A run folder's journal opened read-only (`wanbatch status`, `wanbatch report`, while a
+    run may hold it), closed after; RunFolderError when there is none, or when it cannot be
+    read as a database."""
+    path = run_dir / JOURNAL
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} holds no run (no {JOURNAL})")
+    journal = Journal(path, readonly=True)
+    try:
+        yield journal
+    except sqlite3.DatabaseError as exc:
+        raise RunFolderError(f"journal {path} cannot be read: {exc}") from None
+    finally:
+        journal.close()

@@ -28,12 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import JournalDamaged, RunFolderError, RunFolderLocked
-from pipeline.journal import Journal
+from pipeline.journal import JOURNAL, Journal
 from pipeline.outputs import RESULTS_ROWS, RESULTS_RUN_ID, RESULTS_SUCCEEDED
 
 __all__ = ["Holder", "RunFolder", "holder_of"]
 
-JOURNAL = "journal.sqlite"
 LOCK = "run.lock"
 RESULTS = "results.parquet"
 _RESULT_FILES = (RESULTS, "images.parquet", "failures.csv", "failures.tsv", "failures.parquet")

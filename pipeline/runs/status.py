@@ -5,13 +5,12 @@ rows whose jobs wait on a key this environment does not give.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core import OPEN, ApiKey, RunFolderError
-from pipeline.journal import Journal
-from pipeline.runs.folder import JOURNAL, Holder, holder_of
+from pipeline.core import OPEN, ApiKey
+from pipeline.journal import reading
+from pipeline.runs.folder import Holder, holder_of
 
 __all__ = ["FolderStatus", "folder_status"]
 
@@ -38,19 +37,10 @@ class FolderStatus:
 
 def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
     """RunFolderError when `run_dir` holds no journal (or one that cannot be read)."""
-    path = run_dir / JOURNAL
-    if not path.is_file():
-        raise RunFolderError(f"{run_dir} holds no run (no {JOURNAL})")
-    try:
-        journal = Journal(path, readonly=True)
-        try:
-            totals, counts = journal.totals(), journal.counts()
-            waiting, images = journal.waiting_on_keys(), journal.image_states()
-            complete = journal.get_meta("ingest_complete") == "1"
-        finally:
-            journal.close()
-    except sqlite3.DatabaseError as exc:
-        raise RunFolderError(f"journal {path} cannot be read: {exc}") from None
+    with reading(run_dir) as journal:
+        totals, counts = journal.totals(), journal.counts()
+        waiting, images = journal.waiting_on_keys(), journal.image_states()
+        complete = journal.get_meta("ingest_complete") == "1"
     given = {k.name for k in keys}
     return FolderStatus(
         run_dir=run_dir,
