@@ -1,6 +1,6 @@
 """The key side of a run, built one way wherever it runs: the HTTP client, the poll planner,
 one lane per key (its create gate, seeded with the creates the provider's window may still
-hold, and its in-flight cap), the worker that drives them, and the downloader that keeps the
+hold, and its in-flight cap), the key driver that drives them, and the downloader that keeps the
 images. The driver's process builds it for a local run; each Ray worker builds it for the
 keys it owns.
 """
@@ -26,7 +26,7 @@ __all__ = ["KeySide", "assemble", "downloader"]
 @dataclass
 class KeySide:
     client: EachlabsClient
-    worker: KeyDriver
+    driver: KeyDriver
     lanes: list[KeyLane]
 
 
@@ -87,7 +87,7 @@ def assemble(
     webhook = None
     if receiver is not None:
         webhook = Webhook(receiver.url, receiver.secret, receiver.callbacks)
-    worker = KeyDriver(
+    driver = KeyDriver(
         DriverSettings.of(config),
         client,
         commit,
@@ -99,7 +99,7 @@ def assemble(
         downloader=kept,
         uploads=uploads,
     )
-    return KeySide(client, worker, lanes)
+    return KeySide(client, driver, lanes)
 
 
 def downloader(

@@ -145,19 +145,19 @@ class Local(Engine):
             thumbs=FolderThumbs(config.output.dir / THUMBS),
             uploads=uploads,
         )
-        self.downloader = self.side.worker.downloader
+        self.downloader = self.side.driver.downloader
         self._scope = anyio.CancelScope()
-        self.view: RunView = LocalView(self.side.lanes, self.side.worker.flying_lanes)
+        self.view: RunView = LocalView(self.side.lanes, self.side.driver.flying_lanes)
 
     async def work(self) -> None:
-        worker = self.side.worker
+        driver = self.side.driver
         with self._scope:
             async with anyio.create_task_group() as slots:
                 for lane in self.side.lanes:
                     for _ in range(self._config.limits.max_concurrent):
-                        slots.start_soon(worker.run_slot, lane)
-        if self.dispatcher.abandoned and worker.in_flight:
-            await worker.cancel_in_flight(confirm_within=_confirm_within(self._config))
+                        slots.start_soon(driver.run_slot, lane)
+        if self.dispatcher.abandoned and driver.in_flight:
+            await driver.cancel_in_flight(confirm_within=_confirm_within(self._config))
 
     def limit(self, seconds: float) -> None:
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
@@ -166,7 +166,7 @@ class Local(Engine):
         self._scope.cancel()
 
     async def cancel_in_flight(self) -> None:
-        await self.side.worker.cancel_in_flight()
+        await self.side.driver.cancel_in_flight()
 
     async def aclose(self) -> None:
         await super().aclose()

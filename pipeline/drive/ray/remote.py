@@ -307,8 +307,8 @@ class WorkerProcess:
             self._handouts.abandoned = True
             if self._slots is not None:
                 self._slots.cancel()
-        if orders.cancel_in_flight and side is not None and not side.worker.cancel_all:
-            task = asyncio.get_running_loop().create_task(side.worker.cancel_in_flight())
+        if orders.cancel_in_flight and side is not None and not side.driver.cancel_all:
+            task = asyncio.get_running_loop().create_task(side.driver.cancel_in_flight())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -341,28 +341,28 @@ class WorkerProcess:
             thumbs=_RemoteThumbs(self._outbox),
             uploads=uploads,
         )
-        worker = side.worker
-        worker.open_elsewhere = lambda: self._handouts.open_elsewhere
+        driver = side.driver
+        driver.open_elsewhere = lambda: self._handouts.open_elsewhere
         downloads = anyio.Event()
         try:
             async with anyio.create_task_group() as services:
-                if worker.downloader is not None:
-                    services.start_soon(_download, worker.downloader, downloads)
+                if driver.downloader is not None:
+                    services.start_soon(_download, driver.downloader, downloads)
                 async with anyio.create_task_group() as slots:
                     self._slots = slots.cancel_scope
                     for lane in side.lanes:
                         for _ in range(config.limits.max_concurrent):
-                            slots.start_soon(worker.run_slot, lane)
-                if self._handouts.abandoned and worker.in_flight:
+                            slots.start_soon(driver.run_slot, lane)
+                if self._handouts.abandoned and driver.in_flight:
                     grace = config.scaled(config.polling.cancel_grace_s)
-                    await worker.cancel_in_flight(confirm_within=grace)
-                if worker.downloader is not None and not self._handouts.abandoned:
-                    worker.downloader.close()
+                    await driver.cancel_in_flight(confirm_within=grace)
+                if driver.downloader is not None and not self._handouts.abandoned:
+                    driver.downloader.close()
                     await downloads.wait()
                 services.cancel_scope.cancel()
         finally:
-            if worker.downloader is not None:
-                worker.downloader.discard()
+            if driver.downloader is not None:
+                driver.downloader.discard()
             await side.client.aclose()
 
     def _figures(self) -> Figures:
@@ -377,7 +377,7 @@ class WorkerProcess:
             latencies=list(st.latencies[new]),
             notice_delays=list(st.notice_delays[new]),
             downloads=(d.stored, d.failed, d.bytes) if d is not None else (0, 0, 0),
-            keys=key_states(side.lanes, side.worker.flying_lanes()) if side is not None else (),
+            keys=key_states(side.lanes, side.driver.flying_lanes()) if side is not None else (),
             host=socket.gethostname(),
             pid=os.getpid(),
             cpu_s=usage.ru_utime + usage.ru_stime,
