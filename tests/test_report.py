@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import ExitCode
+from pipeline.core import ExitCode, JobOutcome, JobSpec, Rejected, Status
+from pipeline.journal import Finish, Journal
+from pipeline.outputs import write_report
 from pipeline.sandbox import FaultRates
 from tests.conftest import (
     KEY,
@@ -156,3 +158,40 @@ async def test_input_thumbnails_can_be_left_out(sandbox: Start, tmp_path: Path) 
 
     assert await thumbnails("with", True) == ["i-"] * 3 + ["o-"] * 3
     assert await thumbnails("without", False) == ["o-"] * 3
+
+
+HOSTILE = (
+    "<!--<script>",
+    "</script><img src=x onerror=\"document.title='owned'\">",
+    "line\u2028separator\u2029paragraph",
+    "& &amp; <b>bold</b>",
+)
+
+
+def test_hostile_values_show_as_text_in_chromium(tmp_path: Path, chromium: str) -> None:
+    """Whatever a manifest or the provider puts in a prompt, an id or an error, the report
+    shows it as text: every row is drawn, and none of it becomes markup or script."""
+    run_dir = tmp_path / "run"
+    journal = Journal(run_dir / "journal.sqlite")
+    batch: list[JobSpec | Rejected] = []
+    for row, text in enumerate(HOSTILE, start=1):
+        record = {"sku": f"{text}-{row}", "prompt": text}
+        inputs = {"prompt": text, "img_url": f"https://shop.test/{row}.jpg"}
+        batch.append(JobSpec(f"job-{row}", row, inputs, record, f"fp-{row}"))
+    batch.append(Rejected("job-5", 5, {"sku": HOSTILE[1]}, f"row 5: prompt {HOSTILE[0]} is bad"))
+    journal.ingest(batch, {})
+    failure = JobOutcome(
+        Status.FAILED, error_type="job_error", error_message=HOSTILE[1], finished_at=1.0
+    )
+    journal.apply([Finish(2, failure, 0.03)])
+    report = write_report(journal, run_dir, "sku")
+    journal.close()
+
+    dom = _browse(chromium, report.as_uri(), tmp_path / "chromium")
+    assert len(_entries(dom)) == 5  # the page's data was read whole: no row swallowed
+    assert re.search(r'data-name="rows"><b>5</b>', dom)
+    assert not re.search(r"<img[^>]*onerror", dom)  # no element carries the handler
+    assert "owned" not in dom.split("</title>")[0]  # and it never ran
+    assert "<b>bold</b>" not in dom  # markup in a value stays text
+    assert "&lt;/script&gt;&lt;img src=x onerror=" in dom  # shown as text
+    assert "&lt;!--&lt;script&gt;" in dom

@@ -70,6 +70,20 @@ def _backfill(folder: Path, run_dir: Path, wanted: list[Any], thumbs: set[str]) 
             thumbs.add(name)
 
 
+# what may not appear as itself inside a <script> element's text: `<` starts `</script>` and the
+# `<!--<script>` states that swallow the rest of the page, `>` and `&` are escaped alongside,
+# and U+2028/U+2029 end a line in older script parsers; each becomes the JSON escape of itself
+_SCRIPT_UNSAFE = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def script_safe(data: str) -> str:
+    """JSON text made safe to embed in a <script> element: the same value once parsed, whatever
+    a manifest, a prompt or the provider put in it."""
+    return data.translate(_SCRIPT_UNSAFE)
+
+
 def write_report(journal: Journal, run_dir: Path, id_column: str | None) -> Path:
     """report.html from the journal, replaced whole."""
     folder = run_dir / THUMBS
@@ -98,7 +112,7 @@ def write_report(journal: Journal, run_dir: Path, id_column: str | None) -> Path
     }
     data = json.dumps({"head": head, "rows": rows}, separators=(",", ":"))
     page = _PAGE.replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
-    page = page.replace("__DATA__", data.replace("</", "<\\/"))
+    page = page.replace("__DATA__", script_safe(data))
     path = run_dir / REPORT
     tmp = run_dir / f".{REPORT}.tmp"
     tmp.write_text(page, encoding="utf-8")
