@@ -259,10 +259,14 @@ async def test_result_columns_are_never_shadowed_and_parquet_types_are_kept(
     assert rows[101]["job_id"] == "101"
     frame = pd.read_parquet(summary.results_path)  # pandas reads it too
     assert list(frame["sku"]) == [101, 102, 103]
-    # the failures manifest is the manifest's own rows, with its own types
+    # the failures manifest is the manifest's own rows, with its own types, then the reasons
     assert summary.failures_path is not None
     failed = pq.read_table(summary.failures_path)
-    assert failed.schema == table.schema and failed.column("sku").to_pylist() == [103]
+    reasons = ["wanbatch_status", "wanbatch_error_type", "wanbatch_error_message"]
+    own = failed.select([n for n in failed.column_names if n not in reasons])
+    assert own.schema.remove_metadata() == table.schema.remove_metadata()
+    assert failed.column_names[-3:] == reasons and failed.column("sku").to_pylist() == [103]
+    assert failed.column("wanbatch_status").to_pylist() == ["rejected"]
 
 
 async def test_results_path_a_folder_refuses_and_a_failed_write_keeps_the_books(

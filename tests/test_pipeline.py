@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -211,8 +212,13 @@ async def test_bad_rows_are_rejected_and_cost_nothing(sandbox: Start, tmp_path: 
     assert "row 4" in rejected[4] and "n (column 'n')" in rejected[4]
     assert "img_url" in rejected[5] and "HTTPS" in rejected[5]
     assert sb.stats()["creates"] == 3
-    failures = (tmp_path / "run" / "failures.csv").read_text().splitlines()
-    assert failures[0] == "sku,prompt,img_url,n" and len(failures) == 4
+    with (tmp_path / "run" / "failures.csv").open(encoding="utf-8") as handle:
+        failures = list(csv.DictReader(handle))
+    columns = "sku,prompt,img_url,n,wanbatch_status,wanbatch_error_type,wanbatch_error_message"
+    assert list(failures[0]) == columns.split(",") and len(failures) == 3
+    assert {f["wanbatch_status"] for f in failures} == {"rejected"}
+    assert {f["wanbatch_error_type"] for f in failures} == {"invalid_row"}
+    assert failures[0]["wanbatch_error_message"] == rejected[2]  # the reason, in plain words
 
 
 async def test_a_refused_key_is_retired_and_the_run_goes_on(sandbox: Start, tmp_path: Path) -> None:

@@ -142,7 +142,9 @@ async def test_the_failures_manifest_runs_as_a_new_manifest(sandbox: Start, tmp_
     with first.failures_path.open(encoding="utf-8") as handle:
         written = list(csv.DictReader(handle))
     assert [r["sku"] for r in written] == sorted(bad, key=lambda s: int(s.split("-")[1]))
-    assert list(written[0]) == ["sku", "prompt", "img_url", "size"]
+    reasons = ["wanbatch_status", "wanbatch_error_type", "wanbatch_error_message"]
+    assert list(written[0]) == ["sku", "prompt", "img_url", "size", *reasons]
+    assert all(r["wanbatch_error_message"] == bad[r["sku"]]["error_message"] for r in written)
 
     healthy = shrunk_sandbox(sandbox)
     again = make_config(
@@ -170,6 +172,11 @@ async def test_the_failures_manifest_runs_as_a_new_manifest(sandbox: Start, tmp_
             assert row["img_urls"] == bad[sku]["img_urls"]
             assert row["size"] == "1K"
     assert healthy.stats()["creates"] == first.counts["failed"]
+    # run again and failing again, a row carries its new reason once, not a second set
+    assert second.failures_path is not None
+    with second.failures_path.open(encoding="utf-8") as handle:
+        columns = next(csv.reader(handle))
+    assert columns == ["sku", "prompt", "img_url", "size", *reasons]
 
 
 async def test_incremental_run_sends_only_the_changed_rows(sandbox: Start, tmp_path: Path) -> None:

@@ -194,7 +194,8 @@ class Reports(JournalFile):
         """The manifest records of the failed and rejected jobs, in row order, in batches (for
         the failures manifest); found through the status index, not by reading every job."""
         failed = (Status.FAILED.value, Status.REJECTED.value)
-        return self._pages("row_number, record", "status IN (?, ?)", failed, batch_size)
+        columns = "row_number, record, status, error_type, error_message"
+        return self._pages(columns, "status IN (?, ?)", failed, batch_size)
 
     def images_to_fetch(self, pending_only: bool = False) -> list[tuple[int, str, int, str]]:
         """Output images of succeeded jobs not stored yet (pending, or failed before, unless

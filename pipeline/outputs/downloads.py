@@ -16,6 +16,7 @@ import io
 import math
 import os
 import random
+import re
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -51,6 +52,7 @@ __all__ = [
 
 _log = structlog.get_logger("pipeline.outputs.downloads")
 _PROBE = ".wanbatch-probe"  # written and deleted by a store's check
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
 
@@ -119,6 +121,16 @@ def recheck_copies(journal: Journal, copies: CopyCheck, run_dir: Path) -> None:
     if gone:
         journal.unstore(gone)
         _log.warning("stored_images_missing", images=len(gone), hint="fetched again")
+
+
+def image_name(job_id: str, index: int, extension: str) -> str:
+    """A stored image's name, after the product: the row's id made safe for a file name (at
+    most 80 of its letters, digits, `.`, `_` and `-`; anything else becomes `_`), the hash of
+    the whole id (two ids that read alike stay apart), and the output's index. Never a path
+    from the manifest or the provider taken as is."""
+    safe = _UNSAFE_NAME.sub("_", job_id)[:80].strip("._") or "row"
+    ident = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+    return f"{safe}-{ident}-{index}.{extension}"
 
 
 class CopyCheck:
@@ -367,8 +379,7 @@ class Downloader:
     def _keep(self, job: _Job, data: bytes) -> StoreImage:
         """Check and write one image (in a thread), under a name of our own."""
         kind, width, height = inspect_image(data)
-        ident = hashlib.sha256(job.job_id.encode()).hexdigest()[:8]
-        name = f"{job.row_number:08d}-{ident}-{job.index}.{_EXTENSIONS.get(kind, 'img')}"
+        name = image_name(job.job_id, job.index, _EXTENSIONS.get(kind, "img"))
         where = self._store.put(name, data)
         if self._thumbs is not None:
             with contextlib.suppress(OSError, ValueError):

@@ -201,7 +201,7 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan) -> str:
+def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan, run_dir: Path) -> str:
     """One results row as a JSON line: the journal's `outcome` object, with the columns that
     come from the row's inputs (or, for a rejected row, from what the manifest said) added."""
     # the record is read only where it is needed: a Parquet manifest's columns come from the file
@@ -224,14 +224,22 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan) -> str:
         "seed": _as_int(inputs.get("seed")),
         "history": _history(row["history"]),
     }
-    out.update(_stored(row["stored"]))
+    out.update(_stored(row["stored"], run_dir))
     for column, name in plan.text:
         out[name] = _text(record.get(column))
     outcome: str = row["outcome"]
     return f"{outcome[:-1]},{_ENCODE(out)[1:]}"
 
 
-def _stored(text: str | None) -> dict[str, Any]:
+def located(path: str | None, run_dir: Path) -> str | None:
+    """Where a stored image is, one kind for every row: an object URL, or an absolute path
+    (the journal keeps a copy in the run folder relative to it, so the folder can move)."""
+    if path is None or "://" in path or Path(path).is_absolute():
+        return path
+    return str(run_dir / path)
+
+
+def _stored(text: str | None, run_dir: Path) -> dict[str, Any]:
     """The columns of a row's stored outputs, from the journal's images of it."""
     found = json.loads(text) if text else {}
     states: list[str] = found.get("state") or []
@@ -243,7 +251,7 @@ def _stored(text: str | None) -> dict[str, Any]:
             else ("pending_download" if "pending" in states else "failed_download")
         )
     return {
-        "output_paths": found.get("path") or [],
+        "output_paths": [located(p, run_dir) for p in found.get("path") or []],
         "output_sha256": found.get("sha256") or [],
         "output_bytes": found.get("bytes") or [],
         "output_width": found.get("width") or [],
@@ -360,7 +368,7 @@ def write_results(journal: Journal, layout: ResultLayout, path: Path) -> Written
     meta = _results_meta(journal)
     with _atomic(path) as tmp, pq.ParquetWriter(tmp, plan.schema.with_metadata(meta)) as out:
         for batch in journal.result_rows():
-            lines = [_result_line(r, layout, plan) for r in batch]
+            lines = [_result_line(r, layout, plan, path.parent) for r in batch]
             table = _to_table(lines, plan.lines, plan.parsed)
             if manifest is not None:
                 columns = manifest.take([r["row_number"] for r in batch]).columns
@@ -374,8 +382,18 @@ def write_results(journal: Journal, layout: ResultLayout, path: Path) -> Written
     return Written(count, None if manifest is None else manifest.problem)
 
 
+# why each row of the failures manifest failed, after the input's own columns; a failures
+# manifest run again and failing again gets these anew, not twice
+REASONS = ("wanbatch_status", "wanbatch_error_type", "wanbatch_error_message")
+
+
+def _reasons(row: sqlite3.Row) -> list[str]:
+    return [row["status"], row["error_type"] or "", row["error_message"] or ""]
+
+
 def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Path | None:
-    """The failed and rejected rows as a manifest of the input's columns; None if there are none."""
+    """The failed and rejected rows as a manifest of the input's columns, with why each failed
+    (REASONS) after them; None if there are none."""
     suffix = layout.manifest_kind  # csv, tsv or parquet: feed it back as it came
     path = run_dir / f"failures.{suffix}"
     pages = journal.failed_records()
@@ -383,24 +401,32 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
     if first is None:
         path.unlink(missing_ok=True)
         return None
-    columns = layout.manifest_columns
+    columns = [c for c in layout.manifest_columns if c not in REASONS]
     with _atomic(path) as tmp:
         if suffix != "parquet":
             with tmp.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle, delimiter="\t" if suffix == "tsv" else ",")
-                writer.writerow(columns)
+                writer.writerow([*columns, *REASONS])
                 for page in (first, *pages):
                     for row in page:
                         record = json.loads(row["record"])
-                        writer.writerow(
-                            ["" if record.get(c) is None else record[c] for c in columns]
-                        )
+                        values = ["" if record.get(c) is None else record[c] for c in columns]
+                        writer.writerow([*values, *_reasons(row)])
         else:  # the rows as the manifest file has them, with its own types
-            schema = pq.read_schema(layout.manifest_path)
-            rows = _ManifestRows(layout.manifest_path, schema)
+            own = pq.read_schema(layout.manifest_path)
+            kept = pa.schema([f for f in own if f.name not in REASONS])
+            schema = kept.append(pa.field(REASONS[0], pa.string()))
+            schema = schema.append(pa.field(REASONS[1], pa.string()))
+            schema = schema.append(pa.field(REASONS[2], pa.string()))
+            rows = _ManifestRows(layout.manifest_path, kept)
             with pq.ParquetWriter(tmp, schema) as out:
                 for page in (first, *pages):
-                    out.write_table(rows.take([r["row_number"] for r in page]))
+                    table = rows.take([r["row_number"] for r in page])
+                    reasons = [_reasons(r) for r in page]
+                    for at, name in enumerate(REASONS):
+                        values = [reason[at] for reason in reasons]
+                        table = table.append_column(name, pa.array(values, pa.string()))
+                    out.write_table(table)
     return path
 
 
@@ -462,8 +488,9 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
                 "index": [r["idx"] for r in batch],
                 "url": [r["url"] for r in batch],
             }
-            for name in ("path", "sha256", "bytes", "width", "height", "format", "state", "error"):
+            for name in ("sha256", "bytes", "width", "height", "format", "state", "error"):
                 columns[name] = [r[name] for r in batch]
+            columns["path"] = [located(r["path"], path.parent) for r in batch]
             columns["cost_usd"] = [
                 0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6) for r in batch
             ]
