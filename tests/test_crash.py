@@ -247,6 +247,10 @@ def test_a_second_signal_stops_at_once_cancels_jobs_in_flight_and_stays_resumabl
     code, output = p.wait(timeout=30)
 
     assert code == 3, output
+    # each signal says in plain words what happens now, not a log line
+    assert "wanbatch: stopping: no new jobs are sent" in output
+    assert "Press Ctrl-C again to stop now" in output
+    assert "wanbatch: stopping now: the jobs in flight are being cancelled" in output
     journal = journal_rows(run_dir)
     in_flight = [r for r in journal if r["cancel_accepted"] is not None]
     assert in_flight, "jobs were in flight at the second signal"

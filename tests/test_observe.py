@@ -117,6 +117,28 @@ def test_dry_run_is_estimate(sandbox: Start, tmp_path: Path) -> None:
     assert sb.stats()["creates"] == 0 and not (tmp_path / "run").exists()
 
 
+def test_estimate_exit_codes_say_over_budget_and_nothing_to_send(tmp_path: Path) -> None:
+    """`estimate` exits 5 over budget.max_cost_usd and 6 when no row is valid, and says when
+    rows repeat an input without a seed (each is paid); nothing is sent in any case."""
+    same = {"prompt": "white background", "img_url": "https://cdn.test/a.jpg"}
+
+    def estimated(rows: list[dict[str, Any]], **sections: Any) -> subprocess.CompletedProcess[str]:
+        manifest = write_manifest(tmp_path / "m.csv", rows)
+        path = tmp_path / "estimate.yaml"
+        data = config_data(tmp_path, "https://api.test/v1", manifest, **sections)
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return _cli("estimate", str(path))
+
+    over = estimated(catalog(10), budget={"max_cost_usd": 0.1})  # $0.30 to send
+    assert over.returncode == 5, over.stderr
+    assert "over budget.max_cost_usd (0.1)" in over.stderr
+    nothing = estimated([{**row, "prompt": ""} for row in catalog(3)])
+    assert nothing.returncode == 6 and "no valid row" in nothing.stderr
+    repeated = estimated([{"sku": f"r{i}", **same} for i in range(4)])
+    assert repeated.returncode == 0, repeated.stderr
+    assert "3 row(s) repeat an earlier row's input without a seed" in repeated.stderr
+
+
 def test_progress_lines_when_piped(sandbox: Start, tmp_path: Path) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=10)
     manifest = write_manifest(tmp_path / "m.csv", catalog(60))
@@ -209,7 +231,7 @@ def test_status_of_a_running_then_a_killed_folder(
     pipelines.append(run)
     run_dir = tmp_path / "run"
     assert wait_for(lambda: sb.stats()["creates"] >= 5, 30, run.running)
-    said = _cli("status", str(run_dir))
+    said = _cli("status", str(run_dir), keys=KEY2)  # another machine, other keys
     assert said.returncode == 0, said.stderr
     assert (
         f"running now             yes, by pid {run.proc.pid}".split()
@@ -217,11 +239,14 @@ def test_status_of_a_running_then_a_killed_folder(
             : len(f"running now yes, by pid {run.proc.pid}".split())
         ]
     )
-    assert "unfinished" in said.stdout and sb.stats()["creates"] >= 5
+    assert "running (its jobs are being driven now)" in said.stdout
+    assert "waiting on keys" not in said.stdout  # the run holding the folder polls its jobs
+    assert sb.stats()["creates"] >= 5
     run.kill()  # the jobs in flight now wait on the key that created them
 
     other = _cli("status", str(run_dir), keys=KEY2)
     assert "running now            no" in other.stdout
+    assert "stopped, unfinished (run the same command to resume)" in other.stdout
     assert "waiting on keys" in other.stdout and "not given" in other.stdout
     same = _cli("status", str(run_dir), keys=KEY)
     assert "waiting on keys" not in same.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -488,3 +489,101 @@ def test_importing_the_config_loads_no_server_library() -> None:
     assert loaded("pipeline.core.config") == []
     # the webhook receiver's uvicorn; not the sandbox's
     assert loaded("pipeline.runs.runner") == ["uvicorn"]
+
+
+def test_retry_errors_are_checked_against_the_error_vocabulary(tmp_path: Path) -> None:
+    from pipeline.cli.app import _error_selection
+    from pipeline.core import ERROR_TYPES, TRANSIENT_ERRORS, ApiError
+
+    every_api_error = {cls.error_type for cls in ApiError.__subclasses__()} | {"api_error"}
+    assert every_api_error <= ERROR_TYPES and TRANSIENT_ERRORS <= ERROR_TYPES
+    assert _error_selection("all") is None
+    assert _error_selection("transient") == TRANSIENT_ERRORS
+    assert _error_selection("cancelled, transient") == TRANSIENT_ERRORS | {"cancelled"}
+    with pytest.raises(ConfigError, match=r"'timout' is no error type \(did you mean 'timeout'"):
+        _error_selection("timout")
+    with pytest.raises(ConfigError, match="'bogus' is no error type; give some of"):
+        _error_selection("job_error,bogus")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"manifest: {{path: {tmp_path / 'm.csv'}}}\noutput: {{dir: {tmp_path}}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "retry", str(config), "--errors", "bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "'bogus' is no error type" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_config_messages_name_the_file_and_the_key_meant(tmp_path: Path) -> None:
+    from pipeline.core import load_config
+
+    base = {"manifest": {"path": "m.csv"}, "output": {"dir": "out"}}
+    typo = {**base, "polling": {"job_timout_s": 3}}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(typo, tmp_path, "nightly.yaml")
+    said = str(raised.value)
+    assert "polling.job_timout_s: unknown key (did you mean 'job_timeout_s'?)" in said
+    with pytest.raises(ConfigError) as raised:
+        parse_config({**base, "manifest": {"path": "m.csv", "defaults": {"n": 9}}}, tmp_path, "c")
+    assert "Value error" not in str(raised.value) and "n default must be" in str(raised.value)
+    # a size is read in the config as in a cell: `2k` is 2K
+    sized = {**base, "manifest": {"path": "m.csv", "defaults": {"size": "2k"}}}
+    assert parse_config(sized, tmp_path, "c").manifest.defaults["size"] == "2K"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("api:\n  base_url: [\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(broken)
+    assert "<unicode string>" not in str(raised.value)
+    assert f"in {broken}, line 3" in str(raised.value)
+
+
+def test_the_closing_message_gives_the_command_for_each_kind_of_failure(tmp_path: Path) -> None:
+    from pipeline.core import ExitCode, RunStats
+    from pipeline.runs.verdict import Books, Faults, verdict
+
+    books = Books(
+        run_dir=tmp_path / "run",
+        failed_by_type={"job_error": 2, "timeout": 1, "cancelled": 3, "invalid_input": 1},
+    )
+    counts = {"succeeded": 10, "failed": 7, "rejected": 2}
+    code, message = verdict((ExitCode.OK, ""), Faults(), books, counts, {}, [], RunStats(), 0.03)
+    assert code is ExitCode.ROWS_FAILED
+    run = tmp_path / "run"
+    assert f"`wanbatch retry {run}` runs the transient failures again" in message
+    assert f"`wanbatch retry {run} --errors cancelled,invalid_input` runs cancelled 3" in message
+    assert "finished with 7 failed and 2 rejected rows: see the failures manifest" in message
+
+
+def test_stored_images_are_named_after_the_row_id_made_safe() -> None:
+    from pipeline.outputs.downloads import image_name
+
+    assert image_name("SKU-42", 0, "jpg").startswith("SKU-42-") and image_name(
+        "SKU-42", 1, "png"
+    ).endswith("-1.png")
+    hostile = image_name("../../etc/passwd", 0, "jpg")
+    assert "/" not in hostile and not hostile.startswith(".") and hostile.endswith("-0.jpg")
+    assert image_name("a b", 0, "jpg") != image_name("a_b", 0, "jpg")  # the hash keeps them apart
+    assert image_name("ÿ" * 300, 0, "jpg").startswith("row-")  # nothing safe left: a word of ours
+    assert len(image_name("x" * 500, 3, "webp")) < 100
+
+
+def test_help_texts_show_every_option_whole_at_80_columns() -> None:
+    def helped(*args: str) -> str:
+        env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", *args, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    sandbox = helped("sandbox")
+    assert "…" not in sandbox  # no option name cut short
+    for option in ("--creates-per-window", "--price-per-image-usd", "--no-report-cost"):
+        assert option in sandbox
+    assert "wanbatch[ray]" in " ".join(helped("run").split())  # not eaten as markup

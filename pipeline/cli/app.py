@@ -9,6 +9,7 @@ folder itself.
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import logging
 import sys
@@ -27,6 +28,8 @@ from rich.text import Text
 from pipeline import __version__
 from pipeline.cli.display import LineReporter, LiveReporter
 from pipeline.core import (
+    ERROR_TYPES,
+    TRANSIENT_ERRORS,
     ConfigError,
     ExitCode,
     RunConfig,
@@ -36,7 +39,7 @@ from pipeline.core import (
 )
 from pipeline.drive import Workers
 from pipeline.intake import Estimate, estimate
-from pipeline.journal import TRANSIENT_ERRORS, reading
+from pipeline.journal import reading
 from pipeline.observe import Reporter, format_duration
 from pipeline.outputs import RunSummary, summary_rows, write_report
 from pipeline.runs import (
@@ -241,7 +244,7 @@ _RunDate = Annotated[
 _Workers = Annotated[
     int | None,
     typer.Option(
-        help="Spread the keys over N Ray workers (pip install 'wanbatch[ray]'); a local Ray "
+        help="Spread the keys over N Ray workers (pip install 'wanbatch\\[ray]'); a local Ray "
         "cluster is started unless --ray-address or RAY_ADDRESS names one."
     ),
 ]
@@ -296,6 +299,26 @@ def run_command(
     _guarded(act)
 
 
+def _error_selection(errors: str) -> frozenset[str] | None:
+    """`--errors` read: the error types named ('transient' for the transient ones), or None
+    for 'all'; ConfigError naming any word that is no error type, and the one meant."""
+    wanted = {e.strip() for e in errors.split(",") if e.strip()}
+    words = {"all", "transient"}
+    unknown = sorted(wanted - ERROR_TYPES - words)
+    if unknown or not wanted:
+        meant = difflib.get_close_matches(unknown[0], [*ERROR_TYPES, *words], 1) if unknown else []
+        hint = f" (did you mean {meant[0]!r}?)" if meant else ""
+        known = ", ".join(sorted(ERROR_TYPES))
+        raise ConfigError(
+            f"--errors: {', '.join(map(repr, unknown)) or 'nothing'} is no error type{hint}; "
+            f"give some of {known}, comma-separated, or 'transient' or 'all'"
+        )
+    if "all" in wanted:
+        return None
+    named = frozenset(wanted - words)
+    return (TRANSIENT_ERRORS if "transient" in wanted else frozenset()) | named
+
+
 @app.command("retry")
 def retry_command(
     config: Annotated[
@@ -318,20 +341,13 @@ def retry_command(
     ray_address: _RayAddress = None,
 ) -> None:
     """Run a config's failed rows again, in the same run folder (and finish any unfinished)."""
-    wanted = {e.strip() for e in errors.split(",") if e.strip()}
-    selection: frozenset[str] | None
-    if wanted == {"all"}:
-        selection = None
-    else:
-        named = wanted - {"transient"}
-        selection = (TRANSIENT_ERRORS if "transient" in wanted else frozenset()) | named
     _guarded(
         lambda: _execute(
             _given(config, overrides, output_dir, run_date),
             force=force,
             grace=grace,
             fresh=False,
-            reprocess=Reprocess(selection),
+            reprocess=Reprocess(_error_selection(errors)),
             workers=_workers(workers, ray_address),
         )
     )
@@ -355,7 +371,19 @@ def _estimate(given: _Given) -> int:
     found = estimate(config, keys)
     for label, value in _estimate_rows(found, config):
         _out.print(f"{label:<28} {value}", highlight=False, markup=False, soft_wrap=True)
-    return ExitCode.OK
+    if found.identical_unseeded:
+        _err.print(
+            f"note: {found.identical_unseeded:,} row(s) repeat an earlier row's input without a "
+            "seed: each is sent and paid for (a new draw); give a seed to share one job",
+            highlight=False,
+            markup=False,
+        )
+    code = found.exit_code
+    if code is ExitCode.BUDGET:
+        _err.print(f"over budget.max_cost_usd ({config.budget.max_cost_usd:g}): exit {int(code)}")
+    elif code is ExitCode.ROWS_FAILED:
+        _err.print(f"no valid row: nothing would be sent (exit {int(code)})")
+    return code
 
 
 def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
@@ -370,6 +398,7 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
     rows += [
         ("reused (incremental)", f"{found.reused:,}"),
         ("shared (same seeded input)", f"{found.shared:,}"),
+        ("repeated without a seed", f"{found.identical_unseeded:,} (each sent and paid)"),
         ("to send", f"{found.to_send:,}"),
         ("images", f"{found.images:,}"),
         ("cost", f"${found.cost_usd:,.2f}"),
@@ -424,7 +453,11 @@ def status_command(
 def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:
     b = found.by_status
     held = f"yes, by {found.holder}" if found.holder else "no"
-    state = "finished" if found.finished else "unfinished (run the same command to resume)"
+    state = {
+        "finished": "finished",
+        "running": "running (its jobs are being driven now)",
+        "stopped": "stopped, unfinished (run the same command to resume)",
+    }[found.state]
     rows = [
         ("run folder", str(found.run_dir)),
         ("running now", held),
@@ -472,11 +505,14 @@ def sandbox_command(
     output_bytes: Annotated[
         int, typer.Option(help="Grow each output to this many bytes (a real 2K one: ~4 MB).")
     ] = 0,
-    allow_loopback_urls: bool = False,
+    allow_loopback_urls: Annotated[
+        bool, typer.Option("--allow-loopback-urls", help="Accept inputs on this machine.")
+    ] = False,
     fetch_inputs: Annotated[
         bool,
         typer.Option(
-            help="Fetch loopback inputs as the provider does; fail jobs whose input fails."
+            "--fetch-inputs",
+            help="Fetch loopback inputs as the provider does; fail jobs whose input fails.",
         ),
     ] = False,
     ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
@@ -486,7 +522,8 @@ def sandbox_command(
     ] = 0.0,
     cancelled: Annotated[float, typer.Option(help="Jobs the provider cancels.")] = 0.0,
     legacy_errors: Annotated[
-        bool, typer.Option(help="Failed jobs in the older message/details shape.")
+        bool,
+        typer.Option("--legacy-errors", help="Failed jobs in the older message/details shape."),
     ] = False,
     api_shape: Annotated[
         str,
@@ -498,7 +535,9 @@ def sandbox_command(
     price_per_image_usd: Annotated[
         float, typer.Option(help="What an image is billed (metrics.cost and the ledger).")
     ] = 0.03,
-    report_cost: Annotated[bool, typer.Option(help="Polls carry metrics.cost.")] = True,
+    no_report_cost: Annotated[
+        bool, typer.Option("--no-report-cost", help="Polls carry no metrics.cost.")
+    ] = False,
     late_cancel: Annotated[
         int, typer.Option(help="A cancel of an ended job answers 409, or 200 as if cancelled.")
     ] = 409,
@@ -558,7 +597,7 @@ def sandbox_command(
             legacy_errors=legacy_errors,
             api_shape=api_shape,
             price_per_image_usd=price_per_image_usd,
-            report_cost=report_cost,
+            report_cost=not no_report_cost,
             late_cancel=late_cancel,
             cancel_delay_s=cancel_delay_s,
             faults=FaultRates(

@@ -32,6 +32,8 @@ from pipeline.core.config import (
 )
 from pipeline.core.counters import COUNTERS, CallbackStats, DownloadStats, RunStats
 from pipeline.core.errors import (
+    ERROR_TYPES,
+    TRANSIENT_ERRORS,
     ApiError,
     BudgetReached,
     ConfigError,
@@ -94,6 +96,7 @@ __all__ = [
     "COUNTERS",
     "ENV_KEY",
     "ENV_KEYS",
+    "ERROR_TYPES",
     "FINISHED",
     "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
@@ -102,6 +105,7 @@ __all__ = [
     "MAX_INPUT_BYTES",
     "MAY_BE_BILLED",
     "OPEN",
+    "TRANSIENT_ERRORS",
     "TRANSIENT_ERROR_CODES",
     "UPLOAD_TOKEN",
     "ZERO_WIDTH",

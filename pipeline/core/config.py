@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import copy
 import datetime
+import difflib
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -202,8 +203,11 @@ class ManifestSection(_Section):
     @classmethod
     def _default_values(cls, value: dict[str, Any]) -> dict[str, Any]:
         size = value.get("size")
-        if size is not None and size not in SIZES:
-            raise ValueError(f"size default must be one of {', '.join(SIZES)}")
+        if size is not None:  # read as a cell is: `2k` is 2K
+            canonical = str(size).strip().upper()
+            if canonical not in SIZES:
+                raise ValueError(f"size default must be one of {', '.join(SIZES)}")
+            value = {**value, "size": canonical}
         n = value.get("n")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4):
             raise ValueError("n default must be an integer from 1 to 4")
@@ -379,18 +383,30 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _meant(loc: tuple[int | str, ...]) -> str:
+    """` (did you mean X?)` for an unknown key that is close to one its section has."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field is not None else None
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), known, 1, 0.6) if known and loc else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _explain(exc: ValidationError, source: str) -> ConfigError:
     lines = []
     for error in exc.errors():
         where = _location(error["loc"])
+        said = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key")
+            lines.append(f"  {where}: unknown key{_meant(error['loc'])}")
         elif error["type"] == "missing":
             lines.append(f"  {where}: is required")
         elif not error["loc"]:  # a rule across sections: its message names the settings
-            lines.append(f"  {str(error['msg']).removeprefix('Value error, ')}")
+            lines.append(f"  {said}")
         else:
-            lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+            lines.append(f"  {where}: {said} (got {error.get('input')!r})")
     return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
 
 
@@ -524,7 +540,8 @@ def load_config(
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {where} is not valid YAML: {exc}") from None
+        said = str(exc).replace('"<unicode string>"', where)  # PyYAML names no file
+        raise ConfigError(f"config {where} is not valid YAML: {said}") from None
     if isinstance(data, dict):
         extra = [*sets, f"output.dir={output_dir.absolute()}"] if output_dir else list(sets)
         data = apply_overrides(data, extra)

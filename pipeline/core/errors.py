@@ -36,6 +36,8 @@ from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "ERROR_TYPES",
+    "TRANSIENT_ERRORS",
     "ApiError",
     "BudgetReached",
     "ConfigError",
@@ -63,6 +65,31 @@ __all__ = [
     "UnsafePredictionId",
     "WanbatchError",
 ]
+
+
+# Every error_type a failed row can carry (results, failures, `wanbatch retry --errors`),
+# declared here alone; the ApiError classes below name theirs from it.
+ERROR_TYPES = frozenset(
+    {
+        "api_error",
+        "invalid_input",
+        "unauthorized",
+        "not_found",
+        "rate_limited",
+        "server_error",
+        "transport",
+        "protocol",
+        "job_error",  # the provider failed the job
+        "timeout",  # cancelled at polling.job_timeout_s
+        "cancelled",  # cancelled (a second signal, the budget, or at the provider)
+        "ambiguous_create",  # a lost create's answer, with retries.ambiguous_creates: fail
+        "not_in_manifest",  # the row left the manifest (--force)
+    }
+)
+# Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
+TRANSIENT_ERRORS = frozenset(
+    {"server_error", "transport", "rate_limited", "protocol", "timeout", "job_error"}
+)
 
 
 class ExitCode(IntEnum):

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core import JobSpec, ManifestError, Rejected, RunConfig, copy_object
+from pipeline.core import ExitCode, JobSpec, ManifestError, Rejected, RunConfig, copy_object
 from pipeline.intake.manifest import Manifest
 from pipeline.journal import StateStore, unique
 
@@ -53,6 +53,8 @@ class Estimate:
     skipped: int = 0  # blank where manifest.skip_if_blank says: never sent, not a failure
     reused: int = 0  # succeeded in an earlier run (incremental): not sent, no cost
     shared: int = 0  # the same seeded input as an earlier row: follows it, no cost
+    # the same input as an earlier row, without a seed: each is sent and paid (a new draw)
+    identical_unseeded: int = 0
     to_send: int = 0
     images: int = 0
     cost_usd: float = 0.0
@@ -65,6 +67,16 @@ class Estimate:
     @property
     def valid(self) -> int:
         return self.rows - self.rejected - self.skipped
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """What a scheduler acts on: 5 when the cost is over budget.max_cost_usd, 6 when no
+        row is valid (every one rejected, or none at all), 0 otherwise."""
+        if self.over_budget:
+            return ExitCode.BUDGET
+        if self.valid == 0:
+            return ExitCode.ROWS_FAILED
+        return ExitCode.OK
 
 
 def estimate(config: RunConfig, keys: int) -> Estimate:
@@ -108,6 +120,7 @@ def _count(
     manifest: Manifest, state: StateStore | None, config: RunConfig, found: Estimate
 ) -> None:
     seeded: set[bytes] = set()
+    unseeded: set[bytes] = set()
     ids: dict[str, int] = {}
     price = config.api.price_per_image_usd
     for batch in manifest.batches():
@@ -128,6 +141,8 @@ def _count(
             else:
                 found.to_send += 1
                 found.images += item.images_requested
+                if "seed" not in item.inputs and _seen(item, unseeded):
+                    found.identical_unseeded += 1
     found.cost_usd = round(found.images * price, 6)
 
 

@@ -17,7 +17,6 @@ from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
 from pipeline.journal.rows import CostBooks, Entry, ReportRow
 from pipeline.journal.store import JOURNAL, Journal, reading
-from pipeline.journal.tables import TRANSIENT_ERRORS
 from pipeline.journal.updates import (
     FailImage,
     Finish,
@@ -32,7 +31,6 @@ from pipeline.journal.updates import (
 
 __all__ = [
     "JOURNAL",
-    "TRANSIENT_ERRORS",
     "Commits",
     "CostBooks",
     "Entry",

@@ -6,12 +6,6 @@ import json
 
 from pipeline.core import MAY_BE_BILLED, OPEN, Status
 
-# Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
-TRANSIENT_ERRORS = frozenset(
-    {"server_error", "transport", "rate_limited", "protocol", "timeout", "job_error"}
-)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (

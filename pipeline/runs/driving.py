@@ -162,12 +162,26 @@ async def watch_signals(
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not dispatcher.stopped:
-                _log.warning("stopping", signal=signal.Signals(signum).name, grace_s=grace_s)
+                _log.warning(
+                    "stopping",
+                    signal=signal.Signals(signum).name,
+                    grace_s=grace_s,
+                    said=f"stopping: no new jobs are sent; the jobs in flight get {grace_s:g} s to "
+                    "end, then the books are written and the same command resumes the rest. "
+                    "Press Ctrl-C again to stop now (the jobs in flight are then cancelled at the "
+                    "provider).",
+                )
                 dispatcher.stop()
                 engine.limit(grace_s)
                 until = anyio.current_time() + grace_s
                 downloads_wait.deadline = min(downloads_wait.deadline, until)
             else:
-                _log.warning("stopping_now", signal=signal.Signals(signum).name)
+                _log.warning(
+                    "stopping_now",
+                    signal=signal.Signals(signum).name,
+                    said="stopping now: the jobs in flight are being cancelled at the provider and "
+                    "their ends confirmed; then the books are written. Run the same command again "
+                    "to resume.",
+                )
                 engine.abandon()  # the jobs in flight are cancelled at the provider
                 downloads_wait.cancel()

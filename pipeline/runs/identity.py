@@ -68,7 +68,7 @@ def check_identity(journal: Journal, config: RunConfig, force: bool) -> dict[str
         return current
     if changed:
         what = {
-            "mapping": "the model or the manifest mapping in the config",
+            "mapping": "model or manifest mapping in the config",
             "manifest_file": "manifest file",
         }
         raise RunFolderMismatch(

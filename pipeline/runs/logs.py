@@ -67,7 +67,9 @@ def level_named(name: str) -> int:
 
 class _Console:
     """A processor that writes events at or above `level` to stderr, human-readable, and
-    passes every event on to the JSON file."""
+    passes every event on to the JSON file. An event that carries `said` (a sentence for a
+    person: what happens now) is shown as that sentence alone, from warnings up, whatever
+    `level` is (the JSON file keeps the whole event)."""
 
     def __init__(self, level: int, tracebacks: bool) -> None:
         self._level = level
@@ -77,7 +79,11 @@ class _Console:
     def __call__(
         self, logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        if logging.getLevelNamesMapping().get(method.upper(), 0) >= self._level:
+        level = logging.getLevelNamesMapping().get(method.upper(), 0)
+        if "said" in event and level >= logging.WARNING:
+            with contextlib.suppress(OSError):
+                print(f"wanbatch: {event['said']}", file=sys.stderr, flush=True)
+        elif level >= self._level:
             shown = (
                 dict(event)
                 if self._tracebacks

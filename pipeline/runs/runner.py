@@ -293,6 +293,7 @@ async def _run_held(
         waiting = journal.waiting_on_keys()
         counts = journal.counts()
         books.cost = journal.cost_books()
+        books.failed_by_type = journal.failed_types()
         exit_code, message = verdict(stop, faults, books, counts, waiting, lanes_keys, stats, price)
         if exit_code is not ExitCode.OK:
             _log.warning("run_ended", exit_code=int(exit_code), message=message)
@@ -333,7 +334,7 @@ def _summary(
         exit_code,
         message,
         [k.name for k in keys],
-        left_failed=journal.failed_types(),
+        left_failed=books.failed_by_type,
         per_key=journal.by_key(),
         started_at=time.time() - (time.monotonic() - started),
         ended_at=time.time(),

@@ -34,6 +34,15 @@ class FolderStatus:
         open_rows = sum(self.by_status.get(s.value, 0) for s in OPEN)
         return self.ingest_complete and open_rows == 0
 
+    @property
+    def state(self) -> str:
+        """finished, running (a run holds the folder now), or stopped (resumable)."""
+        if self.finished:
+            return "finished"
+        if self.holder is not None:
+            return "running"
+        return "stopped"
+
 
 def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
     """RunFolderError when `run_dir` holds no journal (or one that cannot be read)."""
@@ -42,9 +51,10 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         waiting, images = journal.waiting_on_keys(), journal.image_states()
         complete = journal.get_meta("ingest_complete") == "1"
     given = {k.name for k in keys}
+    holder = holder_of(run_dir)
     return FolderStatus(
         run_dir=run_dir,
-        holder=holder_of(run_dir),
+        holder=holder,
         by_status=counts,
         rows=int(totals["rows"]),
         images=int(totals["images"]),
@@ -53,5 +63,8 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         ingest_complete=complete,
         images_by_state=images,
         waiting_on_keys=waiting,
-        missing_keys={k: n for k, n in waiting.items() if k not in given},
+        # a run holding the folder polls its own jobs: only a stopped run's keys can be missing
+        missing_keys={}
+        if holder is not None
+        else {k: n for k, n in waiting.items() if k not in given},
     )

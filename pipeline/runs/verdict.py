@@ -3,7 +3,7 @@ exit code and message a scheduler acts on, the gravest cause first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -11,6 +11,7 @@ import structlog
 
 from pipeline.core import (
     ENV_KEYS,
+    TRANSIENT_ERRORS,
     ApiKey,
     ExitCode,
     NoUsableKeyError,
@@ -58,6 +59,8 @@ class Books:
     problem: str | None = None  # why results could not be written, or were written in part
     images_missing: int = 0  # outputs of succeeded jobs not stored (yet)
     cost: CostBooks | None = None
+    failed_by_type: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
+    run_dir: Path | None = None
 
 
 async def finish_books(
@@ -77,7 +80,7 @@ async def finish_books(
         manifest.kind,
         manifest.path,
     )
-    books = Books()
+    books = Books(run_dir=run_dir)
     try:
         await anyio.to_thread.run_sync(journal.settle_followers)
         if state is not None:
@@ -181,7 +184,7 @@ def gravest(
     if counts.get("failed", 0) or counts.get("rejected", 0):
         return ExitCode.ROWS_FAILED, (
             f"finished with {counts.get('failed', 0):,} failed and {counts.get('rejected', 0):,}"
-            " rejected rows: see the failures manifest (`wanbatch retry` runs failed rows again)"
+            " rejected rows: see the failures manifest" + retry_advice(books)
         )
     if books.images_missing:
         return ExitCode.ROWS_FAILED, (
@@ -190,6 +193,29 @@ def gravest(
             " them; nothing is created again"
         )
     return ExitCode.OK, ""
+
+
+def retry_advice(books: Books) -> str:
+    """The exact command for each kind of failure: `wanbatch retry RUN` runs the transient
+    ones, `--errors` names the others; rejected rows are fixed in the failures manifest."""
+    run = str(books.run_dir) if books.run_dir is not None else "RUN_DIR"
+    by_type = books.failed_by_type
+    transient = {t: n for t, n in by_type.items() if t in TRANSIENT_ERRORS}
+    other = {t: n for t, n in by_type.items() if t not in TRANSIENT_ERRORS}
+
+    def named(types: dict[str, int]) -> str:
+        return ", ".join(f"{t} {n:,}" for t, n in sorted(types.items()))
+
+    said = []
+    if transient:
+        said.append(
+            f"`wanbatch retry {run}` runs the transient failures again ({named(transient)})"
+        )
+    if other:
+        said.append(
+            f"`wanbatch retry {run} --errors {','.join(sorted(other))}` runs {named(other)}"
+        )
+    return "; " + "; ".join(said) if said else ""
 
 
 def remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
