@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core import ExitCode, JobOutcome, JobSpec, Rejected, Status
-from pipeline.journal import Finish, Journal
+from pipeline.journal import Finish, Journal, StoreImage
 from pipeline.outputs import write_report
 from pipeline.sandbox import FaultRates
 from tests.conftest import (
@@ -195,3 +195,43 @@ def test_hostile_values_show_as_text_in_chromium(tmp_path: Path, chromium: str) 
     assert "<b>bold</b>" not in dom  # markup in a value stays text
     assert "&lt;/script&gt;&lt;img src=x onerror=" in dom  # shown as text
     assert "&lt;!--&lt;script&gt;" in dom
+
+
+def test_each_image_opens_at_full_size_beside_the_catalog_columns(
+    tmp_path: Path, chromium: str
+) -> None:
+    """A reviewer judges the edit at full size: each stored output links to its copy, the
+    input and its reference images to their URLs, and the catalog columns the config names
+    (`report.columns`) sit beside the row; a URL of another scheme is never made a link."""
+    run_dir = tmp_path / "run"
+    journal = Journal(run_dir / "journal.sqlite")
+    inputs = {
+        "prompt": "white background",
+        "img_url": "https://shop.test/1.jpg",
+        "img_url_2": "https://shop.test/1-back.jpg",
+    }
+    record = {"sku": "SKU-1", "Title": "Linen shirt", "Vendor": "Acme"}
+    bad = {"prompt": "white", "img_url": "https://shop.test/2.jpg"}
+    journal.ingest(
+        [
+            JobSpec("SKU-1", 1, inputs, record, "fp-1"),
+            JobSpec("SKU-2", 2, bad, {"sku": "SKU-2", "Title": "Mug"}, "fp-2"),
+        ],
+        {},
+    )
+    done = JobOutcome(Status.SUCCEEDED, "p1", ("https://cdn.test/p1.png",), 4.0, finished_at=1.0)
+    hostile = JobOutcome(Status.SUCCEEDED, "p2", ("javascript:alert(1)",), 4.0, finished_at=1.0)
+    (run_dir / "images").mkdir(parents=True)
+    (run_dir / "images" / "SKU-1-0.png").write_bytes(b"not shown here")
+    stored = StoreImage(1, 0, "images/SKU-1-0.png", "0" * 64, 14, 8, 6, "PNG")
+    journal.apply([Finish(1, done, 0.03), Finish(2, hostile, 0.03), stored])
+    report = write_report(journal, run_dir, "sku", ["Title", "Vendor"])
+    journal.close()
+
+    dom = _browse(chromium, report.as_uri(), tmp_path / "chromium")
+    assert len(_entries(dom)) == 2
+    assert re.search(r'<a class="full" href="images/SKU-1-0.png"', dom)  # its stored copy
+    assert re.search(r'<a class="full" href="https://shop.test/1.jpg"', dom)  # the input
+    assert re.search(r'<a class="ref" href="https://shop.test/1-back.jpg"[^>]*>reference 2', dom)
+    assert "Title: Linen shirt" in dom and "Vendor: Acme" in dom and "Title: Mug" in dom
+    assert "javascript:" not in dom.split('id="data"')[0]  # never made a link

@@ -420,19 +420,21 @@ def report_command(
 
     def act() -> int:
         with reading(run_dir) as journal:
-            path = write_report(journal, run_dir, _recorded_id_column(run_dir))
+            path = write_report(journal, run_dir, *_recorded_report(run_dir))
         _out.print(str(path), highlight=False, markup=False, soft_wrap=True)
         return ExitCode.OK
 
     _guarded(act)
 
 
-def _recorded_id_column(run_dir: Path) -> str | None:
-    """The id column of the config that made the folder, when it can still be loaded."""
+def _recorded_report(run_dir: Path) -> tuple[str | None, list[str]]:
+    """The id column and report columns of the config that made the folder, when it can
+    still be loaded (none otherwise)."""
     try:
-        return _given(str(run_dir), None, None, None).load().manifest.id_column_name
+        config = _given(str(run_dir), None, None, None).load()
     except WanbatchError:
-        return None
+        return None, []
+    return config.manifest.id_column_name, config.report.columns
 
 
 @app.command("status")

@@ -258,6 +258,12 @@ class AssetsSection(_Section):
     upload_url_lifetime_s: float = Field(3600.0, gt=0, le=604800)
 
 
+class ReportSection(_Section):
+    # catalog columns shown beside each row in report.html (e.g. [Title, Vendor]), as the
+    # manifest names them; a column a row lacks shows nothing
+    columns: list[str] = Field(default_factory=list, max_length=20)
+
+
 class ProgressSection(_Section):
     # a `progress` line this often on stderr (when it is not a terminal) and in run.log
     interval_s: float = Field(30.0, ge=0.01, le=_DAY)
@@ -349,6 +355,7 @@ class RunConfig(_Section):
     webhook: WebhookSection = WebhookSection()
     sandbox: SandboxSection = SandboxSection()
     progress: ProgressSection = ProgressSection()
+    report: ReportSection = ReportSection()
     metrics: MetricsSection = MetricsSection()
 
     @model_validator(mode="after")

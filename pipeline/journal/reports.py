@@ -269,6 +269,7 @@ class Reports(JournalFile):
         """Every job in row order, in batches, typed as the report shows it."""
         columns = (
             "row_number, job_id, status, cost_usd, error_type, error_message, inputs, record,"
+            " output_urls,"
             " (SELECT json_group_array(path) FROM (SELECT path FROM images"
             "  WHERE images.row_number = jobs.row_number ORDER BY idx)) AS paths"
         )

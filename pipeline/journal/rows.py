@@ -79,6 +79,7 @@ class ReportRow:
     inputs: dict[str, Any]
     record: dict[str, Any]
     output_paths: tuple[str | None, ...]
+    output_urls: tuple[str, ...]  # the provider's, in output order
 
 
 def _report_row(row: sqlite3.Row) -> ReportRow:
@@ -92,6 +93,7 @@ def _report_row(row: sqlite3.Row) -> ReportRow:
         inputs=json.loads(row["inputs"]) if row["inputs"] else {},
         record=json.loads(row["record"]),
         output_paths=tuple(json.loads(row["paths"])) if row["paths"] else (),
+        output_urls=tuple(json.loads(row["output_urls"])) if row["output_urls"] else (),
     )
 
 

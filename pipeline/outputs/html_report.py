@@ -15,10 +15,12 @@ import datetime
 import html
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pipeline.core import Status
+from pipeline.core import IMAGE_FIELDS, Status
 from pipeline.journal import Journal, ReportRow
 from pipeline.outputs.thumbs import THUMBS, input_thumb, output_thumb, write_thumb
 
@@ -29,11 +31,33 @@ _TEXT = 300  # characters of a prompt or an error kept in the page
 _BACKFILL = 5_000  # output thumbnails a report may make from stored copies (reused rows)
 
 
+def _href(value: object) -> str | None:
+    """A link the page may follow: an http(s) URL, or None (a `javascript:` or `data:` URL a
+    manifest or the provider gave is never made a link)."""
+    if isinstance(value, str) and urlsplit(value).scheme.lower() in ("http", "https"):
+        return value
+    return None
+
+
+def _full_size(path: str | None, url: str | None) -> str | None:
+    """Where an output opens at full size: its stored copy (relative to the report when it is
+    in the run folder), else the provider's URL."""
+    if path and "://" not in path:
+        local = Path(path)
+        return local.as_uri() if local.is_absolute() else local.as_posix()
+    return _href(url)
+
+
 def _entry(
-    row: ReportRow, id_column: str | None, thumbs: set[str], backfill: list[Any]
+    row: ReportRow,
+    id_column: str | None,
+    thumbs: set[str],
+    backfill: list[Any],
+    columns: Sequence[str] = (),
 ) -> list[Any]:
     """One row as the page's compact array: row, id, status, cost, prompt, error, input
-    thumbnail, output thumbnails (None where there is none)."""
+    thumbnail, output thumbnails (None where there is none), then what opens at full size (the
+    input, each output), the reference images, and the catalog columns the config names."""
     number = row.row_number
     ident = str(row.record.get(id_column, "")) if id_column else row.job_id
     first = row.inputs.get("img_url")
@@ -47,6 +71,11 @@ def _entry(
     error = row.error_message or ""
     if row.error_type:
         error = f"{row.error_type}: {error}"
+    urls = list(row.output_urls) + [None] * len(row.output_paths)
+    full = [_full_size(path, urls[index]) for index, path in enumerate(row.output_paths)]
+    if not row.output_paths:
+        full = [_href(url) for url in row.output_urls]
+    shown = [(c, str(row.record[c])[:_TEXT]) for c in columns if row.record.get(c) is not None]
     return [
         number,
         ident,
@@ -56,6 +85,10 @@ def _entry(
         error[:_TEXT],
         source if source in thumbs else None,
         outputs,
+        _href(first),
+        full,
+        [_href(row.inputs.get(f)) for f in IMAGE_FIELDS[1:] if _href(row.inputs.get(f))],
+        shown,
     ]
 
 
@@ -84,14 +117,17 @@ def script_safe(data: str) -> str:
     return data.translate(_SCRIPT_UNSAFE)
 
 
-def write_report(journal: Journal, run_dir: Path, id_column: str | None) -> Path:
-    """report.html from the journal, replaced whole."""
+def write_report(
+    journal: Journal, run_dir: Path, id_column: str | None, columns: Sequence[str] = ()
+) -> Path:
+    """report.html from the journal, replaced whole; `columns`: the catalog columns shown
+    beside each row (`report.columns`)."""
     folder = run_dir / THUMBS
     thumbs = set(os.listdir(folder)) if folder.is_dir() else set()
     rows: list[list[Any]] = []
     wanted: list[Any] = []
     for batch in journal.report_rows():
-        rows += [_entry(r, id_column, thumbs, wanted) for r in batch]
+        rows += [_entry(r, id_column, thumbs, wanted, columns) for r in batch]
     if wanted:
         _backfill(folder, run_dir, wanted, thumbs)
     for row in rows:
@@ -137,6 +173,8 @@ border-bottom:1px solid #e4e4e4;background:#fff}
 .pics{display:flex;gap:6px;flex-wrap:wrap}
 .pics img,.none{width:160px;height:160px;object-fit:contain;background:#eee;border-radius:4px}
 .none{display:flex;align-items:center;justify-content:center;color:#888;font-size:12px}
+.ref{font-size:12px;align-self:flex-end}
+.col{font-size:13px;color:#444}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
 .succeeded{background:#2e7d32}.failed{background:#c62828}.rejected{background:#6d4c41}
 .pending,.creating,.created{background:#757575}
@@ -183,26 +221,47 @@ function state() {
   const p = new URLSearchParams(location.hash.slice(1));
   return {status: p.get("status") || "all", q: p.get("q") || "", page: +(p.get("page") || 1)};
 }
-function picture(name, label) {
-  if (!name) return el("div", "none", label);
-  const img = el("img");
-  img.loading = "lazy";
-  img.src = H.thumbs + "/" + name;
-  img.alt = label;
-  return img;
+function picture(name, label, href) {
+  if (!name && !href) return el("div", "none", label);
+  let shown;
+  if (name) {
+    shown = el("img");
+    shown.loading = "lazy";
+    shown.src = H.thumbs + "/" + name;
+    shown.alt = label;
+  } else {
+    shown = el("div", "none", label);
+  }
+  if (!href) return shown;
+  const a = el("a", "full");
+  a.href = href;  // http(s) or a stored copy: the page's data makes no other link
+  a.target = "_blank";
+  a.rel = "noopener";
+  a.title = "open at full size";
+  a.append(shown);
+  return a;
 }
 function entry(r) {
-  const [row, id, status, cost, prompt, error, input, outputs] = r;
+  const [row, id, status, cost, prompt, error, input, outputs, inputFull, outputsFull, refs,
+    columns] = r;
   const e = el("article", "entry");
   e.dataset.status = status;
   e.dataset.row = row;
   const src = el("div", "pics");
-  src.append(picture(input, "no input preview"));
+  src.append(picture(input, "no input preview", inputFull));
+  refs.forEach((href, i) => {
+    const a = el("a", "ref", "reference " + (i + 2));
+    a.href = href;
+    a.target = "_blank";
+    a.rel = "noopener";
+    src.append(a);
+  });
   const out = el("div", "pics");
   if (outputs.length === 0) out.append(el("div", "none", "no output"));
-  for (const o of outputs) out.append(picture(o, "not stored"));
+  outputs.forEach((o, i) => out.append(picture(o, "not stored", outputsFull[i])));
   const meta = el("div");
   meta.append(el("div", "id", id), el("span", "status " + status, status));
+  for (const [name, value] of columns) meta.append(el("div", "col", name + ": " + value));
   meta.append(el("div", "meta", "row " + row + " \\u00b7 $" + Number(cost).toFixed(2)));
   meta.append(el("div", "prompt", prompt));
   if (error) meta.append(el("div", "error", error));
@@ -213,7 +272,8 @@ function render() {
   const s = state();
   const q = s.q.toLowerCase();
   const shown = ROWS.filter(r => (s.status === "all" || r[2] === s.status) &&
-    (!q || (r[1] + " " + r[4] + " " + r[5]).toLowerCase().includes(q)));
+    (!q || (r[1] + " " + r[4] + " " + r[5] + " " + r[11].map(c => c[1]).join(" "))
+      .toLowerCase().includes(q)));
   const pages = Math.max(1, Math.ceil(shown.length / PER_PAGE));
   const page = Math.min(Math.max(1, s.page), pages);
   const box = document.getElementById("entries");

@@ -101,7 +101,8 @@ async def finish_books(
             books.images_missing = states.get("pending", 0) + states.get("failed", 0)
         try:
             id_column = config.manifest.id_column_name
-            await anyio.to_thread.run_sync(write_report, journal, run_dir, id_column)
+            columns = config.report.columns
+            await anyio.to_thread.run_sync(write_report, journal, run_dir, id_column, columns)
         except (OSError, ValueError):  # the results stand without it; `wanbatch report` redoes it
             _log.exception("report_failed")
     except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
