@@ -79,8 +79,8 @@ class Books(DriverBase):
             if stopped and timed_out:
                 error_type = "timeout"
                 message = (
-                    f"still processing after {self._timeout_text}; cancelled at the provider "
-                    "(its cancel was accepted)"
+                    f"still processing after {self.settings.timeout_text}; cancelled at the "
+                    "provider (its cancel was accepted)"
                 )
             outcome = JobOutcome(
                 Status.FAILED,
@@ -103,7 +103,7 @@ class Books(DriverBase):
         the first is logged, so a price change is seen the first night."""
         if outcome.provider_cost_usd is None:
             return
-        ours = outcome.priced(self.price)
+        ours = outcome.priced(self.settings.price_per_image_usd)
         if abs(outcome.provider_cost_usd - ours) <= 5e-7:
             return
         self.stats.cost_mismatches += 1
@@ -114,7 +114,7 @@ class Books(DriverBase):
                 prediction_id=outcome.prediction_id,
                 provider_cost_usd=outcome.provider_cost_usd,
                 priced_usd=ours,
-                price_per_image_usd=self.price,
+                price_per_image_usd=self.settings.price_per_image_usd,
                 hint="results record the provider's cost; check api.price_per_image_usd",
             )
 
@@ -131,7 +131,7 @@ class Books(DriverBase):
         )
         # not waited for: a crash before it commits leaves the job `created`, and the resume
         # polls it again and gets the same end
-        self.journal.post(Finish(entry.row_number, outcome, self.price))
+        self.journal.post(Finish(entry.row_number, outcome, self.settings.price_per_image_usd))
         self.dispatcher.settle(entry, outcome)
         if self.downloader is not None and outcome.status is Status.SUCCEEDED:
             self.downloader.submit(entry.row_number, entry.job_id, outcome.output_urls)

@@ -77,7 +77,7 @@ class Creates(Books):
                 attempts -= 1  # a 429 created nothing; it does not use up an attempt
                 if waits <= _MAX_RATE_LIMIT_WAITS:
                     # the whole key waits; this job waits with it or goes to another key
-                    lane.gate.pause(self.policy.rate_limit_wait(error, waits))
+                    lane.gate.pause(self.settings.policy.rate_limit_wait(error, waits))
                     continue
             elif not error.retryable:
                 if error.ambiguous:  # e.g. an answer whose id we will not use: maybe billed
@@ -94,11 +94,11 @@ class Creates(Books):
                     return Withheld()
                 # the lost job may hold one of this key's provider slots: keep ours until it ends
                 await anyio.sleep(self.planner.quantile(0.9))
-            if failures >= self.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
+            if failures >= self.settings.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
                 return failed_outcome(error, f"{error} (after {attempts} attempts)")
             self.stats.retries += 1
             log.bound().info("create_retry", error=str(error), attempt=attempts)
-            await anyio.sleep(self.policy.backoff(failures))
+            await anyio.sleep(self.settings.policy.backoff(failures))
 
     async def _send_create(
         self, lane: KeyLane, entry: Entry, attempts: int, marked: bool

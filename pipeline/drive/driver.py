@@ -110,7 +110,8 @@ class KeyDriver(Creates, Polls):
                     return
                 outcome = polled
             if not (
-                outcome.error_code in TRANSIENT_ERROR_CODES and attempts < self.policy.max_attempts
+                outcome.error_code in TRANSIENT_ERROR_CODES
+                and attempts < self.settings.policy.max_attempts
             ):
                 await self._finish(entry, outcome)
                 return

@@ -190,7 +190,6 @@ class Distributed(Engine):
         super().__init__(config, journal)
         self.cluster = cluster
         self.view: RunView = cluster
-        self.journal = journal
         self.stats = stats
         self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
         self.commit = GroupCommit(journal)
@@ -203,11 +202,11 @@ class Distributed(Engine):
         return self.cluster.figures()
 
     async def work(self) -> None:
-        await self.cluster.serve(self.journal, self.commit, self.dispatcher, self.stats)
+        await self.cluster.serve(self._journal, self.commit, self.dispatcher, self.stats)
         if self.downloader is not None and not self.dispatcher.abandoned:
             # images a dead worker was still fetching: every worker is done, so the ones
             # still pending are those
-            lost = await anyio.to_thread.run_sync(self.journal.images_to_fetch, True)
+            lost = await anyio.to_thread.run_sync(self._journal.images_to_fetch, True)
             self.downloader.submit_many(lost)
 
     def limit(self, seconds: float) -> None:

@@ -74,7 +74,7 @@ class Polls(Books):
         """The polls of one job. Past its deadline the job is cancelled at the provider and
         polled for the cancel's grace: the end a poll sees is the job's (it may have ended
         `success` as the cancel went out); past the grace it is left, unconfirmed."""
-        deadline = created + self.job_timeout
+        deadline = created + self.settings.job_timeout
         timed_out = False
         delay = self._delay(track.waiter, None, False)
         while True:
@@ -88,7 +88,7 @@ class Polls(Books):
             if step.wait is not None:
                 delay = step.wait
             elif timed_out:
-                delay = self._confirm_every
+                delay = self.settings.confirm_every
             else:
                 delay = self._delay(track.waiter, self.clock.now() - created, track.contradicted)
             if self.clock.now() < deadline:
@@ -98,7 +98,7 @@ class Polls(Books):
             timed_out = True
             self.stats.timeouts += 1
             await self._cancel_noted(prediction_id, lane, entry.row_number)
-            deadline, delay = self.clock.now() + self._cancel_grace, 0.0
+            deadline, delay = self.clock.now() + self.settings.cancel_grace, 0.0
 
     async def _poll_once(
         self, lane: KeyLane, entry: Entry, prediction_id: str, track: Track
@@ -136,14 +136,14 @@ class Polls(Books):
         except RateLimited as exc:
             self.stats.rate_limited += 1
             track.failures += 1
-            return Deferred(self.policy.rate_limit_wait(exc, track.failures))
+            return Deferred(self.settings.policy.rate_limit_wait(exc, track.failures))
         except ApiError as exc:
             # a paid job is never given up on a poll error: back off until its deadline
             track.failures += 1
             _log.info(
                 "poll_retry", job_id=entry.job_id, prediction_id=prediction_id, error=str(exc)
             )
-            return Deferred(self.policy.backoff(track.failures))
+            return Deferred(self.settings.policy.backoff(track.failures))
         track.failures = 0
         if answer.terminal:
             return Ended(answer)
@@ -200,7 +200,7 @@ class Polls(Books):
             if isinstance(step, JobOutcome):
                 outcome = step
                 break
-            delay = step.wait if step.wait is not None else self._confirm_every
+            delay = step.wait if step.wait is not None else self.settings.confirm_every
         self.in_flight.pop(prediction_id, None)
         await self._finish(job.entry, outcome)
 
@@ -218,8 +218,8 @@ class Polls(Books):
             if elapsed is None:
                 return self.planner.first_delay()
             return self.planner.next_delay(elapsed)
-        late = self.planner.quantile(0.99) + self._fallback_after - (elapsed or 0.0)
-        return late if late > 0 else self._fallback_interval
+        late = self.planner.quantile(0.99) + self.settings.fallback_after - (elapsed or 0.0)
+        return late if late > 0 else self.settings.fallback_interval
 
     async def _wait(self, seconds: float, waiter: Waiter | None) -> None:
         """Sleep `seconds`, or until the waiter's event (a callback) if it comes sooner."""

@@ -256,14 +256,7 @@ class DriverBase:
         self.webhook_url = webhook.url if webhook is not None else None
         # the provider signs its callbacks with it
         self.webhook_secret = webhook.secret if webhook is not None else None
-        self._fallback_after = settings.fallback_after
-        self._fallback_interval = settings.fallback_interval
-        self.policy = settings.policy
-        self.job_timeout = settings.job_timeout
-        self._cancel_grace = settings.cancel_grace
-        self._confirm_every = settings.confirm_every
         self._asked: dict[str, bool] = {}  # prediction id -> whether its cancel was answered yes
-        self.price = settings.price_per_image_usd
         self.in_flight: dict[str, Flying] = {}  # prediction id -> its key, row and creation
         # durations and deadlines: monotonic, so a step of the wall clock moves none of them;
         # wall time only for what is journaled and shown
@@ -274,7 +267,6 @@ class DriverBase:
         self.uploads = uploads  # signs uploaded inputs, when assets.upload_to
         # on a Ray worker: whether a key of another worker can take a job now
         self.open_elsewhere: Callable[[], bool] | None = None
-        self._timeout_text = settings.timeout_text
         self._cost_said = False  # a difference between the provider's cost and ours: said once
 
     def _others_open(self, lane: KeyLane) -> bool:
