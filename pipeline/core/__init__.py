@@ -89,6 +89,7 @@ from pipeline.core.storage import (
     ObjectTooLarge,
     copy_object,
     is_object_url,
+    located,
     read_object,
 )
 
@@ -163,6 +164,7 @@ __all__ = [
     "is_object_url",
     "keys_from_env",
     "load_config",
+    "located",
     "parse_config",
     "read_object",
     "resolve_groups",

@@ -21,6 +21,7 @@ __all__ = [
     "ObjectStore",
     "ObjectTooLarge",
     "is_object_url",
+    "located",
     "read_object",
     "said",
 ]
@@ -31,6 +32,15 @@ OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "az", "azure", "abfs", "abfss"})
 
 def is_object_url(value: str) -> bool:
     return "://" in value and urlsplit(value).scheme.lower() in OBJECT_SCHEMES
+
+
+def located(path: str, run_dir: Path | str) -> str:
+    """Where a stored copy is: an object URL or an absolute path as it is, a path relative to
+    the run folder (as the journal keeps a copy made there, so the folder can move) joined to
+    it."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str(Path(run_dir, path))
 
 
 PROBE = ".wanbatch-probe"  # written and deleted by a store's check

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.core import (
     JobSpec,
     Status,
     StoredCopy,
+    located,
 )
 
 
@@ -102,8 +102,7 @@ def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | N
     copies: list[StoredCopy | None] = [None] * count
     for idx, path, *rest in json.loads(found or "[]"):
         if 0 <= idx < count:
-            where = path if "://" in path or Path(path).is_absolute() else str(Path(run_dir, path))
-            copies[idx] = StoredCopy(where, *rest)
+            copies[idx] = StoredCopy(located(path, run_dir), *rest)
     return tuple(copies)
 
 

@@ -36,6 +36,7 @@ from pipeline.core import (
     DownloadStats,
     ObjectStore,
     PriorSuccess,
+    located,
 )
 from pipeline.journal import Commits, FailImage, Journal, StoreImage
 from pipeline.outputs.thumbs import ThumbSink, input_thumb, output_thumb
@@ -112,10 +113,7 @@ def recheck_copies(journal: Journal, copies: CopyCheck, run_dir: Path) -> None:
     cleared the folder or the bucket): the ones gone are fetched again."""
     gone: list[tuple[int, int]] = []
     for batch in journal.stored_copies():
-        where = {
-            (row, idx): p if "://" in p or Path(p).is_absolute() else str(run_dir / p)
-            for row, idx, p in batch
-        }
+        where = {(row, idx): located(p, run_dir) for row, idx, p in batch}
         missing = copies.gone(list(set(where.values())))
         gone += [image for image, p in where.items() if p in missing]
     if gone:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, Status, to_int
+from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, Status, located, to_int
 from pipeline.journal import Journal
 
 if TYPE_CHECKING:
@@ -231,14 +231,6 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan, run_dir: P
     return f"{outcome[:-1]},{_ENCODE(out)[1:]}"
 
 
-def located(path: str | None, run_dir: Path) -> str | None:
-    """Where a stored image is, one kind for every row: an object URL, or an absolute path
-    (the journal keeps a copy in the run folder relative to it, so the folder can move)."""
-    if path is None or "://" in path or Path(path).is_absolute():
-        return path
-    return str(run_dir / path)
-
-
 def _stored(text: str | None, run_dir: Path) -> dict[str, Any]:
     """The columns of a row's stored outputs, from the journal's images of it."""
     found = json.loads(text) if text else {}
@@ -251,7 +243,10 @@ def _stored(text: str | None, run_dir: Path) -> dict[str, Any]:
             else ("pending_download" if "pending" in states else "failed_download")
         )
     return {
-        "output_paths": [located(p, run_dir) for p in found.get("path") or []],
+        # one kind for every row: absolute, or an object URL (None where not stored)
+        "output_paths": [
+            None if p is None else located(p, run_dir) for p in found.get("path") or []
+        ],
         "output_sha256": found.get("sha256") or [],
         "output_bytes": found.get("bytes") or [],
         "output_width": found.get("width") or [],
@@ -490,7 +485,9 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
             }
             for name in ("sha256", "bytes", "width", "height", "format", "state", "error"):
                 columns[name] = [r[name] for r in batch]
-            columns["path"] = [located(r["path"], path.parent) for r in batch]
+            columns["path"] = [
+                None if r["path"] is None else located(r["path"], path.parent) for r in batch
+            ]
             columns["cost_usd"] = [
                 0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6) for r in batch
             ]
