@@ -42,10 +42,14 @@ class Engine:
     downloader: Downloader | None
     view: RunView
 
-    def __init__(self, config: RunConfig, journal: Journal) -> None:
+    def __init__(
+        self, config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: int
+    ) -> None:
         self._config = config
         self._journal = journal
         self._downloads_done = anyio.Event()
+        self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
+        self.commit = GroupCommit(journal)
 
     def figures(self) -> list[dict[str, Any]]:
         """Per worker, for summary.json (none for a local run)."""
@@ -127,9 +131,7 @@ class Local(Engine):
         receiver: Receiver | None,
         uploads: Uploads | None,
     ) -> None:
-        super().__init__(config, journal)
-        self.dispatcher = _dispatcher(config, journal, stats, spent, len(keys))
-        self.commit = GroupCommit(journal)
+        super().__init__(config, journal, stats, spent, len(keys))
         # a resume: the provider's window still holds the creates of the run before, if recent
         recent = journal.recent_creates(time.time() - config.scaled(config.limits.window_s))
         self.side = assemble(
@@ -187,12 +189,10 @@ class Distributed(Engine):
         spent: float,
         keys: int,
     ) -> None:
-        super().__init__(config, journal)
+        super().__init__(config, journal, stats, spent, keys)
         self.cluster = cluster
         self.view: RunView = cluster
         self.stats = stats
-        self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
-        self.commit = GroupCommit(journal)
         self.downloader: Downloader | None = None
         if config.assets.download:
             thumbs = FolderThumbs(config.output.dir / THUMBS)
