@@ -12,6 +12,8 @@ __all__ = [
     "FINISHED",
     "MAY_BE_BILLED",
     "OPEN",
+    "REVIEWS",
+    "Decision",
     "JobOutcome",
     "JobSpec",
     "PriorSuccess",
@@ -36,6 +38,23 @@ class Status(StrEnum):
 OPEN = (Status.PENDING, Status.CREATING, Status.CREATED)  # still to be sent, or to be seen to end
 FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)  # nothing to do
 MAY_BE_BILLED = (Status.CREATING, Status.CREATED)  # a create may have reached the provider
+
+# a person's word on an edited row (the `review` column), declared here alone
+REVIEWS = ("approved", "rejected")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One line of a decisions file: a reviewer's word on a row's edit. `prediction_id`
+    names the edit that was judged (None when the file does not say); `line` is where the
+    file says it, for messages."""
+
+    row_number: int
+    job_id: str | None
+    decision: str  # one of REVIEWS
+    note: str
+    prediction_id: str | None
+    line: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,7 +134,7 @@ class Books(DriverBase):
         self.journal.post(Finish(entry.row_number, outcome, self.settings.price_per_image_usd))
         self.dispatcher.settle(entry, outcome)
         if self.downloader is not None and outcome.status is Status.SUCCEEDED:
-            self.downloader.submit(entry.row_number, entry.job_id, outcome.output_urls)
+            self.downloader.submit(entry.row_number, entry.stem, outcome.output_urls)
             first = entry.inputs.get("img_url")
             if isinstance(first, str):
                 self.downloader.submit_input(first)  # for the report's thumbnail

@@ -5,6 +5,7 @@ updates.py      the state changes (pending -> creating -> created -> an end; ima
 commit.py       group commit: many slots' updates, one durable transaction
 ingest.py       the manifest's rows in, deduplicated; a changed manifest reconciled
 reports.py      read back: failures requeued, counts, totals, costs, rows for the outputs
+reviews.py      a reviewer's decisions recorded, rejected edits requeued, approved images read
 rows.py         the typed rows handed back (Entry, CostBooks)
 tables.py       the tables, and the columns the readers take
 incremental.py  the incremental state across nightly runs (StateStore)
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pipeline.journal.commit import Commits, GroupCommit
 from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
+from pipeline.journal.reviews import ApprovedImage, Redo, ReviewTarget
 from pipeline.journal.rows import CostBooks, Entry, ReportRow
 from pipeline.journal.store import JOURNAL, Journal, reading
 from pipeline.journal.updates import (
@@ -31,6 +33,7 @@ from pipeline.journal.updates import (
 
 __all__ = [
     "JOURNAL",
+    "ApprovedImage",
     "Commits",
     "CostBooks",
     "Entry",
@@ -43,7 +46,9 @@ __all__ = [
     "MarkPending",
     "NoteAmbiguous",
     "NoteCancel",
+    "Redo",
     "ReportRow",
+    "ReviewTarget",
     "StateStore",
     "StoreImage",
     "Update",

@@ -31,6 +31,7 @@ class JournalFile:
                 f"{path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False
             )
             self._db.row_factory = sqlite3.Row
+            self._shadow_added()
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -48,6 +49,20 @@ class JournalFile:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise JournalDamaged(f"journal {path} cannot be opened as a database: {exc}") from None
+
+    def _shadow_added(self) -> None:
+        """A journal read as it is, made before some columns were added: a temporary view
+        of its jobs with each missing column at its default (the file is not changed)."""
+        try:
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        except sqlite3.DatabaseError:
+            return  # damaged: its readers say so
+        missing = [name for name in _ADDED if have and name not in have]
+        if missing:
+            added = ", ".join(
+                f"{'0' if 'DEFAULT 0' in _ADDED[name] else 'NULL'} AS {name}" for name in missing
+            )
+            self._db.execute(f"CREATE TEMP VIEW jobs AS SELECT *, {added} FROM main.jobs")
 
     def damage(self) -> str | None:
         """What SQLite's integrity check finds wrong with the file, or None when it is sound.

@@ -139,6 +139,26 @@ class StateStore:
             self._db.execute("COMMIT")
         return len(rows)
 
+    def forget(self, edits: Iterable[tuple[str, str]]) -> int:
+        """Forget rejected edits (fingerprint, prediction id), so that no later run carries a
+        rejected edit over; an input whose remembered edit is another one keeps it. How many
+        were forgotten."""
+        pairs = list(edits)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                gone = sum(
+                    self._db.execute(
+                        "DELETE FROM succeeded WHERE fingerprint=? AND prediction_id=?", pair
+                    ).rowcount
+                    for pair in pairs
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return gone
+
     def latencies(self, limit: int) -> list[float]:
         """The predict times of the latest `limit` successes (what earlier runs learned)."""
         with self._lock:

@@ -14,7 +14,7 @@ from pipeline.core import (
     Status,
 )
 from pipeline.journal.file import JournalFile
-from pipeline.journal.rows import CostBooks, ReportRow, _copies, _report_row
+from pipeline.journal.rows import CostBooks, ReportRow, _copies, _report_row, stem
 from pipeline.journal.tables import _OPEN, _RESULT_COLUMNS, _UNCONFIRMED, _WANTED
 
 
@@ -56,6 +56,7 @@ class Reports(JournalFile):
                     " output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
                     " error_message=NULL, error_code=NULL, cancel_accepted=NULL, finished_at=NULL,"
                     " provider_cost_usd=NULL, priced_cost_usd=NULL, unconfirmed=0,"
+                    " earlier_cost_usd=earlier_cost_usd + cost_usd,"
                     " history=? WHERE row_number=?",
                     (
                         (Status.CREATED if reattach else Status.PENDING).value,
@@ -143,7 +144,8 @@ class Reports(JournalFile):
     def totals(self) -> dict[str, float]:
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(images), 0), COALESCE(SUM(cost_usd), 0),"
+                "SELECT COUNT(*), COALESCE(SUM(images), 0),"
+                " COALESCE(SUM(cost_usd + earlier_cost_usd), 0),"
                 " COALESCE(SUM(ambiguous), 0), COALESCE(SUM(attempts), 0),"
                 " COALESCE(SUM(reused), 0) FROM jobs"
             ).fetchone()
@@ -160,7 +162,8 @@ class Reports(JournalFile):
         """What the run's cost rests on: confirmed by the provider, or possibly billed."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(provider_cost_usd), 0),"
+                "SELECT COALESCE(SUM(cost_usd + earlier_cost_usd), 0),"
+                " COALESCE(SUM(provider_cost_usd), 0),"
                 " COALESCE(SUM(COALESCE(priced_cost_usd, cost_usd)), 0),"
                 " COALESCE(SUM(provider_cost_usd IS NOT NULL"
                 "  AND abs(provider_cost_usd - priced_cost_usd) > 5e-7), 0),"
@@ -199,17 +202,19 @@ class Reports(JournalFile):
 
     def images_to_fetch(self, pending_only: bool = False) -> list[tuple[int, str, int, str]]:
         """Output images of succeeded jobs not stored yet (pending, or failed before, unless
-        `pending_only`): row number, job id, index, URL."""
+        `pending_only`): row number, the name its files go by (the job id, with `-redoN` for
+        an edit made again after N rejections, so a rejected edit's files are kept), index,
+        URL."""
         states = ("pending",) if pending_only else ("pending", "failed")
         with self._lock:
             rows = self._db.execute(
-                "SELECT i.row_number, j.job_id, i.idx, i.url FROM images i"
+                "SELECT i.row_number, j.job_id, j.history, i.idx, i.url FROM images i"
                 " JOIN jobs j ON j.row_number = i.row_number"
                 f" WHERE i.state IN ({','.join('?' * len(states))}) AND j.status = ?"
                 " ORDER BY i.row_number, i.idx",
                 (*states, Status.SUCCEEDED.value),
             ).fetchall()
-        return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
+        return [(int(r[0]), stem(str(r[1]), r[2]), int(r[3]), str(r[4])) for r in rows]
 
     def stored_copies(self, batch_size: int = 5000) -> Iterator[list[tuple[int, int, str]]]:
         """The images journaled as stored (row, index, where), in batches."""
@@ -269,7 +274,7 @@ class Reports(JournalFile):
         """Every job in row order, in batches, typed as the report shows it."""
         columns = (
             "row_number, job_id, status, cost_usd, error_type, error_message, inputs, record,"
-            " output_urls,"
+            " output_urls, prediction_id, history, review, review_note,"
             " (SELECT json_group_array(path) FROM (SELECT path FROM images"
             "  WHERE images.row_number = jobs.row_number ORDER BY idx)) AS paths"
         )

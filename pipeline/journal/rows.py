@@ -59,6 +59,7 @@ class Entry:
     attempts: int
     ambiguous: int
     started_at: float | None
+    stem: str = ""  # the name its stored images go by (see `stem`)
 
     @property
     def spec(self) -> JobSpec:
@@ -80,6 +81,10 @@ class ReportRow:
     record: dict[str, Any]
     output_paths: tuple[str | None, ...]
     output_urls: tuple[str, ...]  # the provider's, in output order
+    prediction_id: str | None = None
+    review: str | None = None  # the decision recorded on the current edit
+    review_note: str | None = None
+    rejected_note: str | None = None  # the current edit remakes a rejected one: its note
 
 
 def _report_row(row: sqlite3.Row) -> ReportRow:
@@ -94,7 +99,19 @@ def _report_row(row: sqlite3.Row) -> ReportRow:
         record=json.loads(row["record"]),
         output_paths=tuple(json.loads(row["paths"])) if row["paths"] else (),
         output_urls=tuple(json.loads(row["output_urls"])) if row["output_urls"] else (),
+        prediction_id=row["prediction_id"],
+        review=row["review"],
+        review_note=row["review_note"],
+        rejected_note=_rejected_note(row["history"]),
     )
+
+
+def _rejected_note(history: str | None) -> str | None:
+    """The note on the rejected edit the current one remakes ("" without a note), or None."""
+    earlier = json.loads(history) if history else []
+    if earlier and earlier[-1].get("review") == "rejected":
+        return str(earlier[-1].get("review_note") or "")
+    return None
 
 
 def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | None, ...]:
@@ -104,6 +121,14 @@ def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | N
         if 0 <= idx < count:
             copies[idx] = StoredCopy(located(path, run_dir), *rest)
     return tuple(copies)
+
+
+def stem(job_id: str, history: str | None) -> str:
+    """The name a row's stored images go by: its job id, with `-redoN` for an edit made
+    again after N rejected ones (so the rejected edits' files are kept beside it)."""
+    earlier = json.loads(history) if history else []
+    redone = sum(1 for h in earlier if h.get("review") == "rejected")
+    return f"{job_id}-redo{redone}" if redone else job_id
 
 
 def _entry(row: sqlite3.Row) -> Entry:
@@ -119,4 +144,5 @@ def _entry(row: sqlite3.Row) -> Entry:
         attempts=row["attempts"],
         ambiguous=row["ambiguous"],
         started_at=row["started_at"],
+        stem=stem(row["job_id"], row["history"]),
     )

@@ -17,15 +17,17 @@ from pathlib import Path
 from pipeline.core import RunFolderError
 from pipeline.journal.ingest import Ingest
 from pipeline.journal.reports import Reports
+from pipeline.journal.reviews import Reviews
 
 __all__ = ["JOURNAL", "Journal", "reading"]
 
 JOURNAL = "journal.sqlite"  # in the run folder
 
 
-class Journal(Ingest, Reports):
-    """The journal: its file (`JournalFile`), rows into it (`Ingest`) and read back
-    (`Reports`); one object, opened by the run and closed by it."""
+class Journal(Ingest, Reports, Reviews):
+    """The journal: its file (`JournalFile`), rows into it (`Ingest`), read back (`Reports`)
+    and a person's review of the edits (`Reviews`); one object, opened by the run and closed
+    by it."""
 
 
 @contextmanager

@@ -65,6 +65,10 @@ _ADDED = {
     "provider_cost_usd": "REAL",
     "priced_cost_usd": "REAL",
     "unconfirmed": "INTEGER NOT NULL DEFAULT 0",
+    "review": "TEXT",  # a person's decision on the row's current edit (REVIEWS)
+    "review_note": "TEXT",
+    # what the row's earlier edits cost (rejected and made again): still paid for
+    "earlier_cost_usd": "REAL NOT NULL DEFAULT 0",
 }
 
 
@@ -99,7 +103,7 @@ _RESULT_COLUMNS = (
     'cancel_accepted', json(CASE cancel_accepted WHEN 1 THEN 'true' WHEN 0 THEN 'false' END),
     'created_at', CASE WHEN created_at THEN CAST(created_at * 1000000 AS INTEGER) END,
     'finished_at', CASE WHEN finished_at THEN CAST(finished_at * 1000000 AS INTEGER) END,
-    'key', key_name
+    'key', key_name, 'review', review, 'review_note', review_note
 ) AS outcome, (
     SELECT json_object(
         'path', json_group_array(path), 'sha256', json_group_array(sha256),

@@ -1,0 +1,182 @@
+"""A person's review of the edits, in the journal: the decisions a reviewer exported from the
+report, recorded on their rows; a rejected edit put back to be made again (kept in the row's
+history first); the approved images read back for the publishing step."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.core import Status
+from pipeline.journal.file import JournalFile
+
+__all__ = ["ApprovedImage", "Redo", "ReviewTarget", "Reviews"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewTarget:
+    """A row a decision names, as the journal holds it: whether the decision still applies
+    to its edit (`prediction_id`), and whether it was already judged."""
+
+    row_number: int
+    job_id: str
+    fingerprint: str | None
+    status: Status
+    prediction_id: str | None
+    review: str | None  # the decision on the row's current edit, if any
+    inputs: dict[str, Any]
+    record: dict[str, Any]
+    redone: bool  # its current edit was made because an earlier one was rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Redo:
+    """A rejected edit to be made again: the row, the reviewer's note and what it sends now."""
+
+    row_number: int
+    note: str
+    inputs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovedImage:
+    """An approved row's output, as a publishing step reads it."""
+
+    job_id: str
+    row_number: int
+    prediction_id: str | None
+    index: int
+    path: str | None  # the stored copy (as the journal holds it), None when not stored
+    url: str
+    sha256: str | None
+    note: str
+
+
+class Reviews(JournalFile):
+    """Decisions in, rejected edits requeued, approved images out."""
+
+    def review_targets(self, rows: Collection[int]) -> dict[int, ReviewTarget]:
+        """The rows named by a decisions file, by row number (rows the journal lacks are
+        missing from the answer)."""
+        found: dict[int, ReviewTarget] = {}
+        wanted = sorted(set(rows))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            with self._lock:
+                got = self._db.execute(
+                    "SELECT row_number, job_id, fingerprint, status, prediction_id, review,"
+                    " inputs, record, history FROM jobs"
+                    f" WHERE row_number IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            for r in got:
+                history = json.loads(r["history"]) if r["history"] else []
+                found[r["row_number"]] = ReviewTarget(
+                    row_number=r["row_number"],
+                    job_id=r["job_id"],
+                    fingerprint=r["fingerprint"],
+                    status=Status(r["status"]),
+                    prediction_id=r["prediction_id"],
+                    review=r["review"],
+                    inputs=json.loads(r["inputs"]) if r["inputs"] else {},
+                    record=json.loads(r["record"]),
+                    redone=bool(history) and history[-1].get("review") == "rejected",
+                )
+        return found
+
+    def record_review(self, approved: Sequence[tuple[int, str]], redo: Sequence[Redo]) -> None:
+        """In one transaction: approvals (row, note) recorded on their rows; each rejected edit
+        moved into its row's history (status, prediction, outputs and stored copies, seed,
+        prompt, the decision and note) and the row put back to be sent with its new input."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE jobs SET review='approved', review_note=? WHERE row_number=?",
+                [(note or None, row) for row, note in approved],
+            )
+            for item in redo:
+                self._redo(item)
+
+    def _redo(self, item: Redo) -> None:
+        db = self._db
+        row = db.execute(
+            "SELECT status, prediction_id, attempts, finished_at, output_urls, inputs, history,"
+            " cost_usd,"
+            " (SELECT json_group_array(path) FROM (SELECT path FROM images"
+            "  WHERE images.row_number = jobs.row_number ORDER BY idx)) AS paths"
+            " FROM jobs WHERE row_number=?",
+            (item.row_number,),
+        ).fetchone()
+        history = json.loads(row["history"]) if row["history"] else []
+        sent = json.loads(row["inputs"]) if row["inputs"] else {}
+        history.append(
+            {
+                "status": row["status"],
+                "error_type": None,
+                "error_message": None,
+                "prediction_id": row["prediction_id"],
+                "attempts": row["attempts"],
+                "finished_at": row["finished_at"],
+                "cost_usd": row["cost_usd"],
+                "output_urls": json.loads(row["output_urls"] or "[]"),
+                "output_paths": json.loads(row["paths"] or "[]"),
+                "prompt": sent.get("prompt"),
+                "seed": sent.get("seed"),
+                "review": "rejected",
+                "review_note": item.note or None,
+            }
+        )
+        db.execute("DELETE FROM images WHERE row_number=?", (item.row_number,))
+        db.execute(
+            "UPDATE jobs SET status=?, inputs=?, prediction_id=NULL, key_name=NULL,"
+            " created_at=NULL, started_at=NULL, output_urls=NULL, images=0, cost_usd=0,"
+            " predict_time_s=NULL, error_type=NULL, error_message=NULL, error_code=NULL,"
+            " cancel_accepted=NULL, finished_at=NULL, provider_cost_usd=NULL,"
+            " priced_cost_usd=NULL, unconfirmed=0, reused=0, follows=NULL, review=NULL,"
+            " earlier_cost_usd=earlier_cost_usd + cost_usd,"
+            " review_note=NULL, history=? WHERE row_number=?",
+            (
+                Status.PENDING.value,
+                json.dumps(item.inputs, ensure_ascii=False),
+                json.dumps(history, ensure_ascii=False),
+                item.row_number,
+            ),
+        )
+
+    def approved_images(self, batch_size: int = 5000) -> Iterator[list[ApprovedImage]]:
+        """The outputs of approved rows, in row and output order, a batch at a time."""
+        after = (0, -1)
+        while True:
+            with self._lock:
+                got = self._db.execute(
+                    "SELECT j.job_id, j.row_number, j.prediction_id, j.review_note, i.idx,"
+                    " i.path, i.url, i.sha256, i.state FROM jobs j JOIN images i"
+                    " ON i.row_number = j.row_number WHERE j.review='approved'"
+                    " AND (j.row_number, i.idx) > (?, ?) ORDER BY j.row_number, i.idx LIMIT ?",
+                    (*after, batch_size),
+                ).fetchall()
+            if not got:
+                return
+            yield [
+                ApprovedImage(
+                    r["job_id"],
+                    r["row_number"],
+                    r["prediction_id"],
+                    r["idx"],
+                    r["path"] if r["state"] == "stored" else None,
+                    r["url"],
+                    r["sha256"],
+                    r["review_note"] or "",
+                )
+                for r in got
+            ]
+            after = (got[-1]["row_number"], got[-1]["idx"])
+
+    def reviewed(self) -> dict[str, int]:
+        """Rows per decision on their current edit."""
+        with self._lock:
+            got = self._db.execute(
+                "SELECT review, COUNT(*) FROM jobs WHERE review IS NOT NULL GROUP BY review"
+            ).fetchall()
+        return {str(kind): int(count) for kind, count in got}
