@@ -127,6 +127,7 @@ async def arun(
     fresh: bool = False,
     force: bool = False,
     retry_errors: Sequence[str] | None = None,
+    rejected: str | Path | None = None,
     handle_signals: bool = False,
     raise_on_failed_rows: bool = True,
     reporter: Reporter | None = None,
@@ -137,7 +138,10 @@ async def arun(
     """`run`, in a running event loop."""
     loaded = load(config, overrides=overrides, run_date=run_date, table=manifest is not None)
     api_keys = [ApiKey(k) for k in keys] if keys is not None else keys_from_env()
-    reprocess = Reprocess(retry_errors or None) if retry_errors is not None else None
+    reprocess = None
+    if retry_errors is not None or rejected is not None:
+        chosen = (retry_errors or None) if retry_errors is not None else ()
+        reprocess = Reprocess(chosen, decisions=Path(rejected) if rejected else None)
     with RunFolder(loaded.output.dir, fresh=fresh) as folder, logging_to(folder.log_path):
         if manifest is not None:
             await anyio.to_thread.run_sync(_keep_table, manifest, loaded.manifest.path)
@@ -178,6 +182,7 @@ def run(
     fresh: bool = False,
     force: bool = False,
     retry_errors: Sequence[str] | None = None,
+    rejected: str | Path | None = None,
     handle_signals: bool = False,
     raise_on_failed_rows: bool = True,
     reporter: Reporter | None = None,
@@ -190,7 +195,8 @@ def run(
     RunEnded subclass (carrying `.summary`) for a run that ended short of success, as the CLI's
     exit codes do; `raise_on_failed_rows=False` returns the summary of a run that finished
     with failed or rejected rows instead. `retry_errors` runs failed rows of those error
-    types again (`[]`: every failure), as `wanbatch retry` does. `workers`: spread the keys
+    types again (`[]`: every failure), as `wanbatch retry` does; `rejected`: a decisions file
+    from the report's review, as `wanbatch retry --rejected` takes it. `workers`: spread the keys
     over that many Ray workers (on `ray_address`, RAY_ADDRESS, or a local cluster), as
     `--workers` does. `manifest`: a pandas DataFrame or pyarrow Table to run instead of
     the config's manifest.path (see the module's docstring)."""
@@ -203,6 +209,7 @@ def run(
             fresh=fresh,
             force=force,
             retry_errors=retry_errors,
+            rejected=rejected,
             handle_signals=handle_signals,
             raise_on_failed_rows=raise_on_failed_rows,
             reporter=reporter,

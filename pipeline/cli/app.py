@@ -325,13 +325,22 @@ def retry_command(
         str, typer.Argument(metavar="CONFIG|RUN_DIR", help="The config, or its run folder.")
     ],
     errors: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Error types to run again, comma-separated, or 'all'. Default: the transient "
-            f"ones ({', '.join(sorted(TRANSIENT_ERRORS))}). Rejected rows are never retried: "
-            "fix them in the failures manifest and run it as a new manifest."
+            f"ones ({', '.join(sorted(TRANSIENT_ERRORS))}), or none with --rejected. Rejected "
+            "rows are never retried: fix them in the failures manifest and run it as a new "
+            "manifest."
         ),
-    ] = "transient",
+    ] = None,
+    rejected: Annotated[
+        Path | None,
+        typer.Option(
+            help="A decisions file exported from the report's review: approvals are recorded "
+            "(approved.csv), and each rejected edit is made again (a new seed unless the config "
+            "fixes one; --set may change the prompt)."
+        ),
+    ] = None,
     force: _Force = False,
     grace: _Grace = 30.0,
     output_dir: _OutputDir = None,
@@ -340,17 +349,24 @@ def retry_command(
     workers: _Workers = None,
     ray_address: _RayAddress = None,
 ) -> None:
-    """Run a config's failed rows again, in the same run folder (and finish any unfinished)."""
-    _guarded(
-        lambda: _execute(
+    """Run a config's failed rows, or its rejected edits, again, in the same run folder (and
+    finish any unfinished)."""
+
+    def act() -> int:
+        if errors is not None:
+            chosen = _error_selection(errors)
+        else:
+            chosen = frozenset() if rejected is not None else TRANSIENT_ERRORS
+        return _execute(
             _given(config, overrides, output_dir, run_date),
             force=force,
             grace=grace,
             fresh=False,
-            reprocess=Reprocess(_error_selection(errors)),
+            reprocess=Reprocess(chosen, decisions=rejected),
             workers=_workers(workers, ray_address),
         )
-    )
+
+    _guarded(act)
 
 
 @app.command("estimate")

@@ -4,12 +4,14 @@ manifest.py    CSV, TSV and Parquet manifests (and DataFrames) read in batches
 rowmap.py      a row to a JobSpec or a Rejected naming its field and rule
 inputs.py      local and bucket inputs read, judged and uploaded; public ones probed
 estimating.py  `wanbatch estimate`: what a run would send, cost and take
+decisions.py   a reviewer's decisions file (`retry --rejected`), read and checked
 """
 
 from __future__ import annotations
 
+from pipeline.intake.decisions import DECISION_COLUMNS, read_decisions
 from pipeline.intake.estimating import Estimate, estimate
 from pipeline.intake.inputs import Uploads
 from pipeline.intake.manifest import Manifest
 
-__all__ = ["Estimate", "Manifest", "Uploads", "estimate"]
+__all__ = ["DECISION_COLUMNS", "Estimate", "Manifest", "Uploads", "estimate", "read_decisions"]

@@ -3,6 +3,7 @@
 downloads.py    output images downloaded, checked and stored (a folder or a bucket)
 thumbs.py       the report's thumbnails
 results.py      results.parquet, images.parquet and the failures manifest
+approved.py     approved.csv: the approved images, for the publishing step
 html_report.py  report.html
 summary.py      the run's summary (RunSummary) and summary.json
 closing.py      the closing summary's rows, for the terminal
@@ -10,6 +11,7 @@ closing.py      the closing summary's rows, for the terminal
 
 from __future__ import annotations
 
+from pipeline.outputs.approved import APPROVED, write_approved
 from pipeline.outputs.closing import summary_rows
 from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
@@ -34,6 +36,7 @@ from pipeline.outputs.thumbs import (
 )
 
 __all__ = [
+    "APPROVED",
     "RESULTS_ROWS",
     "RESULTS_RUN_ID",
     "RESULTS_SUCCEEDED",
@@ -51,6 +54,7 @@ __all__ = [
     "recheck_copies",
     "save_thumb",
     "summary_rows",
+    "write_approved",
     "write_failures",
     "write_images",
     "write_report",

@@ -82,6 +82,14 @@ _HISTORY = pa.list_(
             pa.field("prediction_id", pa.string()),
             pa.field("attempts", pa.int64()),
             pa.field("finished_at", _TS),
+            # an edit a reviewer rejected (`retry --rejected`): what it was, and the word on it
+            pa.field("cost_usd", pa.float64()),
+            pa.field("output_urls", pa.list_(pa.string())),
+            pa.field("output_paths", pa.list_(pa.string())),
+            pa.field("prompt", pa.string()),
+            pa.field("seed", pa.int64()),
+            pa.field("review", pa.string()),
+            pa.field("review_note", pa.string()),
         ]
     )
 )
@@ -164,6 +172,8 @@ def _base_fields() -> list[pa.Field]:
         pa.field("created_at", _TS),
         pa.field("finished_at", _TS),
         pa.field("key", pa.string()),
+        pa.field("review", pa.string()),  # a reviewer's word on this edit: approved, rejected
+        pa.field("review_note", pa.string()),
         pa.field("history", _HISTORY),
     ]
 
@@ -222,7 +232,7 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan, run_dir: P
         "size": _text(inputs.get("size")),
         "n": _as_int(inputs.get("n")),
         "seed": _as_int(inputs.get("seed")),
-        "history": _history(row["history"]),
+        "history": _history(row["history"], run_dir),
     }
     out.update(_stored(row["stored"], run_dir))
     for column, name in plan.text:
@@ -260,10 +270,19 @@ def _micros(seconds: float | None) -> int | None:
     return int(seconds * 1e6) if seconds else None
 
 
-def _history(text: str | None) -> list[dict[str, Any]]:
+def _history(text: str | None, run_dir: Path) -> list[dict[str, Any]]:
     if not text:
         return []
-    return [{**h, "finished_at": _micros(h.get("finished_at"))} for h in json.loads(text)]
+    return [
+        {
+            **h,
+            "finished_at": _micros(h.get("finished_at")),
+            "output_paths": [None if p is None else located(p, run_dir) for p in paths]
+            if (paths := h.get("output_paths")) is not None
+            else None,
+        }
+        for h in json.loads(text)
+    ]
 
 
 @contextmanager

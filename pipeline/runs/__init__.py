@@ -4,6 +4,7 @@ runner.py    `run`: checks, the folder held, the engine driven, the books finish
 driving.py   the engine with the ingest, the budget's cancel and the signals beside it
 identity.py  which run a folder holds, and the manifest copy it keeps
 verdict.py   the books finished; the exit code and its message
+review.py    `retry --rejected`: a reviewer's decisions checked and recorded
 folder.py    the run folder's lock and the checks before anything is sent
 logs.py      run.log and the terminal's events (structlog)
 status.py    `wanbatch status`: a folder's state from its journal alone

@@ -55,15 +55,23 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_identity(journal: Journal, config: RunConfig, force: bool) -> dict[str, str] | None:
+def check_identity(
+    journal: Journal, config: RunConfig, force: bool, *, remap: bool = False
+) -> dict[str, str] | None:
     """The run's identity when `--force` must take the manifest as it is now (it or the
-    mapping changed), to be journaled once that is done; None when nothing changed."""
+    mapping changed), to be journaled once that is done; None when nothing changed.
+    `remap` (`retry --rejected`): a changed mapping is taken as it is (the rejected rows are
+    sent with it; the rows journaled before keep the input they were given)."""
     current = identity(config)
     known = {name: journal.get_meta(name) for name in current}
     if all(value is None for value in known.values()):
         journal.set_meta(current)
         return None
     changed = [name for name, value in current.items() if known[name] != value]
+    if changed == ["mapping"] and remap:
+        journal.set_meta(current)
+        _log.info("mapping_changed_for_rejected_rows")
+        return None
     if changed and force:
         return current
     if changed:

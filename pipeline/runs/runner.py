@@ -31,7 +31,7 @@ from pipeline.core import (
     sandbox_keys,
 )
 from pipeline.drive import Workers, check_workers, open_engine
-from pipeline.intake import Manifest
+from pipeline.intake import Manifest, read_decisions
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
@@ -46,6 +46,7 @@ from pipeline.provider import Callbacks, Receiver
 from pipeline.runs.driving import Drive, drive_keys
 from pipeline.runs.folder import RunFolder
 from pipeline.runs.identity import check_identity, copy_manifest, keep_manifest
+from pipeline.runs.review import apply_decisions
 from pipeline.runs.verdict import Books, Faults, finish_books, verdict
 
 __all__ = ["OpenSandbox", "Reprocess", "run"]
@@ -61,9 +62,11 @@ _log = structlog.get_logger("pipeline.runs.runner")
 
 @dataclass(frozen=True, slots=True)
 class Reprocess:
-    """`wanbatch retry`: which failed rows to run again (`error_types` None: every failure)."""
+    """`wanbatch retry`: which failed rows to run again (`error_types` None: every failure,
+    empty: none), and a reviewer's decisions file whose rejected edits are made again."""
 
     error_types: Collection[str] | None
+    decisions: Path | None = None
 
 
 def _reconcile(
@@ -258,14 +261,19 @@ async def _run_held(
     embedded: OpenSandbox | None,
 ) -> RunSummary:
     forced = None
-    identity = check_identity(journal, config, force)
+    decisions = None
+    if reprocess is not None and reprocess.decisions is not None:
+        decisions = read_decisions(reprocess.decisions)
+    identity = check_identity(journal, config, force, remap=decisions is not None)
     if identity is not None:
         forced = await anyio.to_thread.run_sync(
             _reconcile, manifest, journal, state, identity, config.assets.storage_options
         )
         folder.forget_results()
     requeued = None
-    if reprocess is not None:
+    if reprocess is not None and reprocess.decisions is not None and decisions is not None:
+        apply_decisions(config, journal, state, manifest, reprocess.decisions, decisions)
+    if reprocess is not None and (reprocess.error_types is None or reprocess.error_types):
         requeued = journal.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
     # what a budget counts as spent: booked, and what lost creates may have been billed

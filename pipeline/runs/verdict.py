@@ -24,6 +24,7 @@ from pipeline.intake import Manifest
 from pipeline.journal import CostBooks, Journal, StateStore
 from pipeline.outputs import (
     ResultLayout,
+    write_approved,
     write_failures,
     write_images,
     write_report,
@@ -96,6 +97,7 @@ async def finish_books(
         images = run_dir / "images.parquet"
         price = config.api.price_per_image_usd
         await anyio.to_thread.run_sync(write_images, journal, layout, images, price)
+        await anyio.to_thread.run_sync(write_approved, journal, run_dir)
         if config.assets.download:
             states = journal.image_states()
             books.images_missing = states.get("pending", 0) + states.get("failed", 0)

@@ -1,0 +1,102 @@
+"""A reviewer's decisions file, read and checked: the CSV the report's review page exports
+(`job_id,row,prediction_id,decision,note`), or one written by hand or by another tool with
+at least `row` and `decision`. A file that breaks a rule is refused whole, naming its line,
+field and rule, before anything is sent."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pipeline.core import REVIEWS, ConfigError, Decision
+
+__all__ = ["DECISION_COLUMNS", "read_decisions"]
+
+# the columns the review page writes, in its order
+DECISION_COLUMNS = ("job_id", "row", "prediction_id", "decision", "note")
+_WORDS = {
+    "approve": "approved",
+    "approved": "approved",
+    "reject": "rejected",
+    "rejected": "rejected",
+}
+_SHOWN = 10  # problems named in one message
+
+
+def read_decisions(path: Path) -> list[Decision]:
+    """The decisions in `path`, in file order; lines with a blank decision are not decided
+    and left out. ConfigError naming each problem (at most ten) when the file breaks a rule."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+    except FileNotFoundError:
+        raise ConfigError(f"decisions file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"decisions file {path} is not UTF-8 text; save it as CSV UTF-8 (the review page's "
+            "export is)"
+        ) from None
+    except (OSError, csv.Error) as exc:
+        raise ConfigError(f"decisions file {path} cannot be read as CSV: {exc}") from None
+    if not lines:
+        raise ConfigError(f"decisions file {path} is empty; it needs a header with row,decision")
+    header = [name.strip().lower() for name in lines[0]]
+    missing = [name for name in ("row", "decision") if name not in header]
+    if missing:
+        raise ConfigError(
+            f"decisions file {path} line 1 has no {' or '.join(missing)} column; the header "
+            f"reads {','.join(header)}; expected {','.join(DECISION_COLUMNS)}"
+        )
+    at = {name: header.index(name) for name in DECISION_COLUMNS if name in header}
+    decisions: list[Decision] = []
+    problems: list[str] = []
+    first_line: dict[int, int] = {}
+    for number, cells in enumerate(lines[1:], start=2):
+        if not any(cell.strip() for cell in cells):
+            continue
+        found = _decision(cells, at, number, problems)
+        if found is None:
+            continue
+        if found.row_number in first_line:
+            problems.append(
+                f"line {number}, field row: row {found.row_number} is decided twice "
+                f"(lines {first_line[found.row_number]} and {number}); keep one"
+            )
+            continue
+        first_line[found.row_number] = number
+        decisions.append(found)
+    if problems:
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise ConfigError(f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more)
+    return decisions
+
+
+def _cell(cells: list[str], at: dict[str, int], name: str) -> str:
+    index = at.get(name)
+    return cells[index].strip() if index is not None and index < len(cells) else ""
+
+
+def _decision(
+    cells: list[str], at: dict[str, int], number: int, problems: list[str]
+) -> Decision | None:
+    """One line's decision; None (with the problem noted) when it breaks a rule, or when its
+    decision is blank (not decided)."""
+    word = _cell(cells, at, "decision")
+    if not word:
+        return None
+    decision = _WORDS.get(word.lower())
+    if decision not in REVIEWS:
+        problems.append(f"line {number}, field decision: {word!r} is not {' or '.join(REVIEWS)}")
+        return None
+    row = _cell(cells, at, "row")
+    if not row.isdigit() or int(row) < 1:
+        problems.append(f"line {number}, field row: {row!r} is not a row number (1 or more)")
+        return None
+    return Decision(
+        row_number=int(row),
+        job_id=_cell(cells, at, "job_id") or None,
+        decision=decision,
+        note=_cell(cells, at, "note"),
+        prediction_id=_cell(cells, at, "prediction_id") or None,
+        line=number,
+    )

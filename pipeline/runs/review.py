@@ -1,0 +1,156 @@
+"""`wanbatch retry RUN_DIR --rejected decisions.csv`: a reviewer's decisions into the run.
+
+Each decision is checked against the row it names before anything is sent: a row the run does
+not have, or one that is another product here, refuses the file (a decisions file of another
+run). A decision made on an edit the row no longer has (it was made again since) no longer
+applies and is left out, said once. Approvals are recorded (`review` in the results, and
+`approved.csv`); each rejected edit goes into its row's history and the row is sent again with
+the config's input as it is now (`--set` may change the prompt) and a new seed, unless the
+config fixes one. An approved edit is never sent again; its rejected edit is forgotten by the
+incremental state, so no later night carries it over.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pipeline.core import (
+    IMAGE_FIELDS,
+    INPUT_FIELDS,
+    SEED_RANGE,
+    ConfigError,
+    Decision,
+    JobSpec,
+    RunConfig,
+    Status,
+)
+from pipeline.intake import Manifest
+from pipeline.journal import Journal, Redo, ReviewTarget, StateStore
+
+__all__ = ["Reviewed", "apply_decisions"]
+
+_log = structlog.get_logger("pipeline.runs.review")
+_SHOWN = 10
+
+
+@dataclass
+class Reviewed:
+    """What a decisions file did: rows approved, rows sent again, and decisions left out
+    (by line) with the reason."""
+
+    approved: int = 0
+    redone: int = 0
+    left_out: dict[str, list[int]] = field(default_factory=dict)
+
+    def leave_out(self, why: str, decision: Decision) -> None:
+        self.left_out.setdefault(why, []).append(decision.line)
+
+
+def apply_decisions(
+    config: RunConfig,
+    journal: Journal,
+    state: StateStore | None,
+    manifest: Manifest,
+    path: Path,
+    decisions: list[Decision],
+) -> Reviewed:
+    """Check every decision against its row, then record them in one transaction: approvals,
+    and each rejected edit put back with its new input. ConfigError, with nothing recorded,
+    when the file names rows this run does not have, or has as other products."""
+    targets = journal.review_targets([d.row_number for d in decisions])
+    problems = [p for d in decisions if (p := _mismatch(d, targets.get(d.row_number)))]
+    if problems:
+        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+        raise ConfigError(
+            f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more + "; nothing was "
+            "recorded or sent: give the decisions exported from this run's report"
+        )
+    done = Reviewed()
+    approved: list[tuple[int, str]] = []
+    redo: list[Redo] = []
+    forget: list[tuple[str, str]] = []
+    for decision in decisions:
+        target = targets[decision.row_number]
+        why = _left_out(decision, target)
+        if why is not None:
+            done.leave_out(why, decision)
+        elif decision.decision == "approved":
+            approved.append((target.row_number, decision.note))
+        else:
+            redo.append(
+                Redo(target.row_number, decision.note, _new_input(config, manifest, target))
+            )
+            if target.fingerprint and target.prediction_id:
+                forget.append((target.fingerprint, target.prediction_id))
+    journal.record_review(approved, redo)
+    if state is not None and forget:
+        state.forget(forget)
+    done.approved, done.redone = len(approved), len(redo)
+    _tell(path, done)
+    return done
+
+
+def _mismatch(decision: Decision, target: ReviewTarget | None) -> str | None:
+    """Why a decision cannot be of this run, or None."""
+    if target is None:
+        return f"line {decision.line}, field row: row {decision.row_number} is not in this run"
+    if decision.job_id is not None and decision.job_id != target.job_id:
+        return (
+            f"line {decision.line}, field job_id: row {decision.row_number} is "
+            f"{target.job_id!r} in this run, not {decision.job_id!r}"
+        )
+    return None
+
+
+def _left_out(decision: Decision, target: ReviewTarget) -> str | None:
+    """Why a decision no longer applies to its row's edit, or None when it does."""
+    if decision.prediction_id is not None and decision.prediction_id != target.prediction_id:
+        return "the row's edit was made again since it was judged"
+    if target.status is not Status.SUCCEEDED:
+        return "the row has no edit to judge (it did not succeed)"
+    if decision.decision == "rejected" and target.review == "approved":
+        return "the row's edit was approved before, and an approved edit is never sent again"
+    if decision.prediction_id is None and target.redone and decision.decision == "rejected":
+        return (
+            "the row's edit was already made again after a rejection (give prediction_id to "
+            "judge the new one)"
+        )
+    return None
+
+
+def _new_input(config: RunConfig, manifest: Manifest, target: ReviewTarget) -> dict[str, Any]:
+    """What a rejected row sends now: its images as sent before, the other fields as the
+    config maps them now, and a new seed unless the config gives the row one."""
+    mapped = manifest.mapper.map(target.row_number, target.record)
+    if not isinstance(mapped, JobSpec):
+        raise ConfigError(
+            f"row {target.row_number} ({target.job_id}) cannot be sent again under this config: "
+            f"{mapped.reason}; nothing was recorded or sent"
+        )
+    inputs = {f: v for f, v in target.inputs.items() if f in IMAGE_FIELDS}
+    inputs.update({f: v for f, v in mapped.inputs.items() if f not in IMAGE_FIELDS})
+    if "seed" not in mapped.inputs:
+        earlier = target.inputs.get("seed")
+        seed = earlier
+        while seed == earlier:
+            seed = SEED_RANGE[0] + secrets.randbelow(SEED_RANGE[1] - SEED_RANGE[0] + 1)
+        inputs["seed"] = seed
+    return {f: inputs[f] for f in INPUT_FIELDS if f in inputs}
+
+
+def _tell(path: Path, done: Reviewed) -> None:
+    """One line for the log, and one said on the terminal for decisions left out."""
+    _log.info("reviewed", file=str(path), approved=done.approved, redone=done.redone)
+    for why, lines in done.left_out.items():
+        shown = ", ".join(map(str, lines[:_SHOWN])) + (" ..." if len(lines) > _SHOWN else "")
+        _log.warning(
+            "decisions_left_out",
+            count=len(lines),
+            reason=why,
+            said=f"{len(lines)} decision(s) in {path} left out: {why} (lines {shown})",
+        )
