@@ -4,18 +4,25 @@ the end of every run and by `wanbatch report RUN_DIR`.
 It opens offline: styles, script and the rows' data are inside the file, and the thumbnails
 are local files in `report-thumbs/` beside it (made from the stored images, never hot-linked).
 Totals sit at the top; the rows are drawn a page at a time by the page's own script, filtered
-by status or text, so 100,000 rows stay usable. The address keeps the view
+by status, decision or text, so 100,000 rows stay usable. The address keeps the view
 (`report.html#status=failed&page=2`).
+
+It is also where a person reviews the edits (report_page.html holds the page): each image
+opens at full size, the input beside an output (before/after); the keys move from row to row
+and approve or reject, with a note; the decisions are kept in the browser and exported as
+decisions.csv, which `wanbatch retry RUN_DIR --rejected decisions.csv` takes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import html
 import json
 import os
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,9 +62,12 @@ def _entry(
     backfill: list[Any],
     columns: Sequence[str] = (),
 ) -> list[Any]:
-    """One row as the page's compact array: row, id, status, cost, prompt, error, input
-    thumbnail, output thumbnails (None where there is none), then what opens at full size (the
-    input, each output), the reference images, and the catalog columns the config names."""
+    """One row as the page's compact array (report_page.html reads it by position, `F`): row,
+    id, status, cost, prompt, error, input thumbnail, output thumbnails (None where there is
+    none), then what opens at full size (the input, each output), the reference images, the
+    catalog columns the config names, and what a review needs: the job id and prediction
+    judged, the decision recorded on it and its note, and the note of the rejected edit this
+    one remakes (None when it remakes none)."""
     number = row.row_number
     ident = str(row.record.get(id_column, "")) if id_column else row.job_id
     first = row.inputs.get("img_url")
@@ -89,6 +99,11 @@ def _entry(
         full,
         [_href(row.inputs.get(f)) for f in IMAGE_FIELDS[1:] if _href(row.inputs.get(f))],
         shown,
+        row.job_id,
+        row.prediction_id,
+        row.review,
+        row.review_note,
+        row.rejected_note,
     ]
 
 
@@ -109,6 +124,12 @@ def _backfill(folder: Path, run_dir: Path, wanted: list[Any], thumbs: set[str]) 
 _SCRIPT_UNSAFE = str.maketrans(
     {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 )
+
+
+@functools.cache
+def _page() -> str:
+    """The page around the data: styles and script, in report_page.html beside this module."""
+    return resources.files(__package__).joinpath("report_page.html").read_text(encoding="utf-8")
 
 
 def script_safe(data: str) -> str:
@@ -147,160 +168,10 @@ def write_report(
         "statuses": [s.value for s in Status],  # the one status vocabulary, in its order
     }
     data = json.dumps({"head": head, "rows": rows}, separators=(",", ":"))
-    page = _PAGE.replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
+    page = _page().replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
     page = page.replace("__DATA__", script_safe(data))
     path = run_dir / REPORT
     tmp = run_dir / f".{REPORT}.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f6f4;color:#222}
-header{background:#20232a;color:#fff;padding:12px 20px}
-header h1{font-size:18px;margin:0 0 8px}
-.totals{display:flex;flex-wrap:wrap;gap:18px}
-.totals div{min-width:90px}.totals b{display:block;font-size:20px}
-.bar{display:flex;gap:10px;align-items:center;padding:10px 20px;background:#fff;
-border-bottom:1px solid #ddd;position:sticky;top:0}
-.entry{display:grid;grid-template-columns:170px 1fr 320px;gap:12px;padding:10px 20px;
-border-bottom:1px solid #e4e4e4;background:#fff}
-.pics{display:flex;gap:6px;flex-wrap:wrap}
-.pics img,.none{width:160px;height:160px;object-fit:contain;background:#eee;border-radius:4px}
-.none{display:flex;align-items:center;justify-content:center;color:#888;font-size:12px}
-.ref{font-size:12px;align-self:flex-end}
-.col{font-size:13px;color:#444}
-.status{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
-.succeeded{background:#2e7d32}.failed{background:#c62828}.rejected{background:#6d4c41}
-.pending,.creating,.created{background:#757575}
-.error{color:#b71c1c}.meta{color:#555;font-size:12px}
-</style></head>
-<body>
-<header><h1>__TITLE__</h1><div class="totals" id="totals"></div></header>
-<div class="bar">
-<label>Status <select id="status"></select></label>
-<input id="q" type="search" placeholder="id, prompt or error">
-<button id="prev">&larr;</button><span id="pageinfo"></span><button id="next">&rarr;</button>
-</div>
-<main id="entries"></main>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-"use strict";
-const DATA = JSON.parse(document.getElementById("data").textContent);
-const H = DATA.head, ROWS = DATA.rows, PER_PAGE = 100;
-const el = (tag, cls, text) => {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-};
-function totals() {
-  const t = document.getElementById("totals");
-  const items = [["rows", H.rows.toLocaleString()]];
-  for (const s of H.statuses) {
-    if (H.counts[s]) items.push([s, H.counts[s].toLocaleString()]);
-  }
-  items.push(["images", H.images.toLocaleString()], ["cost", "$" + H.cost.toFixed(2)]);
-  items.push(["reused", H.reused.toLocaleString()]);
-  items.push(["possible duplicates", H.duplicates.toLocaleString()]);
-  for (const [label, value] of items) {
-    const d = el("div", "total");
-    d.dataset.name = label;
-    d.append(el("b", "", value), label);
-    t.append(d);
-  }
-  const m = el("div", "meta", H.run + " \\u2014 " + H.generated);
-  t.append(m);
-}
-function state() {
-  const p = new URLSearchParams(location.hash.slice(1));
-  return {status: p.get("status") || "all", q: p.get("q") || "", page: +(p.get("page") || 1)};
-}
-function picture(name, label, href) {
-  if (!name && !href) return el("div", "none", label);
-  let shown;
-  if (name) {
-    shown = el("img");
-    shown.loading = "lazy";
-    shown.src = H.thumbs + "/" + name;
-    shown.alt = label;
-  } else {
-    shown = el("div", "none", label);
-  }
-  if (!href) return shown;
-  const a = el("a", "full");
-  a.href = href;  // http(s) or a stored copy: the page's data makes no other link
-  a.target = "_blank";
-  a.rel = "noopener";
-  a.title = "open at full size";
-  a.append(shown);
-  return a;
-}
-function entry(r) {
-  const [row, id, status, cost, prompt, error, input, outputs, inputFull, outputsFull, refs,
-    columns] = r;
-  const e = el("article", "entry");
-  e.dataset.status = status;
-  e.dataset.row = row;
-  const src = el("div", "pics");
-  src.append(picture(input, "no input preview", inputFull));
-  refs.forEach((href, i) => {
-    const a = el("a", "ref", "reference " + (i + 2));
-    a.href = href;
-    a.target = "_blank";
-    a.rel = "noopener";
-    src.append(a);
-  });
-  const out = el("div", "pics");
-  if (outputs.length === 0) out.append(el("div", "none", "no output"));
-  outputs.forEach((o, i) => out.append(picture(o, "not stored", outputsFull[i])));
-  const meta = el("div");
-  meta.append(el("div", "id", id), el("span", "status " + status, status));
-  for (const [name, value] of columns) meta.append(el("div", "col", name + ": " + value));
-  meta.append(el("div", "meta", "row " + row + " \\u00b7 $" + Number(cost).toFixed(2)));
-  meta.append(el("div", "prompt", prompt));
-  if (error) meta.append(el("div", "error", error));
-  e.append(src, out, meta);
-  return e;
-}
-function render() {
-  const s = state();
-  const q = s.q.toLowerCase();
-  const shown = ROWS.filter(r => (s.status === "all" || r[2] === s.status) &&
-    (!q || (r[1] + " " + r[4] + " " + r[5] + " " + r[11].map(c => c[1]).join(" "))
-      .toLowerCase().includes(q)));
-  const pages = Math.max(1, Math.ceil(shown.length / PER_PAGE));
-  const page = Math.min(Math.max(1, s.page), pages);
-  const box = document.getElementById("entries");
-  box.replaceChildren(...shown.slice((page - 1) * PER_PAGE, page * PER_PAGE).map(entry));
-  document.getElementById("pageinfo").textContent =
-    "page " + page + " of " + pages + " (" + shown.length.toLocaleString() + " rows)";
-  document.getElementById("status").value = s.status;
-  document.getElementById("q").value = s.q;
-}
-function go(change) {
-  const s = Object.assign(state(), change);
-  location.hash = new URLSearchParams({status: s.status, q: s.q, page: s.page}).toString();
-}
-function controls() {
-  const select = document.getElementById("status");
-  for (const s of ["all", ...H.statuses]) {
-    if (s === "all" || H.counts[s]) select.append(new Option(s, s));
-  }
-  select.onchange = () => go({status: select.value, page: 1});
-  document.getElementById("q").oninput = e => go({q: e.target.value, page: 1});
-  document.getElementById("prev").onclick = () => go({page: state().page - 1});
-  document.getElementById("next").onclick = () => go({page: state().page + 1});
-  window.onhashchange = render;
-}
-totals();
-controls();
-render();
-</script>
-</body></html>
-"""
