@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import sqlite3
 import subprocess
 from collections import Counter
@@ -243,3 +244,17 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     client.create_bucket(Bucket="catalog-images")
     yield client
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed by the test setup when the machine lacks it."""
+    found = shutil.which("chromium")
+    if found is None:
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        if subprocess.run(install, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+            subprocess.run(install, check=True, capture_output=True)
+        found = shutil.which("chromium")
+    assert found is not None, "Debian's chromium package could not be installed"
+    return found

@@ -1,0 +1,329 @@
+"""A person reviews the edits and sends the rejected ones back: the report's review page driven
+in headless Chromium (Playwright on Debian's `chromium`, with the mouse and the keyboard), its
+decisions file taken by `retry --rejected`, judged by the sandbox's ledger; screenshots of the
+page are kept in `test-artifacts/`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from playwright.async_api import Browser, Page, async_playwright
+
+from pipeline.core import ConfigError, ExitCode, fingerprint, parse_config
+from pipeline.intake import read_decisions
+from pipeline.runs import Reprocess
+from pipeline.sandbox import SandboxServer
+from tests.conftest import (
+    KEY,
+    KEY2,
+    SCALE,
+    catalog,
+    config_data,
+    go,
+    results,
+    shrunk_sandbox,
+    write_manifest,
+)
+from tests.test_observe import Start, _cli
+from tests.test_report import ARTIFACTS
+
+_NOTE = 'logo cut off, "handle" missing'
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """Headless Chromium driven by Playwright (Debian's binary: Playwright downloads none)."""
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(executable_path=chromium, args=flags)
+        yield launched
+        await launched.close()
+
+
+def _all_files(paths: list[str]) -> bool:
+    return all(os.path.isfile(p) for p in paths)
+
+
+def _sandboxed_rows(sb: SandboxServer, count: int) -> list[dict[str, Any]]:
+    rows = catalog(count)
+    for i, row in enumerate(rows):  # inputs the sandbox serves, so they have thumbnails
+        row["img_url"] = f"{sb.base_url.removesuffix('/v1')}/samples/mug-white.png?{i}"
+    return rows
+
+
+def _review_config(tmp_path: Path, sb: SandboxServer, rows: int, **sections: Any) -> Any:
+    manifest = write_manifest(tmp_path / "m.csv", _sandboxed_rows(sb, rows))
+    data = config_data(
+        tmp_path,
+        sb.base_url,
+        manifest,
+        api={"time_scale": SCALE},
+        manifest={"allow_loopback_urls": True},
+        **sections,
+    )
+    return data
+
+
+async def _open_report(browser: Browser, run_dir: Path, width: int) -> tuple[Page, list[str]]:
+    context = await browser.new_context(
+        viewport={"width": width, "height": 900}, accept_downloads=True
+    )
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto((run_dir / "report.html").as_uri())
+    await page.wait_for_selector("article.entry")
+    return page, errors
+
+
+def _row(page: Page, row: int) -> Any:
+    return page.locator(f'article.entry[data-row="{row}"]')
+
+
+async def _review(page: Page, full: str, width: int) -> dict[int, tuple[str, str]]:
+    """Decide rows with the mouse and the keyboard, as a reviewer does; what was decided.
+    `full`, `width`: where row 1's output is stored, and its width in pixels."""
+    # the mouse: an output opens at full size (its stored copy), beside the input
+    await _row(page, 1).locator(".pics").nth(1).locator("a.full").first.click()
+    viewer = page.locator("#viewer.open")
+    await viewer.wait_for()
+    after = viewer.locator("figure").nth(1).locator("img")
+    await after.wait_for()
+    await page.wait_for_function("document.querySelectorAll('#vstage img')[1].complete")
+    assert await after.get_attribute("src") == full  # the stored copy, not the thumbnail
+    assert await after.evaluate("img => img.naturalWidth") == width
+    assert "before: input" in await viewer.locator("figcaption").first.inner_text()
+    await page.keyboard.press("Escape")
+    assert await page.locator("#viewer.open").count() == 0
+    await _row(page, 1).locator("button.approve").click()
+    await _row(page, 2).locator("button.reject").click()
+    await _row(page, 2).locator("input.note").fill("too dark")
+    # the keyboard: j moves on, a approves, r rejects, n writes a note, u undecides
+    await _row(page, 2).locator(".meta-box").click()
+    await page.keyboard.press("j")
+    await page.keyboard.press("a")
+    await page.keyboard.press("j")
+    await page.keyboard.press("r")
+    await page.keyboard.press("n")
+    await page.keyboard.type(_NOTE)
+    await page.keyboard.press("Enter")
+    await page.keyboard.press("j")
+    await page.keyboard.press("r")
+    await page.keyboard.press("u")  # changed its mind: row 5 stays undecided
+    await page.keyboard.press("j")
+    await page.keyboard.press("Enter")  # row 6 at full size, judged there
+    await page.locator("#viewer.open").wait_for()
+    await page.keyboard.press("a")
+    await page.keyboard.press("Escape")
+    for _ in range(100 - 6):  # to the last row of the first page, then over to the next
+        await page.keyboard.press("j")
+    await page.keyboard.press("j")
+    await page.wait_for_selector('article.entry.current[data-row="101"]')
+    await page.keyboard.press("r")
+    return {
+        1: ("approved", ""),
+        2: ("rejected", "too dark"),
+        3: ("approved", ""),
+        4: ("rejected", _NOTE),
+        6: ("approved", ""),
+        101: ("rejected", ""),
+    }
+
+
+async def _exported(page: Page, into: Path) -> Path:
+    async with page.expect_download() as download:
+        await page.locator("#export").click()
+    await (await download.value).save_as(into)
+    return into
+
+
+@pytest.mark.anyio
+async def test_a_reviewer_decides_in_the_browser_and_retry_remakes_exactly_the_rejected(
+    sandbox: Start, tmp_path: Path, browser: Browser
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    data = _review_config(tmp_path, sb, 240)
+    summary = await go(parse_config(data, tmp_path), [KEY, KEY2])
+    assert summary.exit_code is ExitCode.OK
+    run_dir = summary.run_dir
+    before = {r["row_number"]: r for r in results(summary)}
+    first_creates = [e for e in sb.ledger() if e["event"] == "created"]
+    assert len(first_creates) == 240
+
+    page, errors = await _open_report(browser, run_dir, 1440)
+    stored = Path(before[1]["output_paths"][0]).relative_to(run_dir).as_posix()
+    decided = await _review(page, stored, before[1]["output_width"][0])
+    await page.keyboard.press("k")  # back over to the first page
+    await page.wait_for_selector('article.entry.current[data-row="100"]')
+    await page.reload()  # the decisions are kept in the browser
+    await page.wait_for_selector("article.entry")
+    await page.evaluate("window.scrollTo(0, 0)")
+    assert "approved 3 \u00b7 rejected 3" in await page.locator("#tally").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "review-desktop-1440.png"))
+    await page.set_viewport_size({"width": 1280, "height": 800})
+    await page.screenshot(path=str(ARTIFACTS / "review-laptop-1280.png"))
+    await _row(page, 4).locator(".meta-box").click()
+    await page.keyboard.press("Enter")
+    await page.locator("#viewer.open").wait_for()
+    await page.screenshot(path=str(ARTIFACTS / "review-compare-1280.png"))
+    await page.keyboard.press("Escape")
+    exported = await _exported(page, tmp_path / "decisions.csv")
+    assert errors == []
+    with exported.open(newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    assert {int(d["row"]): (d["decision"], d["note"]) for d in lines} == decided
+    for line in lines:
+        row = before[int(line["row"])]
+        assert (line["job_id"], line["prediction_id"]) == (row["job_id"], row["prediction_id"])
+
+    # the rejected edits made again, with a prompt changed for them by --set
+    data["manifest"]["prompt_template"] = "{prompt}, keep the logo whole"
+    again_config = parse_config(data, tmp_path)
+    again = await go(again_config, [KEY, KEY2], reprocess=Reprocess((), decisions=exported))
+    assert again.exit_code is ExitCode.OK
+    after = {r["row_number"]: r for r in results(again)}
+    rejected = {row for row, (d, _) in decided.items() if d == "rejected"}
+    approved = {row for row, (d, _) in decided.items() if d == "approved"}
+    new_creates = [e for e in sb.ledger() if e["event"] == "created"][240:]
+    # exactly the rejected rows were sent again, each once, with the input the results show
+    assert sorted(after[r]["prediction_id"] for r in rejected) == sorted(
+        e["prediction_id"] for e in new_creates
+    )
+    for row in rejected:
+        now, was = after[row], before[row]
+        assert now["status"] == "succeeded" and now["prediction_id"] != was["prediction_id"]
+        assert now["prompt"] == f"{was['prompt']}, keep the logo whole"
+        assert now["seed"] is not None and now["review"] is None
+        sent = {"prompt": now["prompt"], "img_url": now["img_urls"][0], "seed": now["seed"]}
+        assert fingerprint(again_config.api.model, sent) in {e["fingerprint"] for e in new_creates}
+        earlier = now["history"][-1]
+        assert earlier["review"] == "rejected"
+        assert (earlier["review_note"] or "") == decided[row][1]
+        assert earlier["prediction_id"] == was["prediction_id"]
+        assert earlier["output_paths"] == was["output_paths"]  # the rejected edit is kept
+        assert _all_files(earlier["output_paths"])
+        assert set(now["output_paths"]).isdisjoint(was["output_paths"])
+    for row in approved:
+        assert after[row]["review"] == "approved" and after[row]["history"] == []
+        assert after[row]["prediction_id"] == before[row]["prediction_id"]
+    untouched = set(after) - rejected - approved
+    assert all(after[r]["prediction_id"] == before[r]["prediction_id"] for r in untouched)
+    assert all(after[r]["review"] is None for r in untouched)
+
+    # the approved export lists exactly the approved images, where they are stored
+    with (run_dir / "approved.csv").open(newline="") as handle:
+        listed = list(csv.DictReader(handle))
+    assert [(int(a["row"]), a["path"]) for a in listed] == [
+        (row, path) for row in sorted(approved) for path in before[row]["output_paths"]
+    ]
+    assert _all_files([a["path"] for a in listed]) and all(a["sha256"] for a in listed)
+
+    # the same file again pays for nothing: every rejected edit was made again since
+    await go(parse_config(data, tmp_path), [KEY, KEY2], reprocess=Reprocess((), decisions=exported))
+    assert len([e for e in sb.ledger() if e["event"] == "created"]) == 240 + len(rejected)
+
+
+@pytest.mark.anyio
+async def test_a_fixed_seed_is_kept_an_approval_is_final_and_no_night_reuses_a_rejection(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    state = tmp_path / "state.sqlite"
+    data = _review_config(
+        tmp_path,
+        sb,
+        6,
+        incremental={"enabled": True, "state": str(state)},
+    )
+    data["manifest"]["defaults"] = {"seed": 7}
+    summary = await go(parse_config(data, tmp_path), [KEY])
+    first = {r["row_number"]: r for r in results(summary)}
+    decisions = tmp_path / "decisions.csv"
+    # as a spreadsheet saves it: a BOM, its own header case, words of its own
+    decisions.write_text(
+        "\ufeffRow,Decision,Note\r\n1,Reject,too dark\r\n2,approve,\r\n3,,\r\n", encoding="utf-8"
+    )
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    second = {r["row_number"]: r for r in results(summary)}
+    assert second[1]["seed"] == 7 and second[1]["prediction_id"] != first[1]["prediction_id"]
+    assert second[2]["review"] == "approved" and second[3]["review"] is None
+
+    # rejecting an approved edit, or the made-again one without naming it, sends nothing
+    decisions.write_text("row,decision\n2,rejected\n1,rejected\n")
+    creates = len([e for e in sb.ledger() if e["event"] == "created"])
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    assert len([e for e in sb.ledger() if e["event"] == "created"]) == creates == 7
+    assert {r["row_number"]: r["review"] for r in results(summary)}[2] == "approved"
+
+    # the next night carries over the edit made again, never the rejected one
+    data["output"]["dir"] = str(tmp_path / "next-night")
+    night = await go(parse_config(data, tmp_path), [KEY])
+    carried = {r["row_number"]: r for r in results(night)}
+    assert all(r["reused"] for r in carried.values())
+    assert carried[1]["prediction_id"] == second[1]["prediction_id"]
+    assert len([e for e in sb.ledger() if e["event"] == "created"]) == 7
+
+
+def test_a_decisions_file_that_breaks_a_rule_is_refused_naming_line_field_and_rule(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "decisions.csv"
+    path.write_text("job_id,row,decision\nA,1,maybe\nB,x,approved\nC,3,rejected\nD,3,approved\n")
+    with pytest.raises(ConfigError) as raised:
+        read_decisions(path)
+    said = str(raised.value)
+    assert "line 2, field decision: 'maybe' is not approved or rejected" in said
+    assert "line 3, field row: 'x' is not a row number" in said
+    assert "line 5, field row: row 3 is decided twice (lines 4 and 5)" in said
+    path.write_text("sku,verdict\n1,approved\n")
+    with pytest.raises(ConfigError, match="line 1 has no row or decision column"):
+        read_decisions(path)
+    path.write_bytes("row,decision,note\n1,rejected,caf\xe9\n".encode("cp1252"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text; save it as CSV UTF-8"):
+        read_decisions(path)
+    path.write_text("row,decision\n1,approved\n2,\n")
+    assert [(d.row_number, d.decision) for d in read_decisions(path)] == [(1, "approved")]
+
+
+@pytest.mark.anyio
+async def test_decisions_of_another_run_are_refused_before_anything_is_sent(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    data = _review_config(tmp_path, sb, 3)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    done = _cli("run", str(config))
+    assert done.returncode == 0, done.stderr
+    creates = len(sb.ledger())
+    decisions = tmp_path / "theirs.csv"
+    decisions.write_text("job_id,row,decision\nSKU-9,1,rejected\nSKU-2,2,rejected\nX,44,approved\n")
+    refused = _cli("retry", str(tmp_path / "run"), "--rejected", str(decisions))
+    assert refused.returncode == int(ExitCode.BAD_INPUT), refused.stderr
+    said = refused.stderr
+    assert "line 2, field job_id: row 1 is 'SKU-1' in this run, not 'SKU-9'" in said
+    assert "line 4, field row: row 44 is not in this run" in said
+    assert "nothing was recorded or sent" in said and "Traceback" not in said
+    assert len(sb.ledger()) == creates
+    table = pq.read_table(tmp_path / "run" / "results.parquet").to_pylist()
+    assert all(r["review"] is None and r["history"] == [] for r in table)
+    missing = _cli("retry", str(tmp_path / "run"), "--rejected", str(tmp_path / "none.csv"))
+    assert missing.returncode == int(ExitCode.BAD_INPUT) and "does not exist" in missing.stderr
+    assert io.StringIO(missing.stderr).read().count("Traceback") == 0
