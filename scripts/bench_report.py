@@ -4,7 +4,10 @@ directly, the report written from it, and the page loaded in headless Chromium.
     .venv/bin/python scripts/bench_report.py --rows 100000
 
 Prints the time to write the report, its size, and the time Chromium takes to load it and
-draw the first page (and how many entries that page has).
+draw the first page (and how many entries that page has); then, driven by Playwright, what a
+reviewer waits for at that size: a key that moves to the next row, an approval, the step over
+to the next page, a reload that brings back the decisions kept in the browser, and the export
+of them.
 """
 
 from __future__ import annotations
@@ -15,11 +18,68 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core import JobOutcome, JobSpec, Rejected, Status, fingerprint
 from pipeline.journal import Finish, Journal
 from pipeline.outputs import write_report
+
+_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _timed(action: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    action()
+    return (time.perf_counter() - began) * 1000
+
+
+def _review(chromium: str, report: Path, decisions: int) -> None:
+    """A reviewer's waits on the page, in milliseconds (Playwright's sync API)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=_FLAGS)
+        page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+        began = time.perf_counter()
+        page.goto(report.as_uri())
+        page.wait_for_selector("article.entry")
+        print(f"review_first_page_ms {(time.perf_counter() - began) * 1000:.0f}")
+        tally = page.locator("#tally")
+        key = _timed(lambda: (page.keyboard.press("j"), page.evaluate("current")))
+        print(f"review_next_row_ms   {key:.1f}")
+        approve = _timed(lambda: (page.keyboard.press("a"), tally.inner_text()))
+        print(f"review_approve_ms    {approve:.1f}")
+        page.evaluate("go({page: 1})")
+        page.locator('article.entry[data-row="100"]').click()
+        page.wait_for_selector('article.entry.current[data-row="100"]')
+        step = _timed(
+            lambda: (
+                page.keyboard.press("j"),
+                page.wait_for_selector('article.entry.current[data-row="101"]'),
+            )
+        )
+        print(f"review_next_page_ms  {step:.1f}")
+        page.evaluate(
+            """n => { for (const r of ROWS.filter(judgeable).slice(0, n))
+                decisions.set(r[F.row], {d: "approved", note: "ok"}); saveDecisions(); }""",
+            decisions,
+        )
+        began = time.perf_counter()
+        page.reload()
+        page.wait_for_selector("article.entry")
+        kept = tally.inner_text()
+        print(f"review_reload_ms     {(time.perf_counter() - began) * 1000:.0f}  ({kept})")
+        out = _timed(lambda: page.evaluate("exportDecisions()"))
+        print(f"review_export_ms     {out:.0f}  ({decisions:,} decisions)")
+        browser.close()
 
 
 def _journal(path: Path, rows: int) -> Journal:
@@ -61,6 +121,7 @@ def _journal(path: Path, rows: int) -> Journal:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--decisions", type=int, default=20_000, help="kept in the browser")
     args = parser.parse_args()
     chromium = shutil.which("chromium")
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,11 +155,12 @@ def main() -> None:
                 [*command, report.as_uri() + view], capture_output=True, text=True, timeout=300
             ).stdout
             took = time.perf_counter() - began
-            shown = len(re.findall(r'<article class="entry"', dom))
+            shown = len(re.findall(r'<article class="entry', dom))
             pages = re.search(r"page \d+ of [\d,]+ \([\d,]+ rows\)", dom)
             label = view or "#first page"
             said = pages.group() if pages else "?"
             print(f"chromium_load_s      {took:.2f}  {label}: {shown} entries, {said}")
+        _review(chromium, report, args.decisions)
 
 
 if __name__ == "__main__":
