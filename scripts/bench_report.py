@@ -140,12 +140,7 @@ def main() -> None:
         command = [
             chromium,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *_FLAGS,
             f"--user-data-dir={run_dir / 'profile'}",
             "--dump-dom",
         ]

@@ -246,6 +246,19 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     server.stop()
 
 
+# as the machine's own check starts it: without the background-networking flags, Chromium's
+# connections are refused by the closed network, many at a time
+CHROMIUM_FLAGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, installed by the test setup when the machine lacks it."""

@@ -15,6 +15,7 @@ from pipeline.journal import Finish, Journal, StoreImage
 from pipeline.outputs import write_report
 from pipeline.sandbox import FaultRates
 from tests.conftest import (
+    CHROMIUM_FLAGS,
     KEY,
     SCALE,
     catalog,
@@ -34,13 +35,7 @@ def _browse(binary: str, page: str, profile: Path, screenshot: Path | None = Non
     args = [
         binary,
         "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *CHROMIUM_FLAGS,
         f"--user-data-dir={profile}",
         "--virtual-time-budget=5000",
         "--window-size=1280,1800",

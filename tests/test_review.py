@@ -22,6 +22,7 @@ from pipeline.intake import read_decisions
 from pipeline.runs import Reprocess
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
+    CHROMIUM_FLAGS,
     KEY,
     KEY2,
     SCALE,
@@ -41,17 +42,8 @@ _NOTE = 'logo cut off, "handle" missing'
 @pytest.fixture
 async def browser(chromium: str) -> AsyncIterator[Browser]:
     """Headless Chromium driven by Playwright (Debian's binary: Playwright downloads none)."""
-    flags = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
     async with async_playwright() as driver:
-        launched = await driver.chromium.launch(executable_path=chromium, args=flags)
+        launched = await driver.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
         yield launched
         await launched.close()
 
