@@ -231,6 +231,7 @@ class SandboxState:
         self._fingerprints[job.fingerprint] = seen + 1
         self._log(
             {
+                "t": now,  # when the window counted it, not when this line is written
                 "event": "created",
                 "key": key,
                 "prediction_id": job.prediction_id,
@@ -341,7 +342,8 @@ class SandboxState:
     # -- reporting ------------------------------------------------------------------------
 
     def _log(self, entry: dict[str, Any]) -> None:
-        entry = {"t": self._clock(), **entry}  # full precision: limits are checked from it
+        # full precision: limits are checked from it; an entry may bring its own instant
+        entry = {"t": self._clock(), **entry}
         line = json.dumps(entry, separators=(",", ":"))
         with self._lock:
             self._ledger.append(line)
