@@ -15,7 +15,14 @@ from pipeline.core import (
 )
 from pipeline.journal.file import JournalFile
 from pipeline.journal.rows import CostBooks, ReportRow, _copies, _report_row, stem
-from pipeline.journal.tables import _OPEN, _RESULT_COLUMNS, _UNCONFIRMED, _WANTED
+from pipeline.journal.tables import (
+    _CLEARED_OUTCOME,
+    _OPEN,
+    _PATHS,
+    _RESULT_COLUMNS,
+    _UNCONFIRMED,
+    _WANTED,
+)
 
 
 class Reports(JournalFile):
@@ -53,11 +60,7 @@ class Reports(JournalFile):
                 )
                 self._db.execute(
                     "UPDATE jobs SET status=?, prediction_id=?, created_at=?, started_at=?,"
-                    " output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
-                    " error_message=NULL, error_code=NULL, cancel_accepted=NULL, finished_at=NULL,"
-                    " provider_cost_usd=NULL, priced_cost_usd=NULL, unconfirmed=0,"
-                    " earlier_cost_usd=earlier_cost_usd + cost_usd,"
-                    " history=? WHERE row_number=?",
+                    f" {_CLEARED_OUTCOME}, history=? WHERE row_number=?",
                     (
                         (Status.CREATED if reattach else Status.PENDING).value,
                         row["prediction_id"] if reattach else None,
@@ -274,9 +277,7 @@ class Reports(JournalFile):
         """Every job in row order, in batches, typed as the report shows it."""
         columns = (
             "row_number, job_id, status, cost_usd, error_type, error_message, inputs, record,"
-            " output_urls, prediction_id, history, review, review_note,"
-            " (SELECT json_group_array(path) FROM (SELECT path FROM images"
-            "  WHERE images.row_number = jobs.row_number ORDER BY idx)) AS paths"
+            f" output_urls, prediction_id, history, review, review_note, {_PATHS} AS paths"
         )
         for batch in self._pages(columns, "1", (), batch_size):
             yield [_report_row(row) for row in batch]

@@ -11,6 +11,8 @@ from typing import Any
 
 from pipeline.core import Status
 from pipeline.journal.file import JournalFile
+from pipeline.journal.rows import rejected_note
+from pipeline.journal.tables import _CLEARED_OUTCOME, _PATHS
 
 __all__ = ["ApprovedImage", "Redo", "ReviewTarget", "Reviews"]
 
@@ -72,7 +74,6 @@ class Reviews(JournalFile):
                     chunk,
                 ).fetchall()
             for r in got:
-                history = json.loads(r["history"]) if r["history"] else []
                 found[r["row_number"]] = ReviewTarget(
                     row_number=r["row_number"],
                     job_id=r["job_id"],
@@ -82,7 +83,7 @@ class Reviews(JournalFile):
                     review=r["review"],
                     inputs=json.loads(r["inputs"]) if r["inputs"] else {},
                     record=json.loads(r["record"]),
-                    redone=bool(history) and history[-1].get("review") == "rejected",
+                    redone=rejected_note(r["history"]) is not None,
                 )
         return found
 
@@ -102,10 +103,7 @@ class Reviews(JournalFile):
         db = self._db
         row = db.execute(
             "SELECT status, prediction_id, attempts, finished_at, output_urls, inputs, history,"
-            " cost_usd,"
-            " (SELECT json_group_array(path) FROM (SELECT path FROM images"
-            "  WHERE images.row_number = jobs.row_number ORDER BY idx)) AS paths"
-            " FROM jobs WHERE row_number=?",
+            f" cost_usd, {_PATHS} AS paths FROM jobs WHERE row_number=?",
             (item.row_number,),
         ).fetchone()
         history = json.loads(row["history"]) if row["history"] else []
@@ -130,12 +128,8 @@ class Reviews(JournalFile):
         db.execute("DELETE FROM images WHERE row_number=?", (item.row_number,))
         db.execute(
             "UPDATE jobs SET status=?, inputs=?, prediction_id=NULL, key_name=NULL,"
-            " created_at=NULL, started_at=NULL, output_urls=NULL, images=0, cost_usd=0,"
-            " predict_time_s=NULL, error_type=NULL, error_message=NULL, error_code=NULL,"
-            " cancel_accepted=NULL, finished_at=NULL, provider_cost_usd=NULL,"
-            " priced_cost_usd=NULL, unconfirmed=0, reused=0, follows=NULL, review=NULL,"
-            " earlier_cost_usd=earlier_cost_usd + cost_usd,"
-            " review_note=NULL, history=? WHERE row_number=?",
+            f" created_at=NULL, started_at=NULL, {_CLEARED_OUTCOME}, reused=0, follows=NULL,"
+            " review=NULL, review_note=NULL, history=? WHERE row_number=?",
             (
                 Status.PENDING.value,
                 json.dumps(item.inputs, ensure_ascii=False),
@@ -172,11 +166,3 @@ class Reviews(JournalFile):
                 for r in got
             ]
             after = (got[-1]["row_number"], got[-1]["idx"])
-
-    def reviewed(self) -> dict[str, int]:
-        """Rows per decision on their current edit."""
-        with self._lock:
-            got = self._db.execute(
-                "SELECT review, COUNT(*) FROM jobs WHERE review IS NOT NULL GROUP BY review"
-            ).fetchall()
-        return {str(kind): int(count) for kind, count in got}

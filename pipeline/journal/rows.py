@@ -102,16 +102,25 @@ def _report_row(row: sqlite3.Row) -> ReportRow:
         prediction_id=row["prediction_id"],
         review=row["review"],
         review_note=row["review_note"],
-        rejected_note=_rejected_note(row["history"]),
+        rejected_note=rejected_note(row["history"]),
     )
 
 
-def _rejected_note(history: str | None) -> str | None:
-    """The note on the rejected edit the current one remakes ("" without a note), or None."""
-    earlier = json.loads(history) if history else []
-    if earlier and earlier[-1].get("review") == "rejected":
-        return str(earlier[-1].get("review_note") or "")
-    return None
+def _earlier(history: str | None) -> list[dict[str, Any]]:
+    """A row's earlier outcomes, from their journaled JSON."""
+    return list(json.loads(history)) if history else []
+
+
+def _rejection(outcome: dict[str, Any]) -> bool:
+    """Whether an earlier outcome is an edit a reviewer rejected."""
+    return outcome.get("review") == "rejected"
+
+
+def rejected_note(history: str | None) -> str | None:
+    """The note on the rejected edit the current one remakes ("" without a note), or None
+    when the row's last earlier outcome is no rejected edit."""
+    last = _earlier(history)[-1:]
+    return str(last[0].get("review_note") or "") if last and _rejection(last[0]) else None
 
 
 def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | None, ...]:
@@ -126,8 +135,7 @@ def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | N
 def stem(job_id: str, history: str | None) -> str:
     """The name a row's stored images go by: its job id, with `-redoN` for an edit made
     again after N rejected ones (so the rejected edits' files are kept beside it)."""
-    earlier = json.loads(history) if history else []
-    redone = sum(1 for h in earlier if h.get("review") == "rejected")
+    redone = sum(map(_rejection, _earlier(history)))
     return f"{job_id}-redo{redone}" if redone else job_id
 
 

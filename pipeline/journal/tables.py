@@ -72,6 +72,22 @@ _ADDED = {
 }
 
 
+# a row's outcome cleared for it to be sent again (`retry`, a rejected edit); what it cost
+# stays counted in earlier_cost_usd
+_CLEARED_OUTCOME = (
+    "output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
+    " error_message=NULL, error_code=NULL, cancel_accepted=NULL, finished_at=NULL,"
+    " provider_cost_usd=NULL, priced_cost_usd=NULL, unconfirmed=0,"
+    " earlier_cost_usd=earlier_cost_usd + cost_usd"
+)
+
+# a job's stored image paths, in output order, as a JSON array (None where not stored)
+_PATHS = (
+    "(SELECT json_group_array(path) FROM (SELECT path FROM images"
+    " WHERE images.row_number = jobs.row_number ORDER BY idx))"
+)
+
+
 # a job that may exist at the provider with no end seen: its cost may be billed
 _UNCONFIRMED = f"(status IN {tuple(s.value for s in MAY_BE_BILLED)} OR unconfirmed = 1)"
 
