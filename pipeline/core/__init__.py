@@ -64,6 +64,7 @@ from pipeline.core.errors import (
 from pipeline.core.faults import FaultRates, sandbox_keys
 from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, keys_from_env, resolve_groups
 from pipeline.core.records import (
+    DECISION_COLUMNS,
     FINISHED,
     MAY_BE_BILLED,
     OPEN,
@@ -98,6 +99,7 @@ from pipeline.core.storage import (
 
 __all__ = [
     "COUNTERS",
+    "DECISION_COLUMNS",
     "ENV_KEY",
     "ENV_KEYS",
     "ERROR_TYPES",

@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.core.schema import fingerprint
 
 __all__ = [
+    "DECISION_COLUMNS",
     "FINISHED",
     "MAY_BE_BILLED",
     "OPEN",
@@ -41,6 +42,8 @@ MAY_BE_BILLED = (Status.CREATING, Status.CREATED)  # a create may have reached t
 
 # a person's word on an edited row (the `review` column), declared here alone
 REVIEWS = ("approved", "rejected")
+# a decisions file's columns, as the report's review page writes them (`retry --rejected`)
+DECISION_COLUMNS = ("job_id", "row", "prediction_id", "decision", "note")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,12 +8,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.core import REVIEWS, ConfigError, Decision
+from pipeline.core import DECISION_COLUMNS, REVIEWS, ConfigError, Decision
 
-__all__ = ["DECISION_COLUMNS", "read_decisions"]
-
-# the columns the review page writes, in its order
-DECISION_COLUMNS = ("job_id", "row", "prediction_id", "decision", "note")
+__all__ = ["read_decisions"]
 _WORDS = {
     "approve": "approved",
     "approved": "approved",

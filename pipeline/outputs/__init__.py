@@ -11,7 +11,7 @@ closing.py      the closing summary's rows, for the terminal
 
 from __future__ import annotations
 
-from pipeline.outputs.approved import APPROVED, write_approved
+from pipeline.outputs.approved import write_approved
 from pipeline.outputs.closing import summary_rows
 from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
@@ -36,7 +36,6 @@ from pipeline.outputs.thumbs import (
 )
 
 __all__ = [
-    "APPROVED",
     "RESULTS_ROWS",
     "RESULTS_RUN_ID",
     "RESULTS_SUCCEEDED",

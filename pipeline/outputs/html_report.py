@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.core import IMAGE_FIELDS, Status
+from pipeline.core import DECISION_COLUMNS, IMAGE_FIELDS, Status
 from pipeline.journal import Journal, ReportRow
 from pipeline.outputs.thumbs import THUMBS, input_thumb, output_thumb, write_thumb
 
@@ -166,6 +166,7 @@ def write_report(
         "reused": int(totals["reused"]),
         "thumbs": THUMBS,
         "statuses": [s.value for s in Status],  # the one status vocabulary, in its order
+        "decisionColumns": DECISION_COLUMNS,  # the decisions file retry --rejected reads
     }
     data = json.dumps({"head": head, "rows": rows}, separators=(",", ":"))
     page = _page().replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
