@@ -294,6 +294,24 @@ def test_a_decisions_file_that_breaks_a_rule_is_refused_naming_line_field_and_ru
     assert [(d.row_number, d.decision) for d in read_decisions(path)] == [(1, "approved")]
 
 
+def test_decisions_as_spreadsheets_save_them_are_read(tmp_path: Path) -> None:
+    """Excel where the comma is the decimal mark saves `;`-separated CSV UTF-8 (BOM, CRLF);
+    its "Unicode text" is UTF-16 with a BOM, tab-separated. Both read as the page wrote them."""
+    wanted = [(1, "SKU-1", "approved", ""), (2, "Mütze/2", "rejected", 'zu dunkel; "Logo" fehlt')]
+    german = "\ufeffjob_id;row;decision;note\r\nSKU-1;1;Approve;\r\n"
+    german += 'Mütze/2;2;rejected;"zu dunkel; ""Logo"" fehlt"\r\n'
+    unicode_text = "job_id\trow\tdecision\tnote\r\nSKU-1\t1\tapproved\t\r\n"
+    unicode_text += 'Mütze/2\t2\treject\t"zu dunkel; ""Logo"" fehlt"\r\n'
+    for name, data in (
+        ("german.csv", german.encode()),
+        ("unicode.txt", unicode_text.encode("utf-16")),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        found = [(d.row_number, d.job_id, d.decision, d.note) for d in read_decisions(path)]
+        assert found == wanted, name
+
+
 @pytest.mark.anyio
 async def test_decisions_of_another_run_are_refused_before_anything_is_sent(
     sandbox: Start, tmp_path: Path

@@ -6,11 +6,13 @@ field and rule, before anything is sent."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from pipeline.core import DECISION_COLUMNS, REVIEWS, ConfigError, Decision
 
 __all__ = ["read_decisions"]
+
 _WORDS = {
     "approve": "approved",
     "approved": "approved",
@@ -23,18 +25,7 @@ _SHOWN = 10  # problems named in one message
 def read_decisions(path: Path) -> list[Decision]:
     """The decisions in `path`, in file order; lines with a blank decision are not decided
     and left out. ConfigError naming each problem (at most ten) when the file breaks a rule."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            lines = list(csv.reader(handle))
-    except FileNotFoundError:
-        raise ConfigError(f"decisions file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"decisions file {path} is not UTF-8 text; save it as CSV UTF-8 (the review page's "
-            "export is)"
-        ) from None
-    except (OSError, csv.Error) as exc:
-        raise ConfigError(f"decisions file {path} cannot be read as CSV: {exc}") from None
+    lines = _lines(path)
     if not lines:
         raise ConfigError(f"decisions file {path} is empty; it needs a header with row,decision")
     header = [name.strip().lower() for name in lines[0]]
@@ -66,6 +57,31 @@ def read_decisions(path: Path) -> list[Decision]:
         more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
         raise ConfigError(f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more)
     return decisions
+
+
+def _lines(path: Path) -> list[list[str]]:
+    """The file's lines split into cells: UTF-8 (with or without a BOM) or UTF-16 with a BOM
+    (Excel's "Unicode text"), comma-, semicolon- (Excel where the comma is the decimal mark)
+    or tab-separated, as its header line shows."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"decisions file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"decisions file {path} cannot be read: {exc}") from None
+    try:
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"decisions file {path} is not UTF-8 text; save it as CSV UTF-8 (the review page's "
+            "export is)"
+        ) from None
+    header = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=header.count)
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except csv.Error as exc:
+        raise ConfigError(f"decisions file {path} cannot be read as CSV: {exc}") from None
 
 
 def _cell(cells: list[str], at: dict[str, int], name: str) -> str:
