@@ -28,6 +28,15 @@ _log = structlog.get_logger("pipeline.runs.runner")
 def identity(config: RunConfig) -> dict[str, str]:
     """What must not change between a run and its resume: the model and the row mapping,
     and the manifest file itself."""
+    stat = config.manifest.path.stat()
+    return {
+        "mapping": mapping_of(config),
+        "manifest_file": f"{stat.st_size}:{file_digest(config.manifest.path)}",
+    }
+
+
+def mapping_of(config: RunConfig) -> str:
+    """The model and the row mapping, as a short hash."""
     m = config.manifest
     mapping = json.dumps(
         {
@@ -40,11 +49,7 @@ def identity(config: RunConfig) -> dict[str, str]:
         sort_keys=True,
         default=str,
     )
-    stat = m.path.stat()
-    return {
-        "mapping": hashlib.sha256(mapping.encode()).hexdigest()[:16],
-        "manifest_file": f"{stat.st_size}:{file_digest(m.path)}",
-    }
+    return hashlib.sha256(mapping.encode()).hexdigest()[:16]
 
 
 def file_digest(path: Path) -> str:
@@ -60,8 +65,9 @@ def check_identity(
 ) -> dict[str, str] | None:
     """The run's identity when `--force` must take the manifest as it is now (it or the
     mapping changed), to be journaled once that is done; None when nothing changed.
-    `remap` (`retry --rejected`): a changed mapping is taken as it is (the rejected rows are
-    sent with it; the rows journaled before keep the input they were given)."""
+    `remap` (`retry --rejected`): a changed mapping is let through, and journaled by the
+    review once its decisions are recorded (the rejected rows are sent with it; the rows
+    journaled before keep the input they were given)."""
     current = identity(config)
     known = {name: journal.get_meta(name) for name in current}
     if all(value is None for value in known.values()):
@@ -69,8 +75,6 @@ def check_identity(
         return None
     changed = [name for name, value in current.items() if known[name] != value]
     if changed == ["mapping"] and remap:
-        journal.set_meta(current)
-        _log.info("mapping_changed_for_rejected_rows")
         return None
     if changed and force:
         return current

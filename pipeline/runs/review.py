@@ -29,8 +29,9 @@ from pipeline.core import (
     RunConfig,
     Status,
 )
-from pipeline.intake import Manifest
+from pipeline.intake import Manifest, read_decisions
 from pipeline.journal import Journal, Redo, ReviewTarget, StateStore
+from pipeline.runs.identity import mapping_of
 
 __all__ = ["Reviewed", "apply_decisions"]
 
@@ -57,11 +58,12 @@ def apply_decisions(
     state: StateStore | None,
     manifest: Manifest,
     path: Path,
-    decisions: list[Decision],
 ) -> Reviewed:
-    """Check every decision against its row, then record them in one transaction: approvals,
-    and each rejected edit put back with its new input. ConfigError, with nothing recorded,
-    when the file names rows this run does not have, or has as other products."""
+    """Read the decisions file and check every decision against its row, then record them in
+    one transaction (approvals, and each rejected edit put back with its new input) and the
+    config's mapping as the run's. ConfigError, with nothing recorded, when the file breaks a
+    rule or names rows this run does not have, or has as other products."""
+    decisions = read_decisions(path)
     targets = journal.review_targets([d.row_number for d in decisions])
     problems = [p for d in decisions if (p := _mismatch(d, targets.get(d.row_number)))]
     if problems:
@@ -88,6 +90,7 @@ def apply_decisions(
             if target.fingerprint and target.prediction_id:
                 forget.append((target.fingerprint, target.prediction_id))
     journal.record_review(approved, redo)
+    journal.set_meta({"mapping": mapping_of(config)})  # the one the rejected rows are sent with
     if state is not None and forget:
         state.forget(forget)
     done.approved, done.redone = len(approved), len(redo)

@@ -31,7 +31,7 @@ from pipeline.core import (
     sandbox_keys,
 )
 from pipeline.drive import Workers, check_workers, open_engine
-from pipeline.intake import Manifest, read_decisions
+from pipeline.intake import Manifest
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
@@ -261,9 +261,7 @@ async def _run_held(
     embedded: OpenSandbox | None,
 ) -> RunSummary:
     forced = None
-    decisions = None
-    if reprocess is not None and reprocess.decisions is not None:
-        decisions = read_decisions(reprocess.decisions)
+    decisions = reprocess.decisions if reprocess is not None else None
     identity = check_identity(journal, config, force, remap=decisions is not None)
     if identity is not None:
         forced = await anyio.to_thread.run_sync(
@@ -271,8 +269,8 @@ async def _run_held(
         )
         folder.forget_results()
     requeued = None
-    if reprocess is not None and reprocess.decisions is not None and decisions is not None:
-        apply_decisions(config, journal, state, manifest, reprocess.decisions, decisions)
+    if decisions is not None:
+        apply_decisions(config, journal, state, manifest, decisions)
     if reprocess is not None and (reprocess.error_types is None or reprocess.error_types):
         requeued = journal.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
