@@ -9,9 +9,9 @@ decisions.py   a reviewer's decisions file (`retry --rejected`), read and checke
 
 from __future__ import annotations
 
-from pipeline.intake.decisions import read_decisions
+from pipeline.intake.decisions import read_decisions, refused
 from pipeline.intake.estimating import Estimate, estimate
 from pipeline.intake.inputs import Uploads
 from pipeline.intake.manifest import Manifest
 
-__all__ = ["Estimate", "Manifest", "Uploads", "estimate", "read_decisions"]
+__all__ = ["Estimate", "Manifest", "Uploads", "estimate", "read_decisions", "refused"]

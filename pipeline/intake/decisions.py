@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.core import DECISION_COLUMNS, REVIEWS, ConfigError, Decision
 
-__all__ = ["read_decisions"]
+__all__ = ["read_decisions", "refused"]
 
 _WORDS = {
     "approve": "approved",
@@ -54,9 +54,15 @@ def read_decisions(path: Path) -> list[Decision]:
         first_line[found.row_number] = number
         decisions.append(found)
     if problems:
-        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
-        raise ConfigError(f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more)
+        raise refused(path, problems)
     return decisions
+
+
+def refused(path: Path, problems: list[str], then: str = "") -> ConfigError:
+    """The error that refuses a decisions file: its first ten problems, how many more, and
+    `then` (what follows for the user)."""
+    more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
+    return ConfigError(f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more + then)
 
 
 def _lines(path: Path) -> list[list[str]]:

@@ -29,7 +29,7 @@ from pipeline.core import (
     RunConfig,
     Status,
 )
-from pipeline.intake import Manifest, read_decisions
+from pipeline.intake import Manifest, read_decisions, refused
 from pipeline.journal import Journal, Redo, ReviewTarget, StateStore
 from pipeline.runs.identity import mapping_of
 
@@ -67,11 +67,8 @@ def apply_decisions(
     targets = journal.review_targets([d.row_number for d in decisions])
     problems = [p for d in decisions if (p := _mismatch(d, targets.get(d.row_number)))]
     if problems:
-        more = f" (and {len(problems) - _SHOWN} more)" if len(problems) > _SHOWN else ""
-        raise ConfigError(
-            f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more + "; nothing was "
-            "recorded or sent: give the decisions exported from this run's report"
-        )
+        then = "; nothing was recorded or sent: give the decisions exported from this run's report"
+        raise refused(path, problems, then)
     done = Reviewed()
     approved: list[tuple[int, str]] = []
     redo: list[Redo] = []
