@@ -38,6 +38,28 @@ _TEXT = 300  # characters of a prompt or an error kept in the page
 _BACKFILL = 5_000  # output thumbnails a report may make from stored copies (reused rows)
 
 
+# a row's fields in the page's data, by position (the page maps the names: `F`)
+_FIELDS = (
+    "row",
+    "id",
+    "status",
+    "cost",
+    "prompt",
+    "error",
+    "input",
+    "outputs",
+    "inputFull",
+    "outputsFull",
+    "refs",
+    "columns",
+    "job",
+    "prediction",
+    "review",
+    "reviewNote",
+    "earlier",
+)
+
+
 def _href(value: object) -> str | None:
     """A link the page may follow: an http(s) URL, or None (a `javascript:` or `data:` URL a
     manifest or the provider gave is never made a link)."""
@@ -62,14 +84,13 @@ def _entry(
     backfill: list[Any],
     columns: Sequence[str] = (),
 ) -> list[Any]:
-    """One row as the page's compact array (report_page.html reads it by position, `F`): row,
-    id, status, cost, prompt, error, input thumbnail, output thumbnails (None where there is
-    none), then what opens at full size (the input, each output), the reference images, the
-    catalog columns the config names, and what a review needs: the job id and prediction
-    judged, the decision recorded on it and its note, and the note of the rejected edit this
-    one remakes (None when it remakes none)."""
+    """One row as the page's compact array, in `_FIELDS` order (the page reads it by those
+    names): row, id, status, cost, prompt, error, input thumbnail, output thumbnails (None
+    where there is none), then what opens at full size (the input, each output), the reference
+    images, the catalog columns the config names, and what a review needs: the job id and
+    prediction judged, the decision recorded on it and its note, and the note of the rejected
+    edit this one remakes (None when it remakes none)."""
     number = row.row_number
-    ident = str(row.record.get(id_column, "")) if id_column else row.job_id
     first = row.inputs.get("img_url")
     source = input_thumb(first) if isinstance(first, str) else None
     outputs = []
@@ -85,26 +106,28 @@ def _entry(
     full = [_full_size(path, urls[index]) for index, path in enumerate(row.output_paths)]
     if not row.output_paths:
         full = [_href(url) for url in row.output_urls]
-    shown = [(c, str(row.record[c])[:_TEXT]) for c in columns if row.record.get(c) is not None]
-    return [
-        number,
-        ident,
-        row.status.value,
-        row.cost_usd,
-        str(row.inputs.get("prompt") or "")[:_TEXT],
-        error[:_TEXT],
-        source if source in thumbs else None,
-        outputs,
-        _href(first),
-        full,
-        [_href(row.inputs.get(f)) for f in IMAGE_FIELDS[1:] if _href(row.inputs.get(f))],
-        shown,
-        row.job_id,
-        row.prediction_id,
-        row.review,
-        row.review_note,
-        row.rejected_note,
-    ]
+    fields = {
+        "row": number,
+        "id": str(row.record.get(id_column, "")) if id_column else row.job_id,
+        "status": row.status.value,
+        "cost": row.cost_usd,
+        "prompt": str(row.inputs.get("prompt") or "")[:_TEXT],
+        "error": error[:_TEXT],
+        "input": source if source in thumbs else None,
+        "outputs": outputs,
+        "inputFull": _href(first),
+        "outputsFull": full,
+        "refs": [_href(row.inputs.get(f)) for f in IMAGE_FIELDS[1:] if _href(row.inputs.get(f))],
+        "columns": [
+            (c, str(row.record[c])[:_TEXT]) for c in columns if row.record.get(c) is not None
+        ],
+        "job": row.job_id,
+        "prediction": row.prediction_id,
+        "review": row.review,
+        "reviewNote": row.review_note,
+        "earlier": row.rejected_note,
+    }
+    return [fields[name] for name in _FIELDS]
 
 
 def _backfill(folder: Path, run_dir: Path, wanted: list[Any], thumbs: set[str]) -> None:
@@ -151,8 +174,9 @@ def write_report(
         rows += [_entry(r, id_column, thumbs, wanted, columns) for r in batch]
     if wanted:
         _backfill(folder, run_dir, wanted, thumbs)
+    at = _FIELDS.index("outputs")
     for row in rows:
-        row[7] = [name if name in thumbs else None for name in row[7]]
+        row[at] = [name if name in thumbs else None for name in row[at]]
     totals = journal.totals()
     counts = journal.counts()
     head = {
@@ -167,6 +191,7 @@ def write_report(
         "thumbs": THUMBS,
         "statuses": [s.value for s in Status],  # the one status vocabulary, in its order
         "decisionColumns": DECISION_COLUMNS,  # the decisions file retry --rejected reads
+        "fields": _FIELDS,  # the names of each row's positions
     }
     data = json.dumps({"head": head, "rows": rows}, separators=(",", ":"))
     page = _page().replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
