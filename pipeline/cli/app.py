@@ -562,6 +562,10 @@ def sandbox_command(
     cancel_delay_s: Annotated[
         float, typer.Option(help="A cancel takes effect this long after its answer.")
     ] = 0.0,
+    no_listing: Annotated[
+        bool,
+        typer.Option("--no-listing", help="GET /v1/executions answers 404 (no listing)."),
+    ] = False,
     create_5xx: float = 0.0,
     poll_5xx: float = 0.0,
     lost_create: float = 0.0,
@@ -618,6 +622,7 @@ def sandbox_command(
             report_cost=not no_report_cost,
             late_cancel=late_cancel,
             cancel_delay_s=cancel_delay_s,
+            listing=not no_listing,
             faults=FaultRates(
                 job_error=job_error,
                 transient_error=transient_error,

@@ -32,6 +32,7 @@ from pipeline.core.schema import (
 from pipeline.sandbox import images
 from pipeline.sandbox.hooks import Hooks, callback
 from pipeline.sandbox.inputs import InputImages
+from pipeline.sandbox.listing import executions
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.signing import sign_body, sign_webhook
 from pipeline.sandbox.state import Job, SandboxState
@@ -107,7 +108,7 @@ class _Sandbox:
             return _error(status, "Internal error", "sandbox fault: try again later")
         return None
 
-    def _authenticate(self, request: Request) -> str | Response:
+    def authenticate(self, request: Request) -> str | Response:
         key = self.state.key_name(request.headers.get("x-api-key"))
         if key is None:
             return _error(401, "Unauthorized", "missing or invalid X-API-Key")
@@ -116,7 +117,7 @@ class _Sandbox:
     # -- routes ---------------------------------------------------------------------------
 
     async def create(self, request: Request) -> Response:
-        key = self._authenticate(request)
+        key = self.authenticate(request)
         if isinstance(key, Response):
             return key
         try:
@@ -193,7 +194,7 @@ class _Sandbox:
 
     def _own_job(self, request: Request) -> Job | Response:
         """The job the path names, if the request's key created it; else the refusal."""
-        key = self._authenticate(request)
+        key = self.authenticate(request)
         if isinstance(key, Response):
             return key
         job = self.state.jobs.get(request.path_params["prediction_id"])
@@ -383,6 +384,13 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
     """The sandbox as an ASGI app; `state` is made from settings unless given (tests pass one)."""
     sandbox = _Sandbox(settings, state or SandboxState(settings))
     logging.getLogger("uvicorn.error").addFilter(_DroppingFilter())
+
+    async def listing(request: Request) -> Response:
+        key = sandbox.authenticate(request)
+        if isinstance(key, Response):
+            return key
+        return executions(request, sandbox.state, settings, key, MODEL)
+
     routes = [
         Route("/v1/prediction", sandbox.create, methods=["POST"]),
         Route("/v1/prediction/", sandbox.create, methods=["POST"]),
@@ -390,6 +398,7 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
         Route("/v1/outputs/{prediction_id}/{index:int}.jpg", sandbox.output, methods=["GET"]),
         Route("/samples/{name}", sandbox.sample, methods=["GET"]),
         Route("/v1/prediction/{prediction_id}/cancel", sandbox.cancel, methods=["POST"]),
+        Route("/v1/executions", listing, methods=["GET"]),
         Route("/_admin/stats", sandbox.stats, methods=["GET"]),
         Route("/_admin/ledger", sandbox.ledger, methods=["GET"]),
     ]

@@ -54,6 +54,8 @@ class SandboxSettings:
     # a cancel takes effect this long (provider seconds) after it is answered; a job whose own
     # end comes first ends as it would have, and is billed
     cancel_delay_s: float = 0.0
+    # `GET /v1/executions` answers; off, it answers 404, as a provider without the listing
+    listing: bool = True
 
     def __post_init__(self) -> None:
         if not self.keys:

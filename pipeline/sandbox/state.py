@@ -114,6 +114,7 @@ class SandboxState:
         self._account_ends: dict[str, list[float]] = {a: [] for a in self._account.values()}
         self.account_peak: dict[str, int] = dict.fromkeys(self._account.values(), 0)
         self.jobs: dict[str, Job] = {}
+        self.by_key: dict[str, list[Job]] = {}  # each key's jobs, in creation order
         self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
         self.inputs = {"fetched": 0, "failed": 0}  # inputs fetched (fetch_inputs), or not
         self._fingerprints: dict[str, int] = {}
@@ -217,6 +218,7 @@ class SandboxState:
         elif self.chance(faults.cancelled):
             job.cancelled = True
         self.jobs[job.prediction_id] = job
+        self.by_key.setdefault(key, []).append(job)
         stats.window.append(now)
         heapq.heappush(stats.ends, job.ends_at)
         account = self._account[key]
@@ -237,6 +239,8 @@ class SandboxState:
                 "prediction_id": job.prediction_id,
                 "fingerprint": job.fingerprint,
                 "n": job.n,
+                # wall seconds from admission to its own end: a perfect client's replay reads it
+                "latency_s": job.ends_at - now,
             }
         )
         return job
