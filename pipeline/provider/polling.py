@@ -31,7 +31,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 __all__ = ["PollPlanner", "censored_fit", "mean_delay", "poll_schedule"]
 
@@ -95,13 +95,15 @@ def poll_schedule(
 
     high = max(grid) * 4 + 1e-9  # above max(grid) a single last poll is best
     if target_delay is not None:
-        # the fewest polls (the highest price) whose mean delay over the samples themselves
-        # (the plan counts ends at its grid points, which flatters it) is within the target
+        # the fewest polls (the highest price) whose mean delay is within the target, judged on
+        # ends between the samples: the plan polls at sample values, so on the samples
+        # themselves it would see no delay at its polls and stop with too few of them
+        between = [(a + b) / 2 for a, b in pairwise(samples)] or samples
         low, found = 0.0, None
         for _ in range(16):
             mid = (low + high) / 2
             times, polls, _ = solve(mid)
-            if mean_delay(times, samples) <= target_delay:
+            if mean_delay(times, between) <= target_delay:
                 low, found = mid, (times, polls)
             else:
                 high = mid
@@ -212,10 +214,10 @@ class PollPlanner:
         target = None
         if self._fraction is not None and samples:
             target = self._fraction * statistics.fmean(samples)
-        # a fifth of a poll of the budget is kept for jobs beyond the schedule and for retries;
+        # 0.6 of a poll of the budget is kept for jobs beyond the schedule and for retries;
         # before any end, the wide prior gets part of it: the first wave's late ends, and the
         # replans as ends come, spend the rest
-        budget = max(1.0, self._budget - 0.2)
+        budget = max(1.0, self._budget - 0.6)
         if not self._sorted:
             budget = max(1.0, budget * _PRIOR_BUDGET)
         self._schedule = [max(self._min, t) for t in poll_schedule(samples, budget, target)]
