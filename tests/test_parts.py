@@ -101,6 +101,9 @@ class Commits:
         done.set()
         return done
 
+    async def durable(self, done: asyncio.Event) -> None:
+        await done.wait()
+
 
 class Source:
     """The dispatcher's side: a list of jobs, and what came back."""
@@ -189,6 +192,8 @@ def settings(**changes: Any) -> DriverSettings:
         "creates_per_window": 100,
         "ambiguous_creates": "retry",
         "timeout_text": "600 s (polling.job_timeout_s)",
+        "sweep_share": 0.015,
+        "sweep_floor": 0.1,
     }
     values.update(changes)
     return DriverSettings(**values)
@@ -475,6 +480,34 @@ def test_group_commit_lets_a_posted_update_wait_for_company_at_most_lazy_s() -> 
     assert durable_at == pytest.approx(0.2, abs=0.01)
     assert written_at == pytest.approx(0.2, abs=0.01)
     assert [len(b) for b in file.batches] == [2, 1]
+
+
+def test_an_answer_posted_is_durable_before_the_next_create_of_its_key_is_sent() -> None:
+    """A create's answer is posted, not waited for: the key's next `creating` is written
+    after it and waited for before that create is sent, so the answer is durable by then,
+    whether a commit was under way when it was posted or not."""
+    file = File()
+
+    async def main() -> list[bool]:
+        commit = GroupCommit(file, lazy_s=0.2)  # type: ignore[arg-type]
+        runner = asyncio.ensure_future(commit.run())
+        seen = []
+        for under_way in (False, True):
+            if under_way:  # a commit of another slot is being applied as the answer comes
+                other = asyncio.ensure_future(commit.write(mark(9)))
+                await asyncio.sleep(0)
+            answered = commit.post(MarkCreated(1, "p-1", KEY.name, 0.0))
+            await commit.write(mark(2))  # the key's next create: `creating`, then it is sent
+            seen.append(answered.is_set())
+            if under_way:
+                await other
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        return seen
+
+    assert virtual(main) == [True, True]
+    order = [type(u).__name__ for batch in file.batches for u in batch]
+    assert order.index("MarkCreated") < order.index("MarkCreating")
 
 
 def test_group_commit_fails_every_writer_after_a_failed_transaction() -> None:

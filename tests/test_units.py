@@ -225,37 +225,6 @@ async def test_gate_spaces_creates_and_bounds_every_window() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_create_is_not_sent_while_an_answer_of_its_key_is_being_journaled() -> None:
-    gate = CreateGate(creates_per_window=1000, window_s=1.0)
-    answered, journaled, ready = anyio.Event(), anyio.Event(), anyio.Event()
-    order: list[str] = []
-
-    async def first() -> None:
-        async with gate.create() as ticket:
-            ticket.answered()  # its answer is in; the journal write is under way
-            answered.set()
-            await journaled.wait()
-            order.append("first journaled")
-
-    async def second() -> None:
-        await answered.wait()
-        async with gate.create():
-            ready.set()
-            await gate.settled()  # what the worker does just before it sends
-            order.append("second sent")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(first)
-        tg.start_soon(second)
-        await ready.wait()
-        for _ in range(20):
-            await anyio.lowlevel.checkpoint()
-        assert order == []  # held while the first answer is not durable
-        journaled.set()
-    assert order == ["first journaled", "second sent"]
-
-
-@pytest.mark.anyio
 async def test_a_paused_gate_holds_every_create_or_gives_way() -> None:
     clock = VirtualClock()
     gate = CreateGate(creates_per_window=100, window_s=1.0, clock=clock)

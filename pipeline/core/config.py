@@ -95,12 +95,19 @@ class PollingSection(_Section):
     target_delay_s: float = Field(0.15, ge=0.001, le=3600)
     # the schedule aims at a mean notice delay of `delay_fraction` of the mean latency with as
     # few polls as that takes, and never plans more than `polls_per_job` per job on average
-    # (0.2 fewer, kept for late jobs and retried polls): at a 30 % spread nearly 10 are made, at
+    # (0.6 fewer, kept for late jobs and retried polls): at a 30 % spread nearly 10 are made, at
     # 5 % about 3. `delay_fraction: null` always spends the whole budget.
     polls_per_job: float = Field(10.0, ge=1, le=1000)
     delay_fraction: float | None = Field(0.015, ge=1e-4, le=1)
     min_interval_s: float = Field(0.1, ge=0.001, le=3600)
     max_interval_s: float = Field(30.0, ge=0.001, le=3600)
+    # without webhooks, each key's executions listing (GET /v1/executions) is read every
+    # `delay_fraction` of the median latency while its jobs may be ending: one request
+    # tells the ends of all its jobs, and each end is confirmed by one poll of the job. A job
+    # the listing misses is polled past its expected end (webhook.fallback_after_s); after
+    # webhook.missed_callbacks such ends in a row, or a provider without the listing (404), the
+    # run polls each job on the schedule. false: the schedule alone
+    listing: bool = True
 
     @model_validator(mode="after")
     def _order(self) -> PollingSection:

@@ -68,6 +68,9 @@ class RunStats:
     )
     ambiguous_creates: int = _count("wanbatch_ambiguous_creates", "Creates whose answer was lost")
     polls: int = _count("wanbatch_polls", "Polls sent", summary="polls", label="polls")
+    listings: int = _count(
+        "wanbatch_listings", "Executions listings read (polling.listing)", summary="listings"
+    )
     reattached: int = _count("wanbatch_reattached", "Jobs of an earlier run polled again")
     timeouts: int = _count("wanbatch_timeouts", "Jobs cancelled at polling.job_timeout_s")
     # cancels the provider accepted or refused (not failed requests)

@@ -5,6 +5,7 @@ dispatcher.py  jobs handed to free slots, in row order, within the budget
 driver.py      the key driver: a slot's loop (take a job, create, poll, book)
 creates.py     a job's create, and what its answer (or its loss) means
 polls.py       a created job polled to its end; cancels confirmed by a poll
+sweeps.py      a key's executions listing read: the ends it shows wake their jobs' polls
 books.py       a job's outcome read from the provider's answer, and journaled
 slot.py        the driver's state and settings, and the answers passed between its steps
 lanes.py       a key with its gate and cap; what each key is doing

@@ -18,7 +18,14 @@ from pipeline.drive.slot import DriverSettings, Webhook
 from pipeline.intake import Uploads
 from pipeline.journal import Commits
 from pipeline.outputs import Downloader, ThumbSink, open_store
-from pipeline.provider import CreateGate, EachlabsClient, PollPlanner, Receiver, caps_for
+from pipeline.provider import (
+    Callbacks,
+    CreateGate,
+    EachlabsClient,
+    PollPlanner,
+    Receiver,
+    caps_for,
+)
 
 __all__ = ["KeySide", "assemble", "downloader"]
 
@@ -84,9 +91,11 @@ def assemble(
         kept = downloader(config, commit, stats, thumbs)
         if config.embedded_sandbox:  # the sandbox serves the demo's sample inputs
             kept.samples_from = base_url.removesuffix("/v1")
-    webhook = None
+    webhook, listing = None, None
     if receiver is not None:
         webhook = Webhook(receiver.url, receiver.secret, receiver.callbacks)
+    elif config.polling.listing:
+        listing = Callbacks(config.webhook.missed_callbacks, source="listing")
     driver = KeyDriver(
         DriverSettings.of(config),
         client,
@@ -96,6 +105,7 @@ def assemble(
         stats,
         lanes,
         webhook=webhook,
+        listing=listing,
         downloader=kept,
         uploads=uploads,
     )

@@ -108,7 +108,7 @@ class Creates(Books):
         try:
             async with (
                 lane.cap.sending(),
-                lane.gate.create(give_way=lambda: self._others_open(lane)) as ticket,
+                lane.gate.create(give_way=lambda: self._others_open(lane)),
             ):
                 if self.dispatcher.halted:
                     if marked:
@@ -117,11 +117,11 @@ class Creates(Books):
                 await self.journal.write(
                     MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
                 )
-                await lane.gate.settled()
                 self.stats.creates_sent += 1
                 inputs = entry.inputs
                 if self.uploads is not None:  # a fresh presigned URL for each create
                     inputs = self.uploads.presigned(inputs)
+                sent = self.clock.now()
                 try:
                     prediction_id = await self.client.create(
                         lane.key,
@@ -132,12 +132,13 @@ class Creates(Books):
                 except ApiError as exc:
                     return exc
                 lane.cap.started()  # running at the provider until its end is seen
-                # so a crash leaves ambiguous only creates whose answers had not come
-                ticket.answered()
-                await self.journal.write(
+                # so a crash leaves ambiguous only creates whose answers had not come: the
+                # key's next `creating` is made durable after this id (updates keep their
+                # order), and before that create is sent
+                journaled = self.journal.post(
                     MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
                 )
-                return Created(prediction_id, attempts)
+                return Created(prediction_id, attempts, sent, journaled)
         except GatePaused as paused:
             if marked:
                 await self.journal.write(MarkPending(entry.row_number))

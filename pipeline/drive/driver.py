@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import anyio
 import structlog
 
 from pipeline.core import (
@@ -30,6 +31,7 @@ from pipeline.drive.creates import Creates
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.polls import Polls
 from pipeline.drive.slot import GiveWay, JobLog, KeyRefused, Left, NotSent, Withheld
+from pipeline.drive.sweeps import Sweeps
 from pipeline.journal import (
     Entry,
 )
@@ -41,9 +43,18 @@ _MAX_RATE_LIMIT_WAITS = 50
 __all__ = ["KeyDriver"]
 
 
-class KeyDriver(Creates, Polls):
+class KeyDriver(Creates, Polls, Sweeps):
     """Drives the keys of one process: each slot takes a job, creates it, polls it to its
     end and books it, then takes the next."""
+
+    async def run_lane(self, lane: KeyLane, slots: int) -> None:
+        """The key's slots until each has ended, and its listing's reads meanwhile."""
+        async with anyio.create_task_group() as lane_tasks:
+            lane_tasks.start_soon(self.sweep, lane)
+            async with anyio.create_task_group() as slot_tasks:
+                for _ in range(slots):
+                    slot_tasks.start_soon(self.run_slot, lane)
+            lane_tasks.cancel_scope.cancel()
 
     async def run_slot(self, lane: KeyLane) -> None:
         """Serve jobs on this key until there are none, or the key is retired."""
@@ -102,9 +113,15 @@ class KeyDriver(Creates, Polls):
                     await self._finish(entry, created)
                     return
                 attempts = created.attempts
-                hooked = self.webhook_url is not None
+                hooked = self.callbacks is not None  # a callback or the listing may wake it
                 polled = await self._poll(
-                    lane, entry, created.prediction_id, self.clock.now(), attempts, hooked=hooked
+                    lane,
+                    entry,
+                    created.prediction_id,
+                    created.sent,
+                    attempts,
+                    hooked=hooked,
+                    journaled=created.journaled,
                 )
                 if isinstance(polled, Left):
                     return

@@ -156,8 +156,7 @@ class Local(Engine):
         with self._scope:
             async with anyio.create_task_group() as slots:
                 for lane in self.side.lanes:
-                    for _ in range(self._config.limits.max_concurrent):
-                        slots.start_soon(driver.run_slot, lane)
+                    slots.start_soon(driver.run_lane, lane, self._config.limits.max_concurrent)
         if self.dispatcher.abandoned and driver.in_flight:
             await driver.cancel_in_flight(confirm_within=_confirm_within(self._config))
 

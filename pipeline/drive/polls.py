@@ -49,18 +49,20 @@ class Polls(Books):
         attempts: int,
         *,
         hooked: bool = False,
+        journaled: asyncio.Event | None = None,
     ) -> JobOutcome | Left:
-        """Poll a job to its end, and how it ended; its prediction id is durable already
-        (invariant 1), so a crash never loses a paid job. `hooked`: the create carried our
-        webhook URL, so a callback may wake the job early. While polled, the job is in
-        `in_flight`."""
+        """Poll a job to its end, and how it ended; its prediction id is durable before the
+        first poll (invariant 1: `journaled` is set once it is), so a crash never loses a paid
+        job. `created` is when its create was sent: the schedule counts from there. `hooked`:
+        the create carried our webhook URL, so a callback may wake the job early. While
+        polled, the job is in `in_flight`."""
         self.in_flight[prediction_id] = Flying(lane, entry, created, attempts)
         if self.cancel_all:  # created as the run was being stopped for good
             await self._cancel_noted(prediction_id, lane, entry.row_number)
         waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
         track = Track(waiter)
         try:
-            outcome = await self._poll_to_end(lane, entry, prediction_id, created, track)
+            outcome = await self._poll_to_end(lane, entry, prediction_id, created, track, journaled)
         finally:
             lane.cap.ended()
             if waiter is not None and self.callbacks is not None:
@@ -69,7 +71,13 @@ class Polls(Books):
         return outcome
 
     async def _poll_to_end(
-        self, lane: KeyLane, entry: Entry, prediction_id: str, created: float, track: Track
+        self,
+        lane: KeyLane,
+        entry: Entry,
+        prediction_id: str,
+        created: float,
+        track: Track,
+        journaled: asyncio.Event | None,
     ) -> JobOutcome | Left:
         """The polls of one job. Past its deadline the job is cancelled at the provider and
         polled for the cancel's grace: the end a poll sees is the job's (it may have ended
@@ -80,6 +88,9 @@ class Polls(Books):
         while True:
             await self._wait(max(0.0, min(delay, deadline - self.clock.now())), track.waiter)
             track.woken()
+            if journaled is not None:  # its id is durable before it is polled
+                await self.journal.durable(journaled)
+                journaled = None
             step = await self._poll_once(lane, entry, prediction_id, track)
             if isinstance(step, Ended):
                 return self._ended(step.answer, created, track, timed_out)

@@ -3,6 +3,7 @@ answers a create or a poll can end in, and the driver's own state."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,10 +108,14 @@ class GiveWay(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Created:
-    """A create the provider answered: the job's id, durable in the journal, and the attempt."""
+    """A create the provider answered: the job's id, the attempt, when the create was sent (on
+    the driver's clock: the provider's latency counts from about then), and the event set once
+    the id is durable in the journal (it is waited for before the job's first poll)."""
 
     prediction_id: str
     attempts: int
+    sent: float
+    journaled: asyncio.Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +195,8 @@ class DriverSettings:
     creates_per_window: int
     ambiguous_creates: Literal["retry", "fail"]
     timeout_text: str  # the job timeout as the config says it, for messages
+    sweep_share: float  # a key's listing is read every this share of the median latency
+    sweep_floor: float  # and at most this often
 
     @classmethod
     def of(cls, config: RunConfig) -> DriverSettings:
@@ -212,6 +219,14 @@ class DriverSettings:
             creates_per_window=config.limits.creates_per_window,
             ambiguous_creates=r.ambiguous_creates,
             timeout_text=f"{p.job_timeout_s:g} s (polling.job_timeout_s)",
+            # a read every delay_fraction of the median latency: an end waits half of that for
+            # the next read on average, which leaves the rest of the aim for the round trips
+            # of the read and of the confirming poll; with delay_fraction null, the poll
+            # budget less two (the confirming poll, and a fallback) spread over the slots
+            sweep_share=p.delay_fraction
+            if p.delay_fraction is not None
+            else 1 / (config.limits.max_concurrent * max(1.0, p.polls_per_job - 2)),
+            sweep_floor=scaled(p.min_interval_s),
         )
 
 
@@ -241,6 +256,7 @@ class DriverBase:
         lanes: Sequence[KeyLane],
         *,
         webhook: Webhook | None = None,
+        listing: Callbacks | None = None,
         downloader: Downloader | None = None,
         uploads: Uploads | None = None,
         clock: Clock | None = None,
@@ -252,7 +268,8 @@ class DriverBase:
         self.dispatcher = dispatcher
         self.planner = planner
         self.stats = stats
-        self.callbacks = webhook.callbacks if webhook is not None else None
+        # what wakes a job before its poll: callbacks, or the executions listing (`sweep`)
+        self.callbacks = webhook.callbacks if webhook is not None else listing
         self.webhook_url = webhook.url if webhook is not None else None
         # the provider signs its callbacks with it
         self.webhook_secret = webhook.secret if webhook is not None else None

@@ -16,11 +16,14 @@ from pipeline.journal.updates import Update
 class Commits(Protocol):
     """Where a worker's updates go: the journal's `GroupCommit`, or, on a Ray worker, the
     driver's through the worker's outbox. `write` returns once its updates are durable;
-    `post` returns at once with an event set when they are."""
+    `post` returns at once with an event set when they are, and `durable` waits for that event
+    (asking for the commit now). Updates become durable in the order they were given."""
 
     async def write(self, *updates: Update) -> None: ...
 
     def post(self, *updates: Update) -> asyncio.Event: ...
+
+    async def durable(self, done: asyncio.Event) -> None: ...
 
 
 class _Batch:

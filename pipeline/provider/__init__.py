@@ -3,6 +3,7 @@
 client.py   create, poll and cancel; every failure translated into the exception tree
 limits.py   a key's create gate (its sliding window), in-flight caps, the retry policy
 polling.py  when to poll a running job: the schedule learned from the latencies seen
+listing.py  the executions listing's shape: one request tells the ends of many jobs
 webhook.py  the callback receiver, and the hints it gives the polls
 """
 
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 from pipeline.provider.client import EachlabsClient, Prediction
 from pipeline.provider.limits import CreateGate, GatePaused, InFlightCap, RetryPolicy, caps_for
+from pipeline.provider.listing import ENDED, Execution
 from pipeline.provider.polling import PollPlanner
 from pipeline.provider.webhook import Callbacks, Receiver, Waiter
 
 __all__ = [
+    "ENDED",
     "Callbacks",
     "CreateGate",
     "EachlabsClient",
+    "Execution",
     "GatePaused",
     "InFlightCap",
     "PollPlanner",

@@ -36,6 +36,7 @@ from pipeline.core import (
     Unauthorized,
     UnsafePredictionId,
 )
+from pipeline.provider.listing import Execution, listing_query, read_listing
 
 _log = structlog.get_logger("pipeline.provider.client")
 
@@ -247,6 +248,22 @@ class EachlabsClient:
             _log.warning("unknown_status", status=status[:40], taken_as="running")
         return Prediction(prediction_id, "running")
 
+    async def executions(
+        self,
+        key: ApiKey,
+        statuses: tuple[str, ...],
+        since: float,
+        *,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[Execution], int]:
+        """One page of the key's executions of our model in `statuses`, created from `since`
+        (Unix seconds), newest first; and how many the listing holds. NotFound when the
+        provider has no listing."""
+        query = listing_query(self.model, statuses, since, limit, offset)
+        answer = await self._send("GET", "executions", key, None, what="listing", params=query)
+        return read_listing(answer)
+
     async def cancel(self, key: ApiKey, prediction_id: str) -> bool:
         """Ask the provider to cancel a job: True when it answered as accepted, False when it
         said the job had ended (or is unknown to it); ApiError when the request itself failed.
@@ -261,15 +278,25 @@ class EachlabsClient:
         return True
 
     async def _send(
-        self, method: str, path: str, key: ApiKey, body: dict[str, Any] | None, *, creating: bool
+        self,
+        method: str,
+        path: str,
+        key: ApiKey,
+        body: dict[str, Any] | None,
+        *,
+        creating: bool = False,
+        what: str = "poll",
+        params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        what = "create" if creating else "poll"
+        what = "create" if creating else what
         headers = {"X-API-Key": key.secret}
         if body is not None:
             headers["Content-Type"] = "application/json"
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            response = await self._http.request(method, path, content=payload, headers=headers)
+            response = await self._http.request(
+                method, path, content=payload, headers=headers, params=params
+            )
         except _NOT_SENT as exc:
             raise TransportFailure(f"{what}: cannot reach the provider ({_name(exc)})") from exc
         except httpx.TransportError as exc:

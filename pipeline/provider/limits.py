@@ -11,9 +11,10 @@ while the window is at most half full, growing to the whole of it as the window 
 key whose slots bind (10 jobs in flight) rather than its create rate does not keep a freed slot
 waiting for spacing it does not need, and creates are never sent in a burst.
 
-A create whose answer arrived is journaled before the next create of its key is sent (the caller
-marks the answer on its `Ticket` and waits for `settled()` before sending): a crash then leaves
-ambiguous only the creates whose answers had not arrived, not those still being journaled.
+A create whose answer arrived is journaled before the next create of its key is sent: the caller
+posts the answer to the journal before it leaves the gate, and the next create's `creating` is
+made durable, after it, before that create is sent (the journal keeps updates in order). A crash
+then leaves ambiguous only the creates whose answers had not arrived.
 
 A 429 pauses the whole key for its Retry-After: every create of the key waits at the gate, so a
 throttled key sends one create into the storm rather than one per slot. A caller may ask to
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 from pipeline.core import ApiKey, Clock, RateLimited, SystemClock
 
-__all__ = ["CreateGate", "GatePaused", "InFlightCap", "RetryPolicy", "Ticket", "caps_for"]
+__all__ = ["CreateGate", "GatePaused", "InFlightCap", "RetryPolicy", "caps_for"]
 
 
 class GatePaused(Exception):
@@ -44,23 +45,6 @@ class GatePaused(Exception):
     def __init__(self, wait: float) -> None:
         super().__init__(f"paused for {wait:.3f} s")
         self.wait = wait
-
-
-class Ticket:
-    """One admitted create; `answered()` once its answer is in, until the block ends (by then
-    the answer is journaled)."""
-
-    __slots__ = ("_gate", "counted")
-
-    def __init__(self, gate: CreateGate) -> None:
-        self._gate = gate
-        self.counted = False
-
-    def answered(self) -> None:
-        if not self.counted:
-            self.counted = True
-            self._gate._journaling += 1
-            self._gate._settled.clear()
 
 
 class CreateGate:
@@ -78,9 +62,6 @@ class CreateGate:
         self._next_start = -math.inf
         self._paused_until = -math.inf
         self._lock = asyncio.Lock()  # anyio's looks the current task up on every acquire
-        self._journaling = 0  # creates answered whose answer is not journaled yet
-        self._settled = asyncio.Event()
-        self._settled.set()
         self.sent = 0
 
     def _wait_needed(self, now: float) -> float:
@@ -114,14 +95,8 @@ class CreateGate:
         """Seconds left of a pause; 0 when the key is not paused."""
         return max(0.0, self._paused_until - self.clock.now())
 
-    async def settled(self) -> None:
-        """Wait until every answered create of this key is journaled: call it just before
-        sending a create."""
-        while self._journaling:
-            await self._settled.wait()
-
     @asynccontextmanager
-    async def create(self, give_way: Callable[[], bool] | None = None) -> AsyncIterator[Ticket]:
+    async def create(self, give_way: Callable[[], bool] | None = None) -> AsyncIterator[None]:
         """Wait for this key's turn; the create request is sent inside the block. While the key
         is paused, `give_way()` is asked whether to wait (False) or raise GatePaused (True)."""
         async with self._lock:
@@ -134,16 +109,11 @@ class CreateGate:
             self.sent += 1
             fill = (len(self._answered) + self._open) / self._limit
             self._next_start = self.clock.now() + self._interval * min(1.0, max(0.1, 2 * fill - 1))
-        ticket = Ticket(self)
         try:
-            yield ticket
+            yield
         finally:
             self._open -= 1
             self._answered.append(self.clock.now())
-            if ticket.counted:
-                self._journaling -= 1
-                if not self._journaling:
-                    self._settled.set()
 
 
 class InFlightCap:

@@ -62,8 +62,9 @@ class Waiter:
 class Callbacks:
     """The prediction ids waited on, the hints that wake them, and whether callbacks arrive."""
 
-    def __init__(self, missed_limit: int) -> None:
+    def __init__(self, missed_limit: int, source: str = "callbacks") -> None:
         self.missed_limit = missed_limit
+        self.source = source  # what gives the hints: "callbacks", or the executions "listing"
         self.stats = CallbackStats()
         self._waiting: dict[str, Waiter] = {}
         self._early: OrderedDict[str, None] = OrderedDict()
@@ -115,13 +116,22 @@ class Callbacks:
         self.stats.ends_by_fallback += 1
         self._misses += 1
         if self._misses == self.missed_limit:
-            _log.warning(
-                "callbacks_missing",
-                ends_without_callback=self._misses,
-                hint="check webhook.public_url reaches this machine; polling meanwhile",
-            )
-            for other in self._waiting.values():
-                other.event.set()  # re-plan on the polling schedule now
+            if self.source == "callbacks":
+                hint = "check webhook.public_url reaches this machine; polling meanwhile"
+            else:
+                hint = "the provider's listing does not show these ends; polling meanwhile"
+            _log.warning(f"{self.source}_missing", ends_without_hint=self._misses, hint=hint)
+            self._replan()
+
+    def give_up(self) -> None:
+        """No more hints will come (the provider has no listing): every job is polled on
+        the schedule from now on."""
+        self._misses = max(self._misses, self.missed_limit)
+        self._replan()
+
+    def _replan(self) -> None:
+        for other in self._waiting.values():
+            other.event.set()  # re-plan on the polling schedule now
 
     def forget(self, waiter: Waiter) -> None:
         """The job left without an end confirmed (timeout, key refused, cancelled)."""
@@ -129,7 +139,7 @@ class Callbacks:
 
     def _heard(self) -> None:
         if not self.arriving:
-            _log.warning("callbacks_arriving_again")
+            _log.warning(f"{self.source}_arriving_again")
         self._misses = 0
 
 

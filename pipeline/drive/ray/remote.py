@@ -7,7 +7,10 @@ The worker only answers the driver's calls: `collect()` returns what the worker 
 its figures) once there is something, or after a second; `deliver()` brings the driver's answers
 (which updates are durable, jobs, stop orders). So the worker needs no address of the driver,
 and a worker that dies is seen by the driver's next call failing. A slot asks for one job when
-it is free, so a worker never holds more jobs than it has free slots.
+it is free, and each key keeps one job ready beyond its slots (`_PREFETCH`): a freed slot takes
+it at once instead of waiting a driver round trip, and asks for the next. So a worker holds at
+most one job a key that another could do, for at most one job's turn; a pause, a stop or a
+refused key gives it back at once.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pipeline.outputs import Downloader, make_thumbnail
 __all__ = ["Figures", "Orders", "Report", "WorkerProcess", "WorkerSetup"]
 
 _REPORT_EVERY_S = 1.0  # a report goes out at least this often, for the figures
+_PREFETCH = 1  # jobs a key holds ready beyond its slots' own asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,11 @@ class Outbox:
         self.wake()
         return self._batch
 
+    async def durable(self, done: asyncio.Event) -> None:
+        if not done.is_set():
+            self.wake()
+            await done.wait()
+
     def wake(self) -> None:
         self._ready.set()
 
@@ -177,6 +186,9 @@ class Handouts:
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
         self._waiting: defaultdict[str, deque[asyncio.Future[Entry | None]]] = defaultdict(deque)
+        self._ready: defaultdict[str, deque[Entry]] = defaultdict(deque)  # jobs held ahead
+        self._asked: Counter[str] = Counter()  # asks of a key not answered yet
+        self._dry: set[str] = set()  # keys the driver said have no more work: none asked ahead
         self._drained = asyncio.Event()  # the driver said a key has no more work
         self._reserving: dict[int, asyncio.Future[bool]] = {}
         self.halted = False
@@ -186,13 +198,28 @@ class Handouts:
     async def next_job(self, key_name: str) -> Entry | None:
         if self.halted:
             return None
+        ready = self._ready[key_name]
+        if ready:
+            entry = ready.popleft()
+            self._ask(key_name)
+            return entry
         answer: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
         self._waiting[key_name].append(answer)
-        self._outbox.asks[key_name] += 1
-        self._outbox.wake()
+        self._ask(key_name)
         return await answer
 
+    def _ask(self, key_name: str) -> None:
+        """Ask for the jobs the key's waiting slots, and its job held ahead, still lack."""
+        ahead = 0 if key_name in self._dry else _PREFETCH
+        want = len(self._waiting[key_name]) + ahead
+        missing = want - len(self._ready[key_name]) - self._asked[key_name]
+        if missing > 0:
+            self._asked[key_name] += missing
+            self._outbox.asks[key_name] += missing
+            self._outbox.wake()
+
     def deliver(self, key_name: str, entry: Entry | None) -> None:
+        self._asked[key_name] = max(0, self._asked[key_name] - 1)
         queue = self._waiting[key_name]
         while queue:
             answer = queue.popleft()
@@ -201,15 +228,29 @@ class Handouts:
                 break
         else:
             if entry is not None:
-                self.give_back(entry)
+                if self.halted or key_name in self._dry:
+                    self.give_back(entry)
+                else:
+                    self._ready[key_name].append(entry)
         if entry is None:
+            self._dry.add(key_name)
             self._drained.set()
 
     def give_back(self, entry: Entry) -> None:
+        """A job not started goes back to the driver, and with it every job held ahead: a
+        paused key's, or all of them when the run stops."""
         self._outbox.given_back.append(entry)
+        self.give_back_ready()
+
+    def give_back_ready(self, key_name: str | None = None) -> None:
+        """The jobs held ahead (of one key, or of all) go back to the driver."""
+        for name in [key_name] if key_name is not None else list(self._ready):
+            self._outbox.given_back.extend(self._ready.pop(name, ()))
         self._outbox.wake()
 
     def retire(self, key_name: str) -> None:
+        self._dry.add(key_name)
+        self.give_back_ready(key_name)
         self._outbox.retired.append(key_name)
         self._outbox.wake()
 
@@ -300,7 +341,9 @@ class WorkerProcess:
             self._handouts.deliver(key_name, entry)
         for row_number, granted in orders.reserved:
             self._handouts.reserved(row_number, granted)
-        self._handouts.halted = self._handouts.halted or orders.halt
+        if orders.halt and not self._handouts.halted:
+            self._handouts.halted = True
+            self._handouts.give_back_ready()
         self._handouts.open_elsewhere = orders.open_elsewhere
         side = self._side
         if orders.abandon and not self._handouts.abandoned:
@@ -351,8 +394,7 @@ class WorkerProcess:
                 async with anyio.create_task_group() as slots:
                     self._slots = slots.cancel_scope
                     for lane in side.lanes:
-                        for _ in range(config.limits.max_concurrent):
-                            slots.start_soon(driver.run_slot, lane)
+                        slots.start_soon(driver.run_lane, lane, config.limits.max_concurrent)
                 if self._handouts.abandoned and driver.in_flight:
                     grace = config.scaled(config.polling.cancel_grace_s)
                     await driver.cancel_in_flight(confirm_within=grace)
