@@ -19,13 +19,19 @@ peak memory is printed.
 from __future__ import annotations
 
 import argparse
+import bisect
 import csv
+import json
+import math
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -36,7 +42,9 @@ import pyarrow.parquet as pq
 
 from pipeline.core import ApiKey, LimitsSection, parse_config
 from pipeline.drive import Workers
+from pipeline.provider.polling import poll_schedule
 from pipeline.runs import configure_logging, run
+from pipeline.sandbox.ideal import Creates, Limits, perfect_span, run_creates, share_of_perfect
 
 
 def _arguments() -> argparse.Namespace:
@@ -57,6 +65,11 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--webhook", action="store_true", help="webhook mode: callbacks wake a confirming poll"
+    )
+    parser.add_argument(
+        "--no-listing",
+        action="store_true",
+        help="polling.listing: false: each job polled on the schedule alone",
     )
     parser.add_argument(
         "--output-mb",
@@ -97,6 +110,14 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument("--storm-rate", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=None, help="Ray workers (--workers)")
+    parser.add_argument(
+        "--gate",
+        default="ours",
+        help="the create gate: ours (a sliding window), or bucket:B, aiolimiter's leaky bucket "
+        "with a burst of B and the rate that keeps B plus a window's leak one under the limit",
+    )
+    parser.add_argument("--delay-fraction", type=float, default=None, help="polling.delay_fraction")
+    parser.add_argument("--save-ledger", type=Path, default=None, help="write the ledger here")
     parser.add_argument("--storm-s", type=float, default=30.0, help="provider seconds")
     return parser.parse_args()
 
@@ -179,6 +200,80 @@ def _held_beyond_latency(ends: pa.Table) -> list[float]:
     return sorted((f - c) / 1e6 - t for c, f, t in zip(created, finished, latency, strict=True))
 
 
+def _use_bucket(burst: int) -> None:
+    """Creates spaced by aiolimiter's leaky bucket instead of our sliding window: a bucket of
+    `burst` that leaks (limit - 1 - burst) creates a window never lets more than the limit
+    into any window, whatever the timing. A 429's pause still holds every create."""
+    from contextlib import asynccontextmanager
+
+    from aiolimiter import AsyncLimiter
+
+    from pipeline.drive import assemble
+    from pipeline.provider import CreateGate
+
+    class BucketGate(CreateGate):
+        def __init__(self, creates_per_window: int, window_s: float) -> None:
+            super().__init__(creates_per_window, window_s)
+            rate = (creates_per_window - 1 - burst) / window_s
+            self._bucket = AsyncLimiter(burst, burst / rate)
+
+        @asynccontextmanager
+        async def create(self, give_way: Any = None) -> AsyncIterator[None]:
+            while (wait := self.paused_for()) > 0:
+                await self.clock.sleep(wait)
+            await self._bucket.acquire()
+            self._open += 1
+            self.sent += 1
+            try:
+                yield
+            finally:
+                self._open -= 1
+                self._answered.append(self.clock.now())
+
+    assemble.CreateGate = BucketGate  # type: ignore[misc]
+
+
+def _perfect_poller(creates: Creates, keys: int, limits: Limits, accounts: list[int]) -> float:
+    """The share a perfect client reaches when it must poll each job to see its end: the
+    best schedule of at most 10 polls a job on average, planned on these very latencies (so a
+    ceiling: no schedule learned from earlier jobs does better), no round trips."""
+    schedule = poll_schedule(sorted(creates.latency_s), 10.0)
+    seen = []
+    for latency in creates.latency_s:
+        index = bisect.bisect_left(schedule, latency)
+        seen.append(schedule[index] if index < len(schedule) else latency)
+    return perfect_span(creates.latency_s, keys, limits, accounts) / perfect_span(
+        seen, keys, limits, accounts
+    )
+
+
+class _CpuSamples:
+    """This process's CPU time, read every half second from a thread: the CPU of the jobs'
+    own span, without the run's start (imports, journal, manifest) and end (results, report)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.wait(0.5):
+            self.samples.append((time.time(), time.process_time()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def share(self, start: float, end: float) -> float:
+        """Cores used between two wall instants (the samples inside them)."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return math.nan
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / (t1 - t0)
+
+
 def _start_ray(count: int | None) -> Workers | None:
     """A local Ray cluster for `--workers`, started before the clock starts (the run joins
     it); None without workers."""
@@ -194,6 +289,8 @@ def _start_ray(count: int | None) -> Workers | None:
 
 def main() -> None:
     args = _arguments()
+    if args.gate.startswith("bucket:"):
+        _use_bucket(int(args.gate.removeprefix("bucket:")))
     keys = [f"bench-key-{i}" for i in range(args.keys)]
     proc, base_url = _start_sandbox(args, keys)
     try:
@@ -219,8 +316,10 @@ def main() -> None:
                         ],
                     },
                     "polling": {
+                        "listing": not args.no_listing,
                         "expected_latency_s": args.expected_latency or args.latency_mean,
                         **({"polls_per_job": args.polls_per_job} if args.polls_per_job else {}),
+                        **({"delay_fraction": args.delay_fraction} if args.delay_fraction else {}),
                     },
                     "manifest": {"path": str(manifest), "id_column": "sku"},
                     "output": {"dir": str(folder / "run")},
@@ -232,6 +331,7 @@ def main() -> None:
             time.sleep(0.5)  # the sandbox process is listening once it printed its URL
             configure_logging(None)
             workers = _start_ray(args.workers)
+            sampler = _CpuSamples()
             cpu0, wall0 = time.process_time(), time.time()
             use0 = resource.getrusage(resource.RUSAGE_SELF)
             summary = anyio.run(
@@ -240,6 +340,7 @@ def main() -> None:
                 )
             )
             cpu, wall1 = time.process_time() - cpu0, time.time()
+            sampler.stop()
             driver_cpu = cpu
             cpu += sum(w["cpu_s"] or 0.0 for w in summary.workers)
             use1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -259,6 +360,9 @@ def main() -> None:
             per_key = pc.value_counts(ends["key"]).to_pylist()
         sandbox_cpu = psutil.Process(proc.pid).cpu_times()
         sandbox_stats = httpx.get(base_url.removesuffix("/v1") + "/_admin/stats").json()
+        ledger = httpx.get(base_url.removesuffix("/v1") + "/_admin/ledger").text
+        if args.save_ledger is not None:
+            args.save_ledger.write_text(ledger)
         ends_sorted = sorted(
             t.timestamp() for t in ends["finished_at"].to_pylist() if t is not None
         )
@@ -282,8 +386,21 @@ def main() -> None:
     ramp = wall_latency
     bound_finite = jobs / (jobs / bound + ramp)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    creates = run_creates(json.loads(line) for line in ledger.splitlines() if line)
+    ideal_limits = Limits(
+        args.creates_per_window, wall_window, args.provider_cap or args.max_concurrent
+    )
+    sizes = [len(group) for group in _accounts(args, keys)]
+    share, perfect_s = share_of_perfect(creates, args.keys, ideal_limits, sizes)
+    poller = _perfect_poller(creates, args.keys, ideal_limits, sizes)
     print(f"keys                      {args.keys}")
     print(f"jobs                      {jobs}")
+    # the run's span (first create to last end, at the provider) against a perfect client's
+    # on the same creates: 1.0 is the physical limit
+    print(f"share_of_perfect_client   {share:.3f}")
+    print(f"span_s run perfect        {creates.span_s:.2f} {perfect_s:.2f}")
+    # the ceiling of a client that polls each job (no listing, no callbacks)
+    print(f"perfect_poller_ceiling    {poller:.3f} (10 polls a job, on these latencies)")
     print(f"jobs_per_s                {rate:.3f}")
     print(f"bound_jobs_per_s          {bound:.3f}")
     print(f"efficiency                {rate / bound:.3f}")
@@ -310,11 +427,21 @@ def main() -> None:
         print(f"rate_ends_30_50_vs_steady {early / steady:.3f}")
     print(f"max_in_flight_per_account {sandbox_stats.get('max_in_flight_per_account')}")
     print(f"polls_per_job             {summary.stats.polls / max(jobs, 1):.2f}")
+    # a listing read tells the ends of many jobs; counted as a request of each job all the same
+    listings = summary.stats.listings
+    print(f"listings_per_job          {listings / max(jobs, 1):.2f}")
+    print(f"requests_per_job          {(summary.stats.polls + listings) / max(jobs, 1):.2f}")
     per_1000 = 1000 / max(jobs, 1)
     print(f"client_cpu_s_per_1000     {cpu * per_1000:.2f}")
     # the same, as a job's share; with --time-scale 1.0 this is the provider's real pace
     ms_per_job = cpu / max(jobs, 1) * 1000
     print(f"client_cpu_ms_per_job     {ms_per_job:.2f} (time scale {args.time_scale:g})")
+    # the share of one core each key costs over the run; at --time-scale 1, the real pace
+    core = cpu / max(summary.elapsed_s, 1e-9) / args.keys
+    print(f"client_core_per_key       {core * 100:.2f} % (time scale {args.time_scale:g})")
+    # the same over the jobs' own span, from the first create to the last end
+    steady = sampler.share(first_create, last_end) / args.keys
+    print(f"core_per_key_jobs_span    {steady * 100:.2f} % (this process, not Ray workers)")
     # where it went: user space, the kernel (sockets, fsync, wake-ups), and context switches
     print(f"client_user_sys_per_1000  {user * per_1000:.2f} {system * per_1000:.2f}")
     print(f"context_switches_per_job  {switches / max(jobs, 1):.1f}")
