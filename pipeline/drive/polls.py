@@ -54,8 +54,8 @@ class Polls(Books):
         """Poll a job to its end, and how it ended; its prediction id is durable before the
         first poll (invariant 1: `journaled` is set once it is), so a crash never loses a paid
         job. `created` is when its create was sent: the schedule counts from there. `hooked`:
-        the create carried our webhook URL, so a callback may wake the job early. While
-        polled, the job is in `in_flight`."""
+        a hint may wake the job early (a callback to the webhook URL its create carried, or
+        an end its key's executions listing shows). While polled, the job is in `in_flight`."""
         self.in_flight[prediction_id] = Flying(lane, entry, created, attempts)
         if self.cancel_all:  # created as the run was being stopped for good
             await self._cancel_noted(prediction_id, lane, entry.row_number)
