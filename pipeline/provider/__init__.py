@@ -4,6 +4,7 @@ client.py   create, poll and cancel; every failure translated into the exception
 limits.py   a key's create gate (its sliding window), in-flight caps, the retry policy
 polling.py  when to poll a running job: the schedule learned from the latencies seen
 listing.py  the executions listing's shape: one request tells the ends of many jobs
+readings.py a job's predict time and cost as the provider reports them, judged
 webhook.py  the callback receiver, and the hints it gives the polls
 """
 

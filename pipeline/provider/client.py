@@ -37,6 +37,7 @@ from pipeline.core import (
     UnsafePredictionId,
 )
 from pipeline.provider.listing import Execution, listing_query, read_listing
+from pipeline.provider.readings import MAX_JOB_COST_USD, MAX_PREDICT_TIME_S, reading
 
 _log = structlog.get_logger("pipeline.provider.client")
 
@@ -58,11 +59,6 @@ _RUNNING = frozenset({"created", "starting", "queued", "processing", "in_queue",
 _unknown_seen: set[str] = set()
 # What a prediction id may hold: it goes back into request paths
 _PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-
-
-# a job's predict time or cost beyond these is no reading: it is taken as not given
-_MAX_PREDICT_TIME_S = 7 * 86400.0
-_MAX_JOB_COST_USD = 10_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,18 +142,6 @@ def _failure(answer: dict[str, Any]) -> tuple[str | None, str]:
     return None, ": ".join(parts)[:500] or "the provider reported an error"
 
 
-def _reading(value: object, most: float) -> float | None:
-    """A number the provider reports (a predict time, a cost), or None when it is missing or
-    no reading at all (not a number, NaN, infinite, negative, absurdly large)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer past a float's range
-        return None
-    return number if 0.0 <= number <= most else None
-
-
 def check_prediction_id(value: object) -> str:
     """`value` when it looks like a prediction id; UnsafePredictionId otherwise."""
     if isinstance(value, str) and _PREDICTION_ID.fullmatch(value) and ".." not in value:
@@ -226,8 +210,8 @@ class EachlabsClient:
         status = answer.get("status")
         metrics = answer.get("metrics")
         metrics = metrics if isinstance(metrics, dict) else {}
-        seconds = _reading(metrics.get("predict_time"), _MAX_PREDICT_TIME_S)
-        cost = _reading(metrics.get("cost"), _MAX_JOB_COST_USD)
+        seconds = reading(metrics.get("predict_time"), MAX_PREDICT_TIME_S)
+        cost = reading(metrics.get("cost"), MAX_JOB_COST_USD)
         if status == "success":
             output = answer.get("output")
             if isinstance(output, str):

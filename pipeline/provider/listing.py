@@ -11,12 +11,12 @@ confirms its end (and reads its outputs and cost in the prediction's own shape).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.core import ProtocolViolation
+from pipeline.provider.readings import MAX_JOB_COST_USD, reading
 
 __all__ = ["ENDED", "Execution", "listing_query", "read_listing"]
 
@@ -63,15 +63,10 @@ def read_listing(answer: dict[str, Any]) -> tuple[list[Execution], int]:
         pid, status = entry.get("id"), entry.get("status")
         if not isinstance(pid, str) or not isinstance(status, str):
             continue
-        found.append(Execution(pid, status, _cost(entry.get("execution_cost")), _unix(entry)))
+        cost = reading(entry.get("execution_cost"), MAX_JOB_COST_USD)
+        found.append(Execution(pid, status, cost, _unix(entry)))
     count = total if isinstance(total, int) and not isinstance(total, bool) else len(found)
     return found, count
-
-
-def _cost(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) and 0 <= value < 10_000 else None
 
 
 def _unix(entry: dict[str, Any]) -> float | None:
