@@ -262,9 +262,9 @@ class _Sandbox:
                 "metrics": metrics,
             }
         if job.fails:
-            failure = {"error_code": job.error_code, "error_message": "sandbox fault: job error"}
+            failure = job.failure()
             return {"status": "error", "predictionID": pid, "output": failure, "metrics": metrics}
-        urls = [f"{job.base_url}v1/outputs/{pid}/{i}.jpg" for i in range(job.n)]
+        urls = job.output_urls()
         return {"status": "success", "predictionID": pid, "output": urls, "metrics": metrics}
 
     async def cancel(self, request: Request) -> Response:

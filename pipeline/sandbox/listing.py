@@ -51,11 +51,9 @@ def _entry(state: SandboxState, job: Job, model: str, to_wall: float) -> dict[st
         if job.cancelled:
             status = "cancelled"
         elif job.fails:
-            status = "failed"
-            output = {"error_code": job.error_code, "error_message": "sandbox fault: job error"}
+            status, output = "failed", job.failure()
         else:
-            status = "success"
-            output = [f"{job.base_url}v1/outputs/{job.prediction_id}/{i}.jpg" for i in range(job.n)]
+            status, output = "success", job.output_urls()
     return {
         "id": job.prediction_id,
         "model": model,

@@ -65,6 +65,14 @@ class Job:
     def n(self) -> int:
         return int(self.inputs.get("n", 1))
 
+    def output_urls(self) -> list[str]:
+        """Where the outputs of a job that succeeded are served: a poll's and a listing's."""
+        return [f"{self.base_url}v1/outputs/{self.prediction_id}/{i}.jpg" for i in range(self.n)]
+
+    def failure(self) -> dict[str, Any]:
+        """A failed job's `output`, in the reference's shape: a poll's and a listing's."""
+        return {"error_code": self.error_code, "error_message": "sandbox fault: job error"}
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
