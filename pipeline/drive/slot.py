@@ -39,6 +39,7 @@ from pipeline.provider import (
 
 _log = structlog.get_logger("pipeline.drive.driver")
 _MAX_RATE_LIMIT_WAITS = 50
+_SWEEP_SPAN = 1.6  # a key's listing reads, apart, in mean notice delays aimed at
 
 
 __all__ = [
@@ -219,11 +220,12 @@ class DriverSettings:
             creates_per_window=config.limits.creates_per_window,
             ambiguous_creates=r.ambiguous_creates,
             timeout_text=f"{p.job_timeout_s:g} s (polling.job_timeout_s)",
-            # a read every delay_fraction of the median latency: an end waits half of that for
-            # the next read on average, which leaves the rest of the aim for the round trips
-            # of the read and of the confirming poll; with delay_fraction null, the poll
-            # budget less two (the confirming poll, and a fallback) spread over the slots
-            sweep_share=p.delay_fraction
+            # the aim is a mean notice delay of delay_fraction of the latency: a read every 1.6
+            # of it, so an end waits 0.8 of the aim for the next read on average, and the rest
+            # goes to the round trips of the read and of the confirming poll; with
+            # delay_fraction null, the poll budget less two (the confirming poll, and a
+            # fallback) spread over the slots
+            sweep_share=_SWEEP_SPAN * p.delay_fraction
             if p.delay_fraction is not None
             else 1 / (config.limits.max_concurrent * max(1.0, p.polls_per_job - 2)),
             sweep_floor=scaled(p.min_interval_s),
