@@ -566,9 +566,16 @@ def sandbox_command(
         bool,
         typer.Option("--no-listing", help="GET /v1/executions answers 404 (no listing)."),
     ] = False,
+    no_prediction_input: Annotated[
+        bool,
+        typer.Option("--no-prediction-input", help="A prediction's GET carries no input."),
+    ] = False,
     create_5xx: float = 0.0,
     poll_5xx: float = 0.0,
     lost_create: float = 0.0,
+    early_502: Annotated[
+        float, typer.Option(help="Creates answered 502 before they reach the provider.")
+    ] = 0.0,
     slow: float = 0.0,
     poll_reset: float = 0.0,
     storm_429: float = 0.0,
@@ -623,6 +630,7 @@ def sandbox_command(
             late_cancel=late_cancel,
             cancel_delay_s=cancel_delay_s,
             listing=not no_listing,
+            prediction_input=not no_prediction_input,
             faults=FaultRates(
                 job_error=job_error,
                 transient_error=transient_error,
@@ -630,6 +638,7 @@ def sandbox_command(
                 create_5xx=create_5xx,
                 poll_5xx=poll_5xx,
                 lost_create=lost_create,
+                early_502=early_502,
                 slow=slow,
                 poll_reset=poll_reset,
                 storm_429=storm_429,

@@ -25,6 +25,7 @@ class FaultRates:
     create_5xx: float = 0.0  # a create answered 500/503 before anything is created
     poll_5xx: float = 0.0  # a poll answered 500/503
     lost_create: float = 0.0  # a create accepted and billed whose answer is lost (drop or 502)
+    early_502: float = 0.0  # a create answered 502 by the gateway before it reached the provider
     slow: float = 0.0  # an answer delayed by `slow_s`
     poll_reset: float = 0.0  # a poll whose connection is dropped mid-answer
     storm_429: float = 0.0  # a create that starts a 429 storm on its key for `storm_s`
@@ -44,6 +45,7 @@ class FaultRates:
             "create_5xx",
             "poll_5xx",
             "lost_create",
+            "early_502",
             "slow",
             "poll_reset",
             "storm_429",

@@ -143,6 +143,8 @@ class _Sandbox:
             return _error(429, "Too many requests", refusal.reason, {"Retry-After": retry_after})
         if fault := self._server_fault(faults.create_5xx):
             return fault
+        if self.state.chance(faults.early_502):  # as a lost answer looks, but nothing was made
+            return _error(502, "Bad gateway", "sandbox fault: the gateway failed first")
         job = self.state.accept(
             key,
             body["model"],
@@ -228,19 +230,11 @@ class _Sandbox:
     def _job_body(self, job: Job) -> dict[str, Any]:
         """A poll's answer, in the shape `api_shape` names."""
         body = self._seed_body(job)
-        if self.settings.api_shape == "seed":
-            return body
-        pid = job.prediction_id
-        status = {"error": "failed", "created": "starting"}.get(body["status"], body["status"])
-        shaped: dict[str, Any] = {"id": pid, "input": job.inputs, "status": status}
-        shaped["output"] = body.get("output")
-        failure = body.get("output") if isinstance(body.get("output"), dict) else None
-        shaped["logs"] = f"{failure['error_code']}: {failure['error_message']}" if failure else ""
-        if "metrics" in body:
-            shaped["metrics"] = body["metrics"]
-        get = f"{job.base_url}v1/prediction/{pid}"
-        shaped["urls"] = {"get": get, "cancel": f"{get}/cancel"}
-        return shaped
+        if self.settings.api_shape != "seed":
+            body = _reference_shape(job, body)
+        if self.settings.prediction_input:
+            body["input"] = job.inputs
+        return body
 
     def _seed_body(self, job: Job) -> dict[str, Any]:
         pid = job.prediction_id
@@ -411,3 +405,18 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.sandbox = sandbox
     return app
+
+
+def _reference_shape(job: Job, body: dict[str, Any]) -> dict[str, Any]:
+    """A poll's answer in the seed's shape, as the API reference gives it (`failed`, `id`,
+    `logs`, `urls`)."""
+    pid = job.prediction_id
+    status = {"error": "failed", "created": "starting"}.get(body["status"], body["status"])
+    shaped: dict[str, Any] = {"id": pid, "status": status, "output": body.get("output")}
+    failure = body.get("output") if isinstance(body.get("output"), dict) else None
+    shaped["logs"] = f"{failure['error_code']}: {failure['error_message']}" if failure else ""
+    if "metrics" in body:
+        shaped["metrics"] = body["metrics"]
+    get = f"{job.base_url}v1/prediction/{pid}"
+    shaped["urls"] = {"get": get, "cancel": f"{get}/cancel"}
+    return shaped

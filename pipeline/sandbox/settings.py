@@ -56,6 +56,9 @@ class SandboxSettings:
     cancel_delay_s: float = 0.0
     # `GET /v1/executions` answers; off, it answers 404, as a provider without the listing
     listing: bool = True
+    # a prediction's `GET` carries the `input` it was created with (both shapes); off, as a
+    # provider whose answers lack it
+    prediction_input: bool = True
 
     def __post_init__(self) -> None:
         if not self.keys:
