@@ -238,15 +238,23 @@ class EachlabsClient:
         statuses: tuple[str, ...],
         since: float,
         *,
+        until: float | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> tuple[list[Execution], int]:
-        """One page of the key's executions of our model in `statuses`, created from `since`
-        (Unix seconds), newest first; and how many the listing holds. NotFound when the
-        provider has no listing."""
-        query = listing_query(self.model, statuses, since, limit, offset)
+        """One page of the key's executions of our model in `statuses` (any, when empty),
+        created from `since` to `until` (Unix seconds), newest first; and how many the listing
+        holds. NotFound when the provider has no listing."""
+        query = listing_query(self.model, statuses, since, limit, offset, until)
         answer = await self._send("GET", "executions", key, None, what="listing", params=query)
         return read_listing(answer)
+
+    async def created_with(self, key: ApiKey, prediction_id: str) -> dict[str, Any] | None:
+        """The input a prediction was created with, as its `GET` tells it; None when the
+        answer carries none (a provider whose `GET` lacks it)."""
+        answer = await self._send("GET", _path(prediction_id), key, None, creating=False)
+        inputs = answer.get("input")
+        return inputs if isinstance(inputs, dict) else None
 
     async def cancel(self, key: ApiKey, prediction_id: str) -> bool:
         """Ask the provider to cancel a job: True when it answered as accepted, False when it

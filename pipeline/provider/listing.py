@@ -36,17 +36,26 @@ class Execution:
 
 
 def listing_query(
-    model: str, statuses: tuple[str, ...], since: float, limit: int, offset: int = 0
+    model: str,
+    statuses: tuple[str, ...],
+    since: float,
+    limit: int,
+    offset: int = 0,
+    until: float | None = None,
 ) -> dict[str, str]:
-    """The query of one page: `model`'s executions in `statuses` created from `since`."""
-    moment = datetime.fromtimestamp(since, UTC).isoformat(timespec="milliseconds")
-    return {
-        "model": model,
-        "status": ",".join(statuses),
-        "from": moment.replace("+00:00", "Z"),
-        "limit": str(limit),
-        "offset": str(offset),
-    }
+    """The query of one page: `model`'s executions in `statuses` (any, when empty) created
+    from `since` (to `until`, when given)."""
+    query = {"model": model, "from": _rfc3339(since), "limit": str(limit), "offset": str(offset)}
+    if statuses:
+        query["status"] = ",".join(statuses)
+    if until is not None:
+        query["to"] = _rfc3339(until)
+    return query
+
+
+def _rfc3339(moment: float) -> str:
+    text = datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
 
 
 def read_listing(answer: dict[str, Any]) -> tuple[list[Execution], int]:
