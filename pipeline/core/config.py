@@ -122,6 +122,13 @@ class RetriesSection(_Section):
     backoff_max_s: float = Field(30.0, ge=0.001, le=_DAY)
     retry_after_max_s: float = Field(120.0, ge=0.001, le=_DAY)
     ambiguous_creates: Literal["retry", "fail"] = "retry"
+    # a create whose answer was lost is looked for in its key's executions listing (with
+    # polling.listing) this long after it, for the provider's listing to catch up, before it
+    # is adopted or created again
+    lost_create_settle_s: float = Field(2.0, ge=0, le=600)
+    # how far the provider's clock may be from ours: the listing is searched this much before
+    # a lost create's send and after its answer was due (real seconds, never scaled)
+    lost_create_skew_s: float = Field(2.0, ge=0, le=600)
 
 
 class ManifestSection(_Section):

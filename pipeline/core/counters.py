@@ -67,6 +67,27 @@ class RunStats:
         "wanbatch_retries", "Requests retried after 5xx or transport errors", summary="retries"
     )
     ambiguous_creates: int = _count("wanbatch_ambiguous_creates", "Creates whose answer was lost")
+    # how the lost creates were settled at the provider (RESOLUTIONS)
+    creates_adopted: int = _count(
+        "wanbatch_creates_adopted",
+        "Lost creates whose job the listing showed, matched by its input",
+        summary="creates_adopted",
+    )
+    creates_adopted_by_time: int = _count(
+        "wanbatch_creates_adopted_by_time",
+        "Lost creates whose job the listing showed as its key's only unanswered create",
+        summary="creates_adopted_by_time",
+    )
+    creates_recreated: int = _count(
+        "wanbatch_creates_recreated",
+        "Lost creates the listing showed never made a job, created again",
+        summary="creates_recreated",
+    )
+    creates_unresolved: int = _count(
+        "wanbatch_creates_unresolved",
+        "Lost creates the listing could not settle: a duplicate may be billed",
+        summary="creates_unresolved",
+    )
     polls: int = _count("wanbatch_polls", "Polls sent", summary="polls", label="polls")
     listings: int = _count(
         "wanbatch_listings", "Executions listings read (polling.listing)", summary="listings"
@@ -94,6 +115,9 @@ class RunStats:
         "Jobs whose provider-reported cost differs from price times images",
     )
     retired_keys: list[str] = field(default_factory=list)
+    # executions of our model that the listing showed near a lost create and no row claims
+    # (another process's, or a create of ours we could not match): id, key, status, cost
+    orphan_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     callbacks: CallbackStats | None = None  # webhook mode only
     downloads: DownloadStats | None = None  # when assets.download
     # per job that ended with a predict time: it (s), and how long after its end the client

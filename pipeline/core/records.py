@@ -40,6 +40,11 @@ OPEN = (Status.PENDING, Status.CREATING, Status.CREATED)  # still to be sent, or
 FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)  # nothing to do
 MAY_BE_BILLED = (Status.CREATING, Status.CREATED)  # a create may have reached the provider
 
+# how a create whose answer was lost was settled (the `create_resolution` column), declared
+# here alone: its job found at the provider by its input (`adopted`) or, where the provider's
+# answers carry no input, as its key's only unanswered create (`adopted_by_time`); found not
+# to exist, and created again (`recreated`); or not known (`unresolved`: a duplicate may be billed)
+RESOLUTIONS = ("adopted", "adopted_by_time", "recreated", "unresolved")
 # a person's word on an edited row (the `review` column), declared here alone
 REVIEWS = ("approved", "rejected")
 # a decisions file's columns, as the report's review page writes them (`retry --rejected`)

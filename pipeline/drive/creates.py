@@ -17,6 +17,7 @@ from pipeline.core import (
     Status,
     Unauthorized,
 )
+from pipeline.drive.adopt import Adoptions, Settled
 from pipeline.drive.books import Books
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.slot import (
@@ -34,6 +35,7 @@ from pipeline.journal import (
     MarkCreating,
     MarkPending,
     NoteAmbiguous,
+    NoteResolution,
 )
 from pipeline.provider import (
     GatePaused,
@@ -46,7 +48,7 @@ _MAX_RATE_LIMIT_WAITS = 50
 __all__ = ["Creates"]
 
 
-class Creates(Books):
+class Creates(Books, Adoptions):
     """Sending a job's create, and what its answer (or its loss) means."""
 
     async def _create(
@@ -62,6 +64,7 @@ class Creates(Books):
             sent = await self._send_create(lane, entry, attempts, marked)
             if not isinstance(sent, ApiError):
                 return sent
+            sent_at = lane.last_sent_at  # this create's: the key's next one may go meanwhile
             marked, error = True, sent
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
@@ -82,18 +85,25 @@ class Creates(Books):
             elif not error.retryable:
                 if error.ambiguous:  # e.g. an answer whose id we will not use: maybe billed
                     await self._ambiguous(entry, log)
+                    await self.journal.write(NoteAmbiguous(entry.row_number))
                 return failed_outcome(error, str(error))
             failures += 1
             if error.ambiguous:
                 await self._ambiguous(entry, log)
+                settled = await self._settle_lost(lane, entry, sent_at, time.time())
+                adopted = await self._adopt(lane, entry, settled, attempts, sent_at, log)
+                if adopted is not None:
+                    return adopted
                 if self.settings.ambiguous_creates == "fail":
                     return self._ambiguous_outcome()
                 if not await self.dispatcher.reserve(entry):
                     await self.journal.write(MarkPending(entry.row_number))
                     log.bound().warning("budget_withholds_create", attempt=attempts)
                     return Withheld()
-                # the lost job may hold one of this key's provider slots: keep ours until it ends
-                await anyio.sleep(self.planner.quantile(0.9))
+                if settled.resolution == "unresolved":
+                    # the lost job may hold one of this key's provider slots: keep ours until
+                    # it ends
+                    await anyio.sleep(self.planner.quantile(0.9))
             if failures >= self.settings.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
                 return failed_outcome(error, f"{error} (after {attempts} attempts)")
             self.stats.retries += 1
@@ -122,6 +132,8 @@ class Creates(Books):
                 if self.uploads is not None:  # a fresh presigned URL for each create
                     inputs = self.uploads.presigned(inputs)
                 sent = self.clock.now()
+                lane.last_sent_at = time.time()  # a lost answer's window starts here
+                lane.unanswered += 1
                 try:
                     prediction_id = await self.client.create(
                         lane.key,
@@ -131,6 +143,9 @@ class Creates(Books):
                     )
                 except ApiError as exc:
                     return exc
+                finally:
+                    lane.unanswered -= 1
+                lane.answered.append(prediction_id)
                 lane.cap.started()  # running at the provider until its end is seen
                 # so a crash leaves ambiguous only creates whose answers had not come: the
                 # key's next `creating` is made durable after this id (updates keep their
@@ -145,9 +160,60 @@ class Creates(Books):
             given = replace(entry, status=Status.PENDING, attempts=attempts - 1)
             raise GiveWay(given, paused.wait) from None
 
+    async def _adopt(
+        self,
+        lane: KeyLane,
+        entry: Entry,
+        settled: Settled,
+        attempts: int,
+        sent_at: float,
+        log: JobLog,
+    ) -> Created | None:
+        """Book how a lost create was settled; the job it made, when one was found, journaled
+        and taken up as if its answer had come."""
+        count = f"creates_{settled.resolution}"
+        setattr(self.stats, count, getattr(self.stats, count) + 1)
+        notes = (
+            NoteAmbiguous(entry.row_number),
+            NoteResolution(entry.row_number, settled.resolution),
+        )
+        pid = settled.prediction_id
+        if pid is None:
+            await self.journal.write(*notes)
+            log.bound().info("lost_create_settled", resolution=settled.resolution)
+            return None
+        lane.answered.append(pid)
+        lane.cap.started()  # it runs at the provider until its end is seen
+        journaled = self.journal.post(
+            *notes, MarkCreated(entry.row_number, pid, lane.key.name, time.time())
+        )
+        log.bound().warning("lost_create_adopted", prediction_id=pid, resolution=settled.resolution)
+        # its latency counts from about its send, on the driver's clock
+        sent = self.clock.now() - max(0.0, time.time() - sent_at)
+        return Created(pid, attempts, sent, journaled)
+
+    async def _resumed_lost(
+        self, lane: KeyLane, entry: Entry, log: JobLog
+    ) -> tuple[KeyLane, Created] | None:
+        """A row a crash left `creating`, looked up with the key that sent it (its lane, when
+        this process drives that key): the lane and the job found, or None (created again)."""
+        owner = next((x for x in self.lanes if x.key.name == entry.key_name), None)
+        sent_at = entry.sent_at or entry.started_at
+        if owner is None or sent_at is None:
+            settled = Settled("unresolved")
+        else:
+            # the answer was due by the crash at the latest (the run starts after it)
+            due_by = max(sent_at, min(sent_at + self.settings.answer_within, time.time()))
+            settled = await self._settle_lost(owner, entry, sent_at, due_by)
+        created = await self._adopt(
+            owner or lane, entry, settled, entry.attempts, sent_at or 0.0, log
+        )
+        return None if created is None else (owner or lane, created)
+
     async def _ambiguous(self, entry: Entry, log: JobLog) -> None:
+        """Count a lost create; the journal counts it with how it is settled (`_adopt`), in
+        one write, so a crash while it is looked up leaves it counted once, by the resume."""
         self.stats.ambiguous_creates += 1
-        await self.journal.write(NoteAmbiguous(entry.row_number))
         log.bound().warning("ambiguous_create", policy=self.settings.ambiguous_creates)
 
     def _ambiguous_outcome(self) -> JobOutcome:

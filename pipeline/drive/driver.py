@@ -98,7 +98,22 @@ class KeyDriver(Creates, Polls, Sweeps):
         elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
             await self._ambiguous(entry, log)
-            if self.settings.ambiguous_creates == "fail":
+            found = await self._resumed_lost(lane, entry, log)
+            if isinstance(found, tuple):
+                owner, adopted = found
+                polled = await self._poll(
+                    owner,
+                    entry,
+                    adopted.prediction_id,
+                    adopted.sent,
+                    attempts,
+                    hooked=self.callbacks is not None,
+                    journaled=adopted.journaled,
+                )
+                if isinstance(polled, Left):
+                    return
+                outcome = polled
+            elif self.settings.ambiguous_creates == "fail":
                 await self._finish(entry, self._ambiguous_outcome())
                 return
         while True:

@@ -3,9 +3,9 @@ in-flight cap; and what each is doing, for the progress view."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.core import ApiKey
 from pipeline.observe import KeyState, WorkerState
@@ -23,6 +23,11 @@ class KeyLane:
     cap: InFlightCap  # shared by the keys of one group (limits.groups)
     retired: bool = False
     serving: int = 0  # slots still asking for jobs
+    # creates sent and not yet answered (or lost), and the ids of its latest answered ones:
+    # what a lost create of the key is told apart from (drive/adopt.py)
+    unanswered: int = 0
+    last_sent_at: float = 0.0  # wall time its latest create was sent
+    answered: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
 
     def open_for_work(self) -> bool:
         """Serving and not paused by a 429: a job given back now can go out on this key."""

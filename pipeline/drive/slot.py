@@ -198,6 +198,12 @@ class DriverSettings:
     timeout_text: str  # the job timeout as the config says it, for messages
     sweep_share: float  # a key's listing is read every this share of the median latency
     sweep_floor: float  # and at most this often
+    # a lost create is looked for in its key's listing (polling.listing), this long after its
+    # answer was due (wall seconds, scaled); a create's answer comes within `answer_within`
+    resolve_lost: bool = False
+    lost_settle: float = 0.0
+    answer_within: float = 30.0
+    clock_skew: float = 2.0  # how far the provider's clock may be from ours (wall seconds)
 
     @classmethod
     def of(cls, config: RunConfig) -> DriverSettings:
@@ -229,6 +235,10 @@ class DriverSettings:
             if p.delay_fraction is not None
             else 1 / (config.limits.max_concurrent * max(1.0, p.polls_per_job - 2)),
             sweep_floor=scaled(p.min_interval_s),
+            resolve_lost=p.listing,
+            lost_settle=scaled(r.lost_create_settle_s),
+            answer_within=config.api.read_timeout_s,
+            clock_skew=r.lost_create_skew_s,
         )
 
 

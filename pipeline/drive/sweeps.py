@@ -3,12 +3,13 @@ all of them, where a poll tells one. Each end the listing shows wakes its job, w
 then confirms (the listing is a hint, as a callback is: invariant 3).
 
 A key's listing is read every 1.6 `delay_fraction` of the median latency (at least
-`polling.min_interval_s`): an end waits 0.8 of the mean notice delay aimed at for the next read,
-and the rest is the read's and the confirming poll's round trips, and only while a job of the key has been running as long as the
-shortest jobs take. It asks for the ended executions of our model created since the key's
-oldest job in flight (less `_SKEW_S` for the provider's clock), a page of 100, and the next
-pages while pages come full. A failed read is tried again at the next turn; a provider
-without the listing (404) ends the sweeps, and every job is polled on the schedule.
+`polling.min_interval_s`): an end waits 0.8 of the mean notice delay aimed at for the next
+read, and the rest is the read's and the confirming poll's round trips. It is read only while a
+job of the key has been running as long as the shortest jobs take. It asks for the ended
+executions of our model created since the key's oldest job in flight (less `_SKEW_S` for the
+provider's clock), a page of 100, and the next pages while pages come full. A failed read is
+tried again at the next turn; a provider without the listing (404) ends the sweeps, and every
+job is polled on the schedule.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from pipeline.journal.updates import (
     MarkPending,
     NoteAmbiguous,
     NoteCancel,
+    NoteResolution,
     StoreImage,
     Update,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "MarkPending",
     "NoteAmbiguous",
     "NoteCancel",
+    "NoteResolution",
     "Redo",
     "ReportRow",
     "ReviewTarget",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -24,6 +25,10 @@ class Commits(Protocol):
     def post(self, *updates: Update) -> asyncio.Event: ...
 
     async def durable(self, done: asyncio.Event) -> None: ...
+
+    async def known(self, ids: Collection[str]) -> set[str]:
+        """Which of these prediction ids the journal has as a row's job (durable ones)."""
+        ...
 
 
 class _Batch:
@@ -72,6 +77,13 @@ class GroupCommit:
             self._go.set()
             await done.wait()
         self._check()
+
+    async def known(self, ids: Collection[str]) -> set[str]:
+        if not ids:
+            return set()
+        loop = asyncio.get_running_loop()
+        # on the committing thread: after every commit sent before it
+        return await loop.run_in_executor(self._thread, self._journal.known_predictions, ids)
 
     def _check(self) -> None:
         if self._failure is not None:

@@ -50,6 +50,19 @@ class JournalFile:
             self._db.close()
             raise JournalDamaged(f"journal {path} cannot be opened as a database: {exc}") from None
 
+    def known_predictions(self, ids: Collection[str]) -> set[str]:
+        """Which of these prediction ids are a row's job in the journal."""
+        listed, known = list(ids), set[str]()
+        with self._lock:
+            for start in range(0, len(listed), 500):
+                chunk = listed[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT prediction_id FROM jobs WHERE prediction_id IN ({marks})", chunk
+                )
+                known.update(str(r[0]) for r in rows)
+        return known
+
     def _shadow_added(self) -> None:
         """A journal read as it is, made before some columns were added: a temporary view
         of its jobs with each missing column at its default (the file is not changed)."""

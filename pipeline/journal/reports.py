@@ -150,7 +150,7 @@ class Reports(JournalFile):
                 "SELECT COUNT(*), COALESCE(SUM(images), 0),"
                 " COALESCE(SUM(cost_usd + earlier_cost_usd), 0),"
                 " COALESCE(SUM(ambiguous), 0), COALESCE(SUM(attempts), 0),"
-                " COALESCE(SUM(reused), 0) FROM jobs"
+                " COALESCE(SUM(reused), 0), COALESCE(SUM(ambiguous - resolved), 0) FROM jobs"
             ).fetchone()
         return {
             "rows": row[0],
@@ -159,6 +159,8 @@ class Reports(JournalFile):
             "ambiguous_creates": row[3],
             "attempts": row[4],
             "reused": row[5],
+            # lost creates not resolved at the provider: each may have been billed twice
+            "possible_duplicate_charges": row[6],
         }
 
     def cost_books(self) -> CostBooks:
@@ -172,7 +174,7 @@ class Reports(JournalFile):
                 "  AND abs(provider_cost_usd - priced_cost_usd) > 5e-7), 0),"
                 f" COALESCE(SUM({_UNCONFIRMED}), 0),"
                 f" COALESCE(SUM(CASE WHEN {_UNCONFIRMED} THEN {_WANTED} ELSE 0 END), 0),"
-                f" COALESCE(SUM(ambiguous * {_WANTED}), 0),"
+                f" COALESCE(SUM((ambiguous - resolved) * {_WANTED}), 0),"
                 f" COALESCE(SUM(CASE WHEN status = '{Status.CREATING}' THEN {_WANTED} ELSE 0 END),"
                 " 0)"
                 " FROM jobs"

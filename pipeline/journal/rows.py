@@ -59,6 +59,7 @@ class Entry:
     attempts: int
     ambiguous: int
     started_at: float | None
+    sent_at: float | None = None  # when its last create was sent
     stem: str = ""  # the name its stored images go by (see `stem`)
 
     @property
@@ -152,5 +153,6 @@ def _entry(row: sqlite3.Row) -> Entry:
         attempts=row["attempts"],
         ambiguous=row["ambiguous"],
         started_at=row["started_at"],
+        sent_at=row["sent_at"],
         stem=stem(row["job_id"], row["history"]),
     )

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(status, row_number);
 CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs(fingerprint) WHERE fingerprint IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_prediction ON jobs(prediction_id) WHERE prediction_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS images (
     row_number INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -69,6 +70,11 @@ _ADDED = {
     "review_note": "TEXT",
     # what the row's earlier edits cost (rejected and made again): still paid for
     "earlier_cost_usd": "REAL NOT NULL DEFAULT 0",
+    "sent_at": "REAL",  # when the row's last create was sent
+    # of its `ambiguous` creates, how many were resolved (RESOLUTIONS but `unresolved`), and
+    # how the last one was
+    "resolved": "INTEGER NOT NULL DEFAULT 0",
+    "resolution": "TEXT",
 }
 
 
@@ -113,7 +119,9 @@ _RESULT_COLUMNS = (
     'predict_time_s', predict_time_s,
     'latency_s', CASE WHEN started_at AND finished_at THEN round(finished_at - started_at, 4) END,
     'attempts', attempts, 'ambiguous_creates', ambiguous,
-    'possible_duplicate_charge', json(CASE WHEN ambiguous > 0 THEN 'true' ELSE 'false' END),
+    'possible_duplicate_charge',
+    json(CASE WHEN ambiguous > resolved THEN 'true' ELSE 'false' END),
+    'create_resolution', resolution,
     'reused', json(CASE WHEN reused THEN 'true' ELSE 'false' END),
     'error_type', error_type, 'error_code', error_code, 'error_message', error_message,
     'cancel_accepted', json(CASE cancel_accepted WHEN 1 THEN 'true' WHEN 0 THEN 'false' END),

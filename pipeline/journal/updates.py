@@ -30,9 +30,9 @@ class MarkCreating(Update):
 
     def apply(self, db: sqlite3.Connection) -> None:
         db.execute(
-            "UPDATE jobs SET status=?, attempts=?, key_name=?, started_at=COALESCE(started_at, ?)"
-            " WHERE row_number=?",
-            (Status.CREATING.value, self.attempt, self.key_name, self.at, self.row_number),
+            "UPDATE jobs SET status=?, attempts=?, key_name=?, started_at=COALESCE(started_at, ?),"
+            " sent_at=? WHERE row_number=?",
+            (Status.CREATING.value, self.attempt, self.key_name, self.at, self.at, self.row_number),
         )
 
 
@@ -59,6 +59,20 @@ class NoteAmbiguous(Update):
 
     def apply(self, db: sqlite3.Connection) -> None:
         db.execute("UPDATE jobs SET ambiguous=ambiguous+1 WHERE row_number=?", (self.row_number,))
+
+
+@dataclass(frozen=True, slots=True)
+class NoteResolution(Update):
+    """How a create whose answer was lost was settled (one of RESOLUTIONS)."""
+
+    row_number: int
+    resolution: str
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "UPDATE jobs SET resolution=?, resolved=resolved+? WHERE row_number=?",
+            (self.resolution, int(self.resolution != "unresolved"), self.row_number),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,7 @@ def _activity(summary: RunSummary) -> list[tuple[str, str]]:
     rows += [
         ("images", f"{int(totals['images']):,}"),
         ("cost", f"${totals['cost_usd']:,.2f}"),
-        ("possible duplicate charges", f"{int(totals['ambiguous_creates']):,}"),
+        ("possible duplicate charges", f"{int(totals['possible_duplicate_charges']):,}"),
         (
             "keys",
             ", ".join(summary.keys)

@@ -186,7 +186,7 @@ def write_report(
         "counts": counts,
         "images": int(totals["images"]),
         "cost": totals["cost_usd"],
-        "duplicates": int(totals["ambiguous_creates"]),
+        "duplicates": int(totals["possible_duplicate_charges"]),
         "reused": int(totals["reused"]),
         "thumbs": THUMBS,
         "statuses": [s.value for s in Status],  # the one status vocabulary, in its order

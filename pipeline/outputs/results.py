@@ -163,7 +163,8 @@ def _base_fields() -> list[pa.Field]:
         pa.field("latency_s", pa.float64()),
         pa.field("attempts", pa.int64()),
         pa.field("ambiguous_creates", pa.int64()),
-        pa.field("possible_duplicate_charge", pa.bool_()),
+        pa.field("possible_duplicate_charge", pa.bool_()),  # a lost create left unresolved
+        pa.field("create_resolution", pa.string()),  # how the last lost create was (RESOLUTIONS)
         pa.field("reused", pa.bool_()),
         pa.field("error_type", pa.string()),
         pa.field("error_code", pa.string()),

@@ -57,6 +57,9 @@ class RunSummary:
     ended_at: float = 0.0
     cost: CostBooks | None = None  # the cost confirmed by the provider, and what may be billed
     possibly_billed_usd: float = 0.0  # at most, beyond the results' cost (unconfirmed jobs)
+    # executions of our model seen near a lost create that no row claims (id, key, status,
+    # cost): billed to the account, in no result
+    orphans: list[dict[str, Any]] = field(default_factory=list)
 
     def results(self) -> Any:
         """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
@@ -159,7 +162,9 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "cost_usd": totals["cost_usd"],
         "cost": _cost(summary),
         "reused": int(totals.get("reused", 0)),
-        "possible_duplicate_charges": int(totals["ambiguous_creates"]),
+        "possible_duplicate_charges": int(totals["possible_duplicate_charges"]),
+        "orphans": summary.orphans,
+        "orphans_cost_usd": round(sum(o.get("cost_usd") or 0.0 for o in summary.orphans), 6),
         **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
         "throughput": _throughput(summary, config),
         "latency_s": percentiles(stats.latencies),

@@ -309,6 +309,7 @@ async def _run_held(
         summary.sandbox_stats, summary.requeued, summary.forced = sandbox_stats, requeued, forced
         summary.waiting_on_keys, summary.workers = waiting, worker_figures
         summary.cost = books.cost
+        summary.orphans = _orphans(journal, stats)
         summary.possibly_billed_usd = books.cost.possibly_billed_usd(price)
         await observer.finish(journal, finish_line(summary))
     try:
@@ -345,6 +346,13 @@ def _summary(
         started_at=time.time() - (time.monotonic() - started),
         ended_at=time.time(),
     )
+
+
+def _orphans(journal: Journal, stats: RunStats) -> list[dict[str, Any]]:
+    """The executions seen near lost creates that no row's job is, by the run's end."""
+    seen = stats.orphan_candidates
+    claimed = journal.known_predictions(seen)
+    return [seen[pid] for pid in sorted(seen) if pid not in claimed]
 
 
 def _start_line(config: RunConfig, run_dir: Path, journal: Journal, keys: list[ApiKey]) -> str:

@@ -59,7 +59,7 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         rows=int(totals["rows"]),
         images=int(totals["images"]),
         cost_usd=float(totals["cost_usd"]),
-        possible_duplicate_charges=int(totals["ambiguous_creates"]),
+        possible_duplicate_charges=int(totals["possible_duplicate_charges"]),
         ingest_complete=complete,
         images_by_state=images,
         waiting_on_keys=waiting,
