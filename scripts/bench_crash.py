@@ -7,13 +7,19 @@ send, its answer and its journaling), resumes after each kill, lets the last run
 judges the run folder against the sandbox's billing ledger:
 
 - rows lost: manifest rows without exactly one final result (goal 0);
-- duplicate creates per kill: creates of an input beyond its first, less those that a lost
-  create answer explains (the sandbox's fault, retried on purpose and counted), per kill
-  (goal under 0.3);
+- duplicate creates: creates of an input beyond its first (goal 0 with the listing: every lost
+  answer, at run time or left by a kill, is found in the key's executions listing and adopted),
+  and per kill;
 - unflagged duplicates: inputs created more often than once plus their counted ambiguous
-  creates (goal 0).
+  creates (goal 0);
+- cost recorded against billed: what the results hold against what the sandbox billed (equal
+  when nothing is created twice);
+- how each lost create was settled (`create_resolution`), and the orphans the summary lists.
 
-    python scripts/bench_crash.py --kills 20 --rows 600 --time-scale 0.05 --lost-create 0.02
+Each run is made with the listing and without it (`--listing both`, the default): without it a
+lost create is created again and flagged, as before the listing was used.
+
+    python scripts/bench_crash.py --kills 20 --rows 1000 --time-scale 0.05 --lost-create 0.02
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
@@ -46,6 +53,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--time-scale", type=float, default=0.05)
     parser.add_argument("--lost-create", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument(
+        "--listing",
+        choices=("on", "off", "both"),
+        default="both",
+        help="the provider's executions listing (off: it answers 404, as a provider without it)",
+    )
     parser.add_argument(
         "--kill-delay",
         type=float,
@@ -100,8 +113,12 @@ def _journal(run_dir: Path) -> dict[str, dict[str, object]]:
         db.close()
 
 
-def main() -> None:
-    args = _arguments()
+def _billed(ledger: list[dict[str, Any]]) -> float:
+    return round(sum(e.get("cost_usd") or 0.0 for e in ledger if e["event"] == "ended"), 6)
+
+
+def _one(args: argparse.Namespace, listing: bool) -> dict[str, Any]:
+    """One run, killed `--kills` times and finished, judged against the sandbox's ledger."""
     rng = random.Random(args.seed)
     keys = tuple(f"bench-crash-key-{i + 1}" for i in range(args.keys))
     settings = SandboxSettings(
@@ -112,6 +129,7 @@ def main() -> None:
         seed=args.seed,
         image_scale=0.05,
         faults=FaultRates(lost_create=args.lost_create),
+        listing=listing,
     )
     with tempfile.TemporaryDirectory() as tmp, SandboxServer(settings) as sb:
         folder = Path(tmp)
@@ -130,10 +148,11 @@ def main() -> None:
             proc.wait(timeout=10)
             kills += 1
         final = _start(config, log, keys)
-        code = final.wait(timeout=600)
+        code = final.wait(timeout=900)
         elapsed = time.monotonic() - started
 
         results = pq.read_table(folder / "run" / "results.parquet").to_pylist()
+        summary = json.loads((folder / "run" / "summary.json").read_text(encoding="utf-8"))
         numbers = Counter(r["row_number"] for r in results)
         final_ok = {r["row_number"] for r in results if r["status"] in ("succeeded", "failed")}
         lost = sum(1 for n in range(1, args.rows + 1) if numbers[n] != 1 or n not in final_ok)
@@ -146,23 +165,36 @@ def main() -> None:
             max(0, n - 1 - int(journal[fp]["ambiguous"]))  # type: ignore[call-overload]
             for fp, n in created.items()
         )
-        flagged = sum(int(j["ambiguous"]) for j in journal.values())  # type: ignore[call-overload]
-        figures = {
-            "rows": args.rows,
-            "kills": kills,
-            "final_exit_code": code,
-            "rows_lost": lost,
-            "creates": sum(created.values()),
-            "duplicate_creates": duplicates,
-            "lost_create_answers": lost_answers,
-            "duplicates_per_kill": round((duplicates - lost_answers) / max(1, kills), 3),
-            "flagged_ambiguous_creates": flagged,
-            "unflagged_duplicates": unflagged,
-            "wall_s": round(elapsed, 1),
-        }
-    for name, value in figures.items():
-        print(f"{name:28} {value}")
-    print(json.dumps(figures))
+        resolutions = Counter(r["create_resolution"] for r in results if r["create_resolution"])
+        recorded = round(sum(r["cost_usd"] for r in results), 6)
+    return {
+        "listing": "on" if listing else "off",
+        "rows": args.rows,
+        "kills": kills,
+        "final_exit_code": code,
+        "rows_lost": lost,
+        "creates": sum(created.values()),
+        "lost_create_answers": lost_answers,
+        "duplicate_creates": duplicates,
+        "duplicates_per_kill": round(duplicates / max(1, kills), 3),
+        "unflagged_duplicates": unflagged,
+        "possible_duplicate_charges": summary["possible_duplicate_charges"],
+        "resolutions": dict(sorted(resolutions.items())),
+        "cost_recorded_usd": recorded,
+        "cost_billed_usd": _billed(ledger),
+        "orphans": len(summary["orphans"]),
+        "wall_s": round(elapsed, 1),
+    }
+
+
+def main() -> None:
+    args = _arguments()
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[args.listing]
+    for listing in modes:
+        figures = _one(args, listing)
+        for name, value in figures.items():
+            print(f"{name:28} {value}")
+        print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

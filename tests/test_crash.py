@@ -155,6 +155,9 @@ def test_sigkill_at_many_points_then_resume(
     assert code == 6, output  # finished, with the rejected row (and any job errors)
 
     figures = judge_against_ledger(sb, run_dir, 150)
+    # every lost answer, at run time or left by a kill, was settled from the key's listing
+    created = Counter(e["fingerprint"] for e in sb.ledger() if e["event"] == "created")
+    assert sum(created.values()) == len(created), "an input was created twice"
     assert len(kills) >= 6, kills  # it was killed mid-run many times
     assert len({k["creates"] for k in kills}) >= 5, kills  # at different points
     assert any(k["creates"] > k["ended"] for k in kills), kills  # with jobs in flight

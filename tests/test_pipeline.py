@@ -149,15 +149,19 @@ async def test_retries_on_5xx_and_lost_answers(sandbox: Start, tmp_path: Path) -
     assert any(r["attempts"] > 1 for r in rows)
     lost = sb.stats()["keys"][key_hash(KEY)]["lost_answers"]
     assert lost > 0
-    # a lost answer is counted as a possible duplicate; nothing else is ever created twice
-    assert sum(r["ambiguous_creates"] for r in rows) == lost
-    assert sb.stats()["duplicate_creates"] <= lost
-    assert sum(r["cost_usd"] for r in rows) + 0.03 * sb.stats()[
-        "duplicate_creates"
-    ] == pytest.approx(sb.stats()["cost_usd"])
+    # each lost answer's job is found in the key's listing and adopted: nothing is created
+    # twice, and the results hold every cost billed
+    assert sum(r["create_resolution"] == "adopted" for r in rows) == lost
+    assert not any(r["possible_duplicate_charge"] for r in rows)
+    assert sb.stats()["duplicate_creates"] == 0
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(sb.stats()["cost_usd"])
+    assert summary.stats.creates_adopted == lost and summary.stats.creates_unresolved == 0
 
 
-async def test_ambiguous_creates_can_be_failed_not_retried(sandbox: Start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("listing", [False, True])
+async def test_ambiguous_creates_can_be_failed_not_retried(
+    sandbox: Start, tmp_path: Path, listing: bool
+) -> None:
     sb = shrunk_sandbox(sandbox, seed=5, latency_mean_s=1, faults=FaultRates(lost_create=0.3))
     manifest = write_manifest(tmp_path / "m.csv", catalog(30))
     config = make_config(
@@ -166,10 +170,19 @@ async def test_ambiguous_creates_can_be_failed_not_retried(sandbox: Start, tmp_p
         manifest,
         api={"time_scale": SCALE},
         retries={"ambiguous_creates": "fail"},
+        polling={"listing": listing},
     )
     rows = results(await go(config, [KEY]))
-    ambiguous = [r for r in rows if r["error_type"] == "ambiguous_create"]
-    assert ambiguous and all(r["possible_duplicate_charge"] for r in ambiguous)
+    ambiguous = [r for r in rows if r["ambiguous_creates"]]
+    assert ambiguous
+    if listing:  # each lost create's job is found and adopted: nothing fails
+        assert all(r["status"] == "succeeded" for r in rows)
+        assert all(r["create_resolution"] == "adopted" for r in ambiguous)
+        assert not any(r["possible_duplicate_charge"] for r in rows)
+    else:  # today's behaviour without the listing: failed, and flagged
+        assert all(r["error_type"] == "ambiguous_create" for r in ambiguous)
+        assert all(r["possible_duplicate_charge"] for r in ambiguous)
+        assert all(r["create_resolution"] == "unresolved" for r in ambiguous)
     assert sb.stats()["duplicate_creates"] == 0
     assert sb.stats()["creates"] == 30
 
