@@ -147,6 +147,24 @@ async def go(config: Any, keys: list[str], **kwargs: Any) -> RunSummary:
     return await run(config, [ApiKey(k) for k in keys], handle_signals=False, **kwargs)
 
 
+async def shrunk_run(
+    sandbox: Callable[..., SandboxServer],
+    tmp_path: Path,
+    count: int,
+    sections: dict[str, dict[str, Any]] | None = None,
+    **settings: Any,
+) -> tuple[SandboxServer, RunSummary, list[dict[str, Any]]]:
+    """`count` catalog rows run on KEY against a shrunk sandbox of `settings`, with the config's
+    `sections` beside the shrunk time scale: the sandbox, the summary and the results."""
+    sb = shrunk_sandbox(sandbox, **settings)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(count))
+    config = make_config(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, **(sections or {})
+    )
+    summary = await go(config, [KEY])
+    return sb, summary, results(summary)
+
+
 def results(summary: RunSummary) -> list[dict[str, Any]]:
     return pq.read_table(summary.results_path).to_pylist()
 

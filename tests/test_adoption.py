@@ -30,6 +30,7 @@ from tests.conftest import (
     ledger_cost,
     make_config,
     results,
+    shrunk_run,
     shrunk_sandbox,
     write_manifest,
 )
@@ -48,13 +49,10 @@ async def test_lost_answers_are_adopted_or_created_again_when_nothing_was_made(
     sandbox: Start, tmp_path: Path
 ) -> None:
     # half of the 502s come after the job was made (its answer lost), half before it
-    sb = shrunk_sandbox(
-        sandbox, seed=8, latency_mean_s=2, faults=FaultRates(lost_create=0.15, early_502=0.15)
+    faults = FaultRates(lost_create=0.15, early_502=0.15)
+    sb, summary, rows = await shrunk_run(
+        sandbox, tmp_path, 60, seed=8, latency_mean_s=2, faults=faults
     )
-    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
-    summary = await go(config, [KEY])
-    rows = results(summary)
     assert_one_result_per_row(rows, 60)
     assert all(r["status"] == "succeeded" for r in rows)
 
@@ -76,23 +74,17 @@ async def test_lost_answers_are_adopted_or_created_again_when_nothing_was_made(
 async def test_where_the_get_has_no_input_the_keys_only_unanswered_create_is_adopted_by_time(
     sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = shrunk_sandbox(
+    # one clock here: a window as narrow as the creates are apart at this pace
+    sb, _, rows = await shrunk_run(
         sandbox,
+        tmp_path,
+        60,
+        {"retries": {"lost_create_skew_s": 0.005}},
         seed=3,
         latency_mean_s=2,
         prediction_input=False,
         faults=FaultRates(lost_create=0.1),
     )
-    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
-    # one clock here: a window as narrow as the creates are apart at this pace
-    config = make_config(
-        tmp_path,
-        sb.base_url,
-        manifest,
-        api={"time_scale": SCALE},
-        retries={"lost_create_skew_s": 0.005},
-    )
-    rows = results(await go(config, [KEY]))
     assert all(r["status"] == "succeeded" for r in rows)
     lost = sum(1 for e in sb.ledger() if e["event"] == "answer_lost")
     settled = Counter(r["create_resolution"] for r in rows if r["create_resolution"])
@@ -110,13 +102,15 @@ async def test_where_the_get_has_no_input_the_keys_only_unanswered_create_is_ado
 async def test_without_the_listing_a_lost_create_is_created_again_and_flagged(
     sandbox: Start, tmp_path: Path
 ) -> None:
-    sb = shrunk_sandbox(
-        sandbox, seed=8, latency_mean_s=2, listing=False, faults=FaultRates(lost_create=0.2)
+    sb, summary, rows = await shrunk_run(
+        sandbox,
+        tmp_path,
+        40,
+        seed=8,
+        latency_mean_s=2,
+        listing=False,
+        faults=FaultRates(lost_create=0.2),
     )
-    manifest = write_manifest(tmp_path / "m.csv", catalog(40))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
-    summary = await go(config, [KEY])
-    rows = results(summary)
     assert all(r["status"] == "succeeded" for r in rows)
     lost = sum(1 for e in sb.ledger() if e["event"] == "answer_lost")
     assert lost > 0
