@@ -374,6 +374,26 @@ def test_dispatcher_hands_out_rows_in_order_and_a_created_job_only_to_its_key() 
     assert second == [2, None]
 
 
+def test_dispatcher_hands_a_row_left_creating_to_the_key_that_sent_it_while_the_run_has_it() -> (
+    None
+):
+    jobs = [
+        entry(1, status=Status.CREATING, key_name="k2"),  # its create's key: looked up with it
+        entry(2, status=Status.CREATING, key_name="gone"),  # a key this run lacks: any key
+        entry(3),
+    ]
+
+    async def main() -> tuple[list[int | None], list[int | None]]:
+        d = dispatcher(jobs, lanes=2, keys=("k1", "k2"))
+        first = [getattr(await d.next_job("k1"), "row_number", None) for _ in range(3)]
+        second = [getattr(await d.next_job("k2"), "row_number", None) for _ in range(2)]
+        return first, second
+
+    first, second = virtual(main)
+    assert first == [2, 3, None]
+    assert second == [1, None]
+
+
 def test_dispatcher_stops_handing_out_at_the_budget_and_says_so() -> None:
     jobs = [entry(r) for r in range(1, 6)]
 

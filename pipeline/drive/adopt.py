@@ -6,11 +6,11 @@ was due, widened by `retries.lost_create_skew_s` for the provider's clock), once
 `retries.lost_create_settle_s` has passed for the listing to catch up. Every execution there
 that is no row's job (not in the journal, not among the key's answered creates) is read with a
 `GET`: one created with the row's input is the row's job, adopted as if its answer had come
-(`adopted`). Where the provider's `GET` carries no input, a key's creates being one at a time,
-the one unknown execution of a window in which the key had no other create out is the lost
-create's (`adopted_by_time`). No unknown execution at all: the create made nothing, and the row
-is created again (`recreated`). Anything else, or no listing (404, a failed read,
-polling.listing: false), is `unresolved`: the row is created again as before, flagged as a
+(`adopted`). Once the provider's `GET` is seen to carry no input, each key's creates go one at a
+time (`KeyLane.serial`), and a window is read with the key's creates held: its one unknown
+execution is the lost create's (`adopted_by_time`). No unknown execution at all: the create made
+nothing, and the row is created again (`recreated`). Anything else, or no listing (404, a failed
+read, polling.listing: false), is `unresolved`: the row is created again as before, flagged as a
 possible duplicate charge. Executions of our model seen in a window and claimed by no row are
 kept as orphan candidates for the summary.
 """
@@ -18,6 +18,7 @@ kept as orphan candidates for the summary.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,12 @@ class Adoptions(DriverBase):
     """Looking a lost create up in its key's listing."""
 
     _listing_gone = False  # the provider answered the listing 404: no lost create is looked up
+    _blind = False  # a GET showed no input: each key's creates go one at a time from then on
+
+    def _one_at_a_time(self, lane: KeyLane) -> AbstractAsyncContextManager[object]:
+        """The key's creates one at a time once the provider's GET is known to show no input,
+        so a window read while holding it has no create of the key out."""
+        return lane.serial if self._blind else nullcontext()
 
     async def _settle_lost(
         self, lane: KeyLane, entry: Entry, sent_at: float, due_by: float
@@ -82,12 +89,18 @@ class Adoptions(DriverBase):
 
     async def _look_up(self, lane: KeyLane, entry: Entry, sent_at: float, due_by: float) -> Settled:
         skew = self.settings.clock_skew  # the provider's creation times are on its clock
-        window = await self._window(lane, sent_at - skew, due_by + skew)
-        if window is None:
-            return Settled("unresolved")
-        out = lane.unanswered  # the key's creates out now may be in the window, unknown
-        unknown = await self._unknown(lane, window)
-        return await self._match(lane, entry, unknown, alone=out == 0)
+        while True:
+            blind = self._blind
+            async with self._one_at_a_time(lane):
+                window = await self._window(lane, sent_at - skew, due_by + skew)
+                if window is None:
+                    return Settled("unresolved")
+                out = lane.unanswered  # the key's creates out now may be in the window, unknown
+                unknown = await self._unknown(lane, window)
+            settled = await self._match(lane, entry, unknown, alone=out == 0)
+            if blind or not self._blind or settled.resolution != "unresolved":
+                return settled
+            # the provider was found to show no input just now: once more, the key held
 
     async def _window(self, lane: KeyLane, since: float, until: float) -> list[Execution] | None:
         """The key's executions of our model created in the window, oldest first; None when
@@ -117,6 +130,7 @@ class Adoptions(DriverBase):
         for execution in unknown:
             inputs = await self.client.created_with(lane.key, execution.prediction_id)
             if inputs is None:
+                self._blind = True
                 blind.append(execution)
             elif same_input(inputs, entry.inputs, presigned=self.uploads is not None):
                 self._unclaimed(lane, unknown, but=execution)

@@ -5,7 +5,7 @@ ambiguous)."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import anyio
 import structlog
@@ -48,6 +48,14 @@ _MAX_RATE_LIMIT_WAITS = 50
 __all__ = ["Creates"]
 
 
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A create that failed: why, and when it was sent (wall seconds)."""
+
+    error: ApiError
+    sent_at: float
+
+
 class Creates(Books, Adoptions):
     """Sending a job's create, and what its answer (or its loss) means."""
 
@@ -62,10 +70,9 @@ class Creates(Books, Adoptions):
         while True:
             attempts += 1
             sent = await self._send_create(lane, entry, attempts, marked)
-            if not isinstance(sent, ApiError):
+            if not isinstance(sent, Failed):
                 return sent
-            sent_at = lane.last_sent_at  # this create's: the key's next one may go meanwhile
-            marked, error = True, sent
+            marked, error, sent_at = True, sent.error, sent.sent_at
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
                 log.bound().error("key_refused", error=str(error))
@@ -112,9 +119,10 @@ class Creates(Books, Adoptions):
 
     async def _send_create(
         self, lane: KeyLane, entry: Entry, attempts: int, marked: bool
-    ) -> Created | ApiError | NotSent:
+    ) -> Created | Failed | NotSent:
         """One create through the key's gate: its id (durable before the next create of this
-        key is sent), the error, or NotSent when the run was stopped first."""
+        key is sent), its error and when it was sent, or NotSent when the run was stopped
+        first."""
         try:
             async with (
                 lane.cap.sending(),
@@ -132,20 +140,22 @@ class Creates(Books, Adoptions):
                 if self.uploads is not None:  # a fresh presigned URL for each create
                     inputs = self.uploads.presigned(inputs)
                 sent = self.clock.now()
-                lane.last_sent_at = time.time()  # a lost answer's window starts here
-                lane.unanswered += 1
-                try:
-                    prediction_id = await self.client.create(
-                        lane.key,
-                        inputs,
-                        webhook_url=self.webhook_url,
-                        webhook_secret=self.webhook_secret,
-                    )
-                except ApiError as exc:
-                    return exc
-                finally:
-                    lane.unanswered -= 1
-                lane.answered.append(prediction_id)
+                # where the provider's GET shows no input, a key's creates go one at a time
+                async with self._one_at_a_time(lane):
+                    sent_at = time.time()  # a lost answer's window starts here
+                    lane.unanswered += 1
+                    try:
+                        prediction_id = await self.client.create(
+                            lane.key,
+                            inputs,
+                            webhook_url=self.webhook_url,
+                            webhook_secret=self.webhook_secret,
+                        )
+                    except ApiError as exc:
+                        return Failed(exc, sent_at)
+                    finally:
+                        lane.unanswered -= 1
+                    lane.answered.append(prediction_id)
                 lane.cap.started()  # running at the provider until its end is seen
                 # so a crash leaves ambiguous only creates whose answers had not come: the
                 # key's next `creating` is made durable after this id (updates keep their

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 import anyio
@@ -54,6 +54,7 @@ class Dispatcher:
         budget_usd: float | None,
         spent_usd: float,
         lanes: int,
+        keys: Collection[str] = (),
     ) -> None:
         self._journal = journal
         self._price = price_per_image_usd
@@ -68,6 +69,7 @@ class Dispatcher:
         self._drained = asyncio.Event()  # a slot was told there is no more work
         self._live_lanes = lanes
         self._retired: set[str] = set()
+        self._keys = frozenset(keys)  # the names of the run's keys
         self.halted = False  # stopped by a signal: not even jobs already handed out are sent
         self.abandoned = False  # stopped for good (a second signal): jobs in flight are dropped
         self.budget_reached = False
@@ -114,11 +116,21 @@ class Dispatcher:
     def _take(self, key_name: str) -> Entry | None:
         for queue in (self._given_back, self._page):
             for index, entry in enumerate(queue):
-                # a job with a prediction id can only be polled with the key that created it
-                if entry.status is not Status.CREATED or entry.key_name in (None, key_name):
+                if self._for(entry, key_name):
                     del queue[index]
                     return entry
         return None
+
+    def _for(self, entry: Entry, key_name: str) -> bool:
+        """Whether a slot of `key_name` may take the job: one with a prediction id can only
+        be polled with the key that created it; one a crash left `creating` is looked up in
+        the listing of the key that sent it, while the run has that key."""
+        owner = entry.key_name
+        if owner is None or owner == key_name or entry.status is Status.PENDING:
+            return True
+        if entry.status is Status.CREATED:
+            return False
+        return owner not in self._keys or owner in self._retired
 
     async def _refill(self) -> bool:
         while True:

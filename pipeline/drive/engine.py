@@ -7,7 +7,7 @@ the runner drives an engine without knowing which it is.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -43,7 +43,12 @@ class Engine:
     view: RunView
 
     def __init__(
-        self, config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: int
+        self,
+        config: RunConfig,
+        journal: Journal,
+        stats: RunStats,
+        spent: float,
+        keys: Sequence[str],
     ) -> None:
         self._config = config
         self._journal = journal
@@ -131,7 +136,7 @@ class Local(Engine):
         receiver: Receiver | None,
         uploads: Uploads | None,
     ) -> None:
-        super().__init__(config, journal, stats, spent, len(keys))
+        super().__init__(config, journal, stats, spent, [k.name for k in keys])
         # a resume: the provider's window still holds the creates of the run before, if recent
         recent = journal.recent_creates(time.time() - config.scaled(config.limits.window_s))
         self.side = assemble(
@@ -186,7 +191,7 @@ class Distributed(Engine):
         journal: Journal,
         stats: RunStats,
         spent: float,
-        keys: int,
+        keys: Sequence[str],
     ) -> None:
         super().__init__(config, journal, stats, spent, keys)
         self.cluster = cluster
@@ -224,14 +229,15 @@ def _confirm_within(config: RunConfig) -> float:
 
 
 def _dispatcher(
-    config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: int
+    config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: Sequence[str]
 ) -> Dispatcher:
     dispatcher = Dispatcher(
         journal,
         price_per_image_usd=config.api.price_per_image_usd,
         budget_usd=config.budget.max_cost_usd,
         spent_usd=spent,
-        lanes=keys,
+        lanes=len(keys),
+        keys=keys,
     )
     dispatcher.on_retire = stats.retired_keys.append
     return dispatcher
@@ -268,4 +274,4 @@ async def open_engine(
             )
         cluster = Cluster(ray, config, key_sets, groups, base_url, uploads is not None)
         async with cluster.started(journal):
-            yield Distributed(cluster, config, journal, stats, spent, len(keys))
+            yield Distributed(cluster, config, journal, stats, spent, [k.name for k in keys])

@@ -3,6 +3,7 @@ in-flight cap; and what each is doing, for the progress view."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ class KeyLane:
     # creates sent and not yet answered (or lost), and the ids of its latest answered ones:
     # what a lost create of the key is told apart from (drive/adopt.py)
     unanswered: int = 0
-    last_sent_at: float = 0.0  # wall time its latest create was sent
+    # held by each create while the provider's GET shows no input (drive/adopt.py)
+    serial: asyncio.Lock = field(default_factory=asyncio.Lock)
     answered: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
 
     def open_for_work(self) -> bool:
