@@ -127,7 +127,8 @@ class RetriesSection(_Section):
     # is adopted or created again
     lost_create_settle_s: float = Field(2.0, ge=0, le=600)
     # how far the provider's clock may be from ours: the listing is searched this much before
-    # a lost create's send and after its answer was due (real seconds, never scaled)
+    # a lost create's send and after its answer was due, and this much before a key's oldest
+    # job in flight (real seconds, never scaled)
     lost_create_skew_s: float = Field(2.0, ge=0, le=600)
 
 

@@ -34,7 +34,6 @@ from pipeline.provider import Execution
 __all__ = ["Adoptions", "Settled"]
 
 _log = structlog.get_logger("pipeline.drive.adopt")
-_PAGE = 100
 _PAGES = 20  # a window holding more of the key's creates than this is left unresolved
 
 
@@ -49,7 +48,6 @@ class Settled:
 class Adoptions(DriverBase):
     """Looking a lost create up in its key's listing."""
 
-    _listing_gone = False  # the provider answered the listing 404: no lost create is looked up
     _blind = False  # a GET showed no input: each key's creates go one at a time from then on
 
     def _one_at_a_time(self, lane: KeyLane) -> AbstractAsyncContextManager[object]:
@@ -62,7 +60,7 @@ class Adoptions(DriverBase):
     ) -> Settled:
         """How the create of `entry` sent at `sent_at` (wall seconds) whose answer was due
         by `due_by` is settled; `unresolved` when the listing cannot tell."""
-        if not self.settings.resolve_lost or self._listing_gone:
+        if not self.settings.resolve_lost or self.no_listing:
             return Settled("unresolved")
         settle = due_by + self.settings.lost_settle - time.time()
         if settle > 0:
@@ -71,14 +69,7 @@ class Adoptions(DriverBase):
         for attempt in range(1, policy.max_attempts + 1):
             try:
                 return await self._look_up(lane, entry, sent_at, due_by)
-            except NotFound:
-                self._listing_gone = True
-                _log.warning(
-                    "listing_unavailable",
-                    key=lane.key.name,
-                    hint="the provider has no executions listing: a lost create is created "
-                    "again and flagged possible_duplicate_charge (polling.listing: false)",
-                )
+            except NotFound:  # said once by `_listed`
                 break
             except ApiError as exc:
                 if not exc.retryable or attempt == policy.max_attempts:
@@ -105,16 +96,8 @@ class Adoptions(DriverBase):
     async def _window(self, lane: KeyLane, since: float, until: float) -> list[Execution] | None:
         """The key's executions of our model created in the window, oldest first; None when
         there are more than `_PAGES` pages of them."""
-        found: list[Execution] = []
-        for _ in range(_PAGES):
-            page, total = await self.client.executions(
-                lane.key, (), since, until=until, limit=_PAGE, offset=len(found)
-            )
-            self.stats.listings += 1
-            found.extend(page)
-            if len(page) < _PAGE or len(found) >= total:
-                return found[::-1]
-        return None
+        found, whole = await self._listed(lane, (), since, until=until, pages=_PAGES)
+        return found[::-1] if whole else None
 
     async def _unknown(self, lane: KeyLane, window: list[Execution]) -> list[Execution]:
         """The window's executions that are no row's job."""

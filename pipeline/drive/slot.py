@@ -15,6 +15,7 @@ from pipeline.core import (
     ApiError,
     Clock,
     JobOutcome,
+    NotFound,
     RunConfig,
     RunStats,
     Status,
@@ -31,6 +32,7 @@ from pipeline.outputs import Downloader
 from pipeline.provider import (
     Callbacks,
     EachlabsClient,
+    Execution,
     PollPlanner,
     Prediction,
     RetryPolicy,
@@ -40,6 +42,7 @@ from pipeline.provider import (
 _log = structlog.get_logger("pipeline.drive.driver")
 _MAX_RATE_LIMIT_WAITS = 50
 _SWEEP_SPAN = 1.6  # a key's listing reads, apart, in mean notice delays aimed at
+_PAGE = 100  # executions a listing page holds at most (the reference's largest `limit`)
 
 
 __all__ = [
@@ -297,11 +300,48 @@ class DriverBase:
         # on a Ray worker: whether a key of another worker can take a job now
         self.open_elsewhere: Callable[[], bool] | None = None
         self._cost_said = False  # a difference between the provider's cost and ours: said once
+        self.no_listing = False  # the provider answered its executions listing 404
 
     def _others_open(self, lane: KeyLane) -> bool:
         if any(other is not lane and other.open_for_work() for other in self.lanes):
             return True
         return self.open_elsewhere is not None and self.open_elsewhere()
+
+    async def _listed(
+        self,
+        lane: KeyLane,
+        statuses: tuple[str, ...],
+        since: float,
+        *,
+        until: float | None = None,
+        pages: int,
+    ) -> tuple[list[Execution], bool]:
+        """The key's executions of our model in `statuses` (any, when empty) created from
+        `since` (to `until`), newest first, a page of 100 at a time and `pages` pages at most;
+        and whether that was all of them. NotFound when the provider has no listing: said
+        once, and `no_listing` set, for the sweeps and the lost creates alike."""
+        found: list[Execution] = []
+        try:
+            for _ in range(pages):
+                page, total = await self.client.executions(
+                    lane.key, statuses, since, until=until, limit=_PAGE, offset=len(found)
+                )
+                self.stats.listings += 1
+                found.extend(page)
+                if len(page) < _PAGE or len(found) >= total:
+                    return found, True
+        except NotFound:
+            if not self.no_listing:
+                self.no_listing = True
+                _log.warning(
+                    "listing_unavailable",
+                    key=lane.key.name,
+                    hint="the provider has no executions listing: each job is polled on the "
+                    "schedule, and a lost create is created again and flagged "
+                    "possible_duplicate_charge (polling.listing: false says so)",
+                )
+            raise
+        return found, False
 
     def ages(self) -> list[float]:
         """Seconds since the create of each job in flight: lower bounds on their latencies."""
