@@ -202,23 +202,18 @@ class Creates(Books, Adoptions):
         sent = self.clock.now() - max(0.0, time.time() - sent_at)
         return Created(pid, attempts, sent, journaled)
 
-    async def _resumed_lost(
-        self, lane: KeyLane, entry: Entry, log: JobLog
-    ) -> tuple[KeyLane, Created] | None:
-        """A row a crash left `creating`, looked up with the key that sent it (its lane, when
-        this process drives that key): the lane and the job found, or None (created again)."""
-        owner = next((x for x in self.lanes if x.key.name == entry.key_name), None)
+    async def _resumed_lost(self, lane: KeyLane, entry: Entry, log: JobLog) -> Created | None:
+        """A row a crash left `creating`, looked up in the listing of the key that sent it
+        (the dispatcher hands it to that key while the run has it): the job found, or None
+        (created again)."""
         sent_at = entry.sent_at or entry.started_at
-        if owner is None or sent_at is None:
-            settled = Settled("unresolved")
+        if entry.key_name != lane.key.name or sent_at is None:
+            settled = Settled("unresolved")  # its key is not this run's: it cannot be looked up
         else:
             # the answer was due by the crash at the latest (the run starts after it)
             due_by = max(sent_at, min(sent_at + self.settings.answer_within, time.time()))
-            settled = await self._settle_lost(owner, entry, sent_at, due_by)
-        created = await self._adopt(
-            owner or lane, entry, settled, entry.attempts, sent_at or 0.0, log
-        )
-        return None if created is None else (owner or lane, created)
+            settled = await self._settle_lost(lane, entry, sent_at, due_by)
+        return await self._adopt(lane, entry, settled, entry.attempts, sent_at or 0.0, log)
 
     async def _ambiguous(self, entry: Entry, log: JobLog) -> None:
         """Count a lost create; the journal counts it with how it is settled (`_adopt`), in

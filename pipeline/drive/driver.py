@@ -30,7 +30,7 @@ from pipeline.core import (
 from pipeline.drive.creates import Creates
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.polls import Polls
-from pipeline.drive.slot import GiveWay, JobLog, KeyRefused, Left, NotSent, Withheld
+from pipeline.drive.slot import Created, GiveWay, JobLog, KeyRefused, Left, NotSent, Withheld
 from pipeline.drive.sweeps import Sweeps
 from pipeline.journal import (
     Entry,
@@ -81,6 +81,7 @@ class KeyDriver(Creates, Polls, Sweeps):
         log = JobLog(entry, lane)
         attempts = entry.attempts
         outcome: JobOutcome | None = None
+        adopted: Created | None = None
         if entry.status is Status.CREATED and entry.prediction_id:
             if entry.key_name != lane.key.name:
                 # its key is gone: only that key can see the job end; it stays for a later run
@@ -98,27 +99,15 @@ class KeyDriver(Creates, Polls, Sweeps):
         elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
             await self._ambiguous(entry, log)
-            found = await self._resumed_lost(lane, entry, log)
-            if isinstance(found, tuple):
-                owner, adopted = found
-                polled = await self._poll(
-                    owner,
-                    entry,
-                    adopted.prediction_id,
-                    adopted.sent,
-                    attempts,
-                    hooked=self.callbacks is not None,
-                    journaled=adopted.journaled,
-                )
-                if isinstance(polled, Left):
-                    return
-                outcome = polled
-            elif self.settings.ambiguous_creates == "fail":
+            adopted = await self._resumed_lost(lane, entry, log)
+            if adopted is None and self.settings.ambiguous_creates == "fail":
                 await self._finish(entry, self._ambiguous_outcome())
                 return
         while True:
             if outcome is None:
-                created = await self._create(lane, entry, attempts, log)
+                # the job a crash left unanswered, found at the provider; else a create
+                created = adopted or await self._create(lane, entry, attempts, log)
+                adopted = None
                 if isinstance(created, Withheld):
                     return
                 if isinstance(created, NotSent):
