@@ -11,7 +11,7 @@ from pipeline.core import (
     JournalDamaged,
 )
 from pipeline.journal.rows import Entry, _entry
-from pipeline.journal.tables import _ADDED, _OPEN, _SCHEMA
+from pipeline.journal.tables import _ADDED, _OPEN, _SCHEMA, in_chunks
 from pipeline.journal.updates import Update
 
 
@@ -52,11 +52,9 @@ class JournalFile:
 
     def known_predictions(self, ids: Collection[str]) -> set[str]:
         """Which of these prediction ids are a row's job in the journal."""
-        listed, known = list(ids), set[str]()
+        known = set[str]()
         with self._lock:
-            for start in range(0, len(listed), 500):
-                chunk = listed[start : start + 500]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in in_chunks(list(ids)):
                 rows = self._db.execute(
                     f"SELECT prediction_id FROM jobs WHERE prediction_id IN ({marks})", chunk
                 )
@@ -114,14 +112,13 @@ class JournalFile:
         """The jobs of `rows` that are not finished, in row order (a lost worker's jobs)."""
         wanted = sorted(rows)
         found: list[Entry] = []
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
+        for chunk, marks in in_chunks(wanted):
             with self._lock:
                 found += [
                     _entry(r)
                     for r in self._db.execute(
                         f"SELECT * FROM jobs WHERE status IN (?, ?, ?) AND row_number IN"
-                        f" ({','.join('?' * len(chunk))}) ORDER BY row_number",
+                        f" ({marks}) ORDER BY row_number",
                         (*_OPEN, *chunk),
                     )
                 ]

@@ -24,6 +24,7 @@ from dataclasses import astuple
 from pathlib import Path
 
 from pipeline.core import ConfigError, PriorSuccess, StoredCopy
+from pipeline.journal.tables import in_chunks
 
 __all__ = ["StateStore"]
 
@@ -38,7 +39,6 @@ CREATE TABLE IF NOT EXISTS succeeded (
     copies TEXT
 );
 """
-_CHUNK = 500
 
 
 class StateStore:
@@ -89,9 +89,7 @@ class StateStore:
         found: dict[str, PriorSuccess] = {}
         unique = list(dict.fromkeys(fingerprints))
         with self._lock:
-            for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start : start + _CHUNK]
-                marks = ",".join("?" * len(chunk))
+            for chunk, marks in in_chunks(unique):
                 for row in self._db.execute(
                     "SELECT fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
                     f" run_dir, copies FROM succeeded WHERE fingerprint IN ({marks})",

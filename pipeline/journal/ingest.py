@@ -16,7 +16,7 @@ from pipeline.core import (
     Status,
 )
 from pipeline.journal.file import JournalFile
-from pipeline.journal.tables import _INPUTS, _RECORD, _UNSENT
+from pipeline.journal.tables import _INPUTS, _RECORD, _UNSENT, in_chunks
 
 
 def unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejected:
@@ -149,11 +149,8 @@ class Ingest(JournalFile):
 
     def _known_ids(self, ids: Collection[str]) -> dict[str, int]:
         """Which of these job ids the journal has, and on which row."""
-        listed = list(ids)
         known: dict[str, int] = {}
-        for start in range(0, len(listed), 500):
-            chunk = listed[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in in_chunks(list(ids)):
             known.update(
                 self._db.execute(
                     f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
@@ -215,9 +212,7 @@ class Ingest(JournalFile):
             return {}
         prints = list({i.fingerprint for i in seeded})
         first: dict[str, int] = {}
-        for start in range(0, len(prints), 500):
-            chunk = prints[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in in_chunks(prints):
             first.update(
                 self._db.execute(
                     f"SELECT fingerprint, MIN(row_number) FROM jobs WHERE fingerprint IN ({marks})"

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.core import Status
 from pipeline.journal.file import JournalFile
 from pipeline.journal.rows import rejected_note
-from pipeline.journal.tables import _CLEARED_OUTCOME, _PATHS
+from pipeline.journal.tables import _CLEARED_OUTCOME, _PATHS, in_chunks
 
 __all__ = ["ApprovedImage", "Redo", "ReviewTarget", "Reviews"]
 
@@ -64,13 +64,11 @@ class Reviews(JournalFile):
         missing from the answer)."""
         found: dict[int, ReviewTarget] = {}
         wanted = sorted(set(rows))
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
+        for chunk, marks in in_chunks(wanted):
             with self._lock:
                 got = self._db.execute(
                     "SELECT row_number, job_id, fingerprint, status, prediction_id, review,"
-                    " inputs, record, history FROM jobs"
-                    f" WHERE row_number IN ({','.join('?' * len(chunk))})",
+                    f" inputs, record, history FROM jobs WHERE row_number IN ({marks})",
                     chunk,
                 ).fetchall()
             for r in got:

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from pipeline.core import MAY_BE_BILLED, OPEN, Status
+
+_T = TypeVar("_T")
+_BOUND = 500  # values bound in one statement: well under SQLite's limit on variables
+
+
+def in_chunks(values: Sequence[_T]) -> Iterator[tuple[Sequence[_T], str]]:
+    """`values` a chunk at a time, each with its placeholders (`?,?,...`) for an `IN (...)`."""
+    for start in range(0, len(values), _BOUND):
+        chunk = values[start : start + _BOUND]
+        yield chunk, ",".join("?" * len(chunk))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
