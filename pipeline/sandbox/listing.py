@@ -11,7 +11,7 @@ billed) as the listing is read, as it would on a poll. `SandboxSettings.listing`
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime
 from typing import Any
 
@@ -111,7 +111,7 @@ def executions(
     if since is not None:  # a key's jobs are kept in creation order
         jobs = jobs[bisect_left(jobs, since - to_wall, key=lambda j: j.created_at) :]
     if until is not None:
-        jobs = [j for j in jobs if j.created_at + to_wall <= until]
+        jobs = jobs[: bisect_right(jobs, until - to_wall, key=lambda j: j.created_at)]
     found = [_entry(state, j, model, to_wall) for j in reversed(jobs)]  # newest first
     if statuses:
         found = [e for e in found if e["status"] in statuses]
