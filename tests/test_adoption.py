@@ -124,6 +124,48 @@ async def test_without_the_listing_a_lost_create_is_created_again_and_flagged(
     assert missing == pytest.approx(0.03 * lost)
 
 
+async def test_a_feed_as_a_shop_exports_it_is_adopted_when_every_answer_is_lost(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    # a Merchant Center feed saved by Excel: cp1252, tabs, several images in one cell (one
+    # with a CDN's query holding commas), a blank cell, titles a template quotes
+    img = "https://images.example.com"
+    feed = [
+        ["id", "title", "image_link", "additional_image_link"],
+        ["SKU1", "Café table — oak", f"{img}/1.jpg?v=3", f"{img}/1b.jpg,{img}/1c.jpg"],
+        ["SKU2", "Blue shirt €20", f"{img}/2.jpg", f"{img}/2b.jpg?tr=w_800,h_800, {img}/2c.jpg"],
+        ["SKU3", "Hat", f"{img}/3.jpg", ""],
+        ["SKU4", "Scarf “silk”", f"{img}/4.jpg", f"{img}/4b.jpg"],
+    ]
+    path = tmp_path / "feed.tsv"
+    path.write_bytes("\r\n".join("\t".join(row) for row in feed).encode("cp1252") + b"\r\n")
+    sb, _, rows = await shrunk_run(
+        sandbox,
+        tmp_path,
+        0,
+        {
+            "manifest": {
+                "path": str(path),
+                "encoding": "cp1252",
+                "id_column": "id",
+                "columns": {"img_url": "image_link", "img_url_2": "additional_image_link"},
+                "prompt_template": "Put the {title} on a plain white background",
+            }
+        },
+        seed=6,
+        latency_mean_s=2,
+        faults=FaultRates(lost_create=1.0),  # no create's answer ever comes
+    )
+    assert_one_result_per_row(rows, 4)
+    assert all(r["status"] == "succeeded" for r in rows)
+    assert all(r["create_resolution"] == "adopted" for r in rows)
+    assert _created_twice(sb) == {} and sb.stats()["creates"] == 4
+    assert not any(r["possible_duplicate_charge"] for r in rows)
+    assert round(sum(r["cost_usd"] for r in rows), 6) == ledger_cost(sb)
+    prompts = {job.inputs["prompt"] for job in sb.state.jobs.values()}
+    assert "Put the Café table — oak on a plain white background" in prompts
+
+
 def _create(sb: SandboxServer, inputs: dict[str, Any]) -> str:
     """A job made at the provider by someone else with our key (another process)."""
     answer = httpx.post(
