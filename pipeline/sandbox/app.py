@@ -1,8 +1,10 @@
 """The sandbox's HTTP face: the provider's routes, bodies and errors, with faults injected.
 
 Routes: `POST /v1/prediction/` (with or without the slash), `GET /v1/prediction/{id}`,
-`GET /v1/outputs/{id}/{i}.jpg` (the images a job returned), `GET /samples/{name}` (inputs for
-demos) and `GET /_admin/stats` / `GET /_admin/ledger` (what was billed).
+`POST /v1/prediction/{id}/cancel`, `GET /v1/executions` and `GET /v2/executions`,
+`GET /v1/billing/balance`, `GET /v1/models/{slug}`, `GET /v1/outputs/{id}/{i}.jpg` (the images
+a job returned), `GET /samples/{name}` (inputs for demos), and `GET /_admin/stats`,
+`GET /_admin/ledger` (what was billed) and `POST /_admin/balance` (a top-up).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pipeline.core.schema import (
 from pipeline.sandbox import images
 from pipeline.sandbox.hooks import Hooks, callback
 from pipeline.sandbox.inputs import InputImages
-from pipeline.sandbox.listing import executions
+from pipeline.sandbox.listing import executions, executions_v2
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.signing import sign_body, sign_webhook
 from pipeline.sandbox.state import Job, SandboxState
@@ -109,8 +111,16 @@ class _Sandbox:
         return None
 
     def authenticate(self, request: Request) -> str | Response:
-        key = self.state.key_name(request.headers.get("x-api-key"))
+        """The request's key: `Authorization: Bearer` (the one way today), or `X-API-Key` in
+        the seed's and the reference's shapes."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        secret = token.strip() if scheme.lower() == "bearer" else None
+        if secret is None and not self.settings.today:
+            secret = request.headers.get("x-api-key")
+        key = self.state.key_name(secret)
         if key is None:
+            if self.settings.today:
+                return JSONResponse({"error": "Invalid or missing API key"}, status_code=401)
             return _error(401, "Unauthorized", "missing or invalid X-API-Key")
         return key
 
@@ -145,6 +155,9 @@ class _Sandbox:
             return fault
         if self.state.chance(faults.early_502):  # as a lost answer looks, but nothing was made
             return _error(502, "Bad gateway", "sandbox fault: the gateway failed first")
+        short = self.state.afford(key, int(body["input"].get("n", 1)))
+        if short is not None:
+            return JSONResponse({"error": short[1]}, status_code=short[0])
         job = self.state.accept(
             key,
             body["model"],
@@ -152,6 +165,7 @@ class _Sandbox:
             body.get("webhook_url"),
             str(request.base_url),
             body.get("webhook_secret"),
+            fallback=bool(body.get("fallback_selector")),
         )
         self._fetch_inputs(job)
         self._schedule_end(job)
@@ -171,7 +185,10 @@ class _Sandbox:
     def _check_body(self, body: Any) -> tuple[int, str] | None:
         if not isinstance(body, dict):
             return 400, "the body must be a JSON object"
-        unknown = set(body) - {"model", "input", "webhook_url", "webhook_secret", "version"}
+        known = {"model", "input", "webhook_url", "webhook_secret", "version"}
+        if self.settings.today:
+            known.add("fallback_selector")
+        unknown = set(body) - known
         if unknown:
             return 400, f"unknown body fields: {', '.join(sorted(unknown))}"
         model = body.get("model")
@@ -200,7 +217,8 @@ class _Sandbox:
         if isinstance(key, Response):
             return key
         job = self.state.jobs.get(request.path_params["prediction_id"])
-        if job is None or job.key != key:
+        # today, any key of the organisation reads its predictions
+        if job is None or (job.key != key and not self.settings.today):
             return _error(404, "Not found", "unknown prediction id")
         return job
 
@@ -230,8 +248,12 @@ class _Sandbox:
     def _job_body(self, job: Job) -> dict[str, Any]:
         """A poll's answer, in the shape `api_shape` names."""
         body = self._seed_body(job)
-        if self.settings.api_shape != "seed":
+        if self.settings.api_shape == "reference":
             body = _reference_shape(job, body)
+        elif self.settings.today:
+            body["id"] = job.prediction_id
+            if job.served_by is not None and job.ended:
+                body["fallback"] = {"requested_model": MODEL, "served_model": job.served_by}
         if self.settings.prediction_input:
             body["input"] = job.inputs
         return body
@@ -347,6 +369,34 @@ class _Sandbox:
         body = await asyncio.to_thread(images.encode_png, image)
         return Response(body, media_type="image/png")
 
+    async def balance(self, request: Request) -> Response:
+        """`GET /v1/billing/balance` ("today"): the organisation's balance in USD."""
+        key = self.authenticate(request)
+        if isinstance(key, Response):
+            return key
+        if not self.settings.today:
+            return JSONResponse({"error": "Not found"}, status_code=404)
+        return JSONResponse({"balance": self.state.balance, "currency": "USD"})
+
+    async def model(self, request: Request) -> Response:
+        """`GET /v1/models/{slug}` ("today"): the model, its cost estimate and input schema."""
+        key = self.authenticate(request)
+        if isinstance(key, Response):
+            return key
+        if not self.settings.today or request.path_params["slug"] != MODEL:
+            return JSONResponse({"error": "Model not found"}, status_code=404)
+        schema = {"type": "object", "required": ["prompt", "img_url"]}
+        cost = self.settings.price_per_image_usd
+        return JSONResponse({"slug": MODEL, "cost": cost, "request_schema": schema})
+
+    async def top_up(self, request: Request) -> Response:
+        """`POST /_admin/balance` with `{"add": USD}`: a top-up of the organisation."""
+        try:
+            amount = float(json.loads(await request.body())["add"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "Invalid request", 'expected {"add": a number of USD}')
+        return JSONResponse({"balance": self.state.top_up(amount)})
+
     async def stats(self, request: Request) -> Response:
         return JSONResponse(self.state.stats())
 
@@ -385,6 +435,12 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
             return key
         return executions(request, sandbox.state, settings, key, MODEL)
 
+    async def listing_v2(request: Request) -> Response:
+        key = sandbox.authenticate(request)
+        if isinstance(key, Response):
+            return key
+        return executions_v2(request, sandbox.state, settings, key, MODEL)
+
     routes = [
         Route("/v1/prediction", sandbox.create, methods=["POST"]),
         Route("/v1/prediction/", sandbox.create, methods=["POST"]),
@@ -393,6 +449,10 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
         Route("/samples/{name}", sandbox.sample, methods=["GET"]),
         Route("/v1/prediction/{prediction_id}/cancel", sandbox.cancel, methods=["POST"]),
         Route("/v1/executions", listing, methods=["GET"]),
+        Route("/v2/executions", listing_v2, methods=["GET"]),
+        Route("/v1/billing/balance", sandbox.balance, methods=["GET"]),
+        Route("/v1/models/{slug}", sandbox.model, methods=["GET"]),
+        Route("/_admin/balance", sandbox.top_up, methods=["POST"]),
         Route("/_admin/stats", sandbox.stats, methods=["GET"]),
         Route("/_admin/ledger", sandbox.ledger, methods=["GET"]),
     ]

@@ -1,4 +1,6 @@
-"""`GET /v1/executions`: a key's executions, newest first, in the provider's reference shape.
+"""`GET /v1/executions` and (in the "today" shape) `GET /v2/executions`: executions newest
+first, a key's in the reference's shape, the whole organisation's today, on the provider's clock
+(`clock_offset_s`) and `listing_lag_s` behind.
 
 Query: `limit` (1-100, default 20), `offset`, `model`, `status` (comma-separated), `from` and
 `to` (creation time, RFC 3339). Each entry has `id`, `model`, `status`, `execution_cost`,
@@ -10,6 +12,8 @@ billed) as the listing is read, as it would on a poll. `SandboxSettings.listing`
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime
@@ -21,9 +25,16 @@ from starlette.responses import JSONResponse, Response
 from pipeline.sandbox.settings import SandboxSettings
 from pipeline.sandbox.state import Job, SandboxState
 
-__all__ = ["executions"]
+__all__ = ["V1_REFUSAL", "executions", "executions_v2"]
 
 _RUNNING = {"created": "starting"}  # a running job's status, in the reference's words
+# ("today") v1 refuses pages past this prefix, with this answer
+V1_ROWS = 1000
+V1_REFUSAL = (
+    "V1 execution pagination is limited to 1000 rows; use GET /v2/executions with cursor pagination"
+)
+_V2_PARAMS = frozenset({"model", "status", "from", "to", "limit", "cursor", "error_classification"})
+_V2_STATUSES = frozenset({"created", "starting", "processing", "success", "error", "cancelled"})
 
 
 def _when(value: str | None, name: str) -> float | str | None:
@@ -43,7 +54,9 @@ def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _entry(state: SandboxState, job: Job, model: str, to_wall: float) -> dict[str, Any]:
+def _entry(
+    state: SandboxState, job: Job, model: str, to_wall: float, today: bool
+) -> dict[str, Any]:
     ended = state.finish_due(job)
     status = job.status(state.now())
     output: Any = None
@@ -51,13 +64,16 @@ def _entry(state: SandboxState, job: Job, model: str, to_wall: float) -> dict[st
         if job.cancelled:
             status = "cancelled"
         elif job.fails:
-            status, output = "failed", job.failure()
+            status, output = ("error" if today else "failed"), job.failure()
         else:
             status, output = "success", job.output_urls()
+    if not today:
+        status = _RUNNING.get(status, status)
     return {
         "id": job.prediction_id,
         "model": model,
-        "status": _RUNNING.get(status, status),
+        "status": status,
+        "requested_model": model,
         "execution_cost": state.cost(job) if ended else None,
         "run_time": state.predict_time(job) if ended else None,
         "created_at": _iso(job.created_at + to_wall),
@@ -96,31 +112,99 @@ def _query(request: Request) -> dict[str, Any] | str:
     }
 
 
-def executions(
+def _visible(state: SandboxState, settings: SandboxSettings, key: str) -> list[Job]:
+    """The jobs the listing can show the key, in creation order: its own, or ("today") the
+    whole organisation's; those created less than `listing_lag_s` ago are not in it yet."""
+    jobs = state.everyone if settings.today else state.by_key.get(key, [])
+    if settings.listing_lag_s > 0:
+        shown_by = state.now() - settings.scaled(settings.listing_lag_s)
+        jobs = jobs[: bisect_right(jobs, shown_by, key=lambda j: j.created_at)]
+    return jobs
+
+
+def _matching(
     request: Request, state: SandboxState, settings: SandboxSettings, key: str, model: str
-) -> Response:
-    """The listing of `key`'s executions (the request's key, authenticated)."""
+) -> tuple[dict[str, Any], list[tuple[Job, dict[str, Any]]]] | Response:
+    """The query, and the jobs it selects with their entries, newest first; or the refusal."""
     if not settings.listing:
         return JSONResponse({"error": "Not found"}, status_code=404)
     query = _query(request)
     if isinstance(query, str):
         return JSONResponse({"error": query}, status_code=400)
-    to_wall = time.time() - state.now()
-    jobs = state.by_key.get(key, []) if query["model"] in (None, model) else []
+    # the provider's clock: `clock_offset_s` ahead of this machine's
+    to_wall = time.time() + settings.clock_offset_s - state.now()
+    jobs = _visible(state, settings, key) if query["model"] in (None, model) else []
     since, until, statuses = query["since"], query["until"], query["statuses"]
-    if since is not None:  # a key's jobs are kept in creation order
+    if since is not None:  # kept in creation order
         jobs = jobs[bisect_left(jobs, since - to_wall, key=lambda j: j.created_at) :]
     if until is not None:
         jobs = jobs[: bisect_right(jobs, until - to_wall, key=lambda j: j.created_at)]
-    found = [_entry(state, j, model, to_wall) for j in reversed(jobs)]  # newest first
+    found = [(j, _entry(state, j, model, to_wall, settings.today)) for j in reversed(jobs)]
     if statuses:
-        found = [e for e in found if e["status"] in statuses]
-    page = found[query["offset"] : query["offset"] + query["limit"]]
+        found = [(j, e) for j, e in found if e["status"] in statuses]
+    return query, found
+
+
+def executions(
+    request: Request, state: SandboxState, settings: SandboxSettings, key: str, model: str
+) -> Response:
+    """`GET /v1/executions` for the request's key (authenticated): `offset` pages; in the
+    "today" shape none past the 1,000-row prefix."""
+    matched = _matching(request, state, settings, key, model)
+    if isinstance(matched, Response):
+        return matched
+    query, found = matched
+    offset, limit = query["offset"], query["limit"]
+    if settings.today and offset > V1_ROWS - limit:
+        return JSONResponse({"error": V1_REFUSAL}, status_code=400)
+    page = [e for _, e in found[offset : offset + limit]]
+    return JSONResponse(
+        {"executions": page, "total_count": len(found), "offset": offset, "limit": limit}
+    )
+
+
+def executions_v2(
+    request: Request, state: SandboxState, settings: SandboxSettings, key: str, model: str
+) -> Response:
+    """`GET /v2/executions` ("today" shape): the same filters, paged by an opaque cursor that
+    names the last entry given (so jobs created meanwhile move no page)."""
+    if not settings.today:
+        return JSONResponse({"error": "Not found"}, status_code=404)
+    unknown = set(request.query_params) - _V2_PARAMS
+    statuses = {s.strip() for s in request.query_params.get("status", "").split(",")}
+    if unknown or not statuses <= _V2_STATUSES | {""}:
+        shown = ", ".join(sorted(unknown | (statuses - _V2_STATUSES - {""})))
+        return JSONResponse({"error": f"unknown query values: {shown}"}, status_code=400)
+    matched = _matching(request, state, settings, key, model)
+    if isinstance(matched, Response):
+        return matched
+    query, found = matched
+    cursor = request.query_params.get("cursor")
+    start = 0
+    if cursor:
+        try:
+            at, pid = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            after = (float(at), str(pid))
+        except (ValueError, TypeError):
+            return JSONResponse({"error": "cursor: not one this listing gave"}, status_code=400)
+        # newest first: the first entry older than the cursor's
+        start = next(
+            (i for i, (j, _) in enumerate(found) if (j.created_at, j.prediction_id) < after),
+            len(found),
+        )
+    page = found[start : start + query["limit"]]
+    more = start + len(page) < len(found)
+    last = page[-1][0] if page else None
+    token = (
+        base64.urlsafe_b64encode(json.dumps([last.created_at, last.prediction_id]).encode())
+        if more and last is not None
+        else None
+    )
     return JSONResponse(
         {
-            "executions": page,
-            "total_count": len(found),
-            "offset": query["offset"],
+            "executions": [e for _, e in page],
+            "has_more": more,
+            "next_cursor": token.decode() if token else None,
             "limit": query["limit"],
         }
     )

@@ -44,9 +44,12 @@ class SandboxSettings:
     # per account; a key in none is an account of its own
     accounts: tuple[tuple[str, ...], ...] = ()
     # which of the provider's documents the answers follow: "seed" (`error`, `predictionID`,
-    # callbacks `{"exec_id", ...}` signed over "<timestamp>.<body>") or "reference" (`failed`,
+    # callbacks `{"exec_id", ...}` signed over "<timestamp>.<body>"), "reference" (`failed`,
     # `id`, `input`, `logs`, `urls`, callbacks `{"id", "status", "output", "input", "metrics"}`
-    # signed over the body alone)
+    # signed over the body alone) or "today", the docs and changelog of 2026-12: Bearer auth
+    # only, the six statuses with `output.error_code`, an organisation-wide listing (v1 refused
+    # past a 1,000-row prefix, v2 paged by cursor), the balance (402, the low-balance 429,
+    # `GET /v1/billing/balance`), `GET /v1/models/{slug}` and `fallback_selector`
     api_shape: str = "seed"
     report_cost: bool = True  # a poll of an ended job carries `metrics.cost`, the USD billed
     # what a cancel of a job that has ended answers: 409, or 200 as if it had been cancelled
@@ -59,6 +62,23 @@ class SandboxSettings:
     # a prediction's `GET` carries the `input` it was created with (both shapes); off, as a
     # provider whose answers lack it
     prediction_input: bool = True
+    # how far the provider's clock is ahead of this machine's (wall seconds, never scaled; may
+    # be negative): the listing's times and its `from`/`to` are on the provider's clock
+    clock_offset_s: float = 0.0
+    # a job shows in the listing this long (provider seconds) after its creation
+    listing_lag_s: float = 0.0
+    # ("today") another application of the organisation mirrors this share of the creates with
+    # the same input less its seed, on a key of its own: its jobs are in the listing and billed
+    # to it, never to the sandbox's keys
+    org_traffic: float = 0.0
+    # ("today") the organisation's balance in USD, None for no limit: a create whose price,
+    # with the jobs in flight, would pass it answers 402; below `low_balance_usd` left, a create
+    # answers the low-balance 429. A job's cost is taken from it as it is billed
+    balance_usd: float | None = None
+    low_balance_usd: float = 0.0
+    # ("today", with `fallback_selector` on the create) this share of jobs is served by the
+    # chain's backup model: its `GET` names both, and its cost is what ran
+    fallback_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -73,8 +93,12 @@ class SandboxSettings:
             raise ValueError("image_scale must be in (0, 1]")
         if unknown := set(self.key_faults) - set(self.keys):
             raise ValueError(f"key_faults name {len(unknown)} key(s) the sandbox does not accept")
-        if self.api_shape not in ("seed", "reference"):
-            raise ValueError("api_shape must be 'seed' or 'reference'")
+        if self.api_shape not in ("seed", "reference", "today"):
+            raise ValueError("api_shape must be 'seed', 'reference' or 'today'")
+        if self.listing_lag_s < 0 or self.low_balance_usd < 0:
+            raise ValueError("listing_lag_s and low_balance_usd must not be negative")
+        if not (0 <= self.org_traffic <= 1 and 0 <= self.fallback_share <= 1):
+            raise ValueError("org_traffic and fallback_share must be between 0 and 1")
         if self.late_cancel not in (200, 409):
             raise ValueError("late_cancel must be 200 or 409")
         if self.cancel_delay_s < 0:
@@ -82,6 +106,11 @@ class SandboxSettings:
         grouped = [k for account in self.accounts for k in account]
         if set(grouped) - set(self.keys) or len(grouped) != len(set(grouped)):
             raise ValueError("accounts must name accepted keys, each in one account at most")
+
+    @property
+    def today(self) -> bool:
+        """Whether the answers follow the provider's docs of 2026-12."""
+        return self.api_shape == "today"
 
     def scaled(self, seconds: float) -> float:
         """Provider seconds to wall-clock seconds."""

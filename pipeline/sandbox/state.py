@@ -24,12 +24,18 @@ from urllib.parse import urlsplit
 from pipeline.core.schema import TRANSIENT_ERROR_CODES, fingerprint
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 
-__all__ = ["Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
+__all__ = ["BACKUP_MODEL", "ORG_MATE", "Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
 
 
 # of the provider's error codes: the transient ones a job fails with, and a final one
 TRANSIENT_CODES = tuple(sorted(TRANSIENT_ERROR_CODES))
 FINAL_CODE = "PROVIDER_FAILED"
+# the key of another application of the organisation (`org_traffic`): not one of the sandbox's
+ORG_MATE = "key-orgmate"
+# the model a fallback chain's backup serves with (`fallback_share`), and what the requested
+# model's failed try costs an image before it
+BACKUP_MODEL = "alibaba-wan-2-6-image-edit"
+_FALLBACK_TRY_USD = 0.01
 
 
 def key_hash(secret: str) -> str:
@@ -55,6 +61,7 @@ class Job:
     cancel_asked: bool = False  # a cancel was answered (it may still end otherwise: see cancel)
     hooked: bool = False  # its callback was sent
     terminal_polls: int = 0  # polls answered with its end: a client that saw it needs one
+    served_by: str | None = None  # the backup model of a fallback chain that served it
 
     def status(self, now: float) -> str:
         """What a poll of a job still running says: created, then starting, then processing."""
@@ -123,6 +130,14 @@ class SandboxState:
         self.account_peak: dict[str, int] = dict.fromkeys(self._account.values(), 0)
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, list[Job]] = {}  # each key's jobs, in creation order
+        self.everyone: list[Job] = []  # the organisation's jobs, in creation order
+        self._stats[ORG_MATE] = KeyStats()  # kept apart: `stats()` names the sandbox's keys
+        self._faults[ORG_MATE] = FaultRates()
+        self._account[ORG_MATE] = ORG_MATE
+        self._account_ends[ORG_MATE] = []
+        # the organisation's balance, and what its jobs in flight may still cost
+        self.balance = settings.balance_usd
+        self._owed: dict[str, float] = {}
         self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
         self.inputs = {"fetched": 0, "failed": 0}  # inputs fetched (fetch_inputs), or not
         self._fingerprints: dict[str, int] = {}
@@ -188,6 +203,29 @@ class SandboxState:
             self._log({"event": "refused", "key": key, "status": 429, "reason": refusal.reason})
         return refusal
 
+    def afford(self, key: str, n: int) -> tuple[int, str] | None:
+        """The balance's refusal of a create of `n` images (402, or the low-balance 429), or
+        None. Nothing is created or billed for a refusal."""
+        if self.balance is None:
+            return None
+        left = self.balance - sum(self._owed.values()) - n * self.settings.price_per_image_usd
+        if left < -1e-9:
+            status, reason = 402, "Insufficient balance: top up to create more predictions"
+        elif left < self.settings.low_balance_usd and self._owed:
+            status, reason = 429, "Balance is low: wait for a running prediction to end"
+        else:
+            return None
+        self._stats[key].refused_429 += status == 429
+        self._log({"event": "refused", "key": key, "status": status, "reason": reason})
+        return status, reason
+
+    def top_up(self, amount: float) -> float:
+        """Add to the organisation's balance (a balance of None stays unlimited)."""
+        if self.balance is not None:
+            self.balance = round(self.balance + amount, 6)
+            self._log({"event": "top_up", "amount_usd": amount, "balance_usd": self.balance})
+        return self.balance if self.balance is not None else math.inf
+
     def refuse_invalid(self, key: str, reason: str) -> None:
         self._stats[key].refused_400 += 1
         self._log({"event": "refused", "key": key, "status": 400, "reason": reason})
@@ -200,8 +238,14 @@ class SandboxState:
         webhook_url: str | None,
         base_url: str,
         webhook_secret: str | None = None,
+        fallback: bool = False,
     ) -> Job:
-        """Create a job: it counts in the window and in flight from now until it ends."""
+        """Create a job: it counts in the window and in flight from now until it ends. With
+        `org_traffic`, another application of the organisation may make the same edit (its
+        own seed) a moment before."""
+        if key != ORG_MATE and self.chance(self.settings.org_traffic):
+            mirrored = {k: v for k, v in inputs.items() if k != "seed"}
+            self.accept(ORG_MATE, model, mirrored, None, base_url)
         s = self.settings
         now = self._clock()
         stats = self._stats[key]
@@ -225,20 +269,25 @@ class SandboxState:
             job.fails, job.error_code = True, self._rng.choice(TRANSIENT_CODES)
         elif self.chance(faults.cancelled):
             job.cancelled = True
+        if fallback and not job.fails and self.chance(s.fallback_share):
+            job.served_by = BACKUP_MODEL
         self.jobs[job.prediction_id] = job
         self.by_key.setdefault(key, []).append(job)
+        self.everyone.append(job)
+        self._owed[job.prediction_id] = job.n * s.price_per_image_usd
         stats.window.append(now)
         heapq.heappush(stats.ends, job.ends_at)
         account = self._account[key]
         heapq.heappush(self._account_ends[account], job.ends_at)
         self.account_peak[account] = max(
-            self.account_peak[account], len(self._account_ends[account])
+            self.account_peak.get(account, 0), len(self._account_ends[account])
         )
         stats.creates += 1
         stats.max_creates_in_window = max(stats.max_creates_in_window, len(stats.window))
         stats.max_in_flight = max(stats.max_in_flight, len(stats.ends))
-        seen = self._fingerprints.get(job.fingerprint, 0)
-        self._fingerprints[job.fingerprint] = seen + 1
+        if key != ORG_MATE:
+            seen = self._fingerprints.get(job.fingerprint, 0)
+            self._fingerprints[job.fingerprint] = seen + 1
         self._log(
             {
                 "t": now,  # when the window counted it, not when this line is written
@@ -287,6 +336,9 @@ class SandboxState:
         if self._clock() < job.ends_at or not job.inputs_ready:
             return False
         job.ended = True
+        self._owed.pop(job.prediction_id, None)
+        if self.balance is not None:
+            self.balance = round(self.balance - self.cost(job), 6)
         stats = self._stats[job.key]
         if job.fails or job.cancelled:
             stats.failed += 1
@@ -346,7 +398,8 @@ class SandboxState:
         """What an ended job was billed."""
         if job.fails or job.cancelled:
             return 0.0
-        return round(job.n * self.settings.price_per_image_usd, 6)
+        backup = _FALLBACK_TRY_USD if job.served_by else 0.0  # the requested model's try too
+        return round(job.n * (self.settings.price_per_image_usd + backup), 6)
 
     def predict_time(self, job: Job) -> float:
         return round(job.ends_at - job.created_at, 4)
@@ -394,8 +447,10 @@ def _figures(state: SandboxState) -> dict[str, Any]:
                 "max_in_flight": st.max_in_flight,
             }
             for name, st in state._stats.items()
+            if name != ORG_MATE
         }
         duplicates = sum(count - 1 for count in state._fingerprints.values() if count > 1)
+        ost = state._stats[ORG_MATE]
         again = sum(max(0, j.terminal_polls - 1) for j in list(state.jobs.values()))
     return {
         "keys": per_key,
@@ -408,8 +463,13 @@ def _figures(state: SandboxState) -> dict[str, Any]:
         "duplicate_creates": duplicates,
         "polls_after_end": again,  # polls of a job after one that answered its end
         "webhooks": dict(state.webhooks),
-        "max_in_flight_per_account": dict(state.account_peak),
+        "max_in_flight_per_account": {
+            a: peak for a, peak in state.account_peak.items() if a != ORG_MATE
+        },
         "inputs": dict(state.inputs),
+        "balance_usd": state.balance,
+        # another application's jobs in the organisation's listing (`org_traffic`)
+        "org_mate": {"creates": ost.creates, "cost_usd": ost.cost_usd},
         "limits": {
             "creates_per_window": state.settings.creates_per_window,
             "window_s": state.settings.window_s,
