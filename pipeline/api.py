@@ -24,17 +24,10 @@ import pyarrow.parquet as pq
 
 from pipeline.core import (
     ApiKey,
-    BudgetReached,
-    CostsUnconfirmed,
-    ExitCode,
-    KeysMissing,
-    KeysRefused,
     ManifestError,
     RowsFailed,
     RunConfig,
     RunEnded,
-    RunFailed,
-    RunInterrupted,
     apply_overrides,
     keys_from_env,
     load_config,
@@ -50,15 +43,8 @@ __all__ = ["arun", "load", "run"]
 
 TABLE_MANIFEST = "manifest.parquet"  # a manifest given from Python, kept in the run folder
 
-_RAISES: dict[ExitCode, type[RunEnded]] = {
-    ExitCode.ERROR: RunFailed,
-    ExitCode.INTERRUPTED: RunInterrupted,
-    ExitCode.NO_KEY: KeysRefused,
-    ExitCode.BUDGET: BudgetReached,
-    ExitCode.ROWS_FAILED: RowsFailed,
-    ExitCode.KEYS_MISSING: KeysMissing,
-    ExitCode.UNCONFIRMED: CostsUnconfirmed,
-}
+# each exit code's exception, from the exception tree's own declaration of it
+_RAISES: dict[int, type[RunEnded]] = {cls.exit_code: cls for cls in RunEnded.__subclasses__()}
 
 
 def load(

@@ -21,7 +21,9 @@ import pytest
 
 from pipeline.core import (
     ApiKey,
+    BalanceShort,
     ConfigError,
+    Forbidden,
     InvalidInput,
     JobOutcome,
     JobSpec,
@@ -68,7 +70,11 @@ def client_for(handler: Any) -> EachlabsClient:
         (503, {}, ServerError, False),
         (502, {}, ServerError, True),
         (504, {}, ServerError, True),
-        (418, {}, ProtocolViolation, True),
+        # any other refusal (4xx) made nothing; a redirect may hide a made job
+        (418, {}, ProtocolViolation, False),
+        (402, {}, BalanceShort, False),
+        (403, {}, Forbidden, False),
+        (307, {}, ProtocolViolation, True),
     ],
 )
 @pytest.mark.anyio
@@ -76,7 +82,7 @@ async def test_create_errors_are_translated(
     status: int, headers: dict[str, str], error: type[Exception], ambiguous: bool
 ) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        assert request.headers["X-API-Key"] == SECRET
+        assert request.headers["Authorization"] == f"Bearer {SECRET}"
         return httpx.Response(
             status, headers=headers, json={"status": "error", "message": "m", "details": "d"}
         )
@@ -171,7 +177,7 @@ async def test_cancel_and_both_error_shapes_of_a_request() -> None:
     key = ApiKey(SECRET)
     assert await client.cancel(key, "running-1") is True
     assert await client.cancel(key, "gone") is False
-    with pytest.raises(ProtocolViolation, match="HTTP 403: operation not allowed"):
+    with pytest.raises(Forbidden, match="HTTP 403: operation not allowed"):
         await client.cancel(key, "nope")
     await client.aclose()
 

@@ -50,6 +50,11 @@ class ApiSection(_Section):
     connect_timeout_s: float = Field(10.0, gt=0, le=3600)
     read_timeout_s: float = Field(30.0, gt=0, le=3600)
     http2: bool = False  # HTTP/2 over TLS where the provider offers it (ALPN), else HTTP/1.1
+    # how the key is sent: `Authorization: Bearer` (the provider's one documented way), or the
+    # older `X-API-Key` header for a gateway that still asks for it
+    auth: Literal["bearer", "x-api-key"] = "bearer"
+    # a saved fallback chain of the provider's, named on every create (`fallback_selector`)
+    fallback_selector: str | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("base_url")
     @classmethod
@@ -130,6 +135,14 @@ class RetriesSection(_Section):
     # a lost create's send and after its answer was due, and this much before a key's oldest
     # job in flight (real seconds, never scaled)
     lost_create_skew_s: float = Field(2.0, ge=0, le=600)
+    # how long a lost create may wait for the listing to prove what it made (its job, or that
+    # nothing was made) before its row is left flagged for the next run to look up again
+    lost_create_patience_s: float = Field(120.0, ge=0, le=_DAY)
+    # every key's requests failing (transport errors, 5xx) for `outage_after_s` in a row is an
+    # outage: no create is sent, the provider is probed with backoff for `outage_patience_s`,
+    # and the run stops (exit 10) with the unsent rows kept unsent if it does not come back
+    outage_after_s: float = Field(60.0, gt=0, le=_DAY)
+    outage_patience_s: float = Field(900.0, ge=0, le=7 * _DAY)
 
 
 class ManifestSection(_Section):
@@ -297,6 +310,10 @@ class BudgetSection(_Section):
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
     # them end (and be billed)
     cancel_in_flight: bool = False
+    # where the provider tells the organisation's balance (GET /v1/billing/balance): refuse to
+    # start a run whose estimate passes it (the balance is read; a run that cannot read it
+    # starts all the same, and says so)
+    require_balance: bool = False
 
 
 class IncrementalSection(_Section):

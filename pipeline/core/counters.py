@@ -73,11 +73,6 @@ class RunStats:
         "Lost creates whose job the listing showed, matched by its input",
         summary="creates_adopted",
     )
-    creates_adopted_by_time: int = _count(
-        "wanbatch_creates_adopted_by_time",
-        "Lost creates whose job the listing showed as its key's only unanswered create",
-        summary="creates_adopted_by_time",
-    )
     creates_recreated: int = _count(
         "wanbatch_creates_recreated",
         "Lost creates the listing showed never made a job, created again",
@@ -90,7 +85,27 @@ class RunStats:
     )
     polls: int = _count("wanbatch_polls", "Polls sent", summary="polls", label="polls")
     listings: int = _count(
-        "wanbatch_listings", "Executions listings read (polling.listing)", summary="listings"
+        "wanbatch_listings", "Executions listing pages read (polling.listing)", summary="listings"
+    )
+    listing_malformed: int = _count(
+        "wanbatch_listing_malformed",
+        "Listing entries that could not be read (no id, no status): skipped",
+        summary="listing_entries_malformed",
+    )
+    lost_create_waits: int = _count(
+        "wanbatch_lost_create_waits",
+        "Lookups of a lost create that waited for the listing to prove what it made",
+        summary="lost_create_waits",
+    )
+    balance_refusals: int = _count(
+        "wanbatch_balance_refusals",
+        "Creates refused for the organisation's balance (402, low-balance 429): nothing made",
+        summary="balance_refusals",
+    )
+    outages: int = _count(
+        "wanbatch_outages",
+        "Stretches where every request failed (transport, 5xx) and creates stopped",
+        summary="outages",
     )
     reattached: int = _count("wanbatch_reattached", "Jobs of an earlier run polled again")
     timeouts: int = _count("wanbatch_timeouts", "Jobs cancelled at polling.job_timeout_s")

@@ -15,11 +15,15 @@
     │   ├── BudgetReached      exit 5: budget.max_cost_usd reached
     │   ├── RowsFailed         exit 6: finished with failed or rejected rows (or missing images)
     │   ├── KeysMissing        exit 7: jobs wait on keys this run was not given
-    │   └── CostsUnconfirmed   exit 8: jobs created were not seen to end (cost may be billed)
+    │   ├── CostsUnconfirmed   exit 8: jobs created were not seen to end (cost may be billed)
+    │   ├── BalanceOut         exit 9: the organisation's balance ran out (top up, resume)
+    │   └── ProviderDown       exit 10: the provider stayed unreachable (resume later)
     └── ApiError               one request to the provider went wrong
         ├── InvalidInput       400: final, never retried
         ├── Unauthorized       401: the key is retired
         ├── NotFound           404: unknown model or prediction
+        ├── BalanceShort       402, or the 429 that says the balance is low: no create
+        ├── Forbidden          403: the operation is not allowed: final
         ├── RateLimited        429: wait (Retry-After when given), then try again
         ├── ServerError        5xx: retry with backoff
         ├── TransportFailure   no usable answer (connect, read, reset, timeout): retry with backoff
@@ -28,6 +32,7 @@
 
 A create that failed after its request may have reached the provider (a read error, a reset, a
 gateway 502/504) is *ambiguous*: the job may exist and be billed. `ApiError.ambiguous` says so.
+A refusal (any 4xx: 400, 401, 402, 403, 429, ...) made nothing and is never ambiguous.
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ __all__ = [
     "ERROR_TYPES",
     "TRANSIENT_ERRORS",
     "ApiError",
+    "BalanceOut",
+    "BalanceShort",
     "BudgetReached",
     "ConfigError",
     "CostsUnconfirmed",
     "ExitCode",
+    "Forbidden",
     "InvalidInput",
     "JournalDamaged",
     "KeysMissing",
@@ -51,6 +59,7 @@ __all__ = [
     "NoUsableKeyError",
     "NotFound",
     "ProtocolViolation",
+    "ProviderDown",
     "RateLimited",
     "RowsFailed",
     "RunEnded",
@@ -80,10 +89,13 @@ ERROR_TYPES = frozenset(
         "transport",
         "protocol",
         "job_error",  # the provider failed the job
+        "input_rejected",  # the provider failed the job with a final code: fix the input
         "timeout",  # cancelled at polling.job_timeout_s
         "cancelled",  # cancelled (a second signal, the budget, or at the provider)
         "ambiguous_create",  # a lost create's answer, with retries.ambiguous_creates: fail
         "not_in_manifest",  # the row left the manifest (--force)
+        "forbidden",  # 403: the provider does not allow it
+        "balance",  # 402: the organisation's balance (a row is never failed for it)
     }
 )
 # Failures that say nothing about the row itself: `wanbatch retry` runs these by default.
@@ -104,6 +116,8 @@ class ExitCode(IntEnum):
     ROWS_FAILED = 6  # finished: some rows failed or were rejected (see failures manifest)
     KEYS_MISSING = 7  # jobs wait on keys this run was not given (or were refused): add them
     UNCONFIRMED = 8  # finished, but jobs created were not seen to end: their cost may be billed
+    BALANCE = 9  # the organisation's balance ran out (402): top up, then run again to resume
+    PROVIDER_DOWN = 10  # the provider stayed unreachable past retries.outage_patience_s: resume
 
 
 class WanbatchError(Exception):
@@ -176,6 +190,14 @@ class CostsUnconfirmed(RunEnded):
     exit_code: int = ExitCode.UNCONFIRMED
 
 
+class BalanceOut(RunEnded):
+    exit_code: int = ExitCode.BALANCE
+
+
+class ProviderDown(RunEnded):
+    exit_code: int = ExitCode.PROVIDER_DOWN
+
+
 class ApiError(WanbatchError):
     """A failed request. `error_type` is the short name written to results; `retryable` says
     whether the same request may be sent again."""
@@ -201,6 +223,19 @@ class Unauthorized(ApiError):
 
 class NotFound(ApiError):
     error_type = "not_found"
+    retryable = False
+
+
+class BalanceShort(ApiError):
+    """The organisation's balance cannot take the create (402, or a 429 saying the balance is
+    low): nothing was created; no create goes out on any key until a top-up."""
+
+    error_type = "balance"
+    retryable = False
+
+
+class Forbidden(ApiError):
+    error_type = "forbidden"
     retryable = False
 
 

@@ -41,10 +41,10 @@ FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.SKIPPED)  #
 MAY_BE_BILLED = (Status.CREATING, Status.CREATED)  # a create may have reached the provider
 
 # how a create whose answer was lost was settled (the `create_resolution` column), declared
-# here alone: its job found at the provider by its input (`adopted`) or, where the provider's
-# answers carry no input, as its key's only unanswered create (`adopted_by_time`); found not
-# to exist, and created again (`recreated`); or not known (`unresolved`: a duplicate may be billed)
-RESOLUTIONS = ("adopted", "adopted_by_time", "recreated", "unresolved")
+# here alone: its job found at the provider by its input, seed included (`adopted`); shown
+# never made, and created again (`recreated`); or not known (`unresolved`: a duplicate may be
+# billed)
+RESOLUTIONS = ("adopted", "recreated", "unresolved")
 # a person's word on an edited row (the `review` column), declared here alone
 REVIEWS = ("approved", "rejected")
 # a decisions file's columns, as the report's review page writes them (`retry --rejected`)
@@ -113,6 +113,7 @@ class JobOutcome:
     provider_cost_usd: float | None = None  # the provider's own figure (`metrics.cost`)
     ended: str | None = None  # the terminal status a poll saw
     unconfirmed: bool = False
+    served_by: str | None = None  # the backup model of a fallback chain that served it
 
     def priced(self, price_per_image_usd: float) -> float:
         """Our price times the images returned."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 __all__ = [
+    "FINAL_ERROR_CODES",
     "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
     "INPUT_FIELDS",
@@ -60,6 +61,11 @@ TRANSIENT_ERROR_CODES = frozenset(
         "PROVIDER_AUTH_ERROR",
         "PIPELINE_CONFIG_ERROR",
     }
+)
+# the codes the provider's table calls final (fix the input: invalid, refused, content safety,
+# an input it could not fetch): never retried, and never offered to `wanbatch retry`
+FINAL_ERROR_CODES = frozenset(
+    {"INPUT_VALIDATION_ERROR", "PROVIDER_BAD_REQUEST", "PROVIDER_REJECTED", "INPUT_DOWNLOAD_ERROR"}
 )
 
 

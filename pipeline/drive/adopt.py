@@ -1,40 +1,48 @@
-"""A create whose answer was lost, settled at the provider rather than guessed: the provider has
-no idempotency key, so such a create may have made (and billed) a job we cannot see.
+"""A create whose answer was lost, settled on the provider's evidence, never on its absence: the
+provider has no idempotency key, so such a create may have made (and billed) a job we cannot
+see, and today its executions listing is the whole organisation's (other keys, other
+applications, other runs).
 
-The key's executions listing is read over the create's window (from its send to when its answer
-was due, widened by `retries.lost_create_skew_s` for the provider's clock), once
-`retries.lost_create_settle_s` has passed for the listing to catch up. Every execution there
-that is no row's job (not in the journal, not among the key's answered creates) is read with a
-`GET`: one created with the row's input is the row's job, adopted as if its answer had come
-(`adopted`). Once the provider's `GET` is seen to carry no input, each key's creates go one at a
-time (`KeyLane.serial`), and a window is read with the key's creates held: its one unknown
-execution is the lost create's (`adopted_by_time`). No unknown execution at all: the create made
-nothing, and the row is created again (`recreated`). Anything else, or no listing (404, a failed
-read, polling.listing: false), is `unresolved`: the row is created again as before, flagged as a
-possible duplicate charge. Executions of our model seen in a window and claimed by no row are
-kept as orphan candidates for the summary.
+Proof that a job is the row's: every create is sent with a seed (drawn and journaled before the
+first send when the row's input has none, and kept for the row's later creates), so the input a
+job's `GET` shows names the row; a job of another run, key or application, or of an identical
+row, never matches. A job
+claimed by one row is held (`claimed`) before any other lookup can see it.
+
+Proof that nothing was made: the listing is read from the earliest provider instant the job
+can have been made (the provider's clock learned from the run's own answered creates,
+`ProviderClock`), and it must already show a job made after the latest such instant: the
+listing has caught up past the send. Until then the row waits and is looked up again, for
+`retries.lost_create_patience_s` or until the run stops; then it is left `creating` (`LEFT`),
+counted as possibly billed, and the next run looks it up again. Without a listing, or where
+the `GET` shows no input, nothing can be proven: the create is `unresolved`, created again
+under `retries.ambiguous_creates` and flagged as a possible duplicate charge. Executions that
+carry a seed this run drew and that no row claims are kept as orphans (proven ours) for the
+summary.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import AbstractAsyncContextManager, nullcontext
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
 
-from pipeline.core import ApiError, NotFound
+from pipeline.core import SEED_RANGE, ApiError, NotFound
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.slot import DriverBase
 from pipeline.journal import Entry
 from pipeline.provider import Execution
 
-__all__ = ["Adoptions", "Settled"]
+__all__ = ["LEFT", "Adoptions", "Settled", "same_input"]
 
+LEFT = "left"  # no proof either way before the run ends: left `creating` for the next run
 _log = structlog.get_logger("pipeline.drive.adopt")
-_PAGES = 20  # a window holding more of the key's creates than this is left unresolved
+_PAGES = 20  # a window holding more executions than these pages is left unresolved
+_DRAWN = 100_000  # the latest seeds drawn, kept to know a job of ours among the listing's
+_GOT = 4096  # inputs read with a GET, kept so a waiting lookup does not read them again
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,94 +54,127 @@ class Settled:
 
 
 class Adoptions(DriverBase):
-    """Looking a lost create up in its key's listing."""
+    """Looking a lost create up in the listing."""
 
-    _blind = False  # a GET showed no input: each key's creates go one at a time from then on
-
-    def _one_at_a_time(self, lane: KeyLane) -> AbstractAsyncContextManager[object]:
-        """The key's creates one at a time once the provider's GET is known to show no input,
-        so a window read while holding it has no create of the key out."""
-        return lane.serial if self._blind else nullcontext()
+    def _seed_for(self, entry: Entry) -> int | None:
+        """The seed of a row whose input has none: the one journaled for it, or one drawn now
+        (journaled before its create is sent, and kept for its creates after); None when the
+        row brings its own."""
+        if "seed" in entry.inputs:
+            return None
+        seed = entry.sent_seed
+        if seed is None:
+            seed = secrets.randbelow(SEED_RANGE[1] + 1)
+        self.drawn[seed] = None
+        if len(self.drawn) > _DRAWN:
+            self.drawn.popitem(last=False)
+        return seed
 
     async def _settle_lost(
-        self, lane: KeyLane, entry: Entry, sent_at: float, due_by: float
+        self, lane: KeyLane, entry: Entry, inputs: dict[str, Any], sent: float, given_up: float
     ) -> Settled:
-        """How the create of `entry` sent at `sent_at` (wall seconds) whose answer was due
-        by `due_by` is settled; `unresolved` when the listing cannot tell."""
+        """How the create of `entry` with `inputs`, sent at `sent` and given up at `given_up`
+        (the driver's clock), is settled; looked up again while the listing cannot tell yet."""
         if not self.settings.resolve_lost or self.no_listing:
             return Settled("unresolved")
-        settle = due_by + self.settings.lost_settle - time.time()
-        if settle > 0:
-            await anyio.sleep(settle)
-        policy = self.settings.policy
-        for attempt in range(1, policy.max_attempts + 1):
-            try:
-                return await self._look_up(lane, entry, sent_at, due_by)
-            except NotFound:  # said once by `_listed`
-                break
-            except ApiError as exc:
-                if not exc.retryable or attempt == policy.max_attempts:
-                    _log.info("lost_create_unresolved", key=lane.key.name, error=str(exc))
-                    break
-                await anyio.sleep(policy.backoff(attempt))
-        return Settled("unresolved")
-
-    async def _look_up(self, lane: KeyLane, entry: Entry, sent_at: float, due_by: float) -> Settled:
-        skew = self.settings.clock_skew  # the provider's creation times are on its clock
+        given_up += self.settings.lost_settle  # a provider may still make it a moment later
+        deadline = given_up + self.settings.lost_patience
+        await anyio.sleep(max(0.0, given_up - self.clock.now()))
+        failures = 0
         while True:
-            blind = self._blind
-            async with self._one_at_a_time(lane):
-                window = await self._window(lane, sent_at - skew, due_by + skew)
-                if window is None:
+            try:
+                settled = await self._look_up(lane, entry, inputs, sent, given_up)
+            except NotFound:  # said once by `_listed`
+                return Settled("unresolved")
+            except ApiError as exc:
+                failures += 1
+                if not exc.retryable or failures >= self.settings.policy.max_attempts:
+                    _log.info("lost_create_unresolved", key=lane.key.name, error=str(exc))
                     return Settled("unresolved")
-                out = lane.unanswered  # the key's creates out now may be in the window, unknown
-                unknown = await self._unknown(lane, window)
-            settled = await self._match(lane, entry, unknown, alone=out == 0)
-            if blind or not self._blind or settled.resolution != "unresolved":
+                settled = None
+            if settled is not None:
                 return settled
-            # the provider was found to show no input just now: once more, the key held
+            if self.clock.now() >= deadline or self.dispatcher.halted:
+                # never created again on a guess: it stays `creating`, counted as possibly
+                # billed, and the next run looks it up again
+                _log.warning("lost_create_unproven", key=lane.key.name, row=entry.row_number)
+                return Settled(LEFT)
+            self.stats.lost_create_waits += 1
+            await anyio.sleep(max(self.settings.lost_settle, self.settings.sweep_floor))
 
-    async def _window(self, lane: KeyLane, since: float, until: float) -> list[Execution] | None:
-        """The key's executions of our model created in the window, oldest first; None when
-        there are more than `_PAGES` pages of them."""
-        found, whole = await self._listed(lane, (), since, until=until, pages=_PAGES)
-        return found[::-1] if whole else None
+    async def _look_up(
+        self, lane: KeyLane, entry: Entry, inputs: dict[str, Any], sent: float, given_up: float
+    ) -> Settled | None:
+        """The lost create settled from one read of the listing, or None while it cannot tell
+        (the provider's clock not learned yet, or the listing not caught up)."""
+        clock = self.timeline
+        if not clock.learned:  # its newest entries hold creates of ours: learn from them
+            await self._listed(lane, (), None, pages=1)
+            if not clock.learned:
+                return None
+        margin = self.settings.clock_skew  # the listing's times are rounded, and may jitter
+        found, whole = await self._listed(lane, (), clock.earliest(sent) - margin, pages=_PAGES)
+        if not whole:
+            return Settled("unresolved")
+        latest = clock.latest(given_up) + margin
+        window = [e for e in found if e.created_at is None or e.created_at <= latest]
+        unknown = await self._unknown(window)
+        settled = await self._match(lane, entry, inputs, unknown)
+        if settled is not None:
+            return settled
+        return Settled("recreated") if clock.covers(found, given_up + margin) else None
 
-    async def _unknown(self, lane: KeyLane, window: list[Execution]) -> list[Execution]:
+    async def _unknown(self, window: list[Execution]) -> list[Execution]:
         """The window's executions that are no row's job."""
-        mine = set(lane.answered) | self.in_flight.keys()
+        mine = {pid for lane in self.lanes for pid in lane.answered}
+        mine |= self.in_flight.keys() | self.claimed
         rest = [e for e in window if e.prediction_id not in mine]
         known = await self.journal.known([e.prediction_id for e in rest])
         return [e for e in rest if e.prediction_id not in known]
 
     async def _match(
-        self, lane: KeyLane, entry: Entry, unknown: list[Execution], *, alone: bool
-    ) -> Settled:
-        blind: list[Execution] = []
+        self, lane: KeyLane, entry: Entry, inputs: dict[str, Any], unknown: list[Execution]
+    ) -> Settled | None:
+        """The row's job among `unknown`, claimed at once; `unresolved` when a `GET` shows no
+        input (nothing can be proven then); None when none of them is the row's."""
+        blind = False
+        presigned = self.uploads is not None
         for execution in unknown:
-            inputs = await self.client.created_with(lane.key, execution.prediction_id)
-            if inputs is None:
-                self._blind = True
-                blind.append(execution)
-            elif same_input(inputs, entry.inputs, presigned=self.uploads is not None):
-                self._unclaimed(lane, unknown, but=execution)
-                return Settled("adopted", execution.prediction_id)
-        if blind and len(unknown) == 1 and alone:
-            return Settled("adopted_by_time", blind[0].prediction_id)
-        self._unclaimed(lane, unknown, but=None)
-        return Settled("unresolved" if blind else "recreated")
+            pid = execution.prediction_id
+            theirs = await self._input_of(lane, pid)
+            if theirs is None:
+                blind = True
+            elif pid not in self.claimed and same_input(theirs, inputs, presigned=presigned):
+                self.claimed.add(pid)  # no await between the check and the claim
+                self.stats.orphan_candidates.pop(pid, None)
+                return Settled("adopted", pid)
+            elif theirs.get("seed") in self.drawn and pid not in self.claimed:
+                self._orphan(lane, execution)
+        return Settled("unresolved") if blind else None
 
-    def _unclaimed(self, lane: KeyLane, unknown: list[Execution], but: Execution | None) -> None:
-        """Executions no row claimed yet: orphans unless a row's job by the run's end."""
-        for e in unknown:
-            if e is not but:
-                self.stats.orphan_candidates[e.prediction_id] = {
-                    "prediction_id": e.prediction_id,
-                    "key": lane.key.name,
-                    "status": e.status,
-                    "cost_usd": e.cost_usd,
-                    "created_at": e.created_at,
-                }
+    async def _input_of(self, lane: KeyLane, prediction_id: str) -> dict[str, Any] | None:
+        """The input a job was created with, as its `GET` shows it (read once); {} for a job
+        the key cannot read (not the organisation's: not ours); None when the `GET` has none."""
+        if prediction_id in self._got:
+            return self._got[prediction_id]
+        try:
+            theirs = await self.client.created_with(lane.key, prediction_id)
+        except NotFound:
+            theirs = {}
+        self._got[prediction_id] = theirs
+        if len(self._got) > _GOT:
+            self._got.popitem(last=False)
+        return theirs
+
+    def _orphan(self, lane: KeyLane, e: Execution) -> None:
+        """A job made with a seed this run drew that no row claims: billed to us, for nobody."""
+        self.stats.orphan_candidates[e.prediction_id] = {
+            "prediction_id": e.prediction_id,
+            "key": lane.key.name,
+            "status": e.status,
+            "cost_usd": e.cost_usd,
+            "created_at": e.created_at,
+        }
 
 
 def same_input(theirs: dict[str, Any], ours: dict[str, Any], *, presigned: bool) -> bool:

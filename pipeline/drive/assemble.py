@@ -74,6 +74,8 @@ def assemble(
         read_timeout=config.api.read_timeout_s,
         max_connections=limits.max_concurrent * len(keys) + 4,
         http2=config.api.http2,
+        auth=config.api.auth,
+        fallback_selector=config.api.fallback_selector,
     )
     callbacks = receiver.callbacks if receiver is not None else None
     if callbacks is not None:

@@ -9,6 +9,7 @@ from typing import Literal
 import structlog
 
 from pipeline.core import (
+    FINAL_ERROR_CODES,
     JobOutcome,
     Status,
 )
@@ -73,9 +74,12 @@ class Books(DriverBase):
                 cancel_accepted=accepted,
                 provider_cost_usd=answer.cost_usd,
                 ended=answer.status,
+                served_by=answer.served_by,
             )
         else:
             error_type, message = "cancelled" if stopped else "job_error", answer.message
+            if answer.error_code in FINAL_ERROR_CODES:  # the provider's table: fix the input
+                error_type = "input_rejected"
             if stopped and timed_out:
                 error_type = "timeout"
                 message = (

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 import structlog
 
 from pipeline.core import (
     ApiError,
+    BalanceShort,
     JobOutcome,
     RateLimited,
     Status,
     Unauthorized,
 )
-from pipeline.drive.adopt import Adoptions, Settled
+from pipeline.drive.adopt import LEFT, Adoptions, Settled
 from pipeline.drive.books import Books
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.slot import (
@@ -50,10 +52,13 @@ __all__ = ["Creates"]
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """A create that failed: why, and when it was sent (wall seconds)."""
+    """A create that failed: why, when it was sent and given up (the driver's clock), and the
+    input it was sent with (its seed drawn, unsigned)."""
 
     error: ApiError
-    sent_at: float
+    sent: float
+    given_up: float
+    inputs: dict[str, Any]
 
 
 class Creates(Books, Adoptions):
@@ -67,12 +72,18 @@ class Creates(Books, Adoptions):
         failures = 0
         waits = 0
         marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
+        seed = self._seed_for(entry)  # journaled with the first create: it names the job
         while True:
             attempts += 1
-            sent = await self._send_create(lane, entry, attempts, marked)
+            sent = await self._send_create(lane, entry, attempts, marked, seed)
             if not isinstance(sent, Failed):
                 return sent
-            marked, error, sent_at = True, sent.error, sent.sent_at
+            marked, error = True, sent.error
+            if isinstance(error, BalanceShort):  # nothing was made: no create on any key now
+                await self.journal.write(MarkPending(entry.row_number))
+                self.stats.balance_refusals += 1
+                self.dispatcher.stop_creates("balance", str(error))
+                return NotSent()
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))
                 log.bound().error("key_refused", error=str(error))
@@ -94,11 +105,24 @@ class Creates(Books, Adoptions):
                     await self._ambiguous(entry, log)
                     await self.journal.write(NoteAmbiguous(entry.row_number))
                 return failed_outcome(error, str(error))
+            last_try = failures + 1 >= self.settings.policy.max_attempts
+            if not error.ambiguous and self.outage.down(error, last_try=last_try):
+                # the provider is unreachable: the row is kept unsent, not failed
+                await self.journal.write(MarkPending(entry.row_number))
+                if not await self.outage.back(lane):
+                    self.dispatcher.stop_creates("outage", str(error))
+                    return NotSent()
+                failures, marked = 0, False
+                continue
             failures += 1
             if error.ambiguous:
                 await self._ambiguous(entry, log)
-                settled = await self._settle_lost(lane, entry, sent_at, time.time())
-                adopted = await self._adopt(lane, entry, settled, attempts, sent_at, log)
+                settled = await self._settle_lost(
+                    lane, entry, sent.inputs, sent.sent, sent.given_up
+                )
+                if settled.resolution == LEFT:
+                    return Withheld()  # journaled `creating`: the next run looks it up again
+                adopted = await self._adopt(lane, entry, settled, attempts, sent.sent, log)
                 if adopted is not None:
                     return adopted
                 if self.settings.ambiguous_creates == "fail":
@@ -118,7 +142,7 @@ class Creates(Books, Adoptions):
             await anyio.sleep(self.settings.policy.backoff(failures))
 
     async def _send_create(
-        self, lane: KeyLane, entry: Entry, attempts: int, marked: bool
+        self, lane: KeyLane, entry: Entry, attempts: int, marked: bool, seed: int | None
     ) -> Created | Failed | NotSent:
         """One create through the key's gate: its id (durable before the next create of this
         key is sent), its error and when it was sent, or NotSent when the run was stopped
@@ -133,29 +157,23 @@ class Creates(Books, Adoptions):
                         await self.journal.write(MarkPending(entry.row_number))
                     return NotSent()
                 await self.journal.write(
-                    MarkCreating(entry.row_number, attempts, lane.key.name, time.time())
+                    MarkCreating(entry.row_number, attempts, lane.key.name, time.time(), seed)
                 )
                 self.stats.creates_sent += 1
-                inputs = entry.inputs
-                if self.uploads is not None:  # a fresh presigned URL for each create
-                    inputs = self.uploads.presigned(inputs)
-                sent = self.clock.now()
-                # where the provider's GET shows no input, a key's creates go one at a time
-                async with self._one_at_a_time(lane):
-                    sent_at = time.time()  # a lost answer's window starts here
-                    lane.unanswered += 1
-                    try:
-                        prediction_id = await self.client.create(
-                            lane.key,
-                            inputs,
-                            webhook_url=self.webhook_url,
-                            webhook_secret=self.webhook_secret,
-                        )
-                    except ApiError as exc:
-                        return Failed(exc, sent_at)
-                    finally:
-                        lane.unanswered -= 1
-                    lane.answered.append(prediction_id)
+                inputs = entry.inputs if seed is None else {**entry.inputs, "seed": seed}
+                signed = inputs if self.uploads is None else self.uploads.presigned(inputs)
+                sent = self.clock.now()  # a lost answer's window starts here
+                try:
+                    prediction_id = await self.client.create(
+                        lane.key,
+                        signed,
+                        webhook_url=self.webhook_url,
+                        webhook_secret=self.webhook_secret,
+                    )
+                except ApiError as exc:
+                    return Failed(exc, sent, self.clock.now(), inputs)
+                lane.answered.append(prediction_id)
+                self.timeline.answered(prediction_id, sent, self.clock.now())
                 lane.cap.started()  # running at the provider until its end is seen
                 # so a crash leaves ambiguous only creates whose answers had not come: the
                 # key's next `creating` is made durable after this id (updates keep their
@@ -176,7 +194,7 @@ class Creates(Books, Adoptions):
         entry: Entry,
         settled: Settled,
         attempts: int,
-        sent_at: float,
+        sent: float,
         log: JobLog,
     ) -> Created | None:
         """Book how a lost create was settled; the job it made, when one was found, journaled
@@ -198,22 +216,28 @@ class Creates(Books, Adoptions):
             *notes, MarkCreated(entry.row_number, pid, lane.key.name, time.time())
         )
         log.bound().warning("lost_create_adopted", prediction_id=pid, resolution=settled.resolution)
-        # its latency counts from about its send, on the driver's clock
-        sent = self.clock.now() - max(0.0, time.time() - sent_at)
-        return Created(pid, attempts, sent, journaled)
+        return Created(pid, attempts, sent, journaled)  # its latency counts from its send
 
-    async def _resumed_lost(self, lane: KeyLane, entry: Entry, log: JobLog) -> Created | None:
-        """A row a crash left `creating`, looked up in the listing of the key that sent it
-        (the dispatcher hands it to that key while the run has it): the job found, or None
-        (created again)."""
+    async def _resumed_lost(
+        self, lane: KeyLane, entry: Entry, log: JobLog
+    ) -> Created | Withheld | None:
+        """A row a crash left `creating`, looked up with the key that sent it (the dispatcher
+        hands it to that key while the run has it) and the input it journaled: the job found,
+        None (created again), or Withheld (no proof yet: left for the next run)."""
         sent_at = entry.sent_at or entry.started_at
+        now = self.clock.now()
+        # its send on the driver's clock (from the journaled wall time: a step of the wall clock
+        # between the crash and now moves it; the window's margin takes small ones)
+        sent = now - max(0.0, time.time() - sent_at) if sent_at is not None else now
         if entry.key_name != lane.key.name or sent_at is None:
             settled = Settled("unresolved")  # its key is not this run's: it cannot be looked up
         else:
             # the answer was due by the crash at the latest (the run starts after it)
-            due_by = max(sent_at, min(sent_at + self.settings.answer_within, time.time()))
-            settled = await self._settle_lost(lane, entry, sent_at, due_by)
-        return await self._adopt(lane, entry, settled, entry.attempts, sent_at or 0.0, log)
+            given_up = min(sent + self.settings.answer_within, now)
+            settled = await self._settle_lost(lane, entry, entry.sent_inputs, sent, given_up)
+        if settled.resolution == LEFT:
+            return Withheld()  # still `creating`: the next run looks it up again
+        return await self._adopt(lane, entry, settled, entry.attempts, sent, log)
 
     async def _ambiguous(self, entry: Entry, log: JobLog) -> None:
         """Count a lost create; the journal counts it with how it is settled (`_adopt`), in

@@ -36,6 +36,12 @@ class JobSource(Protocol):
 
     def settle(self, entry: Entry, outcome: JobOutcome) -> None: ...
 
+    def stop_creates(self, cause: str, said: str) -> None:
+        """No create on any key from now on (`cause`: "balance", the organisation's balance
+        refused one; "outage", the provider stayed unreachable); the jobs already created go
+        on to their end, and no row is failed for it."""
+        ...
+
     async def reserve(self, entry: Entry) -> bool:
         """One more create of a job already handed out (its last create's answer was lost, so
         that one may be billed too): True when the budget can take its worst case."""
@@ -74,6 +80,11 @@ class Dispatcher:
         self.abandoned = False  # stopped for good (a second signal): jobs in flight are dropped
         self.budget_reached = False
         self.budget_hit = asyncio.Event()
+        # why creates were stopped ("balance" or "outage"), and what was said
+        self.creates_stopped: tuple[str, str] | None = None
+        # every key was refused: the slots end on their own (their creates out are answered
+        # and their rows kept pending), and the run says so
+        self.no_key: NoUsableKeyError | None = None
         self.on_retire: Callable[[str], None] | None = None
 
     # -- ingest ------------------------------------------------------------------------------
@@ -182,18 +193,24 @@ class Dispatcher:
             self._committed += len(outcome.output_urls) * self._price
 
     def retire(self, key_name: str) -> None:
-        """The provider refused this key (401); NoUsableKeyError once every key is refused."""
+        """The provider refused this key (401); `no_key` once every key is refused."""
         if key_name in self._retired:
             return
         self._retired.add(key_name)
         self._live_lanes -= 1
         if self.on_retire is not None:
             self.on_retire(key_name)
-        if self._live_lanes <= 0:
-            raise NoUsableKeyError(
+        if self._live_lanes <= 0 and self.no_key is None:
+            self.no_key = NoUsableKeyError(
                 "every API key was refused by the provider (401); set a valid key in "
                 "EACHLABS_API_KEY or EACHLABS_API_KEYS and run again: unfinished rows are kept"
             )
+            self.halted = True
+
+    def stop_creates(self, cause: str, said: str) -> None:
+        if self.creates_stopped is None:
+            self.creates_stopped = (cause, said)
+        self.halted = True
 
     @property
     def stopped(self) -> bool:

@@ -99,7 +99,10 @@ class KeyDriver(Creates, Polls, Sweeps):
         elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
             await self._ambiguous(entry, log)
-            adopted = await self._resumed_lost(lane, entry, log)
+            resumed = await self._resumed_lost(lane, entry, log)
+            if isinstance(resumed, Withheld):
+                return
+            adopted = resumed
             if adopted is None and self.settings.ambiguous_creates == "fail":
                 await self._finish(entry, self._ambiguous_outcome())
                 return

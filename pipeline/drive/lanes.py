@@ -3,7 +3,6 @@ in-flight cap; and what each is doing, for the progress view."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +23,7 @@ class KeyLane:
     cap: InFlightCap  # shared by the keys of one group (limits.groups)
     retired: bool = False
     serving: int = 0  # slots still asking for jobs
-    # creates sent and not yet answered (or lost), and the ids of its latest answered ones:
-    # what a lost create of the key is told apart from (drive/adopt.py)
-    unanswered: int = 0
-    # held by each create while the provider's GET shows no input (drive/adopt.py)
-    serial: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the ids of its latest answered creates, not journaled yet maybe: no lost create's job
     answered: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
 
     def open_for_work(self) -> bool:

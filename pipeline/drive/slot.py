@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import structlog
 
@@ -23,6 +24,7 @@ from pipeline.core import (
 )
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.lanes import KeyLane
+from pipeline.drive.outage import Outage
 from pipeline.intake import Uploads
 from pipeline.journal import (
     Commits,
@@ -35,6 +37,7 @@ from pipeline.provider import (
     Execution,
     PollPlanner,
     Prediction,
+    ProviderClock,
     RetryPolicy,
     Waiter,
 )
@@ -42,7 +45,6 @@ from pipeline.provider import (
 _log = structlog.get_logger("pipeline.drive.driver")
 _MAX_RATE_LIMIT_WAITS = 50
 _SWEEP_SPAN = 1.6  # a key's listing reads, apart, in mean notice delays aimed at
-_PAGE = 100  # executions a listing page holds at most (the reference's largest `limit`)
 
 
 __all__ = [
@@ -205,6 +207,9 @@ class DriverSettings:
     # answer was due (wall seconds, scaled); a create's answer comes within `answer_within`
     resolve_lost: bool = False
     lost_settle: float = 0.0
+    lost_patience: float = 120.0  # how long a lost create waits for the listing's proof
+    outage_after: float = 60.0  # every request failing this long is an outage
+    outage_patience: float = 900.0  # probed this long before the run stops sending
     answer_within: float = 30.0
     clock_skew: float = 2.0  # how far the provider's clock may be from ours (wall seconds)
 
@@ -240,6 +245,9 @@ class DriverSettings:
             sweep_floor=scaled(p.min_interval_s),
             resolve_lost=p.listing,
             lost_settle=scaled(r.lost_create_settle_s),
+            lost_patience=scaled(r.lost_create_patience_s),
+            outage_after=scaled(r.outage_after_s),
+            outage_patience=scaled(r.outage_patience_s),
             answer_within=config.api.read_timeout_s,
             clock_skew=r.lost_create_skew_s,
         )
@@ -301,6 +309,19 @@ class DriverBase:
         self.open_elsewhere: Callable[[], bool] | None = None
         self._cost_said = False  # a difference between the provider's cost and ours: said once
         self.no_listing = False  # the provider answered its executions listing 404
+        # lost creates (drive/adopt.py): the provider's clock as the listing shows it, the jobs
+        # claimed by a row, the latest seeds drawn, and the inputs read of unknown jobs
+        self.timeline = ProviderClock()
+        self.claimed: set[str] = set()
+        self.drawn: OrderedDict[int, None] = OrderedDict()
+        self._got: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self.outage = Outage(
+            client,
+            settings.policy,
+            stats,
+            after=settings.outage_after,
+            patience=settings.outage_patience,
+        )
 
     def _others_open(self, lane: KeyLane) -> bool:
         if any(other is not lane and other.open_for_work() for other in self.lanes):
@@ -311,25 +332,17 @@ class DriverBase:
         self,
         lane: KeyLane,
         statuses: tuple[str, ...],
-        since: float,
+        since: float | None,
         *,
-        until: float | None = None,
         pages: int,
     ) -> tuple[list[Execution], bool]:
-        """The key's executions of our model in `statuses` (any, when empty) created from
-        `since` (to `until`), newest first, a page of 100 at a time and `pages` pages at most;
-        and whether that was all of them. NotFound when the provider has no listing: said
-        once, and `no_listing` set, for the sweeps and the lost creates alike."""
-        found: list[Execution] = []
+        """The executions of our model in `statuses` (any, when empty) created from `since`
+        (the provider's clock; the newest when None), newest first, `pages` pages of 100 at
+        most; and whether that was all of them. What it shows of our answered creates teaches
+        `timeline`. NotFound when the provider has no listing: said once, and `no_listing`
+        set, for the sweeps and the lost creates alike."""
         try:
-            for _ in range(pages):
-                page, total = await self.client.executions(
-                    lane.key, statuses, since, until=until, limit=_PAGE, offset=len(found)
-                )
-                self.stats.listings += 1
-                found.extend(page)
-                if len(page) < _PAGE or len(found) >= total:
-                    return found, True
+            listed = await self.client.executions(lane.key, statuses, since, pages=pages)
         except NotFound:
             if not self.no_listing:
                 self.no_listing = True
@@ -341,7 +354,11 @@ class DriverBase:
                     "possible_duplicate_charge (polling.listing: false says so)",
                 )
             raise
-        return found, False
+        self.stats.listings += listed.pages
+        if listed.malformed:
+            self.stats.listing_malformed += listed.malformed
+        self.timeline.seen(listed.entries)
+        return listed.entries, listed.whole
 
     def ages(self) -> list[float]:
         """Seconds since the create of each job in flight: lower bounds on their latencies."""

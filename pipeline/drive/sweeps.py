@@ -6,17 +6,17 @@ A key's listing is read every 1.6 `delay_fraction` of the median latency (at lea
 `polling.min_interval_s`): an end waits 0.8 of the mean notice delay aimed at for the next
 read, and the rest is the read's and the confirming poll's round trips. It is read only while a
 job of the key has been running as long as the shortest jobs take. It asks for the ended
-executions of our model created since the key's oldest job in flight (less
-`retries.lost_create_skew_s` for the provider's clock), a page of 100, and the next pages while
+executions of our model created since the key's oldest job in flight (on the provider's clock
+as the listing shows it, less `retries.lost_create_skew_s`), a page of 100, and the next pages while
 pages come full. A failed read is
 tried again at the next turn; a provider without the listing (404) ends the sweeps, and every
-job is polled on the schedule.
+job is polled on the schedule. Today the listing is the organisation's: its other keys' and
+applications' jobs are in it, and only the ids of this key's jobs in flight wake anything.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 
@@ -48,8 +48,12 @@ class Sweeps(DriverBase):
             oldest = min(mine.values())
             if now - oldest < self.planner.quantile(0.01):
                 continue  # none of them can have ended yet
-            # the provider's creation times are on its clock
-            since = time.time() - (now - oldest) - self.settings.clock_skew
+            # the provider's creation times are on its clock: learned from our creates the
+            # listing shows (until then, the newest pages, which show them)
+            timeline = self.timeline
+            since = (
+                timeline.earliest(oldest) - self.settings.clock_skew if timeline.learned else None
+            )
             try:
                 found, _ = await self._listed(lane, ENDED, since, pages=_PAGES)
             except NotFound:  # said once by `_listed`

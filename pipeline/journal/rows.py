@@ -60,7 +60,15 @@ class Entry:
     ambiguous: int
     started_at: float | None
     sent_at: float | None = None  # when its last create was sent
+    sent_seed: int | None = None  # the seed drawn for it (its input has none)
     stem: str = ""  # the name its stored images go by (see `stem`)
+
+    @property
+    def sent_inputs(self) -> dict[str, Any]:
+        """The input its last create was sent with: a drawn seed where it has none."""
+        if self.sent_seed is None or "seed" in self.inputs:
+            return self.inputs
+        return {**self.inputs, "seed": self.sent_seed}
 
     @property
     def spec(self) -> JobSpec:
@@ -154,5 +162,6 @@ def _entry(row: sqlite3.Row) -> Entry:
         ambiguous=row["ambiguous"],
         started_at=row["started_at"],
         sent_at=row["sent_at"],
+        sent_seed=row["sent_seed"],
         stem=stem(row["job_id"], row["history"]),
     )

@@ -88,6 +88,10 @@ _ADDED = {
     # how the last one was
     "resolved": "INTEGER NOT NULL DEFAULT 0",
     "resolution": "TEXT",
+    # the seed drawn for the row's last create when its input has none, journaled before the
+    # create is sent: the provider's copy of the input then names the row and the attempt
+    "sent_seed": "INTEGER",
+    "served_by": "TEXT",  # the backup model of a fallback chain that served the job
 }
 
 
@@ -96,7 +100,8 @@ _ADDED = {
 _CLEARED_OUTCOME = (
     "output_urls=NULL, images=0, cost_usd=0, predict_time_s=NULL, error_type=NULL,"
     " error_message=NULL, error_code=NULL, cancel_accepted=NULL, finished_at=NULL,"
-    " provider_cost_usd=NULL, priced_cost_usd=NULL, unconfirmed=0,"
+    " provider_cost_usd=NULL, priced_cost_usd=NULL, unconfirmed=0, served_by=NULL,"
+    " sent_seed=NULL,"
     " earlier_cost_usd=earlier_cost_usd + cost_usd"
 )
 
@@ -120,7 +125,7 @@ _INPUTS = json.JSONEncoder(ensure_ascii=False).encode
 
 # REAL values are written with 15 significant digits: every one here is rounded well below that
 _RESULT_COLUMNS = (
-    """row_number, record, inputs, history, json_object(
+    """row_number, record, inputs, history, sent_seed, json_object(
     'job_id', job_id, 'row_number', row_number, 'status', status,
     'prediction_id', prediction_id,
     'output_urls', json(COALESCE(NULLIF(output_urls, ''), '[]')),
@@ -134,7 +139,7 @@ _RESULT_COLUMNS = (
     'attempts', attempts, 'ambiguous_creates', ambiguous,
     'possible_duplicate_charge',
     json(CASE WHEN ambiguous > resolved THEN 'true' ELSE 'false' END),
-    'create_resolution', resolution,
+    'create_resolution', resolution, 'served_by', served_by,
     'reused', json(CASE WHEN reused THEN 'true' ELSE 'false' END),
     'error_type', error_type, 'error_code', error_code, 'error_message', error_message,
     'cancel_accepted', json(CASE cancel_accepted WHEN 1 THEN 'true' WHEN 0 THEN 'false' END),

@@ -27,12 +27,21 @@ class MarkCreating(Update):
     attempt: int
     key_name: str
     at: float
+    seed: int | None = None  # drawn for this create (the row's input has none)
 
     def apply(self, db: sqlite3.Connection) -> None:
         db.execute(
             "UPDATE jobs SET status=?, attempts=?, key_name=?, started_at=COALESCE(started_at, ?),"
-            " sent_at=? WHERE row_number=?",
-            (Status.CREATING.value, self.attempt, self.key_name, self.at, self.at, self.row_number),
+            " sent_at=?, sent_seed=? WHERE row_number=?",
+            (
+                Status.CREATING.value,
+                self.attempt,
+                self.key_name,
+                self.at,
+                self.at,
+                self.seed,
+                self.row_number,
+            ),
         )
 
 
@@ -106,7 +115,7 @@ class Finish(Update):
             " output_urls=:urls, images=:images, cost_usd=:cost,"
             " provider_cost_usd=:provider, priced_cost_usd=:priced, unconfirmed=:unconfirmed,"
             " predict_time_s=:took, error_type=:type, error_message=:message,"
-            " finished_at=:at, error_code=:code, cancel_accepted=CASE"
+            " finished_at=:at, error_code=:code, served_by=:served, cancel_accepted=CASE"
             " WHEN :accepted IS NOT NULL THEN :accepted"
             " WHEN cancel_accepted IS NULL OR :ended IS NULL THEN cancel_accepted"
             " ELSE :ended = 'cancelled' END WHERE row_number=:row",
@@ -124,6 +133,7 @@ class Finish(Update):
                 "message": o.error_message,
                 "at": o.finished_at,
                 "code": o.error_code,
+                "served": o.served_by,
                 "accepted": o.cancel_accepted,
                 "ended": o.ended,
                 "row": self.row_number,

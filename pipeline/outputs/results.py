@@ -165,6 +165,7 @@ def _base_fields() -> list[pa.Field]:
         pa.field("ambiguous_creates", pa.int64()),
         pa.field("possible_duplicate_charge", pa.bool_()),  # a lost create left unresolved
         pa.field("create_resolution", pa.string()),  # how the last lost create was (RESOLUTIONS)
+        pa.field("served_by", pa.string()),  # a fallback chain's backup model that served it
         pa.field("reused", pa.bool_()),
         pa.field("error_type", pa.string()),
         pa.field("error_code", pa.string()),
@@ -232,7 +233,8 @@ def _result_line(row: sqlite3.Row, layout: ResultLayout, plan: _Plan, run_dir: P
         "img_urls": [str(inputs[f]) for f in IMAGE_FIELDS if inputs.get(f)],
         "size": _text(inputs.get("size")),
         "n": _as_int(inputs.get("n")),
-        "seed": _as_int(inputs.get("seed")),
+        # the seed the edit was made with: the row's, or the one drawn for it
+        "seed": _as_int(inputs.get("seed", row["sent_seed"])),
         "history": _history(row["history"], run_dir),
     }
     out.update(_stored(row["stored"], run_dir))

@@ -14,6 +14,7 @@ import email.utils
 import json
 import math
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,21 +28,38 @@ from pipeline.core import (
     TRANSIENT_ERROR_CODES,
     ApiError,
     ApiKey,
+    BalanceShort,
+    Forbidden,
     InvalidInput,
     NotFound,
     ProtocolViolation,
     RateLimited,
     ServerError,
+    SystemClock,
     TransportFailure,
     Unauthorized,
     UnsafePredictionId,
 )
-from pipeline.provider.listing import Execution, listing_query, read_listing
+from pipeline.provider.listing import (
+    V1_ROWS,
+    V2_STATUSES,
+    Execution,
+    Page,
+    listing_query,
+    read_listing,
+)
 from pipeline.provider.readings import MAX_JOB_COST_USD, MAX_PREDICT_TIME_S, reading
 
 _log = structlog.get_logger("pipeline.provider.client")
 
-__all__ = ["EachlabsClient", "Prediction", "check_prediction_id", "parse_retry_after"]
+__all__ = [
+    "EachlabsClient",
+    "Health",
+    "Listed",
+    "Prediction",
+    "check_prediction_id",
+    "parse_retry_after",
+]
 
 # A gateway error means the request may have reached the provider and been carried out.
 _AMBIGUOUS_STATUSES = (502, 504)
@@ -74,6 +92,7 @@ class Prediction:
     message: str = ""
     error_code: str | None = None
     cost_usd: float | None = None
+    served_by: str | None = None  # the backup model of a fallback chain that served it
 
     @property
     def terminal(self) -> bool:
@@ -82,6 +101,18 @@ class Prediction:
     @property
     def transient(self) -> bool:
         return self.error_code in TRANSIENT_ERROR_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A window of the executions listing: its entries newest first, whether that is all of
+    them (else the page budget or v1's prefix ended the read), the entries that could not be
+    read, and the pages it took."""
+
+    entries: list[Execution]
+    whole: bool
+    malformed: int
+    pages: int
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -123,6 +154,16 @@ def _name(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether a connection failed because the server's certificate was not trusted."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _path(prediction_id: str) -> str:
     return f"prediction/{quote(check_prediction_id(prediction_id), safe='')}"
 
@@ -155,6 +196,26 @@ def check_prediction_id(value: object) -> str:
     )
 
 
+class Health:
+    """Whether the provider answers at all: since when every request has failed with a
+    transport error or a 5xx (None while it answers), on the running loop's clock."""
+
+    def __init__(self) -> None:
+        self.failing_since: float | None = None
+
+    def answered(self) -> None:
+        self.failing_since = None
+
+    def failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = SystemClock().now()
+
+    def down_for(self) -> float:
+        """Seconds every request has failed, 0 while it answers."""
+        since = self.failing_since
+        return 0.0 if since is None else SystemClock().now() - since
+
+
 class EachlabsClient:
     """Creates and polls predictions; every failure comes out as an `ApiError` subclass."""
 
@@ -168,8 +229,16 @@ class EachlabsClient:
         max_connections: int = 16,
         http2: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
+        auth: str = "bearer",
+        fallback_selector: str | None = None,
     ) -> None:
         self.model = model
+        self.health = Health()
+        self._bearer = auth == "bearer"
+        self._fallback = fallback_selector
+        # the cursor-paged listing sits beside the versioned base URL; without one, v1 alone
+        base = base_url.rstrip("/")
+        self._v2 = base.removesuffix("/v1") + "/v2/executions" if base.endswith("/v1") else None
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
@@ -196,6 +265,8 @@ class EachlabsClient:
     ) -> str:
         """Start a prediction; its id. Errors whose `ambiguous` is set may have created it."""
         body: dict[str, Any] = {"model": self.model, "input": inputs}
+        if self._fallback is not None:
+            body["fallback_selector"] = self._fallback
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
             if webhook_secret is not None:
@@ -212,13 +283,19 @@ class EachlabsClient:
         metrics = metrics if isinstance(metrics, dict) else {}
         seconds = reading(metrics.get("predict_time"), MAX_PREDICT_TIME_S)
         cost = reading(metrics.get("cost"), MAX_JOB_COST_USD)
+        fallback = answer.get("fallback")
+        served = fallback.get("served_model") if isinstance(fallback, dict) else None
+        served = served[:200] if isinstance(served, str) and served else None
         if status == "success":
             output = answer.get("output")
             if isinstance(output, str):
                 output = [output]
             if not isinstance(output, list) or not all(isinstance(u, str) for u in output):
                 raise ProtocolViolation("a successful poll has no list of output URLs", status=200)
-            return Prediction(prediction_id, "success", tuple(output), seconds, cost_usd=cost)
+            urls = tuple(output)
+            return Prediction(
+                prediction_id, "success", urls, seconds, cost_usd=cost, served_by=served
+            )
         if status in ("error", "failed"):
             code, message = _failure(answer)
             return Prediction(prediction_id, "error", (), seconds, message, code, cost)
@@ -236,18 +313,89 @@ class EachlabsClient:
         self,
         key: ApiKey,
         statuses: tuple[str, ...],
-        since: float,
+        since: float | None,
         *,
         until: float | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> tuple[list[Execution], int]:
-        """One page of the key's executions of our model in `statuses` (any, when empty),
-        created from `since` to `until` (Unix seconds), newest first; and how many the listing
-        holds. NotFound when the provider has no listing."""
-        query = listing_query(self.model, statuses, since, limit, offset, until)
-        answer = await self._send("GET", "executions", key, None, what="listing", params=query)
-        return read_listing(answer)
+        pages: int,
+    ) -> Listed:
+        """The executions of our model in `statuses` (any, when empty) created from `since` to
+        `until` (Unix seconds on the provider's clock), newest first, at most `pages` pages of
+        100: by v2's cursor, or by v1's offset where v2 is missing (404) and never past v1's
+        1,000-row prefix. NotFound when the provider has no listing at all."""
+        if self._v2 is not None:
+            try:
+                return await self._read_v2(key, statuses, since, until, pages)
+            except NotFound:
+                self._v2 = None  # v1 from now on
+                _log.info("listing_v1", hint="the provider has no /v2/executions: v1's offset")
+        return await self._read_v1(key, statuses, since, until, pages)
+
+    async def _read_v2(
+        self,
+        key: ApiKey,
+        statuses: tuple[str, ...],
+        since: float | None,
+        until: float | None,
+        pages: int,
+    ) -> Listed:
+        wanted = tuple(s for s in statuses if s in V2_STATUSES)
+        found: list[Execution] = []
+        malformed, cursor = 0, None
+        for read in range(1, pages + 1):
+            query = listing_query(self.model, wanted, since, 100, None, until, cursor)
+            answer = await self._send("GET", str(self._v2), key, None, what="listing", params=query)
+            page = read_listing(answer, v2=True)
+            found.extend(page.entries)
+            malformed += page.malformed
+            cursor = page.next_cursor
+            if cursor is None:
+                return Listed(found, True, malformed, read)
+        return Listed(found, False, malformed, pages)
+
+    async def _read_v1(
+        self,
+        key: ApiKey,
+        statuses: tuple[str, ...],
+        since: float | None,
+        until: float | None,
+        pages: int,
+    ) -> Listed:
+        found: list[Execution] = []
+        malformed = offset = read = 0
+        while read < pages and offset <= V1_ROWS - 100:
+            query = listing_query(self.model, statuses, since, 100, offset, until)
+            answer = await self._send("GET", "executions", key, None, what="listing", params=query)
+            page: Page = read_listing(answer, v2=False)
+            read += 1
+            found.extend(page.entries)
+            malformed += page.malformed
+            offset += len(page.entries) + page.malformed
+            got = len(page.entries) + page.malformed
+            if got < 100 or (page.total is not None and offset >= page.total):
+                return Listed(found, True, malformed, read)
+        return Listed(found, False, malformed, read)
+
+    async def balance(self, key: ApiKey) -> float | None:
+        """The organisation's balance in USD (`GET /v1/billing/balance`), or None where the
+        provider has no such endpoint (404) or cannot read it now (503)."""
+        try:
+            answer = await self._send(
+                "GET", "billing/balance", key, None, what="balance", whole=True
+            )
+        except (NotFound, ServerError):
+            return None
+        if isinstance(answer, dict):
+            answer = answer.get("balance", answer.get("amount"))
+        return reading(answer, 1e12) if answer is not None else None
+
+    async def model_cost(self, key: ApiKey) -> float | None:
+        """The provider's estimate of one image's cost (`GET /v1/models/{slug}`'s `cost`), or
+        None where it gives none."""
+        try:
+            answer = await self._send("GET", f"models/{quote(self.model, safe='')}", key, None)
+        except NotFound:
+            return None
+        return reading(answer.get("cost"), MAX_JOB_COST_USD)
 
     async def created_with(self, key: ApiKey, prediction_id: str) -> dict[str, Any] | None:
         """The input a prediction was created with, as its `GET` tells it; None when the
@@ -279,9 +427,13 @@ class EachlabsClient:
         creating: bool = False,
         what: str = "poll",
         params: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
+        whole: bool = False,
+    ) -> Any:
         what = "create" if creating else what
-        headers = {"X-API-Key": key.secret}
+        if self._bearer:
+            headers = {"Authorization": f"Bearer {key.secret}"}
+        else:
+            headers = {"X-API-Key": key.secret}
         if body is not None:
             headers["Content-Type"] = "application/json"
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -290,8 +442,11 @@ class EachlabsClient:
                 method, path, content=payload, headers=headers, params=params
             )
         except _NOT_SENT as exc:
+            if not _certificate_refused(exc):  # that lasts: the rows say so, not an outage
+                self.health.failed()
             raise TransportFailure(f"{what}: cannot reach the provider ({_name(exc)})") from exc
         except httpx.TransportError as exc:
+            self.health.failed()
             raise TransportFailure(
                 f"{what}: no answer from the provider ({_name(exc)})", ambiguous=creating
             ) from exc
@@ -299,10 +454,15 @@ class EachlabsClient:
             raise ProtocolViolation(
                 f"{what}: the answer cannot be read ({_name(exc)})", ambiguous=creating
             ) from exc
-        return self._read(response, what, creating)
+        if response.status_code >= 500:
+            self.health.failed()
+        else:
+            self.health.answered()
+        return self._read(response, what, creating, whole)
 
     @staticmethod
-    def _read(response: httpx.Response, what: str, creating: bool) -> dict[str, Any]:
+    def _read(response: httpx.Response, what: str, creating: bool, whole: bool = False) -> Any:
+        """The answer's JSON object (any JSON value when `whole`), or the error it is."""
         status = response.status_code
         if status < 300:
             try:
@@ -311,17 +471,23 @@ class EachlabsClient:
                 raise ProtocolViolation(
                     f"{what}: the answer is not JSON", status=status, ambiguous=creating
                 ) from exc
-            if not isinstance(answer, dict):
+            if not isinstance(answer, dict) and not whole:
                 raise ProtocolViolation(
                     f"{what}: the answer is not a JSON object", status=status, ambiguous=creating
                 )
             return answer
-        detail = f"{what}: HTTP {status}: {_describe(response)}"
+        said = _describe(response)
+        detail = f"{what}: HTTP {status}: {said}"
         error: ApiError
         if status == 400:
             error = InvalidInput(detail, status=status)
         elif status == 401:
             error = Unauthorized(detail, status=status)
+        elif status == 402 or (status == 429 and "balance" in said.lower()):
+            # the organisation's balance: nothing was made (the low-balance 429 says so)
+            error = BalanceShort(detail, status=status)
+        elif status == 403:
+            error = Forbidden(detail, status=status)
         elif status == 404:
             error = NotFound(detail, status=status)
         elif status == 429:
@@ -332,6 +498,7 @@ class EachlabsClient:
             error = ServerError(
                 detail, status=status, ambiguous=creating and status in _AMBIGUOUS_STATUSES
             )
-        else:
-            error = ProtocolViolation(detail, status=status, ambiguous=creating)
+        else:  # another refusal (4xx) made nothing; anything else may have
+            refused = 400 <= status < 500
+            error = ProtocolViolation(detail, status=status, ambiguous=creating and not refused)
         raise error

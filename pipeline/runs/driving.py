@@ -144,7 +144,7 @@ async def drive_keys(drive: Drive, engine: Engine) -> tuple[ExitCode, str]:
     finally:
         stop_ingest.set()
         await engine.aclose()
-    return stopped_by(config, dispatcher, no_key)
+    return stopped_by(config, dispatcher, no_key or dispatcher.no_key)
 
 
 async def cancel_on_budget(dispatcher: Dispatcher, engine: Engine) -> None:

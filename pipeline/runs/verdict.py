@@ -232,6 +232,20 @@ def stopped_by(
 ) -> tuple[ExitCode, str]:
     if no_key is not None:
         return ExitCode.NO_KEY, str(no_key)
+    if dispatcher.creates_stopped is not None:
+        cause, said = dispatcher.creates_stopped
+        if cause == "balance":
+            return ExitCode.BALANCE, (
+                "the organisation's balance at the provider ran out (it refused a create: "
+                f"{said}); no more creates were sent, the jobs already created were polled to "
+                "their end, and no row was failed for it. Top up the balance and run the same "
+                "command again to go on"
+            )
+        return ExitCode.PROVIDER_DOWN, (
+            f"the provider stayed unreachable ({said}); no more creates were sent and the "
+            "unsent rows are kept unsent, not failed. Run the same command again once it is "
+            "back to go on"
+        )
     if dispatcher.budget_reached:
         return ExitCode.BUDGET, (
             f"budget.max_cost_usd ({config.budget.max_cost_usd:g}) reached; "

@@ -93,6 +93,8 @@ class Exchange(ClusterBase):
             member.wake.set()
         for name in report.retired:
             dispatcher.retire(name)
+        if report.stop is not None:
+            dispatcher.stop_creates(*report.stop)
         for key_name, count in report.asks.items():
             for _ in range(count):
                 tg.start_soon(self._hand, member, dispatcher, key_name)

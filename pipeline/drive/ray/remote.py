@@ -87,6 +87,7 @@ class Report:
     figures: Figures
     done: bool = False  # the worker's last report: every update of it is durable
     failure: str | None = None  # why the worker stopped, when it was not its work's end
+    stop: tuple[str, str] | None = None  # creates stopped (the balance, an outage): why
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,7 @@ class Outbox:
         self.logs: list[tuple[str, dict[str, Any]]] = []
         self.done = False
         self.failure: str | None = None
+        self.stop: tuple[str, str] | None = None
 
     async def write(self, *updates: Update) -> None:
         await self.post(*updates).wait()
@@ -178,6 +180,7 @@ class Outbox:
             figures(),
             done=self.done and not updates and not self._sent,
             failure=self.failure,
+            stop=self.stop,
         )
         self.asks = Counter()
         self.given_back, self.retired, self.thumbs, self.logs = [], [], [], []
@@ -252,6 +255,12 @@ class Handouts:
         for name in [key_name] if key_name is not None else list(self._ready):
             self._outbox.given_back.extend(self._ready.pop(name, ()))
         self._outbox.wake()
+
+    def stop_creates(self, cause: str, said: str) -> None:
+        """No create from this worker from now on; the driver's dispatcher stops the others."""
+        self.halted = True
+        self._outbox.stop = (cause, said)
+        self.give_back_ready()
 
     def retire(self, key_name: str) -> None:
         self._dry.add(key_name)
