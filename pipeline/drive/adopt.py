@@ -108,20 +108,22 @@ class Adoptions(DriverBase):
         """The lost create settled from one read of the listing, or None while it cannot tell
         (the provider's clock not learned yet, or the listing not caught up)."""
         clock = self.timeline
-        if not clock.learned:  # its newest entries hold creates of ours: learn from them
-            await self._listed(lane, (), None, pages=1)
-            if not clock.learned:
-                return None
         margin = self.settings.clock_skew  # the listing's times are rounded, and may jitter
-        found, whole = await self._listed(lane, (), clock.earliest(sent) - margin, pages=_PAGES)
-        if not whole:
-            return Settled("unresolved")
-        latest = clock.latest(given_up) + margin
-        window = [e for e in found if e.created_at is None or e.created_at <= latest]
-        unknown = await self._unknown(window)
-        settled = await self._match(lane, entry, inputs, unknown)
+        # before the provider's clock is learned: its newest entries (a job matched there is
+        # proven all the same; only "nothing was made" needs the clock)
+        since = clock.earliest(sent) - margin if clock.learned else None
+        found, whole = await self._listed(lane, (), since, pages=_PAGES)
+        window = found
+        if clock.learned:
+            latest = clock.latest(given_up) + margin
+            window = [e for e in found if e.created_at is None or e.created_at <= latest]
+        settled = await self._match(lane, entry, inputs, await self._unknown(window))
         if settled is not None:
             return settled
+        if since is None or not clock.learned:
+            return None
+        if not whole:
+            return Settled("unresolved")  # more of the window than can be read
         return Settled("recreated") if clock.covers(found, given_up + margin) else None
 
     async def _unknown(self, window: list[Execution]) -> list[Execution]:
@@ -139,17 +141,22 @@ class Adoptions(DriverBase):
         input (nothing can be proven then); None when none of them is the row's."""
         blind = False
         presigned = self.uploads is not None
-        for execution in unknown:
+        claim: Execution | None = None
+        for execution in reversed(unknown):  # oldest first: the row's first job is claimed
             pid = execution.prediction_id
             theirs = await self._input_of(lane, pid)
             if theirs is None:
                 blind = True
-            elif pid not in self.claimed and same_input(theirs, inputs, presigned=presigned):
+            elif pid in self.claimed:
+                continue
+            elif claim is None and same_input(theirs, inputs, presigned=presigned):
+                claim = execution
                 self.claimed.add(pid)  # no await between the check and the claim
                 self.stats.orphan_candidates.pop(pid, None)
-                return Settled("adopted", pid)
-            elif theirs.get("seed") in self.drawn and pid not in self.claimed:
-                self._orphan(lane, execution)
+            elif theirs.get("seed") in self.drawn:
+                self._orphan(lane, execution)  # ours (a seed we drew), and no row's
+        if claim is not None:
+            return Settled("adopted", claim.prediction_id)
         return Settled("unresolved") if blind else None
 
     async def _input_of(self, lane: KeyLane, prediction_id: str) -> dict[str, Any] | None:

@@ -234,6 +234,7 @@ class Creates(Books, Adoptions):
         else:
             # the answer was due by the crash at the latest (the run starts after it)
             given_up = min(sent + self.settings.answer_within, now)
+            self._seed_for(entry)  # its seed, journaled: a job made with it is ours
             settled = await self._settle_lost(lane, entry, entry.sent_inputs, sent, given_up)
         if settled.resolution == LEFT:
             return Withheld()  # still `creating`: the next run looks it up again
