@@ -546,8 +546,10 @@ def sandbox_command(
     api_shape: Annotated[
         str,
         typer.Option(
-            help="Answers as the seed document ('seed': error, predictionID, exec_id callbacks) "
-            "or the API reference ('reference': failed, id, input, logs, body-signed callbacks)."
+            help="Answers as the seed document ('seed': error, predictionID, exec_id callbacks), "
+            "the API reference ('reference': failed, id, input, logs, body-signed callbacks) or "
+            "the provider's docs of 2026-12 ('today': Bearer only, the organisation's listing, "
+            "v2 by cursor, the balance)."
         ),
     ] = "seed",
     price_per_image_usd: Annotated[
@@ -570,6 +572,24 @@ def sandbox_command(
         bool,
         typer.Option("--no-prediction-input", help="A prediction's GET carries no input."),
     ] = False,
+    clock_offset_s: Annotated[
+        float, typer.Option(help="The provider's clock ahead of ours (wall seconds).")
+    ] = 0.0,
+    listing_lag_s: Annotated[
+        float, typer.Option(help="A job shows in the listing this long after its creation.")
+    ] = 0.0,
+    org_traffic: Annotated[
+        float, typer.Option(help="('today') Share of creates another application mirrors.")
+    ] = 0.0,
+    balance_usd: Annotated[
+        float | None, typer.Option(help="('today') The organisation's balance; none: no limit.")
+    ] = None,
+    low_balance_usd: Annotated[
+        float, typer.Option(help="('today') Below this left, creates answer the balance 429.")
+    ] = 0.0,
+    fallback_share: Annotated[
+        float, typer.Option(help="('today') Share of fallback_selector jobs a backup serves.")
+    ] = 0.0,
     create_5xx: float = 0.0,
     poll_5xx: float = 0.0,
     lost_create: float = 0.0,
@@ -631,6 +651,12 @@ def sandbox_command(
             cancel_delay_s=cancel_delay_s,
             listing=not no_listing,
             prediction_input=not no_prediction_input,
+            clock_offset_s=clock_offset_s,
+            listing_lag_s=listing_lag_s,
+            org_traffic=org_traffic,
+            balance_usd=balance_usd,
+            low_balance_usd=low_balance_usd,
+            fallback_share=fallback_share,
             faults=FaultRates(
                 job_error=job_error,
                 transient_error=transient_error,

@@ -310,10 +310,6 @@ class BudgetSection(_Section):
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
     # them end (and be billed)
     cancel_in_flight: bool = False
-    # where the provider tells the organisation's balance (GET /v1/billing/balance): refuse to
-    # start a run whose estimate passes it (the balance is read; a run that cannot read it
-    # starts all the same, and says so)
-    require_balance: bool = False
 
 
 class IncrementalSection(_Section):
