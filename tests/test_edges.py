@@ -210,8 +210,13 @@ async def test_force_continues_with_the_manifest_as_it_is_now(
     assert out[1]["prompt"] == "edit number 1"  # kept as it was sent and paid
     assert out[7]["prompt"] == "a new prompt for an unsent row"
     created = _created_fingerprints(sb)
-    new7 = fingerprint(MODEL, {"prompt": rows[6]["prompt"], "img_url": rows[6]["img_url"]})
-    old7 = fingerprint(MODEL, {"prompt": "edit number 7", "img_url": rows[6]["img_url"]})
+    seed7 = out[7]["seed"]  # drawn for the row, which has none, and sent with it
+    new7 = fingerprint(
+        MODEL, {"prompt": rows[6]["prompt"], "img_url": rows[6]["img_url"], "seed": seed7}
+    )
+    old7 = fingerprint(
+        MODEL, {"prompt": "edit number 7", "img_url": rows[6]["img_url"], "seed": seed7}
+    )
     assert created[new7] == 1 and created[old7] == 0
     assert sum(created.values()) == 8  # nothing paid twice, the dropped rows never sent
 

@@ -110,10 +110,10 @@ async def test_a_crash_leaves_no_secret_in_the_run_folder_and_says_what_is_left(
     read = EachlabsClient._read
     broken = "create" if where == "create" else "poll"
 
-    def buggy(response: Any, what: str, creating: bool) -> dict[str, Any]:
+    def buggy(response: Any, what: str, creating: bool, whole: bool = False) -> Any:
         if what == broken and sb.stats()["creates"] >= 3:
             raise RuntimeError("a bug in reading an answer")
-        return read(response, what, creating)
+        return read(response, what, creating, whole)
 
     monkeypatch.setattr(EachlabsClient, "_read", staticmethod(buggy))
     summary = await _arun(config)

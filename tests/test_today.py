@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pipeline.core import ApiKey, BalanceShort, ExitCode
 from pipeline.provider import EachlabsClient, Execution, ProviderClock
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
+from pipeline.sandbox.billing import top_up
 from pipeline.sandbox.state import ORG_MATE
 from tests.conftest import KEY, go, make_config, results, write_manifest
 
@@ -185,7 +186,7 @@ async def test_a_balance_that_runs_out_stops_the_creates_and_a_top_up_finishes(
     document = json.loads((first.run_dir / "summary.json").read_text())
     assert document["possible_duplicate_charges"] == 0 and document["balance_refusals"] >= 1
 
-    sb.state.top_up(10.0)
+    top_up(sb.state, 10.0)
     second = await go(config, [KEY])
     assert second.exit_code == ExitCode.OK
     done = results(second)

@@ -13,9 +13,9 @@ Proof that nothing was made: the listing is read from the earliest provider inst
 can have been made (the provider's clock learned from the run's own answered creates,
 `ProviderClock`), and it must already show a job made after the latest such instant: the
 listing has caught up past the send. Until then the row waits and is looked up again, for
-`retries.lost_create_patience_s` or until the run stops; then it is left `creating` (`LEFT`),
-counted as possibly billed, and the next run looks it up again. Without a listing, or where
-the `GET` shows no input, nothing can be proven: the create is `unresolved`, created again
+`retries.lost_create_patience_s`; then it is `unresolved` (below). A run that stops meanwhile
+leaves it `creating` (`LEFT`), counted as possibly billed, for the next run to look up.
+Without a listing, or where the `GET` shows no input, nothing can be proven: the create is `unresolved`, created again
 under `retries.ambiguous_creates` and flagged as a possible duplicate charge. Executions that
 carry a seed this run drew and that no row claims are kept as orphans (proven ours) for the
 summary.
@@ -94,11 +94,14 @@ class Adoptions(DriverBase):
                 settled = None
             if settled is not None:
                 return settled
-            if self.clock.now() >= deadline or self.dispatcher.halted:
-                # never created again on a guess: it stays `creating`, counted as possibly
-                # billed, and the next run looks it up again
-                _log.warning("lost_create_unproven", key=lane.key.name, row=entry.row_number)
+            if self.dispatcher.halted:
+                # the run stops: it stays `creating`, counted as possibly billed, and the next
+                # run looks it up again
                 return Settled(LEFT)
+            if self.clock.now() >= deadline:
+                # no proof came (no later job in the listing): flagged, never silently
+                _log.warning("lost_create_unproven", key=lane.key.name, row=entry.row_number)
+                return Settled("unresolved")
             self.stats.lost_create_waits += 1
             await anyio.sleep(max(self.settings.lost_settle, self.settings.sweep_floor))
 

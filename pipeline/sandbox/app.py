@@ -32,6 +32,7 @@ from pipeline.core.schema import (
     is_loopback_host,
 )
 from pipeline.sandbox import images
+from pipeline.sandbox.billing import afford, billing_routes
 from pipeline.sandbox.hooks import Hooks, callback
 from pipeline.sandbox.inputs import InputImages
 from pipeline.sandbox.listing import executions, executions_v2
@@ -155,7 +156,7 @@ class _Sandbox:
             return fault
         if self.state.chance(faults.early_502):  # as a lost answer looks, but nothing was made
             return _error(502, "Bad gateway", "sandbox fault: the gateway failed first")
-        short = self.state.afford(key, int(body["input"].get("n", 1)))
+        short = afford(self.state, key, int(body["input"].get("n", 1)))
         if short is not None:
             return JSONResponse({"error": short[1]}, status_code=short[0])
         job = self.state.accept(
@@ -369,34 +370,6 @@ class _Sandbox:
         body = await asyncio.to_thread(images.encode_png, image)
         return Response(body, media_type="image/png")
 
-    async def balance(self, request: Request) -> Response:
-        """`GET /v1/billing/balance` ("today"): the organisation's balance in USD."""
-        key = self.authenticate(request)
-        if isinstance(key, Response):
-            return key
-        if not self.settings.today:
-            return JSONResponse({"error": "Not found"}, status_code=404)
-        return JSONResponse({"balance": self.state.balance, "currency": "USD"})
-
-    async def model(self, request: Request) -> Response:
-        """`GET /v1/models/{slug}` ("today"): the model, its cost estimate and input schema."""
-        key = self.authenticate(request)
-        if isinstance(key, Response):
-            return key
-        if not self.settings.today or request.path_params["slug"] != MODEL:
-            return JSONResponse({"error": "Model not found"}, status_code=404)
-        schema = {"type": "object", "required": ["prompt", "img_url"]}
-        cost = self.settings.price_per_image_usd
-        return JSONResponse({"slug": MODEL, "cost": cost, "request_schema": schema})
-
-    async def top_up(self, request: Request) -> Response:
-        """`POST /_admin/balance` with `{"add": USD}`: a top-up of the organisation."""
-        try:
-            amount = float(json.loads(await request.body())["add"])
-        except (ValueError, KeyError, TypeError):
-            return _error(400, "Invalid request", 'expected {"add": a number of USD}')
-        return JSONResponse({"balance": self.state.top_up(amount)})
-
     async def stats(self, request: Request) -> Response:
         return JSONResponse(self.state.stats())
 
@@ -450,9 +423,7 @@ def create_app(settings: SandboxSettings, state: SandboxState | None = None) -> 
         Route("/v1/prediction/{prediction_id}/cancel", sandbox.cancel, methods=["POST"]),
         Route("/v1/executions", listing, methods=["GET"]),
         Route("/v2/executions", listing_v2, methods=["GET"]),
-        Route("/v1/billing/balance", sandbox.balance, methods=["GET"]),
-        Route("/v1/models/{slug}", sandbox.model, methods=["GET"]),
-        Route("/_admin/balance", sandbox.top_up, methods=["POST"]),
+        *billing_routes(sandbox.authenticate, sandbox.state, settings),
         Route("/_admin/stats", sandbox.stats, methods=["GET"]),
         Route("/_admin/ledger", sandbox.ledger, methods=["GET"]),
     ]

@@ -73,7 +73,6 @@ def _entry(
         "id": job.prediction_id,
         "model": model,
         "status": status,
-        "requested_model": model,
         "execution_cost": state.cost(job) if ended else None,
         "run_time": state.predict_time(job) if ended else None,
         "created_at": _iso(job.created_at + to_wall),
@@ -82,7 +81,7 @@ def _entry(
         "output": output,
         "workflow_id": None,
         "workflow_execution_id": None,
-    }
+    } | ({"requested_model": model} if today else {})
 
 
 def _query(request: Request) -> dict[str, Any] | str:

@@ -137,7 +137,7 @@ class SandboxState:
         self._account_ends[ORG_MATE] = []
         # the organisation's balance, and what its jobs in flight may still cost
         self.balance = settings.balance_usd
-        self._owed: dict[str, float] = {}
+        self.owed: dict[str, float] = {}
         self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
         self.inputs = {"fetched": 0, "failed": 0}  # inputs fetched (fetch_inputs), or not
         self._fingerprints: dict[str, int] = {}
@@ -203,29 +203,6 @@ class SandboxState:
             self._log({"event": "refused", "key": key, "status": 429, "reason": refusal.reason})
         return refusal
 
-    def afford(self, key: str, n: int) -> tuple[int, str] | None:
-        """The balance's refusal of a create of `n` images (402, or the low-balance 429), or
-        None. Nothing is created or billed for a refusal."""
-        if self.balance is None:
-            return None
-        left = self.balance - sum(self._owed.values()) - n * self.settings.price_per_image_usd
-        if left < -1e-9:
-            status, reason = 402, "Insufficient balance: top up to create more predictions"
-        elif left < self.settings.low_balance_usd and self._owed:
-            status, reason = 429, "Balance is low: wait for a running prediction to end"
-        else:
-            return None
-        self._stats[key].refused_429 += status == 429
-        self._log({"event": "refused", "key": key, "status": status, "reason": reason})
-        return status, reason
-
-    def top_up(self, amount: float) -> float:
-        """Add to the organisation's balance (a balance of None stays unlimited)."""
-        if self.balance is not None:
-            self.balance = round(self.balance + amount, 6)
-            self._log({"event": "top_up", "amount_usd": amount, "balance_usd": self.balance})
-        return self.balance if self.balance is not None else math.inf
-
     def refuse_invalid(self, key: str, reason: str) -> None:
         self._stats[key].refused_400 += 1
         self._log({"event": "refused", "key": key, "status": 400, "reason": reason})
@@ -274,7 +251,7 @@ class SandboxState:
         self.jobs[job.prediction_id] = job
         self.by_key.setdefault(key, []).append(job)
         self.everyone.append(job)
-        self._owed[job.prediction_id] = job.n * s.price_per_image_usd
+        self.owed[job.prediction_id] = job.n * s.price_per_image_usd
         stats.window.append(now)
         heapq.heappush(stats.ends, job.ends_at)
         account = self._account[key]
@@ -336,7 +313,7 @@ class SandboxState:
         if self._clock() < job.ends_at or not job.inputs_ready:
             return False
         job.ended = True
-        self._owed.pop(job.prediction_id, None)
+        self.owed.pop(job.prediction_id, None)
         if self.balance is not None:
             self.balance = round(self.balance - self.cost(job), 6)
         stats = self._stats[job.key]
@@ -405,6 +382,9 @@ class SandboxState:
         return round(job.ends_at - job.created_at, 4)
 
     # -- reporting ------------------------------------------------------------------------
+
+    def log(self, entry: dict[str, Any]) -> None:
+        self._log(entry)
 
     def _log(self, entry: dict[str, Any]) -> None:
         # full precision: limits are checked from it; an entry may bring its own instant
