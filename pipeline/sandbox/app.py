@@ -85,6 +85,21 @@ def _error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _authenticate(request: Request, state: SandboxState, today: bool) -> str | Response:
+    """The request's key: `Authorization: Bearer` (the one way today), or `X-API-Key` in the
+    seed's and the reference's shapes."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    secret = token.strip() if scheme.lower() == "bearer" else None
+    if secret is None and not today:
+        secret = request.headers.get("x-api-key")
+    key = state.key_name(secret)
+    if key is None:
+        if today:
+            return JSONResponse({"error": "Invalid or missing API key"}, status_code=401)
+        return _error(401, "Unauthorized", "missing or invalid X-API-Key")
+    return key
+
+
 class _Sandbox:
     def __init__(self, settings: SandboxSettings, state: SandboxState) -> None:
         self.settings = settings
@@ -112,18 +127,7 @@ class _Sandbox:
         return None
 
     def authenticate(self, request: Request) -> str | Response:
-        """The request's key: `Authorization: Bearer` (the one way today), or `X-API-Key` in
-        the seed's and the reference's shapes."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        secret = token.strip() if scheme.lower() == "bearer" else None
-        if secret is None and not self.settings.today:
-            secret = request.headers.get("x-api-key")
-        key = self.state.key_name(secret)
-        if key is None:
-            if self.settings.today:
-                return JSONResponse({"error": "Invalid or missing API key"}, status_code=401)
-            return _error(401, "Unauthorized", "missing or invalid X-API-Key")
-        return key
+        return _authenticate(request, self.state, self.settings.today)
 
     # -- routes ---------------------------------------------------------------------------
 
