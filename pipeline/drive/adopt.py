@@ -17,8 +17,8 @@ listing has caught up past the send. Until then the row waits and is looked up a
 leaves it `creating` (`LEFT`), counted as possibly billed, for the next run to look up.
 Without a listing, or where the `GET` shows no input, nothing can be proven: the create is
 `unresolved`, created again under `retries.ambiguous_creates` and flagged as a possible
-duplicate charge. Executions that carry a seed this run drew and that no row claims are kept as orphans (proven ours) for the
-summary.
+duplicate charge. Executions that carry a seed this run drew and that no row claims are kept
+as orphans (proven ours) for the summary.
 """
 
 from __future__ import annotations
