@@ -44,7 +44,6 @@ from pipeline.provider.listing import (
     V1_ROWS,
     V2_STATUSES,
     Execution,
-    Page,
     listing_query,
     read_listing,
 )
@@ -61,6 +60,7 @@ __all__ = [
     "parse_retry_after",
 ]
 
+_PAGE = 100  # executions a listing page holds at most (the largest `limit`)
 # A gateway error means the request may have reached the provider and been carried out.
 _AMBIGUOUS_STATUSES = (502, 504)
 # Raised before the request left: the provider cannot have seen it.
@@ -202,18 +202,19 @@ class Health:
 
     def __init__(self) -> None:
         self.failing_since: float | None = None
+        self._clock = SystemClock()
 
     def answered(self) -> None:
         self.failing_since = None
 
     def failed(self) -> None:
         if self.failing_since is None:
-            self.failing_since = SystemClock().now()
+            self.failing_since = self._clock.now()
 
     def down_for(self) -> float:
         """Seconds every request has failed, 0 while it answers."""
         since = self.failing_since
-        return 0.0 if since is None else SystemClock().now() - since
+        return 0.0 if since is None else self._clock.now() - since
 
 
 class EachlabsClient:
@@ -324,56 +325,44 @@ class EachlabsClient:
         1,000-row prefix. NotFound when the provider has no listing at all."""
         if self._v2 is not None:
             try:
-                return await self._read_v2(key, statuses, since, until, pages)
+                return await self._read_pages(key, statuses, since, until, pages, v2=True)
             except NotFound:
                 self._v2 = None  # v1 from now on
                 _log.info("listing_v1", hint="the provider has no /v2/executions: v1's offset")
-        return await self._read_v1(key, statuses, since, until, pages)
+        return await self._read_pages(key, statuses, since, until, pages, v2=False)
 
-    async def _read_v2(
+    async def _read_pages(
         self,
         key: ApiKey,
         statuses: tuple[str, ...],
         since: float | None,
         until: float | None,
         pages: int,
+        *,
+        v2: bool,
     ) -> Listed:
-        wanted = tuple(s for s in statuses if s in V2_STATUSES)
+        """Up to `pages` pages of the listing: v2's, following its cursor, or v1's by offset
+        within its prefix."""
+        path = str(self._v2) if v2 else "executions"
+        wanted = tuple(s for s in statuses if s in V2_STATUSES) if v2 else statuses
         found: list[Execution] = []
-        malformed, cursor = 0, None
+        malformed = offset = 0
+        cursor: str | None = None
         for read in range(1, pages + 1):
-            query = listing_query(self.model, wanted, since, 100, None, until, cursor)
-            answer = await self._send("GET", str(self._v2), key, None, what="listing", params=query)
-            page = read_listing(answer, v2=True)
+            if not v2 and offset > V1_ROWS - _PAGE:
+                return Listed(found, False, malformed, read - 1)
+            at = None if v2 else offset
+            query = listing_query(self.model, wanted, since, _PAGE, at, until, cursor)
+            answer = await self._send("GET", path, key, None, what="listing", params=query)
+            page = read_listing(answer, v2=v2)
             found.extend(page.entries)
             malformed += page.malformed
-            cursor = page.next_cursor
-            if cursor is None:
+            got = len(page.entries) + page.malformed
+            offset, cursor = offset + got, page.next_cursor
+            last = cursor is None if v2 else got < _PAGE or offset >= (page.total or math.inf)
+            if last:
                 return Listed(found, True, malformed, read)
         return Listed(found, False, malformed, pages)
-
-    async def _read_v1(
-        self,
-        key: ApiKey,
-        statuses: tuple[str, ...],
-        since: float | None,
-        until: float | None,
-        pages: int,
-    ) -> Listed:
-        found: list[Execution] = []
-        malformed = offset = read = 0
-        while read < pages and offset <= V1_ROWS - 100:
-            query = listing_query(self.model, statuses, since, 100, offset, until)
-            answer = await self._send("GET", "executions", key, None, what="listing", params=query)
-            page: Page = read_listing(answer, v2=False)
-            read += 1
-            found.extend(page.entries)
-            malformed += page.malformed
-            offset += len(page.entries) + page.malformed
-            got = len(page.entries) + page.malformed
-            if got < 100 or (page.total is not None and offset >= page.total):
-                return Listed(found, True, malformed, read)
-        return Listed(found, False, malformed, read)
 
     async def balance(self, key: ApiKey) -> float | None:
         """The organisation's balance in USD (`GET /v1/billing/balance`), or None where the

@@ -128,7 +128,6 @@ class SandboxState:
                 self._account[self._keys[secret]] = f"account-{number}"
         self._account_ends: dict[str, list[float]] = {a: [] for a in self._account.values()}
         self.account_peak: dict[str, int] = dict.fromkeys(self._account.values(), 0)
-        self.log = self._log  # for the sandbox's other books (billing.py)
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, list[Job]] = {}  # each key's jobs, in creation order
         self.everyone: list[Job] = []  # the organisation's jobs, in creation order
@@ -201,12 +200,12 @@ class SandboxState:
             refusal = Refusal(f"rate limit: {s.max_concurrent} concurrent jobs", ends[0] - now)
         if refusal is not None:
             stats.refused_429 += 1
-            self._log({"event": "refused", "key": key, "status": 429, "reason": refusal.reason})
+            self.log({"event": "refused", "key": key, "status": 429, "reason": refusal.reason})
         return refusal
 
     def refuse_invalid(self, key: str, reason: str) -> None:
         self._stats[key].refused_400 += 1
-        self._log({"event": "refused", "key": key, "status": 400, "reason": reason})
+        self.log({"event": "refused", "key": key, "status": 400, "reason": reason})
 
     def accept(
         self,
@@ -266,7 +265,7 @@ class SandboxState:
         if key != ORG_MATE:
             seen = self._fingerprints.get(job.fingerprint, 0)
             self._fingerprints[job.fingerprint] = seen + 1
-        self._log(
+        self.log(
             {
                 "t": now,  # when the window counted it, not when this line is written
                 "event": "created",
@@ -291,11 +290,11 @@ class SandboxState:
         if problem is not None:
             entry.update(error_code=problem[0], error=problem[1])
             job.fails, job.error_code = True, problem[0]
-        self._log(entry)
+        self.log(entry)
 
     def note_lost_answer(self, job: Job) -> None:
         self._stats[job.key].lost_answers += 1
-        self._log({"event": "answer_lost", "key": job.key, "prediction_id": job.prediction_id})
+        self.log({"event": "answer_lost", "key": job.key, "prediction_id": job.prediction_id})
 
     def _draw_latency(self) -> float:
         s = self.settings
@@ -320,7 +319,7 @@ class SandboxState:
         stats = self._stats[job.key]
         if job.fails or job.cancelled:
             stats.failed += 1
-            self._log(
+            self.log(
                 {
                     "event": "ended",
                     "key": job.key,
@@ -336,7 +335,7 @@ class SandboxState:
             stats.succeeded += 1
             stats.images += job.n
             stats.cost_usd = round(stats.cost_usd + cost, 6)
-            self._log(
+            self.log(
                 {
                     "event": "ended",
                     "key": job.key,
@@ -384,7 +383,7 @@ class SandboxState:
 
     # -- reporting ------------------------------------------------------------------------
 
-    def _log(self, entry: dict[str, Any]) -> None:
+    def log(self, entry: dict[str, Any]) -> None:
         # full precision: limits are checked from it; an entry may bring its own instant
         entry = {"t": self._clock(), **entry}
         line = json.dumps(entry, separators=(",", ":"))
