@@ -7,7 +7,10 @@ ends once, no two rows share a job, no input is created twice, cost recorded is 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,7 +27,7 @@ from pipeline.provider import EachlabsClient, Execution, ProviderClock
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 from pipeline.sandbox.billing import top_up
 from pipeline.sandbox.state import ORG_MATE
-from tests.conftest import KEY, go, make_config, results, write_manifest
+from tests.conftest import KEY, config_data, go, make_config, results, write_manifest
 
 Start = Callable[..., SandboxServer]
 SCALE = 0.05
@@ -279,3 +283,47 @@ def test_nothing_is_called_unmade_unless_the_listing_shows_past_it(
     given_up = times[lost] + answer
     if made and clock.covers(entries, given_up):
         assert any(e.prediction_id == f"p{lost}" for e in entries)
+
+
+def test_estimate_reads_the_balance_and_says_when_the_estimate_passes_it(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _today(sandbox, balance_usd=0.10)
+    rows = [
+        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
+        for i in range(5)
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    path = tmp_path / "estimate.yaml"
+    path.write_text(yaml.safe_dump(config_data(tmp_path, sb.base_url, manifest)), "utf-8")
+    env = {**os.environ, "EACHLABS_API_KEYS": KEY}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "estimate", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == ExitCode.BALANCE, done.stderr
+    assert "organisation balance" in done.stdout and "$0.10 (the estimate passes it)" in done.stdout
+    assert "passes the organisation's balance" in done.stderr
+    assert sb.stats()["creates"] == 0
+
+
+async def test_require_balance_refuses_to_create_past_the_balance(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _today(sandbox, balance_usd=0.10)
+    rows = [
+        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
+        for i in range(5)
+    ]
+    config = _config(tmp_path, sb.base_url, rows, budget={"require_balance": True})
+    summary = await go(config, [KEY])
+    assert summary.exit_code == ExitCode.BALANCE
+    assert "less than this run's estimate of $0.15" in summary.message
+    assert sb.stats()["creates"] == 0
+    assert not [r for r in results(summary) if r["status"] == "failed"]
+    document = json.loads((summary.run_dir / "summary.json").read_text())
+    assert document["creates_stopped"] == "balance"
+    assert document["balance_usd_at_start"] == pytest.approx(0.10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import functools
 import json
 import logging
 import sys
@@ -42,6 +43,7 @@ from pipeline.intake import Estimate, estimate
 from pipeline.journal import reading
 from pipeline.observe import Reporter, format_duration
 from pipeline.outputs import RunSummary, summary_rows, write_report
+from pipeline.provider import read_balance
 from pipeline.runs import (
     FolderStatus,
     Reprocess,
@@ -385,6 +387,12 @@ def _estimate(given: _Given) -> int:
     config = given.load()
     keys = len(keys_from_env()) or (config.sandbox.keys if config.embedded_sandbox else 0)
     found = estimate(config, keys)
+    env_keys = keys_from_env()
+    if env_keys and not config.embedded_sandbox:
+        api = config.api
+        found.balance_usd = anyio.run(
+            functools.partial(read_balance, api.base_url, api.model, env_keys[0], auth=api.auth)
+        )
     for label, value in _estimate_rows(found, config):
         _out.print(f"{label:<28} {value}", highlight=False, markup=False, soft_wrap=True)
     if found.identical_unseeded:
@@ -397,6 +405,11 @@ def _estimate(given: _Given) -> int:
     code = found.exit_code
     if code is ExitCode.BUDGET:
         _err.print(f"over budget.max_cost_usd ({config.budget.max_cost_usd:g}): exit {int(code)}")
+    elif code is ExitCode.BALANCE:
+        _err.print(
+            f"the estimate passes the organisation's balance (${found.balance_usd:,.2f}): "
+            f"exit {int(code)}"
+        )
     elif code is ExitCode.ROWS_FAILED:
         _err.print(f"no valid row: nothing would be sent (exit {int(code)})")
     return code
@@ -425,6 +438,9 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
     rows.append(("expected duration", format_duration(duration) if found.keys else "unknown"))
     if found.over_budget:
         rows.append(("budget", f"over budget.max_cost_usd ({config.budget.max_cost_usd:g})"))
+    if found.balance_usd is not None:
+        over = " (the estimate passes it)" if found.over_balance else ""
+        rows.append(("organisation balance", f"${found.balance_usd:,.2f}{over}"))
     return rows
 
 

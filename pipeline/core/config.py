@@ -310,6 +310,10 @@ class BudgetSection(_Section):
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
     # them end (and be billed)
     cancel_in_flight: bool = False
+    # refuse to start creating (exit 9) when the organisation's balance, where the provider
+    # tells it (GET /v1/billing/balance), is less than the run's estimate: the whole manifest
+    # is read first, as `wanbatch estimate` reads it
+    require_balance: bool = False
 
 
 class IncrementalSection(_Section):

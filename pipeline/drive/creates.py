@@ -82,7 +82,7 @@ class Creates(Books, Adoptions):
             if isinstance(error, BalanceShort):  # nothing was made: no create on any key now
                 await self.journal.write(MarkPending(entry.row_number))
                 self.stats.balance_refusals += 1
-                self.dispatcher.stop_creates("balance", str(error))
+                self.dispatcher.stop_creates("balance", f"it refused a create: {error}")
                 return NotSent()
             if isinstance(error, Unauthorized):
                 await self.journal.write(MarkPending(entry.row_number))

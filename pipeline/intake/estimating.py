@@ -63,6 +63,11 @@ class Estimate:
     latency_from: str = "polling.expected_latency_s"
     duration_s: float = 0.0  # provider seconds
     over_budget: bool = False
+    balance_usd: float | None = None  # the organisation's, where the provider tells it
+
+    @property
+    def over_balance(self) -> bool:
+        return self.balance_usd is not None and self.cost_usd > self.balance_usd
 
     @property
     def valid(self) -> int:
@@ -70,10 +75,13 @@ class Estimate:
 
     @property
     def exit_code(self) -> ExitCode:
-        """What a scheduler acts on: 5 when the cost is over budget.max_cost_usd, 6 when no
-        row is valid (every one rejected, or none at all), 0 otherwise."""
+        """What a scheduler acts on: 5 when the cost is over budget.max_cost_usd, 9 when it
+        passes the organisation's balance, 6 when no row is valid (every one rejected, or none
+        at all), 0 otherwise."""
         if self.over_budget:
             return ExitCode.BUDGET
+        if self.over_balance:
+            return ExitCode.BALANCE
         if self.valid == 0:
             return ExitCode.ROWS_FAILED
         return ExitCode.OK

@@ -60,6 +60,8 @@ class RunSummary:
     # executions of our model seen near a lost create that no row claims (id, key, status,
     # cost): billed to the account, in no result
     orphans: list[dict[str, Any]] = field(default_factory=list)
+    # the organisation's balance as the run started, where the provider tells it
+    balance_usd: float | None = None
 
     def results(self) -> Any:
         """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
@@ -125,6 +127,9 @@ def _throughput(summary: RunSummary, config: RunConfig) -> dict[str, float | Non
     }
 
 
+_STOPPED = {int(ExitCode.BALANCE): "balance", int(ExitCode.PROVIDER_DOWN): "outage"}
+
+
 def _cost(summary: RunSummary) -> dict[str, Any] | None:
     """The cost confirmed by the provider (a poll saw each job end), apart from what may have
     been billed with no end seen; the provider's own figures beside our price."""
@@ -165,6 +170,9 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "possible_duplicate_charges": int(totals["possible_duplicate_charges"]),
         "orphans": summary.orphans,
         "orphans_cost_usd": round(sum(o.get("cost_usd") or 0.0 for o in summary.orphans), 6),
+        # why creates stopped before the catalog's end, when the provider's side stopped them
+        "creates_stopped": _STOPPED.get(int(summary.exit_code)),
+        "balance_usd_at_start": summary.balance_usd,
         **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
         "throughput": _throughput(summary, config),
         "latency_s": percentiles(stats.latencies),

@@ -11,7 +11,7 @@ webhook.py  the callback receiver, and the hints it gives the polls
 
 from __future__ import annotations
 
-from pipeline.provider.client import EachlabsClient, Listed, Prediction
+from pipeline.provider.client import EachlabsClient, Listed, Prediction, read_balance
 from pipeline.provider.limits import CreateGate, GatePaused, InFlightCap, RetryPolicy, caps_for
 from pipeline.provider.listing import ENDED, Execution
 from pipeline.provider.polling import PollPlanner
@@ -34,4 +34,5 @@ __all__ = [
     "RetryPolicy",
     "Waiter",
     "caps_for",
+    "read_balance",
 ]

@@ -491,3 +491,19 @@ class EachlabsClient:
             refused = 400 <= status < 500
             error = ProtocolViolation(detail, status=status, ambiguous=creating and not refused)
         raise error
+
+
+async def read_balance(
+    base_url: str, model: str, key: ApiKey, *, auth: str = "bearer", wait_s: float = 10.0
+) -> float | None:
+    """The organisation's balance in USD, read once with a client of its own; None where the
+    provider does not tell it (no endpoint, 503) or cannot be reached: a run does not stop for
+    want of it."""
+    client = EachlabsClient(base_url, model, connect_timeout=wait_s, read_timeout=wait_s, auth=auth)
+    try:
+        return await client.balance(key)
+    except ApiError as exc:
+        _log.info("balance_unread", error=str(exc))
+        return None
+    finally:
+        await client.aclose()

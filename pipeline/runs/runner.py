@@ -31,7 +31,7 @@ from pipeline.core import (
     sandbox_keys,
 )
 from pipeline.drive import Workers, check_workers, open_engine
-from pipeline.intake import Manifest
+from pipeline.intake import Manifest, estimate
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
@@ -42,7 +42,7 @@ from pipeline.outputs import (
     open_store,
     write_summary,
 )
-from pipeline.provider import Callbacks, Receiver
+from pipeline.provider import Callbacks, Receiver, read_balance
 from pipeline.runs.driving import Drive, drive_keys
 from pipeline.runs.folder import RunFolder
 from pipeline.runs.identity import check_identity, copy_manifest, keep_manifest
@@ -292,6 +292,9 @@ async def _run_held(
                 ) as engine,
             ):
                 observer.view = engine.view
+                balance = await _balance_before(config, journal, base_url, lanes_keys)
+                if balance.short is not None:  # budget.require_balance: nothing is created
+                    engine.dispatcher.stop_creates("balance", balance.short)
                 stop = await drive_keys(drive, engine)
                 worker_figures = engine.figures()
             sandbox_stats = sandbox.stats() if sandbox is not None else None
@@ -311,12 +314,48 @@ async def _run_held(
         summary.cost = books.cost
         summary.orphans = _orphans(journal, stats)
         summary.possibly_billed_usd = books.cost.possibly_billed_usd(price)
+        summary.balance_usd = balance.usd
         await observer.finish(journal, finish_line(summary))
     try:
         await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / "summary.json")
     except OSError as exc:  # a full disk: the journal and the exit code still tell
         _log.warning("summary_not_written", error=str(exc))
     return summary
+
+
+@dataclass(frozen=True, slots=True)
+class _Balance:
+    """The organisation's balance when the run started (None where the provider does not tell
+    it), and why the run may not create (budget.require_balance), if it may not."""
+
+    usd: float | None
+    short: str | None = None
+
+
+async def _balance_before(
+    config: RunConfig, journal: Journal, base_url: str, keys: list[ApiKey]
+) -> _Balance:
+    """The balance as the provider tells it; with budget.require_balance, judged against the
+    run's estimate (the whole manifest, less what this folder has spent already)."""
+    if not keys:
+        return _Balance(None)
+    api = config.api
+    usd = await read_balance(base_url, api.model, keys[0], auth=api.auth)
+    if usd is None:
+        if config.budget.require_balance:
+            hint = "budget.require_balance: the provider does not tell it; the run goes on"
+            _log.warning("balance_unknown", hint=hint)
+        return _Balance(None)
+    _log.info("balance", usd=usd)
+    if not config.budget.require_balance:
+        return _Balance(usd)
+    found = await anyio.to_thread.run_sync(estimate, config, len(keys))
+    needed = max(0.0, found.cost_usd - journal.totals()["cost_usd"])
+    if needed <= usd:
+        return _Balance(usd)
+    said = f"${usd:,.2f} left, less than this run's estimate of ${needed:,.2f}"
+    said += " (budget.require_balance)"
+    return _Balance(usd, said)
 
 
 def _summary(

@@ -236,10 +236,10 @@ def stopped_by(
         cause, said = dispatcher.creates_stopped
         if cause == "balance":
             return ExitCode.BALANCE, (
-                "the organisation's balance at the provider ran out (it refused a create: "
-                f"{said}); no more creates were sent, the jobs already created were polled to "
-                "their end, and no row was failed for it. Top up the balance and run the same "
-                "command again to go on"
+                f"the organisation's balance at the provider is short ({said}); no more "
+                "creates were sent, the jobs already created were polled to their end, and no "
+                "row was failed for it. Top up the balance and run the same command again to "
+                "go on"
             )
         return ExitCode.PROVIDER_DOWN, (
             f"the provider stayed unreachable ({said}); no more creates were sent and the "
