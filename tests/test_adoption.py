@@ -54,26 +54,27 @@ async def test_lost_answers_are_adopted_or_created_again_when_nothing_was_made(
     sb, summary, rows = await shrunk_run(
         sandbox, tmp_path, 60, seed=8, latency_mean_s=2, faults=faults
     )
-    assert sorted(r["row_number"] for r in rows) == list(range(1, 61))
-    # a 502 that made nothing is created again once the listing shows a later job; at the
-    # run's tail no later job comes: the row is left `creating`, counted as possibly billed,
-    # never created again on a guess
-    left = [r for r in rows if r["status"] != "succeeded"]
-    assert all(r["unconfirmed"] and not r["prediction_id"] for r in left)
-    assert len(left) <= 5
+    assert_one_result_per_row(rows, 60)
+    assert all(r["status"] == "succeeded" for r in rows)
 
     lost = sum(1 for e in sb.ledger() if e["event"] == "answer_lost")
+    assert lost > 0 and summary.stats.creates_adopted == lost  # every made job found
+    # a 502 that made nothing is created again once the listing shows a later job; at the
+    # run's tail no later job comes, and after retries.lost_create_patience_s it is created
+    # again flagged (unresolved): never adopted or called unmade on a guess
     settled = Counter(r["create_resolution"] for r in rows if r["create_resolution"])
-    assert lost > 0 and settled["recreated"] > 0, settled
-    assert settled["adopted"] == lost and settled["unresolved"] == 0
+    assert settled["recreated"] > 0, settled
     assert _created_twice(sb) == {}
-    assert not any(r["possible_duplicate_charge"] for r in rows)
+    flagged = [r for r in rows if r["possible_duplicate_charge"]]
+    unresolved = summary.stats.creates_unresolved  # a row may lose two at the tail
+    assert len(flagged) <= unresolved <= sum(r["ambiguous_creates"] for r in flagged)
+    assert all(r["create_resolution"] == "unresolved" for r in flagged)
     assert round(sum(r["cost_usd"] for r in rows), 6) == ledger_cost(sb)
 
     document = json.loads((summary.run_dir / "summary.json").read_text())
     assert document["creates_adopted"] == lost
     assert document["creates_recreated"] == summary.stats.creates_recreated > 0
-    assert document["possible_duplicate_charges"] == 0
+    assert document["possible_duplicate_charges"] == unresolved
     assert document["orphans"] == []
 
 
@@ -93,12 +94,14 @@ async def test_where_the_get_has_no_input_nothing_is_proven_and_the_row_is_flagg
     lost = sum(1 for e in sb.ledger() if e["event"] == "answer_lost")
     settled = Counter(r["create_resolution"] for r in rows if r["create_resolution"])
     assert lost > 0
-    # without the input nothing names a job's row: never adopted by a guess
-    assert settled["adopted"] == 0 and settled["unresolved"] == lost
+    # without the input nothing names a job's row: never adopted by a guess (a row may lose
+    # two answers: counted per create)
+    assert settled["adopted"] == 0 and set(settled) == {"unresolved"}
+    assert sum(r["ambiguous_creates"] for r in rows) == lost
     created_twice = _created_twice(sb)
     assert sum(n - 1 for n in created_twice.values()) == lost
     flagged = [r for r in rows if r["possible_duplicate_charge"]]
-    assert len(flagged) == lost
+    assert sum(r["ambiguous_creates"] for r in flagged) == lost
 
 
 async def test_without_the_listing_a_lost_create_is_created_again_and_flagged(

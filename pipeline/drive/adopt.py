@@ -145,19 +145,24 @@ class Adoptions(DriverBase):
         blind = False
         presigned = self.uploads is not None
         claim: Execution | None = None
-        for execution in reversed(unknown):  # oldest first: the row's first job is claimed
-            pid = execution.prediction_id
-            theirs = await self._input_of(lane, pid)
-            if theirs is None:
-                blind = True
-            elif pid in self.claimed:
-                continue
-            elif claim is None and same_input(theirs, inputs, presigned=presigned):
-                claim = execution
-                self.claimed.add(pid)  # no await between the check and the claim
-                self.stats.orphan_candidates.pop(pid, None)
-            elif theirs.get("seed") in self.drawn:
-                self._orphan(lane, execution)  # ours (a seed we drew), and no row's
+        try:
+            for execution in reversed(unknown):  # oldest first: the row's first job is claimed
+                pid = execution.prediction_id
+                theirs = await self._input_of(lane, pid)
+                if theirs is None:
+                    blind = True
+                elif pid in self.claimed:
+                    continue
+                elif claim is None and same_input(theirs, inputs, presigned=presigned):
+                    claim = execution
+                    self.claimed.add(pid)  # no await between the check and the claim
+                    self.stats.orphan_candidates.pop(pid, None)
+                elif theirs.get("seed") in self.drawn:
+                    self._orphan(lane, execution)  # ours (a seed we drew), and no row's
+        except BaseException:
+            if claim is not None:  # a later read failed: the lookup is made again, unclaimed
+                self.claimed.discard(claim.prediction_id)
+            raise
         if claim is not None:
             return Settled("adopted", claim.prediction_id)
         return Settled("unresolved") if blind else None
