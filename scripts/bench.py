@@ -44,7 +44,14 @@ from pipeline.core import ApiKey, LimitsSection, parse_config
 from pipeline.drive import Workers
 from pipeline.provider.polling import poll_schedule
 from pipeline.runs import configure_logging, run
-from pipeline.sandbox.ideal import Creates, Limits, perfect_span, run_creates, share_of_perfect
+from pipeline.sandbox.ideal import (
+    Creates,
+    Limits,
+    perfect_span,
+    run_creates,
+    share_of_perfect,
+    steady_share,
+)
 
 
 def _arguments() -> argparse.Namespace:
@@ -119,6 +126,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--delay-fraction", type=float, default=None, help="polling.delay_fraction")
     parser.add_argument("--save-ledger", type=Path, default=None, help="write the ledger here")
     parser.add_argument("--storm-s", type=float, default=30.0, help="provider seconds")
+    parser.add_argument(
+        "--api-shape", default="seed", help="the sandbox's shape: seed, reference or today"
+    )
+    parser.add_argument(
+        "--org-traffic", type=float, default=0.0, help="('today') another application's share"
+    )
     return parser.parse_args()
 
 
@@ -157,6 +170,10 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
         "--output-bytes",
         str(int(args.output_mb * 1e6)),
         "--allow-loopback-urls",
+        "--api-shape",
+        args.api_shape,
+        "--org-traffic",
+        str(args.org_traffic),
     ]
     slow, throttled = _troubled(args, keys)
     for key in slow:
@@ -398,6 +415,9 @@ def main() -> None:
     # the run's span (first create to last end, at the provider) against a perfect client's
     # on the same creates: 1.0 is the physical limit
     print(f"share_of_perfect_client   {share:.3f}")
+    # the same in the steady middle (the 10th to the 90th percentile create)
+    steady_part = steady_share(creates, args.keys, ideal_limits, sizes)
+    print(f"steady_share_of_perfect   {steady_part:.3f}")
     print(f"span_s run perfect        {creates.span_s:.2f} {perfect_s:.2f}")
     # the ceiling of a client that polls each job (no listing, no callbacks)
     print(f"perfect_poller_ceiling    {poller:.3f} (10 polls a job, on these latencies)")

@@ -9,9 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.sandbox.ideal import Limits, perfect_span, run_creates, share_of_perfect
+from pipeline.sandbox.ideal import (
+    Creates,
+    Limits,
+    perfect_schedule,
+    perfect_span,
+    run_creates,
+    share_of_perfect,
+    steady_share,
+)
 from pipeline.sandbox.settings import SandboxSettings
-from pipeline.sandbox.state import SandboxState, key_hash
+from pipeline.sandbox.state import ORG_MATE, SandboxState, key_hash
 
 
 def _feasible(
@@ -109,3 +117,20 @@ def test_a_run_is_read_from_the_sandbox_ledger_and_measured_against_the_perfect_
     assert perfect == pytest.approx(sum(creates.latency_s))
     assert creates.span_s == pytest.approx(perfect + 1.0)  # two lags of 0.5 s
     assert share == pytest.approx(perfect / (perfect + 1.0))
+
+
+def test_the_steady_share_is_one_for_the_perfect_client_and_less_for_a_stall() -> None:
+    """The steady share reads the middle of a run: the perfect client's own creates score 1.0,
+    and a run that stalls between its 10th and 90th percentile creates scores less."""
+    limits = Limits(creates_per_window=5, window_s=1.0, max_concurrent=3)
+    latencies = [0.5 + 0.1 * (i % 4) for i in range(60)]
+    made, _ = perfect_schedule(latencies, 1, limits, ())
+    perfect = Creates(tuple(made), tuple(latencies))
+    assert steady_share(perfect, 1, limits) == pytest.approx(1.0)
+    stalled = Creates(
+        tuple(t + (2.0 if i >= 30 else 0.0) for i, t in enumerate(made)), perfect.latency_s
+    )
+    assert 0.5 < steady_share(stalled, 1, limits) < 1.0
+    # another application's creates in the ledger are not the run's
+    ledger = [{"event": "created", "t": 1.0, "latency_s": 1.0, "key": ORG_MATE}]
+    assert run_creates(ledger).at == ()

@@ -6,8 +6,8 @@ applications, other runs).
 Proof that a job is the row's: every create is sent with a seed (drawn and journaled before the
 first send when the row's input has none, and kept for the row's later creates), so the input a
 job's `GET` shows names the row; a job of another run, key or application, or of an identical
-row, never matches. A job
-claimed by one row is held (`claimed`) before any other lookup can see it.
+row, never matches. A job claimed by one row is held (`claimed`) before any other lookup can
+see it, and released if that lookup fails before it is done.
 
 Proof that nothing was made: the listing is read from the earliest provider instant the job
 can have been made (the provider's clock learned from the run's own answered creates,

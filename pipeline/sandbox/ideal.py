@@ -19,7 +19,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Creates", "Limits", "perfect_span", "run_creates", "share_of_perfect"]
+from pipeline.sandbox.state import ORG_MATE
+
+__all__ = [
+    "Creates",
+    "Limits",
+    "perfect_schedule",
+    "perfect_span",
+    "run_creates",
+    "share_of_perfect",
+    "steady_share",
+]
+
+_MIDDLE = (0.1, 0.9)  # the steady share: the creates between these quantiles of the run
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +60,12 @@ class Creates:
 
 
 def run_creates(ledger: Iterable[Mapping[str, Any]]) -> Creates:
-    """The creates of a sandbox ledger (its `created` entries, which carry `latency_s`)."""
+    """The creates of a sandbox ledger (its `created` entries, which carry `latency_s`); not
+    those of another application of the organisation (`org_traffic`)."""
     made = sorted(
-        (float(e["t"]), float(e["latency_s"])) for e in ledger if e.get("event") == "created"
+        (float(e["t"]), float(e["latency_s"]))
+        for e in ledger
+        if e.get("event") == "created" and e.get("key") != ORG_MATE
     )
     return Creates(tuple(t for t, _ in made), tuple(lat for _, lat in made))
 
@@ -83,6 +98,13 @@ def perfect_span(
 ) -> float:
     """The perfect client's span on these creates (in create order) with `keys` keys;
     `accounts` gives the sizes of the accounts whose keys share one cap (default: one each)."""
+    return perfect_schedule(latencies, keys, limits, accounts)[1]
+
+
+def perfect_schedule(
+    latencies: Sequence[float], keys: int, limits: Limits, accounts: Sequence[int]
+) -> tuple[list[float], float]:
+    """The perfect client's create instants, and its span."""
     sizes = list(accounts) or [1] * keys
     if sum(sizes) != keys:
         raise ValueError(f"accounts {sizes} hold {sum(sizes)} keys, not {keys}")
@@ -91,13 +113,15 @@ def perfect_span(
         shared: list[float] = []
         members += [_Key(shared) for _ in range(size)]
     now = last_end = 0.0
+    made = []
     for latency in latencies:
         at, key = min((k.earliest(now, limits), i) for i, k in enumerate(members))
         chosen = members[key]
         chosen.window.append(at)
         heapq.heappush(chosen.account, at + latency)
         now, last_end = at, max(last_end, at + latency)
-    return last_end
+        made.append(at)
+    return made, last_end
 
 
 def share_of_perfect(
@@ -107,3 +131,18 @@ def share_of_perfect(
     and the perfect span in seconds."""
     perfect = perfect_span(creates.latency_s, keys, limits, accounts)
     return (perfect / creates.span_s if creates.span_s > 0 else 1.0), perfect
+
+
+def steady_share(
+    creates: Creates, keys: int, limits: Limits, accounts: Sequence[int] = ()
+) -> float:
+    """The share of a perfect client in the run's steady middle: the time the perfect client
+    takes from its 10th to its 90th percentile create, divided by the run's (the ramp up and the
+    last jobs, which no client overlaps, left out)."""
+    n = len(creates.at)
+    first, last = (int(q * (n - 1)) for q in _MIDDLE)
+    if last <= first:
+        return 1.0
+    made, _ = perfect_schedule(creates.latency_s, keys, limits, accounts)
+    ran = creates.at[last] - creates.at[first]
+    return (made[last] - made[first]) / ran if ran > 0 else 1.0
