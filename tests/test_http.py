@@ -198,7 +198,9 @@ async def test_hostile_prediction_ids_fail_their_rows_without_injection_or_trave
     assert {r["error_type"] for r in rows} == {"protocol"}
     assert all(r["possible_duplicate_charge"] and r["ambiguous_creates"] == 1 for r in rows)
     assert all(r["prediction_id"] is None for r in rows)
-    assert [(m, p) for m, p, _ in seen] == [("POST", "/v1/prediction/")] * len(HOSTILE_IDS)
+    # the organisation's balance, read once as the run starts, and then the creates alone
+    assert seen[0][:2] == ("GET", "/v1/billing/balance")
+    assert [(m, p) for m, p, _ in seen[1:]] == [("POST", "/v1/prediction/")] * len(HOSTILE_IDS)
     assert not any("x-injected" in headers for _, _, headers in seen)
 
 
