@@ -64,6 +64,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--time-scale", type=float, default=0.05)
     parser.add_argument("--lost-create", type=float, default=0.02)
+    parser.add_argument(
+        "--early-502", type=float, default=0.0, help="creates answered 502 before anything is made"
+    )
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument(
         "--listing",
@@ -163,7 +166,7 @@ def _one(args: argparse.Namespace, listing: bool, offset: float, lag: float) -> 
         latency_spread=0.3,
         seed=args.seed,
         image_scale=0.05,
-        faults=FaultRates(lost_create=args.lost_create),
+        faults=FaultRates(lost_create=args.lost_create, early_502=args.early_502),
         listing=listing,
         api_shape=args.shape,
         clock_offset_s=offset,

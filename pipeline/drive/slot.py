@@ -309,6 +309,7 @@ class DriverBase:
         self.open_elsewhere: Callable[[], bool] | None = None
         self._cost_said = False  # a difference between the provider's cost and ours: said once
         self.no_listing = False  # the provider answered its executions listing 404
+        self.org_listing = False  # a key's listing showed another key's job: one read for all
         # lost creates (drive/adopt.py): the provider's clock as the listing shows it, the jobs
         # claimed by a row, the latest seeds drawn, and the inputs read of unknown jobs
         self.timeline = ProviderClock()

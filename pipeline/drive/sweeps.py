@@ -11,7 +11,8 @@ as the listing shows it, less `retries.lost_create_skew_s`), a page of 100, and 
 pages come full. A failed read is
 tried again at the next turn; a provider without the listing (404) ends the sweeps, and every
 job is polled on the schedule. Today the listing is the organisation's: its other keys' and
-applications' jobs are in it, and only the ids of this key's jobs in flight wake anything.
+applications' jobs are in it: once a key's read shows another key's job, one key's reads (the
+first still serving) wake the jobs of every key of the process.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import structlog
 from pipeline.core import ApiError, NotFound
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.slot import DriverBase
-from pipeline.provider import ENDED
+from pipeline.provider import ENDED, Execution
 
 __all__ = ["Sweeps"]
 
@@ -32,7 +33,8 @@ _PAGES = 5  # pages read in one turn at most; a job on a later one is woken at t
 
 
 class Sweeps(DriverBase):
-    """The listing's reads, one task per key."""
+    """The listing's reads, one task per key (one read for all where the listing is the
+    organisation's)."""
 
     async def sweep(self, lane: KeyLane) -> None:
         """Read the key's listing until cancelled (when the key's slots have ended)."""
@@ -41,7 +43,13 @@ class Sweeps(DriverBase):
             return
         while True:
             await asyncio.sleep(self._sweep_every())
-            mine = {pid: job.created for pid, job in self.in_flight.items() if job.lane is lane}
+            if self.org_listing and lane is not self._sweeper(lane):
+                continue  # one key's reads show the ends of every key's jobs
+            mine = {
+                pid: job.created
+                for pid, job in self.in_flight.items()
+                if self.org_listing or job.lane is lane
+            }
             if not mine:
                 continue
             now = self.clock.now()
@@ -65,6 +73,20 @@ class Sweeps(DriverBase):
             for execution in found:
                 if execution.prediction_id in mine:
                     hints.hint(execution.prediction_id)
+            if not self.org_listing and self._shows_others(lane, found):
+                self.org_listing = True
+                _log.info("listing_organisation_wide", hint="one key's reads serve every key")
+
+    def _sweeper(self, lane: KeyLane) -> KeyLane:
+        """The key whose reads serve every key of this process: the first still serving."""
+        return next((k for k in self.lanes if k.serving > 0 and not k.retired), lane)
+
+    def _shows_others(self, lane: KeyLane, found: list[Execution]) -> bool:
+        """Whether a key's listing shows a job of another key of ours: the organisation's."""
+        flying = self.in_flight
+        return any(
+            e.prediction_id in flying and flying[e.prediction_id].lane is not lane for e in found
+        )
 
     def _sweep_every(self) -> float:
         settings = self.settings
