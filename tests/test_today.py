@@ -26,7 +26,7 @@ from pipeline.core import ApiKey, BalanceShort, ExitCode
 from pipeline.provider import EachlabsClient, Execution, ProviderClock
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 from pipeline.sandbox.billing import top_up
-from pipeline.sandbox.state import ORG_MATE
+from pipeline.sandbox.state import BACKUP_MODEL, ORG_MATE
 from tests.conftest import KEY, config_data, go, make_config, results, write_manifest
 
 Start = Callable[..., SandboxServer]
@@ -327,3 +327,27 @@ async def test_require_balance_refuses_to_create_past_the_balance(
     document = json.loads((summary.run_dir / "summary.json").read_text())
     assert document["creates_stopped"] == "balance"
     assert document["balance_usd_at_start"] == pytest.approx(0.10)
+
+
+async def test_a_fallback_chain_says_which_model_served_and_costs_what_ran(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = _today(sandbox, fallback_share=0.5)
+    rows = [
+        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
+        for i in range(20)
+    ]
+    config = _config(tmp_path, sb.base_url, rows, api={"fallback_selector": "wan-then-backup"})
+    summary = await go(config, [KEY])
+    got = results(summary)
+    assert all(r["status"] == "succeeded" for r in got)
+    served = [r for r in got if r["served_by"] == BACKUP_MODEL]
+    assert 0 < len(served) < len(got)
+    # the requested model's try and the backup's: the provider's figure, not price x images
+    assert all(r["cost_usd"] == pytest.approx(0.04) for r in served)
+    assert all(
+        r["served_by"] is None and r["cost_usd"] == pytest.approx(0.03)
+        for r in got
+        if r not in served
+    )
+    assert round(sum(r["cost_usd"] for r in got), 6) == _billed(sb)
