@@ -281,6 +281,9 @@ def test_nothing_is_called_unmade_unless_the_listing_shows_past_it(
     if clock.learned:
         assert clock.low - 1e-6 <= offset <= clock.high + 1e-6
     given_up = times[lost] + answer
+    if made and clock.learned:  # the window read holds the lost job, wherever the clocks are
+        made_at = times[lost] + offset
+        assert clock.earliest(times[lost]) - 1e-6 <= made_at <= clock.latest(given_up) + 1e-6
     if made and clock.covers(entries, given_up):
         assert any(e.prediction_id == f"p{lost}" for e in entries)
 
