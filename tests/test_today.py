@@ -27,7 +27,15 @@ from pipeline.provider import EachlabsClient, Execution, ProviderClock
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings
 from pipeline.sandbox.billing import top_up
 from pipeline.sandbox.state import BACKUP_MODEL, ORG_MATE
-from tests.conftest import KEY, config_data, go, make_config, results, write_manifest
+from tests.conftest import (
+    KEY,
+    config_data,
+    go,
+    journal_rows,
+    make_config,
+    results,
+    write_manifest,
+)
 
 Start = Callable[..., SandboxServer]
 SCALE = 0.05
@@ -354,3 +362,21 @@ async def test_a_fallback_chain_says_which_model_served_and_costs_what_ran(
         if r not in served
     )
     assert round(sum(r["cost_usd"] for r in got), 6) == _billed(sb)
+
+
+async def test_a_run_whose_every_create_is_refused_says_nothing_may_be_billed(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    # the key is not the organisation's: every create answers 401, with ten slots sending
+    sb = _today(sandbox)
+    rows = [
+        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
+        for i in range(30)
+    ]
+    config = _config(tmp_path, sb.base_url, rows)
+    summary = await go(config, ["not-a-key-of-the-organisation"])
+    assert summary.exit_code == ExitCode.NO_KEY
+    assert summary.possibly_billed_usd == 0 and "may be billed" not in summary.message
+    left = {r["status"] for r in journal_rows(summary.run_dir)}
+    assert left <= {"pending"}  # a refusal made nothing: no row is left `creating`
+    assert sb.stats()["creates"] == 0
