@@ -32,6 +32,7 @@ from tests.conftest import (
     config_data,
     go,
     journal_rows,
+    ledger_cost,
     make_config,
     results,
     write_manifest,
@@ -57,11 +58,6 @@ def _config(tmp_path: Path, base_url: str, rows: list[dict[str, Any]], **section
 
 def _ours(sb: SandboxServer) -> list[dict[str, Any]]:
     return [e for e in sb.ledger() if e.get("key") != ORG_MATE]
-
-
-def _billed(sb: SandboxServer) -> float:
-    """What our keys were billed (the other application's jobs are its own)."""
-    return round(sum(e.get("cost_usd", 0) for e in _ours(sb) if e["event"] == "ended"), 6)
 
 
 def test_today_bearer_is_the_one_way_and_v1_stops_at_its_prefix(sandbox: Start) -> None:
@@ -163,7 +159,7 @@ async def test_a_night_against_the_provider_as_it_is_today(sandbox: Start, tmp_p
     assert max(made.values()) == 1, "an input was created twice"
     pids = [r["prediction_id"] for r in got if r["prediction_id"]]
     assert len(pids) == len(set(pids)), "two rows share a job"
-    assert round(sum(r["cost_usd"] for r in got), 6) == _billed(sb)
+    assert round(sum(r["cost_usd"] for r in got), 6) == ledger_cost(sb)
     assert sum(1 for e in ledger if e["event"] == "answer_lost") > 0
     assert sb.stats()["org_mate"]["creates"] > 0
 
@@ -205,7 +201,7 @@ async def test_a_balance_that_runs_out_stops_the_creates_and_a_top_up_finishes(
     assert all(r["status"] == "succeeded" for r in done)
     made = Counter(e["fingerprint"] for e in _ours(sb) if e["event"] == "created")
     assert sum(made.values()) == 40 and max(made.values()) == 1
-    assert round(sum(r["cost_usd"] for r in done), 6) == _billed(sb)
+    assert round(sum(r["cost_usd"] for r in done), 6) == ledger_cost(sb)
 
 
 async def test_a_402_is_balance_short_never_a_possible_charge() -> None:
@@ -361,7 +357,7 @@ async def test_a_fallback_chain_says_which_model_served_and_costs_what_ran(
         for r in got
         if r not in served
     )
-    assert round(sum(r["cost_usd"] for r in got), 6) == _billed(sb)
+    assert round(sum(r["cost_usd"] for r in got), 6) == ledger_cost(sb)
 
 
 async def test_a_run_whose_every_create_is_refused_says_nothing_may_be_billed(
