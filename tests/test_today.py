@@ -29,6 +29,7 @@ from pipeline.sandbox.billing import top_up
 from pipeline.sandbox.state import BACKUP_MODEL, ORG_MATE
 from tests.conftest import (
     KEY,
+    catalog,
     config_data,
     go,
     journal_rows,
@@ -141,10 +142,7 @@ async def test_a_night_against_the_provider_as_it_is_today(sandbox: Start, tmp_p
     )
     same = {"prompt": "white background", "img_url": "https://cdn.example.com/tee.jpg"}
     rows = [{"sku": f"SAME-{i}", **same} for i in range(30)]
-    rows += [
-        {"sku": f"SKU-{i}", "prompt": f"edit {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(40)
-    ]
+    rows += catalog(40)
     root = sb.base_url.removesuffix("/v1")
     rows += [
         {"sku": f"GONE-{i}", "prompt": "p", "img_url": f"{root}/gone/{i}.jpg"} for i in range(6)
@@ -181,10 +179,7 @@ async def test_a_balance_that_runs_out_stops_the_creates_and_a_top_up_finishes(
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = _today(sandbox, balance_usd=0.03 * 15)
-    rows = [
-        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(40)
-    ]
+    rows = catalog(40)
     config = _config(tmp_path, sb.base_url, rows)
     first = await go(config, [KEY])
     assert first.exit_code == ExitCode.BALANCE
@@ -223,10 +218,7 @@ def _free_port() -> int:
 
 async def test_a_provider_down_is_not_a_catalog_of_failures(tmp_path: Path) -> None:
     port = _free_port()
-    rows = [
-        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(12)
-    ]
+    rows = catalog(12)
     retries = {"outage_after_s": 20, "outage_patience_s": 40, "backoff_max_s": 4}
     config = _config(tmp_path, f"http://127.0.0.1:{port}/v1", rows, retries=retries)
     first = await go(config, [KEY])
@@ -296,10 +288,7 @@ def test_estimate_reads_the_balance_and_says_when_the_estimate_passes_it(
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = _today(sandbox, balance_usd=0.10)
-    rows = [
-        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(5)
-    ]
+    rows = catalog(5)
     manifest = write_manifest(tmp_path / "m.csv", rows)
     path = tmp_path / "estimate.yaml"
     path.write_text(yaml.safe_dump(config_data(tmp_path, sb.base_url, manifest)), "utf-8")
@@ -321,10 +310,7 @@ async def test_require_balance_refuses_to_create_past_the_balance(
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = _today(sandbox, balance_usd=0.10)
-    rows = [
-        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(5)
-    ]
+    rows = catalog(5)
     config = _config(tmp_path, sb.base_url, rows, budget={"require_balance": True})
     summary = await go(config, [KEY])
     assert summary.exit_code == ExitCode.BALANCE
@@ -340,10 +326,7 @@ async def test_a_fallback_chain_says_which_model_served_and_costs_what_ran(
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = _today(sandbox, fallback_share=0.5)
-    rows = [
-        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(20)
-    ]
+    rows = catalog(20)
     config = _config(tmp_path, sb.base_url, rows, api={"fallback_selector": "wan-then-backup"})
     summary = await go(config, [KEY])
     got = results(summary)
@@ -365,10 +348,7 @@ async def test_a_run_whose_every_create_is_refused_says_nothing_may_be_billed(
 ) -> None:
     # the key is not the organisation's: every create answers 401, with ten slots sending
     sb = _today(sandbox)
-    rows = [
-        {"sku": f"SKU-{i}", "prompt": f"e {i}", "img_url": f"https://cdn.example.com/{i}.jpg"}
-        for i in range(30)
-    ]
+    rows = catalog(30)
     config = _config(tmp_path, sb.base_url, rows)
     summary = await go(config, ["not-a-key-of-the-organisation"])
     assert summary.exit_code == ExitCode.NO_KEY
