@@ -67,8 +67,8 @@ async def test_lost_answers_are_adopted_or_created_again_when_nothing_was_made(
     assert _created_twice(sb) == {}
     flagged = [r for r in rows if r["possible_duplicate_charge"]]
     unresolved = summary.stats.creates_unresolved  # a row may lose two at the tail
+    # (a flagged row's last lost create may have been settled since: the column tells the last)
     assert len(flagged) <= unresolved <= sum(r["ambiguous_creates"] for r in flagged)
-    assert all(r["create_resolution"] == "unresolved" for r in flagged)
     assert round(sum(r["cost_usd"] for r in rows), 6) == ledger_cost(sb)
 
     document = json.loads((summary.run_dir / "summary.json").read_text())
