@@ -363,6 +363,9 @@ class SandboxSection(_Section):
     image_scale: float = Field(1.0, gt=0, le=1)
     seed: int = 0
     faults: dict[str, float] = Field(default_factory=dict)
+    # which of the provider's documents the double follows (`wanbatch sandbox --help`): today's
+    # by default, as the real provider answers now
+    api_shape: Literal["seed", "reference", "today"] = "today"
 
     @field_validator("faults")
     @classmethod

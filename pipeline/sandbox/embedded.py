@@ -44,6 +44,7 @@ async def open_embedded(
         fetch_inputs=True,
         faults=FaultRates(**s.faults),
         ledger_path=config.output.dir / "sandbox-ledger.jsonl",
+        api_shape=s.api_shape,
     )
     with SandboxServer(settings) as server:
         yield server.base_url, keys, server
