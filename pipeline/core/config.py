@@ -13,6 +13,8 @@ import codecs
 import copy
 import datetime
 import difflib
+import glob
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -145,6 +147,18 @@ class RetriesSection(_Section):
     outage_patience_s: float = Field(900.0, ge=0, le=7 * _DAY)
 
 
+class FillDown(_Section):
+    """`manifest.fill_down`: blank cells of `columns` take the value of the first row above
+    with the same `by` (Shopify writes a product's Title, Vendor and Type on its first row)."""
+
+    by: str | list[str]
+    columns: list[str] = Field(min_length=1)
+
+    @property
+    def by_columns(self) -> tuple[str, ...]:
+        return (self.by,) if isinstance(self.by, str) else tuple(self.by)
+
+
 class ManifestSection(_Section):
     path: Path  # a local file; given as an object URL, the run folder's copy of it
     # the object URL `path` was given as (s3://bucket/key, gs://..., az://...): a run copies it
@@ -153,7 +167,8 @@ class ManifestSection(_Section):
     # the local file `path` was given as, when the run reads its copy in the run folder (made
     # when the run starts, and again with --force)
     given: Path | None = None
-    format: Literal["csv", "tsv", "parquet"] | None = None
+    # csv, tsv, parquet or xlsx; a folder or a glob (a Spark or Hive output) is Parquet
+    format: Literal["csv", "tsv", "parquet", "xlsx"] | None = None
     delimiter: str | None = None  # one character; "," for CSV, a tab for TSV
     encoding: str = "utf-8-sig"  # of a CSV or TSV file: cp1252, latin-1, utf-16 (Excel), ...
     # the column whose value is a row's id, or several whose values together are (Shopify:
@@ -172,6 +187,24 @@ class ManifestSection(_Section):
     dedupe: bool = True
     # check public HTTPS inputs before any create (reachable, an image, at most 20 MB)
     check_urls: bool = False
+    # the 1-based line of the header in a CSV or TSV (or the sheet's row): lines above it are
+    # an export's template lines (an Amazon flat file is recognised without it)
+    header_row: int | None = Field(None, ge=1, le=1000)
+    sheet: str | None = None  # of an .xlsx manifest: the sheet read (default: the first)
+    # a product's fields filled from its first row into the rows below it sharing `by`
+    fill_down: FillDown | None = None
+    # an image cell's images: the first edited and the others sent as references, or each
+    # one its own edit (`<id>/<position>`)
+    images: Literal["references", "each"] = "references"
+    where: str | None = None  # a row filter over the columns (see `intake/where.py`)
+    url_base: str | None = None  # a relative image path (`/m/b/mb01.jpg`) is joined to it
+
+    @field_validator("url_base")
+    @classmethod
+    def _http_base(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+", value):
+            raise ValueError(f"must be an http(s):// URL, not {value!r}")
+        return value
 
     @field_validator("columns", "defaults")
     @classmethod
@@ -242,12 +275,14 @@ class ManifestSection(_Section):
         return value
 
     @property
-    def kind(self) -> Literal["csv", "tsv", "parquet"]:
+    def kind(self) -> Literal["csv", "tsv", "parquet", "xlsx"]:
         if self.format is not None:
             return self.format
         suffix = self.path.suffix.lower()
-        if suffix in (".parquet", ".pq"):
+        if suffix in (".parquet", ".pq") or self.path.is_dir() or glob.has_magic(str(self.path)):
             return "parquet"
+        if suffix in (".xlsx", ".xlsm"):
+            return "xlsx"
         return "tsv" if suffix in (".tsv", ".tab") else "csv"
 
     @property

@@ -5,6 +5,9 @@ rowmap.py      a row to a JobSpec or a Rejected naming its field and rule
 inputs.py      local and bucket inputs read, judged and uploaded; public ones probed
 estimating.py  `wanbatch estimate`: what a run would send, cost and take
 decisions.py   a reviewer's decisions file (`retry --rejected`), read and checked
+where.py       `manifest.where`: the row filter's own small parser (no Python evaluated)
+urls.py        an image cell tidied into what a person would send, or why it cannot be
+shape.py       exports not read in place (a workbook, Parquet parts, a row per image), copied
 """
 
 from __future__ import annotations
@@ -13,5 +16,14 @@ from pipeline.intake.decisions import read_decisions, refused
 from pipeline.intake.estimating import Estimate, estimate
 from pipeline.intake.inputs import Uploads
 from pipeline.intake.manifest import Manifest
+from pipeline.intake.shape import shape_catalog
 
-__all__ = ["Estimate", "Manifest", "Uploads", "estimate", "read_decisions", "refused"]
+__all__ = [
+    "Estimate",
+    "Manifest",
+    "Uploads",
+    "estimate",
+    "read_decisions",
+    "refused",
+    "shape_catalog",
+]

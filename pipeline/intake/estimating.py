@@ -18,8 +18,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core import ExitCode, JobSpec, ManifestError, Rejected, RunConfig, copy_object
+from pipeline.core import (
+    INPUT_FIELDS,
+    ExitCode,
+    JobSpec,
+    LimitsSection,
+    ManifestError,
+    Rejected,
+    RunConfig,
+    copy_object,
+)
 from pipeline.intake.manifest import Manifest
+from pipeline.intake.shape import shape_catalog
 from pipeline.journal import StateStore, unique
 
 __all__ = ["Estimate", "estimate", "rule_of"]
@@ -32,13 +42,18 @@ _VALUES = (
     (re.compile(r"\bid .[^.]*. repeats row \d+"), "id ... repeats an earlier row"),
     (re.compile(r"\b\d[\d.,]* MB\b"), "N MB"),
 )
+# where a reason's problems are joined: "; " before a field or a column, not within one rule
+# ("has 3 fields; the header has 4")
+_PROBLEMS = re.compile(
+    r"; (?=(?:%s|column|prompt_template)\b)" % "|".join(INPUT_FIELDS)  # noqa: UP031
+)
 _LEARNED_FROM = 20  # earlier jobs the state store must hold to stand for the latency
 
 
 def rule_of(reason: str) -> list[str]:
     """The rules a rejection names, without the row and the values: what to group by."""
     rules = []
-    for part in _ROW.sub("", reason).split("; "):
+    for part in _PROBLEMS.split(_ROW.sub("", reason)):
         for pattern, stands in _VALUES:
             part = pattern.sub(stands, part)
         rules.append(part)
@@ -90,18 +105,18 @@ class Estimate:
 def estimate(config: RunConfig, keys: int) -> Estimate:
     """Read the whole manifest as a run would; nothing is created or uploaded (a manifest in
     a bucket is read from a temporary copy, not the run folder's)."""
-    if config.manifest.source is None:
-        return _estimate(config, keys)
     with tempfile.TemporaryDirectory(prefix="wanbatch-estimate-") as tmp:
-        copy = Path(tmp) / config.manifest.path.name
-        try:
-            copy_object(config.manifest.source, copy, config.assets.storage_options)
-        except OSError as exc:  # FileNotFoundError included
-            raise ManifestError(
-                f"manifest {config.manifest.source} cannot be read: {exc}"
-            ) from None
-        section = config.manifest.model_copy(update={"path": copy})
-        return _estimate(config.model_copy(update={"manifest": section}), keys)
+        if config.manifest.source is not None:
+            copy = Path(tmp) / config.manifest.path.name
+            try:
+                copy_object(config.manifest.source, copy, config.assets.storage_options)
+            except OSError as exc:  # FileNotFoundError included
+                raise ManifestError(
+                    f"manifest {config.manifest.source} cannot be read: {exc}"
+                ) from None
+            section = config.manifest.model_copy(update={"path": copy})
+            config = config.model_copy(update={"manifest": section})
+        return _estimate(shape_catalog(config, Path(tmp), again=True), keys)
 
 
 def _estimate(config: RunConfig, keys: int) -> Estimate:
@@ -163,6 +178,18 @@ def _seen(item: JobSpec, seeded: set[bytes]) -> bool:
     return False
 
 
+def _rate(limits: LimitsSection, keys: int, latency_s: float) -> float:
+    """Jobs a second `keys` keys finish: each group of `limits.groups` shares one account's
+    max_concurrent, and every key outside a group is an account of its own."""
+    rate, grouped = 0.0, 0
+    for group in limits.groups:
+        size = min(len(group), keys - grouped)
+        if size > 0:
+            rate += limits.jobs_per_s(latency_s, size, one_account=True)
+            grouped += size
+    return rate + (keys - grouped) * limits.jobs_per_s(latency_s)
+
+
 def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
     limits = config.limits
     found.latency_s = config.polling.expected_latency_s
@@ -170,8 +197,8 @@ def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
         # the store keeps what the clock saw: wall seconds, which a sandbox shrinks
         found.latency_s = statistics.median(learned) / config.time_scale
         found.latency_from = f"the median of {len(learned):,} earlier jobs (state store)"
-    per_key = limits.jobs_per_s(found.latency_s)
     if found.to_send and found.keys:
-        found.duration_s = found.to_send / (found.keys * per_key) + found.latency_s
+        found.duration_s = found.to_send / _rate(limits, found.keys, found.latency_s)
+        found.duration_s += found.latency_s
     budget = config.budget.max_cost_usd
     found.over_budget = budget is not None and found.cost_usd > budget

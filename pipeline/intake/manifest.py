@@ -12,16 +12,29 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import structlog
 
-from pipeline.core import INPUT_FIELDS, JobSpec, ManifestError, ManifestSection, Rejected, RunConfig
+from pipeline.core import (
+    INPUT_FIELDS,
+    JobSpec,
+    ManifestError,
+    ManifestSection,
+    Rejected,
+    RunConfig,
+    is_blank,
+)
 from pipeline.intake.inputs import InputStage, open_uploads
-from pipeline.intake.rowmap import PromptTemplate, RowMapper
+from pipeline.intake.rowmap import PromptTemplate, RowMapper, path_root
+from pipeline.intake.rowmap import cell as read_cell
+from pipeline.intake.shape import PROBLEM
+from pipeline.intake.where import Filter, WhereError, compile_where
 
 __all__ = ["CELL_LIMIT", "Manifest", "RowMapper"]
 
@@ -34,6 +47,10 @@ _CSV_READ_LIMIT = 1 << 24  # csv itself reads fields up to this, so CELL_LIMIT c
 Record = tuple[int, dict[str, Any], str | None]
 Item = JobSpec | Rejected
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+# an Amazon flat file's first line; its column names are on line 3, under a line of labels
+_AMAZON = re.compile(r"^\ufeff?\"?TemplateType=", re.IGNORECASE)
+_PRODUCTS_KEPT = 100_000  # products whose first row fill_down remembers (the latest)
+_log = structlog.get_logger("pipeline.intake.manifest")
 
 
 def _undecodable(text: str) -> str | None:
@@ -81,17 +98,26 @@ class Manifest:
         # how messages name it: the file the config names, though the run reads its copy
         self.shown = section.given or section.path
         self.kind = section.kind
+        if self.kind == "xlsx":
+            raise ManifestError(
+                f"manifest {self.shown} is a spreadsheet: a run reads it through its copy "
+                "(intake.shape), not directly"
+            )
         self.batch_rows = section.batch_rows
         self._delimiter = section.separator
         self._encoding = section.encoding
         if not self.path.is_file():
             raise ManifestError(f"manifest {self.shown} does not exist or is not a file")
+        self.header_line = section.header_row or self._template_lines()
         self.columns = self._read_columns()
+        section = self._trimmed_names(section)
+        self.fill_down = section.fill_down
         template = PromptTemplate(section.prompt_template) if section.prompt_template else None
         mapping = {f: f for f in INPUT_FIELDS if f in self.columns}
         mapping.update(section.columns)
         if template is not None:
             mapping.pop("prompt", None)  # the template makes the prompt
+        where = self._where(section.where)
         self._check_names(section, mapping, template)
         self.mapper = RowMapper(
             model,
@@ -102,33 +128,118 @@ class Manifest:
             template,
             tuple(section.skip_if_blank),
             section.extra_images,
+            where,
+            section.url_base,
         )
         # the columns beside ours in the results: every one but those that gave a field of
         # the same name (the results' own `prompt` is that column) and a lone id column
         same = {c for f, c in mapping.items() if f == c}
         own_id = {section.id_column_name} if section.id_column_name else set()
-        self.extra_columns = [c for c in self.columns if c not in same | own_id]
+        self.extra_columns = [c for c in self.columns if c not in same | own_id | {PROBLEM}]
         # judges (and uploads) inputs that are not public URLs; set by the run that has uploads
         self.inputs: InputStage | None = None
+
+    def _template_lines(self) -> int | None:
+        """The header's line when the file is an Amazon flat file (recognised by its first
+        line), else None: line 1."""
+        if self.kind == "parquet":
+            return None
+        try:
+            with self._open_csv() as handle:
+                first = handle.readline()
+        except (OSError, UnicodeError):
+            return None  # the header's own read says why
+        if _AMAZON.match(first):
+            _log.info("amazon_flat_file", manifest=str(self.shown), header_row=3)
+            return 3
+        return None
+
+    def _trimmed_names(self, section: ManifestSection) -> ManifestSection:
+        """Column names given with spaces around them (` Image Src`) name the column without
+        them, as the header's own names are read; a note says so."""
+        changed: list[str] = []
+
+        def trim(name: str) -> str:
+            if name != name.strip() and name not in self.columns:
+                changed.append(name)
+                return name.strip()
+            return name
+
+        fill = section.fill_down
+        update: dict[str, object] = {
+            "columns": {f: trim(c) for f, c in section.columns.items()},
+            "id_column": [trim(c) for c in section.id_columns] or None,
+        }
+        if isinstance(section.id_column, str):
+            update["id_column"] = trim(section.id_column)
+        if fill is not None:
+            update["fill_down"] = fill.model_copy(
+                update={
+                    "by": [trim(c) for c in fill.by_columns],
+                    "columns": [trim(c) for c in fill.columns],
+                }
+            )
+        trimmed = section.model_copy(update=update)
+        if changed:
+            _log.warning(
+                "column_names_trimmed",
+                manifest=str(self.shown),
+                names=changed,
+                note="column names match ignoring the spaces around them",
+            )
+        return trimmed
+
+    def _where(self, text: str | None) -> Filter | None:
+        if text is None:
+            return None
+        try:
+            found = compile_where(text, read_cell)
+        except WhereError as exc:
+            raise ManifestError(f"manifest.where cannot be read {exc}: {text}") from None
+        for column in found.columns:
+            if not self._has(column):
+                raise ManifestError(
+                    f"manifest.where names column {column!r}, which manifest {self.shown} "
+                    f"does not have (columns: {', '.join(self.columns)}); a name with spaces "
+                    "goes in backticks"
+                )
+        return found
+
+    def _has(self, column: str) -> bool:
+        """A column of the file, or a path into one (`media.hero`, `media.gallery[0]`)."""
+        return column in self.columns or (
+            path_root(column) != column and path_root(column) in self.columns
+        )
 
     def _check_names(
         self, section: ManifestSection, mapping: dict[str, str], template: PromptTemplate | None
     ) -> None:
         """Every column the config names is in the file; the required fields are given."""
         have = f"(columns: {', '.join(self.columns)})"
+        fill = section.fill_down
+        for what, names in (
+            ("fill_down.by", fill.by_columns if fill else ()),
+            ("fill_down.columns", fill.columns if fill else ()),
+        ):
+            for column in names:
+                if column not in self.columns:
+                    raise ManifestError(
+                        f"manifest {self.shown}: {what} names {column!r}, which is not a column "
+                        f"{have}"
+                    )
         for column in section.id_columns:
-            if column not in self.columns:
+            if not self._has(column):
                 raise ManifestError(
                     f"manifest {self.shown}: id_column {column!r} is not a column {have}"
                 )
         for field, column in section.columns.items():
-            if column not in self.columns:
+            if not self._has(column):
                 raise ManifestError(
                     f"manifest {self.shown}: columns.{field} names column {column!r}, which the "
                     f"manifest does not have {have}"
                 )
         for column in template.columns if template is not None else ():
-            if column not in self.columns:
+            if not self._has(column):
                 raise ManifestError(
                     f"manifest {self.shown}: prompt_template names {{{column}}}, which is not a "
                     f"column {have}"
@@ -175,13 +286,17 @@ class Manifest:
                 header = list(pq.ParquetFile(self.path).schema_arrow.names)
             else:
                 with self._open_csv() as handle:
-                    header = next(self._reader(handle), [])
+                    reader = self._reader(handle)
+                    self._skip_template(reader)
+                    header = next(reader, [])
         except (OSError, csv.Error, pa.ArrowException, UnicodeError) as exc:
             raise ManifestError(
                 f"cannot read manifest {self.shown} (row 0, the header): {exc}"
             ) from None
         if not header:
-            raise ManifestError(f"manifest {self.shown} is empty (no header row)")
+            where = f" (manifest.header_row {self.header_line})" if self.header_line else ""
+            raise ManifestError(f"manifest {self.shown} is empty (no header row{where})")
+        self._raw_names = header
         header = [name.strip() for name in header]
         for index, name in enumerate(header, start=1):
             if bad := _undecodable(name):
@@ -189,8 +304,23 @@ class Manifest:
                     f"manifest {self.shown}, row 0 (the header), column {index}: {bad}"
                 )
         if len(set(header)) != len(header):
-            raise ManifestError(f"manifest {self.shown} has a repeated column name: {header}")
+            repeated = sorted({n for n in header if header.count(n) > 1})
+            hint = (
+                ""
+                if self.header_line
+                else "; if the real header sits below template lines, "
+                "set manifest.header_row to its line"
+            )
+            raise ManifestError(
+                f"manifest {self.shown} has a repeated column name: "
+                f"{', '.join(map(repr, repeated))}{hint}"
+            )
         return header
+
+    def _skip_template(self, reader: Iterator[list[str]]) -> None:
+        """Pass the lines above the header (manifest.header_row, or an Amazon flat file's)."""
+        for _ in range((self.header_line or 1) - 1):
+            next(reader, None)
 
     def _open_csv(self) -> TextIO:
         # an undecodable byte is kept as a lone surrogate and found in its cell, so it rejects
@@ -202,11 +332,21 @@ class Manifest:
         return csv.reader(handle, delimiter=self._delimiter, strict=True)
 
     def records(self, start_row: int = 1) -> Iterator[list[Record]]:
-        """Batches of (row number, record, the rule the row breaks as a whole or None)."""
-        if self.kind == "parquet":
-            yield from self._parquet_records(start_row)
-        else:
-            yield from self._csv_records(start_row)
+        """Batches of (row number, record, the rule the row breaks as a whole or None), with
+        `manifest.fill_down` applied (read from the first row, so a resume fills as the
+        first read did)."""
+        first = 1 if self.fill_down is not None else start_row
+        parquet = self.kind == "parquet"
+        found = self._parquet_records(first) if parquet else self._csv_records(first)
+        if self.fill_down is None:
+            yield from found
+            return
+        filling = _FillDown(self.fill_down.by_columns, self.fill_down.columns)
+        for batch in found:
+            kept = [filling.fill(record) for record in batch]
+            kept = [record for record in kept if record[0] >= start_row]
+            if kept:
+                yield kept
 
     def _parquet_records(self, start_row: int) -> Iterator[list[Record]]:
         """Row group by row group, so a group that cannot be read rejects its own rows only."""
@@ -218,6 +358,8 @@ class Manifest:
             if first + size > start_row:
                 try:
                     for batch in file.iter_batches(batch_size=self.batch_rows, row_groups=[group]):
+                        if self._raw_names != self.columns:  # names read without their spaces
+                            batch = batch.rename_columns(self.columns)
                         yield _arrow_records(batch, done + 1, start_row)
                         done += batch.num_rows
                 except (pa.ArrowException, OSError) as exc:
@@ -234,6 +376,7 @@ class Manifest:
         out: list[Record] = []
         with self._open_csv() as handle:
             reader = self._reader(handle)
+            self._skip_template(reader)
             next(reader, None)
             row_number = 0
             while True:
@@ -307,6 +450,36 @@ class Manifest:
                 size = min(self.batch_rows, size * 4)
 
     def _item(self, row_number: int, record: dict[str, Any], problem: str | None) -> Item:
+        problem = problem or record.get(PROBLEM) or None  # a shaped copy's unread row
         if problem is not None:
             return Rejected(f"row-{row_number}", row_number, record, problem)
         return self.mapper.map(row_number, record)
+
+
+class _FillDown:
+    """`manifest.fill_down`: a product's blank cells take its first row's values (the first
+    row with the same `by` values); a cell that has a value keeps it."""
+
+    def __init__(self, by: Iterable[str], columns: Iterable[str]) -> None:
+        self._by = tuple(by)
+        self._columns = tuple(columns)
+        self._first: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+
+    def fill(self, record: Record) -> Record:
+        number, values, problem = record
+        if not values:
+            return record
+        key = tuple(str(values.get(c)).strip() for c in self._by)
+        if any(is_blank(values.get(c)) for c in self._by):
+            return record
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = {c: values.get(c) for c in self._columns}
+            if len(self._first) > _PRODUCTS_KEPT:
+                self._first.popitem(last=False)
+            return record
+        self._first.move_to_end(key)
+        blank = [c for c in self._columns if is_blank(values.get(c)) and not is_blank(first[c])]
+        if not blank:
+            return record
+        return number, {**values, **{c: first[c] for c in blank}}, problem

@@ -29,14 +29,41 @@ from pipeline.core import (
     to_int,
 )
 from pipeline.intake.inputs import input_kind
+from pipeline.intake.urls import tidy_image
+from pipeline.intake.where import Filter
 
-__all__ = ["PromptTemplate", "RowMapper", "is_blank", "split_images", "to_int"]
+__all__ = ["PromptTemplate", "RowMapper", "cell", "is_blank", "split_images", "to_int"]
 
 _INT_FIELDS = ("n", "seed")
 # where one image ends and the next begins in a text cell: a comma or whitespace before the
 # next URL's scheme; a comma inside a URL (`?tr=w_800,h_800`) is followed by no scheme
 _NEXT_IMAGE = re.compile(r"(?:\s*,\s*|\s+)(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
+
+
+def cell(record: dict[str, Any], column: str) -> Any:
+    """A column's value in a record: a column of that name, else a path into a struct or a
+    list (`media.hero`, `media.gallery[0]`); None when the path leads nowhere."""
+    if column in record:
+        return record[column]
+    value: Any = record
+    for step in _STEP.finditer(column):
+        key, index = step.groups()
+        if key is not None:
+            value = value.get(key) if isinstance(value, dict) else None
+        elif isinstance(value, list | tuple):
+            value = value[int(index)] if int(index) < len(value) else None
+        else:
+            value = None
+        if value is None:
+            return None
+    return value
+
+
+def path_root(column: str) -> str:
+    """The column a dotted or indexed name starts from (`media` of `media.gallery[0]`)."""
+    return re.split(r"[.\[]", column, maxsplit=1)[0]
 
 
 def split_images(value: Any) -> tuple[list[str], str | None]:
@@ -80,14 +107,14 @@ class PromptTemplate:
         def value(match: re.Match[str]) -> str:
             if match.group(1) is None:
                 return match.group()[0]  # {{ or }}
-            cell = record.get(match.group(1))
-            if is_blank(cell):
+            found = cell(record, match.group(1))
+            if is_blank(found):
                 problems.append(f"column {match.group(1)!r} is blank")
                 return ""
-            if isinstance(cell, list | tuple | dict):
-                problems.append(f"column {match.group(1)!r} holds {type(cell).__name__}")
+            if isinstance(found, list | tuple | dict):
+                problems.append(f"column {match.group(1)!r} holds {type(found).__name__}")
                 return ""
-            return cell if isinstance(cell, str) else str(cell)
+            return found if isinstance(found, str) else str(found)
 
         filled = _FIELD.sub(value, self.text)
         if problems:
@@ -121,6 +148,8 @@ class RowMapper:
     prompt_template: PromptTemplate | None = None
     skip_if_blank: tuple[str, ...] = ()  # API fields
     extra_images: Literal["reject", "keep_first"] = "reject"
+    where: Filter | None = None  # manifest.where: rows it leaves out are skipped
+    url_base: str | None = None  # manifest.url_base: a relative image path is joined to it
 
     @property
     def id_column(self) -> str | None:
@@ -130,7 +159,7 @@ class RowMapper:
         job_id = self._job_id(row_number, record)
         if skipped := self._skipped(record):
             return Rejected(job_id, row_number, record, f"row {row_number}: {skipped}", True)
-        if self.id_columns and all(is_blank(record.get(c)) for c in self.id_columns):
+        if self.id_columns and all(is_blank(cell(record, c)) for c in self.id_columns):
             named = ", ".join(repr(c) for c in self.id_columns)
             reason = f"row {row_number}: id column {named} is empty"
             return Rejected(job_id, row_number, record, reason)
@@ -147,9 +176,11 @@ class RowMapper:
         return JobSpec(job_id, row_number, inputs, record, fingerprint(self.model, inputs))
 
     def _skipped(self, record: dict[str, Any]) -> str | None:
+        if self.where is not None and not self.where.keeps(record):
+            return f"filtered: skipped (manifest.where: {self.where.text})"
         for field in self.skip_if_blank:
             column = self.columns.get(field)
-            if column is not None and is_blank(record.get(column)):
+            if column is not None and is_blank(cell(record, column)):
                 return f"{field} (column {column!r}) is blank: skipped (manifest.skip_if_blank)"
         return None
 
@@ -173,7 +204,7 @@ class RowMapper:
                     inputs["prompt"] = prompt
                 continue
             column = self.columns.get(field)
-            value = record.get(column) if column is not None else None
+            value = cell(record, column) if column is not None else None
             if is_blank(value):
                 if field in self.defaults:
                     inputs[field] = self.defaults[field]
@@ -194,12 +225,14 @@ class RowMapper:
         problems: list[str] = []
         for index, field in enumerate(IMAGE_FIELDS):
             column = self.columns.get(field)
-            value = record.get(column) if column is not None else None
+            value = cell(record, column) if column is not None else None
             if is_blank(value):
                 if field in self.defaults and slots[index] is None:
                     slots[index] = str(self.defaults[field])
                 continue
             found, rule = split_images(value)
+            if rule is None:
+                found, rule = self._tidy(found)
             if rule is not None:
                 problems.append(f"{field} (column {column!r}): {rule}")
                 continue
@@ -215,8 +248,21 @@ class RowMapper:
                 slots[at] = image
         return {f: v for f, v in zip(IMAGE_FIELDS, slots, strict=True) if v is not None}, problems
 
+    def _tidy(self, images: list[str]) -> tuple[list[str], str | None]:
+        """Each image as it is sent (see `urls.tidy_image`), or the first rule one breaks."""
+        tidied = []
+        for image in images:
+            sent, rule = tidy_image(image, self.url_base)
+            if rule is not None:
+                return [], f"{_shown(image)} {rule}"
+            tidied.append(sent)
+        return tidied, None
+
+    def job_id(self, row_number: int, record: dict[str, Any]) -> str:
+        return self._job_id(row_number, record)
+
     def _job_id(self, row_number: int, record: dict[str, Any]) -> str:
-        parts = [record.get(c) for c in self.id_columns]
+        parts = [cell(record, c) for c in self.id_columns]
         if parts and not all(is_blank(p) for p in parts):
             return "/".join("" if is_blank(p) else _id_part(p) for p in parts)
         blob = json.dumps(record, sort_keys=True, default=str).encode()

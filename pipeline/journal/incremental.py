@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 from pipeline.core import ConfigError, PriorSuccess, StoredCopy
 from pipeline.journal.tables import in_chunks
@@ -37,6 +38,17 @@ CREATE TABLE IF NOT EXISTS succeeded (
     finished_at REAL,
     run_dir TEXT NOT NULL,
     copies TEXT
+);
+CREATE TABLE IF NOT EXISTS catalog (
+    job_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prediction_id TEXT,
+    review TEXT,
+    path TEXT,
+    seen_at REAL NOT NULL,
+    removed_in TEXT
 );
 """
 
@@ -156,6 +168,43 @@ class StateStore:
                 raise
             self._db.execute("COMMIT")
         return gone
+
+    def present(self, run_id: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Tonight's catalog: each (job id, run folder, status, prediction id, review, stored
+        path, time) seen by run `run_id`, a product removed earlier coming back included."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO catalog(job_id, run_id, run_dir, status, prediction_id, review,"
+                    " path, seen_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO UPDATE"
+                    " SET run_id=excluded.run_id, run_dir=excluded.run_dir,"
+                    " status=excluded.status, prediction_id=excluded.prediction_id,"
+                    " review=excluded.review, path=excluded.path, seen_at=excluded.seen_at,"
+                    " removed_in=NULL",
+                    [(r[0], run_id, *r[1:]) for r in rows],
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def removed(self, run_id: str) -> list[dict[str, Any]]:
+        """The products an earlier run saw that run `run_id` (whose whole catalog is
+        `present`) does not have: marked removed by it once, and listed again for it (a
+        resume of the same run lists the same ones)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE catalog SET removed_in=? WHERE run_id != ? AND removed_in IS NULL",
+                (run_id, run_id),
+            )
+            found = self._db.execute(
+                "SELECT job_id, run_dir, status, prediction_id, review, path, seen_at"
+                " FROM catalog WHERE removed_in=? ORDER BY job_id",
+                (run_id,),
+            )
+            names = [d[0] for d in found.description]
+            return [dict(zip(names, row, strict=True)) for row in found.fetchall()]
 
     def latencies(self, limit: int) -> list[float]:
         """The predict times of the latest `limit` successes (what earlier runs learned)."""

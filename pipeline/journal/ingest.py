@@ -6,7 +6,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from typing import Any
 
 from pipeline.core import (
@@ -23,6 +23,15 @@ def unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejecte
     """The item, or its rejection when another row has its job id already (`known`: job id
     -> the row that has it first, updated)."""
     first = known.get(item.job_id)
+    if _skips(item):
+        # a skipped row is never judged for its id (a product's imageless variants share
+        # one): when another row has it, the skipped one is named by its row
+        if first is None:
+            known[item.job_id] = -item.row_number  # held, but given up to a row that is sent
+            return item
+        return replace(item, job_id=_by_row(item))
+    if first is not None and first < 0:  # held by a skipped row, which gives it up
+        first = None
     if first is not None and first != item.row_number:
         return Rejected(
             f"{item.job_id}#row-{item.row_number}",
@@ -33,6 +42,14 @@ def unique(item: JobSpec | Rejected, known: dict[str, int]) -> JobSpec | Rejecte
         )
     known[item.job_id] = item.row_number
     return item
+
+
+def _skips(item: JobSpec | Rejected) -> bool:
+    return isinstance(item, Rejected) and item.skipped
+
+
+def _by_row(item: JobSpec | Rejected) -> str:
+    return f"{item.job_id}#row-{item.row_number}"
 
 
 class Ingest(JournalFile):
@@ -153,16 +170,33 @@ class Ingest(JournalFile):
         for chunk, marks in in_chunks(list(ids)):
             known.update(
                 self._db.execute(
-                    f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
+                    f"SELECT job_id, CASE WHEN status=? THEN -row_number ELSE row_number END"
+                    f" FROM jobs WHERE job_id IN ({marks})",
+                    (Status.SKIPPED.value, *chunk),
                 ).fetchall()
             )
         return known
+
+    def _give_up_ids(self, sent: set[str], known: dict[str, int]) -> None:
+        """Journaled skipped rows that hold an id a row sent now takes are named by their row
+        instead (`<id>#row-<n>`)."""
+        held = [(-row, job_id) for job_id, row in known.items() if row < 0 and job_id in sent]
+        self._db.executemany(
+            "UPDATE jobs SET job_id = job_id || '#row-' || row_number WHERE row_number=?"
+            " AND job_id=?",
+            held,
+        )
 
     def _insert(
         self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
     ) -> list[tuple[int, str, int, str]]:
         known = self._known_ids({item.job_id for item in batch})
         items = [unique(item, known) for item in batch]
+        sent = {i.job_id for i in items if not _skips(i)}
+        items = [
+            replace(i, job_id=_by_row(i)) if _skips(i) and i.job_id in sent else i for i in items
+        ]
+        self._give_up_ids(sent, known)
         leaders = self._leaders(items, prior) if self.share_seeded else {}
         rows = [(*self._ingest_row(i, prior), leaders.get(i.row_number)) for i in items]
         self._db.executemany(

@@ -130,6 +130,21 @@ class Reports(JournalFile):
                 for r in batch
             ]
 
+    def catalog_rows(self) -> Iterator[list[tuple[Any, ...]]]:
+        """Each row's product as the state store keeps it (job id, status, prediction, review,
+        first stored image's path), in batches; rows named only by their row (a skipped row
+        whose id another row has) are not products."""
+        columns = (
+            "row_number, job_id, status, prediction_id, review, (SELECT path FROM images WHERE"
+            " images.row_number = jobs.row_number AND state = 'stored' ORDER BY idx LIMIT 1)"
+            " AS path"
+        )
+        for batch in self._pages(columns, "job_id NOT LIKE '%#row-%'", ()):
+            yield [
+                (r["job_id"], r["status"], r["prediction_id"], r["review"], r["path"])
+                for r in batch
+            ]
+
     def has_uploads(self) -> bool:
         """Whether a row still to be sent has an input uploaded to `assets.upload_to`."""
         with self._lock:

@@ -4,6 +4,7 @@ downloads.py    output images downloaded, checked and stored (a folder or a buck
 thumbs.py       the report's thumbnails
 results.py      results.parquet, images.parquet and the failures manifest
 approved.py     approved.csv: the approved images, for the publishing step
+removed.py      removed.csv: products an earlier night had and tonight's export has not
 html_report.py  report.html
 summary.py      the run's summary (RunSummary) and summary.json
 closing.py      the closing summary's rows, for the terminal
@@ -15,6 +16,7 @@ from pipeline.outputs.approved import write_approved
 from pipeline.outputs.closing import summary_rows
 from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
+from pipeline.outputs.removed import REMOVED, write_removed
 from pipeline.outputs.results import (
     RESULTS_ROWS,
     RESULTS_RUN_ID,
@@ -36,6 +38,7 @@ from pipeline.outputs.thumbs import (
 )
 
 __all__ = [
+    "REMOVED",
     "RESULTS_ROWS",
     "RESULTS_RUN_ID",
     "RESULTS_SUCCEEDED",
@@ -56,6 +59,7 @@ __all__ = [
     "write_approved",
     "write_failures",
     "write_images",
+    "write_removed",
     "write_report",
     "write_results",
     "write_summary",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pipeline.core import COUNTERS
+from pipeline.outputs.removed import REMOVED
 from pipeline.outputs.summary import RunSummary
 
 __all__ = ["summary_rows"]
@@ -67,7 +68,8 @@ def _activity(summary: RunSummary) -> list[tuple[str, str]]:
                 "webhook callbacks",
                 f"{c.received:,} received; ends seen by callback {c.ends_by_callback:,}, "
                 f"by fallback poll {c.ends_by_fallback:,}, on the poll schedule "
-                f"{c.ends_by_poll:,}; unconfirmed {c.unconfirmed:,}, unknown {c.unknown:,}",
+                f"{c.ends_by_poll:,}; unconfirmed {c.unconfirmed:,}, unknown {c.unknown:,}, "
+                f"bad signatures {c.bad_signatures:,}",
             )
         )
     rows.append(("throughput", f"{rate * 60:,.1f} jobs/min this run ({summary.elapsed_s:,.1f} s)"))
@@ -78,6 +80,8 @@ def _files(summary: RunSummary) -> list[tuple[str, str]]:
     rows = [("results", str(summary.results_path))]
     if summary.failures_path is not None:
         rows.append(("failures manifest", str(summary.failures_path)))
+    if summary.removed:
+        rows.append((f"removed products ({summary.removed:,})", str(summary.run_dir / REMOVED)))
     for label, name in (("report", "report.html"), ("summary", "summary.json")):
         if (summary.run_dir / name).is_file():
             rows.append((label, str(summary.run_dir / name)))

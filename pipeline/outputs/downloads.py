@@ -371,7 +371,9 @@ class Downloader:
             await anyio.to_thread.run_sync(self._thumbs.put, input_thumb(url), data)
         except (httpx.TransportError, TimeoutError):
             self._dead_hosts.add(parts.netloc)  # one try per unreachable host, not per row
-        except (httpx.HTTPError, BadImage, OSError, ValueError) as exc:
+        except (httpx.HTTPError, BadImage, OSError, ValueError, OverflowError) as exc:
+            # a port out of range is OverflowError in the socket layer: a preview missed, not
+            # the run's end
             _log.debug("input_thumbnail_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _keep(self, job: _Job, data: bytes) -> StoreImage:

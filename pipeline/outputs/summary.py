@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,9 @@ class RunSummary:
     orphans: list[dict[str, Any]] = field(default_factory=list)
     # the organisation's balance as the run started, where the provider tells it
     balance_usd: float | None = None
+    # products an earlier night's run had and this one's export has not (removed.csv), with a
+    # state store, once the whole manifest is read
+    removed: int | None = None
 
     def results(self) -> Any:
         """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
@@ -173,6 +176,8 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         # why creates stopped before the catalog's end, when the provider's side stopped them
         "creates_stopped": _STOPPED.get(int(summary.exit_code)),
         "balance_usd_at_start": summary.balance_usd,
+        "removed_products": summary.removed,
+        "callbacks": asdict(stats.callbacks) if stats.callbacks is not None else None,
         **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
         "throughput": _throughput(summary, config),
         "latency_s": percentiles(stats.latencies),

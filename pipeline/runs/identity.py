@@ -19,6 +19,7 @@ from pipeline.core import (
     RunFolderMismatch,
     copy_object,
 )
+from pipeline.intake import shape_catalog
 from pipeline.journal import Journal
 from pipeline.runs.folder import RunFolder
 
@@ -45,6 +46,18 @@ def mapping_of(config: RunConfig) -> str:
             "id": m.id_column,
             "columns": m.columns,
             "defaults": m.defaults,
+            # set only when given, so a run folder made before these existed is still its own
+            **{
+                k: v
+                for k, v in {
+                    "where": m.where,
+                    "images": None if m.images == "references" else m.images,
+                    "fill_down": m.fill_down.model_dump() if m.fill_down else None,
+                    "url_base": m.url_base,
+                    "header_row": m.header_row,
+                }.items()
+                if v is not None
+            },
         },
         sort_keys=True,
         default=str,
@@ -125,6 +138,14 @@ def keep_manifest(config: RunConfig, run_dir: Path, force: bool) -> RunConfig:
         )
     section = m.model_copy(update={"path": kept, "given": m.path, "format": m.kind})
     return config.model_copy(update={"manifest": section})
+
+
+def shaped(config: RunConfig, folder: RunFolder, force: bool) -> RunConfig:
+    """The config reading the run folder's shaped copy of an export (a workbook, Parquet
+    parts, a row per image: see `intake.shape`), made when the run starts and with --force; a
+    resume reads the copy it started with."""
+    again = force or not (folder.path / "journal.sqlite").exists()
+    return shape_catalog(config, folder.path, again=again)
 
 
 def changed(path: Path, kept: Path) -> bool:

@@ -45,7 +45,7 @@ from pipeline.outputs import (
 from pipeline.provider import Callbacks, Receiver, read_balance
 from pipeline.runs.driving import Drive, drive_keys
 from pipeline.runs.folder import RunFolder
-from pipeline.runs.identity import check_identity, copy_manifest, keep_manifest
+from pipeline.runs.identity import check_identity, copy_manifest, keep_manifest, shaped
 from pipeline.runs.review import apply_decisions
 from pipeline.runs.verdict import Books, Faults, finish_books, verdict
 
@@ -158,7 +158,10 @@ async def run(
     started = time.monotonic()
     _check_before(config, keys, folder, reprocess, workers)
     config = await anyio.to_thread.run_sync(keep_manifest, config, folder.path, force)
-    manifest = await _open_manifest(config, folder, force)
+    if config.manifest.source is not None:
+        await anyio.to_thread.run_sync(copy_manifest, config, folder, force)
+    config = await anyio.to_thread.run_sync(functools.partial(shaped, config, folder, force))
+    manifest = await _open_manifest(config)
     uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     inc = config.incremental
     state = None
@@ -224,11 +227,9 @@ def _check_before(
         )
 
 
-async def _open_manifest(config: RunConfig, folder: RunFolder, force: bool) -> Manifest:
-    """The manifest (copied first when it is an object URL), with its inputs' stage; the image
-    store and the uploads' bucket checked before anything is sent."""
-    if config.manifest.source is not None:
-        await anyio.to_thread.run_sync(copy_manifest, config, folder, force)
+async def _open_manifest(config: RunConfig) -> Manifest:
+    """The manifest, with its inputs' stage; the image store and the uploads' bucket checked
+    before anything is sent."""
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
     )
@@ -384,6 +385,7 @@ def _summary(
         per_key=journal.by_key(),
         started_at=time.time() - (time.monotonic() - started),
         ended_at=time.time(),
+        removed=books.removed,
     )
 
 

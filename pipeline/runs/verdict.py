@@ -3,6 +3,7 @@ exit code and message a scheduler acts on, the gravest cause first."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +24,12 @@ from pipeline.drive import Dispatcher
 from pipeline.intake import Manifest
 from pipeline.journal import CostBooks, Journal, StateStore
 from pipeline.outputs import (
+    REMOVED,
     ResultLayout,
     write_approved,
     write_failures,
     write_images,
+    write_removed,
     write_report,
     write_results,
 )
@@ -62,6 +65,7 @@ class Books:
     cost: CostBooks | None = None
     failed_by_type: dict[str, int] = field(default_factory=dict)  # failed rows, per error type
     run_dir: Path | None = None
+    removed: int | None = None  # products an earlier night had and this one has not
 
 
 async def finish_books(
@@ -85,7 +89,7 @@ async def finish_books(
     try:
         await anyio.to_thread.run_sync(journal.settle_followers)
         if state is not None:
-            await anyio.to_thread.run_sync(remember, journal, state, run_dir)
+            books.removed = await anyio.to_thread.run_sync(remember, journal, state, run_dir)
         results_path = run_dir / "results.parquet"
         written = await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
         if written.problem is not None:
@@ -221,10 +225,21 @@ def retry_advice(books: Books) -> str:
     return "; " + "; ".join(said) if said else ""
 
 
-def remember(journal: Journal, state: StateStore, run_dir: Path) -> None:
-    """Write this run folder's successes into the state store, for the runs after it."""
+def remember(journal: Journal, state: StateStore, run_dir: Path) -> int | None:
+    """Write this run folder's successes into the state store, for the runs after it; once
+    the whole manifest is read, its products too, and those an earlier night had that this one
+    has not are listed in `removed.csv`: how many (None before the manifest is all read)."""
     for batch in journal.new_successes(str(run_dir)):
         state.record(batch)
+    run_id = journal.get_meta("run_id")
+    if journal.get_meta("ingest_complete") != "1" or run_id is None:
+        return None
+    now = time.time()
+    for rows in journal.catalog_rows():
+        state.present(run_id, [(j, str(run_dir), s, p, r, path, now) for j, s, p, r, path in rows])
+    gone = state.removed(run_id)
+    write_removed(gone, run_dir / REMOVED)
+    return len(gone)
 
 
 def stopped_by(
