@@ -463,7 +463,7 @@ def test_the_cli_names_the_extra_when_ray_is_missing(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "pip install 'wanbatch[ray]'" in done.stderr
+    assert "pip install -e '.[ray]'" in done.stderr
     assert "Traceback" not in done.stderr
 
 

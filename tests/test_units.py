@@ -561,4 +561,4 @@ def test_help_texts_show_every_option_whole_at_80_columns() -> None:
     assert "…" not in sandbox  # no option name cut short
     for option in ("--creates-per-window", "--price-per-image-usd", "--no-report-cost"):
         assert option in sandbox
-    assert "wanbatch[ray]" in " ".join(helped("run").split())  # not eaten as markup
+    assert "'.[ray]'" in " ".join(helped("run").split())  # not eaten as markup

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import errno
 import functools
+import glob
 import json
 import logging
+import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,6 +35,7 @@ from pipeline.cli.display import LineReporter, LiveReporter
 from pipeline.core import (
     ERROR_TYPES,
     TRANSIENT_ERRORS,
+    ApiKey,
     ConfigError,
     ExitCode,
     RunConfig,
@@ -39,7 +44,7 @@ from pipeline.core import (
     load_config,
 )
 from pipeline.drive import Workers
-from pipeline.intake import Estimate, estimate
+from pipeline.intake import Estimate, estimate, read_header, recognise, starter_config
 from pipeline.journal import reading
 from pipeline.observe import Reporter, format_duration
 from pipeline.outputs import RunSummary, summary_rows, write_report
@@ -118,6 +123,8 @@ def _guarded(action: Callable[[], int]) -> None:
         _fail(str(exc), ExitCode.BAD_INPUT)
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except BrokenPipeError:
+        raise  # the reader of our output went away: `main` ends quietly
     except Exception as exc:  # noqa: BLE001 - a bug: said in one line, traceback with --debug
         _fail(
             f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the "
@@ -128,6 +135,15 @@ def _guarded(action: Callable[[], int]) -> None:
 
 
 def _print_summary(summary: RunSummary) -> None:
+    if not _out.is_terminal:  # a log or a pipe: every value whole, on its own line
+        _out.print(
+            f"wanbatch run: {summary.run_dir}", highlight=False, markup=False, soft_wrap=True
+        )
+        for label, value in summary_rows(summary):
+            _out.print(f"{label:<28} {value}", highlight=False, markup=False, soft_wrap=True)
+        if summary.message:
+            _err.print(summary.message, highlight=False, markup=False)
+        return
     table = Table(title=f"wanbatch run: {summary.run_dir}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -201,6 +217,29 @@ def _execute(
 ) -> int:
     config = given.load()
     keys = keys_from_env()
+    made = not config.output.dir.exists()
+    try:
+        summary = _run_in_folder(config, keys, given, force, grace, fresh, reprocess, workers)
+    except WanbatchError:
+        # refused before anything was journaled (no key, no manifest, ...): a folder this
+        # command made holds nothing worth keeping, and cron would find an empty run in it
+        if made and not (config.output.dir / "journal.sqlite").exists():
+            shutil.rmtree(config.output.dir, ignore_errors=True)
+        raise
+    _print_summary(summary)
+    return int(summary.exit_code)
+
+
+def _run_in_folder(
+    config: RunConfig,
+    keys: list[ApiKey],
+    given: _Given,
+    force: bool,
+    grace: float,
+    fresh: bool,
+    reprocess: Reprocess | None,
+    workers: Workers | None,
+) -> RunSummary:
     with RunFolder(config.output.dir, fresh=fresh) as folder:
         given.record(folder.path)
         level = _opts.log_level or logging.INFO
@@ -221,8 +260,7 @@ def _execute(
                 embedded=open_embedded,
             )
         )
-    _print_summary(summary)
-    return int(summary.exit_code)
+    return summary
 
 
 _Config = Annotated[
@@ -246,8 +284,8 @@ _RunDate = Annotated[
 _Workers = Annotated[
     int | None,
     typer.Option(
-        help="Spread the keys over N Ray workers (pip install 'wanbatch\\[ray]'); a local Ray "
-        "cluster is started unless --ray-address or RAY_ADDRESS names one."
+        help="Spread the keys over N Ray workers (pip install -e '.\\[ray]' in the checkout); a "
+        "local Ray cluster is started unless --ray-address or RAY_ADDRESS names one."
     ),
 ]
 _RayAddress = Annotated[
@@ -444,6 +482,50 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
     return rows
 
 
+@app.command("init")
+def init_command(
+    catalog: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CATALOG",
+            help="Your export: CSV, TSV, .xlsx, Parquet, or a folder of Parquet parts.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Where the starter config is written.")] = Path(
+        "wanbatch.yaml"
+    ),
+    url_base: Annotated[
+        str | None,
+        typer.Option(help="Your store's media URL, for exports with relative image paths."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace the file at --out.")] = False,
+) -> None:
+    """Recognise an export (Shopify, WooCommerce, Magento, BigCommerce, Amazon flat file,
+    Merchant Center, or any other), write a commented starter config for it, and say what
+    `estimate` says of it: nothing is sent."""
+
+    def act() -> int:
+        if not catalog.exists() and not glob.has_magic(str(catalog)):
+            raise ConfigError(f"{catalog} does not exist")
+        if out.exists() and not force:
+            raise ConfigError(f"{out} exists: pass --force to replace it, or --out another file")
+        header = read_header(catalog)
+        layout = recognise(header)
+        where = Path(os.path.relpath(catalog.absolute(), out.absolute().parent))
+        out.write_text(starter_config(where, header, layout, url_base), encoding="utf-8")
+        _out.print(
+            f"{catalog}: a {layout.platform} export; starter config written to {out}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        _out.print(f"next: wanbatch run {out}", highlight=False, markup=False, soft_wrap=True)
+        _out.print("estimate:", highlight=False, markup=False)
+        return _estimate(_Given(str(out)))
+
+    _guarded(act)
+
+
 @app.command("report")
 def report_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
@@ -522,17 +604,41 @@ def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:
     return rows
 
 
+def _sandbox_recipe(base_url: str, keys: tuple[str, ...], time_scale: float) -> list[str]:
+    """The config lines and environment that point a run at a sandbox in its own process."""
+    return [
+        "# a run against this sandbox, in your config:",
+        "#   api:",
+        f"#     base_url: {base_url}",
+        f"#     time_scale: {time_scale:g}   # as this sandbox's --time-scale",
+        "#   manifest:",
+        "#     allow_loopback_urls: true   # only for inputs served on this machine",
+        "# and in the environment:",
+        f"#   EACHLABS_API_KEYS={','.join(keys)}",
+    ]
+
+
 @app.command("sandbox")
 def sandbox_command(
     keys: Annotated[str, typer.Option(help="Accepted API keys, comma-separated.")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
     time_scale: Annotated[float, typer.Option(help="Wall seconds per provider second.")] = 1.0,
-    creates_per_window: int = 100,
-    window_s: float = 60.0,
-    max_concurrent: int = 10,
-    latency_mean_s: float = 10.0,
-    latency_spread: float = 0.3,
-    seed: int = 0,
+    creates_per_window: Annotated[
+        int, typer.Option(help="Creates a key may send per --window-s (the provider: 100).")
+    ] = 100,
+    window_s: Annotated[
+        float, typer.Option(help="The create window, in provider seconds (the provider: 60).")
+    ] = 60.0,
+    max_concurrent: Annotated[
+        int, typer.Option(help="Jobs in flight per account (the provider: 10).")
+    ] = 10,
+    latency_mean_s: Annotated[
+        float, typer.Option(help="A job's mean time to end, in provider seconds.")
+    ] = 10.0,
+    latency_spread: Annotated[
+        float, typer.Option(help="How much a job's time varies around the mean (0..1).")
+    ] = 0.3,
+    seed: Annotated[int, typer.Option(help="The random seed of latencies and faults.")] = 0,
     image_scale: Annotated[
         float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
     ] = 1.0,
@@ -550,11 +656,6 @@ def sandbox_command(
         ),
     ] = False,
     ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
-    job_error: Annotated[float, typer.Option(help="Jobs that fail with a final code.")] = 0.0,
-    transient_error: Annotated[
-        float, typer.Option(help="Jobs that fail with a code the provider says to retry.")
-    ] = 0.0,
-    cancelled: Annotated[float, typer.Option(help="Jobs the provider cancels.")] = 0.0,
     legacy_errors: Annotated[
         bool,
         typer.Option("--legacy-errors", help="Failed jobs in the older message/details shape."),
@@ -606,24 +707,14 @@ def sandbox_command(
     fallback_share: Annotated[
         float, typer.Option(help="('today') Share of fallback_selector jobs a backup serves.")
     ] = 0.0,
-    create_5xx: float = 0.0,
-    poll_5xx: float = 0.0,
-    lost_create: float = 0.0,
-    early_502: Annotated[
-        float, typer.Option(help="Creates answered 502 before they reach the provider.")
-    ] = 0.0,
-    slow: float = 0.0,
-    poll_reset: float = 0.0,
-    storm_429: float = 0.0,
-    trickle_output: Annotated[
-        float, typer.Option(help="Output images served one byte every slow_s.")
-    ] = 0.0,
-    garbled_poll: Annotated[
-        float, typer.Option(help="Polls answered Content-Encoding: gzip, not gzip.")
-    ] = 0.0,
-    nonsense_metrics: Annotated[
-        float, typer.Option(help="Ended jobs' predict_time as NaN, Infinity or 1e300.")
-    ] = 0.0,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="Injected faults as name=rate,... with the names of the config's "
+            "sandbox.faults (e.g. job_error=0.05,create_5xx=0.02,lost_create=0.01; "
+            f"names: {', '.join(FaultRates.names())})."
+        ),
+    ] = "",
     accounts: Annotated[
         str | None,
         typer.Option(
@@ -634,12 +725,13 @@ def sandbox_command(
     key_faults: Annotated[
         list[str] | None,
         typer.Option(
-            help="Faults of one key in place of the others', as KEY:name=value,... "
+            help="Faults of one key in place of --faults, as KEY:name=value,... "
             "(e.g. KEY:storm_429=1,storm_s=30 for a throttled key); repeatable."
         ),
     ] = None,
 ) -> None:
-    """Serve the sandbox (a local double of the provider); prints its base URL first."""
+    """Serve the sandbox (a local double of the provider) in this process; prints its base
+    URL first, then the config lines that point a run at it."""
     try:
         per_key = {}
         for item in key_faults or ():
@@ -673,21 +765,7 @@ def sandbox_command(
             balance_usd=balance_usd,
             low_balance_usd=low_balance_usd,
             fallback_share=fallback_share,
-            faults=FaultRates(
-                job_error=job_error,
-                transient_error=transient_error,
-                cancelled=cancelled,
-                create_5xx=create_5xx,
-                poll_5xx=poll_5xx,
-                lost_create=lost_create,
-                early_502=early_502,
-                slow=slow,
-                poll_reset=poll_reset,
-                storm_429=storm_429,
-                trickle_output=trickle_output,
-                garbled_poll=garbled_poll,
-                nonsense_metrics=nonsense_metrics,
-            ),
+            faults=FaultRates.parse(faults),
             key_faults=per_key,
             accounts=tuple(
                 tuple(k.strip() for k in group.split(",") if k.strip())
@@ -698,11 +776,58 @@ def sandbox_command(
     except ValueError as exc:
         _err.print(Text.assemble(("error: ", "red"), str(exc)))
         raise typer.Exit(ExitCode.BAD_INPUT) from None
-    serve(settings, port, announce=lambda line: print(line, flush=True))
+
+    def announce(base_url: str) -> None:
+        for line in (base_url, *_sandbox_recipe(base_url, settings.keys, time_scale)):
+            print(line, flush=True)
+
+    try:
+        serve(settings, port, announce=announce)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        _err.print(
+            Text.assemble(
+                ("error: ", "red"),
+                f"port {port} on 127.0.0.1 is taken (another sandbox?): pass --port 0 for a "
+                "free one, or another port",
+            )
+        )
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+
+
+_GLOBAL = {"--debug": False, "--log-level": True}  # option -> takes a value
+
+
+def global_first(argv: list[str]) -> list[str]:
+    """The arguments with the global options (`--debug`, `--log-level L`) put before the
+    subcommand, wherever they were given: `wanbatch run c.yaml --log-level debug` works as
+    `wanbatch --log-level debug run c.yaml` does."""
+    front: list[str] = []
+    rest: list[str] = []
+    at = 0
+    while at < len(argv):
+        word = argv[at]
+        name = word.split("=", 1)[0]
+        if word == "--":
+            rest += argv[at:]
+            break
+        if name in _GLOBAL:
+            takes = _GLOBAL[name] and "=" not in word and at + 1 < len(argv)
+            front += argv[at : at + 2] if takes else [word]
+            at += 2 if takes else 1
+            continue
+        rest.append(word)
+        at += 1
+    return front + rest
 
 
 def main() -> None:
     try:
-        app()
+        app(args=global_first(sys.argv[1:]), prog_name="wanbatch")
     except KeyboardInterrupt:
         sys.exit(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        # the reader went away (`wanbatch estimate ... | head`): nothing more to say, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -58,6 +58,10 @@ class FaultRates:
                 raise ValueError(f"fault rate {name} must be between 0 and 1, not {value}")
 
     @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
     def parse(cls, text: str) -> FaultRates:
         """`name=value,...` (e.g. `slow=1,slow_s=3`), as the sandbox command line takes it."""
         known = {f.name for f in fields(cls)}

@@ -7,6 +7,7 @@ estimating.py  `wanbatch estimate`: what a run would send, cost and take
 decisions.py   a reviewer's decisions file (`retry --rejected`), read and checked
 where.py       `manifest.where`: the row filter's own small parser (no Python evaluated)
 urls.py        an image cell tidied into what a person would send, or why it cannot be
+layouts.py     `wanbatch init`: an export recognised by its header, and its starter config
 shape.py       exports not read in place (a workbook, Parquet parts, a row per image), copied
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pipeline.intake.decisions import read_decisions, refused
 from pipeline.intake.estimating import Estimate, estimate
 from pipeline.intake.inputs import Uploads
+from pipeline.intake.layouts import read_header, recognise, starter_config
 from pipeline.intake.manifest import Manifest
 from pipeline.intake.shape import shape_catalog
 
@@ -24,6 +26,9 @@ __all__ = [
     "Uploads",
     "estimate",
     "read_decisions",
+    "read_header",
+    "recognise",
     "refused",
     "shape_catalog",
+    "starter_config",
 ]

@@ -52,7 +52,13 @@ def _page_link(url: str) -> str | None:
 
 def tidy_image(value: str, url_base: str | None) -> tuple[str, str | None]:
     """The image as it is sent (or read, for a file or object), or the rule it breaks."""
-    text = value.strip()
+    try:
+        return _tidy(value.strip(), url_base)
+    except ValueError as exc:  # a URL that does not split (`http://[::1`)
+        return value, f"is not a usable URL ({exc})"
+
+
+def _tidy(text: str, url_base: str | None) -> tuple[str, str | None]:
     if text.startswith(UPLOAD_TOKEN) or is_object_url(text):
         return text, None
     lower = text.lower()
@@ -81,5 +87,5 @@ def tidy_image(value: str, url_base: str | None) -> tuple[str, str | None]:
         urlsplit(text).port  # noqa: B018 - raises on a port out of range
     except ValueError as exc:
         return text, f"is not a usable URL ({exc})"
-    page = _page_link(text)
+    page = _page_link(text)  # the URL splits: read above
     return (text, page) if page is not None else (text, None)

@@ -45,7 +45,8 @@ _FILES = (  # what --fresh removes (the lock stays: it is held)
     "run.log",
 )
 _FRESH = (
-    "run with --fresh to start over (every row is sent and paid again), or use a new output.dir"
+    "start over with `wanbatch run CONFIG --fresh` (every row is sent and paid again), or use "
+    "a new output.dir"
 )
 
 

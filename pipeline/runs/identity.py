@@ -100,8 +100,8 @@ def check_identity(
             f"run folder {config.output.dir} holds a run of another "
             + " and of another ".join(what[c] for c in changed)
             + "; resuming would mix results. Pass --force to continue with the manifest as it "
-            "is now (finished rows are kept, unsent rows take their new inputs), --fresh to "
-            "start over (every row is paid again), or use a new output.dir."
+            "is now (finished rows are kept, unsent rows take their new inputs), `wanbatch run "
+            "CONFIG --fresh` to start over (every row is paid again), or use a new output.dir."
         )
     return None
 

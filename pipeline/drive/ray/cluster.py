@@ -38,7 +38,7 @@ __all__ = ["Cluster", "WorkerLost", "Workers", "check_workers", "ray_session", "
 
 _log = structlog.get_logger("pipeline.drive.ray.cluster")
 _MAX_RESTARTS = 3  # replacements of one worker before the run stops (and can be resumed)
-_INSTALL = "pip install 'wanbatch[ray]'"
+_INSTALL = "pip install -e '.[ray]' in the wanbatch checkout (make setup does)"
 
 
 class _StartFailed(ConfigError):
