@@ -294,6 +294,8 @@ def starter_config(path: Path, header: Header, layout: Layout, url_base: str | N
         f"  dir: {_yaml('runs/' + path.stem.replace(' ', '_') + '/%Y-%m-%d')}",
         "budget:",
         "  max_cost_usd: 50  # a run stops sending when its cost would pass this",
+        "sandbox:  # the embedded sandbox only: its durations shrunk 20x",
+        "  time_scale: 0.05",
         "incremental:  # rows unchanged since the last night are not paid for again",
         "  enabled: true",
         f"  state: {_yaml('runs/' + path.stem.replace(' ', '_') + '/state.sqlite')}",

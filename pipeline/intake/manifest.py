@@ -109,6 +109,8 @@ class Manifest:
         if not self.path.is_file():
             raise ManifestError(f"manifest {self.shown} does not exist or is not a file")
         self.header_line = section.header_row or self._template_lines()
+        if section.delimiter is None and self.kind == "csv" and self._tabbed():
+            self._delimiter = "\t"  # an Amazon flat file (.txt), a TSV saved as .csv
         self.columns = self._read_columns()
         section = self._trimmed_names(section)
         self.fill_down = section.fill_down
@@ -153,6 +155,17 @@ class Manifest:
             _log.info("amazon_flat_file", manifest=str(self.shown), header_row=3)
             return 3
         return None
+
+    def _tabbed(self) -> bool:
+        """Whether the header line holds more tabs than commas."""
+        try:
+            with self._open_csv() as handle:
+                for _ in range((self.header_line or 1) - 1):
+                    handle.readline()
+                line = handle.readline()
+        except (OSError, UnicodeError):
+            return False
+        return line.count("\t") > line.count(",")
 
     def _trimmed_names(self, section: ManifestSection) -> ManifestSection:
         """Column names given with spaces around them (` Image Src`) name the column without

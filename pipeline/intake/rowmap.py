@@ -35,9 +35,11 @@ from pipeline.intake.where import Filter
 __all__ = ["PromptTemplate", "RowMapper", "cell", "is_blank", "split_images", "to_int"]
 
 _INT_FIELDS = ("n", "seed")
-# where one image ends and the next begins in a text cell: a comma or whitespace before the
-# next URL's scheme; a comma inside a URL (`?tr=w_800,h_800`) is followed by no scheme
-_NEXT_IMAGE = re.compile(r"(?:\s*,\s*|\s+)(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+# where one image ends and the next begins in a text cell: a comma and a space (as galleries
+# are joined), or a comma or whitespace before the next URL's scheme; a comma inside a URL
+# (`?tr=w_800,h_800`) is followed by neither, and a space inside one (`summer sale/1.jpg`) by
+# no scheme
+_NEXT_IMAGE = re.compile(r"\s*,\s+|(?:\s*,\s*|\s+)(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
 

@@ -134,7 +134,8 @@ def _from_sheet(m: ManifestSection, out: Path, again: bool) -> ManifestSection:
                     writer.writerow(cells)
                     continue
                 cells = cells[:width] + [""] * (width - len(cells))
-                writer.writerow(cells if any(c.strip() for c in cells) else [])
+                if any(c.strip() for c in cells):  # a blank line of the sheet is no row
+                    writer.writerow(cells)
         os.replace(tmp, out)
     finally:
         book.close()

@@ -25,6 +25,11 @@ _DRIVE = re.compile(r"https?://drive\.google\.com/(?:file/d/|open\?id=)([\w-]+)"
 _SAFE = ":/?#[]@!$&'()*+,;=%~"  # what a browser leaves as it is in a URL it sends
 
 
+def _said(exc: ValueError) -> str:
+    text = str(exc)
+    return text[:1].lower() + text[1:]  # "port out of range 0-65535"
+
+
 def _host_like(value: str) -> bool:
     match = _BARE_HOST.match(value)
     if match is None:
@@ -55,7 +60,7 @@ def tidy_image(value: str, url_base: str | None) -> tuple[str, str | None]:
     try:
         return _tidy(value.strip(), url_base)
     except ValueError as exc:  # a URL that does not split (`http://[::1`)
-        return value, f"is not a usable URL ({exc})"
+        return value, f"is not a usable URL ({_said(exc)})"
 
 
 def _tidy(text: str, url_base: str | None) -> tuple[str, str | None]:
@@ -86,6 +91,6 @@ def _tidy(text: str, url_base: str | None) -> tuple[str, str | None]:
     try:
         urlsplit(text).port  # noqa: B018 - raises on a port out of range
     except ValueError as exc:
-        return text, f"is not a usable URL ({exc})"
+        return text, f"is not a usable URL ({_said(exc)})"
     page = _page_link(text)  # the URL splits: read above
     return (text, page) if page is not None else (text, None)
