@@ -52,3 +52,16 @@ def test_the_readme_is_short_and_its_links_lead_somewhere() -> None:
     assert len(readme.encode()) < 15_000
     links = re.findall(r"\]\(([^)#]+)\)", readme)
     assert links and all((ROOT / link).is_file() for link in links)
+
+
+def test_no_link_of_the_docs_leaves_the_repository() -> None:
+    pages = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *(ROOT / "docs").glob("*.md")]
+    wrong = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if link.startswith(("https://", "http://")):
+                continue
+            target = (page.parent / link).resolve()
+            if not target.is_relative_to(ROOT) or not target.exists():
+                wrong.append(f"{page.name}: {link}")
+    assert wrong == []
