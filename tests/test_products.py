@@ -7,6 +7,7 @@ send is sent; the run ends 0, or 6 with only what a person would call bad listed
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import tempfile
@@ -26,13 +27,21 @@ from openpyxl import Workbook
 from typer.testing import CliRunner
 
 from pipeline.cli.app import app
-from pipeline.core import IMAGE_FIELDS, ExitCode, JobSpec, load_config, parse_config
+from pipeline.core import (
+    IMAGE_FIELDS,
+    ExitCode,
+    JobSpec,
+    ManifestError,
+    load_config,
+    parse_config,
+)
 from pipeline.core.schema import MODEL
 from pipeline.intake import Manifest, shape_catalog
 from pipeline.intake.inputs import input_kind
 from pipeline.intake.layouts import read_header, recognise
 from pipeline.intake.where import WhereError, compile_where
 from pipeline.outputs import RunSummary
+from pipeline.runs import Reprocess
 from pipeline.sandbox import SandboxServer
 from tests.conftest import KEY, SCALE, go, ledger_cost, shrunk_sandbox
 
@@ -56,7 +65,9 @@ def _init(tmp_path: Path, export: Path, *extra: str) -> Path:
     return config
 
 
-async def _run(sb: SandboxServer, tmp_path: Path, config: Path, *sets: str) -> RunSummary:
+async def _run(
+    sb: SandboxServer, tmp_path: Path, config: Path, *sets: str, **how: Any
+) -> RunSummary:
     loaded = load_config(
         str(config),
         sets=[
@@ -66,7 +77,7 @@ async def _run(sb: SandboxServer, tmp_path: Path, config: Path, *sets: str) -> R
             *sets,
         ],
     )
-    return await go(loaded, [KEY])
+    return await go(loaded, [KEY], **how)
 
 
 def _sent(sb: SandboxServer) -> list[dict[str, Any]]:
@@ -537,3 +548,103 @@ def test_any_catalog_runs_to_one_result_per_image_and_no_refused_create(
     assert sum(r["cost_usd"] for r in table) == pytest.approx(ledger_cost(sb))
     sent = Counter(i["img_url"] for i in _sent(sb))
     assert sum(sent.values()) == sum(r["status"] == "succeeded" for r in table)
+
+
+# -- removed products -----------------------------------------------------------------------
+
+
+def _removed(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """removed.csv by id, with whether each stored image is there."""
+    with (run_dir / "removed.csv").open(encoding="utf-8") as handle:
+        rows = {r["job_id"]: dict(r) for r in csv.DictReader(handle)}
+    for row in rows.values():
+        row["stored"] = bool(row["path"]) and Path(row["path"]).is_file()
+    return rows
+
+
+@pytest.mark.anyio
+async def test_a_product_gone_since_last_night_is_listed_in_removed_csv(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox)
+    export = _write(tmp_path / "products_export.csv", _shopify())
+    config = _init(tmp_path, export)
+    night = tmp_path / "night1"
+    first = await _run(sb, tmp_path, config, f"output.dir={night}")
+    assert first.exit_code is ExitCode.OK and first.removed == 0
+    assert not (night / "removed.csv").exists()
+    # the reviewer approves the cap's edit, then the shop deletes the cap
+    decisions = _write(
+        tmp_path / "d.csv", [["job_id", "row", "decision"], ["cap/1", "6", "approve"]]
+    )
+    await _run(
+        sb, tmp_path, config, f"output.dir={night}", reprocess=Reprocess((), decisions=decisions)
+    )
+    _write(export, [row for row in _shopify() if row[0] != "cap"])
+    second = await _run(sb, tmp_path, config, f"output.dir={tmp_path / 'night2'}")
+    assert second.exit_code is ExitCode.OK and second.removed == 2  # cap/1, and its variant row
+    by_id = _removed(tmp_path / "night2")
+    assert set(by_id) == {"cap/1", "cap/"}
+    assert by_id["cap/1"]["approved"] == "yes" and by_id["cap/1"]["prediction_id"]
+    assert by_id["cap/1"]["last_run"] == str(night) and by_id["cap/1"]["stored"]
+    assert by_id["cap/"]["last_status"] == "skipped" and by_id["cap/"]["approved"] == "no"
+    summary = json.loads((tmp_path / "night2" / "summary.json").read_text())
+    assert summary["removed_products"] == 2
+    # listed once: a third night without the cap has nothing removed; back, it is present again
+    third = await _run(sb, tmp_path, config, f"output.dir={tmp_path / 'night3'}")
+    assert third.removed == 0 and not (tmp_path / "night3" / "removed.csv").exists()
+
+
+# -- the parts: identity after skipping, filters that cannot be read ------------------------
+
+
+@pytest.mark.anyio
+async def test_a_skipped_row_never_holds_its_id_against_a_row_that_is_sent(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox)
+    export = _write(
+        tmp_path / "variants.csv",
+        [["Handle", "Image Src", "Title"],
+         ["tee", "", "Tee"],  # a variant first, without an image: skipped
+         ["tee", "", ""],
+         ["tee", f"{CDN}/tee.jpg", ""],  # the product's image, in a later batch
+         ["mug", f"{CDN}/mug.jpg", "Mug"],
+         ["mug", f"{CDN}/mug-2.jpg", ""]],  # a real repeat: rejected, naming row 4
+    )  # fmt: skip
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"manifest": {
+        "path": str(export), "id_column": "Handle", "columns": {"img_url": "Image Src"},
+        "skip_if_blank": ["img_url"], "fill_down": {"by": "Handle", "columns": ["Title"]},
+        "prompt_template": "Place this {Title} on white", "batch_rows": 1,
+    }}))  # fmt: skip
+    summary = await _run(sb, tmp_path, config)
+    table = _judge(sb, summary, [f"{CDN}/tee.jpg", f"{CDN}/mug.jpg"])
+    by_row = {r["row_number"]: r for r in table}
+    assert [by_row[n]["status"] for n in range(1, 6)] == [
+        "skipped", "skipped", "succeeded", "succeeded", "rejected",
+    ]  # fmt: skip
+    assert by_row[3]["job_id"] == "tee" and by_row[1]["job_id"] == "tee#row-1"
+    assert "repeats row 4" in by_row[5]["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("Status == 'active' and", "at character 23: expected a column name"),
+        ("Status = 'x'", "at character 8: cannot read"),
+        ("Staus == 'x'", "names column 'Staus'"),
+        ("Status in ['a', 'b'", "at character 20: expected ',' or ']'"),
+        ("`Item Type == 'x'", "at character 1: cannot read"),
+    ],
+)
+def test_a_filter_that_cannot_be_read_stops_before_anything_naming_where(
+    tmp_path: Path, where: str, said: str
+) -> None:
+    export = _write(tmp_path / "c.csv", [["id", "Status", "img"], ["1", "active", "x.jpg"]])
+    config = parse_config(
+        {"manifest": {"path": str(export), "where": where}, "output": {"dir": str(tmp_path)}},
+        tmp_path,
+    )
+    with pytest.raises(ManifestError, match=re.escape(said)):
+        Manifest(config.manifest, model=MODEL, allow_loopback=False)

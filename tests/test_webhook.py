@@ -130,6 +130,8 @@ async def test_a_forged_callback_never_ends_a_job(sandbox: Start, tmp_path: Path
     callbacks = summary.stats.callbacks
     assert callbacks is not None and callbacks.unconfirmed == 6
     assert callbacks.bad_signatures == 6
+    counted = json.loads((summary.run_dir / "summary.json").read_text())["callbacks"]
+    assert counted["bad_signatures"] == 6 and counted["unconfirmed"] == 6
     # each job then went on the poll schedule: its real callback or a poll saw the end
     assert callbacks.ends_by_callback + callbacks.ends_by_poll == 6
     assert callbacks.ends_by_fallback == 0  # not taken for missing callbacks

@@ -67,8 +67,16 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.",
 )
-_out = Console()
-_err = Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader went away (`wanbatch estimate ... | head`): nothing more is written,
+        and the command ends quietly (rich's own default is exit 1)."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(ExitCode.OK)
+
+
+_out = _Console()
+_err = _Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
 _RUN_RECORD = "run.json"  # how the run folder's config was given
 
 
@@ -119,12 +127,15 @@ def _guarded(action: Callable[[], int]) -> None:
     is a bug, one line and exit 1, with the traceback under --debug."""
     try:
         code = action()
+        sys.stdout.flush()  # a reader gone shows here, not in click's own exit (exit 1)
     except WanbatchError as exc:
         _fail(str(exc), ExitCode.BAD_INPUT)
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:
-        raise  # the reader of our output went away: `main` ends quietly
+        # the reader went away (`wanbatch estimate ... | head`): nothing more to say, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(ExitCode.OK) from None
     except Exception as exc:  # noqa: BLE001 - a bug: said in one line, traceback with --debug
         _fail(
             f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the "
@@ -827,7 +838,3 @@ def main() -> None:
         app(args=global_first(sys.argv[1:]), prog_name="wanbatch")
     except KeyboardInterrupt:
         sys.exit(ExitCode.INTERRUPTED)
-    except BrokenPipeError:
-        # the reader went away (`wanbatch estimate ... | head`): nothing more to say, quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)

@@ -177,10 +177,10 @@ class Ingest(JournalFile):
             )
         return known
 
-    def _give_up_ids(self, sent: set[str], known: dict[str, int]) -> None:
-        """Journaled skipped rows that hold an id a row sent now takes are named by their row
-        instead (`<id>#row-<n>`)."""
-        held = [(-row, job_id) for job_id, row in known.items() if row < 0 and job_id in sent]
+    def _give_up_ids(self, sent: set[str], skipped_hold: dict[str, int]) -> None:
+        """Journaled skipped rows (`skipped_hold`: id -> row) that hold an id a row sent now
+        takes are named by their row instead (`<id>#row-<n>`)."""
+        held = [(row, job_id) for job_id, row in skipped_hold.items() if job_id in sent]
         self._db.executemany(
             "UPDATE jobs SET job_id = job_id || '#row-' || row_number WHERE row_number=?"
             " AND job_id=?",
@@ -191,12 +191,13 @@ class Ingest(JournalFile):
         self, batch: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
     ) -> list[tuple[int, str, int, str]]:
         known = self._known_ids({item.job_id for item in batch})
+        skipped_hold = {job_id: -row for job_id, row in known.items() if row < 0}
         items = [unique(item, known) for item in batch]
         sent = {i.job_id for i in items if not _skips(i)}
         items = [
             replace(i, job_id=_by_row(i)) if _skips(i) and i.job_id in sent else i for i in items
         ]
-        self._give_up_ids(sent, known)
+        self._give_up_ids(sent, skipped_hold)
         leaders = self._leaders(items, prior) if self.share_seeded else {}
         rows = [(*self._ingest_row(i, prior), leaders.get(i.row_number)) for i in items]
         self._db.executemany(
