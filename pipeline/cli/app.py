@@ -67,6 +67,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Batch image edits with Wan 2.7 Image Edit on Eachlabs.",
 )
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         """The reader went away (`wanbatch estimate ... | head`): nothing more is written,

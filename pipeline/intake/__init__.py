@@ -4,6 +4,7 @@ manifest.py    CSV, TSV and Parquet manifests (and DataFrames) read in batches
 rowmap.py      a row to a JobSpec or a Rejected naming its field and rule
 inputs.py      local and bucket inputs read, judged and uploaded; public ones probed
 estimating.py  `wanbatch estimate`: what a run would send, cost and take
+names.py       the names a config gives, checked against the header before anything is read
 decisions.py   a reviewer's decisions file (`retry --rejected`), read and checked
 where.py       `manifest.where`: the row filter's own small parser (no Python evaluated)
 urls.py        an image cell tidied into what a person would send, or why it cannot be

@@ -31,10 +31,8 @@ from pipeline.core import (
     is_blank,
 )
 from pipeline.intake.inputs import InputStage, open_uploads
-from pipeline.intake.rowmap import PromptTemplate, RowMapper, path_root
-from pipeline.intake.rowmap import cell as read_cell
-from pipeline.intake.shape import PROBLEM
-from pipeline.intake.where import Filter, WhereError, compile_where
+from pipeline.intake.names import check_names, compile_filter, trimmed_names
+from pipeline.intake.rowmap import PromptTemplate, RowMapper
 
 __all__ = ["CELL_LIMIT", "Manifest", "RowMapper"]
 
@@ -49,6 +47,8 @@ Item = JobSpec | Rejected
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 # an Amazon flat file's first line; its column names are on line 3, under a line of labels
 _AMAZON = re.compile(r"^\ufeff?\"?TemplateType=", re.IGNORECASE)
+# a shaped copy's column (see `shape`): why the export's row could not be read, when it could not
+PROBLEM = "wanbatch_problem"
 _PRODUCTS_KEPT = 100_000  # products whose first row fill_down remembers (the latest)
 _log = structlog.get_logger("pipeline.intake.manifest")
 
@@ -112,15 +112,15 @@ class Manifest:
         if section.delimiter is None and self.kind == "csv" and self._tabbed():
             self._delimiter = "\t"  # an Amazon flat file (.txt), a TSV saved as .csv
         self.columns = self._read_columns()
-        section = self._trimmed_names(section)
+        section = trimmed_names(section, self.columns, self.shown)
         self.fill_down = section.fill_down
         template = PromptTemplate(section.prompt_template) if section.prompt_template else None
         mapping = {f: f for f in INPUT_FIELDS if f in self.columns}
         mapping.update(section.columns)
         if template is not None:
             mapping.pop("prompt", None)  # the template makes the prompt
-        where = self._where(section.where)
-        self._check_names(section, mapping, template)
+        where = compile_filter(section.where, self.columns, self.shown)
+        check_names(section, mapping, template, self.columns, self.shown)
         self.mapper = RowMapper(
             model,
             mapping,
@@ -166,110 +166,6 @@ class Manifest:
         except (OSError, UnicodeError):
             return False
         return line.count("\t") > line.count(",")
-
-    def _trimmed_names(self, section: ManifestSection) -> ManifestSection:
-        """Column names given with spaces around them (` Image Src`) name the column without
-        them, as the header's own names are read; a note says so."""
-        changed: list[str] = []
-
-        def trim(name: str) -> str:
-            if name != name.strip() and name not in self.columns:
-                changed.append(name)
-                return name.strip()
-            return name
-
-        fill = section.fill_down
-        update: dict[str, object] = {
-            "columns": {f: trim(c) for f, c in section.columns.items()},
-            "id_column": [trim(c) for c in section.id_columns] or None,
-        }
-        if isinstance(section.id_column, str):
-            update["id_column"] = trim(section.id_column)
-        if fill is not None:
-            update["fill_down"] = fill.model_copy(
-                update={
-                    "by": [trim(c) for c in fill.by_columns],
-                    "columns": [trim(c) for c in fill.columns],
-                }
-            )
-        trimmed = section.model_copy(update=update)
-        if changed:
-            _log.warning(
-                "column_names_trimmed",
-                manifest=str(self.shown),
-                names=changed,
-                note="column names match ignoring the spaces around them",
-            )
-        return trimmed
-
-    def _where(self, text: str | None) -> Filter | None:
-        if text is None:
-            return None
-        try:
-            found = compile_where(text, read_cell)
-        except WhereError as exc:
-            raise ManifestError(f"manifest.where cannot be read {exc}: {text}") from None
-        for column in found.columns:
-            if not self._has(column):
-                raise ManifestError(
-                    f"manifest.where names column {column!r}, which manifest {self.shown} "
-                    f"does not have (columns: {', '.join(self.columns)}); a name with spaces "
-                    "goes in backticks"
-                )
-        return found
-
-    def _has(self, column: str) -> bool:
-        """A column of the file, or a path into one (`media.hero`, `media.gallery[0]`)."""
-        return column in self.columns or (
-            path_root(column) != column and path_root(column) in self.columns
-        )
-
-    def _check_names(
-        self, section: ManifestSection, mapping: dict[str, str], template: PromptTemplate | None
-    ) -> None:
-        """Every column the config names is in the file; the required fields are given."""
-        have = f"(columns: {', '.join(self.columns)})"
-        fill = section.fill_down
-        for what, names in (
-            ("fill_down.by", fill.by_columns if fill else ()),
-            ("fill_down.columns", fill.columns if fill else ()),
-        ):
-            for column in names:
-                if column not in self.columns:
-                    raise ManifestError(
-                        f"manifest {self.shown}: {what} names {column!r}, which is not a column "
-                        f"{have}"
-                    )
-        for column in section.id_columns:
-            if not self._has(column):
-                raise ManifestError(
-                    f"manifest {self.shown}: id_column {column!r} is not a column {have}"
-                )
-        for field, column in section.columns.items():
-            if not self._has(column):
-                raise ManifestError(
-                    f"manifest {self.shown}: columns.{field} names column {column!r}, which the "
-                    f"manifest does not have {have}"
-                )
-        for column in template.columns if template is not None else ():
-            if not self._has(column):
-                raise ManifestError(
-                    f"manifest {self.shown}: prompt_template names {{{column}}}, which is not a "
-                    f"column {have}"
-                )
-        given = set(mapping) | set(section.defaults) | ({"prompt"} if template else set())
-        for field in ("prompt", "img_url"):
-            if field not in given:
-                raise ManifestError(
-                    f"manifest {self.shown}: no column gives the required field {field!r}; "
-                    f"map one under manifest.columns.{field}"
-                    + (" or write manifest.prompt_template" if field == "prompt" else "")
-                )
-        for field in section.skip_if_blank:
-            if field not in mapping:
-                raise ManifestError(
-                    f"manifest {self.shown}: skip_if_blank names {field!r}, which no column gives"
-                )
 
     def judge_inputs(
         self, config: RunConfig, *, thumbs: Path | None = None, dry: bool = False

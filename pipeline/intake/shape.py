@@ -29,16 +29,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.core import ManifestError, ManifestSection, RunConfig, is_blank
+from pipeline.intake.manifest import PROBLEM, Manifest
+from pipeline.intake.rowmap import cell, split_images
 
 __all__ = ["EXTRA_COLUMNS", "PROBLEM", "SHAPED", "needs_shape", "shape_catalog"]
 
 SHAPED = "manifest-shaped"  # the copy's name in the run folder, before its suffix
-ID, IMAGE, POSITION, SOURCE_ROW, PROBLEM = (
+ID, IMAGE, POSITION, SOURCE_ROW = (
     "wanbatch_id",
     "wanbatch_image_url",
     "wanbatch_image",
     "wanbatch_source_row",
-    "wanbatch_problem",
 )
 EXTRA_COLUMNS = (ID, IMAGE, POSITION, SOURCE_ROW, PROBLEM)
 
@@ -188,8 +189,6 @@ def _from_parts(m: ManifestSection, out: Path, again: bool) -> ManifestSection:
 
 def _each(config: RunConfig, m: ManifestSection, folder: Path, again: bool) -> ManifestSection:
     """`images: each`: the table with a row per image of the mapped image cell."""
-    from pipeline.intake.manifest import Manifest  # the reader of the table being shaped
-
     parquet = m.kind == "parquet"
     out = folder / f"{SHAPED}.{'parquet' if parquet else 'csv'}"
     columns = {**m.columns, "img_url": IMAGE}
@@ -222,11 +221,10 @@ def _each(config: RunConfig, m: ManifestSection, folder: Path, again: bool) -> M
     return done
 
 
-def _expanded(source: Any) -> Iterator[list[dict[str, Any]]]:
+def _expanded(source: Manifest) -> Iterator[list[dict[str, Any]]]:
     """Batches of the shaped rows: each image of a row that is read and kept, on its own."""
     mapper = source.mapper
     column = mapper.columns.get("img_url")
-    from pipeline.intake.rowmap import cell, split_images
 
     for batch in source.records():
         out: list[dict[str, Any]] = []

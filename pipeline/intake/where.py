@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.cells import is_blank
+from pipeline.core import is_blank
 
 __all__ = ["Filter", "WhereError", "compile_where"]
 
