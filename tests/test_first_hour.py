@@ -157,9 +157,9 @@ def test_retry_names_only_what_it_has(tmp_path: Path) -> None:
     config = _config(tmp_path)
     assert _wanbatch("run", str(config)).returncode == 0
     # the mapping changed since: retry says what to do with commands that exist
-    done = CLI.invoke(app, ["retry", str(config), "--set", "manifest.defaults.size=1K"])
-    assert done.exit_code == 2
-    said = " ".join(done.output.split())
+    done = _wanbatch("retry", str(config), "--set", "manifest.defaults.size=1K")
+    assert done.returncode == 2
+    said = " ".join(done.stderr.split())
     assert "wanbatch run CONFIG --fresh" in said and "run with --fresh" not in said
 
 

@@ -648,3 +648,33 @@ def test_a_filter_that_cannot_be_read_stops_before_anything_naming_where(
     )
     with pytest.raises(ManifestError, match=re.escape(said)):
         Manifest(config.manifest, model=MODEL, allow_loopback=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "platform"),
+    [
+        ("products_export_1.csv", [SHOPIFY], "shopify"),
+        ("wc-product-export.csv", _woocommerce()[:1], "woocommerce"),
+        ("catalog_product.csv", _magento()[:1], "magento"),
+        ("products-2026-12-07.csv", [["Item Type", "Product ID", "Product Name",
+                                     "Product Image File - 1", "Product Image URL - 1"]],
+         "bigcommerce"),
+        ("Flat.File.txt", _amazon()[:3], "amazon"),
+        ("feed.tsv", [["id", "title", "description", "link", "image_link", "price"]],
+         "merchant_center"),
+        ("my shop.csv", [["Artikelnummer", "Name", "Bild URL"]], "generic"),
+    ],
+)  # fmt: skip
+def test_init_recognises_each_platform_by_its_header(
+    tmp_path: Path, name: str, lines: list[list[str]], platform: str
+) -> None:
+    delimiter = "\t" if name.endswith((".tsv", ".txt")) else ","
+    export = _write(tmp_path / name, lines, delimiter)
+    config = _init(tmp_path, export)
+    written = yaml.safe_load(config.read_text())
+    assert f"a {platform} export" in config.read_text()
+    assert written["manifest"]["columns"]["img_url"] in {c for line in lines for c in line}
+    if platform == "bigcommerce":
+        assert written["manifest"]["columns"]["img_url"] == "Product Image URL - 1"
+    if platform == "amazon":
+        assert written["manifest"]["header_row"] == 3

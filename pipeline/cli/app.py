@@ -473,8 +473,10 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
         ("rejected", f"{found.rejected:,}"),
     ]
     rows += [(f"  {n:,} x", rule) for rule, n in found.rejected_by_rule.most_common()]
-    if found.skipped:
-        rows.append(("skipped (manifest.skip_if_blank)", f"{found.skipped:,}"))
+    if found.skipped - found.filtered:
+        rows.append(("skipped (skip_if_blank)", f"{found.skipped - found.filtered:,}"))
+    if found.filtered:
+        rows.append(("filtered (manifest.where)", f"{found.filtered:,}"))
     rows += [
         ("reused (incremental)", f"{found.reused:,}"),
         ("shared (same seeded input)", f"{found.shared:,}"),

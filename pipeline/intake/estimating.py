@@ -66,6 +66,7 @@ class Estimate:
     rejected: int = 0
     rejected_by_rule: Counter[str] = field(default_factory=Counter)
     skipped: int = 0  # blank where manifest.skip_if_blank says: never sent, not a failure
+    filtered: int = 0  # of them, left out by manifest.where
     reused: int = 0  # succeeded in an earlier run (incremental): not sent, no cost
     shared: int = 0  # the same seeded input as an earlier row: follows it, no cost
     # the same input as an earlier row, without a seed: each is sent and paid (a new draw)
@@ -154,6 +155,7 @@ def _count(
             found.rows += 1
             if isinstance(item, Rejected) and item.skipped:
                 found.skipped += 1
+                found.filtered += "manifest.where" in item.reason
             elif isinstance(item, Rejected):
                 found.rejected += 1
                 found.rejected_by_rule.update(rule_of(item.reason))
