@@ -725,9 +725,9 @@ def sandbox_command(
     faults: Annotated[
         str,
         typer.Option(
-            help="Injected faults as name=rate,... with the names of the config's "
-            "sandbox.faults (e.g. job_error=0.05,create_5xx=0.02,lost_create=0.01; "
-            f"names: {', '.join(FaultRates.names())})."
+            help="Injected faults as name=rate, comma-separated, with the names of the "
+            "config's sandbox.faults (e.g. job_error=0.05, or slow=1,slow_s=3); the names: "
+            f"{', '.join(FaultRates.names())}."
         ),
     ] = "",
     accounts: Annotated[
