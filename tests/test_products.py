@@ -228,6 +228,7 @@ async def test_a_woocommerce_gallery_is_one_edit_per_image_and_drafts_are_left_o
         r["job_id"] for r in table if r["status"] == "succeeded"
     }
     assert rows["101/3"]["Name"] == "Hoodie" and rows["101/3"]["wanbatch_image"] == "3"
+    assert rows["101/3"]["manifest_Images"] == f"{WOO}/hoodie-3.jpg"  # the image alone
     assert all(i.get("img_url_2") is None for i in _sent(sb))  # no gallery sent as references
     # only the GIF is what a person would call bad: exit 6, it alone rejected
     assert summary.exit_code is ExitCode.ROWS_FAILED

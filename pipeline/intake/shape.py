@@ -9,9 +9,11 @@ Three layouts are not read in place; each is copied once into the run folder (ag
   `_SUCCESS`, `.crc` and hidden files left out, partition columns (`country=de/`) kept;
 - `manifest.images: each`: every image of the mapped image cell becomes its own row, with the
   row's other fields, id `<id>/<position>` (`wanbatch_id`), the image alone
-  (`wanbatch_image_url`, which `img_url` then reads), its position (`wanbatch_image`) and the
-  export's row (`wanbatch_source_row`). A row the filters leave out, or without images, stays
-  one row; a row that cannot be read keeps its reason (`wanbatch_problem`) and is rejected.
+  (`wanbatch_image_url`, which `img_url` then reads, and in the image cell itself, so that a
+  failures manifest fed back sends that image, not the gallery), its position
+  (`wanbatch_image`) and the export's row (`wanbatch_source_row`). A row the filters leave
+  out, or without images, stays one row; a row that cannot be read keeps its reason
+  (`wanbatch_problem`) and is rejected.
 """
 
 from __future__ import annotations
@@ -251,7 +253,11 @@ def _expanded(source: Manifest) -> Iterator[list[dict[str, Any]]]:
                 )
                 continue
             for position, image in enumerate(images, start=1):
-                out.append({**base, ID: f"{job_id}/{position}", IMAGE: image, POSITION: position})
+                row = {**base, ID: f"{job_id}/{position}", IMAGE: image, POSITION: position}
+                if column in record:  # the image cell holds this image alone: a failures
+                    # manifest fed back sends this image again, not the whole gallery
+                    row[column] = [image] if isinstance(value, list | tuple) else image
+                out.append(row)
         yield out
 
 
