@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -532,16 +533,22 @@ def test_the_closing_message_gives_the_command_for_each_kind_of_failure(tmp_path
 
 
 def test_stored_images_are_named_after_the_row_id_made_safe() -> None:
+    from pipeline.journal.rows import stem
     from pipeline.outputs.downloads import image_name
 
-    assert image_name("SKU-42", 0, "jpg").startswith("SKU-42-") and image_name(
-        "SKU-42", 1, "png"
+    first = stem("SKU-42", None)
+    assert image_name(first, 0, "jpg").startswith("SKU-42-") and image_name(
+        first, 1, "png"
     ).endswith("-1.png")
-    hostile = image_name("../../etc/passwd", 0, "jpg")
+    hostile = image_name(stem("../../etc/passwd", None), 0, "jpg")
     assert "/" not in hostile and not hostile.startswith(".") and hostile.endswith("-0.jpg")
-    assert image_name("a b", 0, "jpg") != image_name("a_b", 0, "jpg")  # the hash keeps them apart
-    assert image_name("ÿ" * 300, 0, "jpg").startswith("row-")  # nothing safe left: a word of ours
-    assert len(image_name("x" * 500, 3, "webp")) < 100
+    # the hash keeps ids that read alike apart
+    assert image_name(stem("a b", None), 0, "jpg") != image_name(stem("a_b", None), 0, "jpg")
+    # nothing safe left: a word of ours
+    assert image_name(stem("ÿ" * 300, None), 0, "jpg").startswith("row-")
+    assert len(image_name(stem("x" * 500, None), 3, "webp")) < 110  # far below 255
+    # 64 bits of hash: `<id>-<16 hex>-<index>`
+    assert re.fullmatch(r"SKU-42-[0-9a-f]{16}-0\.jpg", image_name(first, 0, "jpg"))
 
 
 def test_help_texts_show_every_option_whole_at_80_columns() -> None:

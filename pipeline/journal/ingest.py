@@ -16,6 +16,7 @@ from pipeline.core import (
     Status,
 )
 from pipeline.journal.file import JournalFile
+from pipeline.journal.rows import stem
 from pipeline.journal.tables import _INPUTS, _RECORD, _UNSENT, in_chunks
 
 
@@ -223,7 +224,7 @@ class Ingest(JournalFile):
                 copy = done.copies[idx] if idx < len(done.copies) else None
                 if copy is None:
                     rows.append((item.row_number, idx, url, "pending", *[None] * 6))
-                    fetch.append((item.row_number, item.job_id, idx, url))
+                    fetch.append((item.row_number, stem(item.job_id, None), idx, url))
                 else:
                     rows.append((item.row_number, idx, url, "stored", *astuple(copy)))
         self._db.executemany(

@@ -142,10 +142,12 @@ def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | N
 
 
 def stem(job_id: str, history: str | None) -> str:
-    """The name a row's stored images go by: its job id, with `-redoN` for an edit made
-    again after N rejected ones (so the rejected edits' files are kept beside it)."""
+    """What a row's stored images are named from: `N:job id`, N the rejected edits made
+    before this one (their files are kept beside it). The count comes first, so no job id
+    can spell another's with a count (`P` made again is not row `P-redo1`); `image_name`
+    reads it back."""
     redone = sum(map(_rejection, _earlier(history)))
-    return f"{job_id}-redo{redone}" if redone else job_id
+    return f"{redone}:{job_id}"
 
 
 def _entry(row: sqlite3.Row) -> Entry:

@@ -90,6 +90,10 @@ class FolderStore:
 
     def put(self, name: str, data: bytes) -> str:
         path = self._folder / name
+        if path.is_file() and _digest(path) != hashlib.sha256(data).digest():
+            # names are unique by construction: a file there that is not this image is
+            # another's, and is never silently replaced
+            raise OSError(f"{path} holds another image; it is not overwritten")
         tmp = path.with_name(f".{name}.tmp")
         try:
             with tmp.open("wb") as out:
@@ -100,6 +104,14 @@ class FolderStore:
         finally:
             tmp.unlink(missing_ok=True)  # gone once renamed; a failed write leaves nothing
         return str(path.relative_to(self._run_dir) if path.is_relative_to(self._run_dir) else path)
+
+
+def _digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()
 
 
 def open_store(section: AssetsSection, run_dir: Path) -> Store:
@@ -121,13 +133,17 @@ def recheck_copies(journal: Journal, copies: CopyCheck, run_dir: Path) -> None:
         _log.warning("stored_images_missing", images=len(gone), hint="fetched again")
 
 
-def image_name(job_id: str, index: int, extension: str) -> str:
+def image_name(stem: str, index: int, extension: str) -> str:
     """A stored image's name, after the product: the row's id made safe for a file name (at
-    most 80 of its letters, digits, `.`, `_` and `-`; anything else becomes `_`), the hash of
-    the whole id (two ids that read alike stay apart), and the output's index. Never a path
-    from the manifest or the provider taken as is."""
-    safe = _UNSAFE_NAME.sub("_", job_id)[:80].strip("._") or "row"
-    ident = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+    most 80 of its letters, digits, `.`, `_` and `-`; anything else becomes `_`), `-redoN`
+    for an edit made again after N rejections, 64 bits of the hash of the whole stem (`N:id`,
+    see `journal.rows.stem`: two ids that read alike, or an id that reads like another's
+    remake, stay apart, and no pair that meets can be searched for), and the output's index.
+    Never a path from the manifest or the provider taken as is."""
+    count, _, job_id = stem.partition(":")
+    shown = f"{job_id}-redo{count}" if count not in ("", "0") else job_id
+    safe = _UNSAFE_NAME.sub("_", shown)[:80].strip("._") or "row"
+    ident = hashlib.sha256(stem.encode()).hexdigest()[:16]
     return f"{safe}-{ident}-{index}.{extension}"
 
 
