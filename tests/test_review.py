@@ -16,8 +16,8 @@ import pytest
 import yaml
 from playwright.async_api import Browser, Page, async_playwright
 
-from pipeline.core import ConfigError, ExitCode, fingerprint, parse_config
-from pipeline.intake import read_decisions
+from pipeline.core import ConfigError, ExitCode, fingerprint, from_sheet, parse_config, to_sheet
+from pipeline.intake import Manifest, read_decisions
 from pipeline.runs import Reprocess
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
@@ -291,6 +291,24 @@ def test_a_decisions_file_that_breaks_a_rule_is_refused_naming_line_field_and_ru
         read_decisions(path)
     path.write_text("row,decision\n1,approved\n2,\n")
     assert [(d.row_number, d.decision) for d in read_decisions(path)] == [(1, "approved")]
+    # any cell a person can type: a clear error, never an internal one
+    path.write_text("row,decision\n²,approved\n\u0661,rejected\n-1,approved\n1e3,approved\n")
+    with pytest.raises(ConfigError) as raised:
+        read_decisions(path)
+    for line, cell in ((2, "²"), (3, "\u0661"), (4, "-1"), (5, "1e3")):
+        assert f"line {line}, field row: {cell!r} is not a row number" in str(raised.value)
+
+
+def test_spreadsheet_bound_cells_are_neutralised_and_read_back_as_written(tmp_path: Path) -> None:
+    """OWASP's CSV injection guidance: a text cell starting `=`, `+`, `-`, `@`, a tab or a
+    carriage return gets a leading `'`; numbers stay numbers; wanbatch reads it back."""
+    for text in ('=HYPERLINK("http://x")', "+1+1", "-cmd", "@SUM(A1)", "\tx", "\rx"):
+        assert to_sheet(text) == "'" + text and from_sheet(str(to_sheet(text))) == text
+    for kept in ("-5", "+3.5", "1e3", "plain", "'quoted", ""):
+        assert to_sheet(kept) == kept and from_sheet(kept) == kept
+    path = tmp_path / "decisions.csv"
+    path.write_text("row,decision,note\n1,rejected,'=too dark\n")
+    assert read_decisions(path)[0].note == "=too dark"
 
 
 def test_decisions_as_spreadsheets_save_them_are_read(tmp_path: Path) -> None:
@@ -347,3 +365,31 @@ async def test_decisions_of_another_run_are_refused_before_anything_is_sent(
     resumed = _cli("run", str(config))
     assert resumed.returncode == 0, resumed.stderr  # not "a run of another mapping"
     assert len(sb.ledger()) == creates
+
+
+@pytest.mark.anyio
+async def test_the_failures_manifest_is_safe_to_open_and_reads_back_as_written(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    sb = shrunk_sandbox(sandbox)
+    rows = catalog(2)
+    rows[1]["img_url"] = "not-a-url.gif"  # rejected: into the failures manifest
+    for row in rows:
+        row["note"] = '=HYPERLINK("http://evil.example")'
+        row["price"] = "-5"
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    config = parse_config(config_data(tmp_path, sb.base_url, manifest), tmp_path)
+    summary = await go(config, [KEY])
+    assert summary.failures_path is not None
+    line = summary.failures_path.read_text().splitlines()[1]
+    assert "'=HYPERLINK" in line and ",-5," in line  # a formula neutralised, a number kept
+    again = parse_config(config_data(tmp_path, sb.base_url, summary.failures_path), tmp_path)
+
+    (item,) = [
+        i
+        for b in Manifest(again.manifest, model=config.api.model, allow_loopback=False).batches()
+        for i in b
+    ]
+    assert (
+        item.record["note"] == '=HYPERLINK("http://evil.example")' and item.record["price"] == "-5"
+    )

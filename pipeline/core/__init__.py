@@ -17,7 +17,7 @@ paths and object URLs).
 
 from __future__ import annotations
 
-from pipeline.core.cells import ZERO_WIDTH, is_blank, to_int
+from pipeline.core.cells import ZERO_WIDTH, from_sheet, is_blank, to_int, to_sheet
 from pipeline.core.clock import Clock, SystemClock
 from pipeline.core.config import (
     KEPT_MANIFEST,
@@ -180,6 +180,7 @@ __all__ = [
     "check_input",
     "copy_object",
     "fingerprint",
+    "from_sheet",
     "is_blank",
     "is_object_url",
     "keys_from_env",
@@ -190,4 +191,5 @@ __all__ = [
     "resolve_groups",
     "sandbox_keys",
     "to_int",
+    "to_sheet",
 ]

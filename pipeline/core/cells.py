@@ -7,10 +7,13 @@ import math
 import re
 from typing import Any
 
-__all__ = ["ZERO_WIDTH", "is_blank", "to_int"]
+__all__ = ["ZERO_WIDTH", "from_sheet", "is_blank", "to_int", "to_sheet"]
 
 ZERO_WIDTH = "\u200b\u200c\u200d\u2060\ufeff"
 _INTEGER = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
+# what a spreadsheet reads as a formula at a cell's start (OWASP's CSV injection guidance)
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def is_blank(value: Any) -> bool:
@@ -40,3 +43,19 @@ def to_int(value: Any) -> int | None:
         if text.isascii() and _INTEGER.fullmatch(text):
             return int(text.split(".", 1)[0])
     return None
+
+
+def to_sheet(value: object) -> object:
+    """A CSV cell safe to open in a spreadsheet: text that starts with `=`, `+`, `-`, `@`, a
+    tab or a carriage return gets a leading `'` (a number such as `-5` stays a number);
+    `from_sheet` reads it back as written."""
+    if isinstance(value, str) and value.startswith(_FORMULA) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def from_sheet(text: str) -> str:
+    """A cell `to_sheet` neutralised, as it was written."""
+    if text.startswith("'") and text[1:].startswith(_FORMULA) and not _NUMBER.fullmatch(text[1:]):
+        return text[1:]
+    return text

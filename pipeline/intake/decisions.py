@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.core import DECISION_COLUMNS, REVIEWS, ConfigError, Decision
+from pipeline.core import DECISION_COLUMNS, REVIEWS, ConfigError, Decision, from_sheet
 
 __all__ = ["read_decisions", "refused"]
 
@@ -23,23 +26,34 @@ _SHOWN = 10  # problems named in one message
 
 
 def read_decisions(path: Path) -> list[Decision]:
-    """The decisions in `path`, in file order; lines with a blank decision are not decided
-    and left out. ConfigError naming each problem (at most ten) when the file breaks a rule."""
-    lines = _lines(path)
-    if not lines:
-        raise ConfigError(f"decisions file {path} is empty; it needs a header with row,decision")
-    header = [name.strip().lower() for name in lines[0]]
-    missing = [name for name in ("row", "decision") if name not in header]
-    if missing:
-        raise ConfigError(
-            f"decisions file {path} line 1 has no {' or '.join(missing)} column; the header "
-            f"reads {','.join(header)}; expected {','.join(DECISION_COLUMNS)}"
-        )
-    at = {name: header.index(name) for name in DECISION_COLUMNS if name in header}
+    """The decisions in `path`, in file order, read line by line; lines with a blank decision
+    are not decided and left out. ConfigError naming each problem (at most ten) when the file
+    breaks a rule."""
+    with _lines(path) as lines:
+        first = next(lines, None)
+        if first is None:
+            raise ConfigError(
+                f"decisions file {path} is empty; it needs a header with row,decision"
+            )
+        header = [name.strip().lower() for name in first]
+        missing = [name for name in ("row", "decision") if name not in header]
+        if missing:
+            raise ConfigError(
+                f"decisions file {path} line 1 has no {' or '.join(missing)} column; the header "
+                f"reads {','.join(header)}; expected {','.join(DECISION_COLUMNS)}"
+            )
+        at = {name: header.index(name) for name in DECISION_COLUMNS if name in header}
+        decisions, problems = _read(lines, at)
+    if problems:
+        raise refused(path, problems)
+    return decisions
+
+
+def _read(lines: Iterator[list[str]], at: dict[str, int]) -> tuple[list[Decision], list[str]]:
     decisions: list[Decision] = []
     problems: list[str] = []
     first_line: dict[int, int] = {}
-    for number, cells in enumerate(lines[1:], start=2):
+    for number, cells in enumerate(lines, start=2):
         if not any(cell.strip() for cell in cells):
             continue
         found = _decision(cells, at, number, problems)
@@ -53,9 +67,7 @@ def read_decisions(path: Path) -> list[Decision]:
             continue
         first_line[found.row_number] = number
         decisions.append(found)
-    if problems:
-        raise refused(path, problems)
-    return decisions
+    return decisions, problems
 
 
 def refused(path: Path, problems: list[str], then: str = "") -> ConfigError:
@@ -65,27 +77,39 @@ def refused(path: Path, problems: list[str], then: str = "") -> ConfigError:
     return ConfigError(f"decisions file {path}: " + "; ".join(problems[:_SHOWN]) + more + then)
 
 
-def _lines(path: Path) -> list[list[str]]:
-    """The file's lines split into cells: UTF-8 (with or without a BOM) or UTF-16 with a BOM
-    (Excel's "Unicode text"), comma-, semicolon- (Excel where the comma is the decimal mark)
-    or tab-separated, as its header line shows."""
+@contextmanager
+def _lines(path: Path) -> Iterator[Iterator[list[str]]]:
+    """The file's lines split into cells, read as they come: UTF-8 (with or without a BOM)
+    or UTF-16 with a BOM (Excel's "Unicode text"), comma-, semicolon- (Excel where the comma
+    is the decimal mark) or tab-separated, as its header line shows."""
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except FileNotFoundError:
         raise ConfigError(f"decisions file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"decisions file {path} cannot be read: {exc}") from None
+    with handle:
+        bom = handle.read(2)
+        handle.seek(0)
+        encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        text = io.TextIOWrapper(handle, encoding=encoding, newline="")
+        try:
+            header = text.readline()
+            delimiter = max(",;\t", key=header.count)
+            yield _cells(path, itertools.chain([header], text), delimiter)
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"decisions file {path} is not UTF-8 text; save it as CSV UTF-8 (the review "
+                "page's export is)"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"decisions file {path} cannot be read: {exc}") from None
+
+
+def _cells(path: Path, text: Iterator[str], delimiter: str) -> Iterator[list[str]]:
     try:
-        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"decisions file {path} is not UTF-8 text; save it as CSV UTF-8 (the review page's "
-            "export is)"
-        ) from None
-    header = text.split("\n", 1)[0]
-    delimiter = max(",;\t", key=header.count)
-    try:
-        return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+        for cells in csv.reader(text, delimiter=delimiter):
+            yield [from_sheet(cell) for cell in cells]
     except csv.Error as exc:
         raise ConfigError(f"decisions file {path} cannot be read as CSV: {exc}") from None
 
@@ -108,7 +132,7 @@ def _decision(
         problems.append(f"line {number}, field decision: {word!r} is not {' or '.join(REVIEWS)}")
         return None
     row = _cell(cells, at, "row")
-    if not row.isdigit() or int(row) < 1:
+    if not (row.isascii() and row.isdigit()) or int(row) < 1:  # `²` is a digit, not a number
         problems.append(f"line {number}, field row: {row!r} is not a row number (1 or more)")
         return None
     return Decision(

@@ -28,6 +28,7 @@ from pipeline.core import (
     ManifestSection,
     Rejected,
     RunConfig,
+    from_sheet,
     is_blank,
 )
 from pipeline.intake.inputs import InputStage, open_uploads
@@ -329,7 +330,8 @@ class Manifest:
         if len(cells) != len(self.columns):
             reason = f"has {len(cells)} fields; the header has {len(self.columns)}"
             return row_number, {}, f"row {row_number}: {reason}"
-        record = dict(zip(self.columns, cells, strict=True))
+        # a cell our own files neutralised for spreadsheets (`'=...`) reads as it was written
+        record = dict(zip(self.columns, map(from_sheet, cells), strict=True))
         problems = []
         for column, cell in record.items():
             if len(cell) > CELL_LIMIT:

@@ -9,7 +9,7 @@ import csv
 import os
 from pathlib import Path
 
-from pipeline.core import located
+from pipeline.core import located, to_sheet
 from pipeline.journal import Journal
 
 __all__ = ["APPROVED", "APPROVED_COLUMNS", "write_approved"]
@@ -30,18 +30,17 @@ def write_approved(journal: Journal, run_dir: Path) -> Path | None:
         for batch in journal.approved_images():
             for image in batch:
                 stored = located(image.path, run_dir) if image.path else ""
-                writer.writerow(
-                    [
-                        image.job_id,
-                        image.row_number,
-                        image.prediction_id or "",
-                        image.index,
-                        stored,
-                        image.url,
-                        image.sha256 or "",
-                        image.note,
-                    ]
-                )
+                cells = [
+                    image.job_id,
+                    image.row_number,
+                    image.prediction_id or "",
+                    image.index,
+                    stored,
+                    image.url,
+                    image.sha256 or "",
+                    image.note,
+                ]
+                writer.writerow([to_sheet(c) for c in cells])
                 written += 1
     if not written:
         tmp.unlink()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import located
+from pipeline.core import located, to_sheet
 
 __all__ = ["REMOVED", "REMOVED_COLUMNS", "write_removed"]
 
@@ -41,7 +41,8 @@ def write_removed(rows: list[dict[str, Any]], path: Path) -> Path | None:
             seen = datetime.datetime.fromtimestamp(row["seen_at"], datetime.UTC)
             stored = located(row["path"], Path(row["run_dir"])) if row["path"] else ""
             writer.writerow(
-                [
+                to_sheet(c)
+                for c in [
                     row["job_id"],
                     row["run_dir"],
                     seen.isoformat(timespec="seconds"),

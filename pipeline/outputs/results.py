@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, Status, located, to_int
+from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, Status, located, to_int, to_sheet
 from pipeline.journal import Journal
 
 if TYPE_CHECKING:
@@ -428,7 +428,7 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
                     for row in page:
                         record = json.loads(row["record"])
                         values = ["" if record.get(c) is None else record[c] for c in columns]
-                        writer.writerow([*values, *_reasons(row)])
+                        writer.writerow([to_sheet(v) for v in (*values, *_reasons(row))])
         else:  # the rows as the manifest file has them, with its own types
             own = pq.read_schema(layout.manifest_path)
             kept = pa.schema([f for f in own if f.name not in REASONS])
