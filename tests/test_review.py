@@ -251,6 +251,14 @@ async def test_a_fixed_seed_is_kept_an_approval_is_final_and_no_night_reuses_a_r
     decisions.write_text(
         "\ufeffRow,Decision,Note\r\n1,Reject,too dark\r\n2,approve,\r\n3,,\r\n", encoding="utf-8"
     )
+    # the same seed and prompt would buy the same image again: not sent, the approval kept
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    same = {r["row_number"]: r for r in results(summary)}
+    assert same[1]["prediction_id"] == first[1]["prediction_id"] and same[1]["review"] is None
+    assert same[2]["review"] == "approved"
+    assert len([e for e in sb.ledger() if e["event"] == "created"]) == 6
+    # a changed prompt remakes it, with the seed the config fixes
+    data["manifest"]["prompt_template"] = "Place the product on warm oak, daylight"
     await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
     second = {r["row_number"]: r for r in results(summary)}
     assert second[1]["seed"] == 7 and second[1]["prediction_id"] != first[1]["prediction_id"]
@@ -263,13 +271,14 @@ async def test_a_fixed_seed_is_kept_an_approval_is_final_and_no_night_reuses_a_r
     assert len([e for e in sb.ledger() if e["event"] == "created"]) == creates == 7
     assert {r["row_number"]: r["review"] for r in results(summary)}[2] == "approved"
 
-    # the next night carries over the edit made again, never the rejected one
+    # the next night, on the config as it is now, carries over the edit made again (the other
+    # rows' prompt changed since they were made: new edits)
     data["output"]["dir"] = str(tmp_path / "next-night")
     night = await go(parse_config(data, tmp_path), [KEY])
     carried = {r["row_number"]: r for r in results(night)}
-    assert all(r["reused"] for r in carried.values())
+    assert carried[1]["reused"] and not any(carried[n]["reused"] for n in range(2, 7))
     assert carried[1]["prediction_id"] == second[1]["prediction_id"]
-    assert len([e for e in sb.ledger() if e["event"] == "created"]) == 7
+    assert len([e for e in sb.ledger() if e["event"] == "created"]) == 7 + 5
 
 
 def test_a_decisions_file_that_breaks_a_rule_is_refused_naming_line_field_and_rule(
@@ -393,3 +402,30 @@ async def test_the_failures_manifest_is_safe_to_open_and_reads_back_as_written(
     assert (
         item.record["note"] == '=HYPERLINK("http://evil.example")' and item.record["price"] == "-5"
     )
+
+
+@pytest.mark.anyio
+async def test_a_remake_is_remembered_under_the_input_it_was_made_for(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    """A rejected edit remade with a changed prompt is what the state store carries the next
+    night for that prompt; the rejected input is never mapped to the remake."""
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    state = tmp_path / "state.sqlite"
+    data = _review_config(tmp_path, sb, 3, incremental={"enabled": True, "state": str(state)})
+    summary = await go(parse_config(data, tmp_path), [KEY])
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("row,decision,note\n1,rejected,too dark\n")
+    data["manifest"]["prompt_template"] = "Place the product on warm oak, daylight"
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    remade = {r["row_number"]: r for r in results(summary)}[1]
+    assert remade["prompt"] == "Place the product on warm oak, daylight"
+    data["output"]["dir"] = str(tmp_path / "next-night")
+    night = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
+    assert night[1]["reused"] and night[1]["prediction_id"] == remade["prediction_id"]
+    # the rejected input (the first prompt) is not remembered as the remake
+    del data["manifest"]["prompt_template"]
+    data["output"]["dir"] = str(tmp_path / "third-night")
+    third = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
+    assert third[1]["prediction_id"] != remade["prediction_id"] and not third[1]["reused"]
+    assert third[2]["reused"] and third[3]["reused"]

@@ -40,6 +40,7 @@ class Redo:
     row_number: int
     note: str
     inputs: dict[str, Any]
+    fingerprint: str  # of `inputs`: what the state store records the remake under
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +126,13 @@ class Reviews(JournalFile):
         )
         db.execute("DELETE FROM images WHERE row_number=?", (item.row_number,))
         db.execute(
-            "UPDATE jobs SET status=?, inputs=?, prediction_id=NULL, key_name=NULL,"
+            "UPDATE jobs SET status=?, inputs=?, fingerprint=?, prediction_id=NULL, key_name=NULL,"
             f" created_at=NULL, started_at=NULL, {_CLEARED_OUTCOME}, reused=0, follows=NULL,"
             " review=NULL, review_note=NULL, history=? WHERE row_number=?",
             (
                 Status.PENDING.value,
                 json.dumps(item.inputs, ensure_ascii=False),
+                item.fingerprint,
                 json.dumps(history, ensure_ascii=False),
                 item.row_number,
             ),

@@ -6,8 +6,10 @@ run). A decision made on an edit the row no longer has (it was made again since)
 applies and is left out, said once. Approvals are recorded (`review` in the results, and
 `approved.csv`); each rejected edit goes into its row's history and the row is sent again with
 the config's input as it is now (`--set` may change the prompt) and a new seed, unless the
-config fixes one. An approved edit is never sent again; its rejected edit is forgotten by the
-incremental state, so no later night carries it over.
+config fixes one. A rejected edit whose new input would be the rejected one (a fixed seed,
+an unchanged prompt) is not sent: it would buy the same image again; the decision is left out,
+said with the way out. An approved edit is never sent again; its rejected edit is forgotten
+by the incremental state, so no later night carries it over.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.core import (
     JobSpec,
     RunConfig,
     Status,
+    fingerprint,
 )
 from pipeline.intake import Manifest, read_decisions, refused
 from pipeline.journal import Journal, Redo, ReviewTarget, StateStore
@@ -37,6 +40,12 @@ __all__ = ["Reviewed", "apply_decisions"]
 
 _log = structlog.get_logger("pipeline.runs.review")
 _SHOWN = 10
+_SAME_INPUT = (
+    "its input as the config maps it now is the one rejected, seed included, and would make "
+    "the same image again at a price: change the prompt (--set manifest.prompt_template=... "
+    "or the prompt column), or let a new seed be drawn (no manifest.defaults.seed or seed "
+    "column)"
+)
 
 
 @dataclass
@@ -81,9 +90,15 @@ def apply_decisions(
         elif decision.decision == "approved":
             approved.append((target.row_number, decision.note))
         else:
-            redo.append(
-                Redo(target.row_number, decision.note, _new_input(config, manifest, target))
-            )
+            inputs, drawn = _new_input(config, manifest, target)
+            model = config.api.model
+            if fingerprint(model, inputs) == fingerprint(model, target.inputs):
+                done.leave_out(_SAME_INPUT, decision)  # the same input makes the same image
+                continue
+            # what the catalog asks for, as every row's fingerprint is: a seed drawn for the
+            # remake is not part of it, so the next night carries the remake over
+            asked = {f: v for f, v in inputs.items() if not (drawn and f == "seed")}
+            redo.append(Redo(target.row_number, decision.note, inputs, fingerprint(model, asked)))
             if target.fingerprint and target.prediction_id:
                 forget.append((target.fingerprint, target.prediction_id))
     journal.record_review(approved, redo)
@@ -123,9 +138,11 @@ def _left_out(decision: Decision, target: ReviewTarget) -> str | None:
     return None
 
 
-def _new_input(config: RunConfig, manifest: Manifest, target: ReviewTarget) -> dict[str, Any]:
+def _new_input(
+    config: RunConfig, manifest: Manifest, target: ReviewTarget
+) -> tuple[dict[str, Any], bool]:
     """What a rejected row sends now: its images as sent before, the other fields as the
-    config maps them now, and a new seed unless the config gives the row one."""
+    config maps them now, and a new seed unless the config gives the row one (then True)."""
     mapped = manifest.mapper.map(target.row_number, target.record)
     if not isinstance(mapped, JobSpec):
         raise ConfigError(
@@ -140,7 +157,7 @@ def _new_input(config: RunConfig, manifest: Manifest, target: ReviewTarget) -> d
         while seed == earlier:
             seed = SEED_RANGE[0] + secrets.randbelow(SEED_RANGE[1] - SEED_RANGE[0] + 1)
         inputs["seed"] = seed
-    return {f: inputs[f] for f in INPUT_FIELDS if f in inputs}
+    return {f: inputs[f] for f in INPUT_FIELDS if f in inputs}, "seed" not in mapped.inputs
 
 
 def _tell(path: Path, done: Reviewed) -> None:
