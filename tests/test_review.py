@@ -6,6 +6,7 @@ page are kept in `test-artifacts/`."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from pipeline.core import ConfigError, ExitCode, fingerprint, from_sheet, parse_config, to_sheet
 from pipeline.intake import Manifest, read_decisions
-from pipeline.runs import Reprocess
+from pipeline.runs import Reprocess, folder_status
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     CHROMIUM_FLAGS,
@@ -420,6 +421,10 @@ async def test_a_remake_is_remembered_under_the_input_it_was_made_for(
     await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
     remade = {r["row_number"]: r for r in results(summary)}[1]
     assert remade["prompt"] == "Place the product on warm oak, daylight"
+    # status and summary.json count where the review stands
+    counted = {"approved": 0, "rejected": 1, "to_review": 3}
+    assert folder_status(summary.run_dir, []).reviews == counted
+    assert json.loads((summary.run_dir / "summary.json").read_text())["reviews"] == counted
     data["output"]["dir"] = str(tmp_path / "next-night")
     night = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
     assert night[1]["reused"] and night[1]["prediction_id"] == remade["prediction_id"]

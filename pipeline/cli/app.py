@@ -601,6 +601,15 @@ def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:
         ("cost so far", f"${found.cost_usd:,.2f}"),
         ("possible duplicates", f"{found.possible_duplicate_charges:,}"),
     ]
+    if found.reviews:
+        r = found.reviews
+        rows.append(
+            (
+                "review",
+                f"{r['approved']:,} approved, {r['rejected']:,} rejected, "
+                f"{r['to_review']:,} to review",
+            )
+        )
     if found.images_by_state:
         rows.append(
             (

@@ -138,6 +138,18 @@ class Reviews(JournalFile):
             ),
         )
 
+    def review_counts(self) -> dict[str, int]:
+        """Where the review stands: edits approved, rows whose edit was rejected (and made
+        again, or being made), and edits no person has judged yet."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(status=:done AND review='approved'), 0),"
+                ' COALESCE(SUM(history LIKE \'%"review": "rejected"%\'), 0),'
+                " COALESCE(SUM(status=:done AND review IS NULL), 0) FROM jobs",
+                {"done": Status.SUCCEEDED.value},
+            ).fetchone()
+        return {"approved": int(row[0]), "rejected": int(row[1]), "to_review": int(row[2])}
+
     def approved_images(self, batch_size: int = 5000) -> Iterator[list[ApprovedImage]]:
         """The outputs of approved rows, in row and output order, a batch at a time."""
         after = (0, -1)

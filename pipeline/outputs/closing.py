@@ -80,6 +80,15 @@ def _files(summary: RunSummary) -> list[tuple[str, str]]:
     rows = [("results", str(summary.results_path))]
     if summary.failures_path is not None:
         rows.append(("failures manifest", str(summary.failures_path)))
+    to_review = summary.reviews.get("to_review", 0)
+    if to_review and (summary.run_dir / "report.html").is_file():
+        rows.append(
+            (
+                f"to review ({to_review:,})",
+                f"{summary.run_dir / 'report.html'}: approve or reject, export decisions.csv, "
+                f"then wanbatch retry {summary.run_dir} --rejected decisions.csv",
+            )
+        )
     if summary.removed:
         rows.append((f"removed products ({summary.removed:,})", str(summary.run_dir / REMOVED)))
     for label, name in (("report", "report.html"), ("summary", "summary.json")):

@@ -65,6 +65,8 @@ class RunSummary:
     # products an earlier night's run had and this one's export has not (removed.csv), with a
     # state store, once the whole manifest is read
     removed: int | None = None
+    # where the review stands: edits approved, rows rejected, edits no person judged yet
+    reviews: dict[str, int] = field(default_factory=dict)
 
     def results(self) -> Any:
         """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
@@ -177,6 +179,7 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "creates_stopped": _STOPPED.get(int(summary.exit_code)),
         "balance_usd_at_start": summary.balance_usd,
         "removed_products": summary.removed,
+        "reviews": summary.reviews,
         "callbacks": asdict(stats.callbacks) if stats.callbacks is not None else None,
         **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
         "throughput": _throughput(summary, config),

@@ -162,7 +162,16 @@ def _new_input(
 
 def _tell(path: Path, done: Reviewed) -> None:
     """One line for the log, and one said on the terminal for decisions left out."""
-    _log.info("reviewed", file=str(path), approved=done.approved, redone=done.redone)
+    left = sum(len(lines) for lines in done.left_out.values())
+    _log.warning(
+        "reviewed",
+        file=str(path),
+        approved=done.approved,
+        redone=done.redone,
+        left_out=left,
+        said=f"{path}: {done.approved:,} approved, {done.redone:,} rejected and made again, "
+        f"{left:,} left out" + (" (why below)" if left else ""),
+    )
     for why, lines in done.left_out.items():
         shown = ", ".join(map(str, lines[:_SHOWN])) + (" ..." if len(lines) > _SHOWN else "")
         _log.warning(

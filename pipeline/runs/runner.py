@@ -386,6 +386,7 @@ def _summary(
         started_at=time.time() - (time.monotonic() - started),
         ended_at=time.time(),
         removed=books.removed,
+        reviews=journal.review_counts(),
     )
 
 

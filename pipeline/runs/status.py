@@ -28,6 +28,7 @@ class FolderStatus:
     images_by_state: dict[str, int]
     waiting_on_keys: dict[str, int]  # key name -> jobs in flight it alone can see end
     missing_keys: dict[str, int] = field(default_factory=dict)  # of those, keys not given
+    reviews: dict[str, int] = field(default_factory=dict)  # approved, rejected, to_review
 
     @property
     def finished(self) -> bool:
@@ -50,6 +51,7 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         totals, counts = journal.totals(), journal.counts()
         waiting, images = journal.waiting_on_keys(), journal.image_states()
         complete = journal.get_meta("ingest_complete") == "1"
+        reviews = journal.review_counts()
     given = {k.name for k in keys}
     holder = holder_of(run_dir)
     return FolderStatus(
@@ -67,4 +69,5 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         missing_keys={}
         if holder is not None
         else {k: n for k, n in waiting.items() if k not in given},
+        reviews=reviews,
     )
