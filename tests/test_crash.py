@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from pipeline.core import ApiKey
@@ -69,6 +70,7 @@ class Pipeline:
         keys: str = f"{KEY},{KEY2}",
         user: int | None = None,
         files: int | None = None,
+        command: str = "run",
     ) -> None:
         env = {**os.environ, "EACHLABS_API_KEYS": keys}
         env.pop("EACHLABS_API_KEY", None)
@@ -80,7 +82,7 @@ class Pipeline:
             if user is not None:
                 prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
             self.proc = subprocess.Popen(
-                [*prefix, sys.executable, "-m", "pipeline", "run", str(config), *args],
+                [*prefix, sys.executable, "-m", "pipeline", command, str(config), *args],
                 # `files`: the most descriptors the run may hold (ulimit -n)
                 preexec_fn=None if files is None else lambda: _limit_files(files),
                 env=env,
@@ -164,6 +166,63 @@ def test_sigkill_at_many_points_then_resume(
     summary = pq.read_table(run_dir / "results.parquet").to_pandas()
     assert (summary["status"] == "rejected").sum() == 1
     print("kills", kills, "figures", figures, "duplicates per kill", duplicates_per_kill(sb, kills))
+
+
+def test_sigkill_at_any_instant_of_a_review_then_the_same_command_finishes_it(
+    sandbox: Start, tmp_path: Path, pipelines: list[Pipeline]
+) -> None:
+    """Issue 37: a SIGKILL at random instants of `retry --rejected`, each followed by the same
+    command: every rejected row is made again once, nothing is created twice, the folder is
+    never refused, and the cost recorded is the cost billed."""
+    sb = sandbox(time_scale=SCALE, latency_mean_s=40, latency_spread=0.3, seed=9)
+    manifest = write_manifest(tmp_path / "m.csv", catalog(30))
+    config = write_config(tmp_path, sb.base_url, manifest)
+    run_dir = tmp_path / "run"
+    first = Pipeline(config)
+    pipelines.append(first)
+    assert first.wait(timeout=120)[0] == 0
+    made = {r["row_number"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
+    rejected = list(range(3, 30, 3))  # 9 rows, as the page exports them
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text(
+        "job_id,row,prediction_id,decision,note\n"
+        + "".join(
+            f"{made[n]['job_id']},{n},{made[n]['prediction_id']},rejected,too dark\n"
+            for n in rejected
+        )
+    )
+    before = sb.stats()["creates"]
+    rng = random.Random(37)
+    kills = []
+    for _ in range(6):
+        p = Pipeline(config, "--rejected", str(decisions), command="retry")
+        pipelines.append(p)
+        # at a remake's create, or (once all are out) anywhere while they are polled
+        target = sb.stats()["creates"] + rng.randint(1, 4)
+        wait_for(lambda t=target: sb.stats()["creates"] >= t, rng.uniform(0.8, 2.5), p.running)
+        if not p.running():
+            code, output = p.wait()
+            assert code == 0, output
+            break
+        p.proc.send_signal(signal.SIGKILL)
+        p.proc.wait(timeout=10)
+        kills.append(sb.stats()["creates"] - before)
+    final = Pipeline(config, "--rejected", str(decisions), command="retry")
+    pipelines.append(final)
+    code, output = final.wait(timeout=120)
+    assert code == 0 and "holds less" not in output, output
+    assert len(kills) >= 3, kills
+    created = Counter(e["fingerprint"] for e in sb.ledger() if e["event"] == "created")
+    assert sum(created.values()) == len(created) == 30 + len(rejected), "created twice"
+    rows = {r["row_number"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
+    for n in rejected:
+        assert rows[n]["status"] == "succeeded"
+        assert rows[n]["prediction_id"] != made[n]["prediction_id"]
+    billed = {e["prediction_id"]: e["cost_usd"] for e in sb.ledger() if e["event"] == "ended"}
+    assert sum(r["cost_usd"] for r in rows.values()) == pytest.approx(
+        sum(billed.values()) - sum(billed[made[n]["prediction_id"]] for n in rejected)
+    )
+    print("kills at remakes created", kills)
 
 
 def duplicates_per_kill(sb: SandboxServer, kills: list[dict[str, int]]) -> float:

@@ -159,6 +159,19 @@ class Reports(JournalFile):
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {str(status): int(count) for status, count in rows}
 
+    def edits_made(self) -> int:
+        """Successes the journal has ever held: rows succeeded now, and each edit a reviewer
+        rejected since (its row went back to be made again). It only grows, which the run
+        folder's check against the results file relies on."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE status=?) + (SELECT COUNT(*) FROM jobs,"
+                " json_each(jobs.history) WHERE jobs.history IS NOT NULL"
+                " AND json_extract(json_each.value, '$.review') = 'rejected')",
+                (Status.SUCCEEDED.value,),
+            ).fetchone()
+        return int(row[0])
+
     def totals(self) -> dict[str, float]:
         with self._lock:
             row = self._db.execute(

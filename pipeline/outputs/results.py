@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, Status, located, to_int, to_sheet
+from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, located, to_int, to_sheet
 from pipeline.journal import Journal
 
 if TYPE_CHECKING:
@@ -367,7 +367,8 @@ def _results_meta(journal: Journal) -> dict[bytes, bytes]:
     return {
         RESULTS_RUN_ID: (journal.get_meta("run_id") or "").encode(),
         RESULTS_ROWS: str(sum(counts.values())).encode(),
-        RESULTS_SUCCEEDED: str(counts.get(Status.SUCCEEDED.value, 0)).encode(),
+        # successes ever made, rejected edits included: a review's remakes send rows back
+        RESULTS_SUCCEEDED: str(journal.edits_made()).encode(),
     }
 
 

@@ -228,9 +228,10 @@ class RunFolder:
     def _check_against_results(self, journal: Journal, results: dict[bytes, str]) -> None:
         if RESULTS_ROWS not in results:
             return
-        # rows and successes only grow (--force, which can drop rows, removes the results)
+        # rows and edits made only grow (--force, which can drop rows, removes the results; a
+        # rejected edit's row goes back to be made again, and its edit still counts)
         counts = journal.counts()
-        rows, succeeded = sum(counts.values()), counts.get("succeeded", 0)
+        rows, succeeded = sum(counts.values()), journal.edits_made()
         had_rows, had_succeeded = int(results[RESULTS_ROWS]), int(results[RESULTS_SUCCEEDED])
         if rows < had_rows or succeeded < had_succeeded:
             raise RunFolderError(
