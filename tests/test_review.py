@@ -6,6 +6,7 @@ page are kept in `test-artifacts/`."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -434,3 +435,58 @@ async def test_a_remake_is_remembered_under_the_input_it_was_made_for(
     third = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
     assert third[1]["prediction_id"] != remade["prediction_id"] and not third[1]["reused"]
     assert third[2]["reused"] and third[3]["reused"]
+
+
+@pytest.mark.anyio
+async def test_a_decision_is_the_edits_and_every_row_sharing_it_is_judged_with_it(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    """Rows 2, 3 and 4 send one seeded input: one edit. Contradicting decisions on it are
+    refused; a rejection of one of them remakes it once, for all three; an approval of one
+    approves all three, and approved.csv lists each as stored."""
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    rows = _sandboxed_rows(sb, 5)
+    for row in rows[1:4]:
+        row["img_url"], row["prompt"] = rows[1]["img_url"], rows[1]["prompt"]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    data = config_data(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE},
+        manifest={"allow_loopback_urls": True, "defaults": {"seed": 11}},
+    )  # fmt: skip
+    summary = await go(parse_config(data, tmp_path), [KEY])
+    first = {r["row_number"]: r for r in results(summary)}
+    assert len({first[n]["prediction_id"] for n in (2, 3, 4)}) == 1 and sb.stats()["creates"] == 3
+
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("row,decision\n2,rejected\n3,approved\n4,approved\n")
+    with pytest.raises(ConfigError) as said:
+        await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    assert "line 2 (rejected, row 2), line 3 (approved, row 3), line 4 (approved, row 4)" in str(
+        said.value
+    )
+
+    # one rejection, with a prompt that changes the input: one remake, shared by all three
+    decisions.write_text("row,decision,note\n3,rejected,glare\n")
+    data["manifest"]["prompt_template"] = "Place the product on slate, soft light"
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    second = {r["row_number"]: r for r in results(summary)}
+    assert sb.stats()["creates"] == 4
+    remake = second[2]["prediction_id"]
+    assert remake != first[2]["prediction_id"]
+    assert second[3]["prediction_id"] == second[4]["prediction_id"] == remake
+    assert second[3]["output_paths"] == second[2]["output_paths"]
+
+    decisions.write_text("row,decision\n4,approved\n")
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    approved = _approved_as_stored(summary.run_dir)
+    assert sorted(int(a["row"]) for a in approved) == [2, 3, 4]
+    assert {a["prediction_id"] for a in approved} == {remake}
+
+
+def _approved_as_stored(run_dir: Path) -> list[dict[str, str]]:
+    """approved.csv's lines, each checked against its file: that file, that sha256."""
+    with (run_dir / "approved.csv").open(encoding="utf-8") as handle:
+        approved = list(csv.DictReader(handle))
+    for line in approved:
+        assert hashlib.sha256(Path(line["path"]).read_bytes()).hexdigest() == line["sha256"]
+    return approved

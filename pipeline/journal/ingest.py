@@ -293,7 +293,11 @@ class Ingest(JournalFile):
                 "INSERT OR REPLACE INTO images(row_number, idx, url, state, path, sha256, bytes,"
                 " width, height, format, error) SELECT f.row_number, i.idx, i.url, i.state,"
                 " i.path, i.sha256, i.bytes, i.width, i.height, i.format, i.error"
-                " FROM jobs f JOIN images i ON i.row_number = f.follows WHERE f.status=?",
+                " FROM jobs f JOIN images i ON i.row_number = f.follows"
+                " JOIN jobs l ON l.row_number = f.follows WHERE f.status=?"
+                # a follower keeps the images of its own edit: the leader's remake, made after
+                # a review, is never copied onto a row that still holds the edit it shared
+                " AND f.prediction_id IS l.prediction_id",
                 (done,),
             )
 

@@ -41,6 +41,9 @@ class Redo:
     note: str
     inputs: dict[str, Any]
     fingerprint: str  # of `inputs`: what the state store records the remake under
+    # the row whose remake this row shares (rows that shared the rejected edit share its
+    # remake, made once), or None for the row that is sent
+    follows: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,21 @@ class Reviews(JournalFile):
                 )
         return found
 
+    def sharing(self, predictions: Collection[str]) -> dict[str, list[int]]:
+        """The succeeded rows whose edit is each of `predictions` (rows that share an edit:
+        the same seeded input, or the same reused one), in row order."""
+        found: dict[str, list[int]] = {}
+        for chunk, marks in in_chunks(sorted(set(predictions))):
+            with self._lock:
+                got = self._db.execute(
+                    "SELECT prediction_id, row_number FROM jobs WHERE status=?"
+                    f" AND prediction_id IN ({marks}) ORDER BY row_number",
+                    (Status.SUCCEEDED.value, *chunk),
+                ).fetchall()
+            for prediction, row in got:
+                found.setdefault(prediction, []).append(int(row))
+        return found
+
     def record_review(self, approved: Sequence[tuple[int, str]], redo: Sequence[Redo]) -> None:
         """In one transaction: approvals (row, note) recorded on their rows; each rejected edit
         moved into its row's history (status, prediction, outputs and stored copies, seed,
@@ -127,12 +145,13 @@ class Reviews(JournalFile):
         db.execute("DELETE FROM images WHERE row_number=?", (item.row_number,))
         db.execute(
             "UPDATE jobs SET status=?, inputs=?, fingerprint=?, prediction_id=NULL, key_name=NULL,"
-            f" created_at=NULL, started_at=NULL, {_CLEARED_OUTCOME}, reused=0, follows=NULL,"
+            f" created_at=NULL, started_at=NULL, {_CLEARED_OUTCOME}, reused=0, follows=?,"
             " review=NULL, review_note=NULL, history=? WHERE row_number=?",
             (
                 Status.PENDING.value,
                 json.dumps(item.inputs, ensure_ascii=False),
                 item.fingerprint,
+                item.follows,
                 json.dumps(history, ensure_ascii=False),
                 item.row_number,
             ),

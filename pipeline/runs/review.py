@@ -15,7 +15,7 @@ by the incremental state, so no later night carries it over.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,29 +78,39 @@ def apply_decisions(
     if problems:
         then = "; nothing was recorded or sent: give the decisions exported from this run's report"
         raise refused(path, problems, then)
+    shared = _shared_edits(journal, decisions, targets)
+    if contradictions := _contradictions(decisions, targets):
+        then = "; nothing was recorded or sent: a shared edit is approved or rejected as one"
+        raise refused(path, contradictions, then)
+    targets.update(journal.review_targets([r for rows in shared.values() for r in rows]))
     done = Reviewed()
     approved: list[tuple[int, str]] = []
     redo: list[Redo] = []
     forget: list[tuple[str, str]] = []
+    judged: set[str] = set()  # edits decided (by prediction id): each once
     for decision in decisions:
         target = targets[decision.row_number]
-        why = _left_out(decision, target)
+        why = _left_out(decision, target, targets, shared)
         if why is not None:
             done.leave_out(why, decision)
-        elif decision.decision == "approved":
-            approved.append((target.row_number, decision.note))
-        else:
-            inputs, drawn = _new_input(config, manifest, target)
-            model = config.api.model
-            if fingerprint(model, inputs) == fingerprint(model, target.inputs):
-                done.leave_out(_SAME_INPUT, decision)  # the same input makes the same image
-                continue
-            # what the catalog asks for, as every row's fingerprint is: a seed drawn for the
-            # remake is not part of it, so the next night carries the remake over
-            asked = {f: v for f, v in inputs.items() if not (drawn and f == "seed")}
-            redo.append(Redo(target.row_number, decision.note, inputs, fingerprint(model, asked)))
-            if target.fingerprint and target.prediction_id:
-                forget.append((target.fingerprint, target.prediction_id))
+            continue
+        edit = target.prediction_id or ""
+        if edit in judged:
+            continue  # another row of the same edit, judged alike: done with it
+        judged.add(edit)
+        rows = shared.get(edit, [target.row_number])
+        if decision.decision == "approved":
+            approved += [(row, decision.note) for row in rows]
+            continue
+        lead = targets[rows[0]]
+        made = _remake(config, manifest, lead, decision.note)
+        if made is None:
+            done.leave_out(_SAME_INPUT, decision)  # the same input makes the same image
+            continue
+        redo.append(made)  # made once, for the edit's first row; the others share it
+        redo += [replace(made, row_number=row, follows=lead.row_number) for row in rows[1:]]
+        if lead.fingerprint and lead.prediction_id:
+            forget.append((lead.fingerprint, lead.prediction_id))
     journal.record_review(approved, redo)
     journal.set_meta({"mapping": mapping_of(config)})  # the one the rejected rows are sent with
     if state is not None and forget:
@@ -108,6 +118,50 @@ def apply_decisions(
     done.approved, done.redone = len(approved), len(redo)
     _tell(path, done)
     return done
+
+
+def _remake(config: RunConfig, manifest: Manifest, target: ReviewTarget, note: str) -> Redo | None:
+    """The rejected edit's remake, or None when its input would be the rejected one."""
+    inputs, drawn = _new_input(config, manifest, target)
+    model = config.api.model
+    if fingerprint(model, inputs) == fingerprint(model, target.inputs):
+        return None
+    # what the catalog asks for, as every row's fingerprint is: a seed drawn for the remake
+    # is not part of it, so the next night carries the remake over
+    asked = {f: v for f, v in inputs.items() if not (drawn and f == "seed")}
+    return Redo(target.row_number, note, inputs, fingerprint(model, asked))
+
+
+def _shared_edits(
+    journal: Journal, decisions: list[Decision], targets: dict[int, ReviewTarget]
+) -> dict[str, list[int]]:
+    """The rows of each edit the decisions judge (prediction id -> rows, in row order)."""
+    edits = {
+        t.prediction_id
+        for d in decisions
+        if (t := targets.get(d.row_number)) is not None
+        and t.prediction_id is not None
+        and t.status is Status.SUCCEEDED
+    }
+    return journal.sharing(edits)
+
+
+def _contradictions(decisions: list[Decision], targets: dict[int, ReviewTarget]) -> list[str]:
+    """Lines that judge one shared edit differently, named."""
+    by_edit: dict[str, list[Decision]] = {}
+    for decision in decisions:
+        target = targets[decision.row_number]
+        if target.prediction_id is not None and decision.prediction_id in (
+            None,
+            target.prediction_id,
+        ):
+            by_edit.setdefault(target.prediction_id, []).append(decision)
+    said = []
+    for edit, judged in by_edit.items():
+        if len({d.decision for d in judged}) > 1:
+            lines = ", ".join(f"line {d.line} ({d.decision}, row {d.row_number})" for d in judged)
+            said.append(f"{lines} judge one edit ({edit}) differently; the rows share it")
+    return said
 
 
 def _mismatch(decision: Decision, target: ReviewTarget | None) -> str | None:
@@ -122,13 +176,19 @@ def _mismatch(decision: Decision, target: ReviewTarget | None) -> str | None:
     return None
 
 
-def _left_out(decision: Decision, target: ReviewTarget) -> str | None:
+def _left_out(
+    decision: Decision,
+    target: ReviewTarget,
+    targets: dict[int, ReviewTarget],
+    shared: dict[str, list[int]],
+) -> str | None:
     """Why a decision no longer applies to its row's edit, or None when it does."""
     if decision.prediction_id is not None and decision.prediction_id != target.prediction_id:
         return "the row's edit was made again since it was judged"
     if target.status is not Status.SUCCEEDED:
         return "the row has no edit to judge (it did not succeed)"
-    if decision.decision == "rejected" and target.review == "approved":
+    rows = shared.get(target.prediction_id or "", [target.row_number])
+    if decision.decision == "rejected" and any(targets[r].review == "approved" for r in rows):
         return "the row's edit was approved before, and an approved edit is never sent again"
     if decision.prediction_id is None and target.redone and decision.decision == "rejected":
         return (
