@@ -411,7 +411,8 @@ async def test_a_remake_is_remembered_under_the_input_it_was_made_for(
     sandbox: Start, tmp_path: Path
 ) -> None:
     """A rejected edit remade with a changed prompt is what the state store carries the next
-    night for that prompt; the rejected input is never mapped to the remake."""
+    night, for the changed prompt and for the row as it was: the rejected edit is never bought
+    again, and the remake keeps its approval."""
     sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
     state = tmp_path / "state.sqlite"
     data = _review_config(tmp_path, sb, 3, incremental={"enabled": True, "state": str(state)})
@@ -429,12 +430,19 @@ async def test_a_remake_is_remembered_under_the_input_it_was_made_for(
     data["output"]["dir"] = str(tmp_path / "next-night")
     night = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
     assert night[1]["reused"] and night[1]["prediction_id"] == remade["prediction_id"]
-    # the rejected input (the first prompt) is not remembered as the remake
+    # approved, and the row mapped as it was (the first prompt): the remake, still approved,
+    # and the other rows their own edits; nothing is created
+    decisions.write_text(
+        f"job_id,prediction_id,decision\n{remade['job_id']},{remade['prediction_id']},approved\n"
+    )
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    creates = sb.stats()["creates"]
     del data["manifest"]["prompt_template"]
     data["output"]["dir"] = str(tmp_path / "third-night")
     third = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
-    assert third[1]["prediction_id"] != remade["prediction_id"] and not third[1]["reused"]
-    assert third[2]["reused"] and third[3]["reused"]
+    assert third[1]["prediction_id"] == remade["prediction_id"] and third[1]["reused"]
+    assert third[1]["review"] == "approved" and third[2]["review"] is None
+    assert third[2]["reused"] and third[3]["reused"] and sb.stats()["creates"] == creates
 
 
 @pytest.mark.anyio

@@ -140,6 +140,9 @@ class PriorSuccess:
     # per output, where its stored copy is (path or URL, sha256, bytes, width, height, format),
     # or None when it was not stored
     copies: tuple[StoredCopy | None, ...] = ()
+    # a reviewer's approval of this edit, kept beside it (a rejected edit is forgotten)
+    approved: bool = False
+    review_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ def read_decisions(path: Path) -> list[Decision]:
             )
         header = [name.strip().lower() for name in first]
         missing = [name for name in ("row", "decision") if name not in header]
+        if missing == ["row"] and "job_id" in header:
+            missing = []  # each line names its edit by job_id (and prediction_id)
         if missing:
             raise ConfigError(
                 f"decisions file {path} line 1 has no {' or '.join(missing)} column; the header "
@@ -52,20 +54,23 @@ def read_decisions(path: Path) -> list[Decision]:
 def _read(lines: Iterator[list[str]], at: dict[str, int]) -> tuple[list[Decision], list[str]]:
     decisions: list[Decision] = []
     problems: list[str] = []
-    first_line: dict[int, int] = {}
+    first_line: dict[int | str, int] = {}
     for number, cells in enumerate(lines, start=2):
         if not any(cell.strip() for cell in cells):
             continue
         found = _decision(cells, at, number, problems)
         if found is None:
             continue
-        if found.row_number in first_line:
+        key = found.row_number or str(found.job_id)
+        if key in first_line:
+            named = f"row {key}" if found.row_number else f"job_id {key!r}"
+            field = "row" if found.row_number else "job_id"
             problems.append(
-                f"line {number}, field row: row {found.row_number} is decided twice "
-                f"(lines {first_line[found.row_number]} and {number}); keep one"
+                f"line {number}, field {field}: {named} is decided twice "
+                f"(lines {first_line[key]} and {number}); keep one"
             )
             continue
-        first_line[found.row_number] = number
+        first_line[key] = number
         decisions.append(found)
     return decisions, problems
 
@@ -132,12 +137,15 @@ def _decision(
         problems.append(f"line {number}, field decision: {word!r} is not {' or '.join(REVIEWS)}")
         return None
     row = _cell(cells, at, "row")
-    if not (row.isascii() and row.isdigit()) or int(row) < 1:  # `²` is a digit, not a number
+    job_id = _cell(cells, at, "job_id") or None
+    if not row and job_id is not None:
+        row = "0"  # named by its job id alone: its row is looked up in the run
+    elif not (row.isascii() and row.isdigit()) or int(row) < 1:  # `²` is a digit, not a number
         problems.append(f"line {number}, field row: {row!r} is not a row number (1 or more)")
         return None
     return Decision(
         row_number=int(row),
-        job_id=_cell(cells, at, "job_id") or None,
+        job_id=job_id,
         decision=decision,
         note=_cell(cells, at, "note"),
         prediction_id=_cell(cells, at, "prediction_id") or None,

@@ -78,6 +78,9 @@ class StateStore:
                 have = {row[1] for row in self._db.execute("PRAGMA table_info(succeeded)")}
                 if "copies" not in have:  # a store made before stored images were kept
                     self._db.execute("ALTER TABLE succeeded ADD COLUMN copies TEXT")
+                if "review" not in have:  # a store made before approvals were kept
+                    self._db.execute("ALTER TABLE succeeded ADD COLUMN review TEXT")
+                    self._db.execute("ALTER TABLE succeeded ADD COLUMN review_note TEXT")
         except sqlite3.Error as exc:
             self._db.close()
             self._release()
@@ -104,14 +107,23 @@ class StateStore:
             for chunk, marks in in_chunks(unique):
                 for row in self._db.execute(
                     "SELECT fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
-                    f" run_dir, copies FROM succeeded WHERE fingerprint IN ({marks})",
+                    f" run_dir, copies, review, review_note FROM succeeded"
+                    f" WHERE fingerprint IN ({marks})",
                     chunk,
                 ):
                     copies = tuple(
                         None if c is None else StoredCopy(*c) for c in json.loads(row[6] or "[]")
                     )
                     found[row[0]] = PriorSuccess(
-                        row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5], copies
+                        row[0],
+                        row[1],
+                        tuple(json.loads(row[2])),
+                        row[3],
+                        row[4],
+                        row[5],
+                        copies,
+                        row[7] == "approved",
+                        row[8],
                     )
         return found
 
@@ -137,7 +149,11 @@ class StateStore:
                 self._db.executemany(
                     "INSERT INTO succeeded(fingerprint, prediction_id, output_urls, predict_time_s,"
                     " finished_at, run_dir, copies) VALUES(?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(fingerprint) DO UPDATE SET prediction_id=excluded.prediction_id,"
+                    " ON CONFLICT(fingerprint) DO UPDATE SET"
+                    # another edit of the input: the decision on the earlier one is not its
+                    " review=CASE WHEN prediction_id IS excluded.prediction_id THEN review END,"
+                    " review_note=CASE WHEN prediction_id IS excluded.prediction_id"
+                    " THEN review_note END, prediction_id=excluded.prediction_id,"
                     " output_urls=excluded.output_urls, predict_time_s=excluded.predict_time_s,"
                     " finished_at=excluded.finished_at, run_dir=excluded.run_dir,"
                     " copies=excluded.copies",
@@ -148,6 +164,28 @@ class StateStore:
                 raise
             self._db.execute("COMMIT")
         return len(rows)
+
+    def approve(self, edits: Iterable[tuple[str, str, str | None]]) -> int:
+        """Keep approvals (fingerprint, prediction id, note) beside their edits, so that a
+        later night that reuses an edit has it approved; how many were kept."""
+        rows = [(note, fingerprint, prediction) for fingerprint, prediction, note in edits]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                kept = sum(
+                    self._db.execute(
+                        # every input the edit stands for (its own, and those it replaced)
+                        "UPDATE succeeded SET review='approved', review_note=?"
+                        " WHERE prediction_id=?",
+                        (row[0], row[2]),
+                    ).rowcount
+                    for row in rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return kept
 
     def forget(self, edits: Iterable[tuple[str, str]]) -> int:
         """Forget rejected edits (fingerprint, prediction id), so that no later run carries a

@@ -124,6 +124,7 @@ class Ingest(JournalFile):
                 updates,
             )
             db.executemany("DELETE FROM images WHERE row_number=?", [(u[-1],) for u in updates])
+            self._carry_approvals(reused, prior)
             self._reused_images(reused, prior)  # fetched by the run (they are pending)
             if self.share_seeded:  # rows taken as they are now share a seeded input as new ones do
                 leaders = self._leaders(reused, prior)
@@ -208,7 +209,23 @@ class Ingest(JournalFile):
             " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        self._carry_approvals(items, prior)
         return self._reused_images(items, prior)
+
+    def _carry_approvals(
+        self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]
+    ) -> None:
+        """Rows that reuse an edit a reviewer approved (on an earlier night) are approved."""
+        carried = [
+            (done.review_note, item.row_number)
+            for item in items
+            if isinstance(item, JobSpec)
+            and (done := prior.get(item.fingerprint)) is not None
+            and done.approved
+        ]
+        self._db.executemany(
+            "UPDATE jobs SET review='approved', review_note=? WHERE row_number=?", carried
+        )
 
     def _reused_images(
         self, items: Sequence[JobSpec | Rejected], prior: Mapping[str, PriorSuccess]

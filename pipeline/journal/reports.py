@@ -25,6 +25,18 @@ from pipeline.journal.tables import (
 )
 
 
+def _made_for(fingerprint: str, history: str | None) -> list[str]:
+    """The inputs an edit stands for: its own, and each input whose edit a reviewer rejected
+    before it was made (a night that maps the row as it was still gets the remake, never
+    the rejected edit bought again)."""
+    found = [fingerprint]
+    for earlier in json.loads(history) if history else []:
+        replaced = earlier.get("fingerprint")
+        if earlier.get("review") == "rejected" and replaced and replaced not in found:
+            found.append(replaced)
+    return found
+
+
 class Reports(JournalFile):
     """What the journal says back: failures put back for `retry`, counts and totals, the
     cost books, and the rows, images and copies the outputs are written from."""
@@ -111,15 +123,15 @@ class Reports(JournalFile):
         with the stored copies of their outputs (local paths made absolute)."""
         columns = (
             "row_number, fingerprint, prediction_id, output_urls, predict_time_s, finished_at,"
-            " (SELECT json_group_array(json_array(idx, path, sha256, bytes, width, height,"
-            " format)) FROM images WHERE images.row_number = jobs.row_number"
+            " history, (SELECT json_group_array(json_array(idx, path, sha256, bytes, width,"
+            " height, format)) FROM images WHERE images.row_number = jobs.row_number"
             " AND state = 'stored') AS copies"
         )
         where = ("status=? AND reused=0", (Status.SUCCEEDED.value,))
         for batch in self._pages(columns, *where):
             yield [
                 PriorSuccess(
-                    r["fingerprint"],
+                    printed,
                     r["prediction_id"],
                     urls := tuple(json.loads(r["output_urls"] or "[]")),
                     r["predict_time_s"],
@@ -128,6 +140,7 @@ class Reports(JournalFile):
                     _copies(len(urls), r["copies"], run_dir),
                 )
                 for r in batch
+                for printed in _made_for(r["fingerprint"], r["history"])
             ]
 
     def catalog_rows(self) -> Iterator[list[tuple[Any, ...]]]:

@@ -89,6 +89,18 @@ class Reviews(JournalFile):
                 )
         return found
 
+    def rows_of(self, job_ids: Collection[str]) -> dict[str, int]:
+        """The row each of these job ids is on in this run (ids it lacks are missing)."""
+        found: dict[str, int] = {}
+        for chunk, marks in in_chunks(sorted(set(job_ids))):
+            with self._lock:
+                found.update(
+                    self._db.execute(
+                        f"SELECT job_id, row_number FROM jobs WHERE job_id IN ({marks})", chunk
+                    ).fetchall()
+                )
+        return found
+
     def sharing(self, predictions: Collection[str]) -> dict[str, list[int]]:
         """The succeeded rows whose edit is each of `predictions` (rows that share an edit:
         the same seeded input, or the same reused one), in row order."""
@@ -120,7 +132,7 @@ class Reviews(JournalFile):
         db = self._db
         row = db.execute(
             "SELECT status, prediction_id, attempts, finished_at, output_urls, inputs, history,"
-            f" cost_usd, {_PATHS} AS paths FROM jobs WHERE row_number=?",
+            f" cost_usd, fingerprint, {_PATHS} AS paths FROM jobs WHERE row_number=?",
             (item.row_number,),
         ).fetchone()
         history = json.loads(row["history"]) if row["history"] else []
@@ -138,6 +150,8 @@ class Reviews(JournalFile):
                 "output_paths": json.loads(row["paths"] or "[]"),
                 "prompt": sent.get("prompt"),
                 "seed": sent.get("seed"),
+                # the input the rejected edit was made for: its remake replaces it there
+                "fingerprint": row["fingerprint"],
                 "review": "rejected",
                 "review_note": item.note or None,
             }

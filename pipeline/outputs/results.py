@@ -273,12 +273,15 @@ def _micros(seconds: float | None) -> int | None:
     return int(seconds * 1e6) if seconds else None
 
 
+_HISTORY_FIELDS = frozenset(field.name for field in _HISTORY.value_type)
+
+
 def _history(text: str | None, run_dir: Path) -> list[dict[str, Any]]:
     if not text:
         return []
     return [
         {
-            **h,
+            **{k: v for k, v in h.items() if k in _HISTORY_FIELDS},  # the journal's own kept out
             "finished_at": _micros(h.get("finished_at")),
             "output_paths": [None if p is None else located(p, run_dir) for p in paths]
             if (paths := h.get("output_paths")) is not None

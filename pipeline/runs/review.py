@@ -72,7 +72,7 @@ def apply_decisions(
     one transaction (approvals, and each rejected edit put back with its new input) and the
     config's mapping as the run's. ConfigError, with nothing recorded, when the file breaks a
     rule or names rows this run does not have, or has as other products."""
-    decisions = read_decisions(path)
+    decisions = _by_id(journal, read_decisions(path))
     targets = journal.review_targets([d.row_number for d in decisions])
     problems = [p for d in decisions if (p := _mismatch(d, targets.get(d.row_number)))]
     if problems:
@@ -113,11 +113,38 @@ def apply_decisions(
             forget.append((lead.fingerprint, lead.prediction_id))
     journal.record_review(approved, redo)
     journal.set_meta({"mapping": mapping_of(config)})  # the one the rejected rows are sent with
-    if state is not None and forget:
-        state.forget(forget)
+    if state is not None:
+        _remember(state, forget, [(targets[row], note) for row, note in approved])
     done.approved, done.redone = len(approved), len(redo)
     _tell(path, done)
     return done
+
+
+def _remember(
+    state: StateStore,
+    forget: list[tuple[str, str]],
+    approved: list[tuple[ReviewTarget, str]],
+) -> None:
+    """The state store forgets the rejected edits, and keeps the approvals beside theirs: a
+    later night that reuses an approved edit has it approved."""
+    if forget:
+        state.forget(forget)
+    state.approve(
+        (t.fingerprint, t.prediction_id, note or None)
+        for t, note in approved
+        if t.fingerprint and t.prediction_id
+    )
+
+
+def _by_id(journal: Journal, decisions: list[Decision]) -> list[Decision]:
+    """Decisions that name a job id are of the row that has it in this run, wherever the
+    rows moved since the file was exported (last night's file applies tonight); one whose
+    id the run lacks keeps its row, and is refused as not of this run."""
+    rows = journal.rows_of([d.job_id for d in decisions if d.job_id is not None])
+    return [
+        replace(d, row_number=rows[d.job_id]) if d.job_id is not None and d.job_id in rows else d
+        for d in decisions
+    ]
 
 
 def _remake(config: RunConfig, manifest: Manifest, target: ReviewTarget, note: str) -> Redo | None:
@@ -166,6 +193,8 @@ def _contradictions(decisions: list[Decision], targets: dict[int, ReviewTarget])
 
 def _mismatch(decision: Decision, target: ReviewTarget | None) -> str | None:
     """Why a decision cannot be of this run, or None."""
+    if target is None and not decision.row_number:
+        return f"line {decision.line}, field job_id: {decision.job_id!r} is not in this run"
     if target is None:
         return f"line {decision.line}, field row: row {decision.row_number} is not in this run"
     if decision.job_id is not None and decision.job_id != target.job_id:
