@@ -498,3 +498,80 @@ def _approved_as_stored(run_dir: Path) -> list[dict[str, str]]:
     for line in approved:
         assert hashlib.sha256(Path(line["path"]).read_bytes()).hexdigest() == line["sha256"]
     return approved
+
+
+@pytest.mark.anyio
+async def test_two_nights_of_review_keep_every_decision_and_pay_for_nothing_twice(
+    sandbox: Start, tmp_path: Path
+) -> None:
+    """Night 1: 40 rows, three of them one shared edit; all decided but three, one row of the
+    shared edit rejected and remade with another prompt. Night 2: 10 % changed, 5 % added,
+    5 % deleted: only new and changed edits are to review, every unchanged edit keeps its
+    decision, approved.csv carries them, and last night's decisions file still applies."""
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    rows = _sandboxed_rows(sb, 40)
+    for row in rows[11:14]:  # SKU-12, 13 and 14 send one input: one edit
+        row["img_url"], row["prompt"] = rows[11]["img_url"], rows[11]["prompt"]
+    manifest = write_manifest(tmp_path / "export.csv", rows)
+    data = config_data(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE},
+        manifest={"allow_loopback_urls": True, "defaults": {"seed": 3}},
+        incremental={"enabled": True, "state": str(tmp_path / "state.sqlite")},
+        output={"dir": str(tmp_path / "night1")},
+    )  # fmt: skip
+    night1 = await go(parse_config(data, tmp_path), [KEY])
+    made = {r["job_id"]: r for r in results(night1)}
+    decided = {f"SKU-{n}": "approved" for n in range(1, 38)} | {"SKU-13": "rejected"}
+    decisions = _decisions_file(tmp_path, made, decided)
+    with pytest.raises(ConfigError, match="judge one edit"):  # 12 and 14 approved, 13 not
+        await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    del decided["SKU-12"], decided["SKU-14"]
+    decisions = _decisions_file(tmp_path, made, decided)
+    data["manifest"]["prompt_template"] = "{prompt}, on slate"
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions))
+    redone = {r["job_id"]: r for r in results(night1)}
+    remake = redone["SKU-13"]["prediction_id"]
+    assert {redone[f"SKU-{n}"]["prediction_id"] for n in (12, 13, 14)} == {remake}
+    creates = sb.stats()["creates"]
+    assert creates == 38 + 1  # 38 inputs, and one remake for the three rows that share it
+    approved = {a["job_id"] for a in _approved_as_stored(night1.run_dir)}
+    assert approved == {f"SKU-{n}" for n in range(1, 38)} - {"SKU-12", "SKU-13", "SKU-14"}
+    del data["manifest"]["prompt_template"]  # tonight maps the rows as the export writes them
+
+    # night 2: SKU-1 and SKU-2 deleted, SKU-20..23 changed, NEW-1 (SKU-1's picture and
+    # prompt) and NEW-2 added; every row moves up
+    tonight = [dict(r) for r in rows[2:]]
+    for row in tonight[17:21]:
+        row["prompt"] += " (new season)"
+    tonight += [dict(rows[0], sku="NEW-1"), dict(rows[1], sku="NEW-2", prompt="brand new")]
+    write_manifest(manifest, tonight)
+    data["output"]["dir"] = str(tmp_path / "night2")
+    night2 = await go(parse_config(data, tmp_path), [KEY])
+    second = {r["job_id"]: r for r in results(night2)}
+    changed = {f"SKU-{n}" for n in range(20, 24)}
+    assert sb.stats()["creates"] - creates == len(changed) + 1  # and NEW-2; nothing else
+    to_review = {j for j, r in second.items() if r["review"] is None}
+    shared = {"SKU-12", "SKU-13", "SKU-14"}  # the remake, not judged yet
+    assert to_review == changed | shared | {"NEW-2", "SKU-38", "SKU-39", "SKU-40"}
+    assert second["SKU-13"]["prediction_id"] == remake and second["SKU-13"]["reused"]
+    assert second["NEW-1"]["review"] == "approved"  # SKU-1's approved edit, reused
+    carried = {a["job_id"] for a in _approved_as_stored(night2.run_dir)}
+    assert carried == set(second) - to_review
+    # last night's file still applies, though every row moved: the deleted products' lines
+    # are left out, the rejected edit's (it was made again since) too; nothing is sent
+    again = await go(
+        parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=decisions)
+    )
+    assert again.exit_code is ExitCode.OK and sb.stats()["creates"] == creates + 5
+    assert {a["job_id"] for a in _approved_as_stored(night2.run_dir)} == carried
+
+
+def _decisions_file(tmp_path: Path, made: dict[str, Any], decided: dict[str, str]) -> Path:
+    """decisions.csv as the review page exports it."""
+    path = tmp_path / "decisions.csv"
+    lines = ["job_id,row,prediction_id,decision,note"]
+    for job_id, word in decided.items():
+        r = made[job_id]
+        lines.append(f"{job_id},{r['row_number']},{r['prediction_id']},{word},")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -227,6 +227,19 @@ class StateStore:
                 raise
             self._db.execute("COMMIT")
 
+    def known_products(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of these ids an earlier night's catalog had."""
+        found: set[str] = set()
+        with self._lock:
+            for chunk, marks in in_chunks(list(dict.fromkeys(job_ids))):
+                found.update(
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT job_id FROM catalog WHERE job_id IN ({marks})", chunk
+                    )
+                )
+        return found
+
     def removed(self, run_id: str) -> list[dict[str, Any]]:
         """The products an earlier run saw that run `run_id` (whose whole catalog is
         `present`) does not have: marked removed by it once, and listed again for it (a

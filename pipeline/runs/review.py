@@ -72,7 +72,8 @@ def apply_decisions(
     one transaction (approvals, and each rejected edit put back with its new input) and the
     config's mapping as the run's. ConfigError, with nothing recorded, when the file breaks a
     rule or names rows this run does not have, or has as other products."""
-    decisions = _by_id(journal, read_decisions(path))
+    done = Reviewed()
+    decisions = _by_id(journal, state, read_decisions(path), done)
     targets = journal.review_targets([d.row_number for d in decisions])
     problems = [p for d in decisions if (p := _mismatch(d, targets.get(d.row_number)))]
     if problems:
@@ -83,7 +84,6 @@ def apply_decisions(
         then = "; nothing was recorded or sent: a shared edit is approved or rejected as one"
         raise refused(path, contradictions, then)
     targets.update(journal.review_targets([r for rows in shared.values() for r in rows]))
-    done = Reviewed()
     approved: list[tuple[int, str]] = []
     redo: list[Redo] = []
     forget: list[tuple[str, str]] = []
@@ -136,15 +136,25 @@ def _remember(
     )
 
 
-def _by_id(journal: Journal, decisions: list[Decision]) -> list[Decision]:
+def _by_id(
+    journal: Journal, state: StateStore | None, decisions: list[Decision], done: Reviewed
+) -> list[Decision]:
     """Decisions that name a job id are of the row that has it in this run, wherever the
-    rows moved since the file was exported (last night's file applies tonight); one whose
-    id the run lacks keeps its row, and is refused as not of this run."""
-    rows = journal.rows_of([d.job_id for d in decisions if d.job_id is not None])
-    return [
-        replace(d, row_number=rows[d.job_id]) if d.job_id is not None and d.job_id in rows else d
-        for d in decisions
-    ]
+    rows moved since the file was exported (last night's file applies tonight). One whose
+    id the run lacks is left out when an earlier night's catalog had it (the product was
+    removed since: removed.csv), and else keeps its row, to be refused as not of this run."""
+    ids = [d.job_id for d in decisions if d.job_id is not None]
+    rows = journal.rows_of(ids)
+    gone = state.known_products([i for i in ids if i not in rows]) if state else set()
+    kept = []
+    for d in decisions:
+        if d.job_id is not None and d.job_id in rows:
+            kept.append(replace(d, row_number=rows[d.job_id]))
+        elif d.job_id in gone:
+            done.leave_out("the product is no longer in the catalog (see removed.csv)", d)
+        else:
+            kept.append(d)
+    return kept
 
 
 def _remake(config: RunConfig, manifest: Manifest, target: ReviewTarget, note: str) -> Redo | None:
