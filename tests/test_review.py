@@ -91,7 +91,9 @@ def _row(page: Page, row: int) -> Any:
 
 async def _review(page: Page, full: str, width: int) -> dict[int, tuple[str, str]]:
     """Decide rows with the mouse and the keyboard, as a reviewer does; what was decided.
-    `full`, `width`: where row 1's output is stored, and its width in pixels."""
+    `full`, `width`: where row 1's output is stored, and its width in pixels. Each key is
+    tried alone: a decision does not move on here (the page's `advance` switch, off)."""
+    await page.locator("#advance").uncheck()
     # the mouse: an output opens at full size (its stored copy), beside the input
     await _row(page, 1).locator(".pics").nth(1).locator("a.full").first.click()
     viewer = page.locator("#viewer.open")
@@ -166,6 +168,7 @@ async def test_a_reviewer_decides_in_the_browser_and_retry_remakes_exactly_the_r
     await page.wait_for_selector('article.entry.current[data-row="100"]')
     await page.reload()  # the decisions are kept in the browser
     await page.wait_for_selector("article.entry")
+    await page.select_option("#decided", "all")  # it opens on the rows still to review
     await page.evaluate("window.scrollTo(0, 0)")
     assert "approved 3 \u00b7 rejected 3" in await page.locator("#tally").inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -575,3 +578,70 @@ def _decisions_file(tmp_path: Path, made: dict[str, Any], decided: dict[str, str
         lines.append(f"{job_id},{r['row_number']},{r['prediction_id']},{word},")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.mark.anyio
+async def test_a_merchandiser_reviews_256_rows_in_at_most_300_key_presses(
+    sandbox: Start, tmp_path: Path, browser: Browser
+) -> None:
+    """Approve most, reject 10 with a note, by keyboard alone: a decision moves on, `r` opens
+    the note and Enter moves on; the view stays put as rows are decided; the current row
+    survives a reload. Key presses counted (a note's letters apart)."""
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    data = _review_config(tmp_path, sb, 256)
+    summary = await go(parse_config(data, tmp_path), [KEY, KEY2])
+    page, errors = await _open_report(browser, summary.run_dir, 1440)
+    assert await page.locator("#decided").input_value() == "open"  # what needs a person
+    rejected = {7, 31, 64, 99, 100, 101, 150, 200, 201, 256}
+    await _row(page, 1).locator(".meta-box").click()
+    keys = letters = 0
+    for row in range(1, 257):
+        await page.wait_for_selector(f'article.entry.current[data-row="{row}"]')
+        if row == 130:  # a reload keeps the row the reviewer is on
+            await page.reload()
+            await page.wait_for_selector('article.entry.current[data-row="130"]')
+        if row in rejected:
+            note = f"glare {row}"
+            await page.keyboard.press("r")
+            await page.keyboard.type(note)
+            await page.keyboard.press("Enter")
+            keys, letters = keys + 2, letters + len(note)
+        else:
+            await page.keyboard.press("a")
+            keys += 1
+    assert (
+        "approved 246 \u00b7 rejected 10 \u00b7 to review 0"
+        in await page.locator("#tally").inner_text()
+    )
+    print(f"256 rows reviewed in {keys} key presses (and {letters} letters of notes)")
+    assert keys <= 300
+    exported = await _exported(page, tmp_path / "decisions.csv")
+    with exported.open(newline="") as handle:
+        lines = {int(d["row"]): (d["decision"], d["note"]) for d in csv.DictReader(handle)}
+    assert {r for r, (d, _) in lines.items() if d == "rejected"} == rejected
+    assert all(lines[r][1] == f"glare {r}" for r in rejected)
+    assert len(lines) == 256 and errors == []
+
+
+@pytest.mark.anyio
+async def test_approve_shown_approves_the_filtered_rows_after_a_confirmation(
+    sandbox: Start, tmp_path: Path, browser: Browser
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    summary = await go(parse_config(_review_config(tmp_path, sb, 30), tmp_path), [KEY])
+    page, errors = await _open_report(browser, summary.run_dir, 1440)
+    await page.fill("#q", "edit number 2")  # rows 2 and 20-29
+    await page.wait_for_selector('article.entry[data-row="29"]')
+    asked: list[str] = []
+
+    async def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", answer)
+    await page.locator("#bulk").click()
+    await page.wait_for_function(
+        "document.getElementById('tally').textContent.includes('approved 11')"
+    )
+    assert asked == ["Approve the 11 undecided edits shown?"]
+    assert "to review 19" in await page.locator("#tally").inner_text() and errors == []

@@ -320,7 +320,8 @@ class Reports(JournalFile):
         """Every job in row order, in batches, typed as the report shows it."""
         columns = (
             "row_number, job_id, status, cost_usd, error_type, error_message, inputs, record,"
-            f" output_urls, prediction_id, history, review, review_note, {_PATHS} AS paths"
+            f" output_urls, prediction_id, history, review, review_note, reused,"
+            f" {_PATHS} AS paths"
         )
         for batch in self._pages(columns, "1", (), batch_size):
             yield [_report_row(row) for row in batch]

@@ -94,6 +94,7 @@ class ReportRow:
     review: str | None = None  # the decision recorded on the current edit
     review_note: str | None = None
     rejected_note: str | None = None  # the current edit remakes a rejected one: its note
+    reused: bool = False  # its edit was carried over from an earlier run, not made in this one
 
 
 def _report_row(row: sqlite3.Row) -> ReportRow:
@@ -112,6 +113,7 @@ def _report_row(row: sqlite3.Row) -> ReportRow:
         review=row["review"],
         review_note=row["review_note"],
         rejected_note=rejected_note(row["history"]),
+        reused=bool(row["reused"]),
     )
 
 

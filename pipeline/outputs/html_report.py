@@ -57,6 +57,7 @@ _FIELDS = (
     "review",
     "reviewNote",
     "earlier",
+    "reused",
 )
 
 
@@ -126,6 +127,7 @@ def _entry(
         "review": row.review,
         "reviewNote": row.review_note,
         "earlier": row.rejected_note,
+        "reused": row.reused,
     }
     return [fields[name] for name in _FIELDS]
 
