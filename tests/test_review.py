@@ -433,6 +433,9 @@ async def test_a_remake_is_remembered_under_the_input_it_was_made_for(
     data["output"]["dir"] = str(tmp_path / "next-night")
     night = {r["row_number"]: r for r in results(await go(parse_config(data, tmp_path), [KEY]))}
     assert night[1]["reused"] and night[1]["prediction_id"] == remade["prediction_id"]
+    # reused rows show their input in the report, as rows sent do
+    thumbs = tmp_path / "next-night" / "report-thumbs"
+    assert len([p for p in thumbs.iterdir() if p.name.startswith("i-")]) == 3
     # approved, and the row mapped as it was (the first prompt): the remake, still approved,
     # and the other rows their own edits; nothing is created
     decisions.write_text(

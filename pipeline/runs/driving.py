@@ -64,11 +64,24 @@ def ingest(
             prior = reuse.copies.present(found)
         meta = {"ingested_rows": str(batch[-1].row_number)} if batch else {}
         fetch = journal.ingest(batch, meta, prior)
-        if fetch and reuse is not None and reuse.downloader is not None:
-            notify(functools.partial(reuse.downloader.submit_many, fetch))
+        if reuse is not None and reuse.downloader is not None:
+            if fetch:
+                notify(functools.partial(reuse.downloader.submit_many, fetch))
+            if prior:  # reused rows show their input in the report, as rows sent do
+                shown = [
+                    i.inputs["img_url"]
+                    for i in batch
+                    if isinstance(i, JobSpec) and i.fingerprint in prior and "img_url" in i.inputs
+                ]
+                notify(functools.partial(_thumbnails, reuse.downloader, shown))
         notify(dispatcher.ingest_advanced)
     journal.set_meta({"ingest_complete": "1"})
     notify(lambda: dispatcher.ingest_advanced(done=True))
+
+
+def _thumbnails(downloader: Downloader, urls: list[str]) -> None:
+    for url in urls:
+        downloader.submit_input(url)
 
 
 async def ingest_task(
