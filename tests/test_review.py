@@ -648,3 +648,33 @@ async def test_approve_shown_approves_the_filtered_rows_after_a_confirmation(
     )
     assert asked == ["Approve the 11 undecided edits shown?"]
     assert "to review 19" in await page.locator("#tally").inner_text() and errors == []
+
+
+@pytest.mark.anyio
+async def test_the_page_judges_rows_that_share_an_edit_together(
+    sandbox: Start, tmp_path: Path, browser: Browser
+) -> None:
+    sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
+    rows = _sandboxed_rows(sb, 5)
+    for row in rows[1:4]:  # rows 2, 3 and 4: one seeded input, one edit
+        row["img_url"], row["prompt"] = rows[1]["img_url"], rows[1]["prompt"]
+    data = config_data(
+        tmp_path, sb.base_url, write_manifest(tmp_path / "m.csv", rows),
+        api={"time_scale": SCALE},
+        manifest={"allow_loopback_urls": True, "defaults": {"seed": 11}},
+    )  # fmt: skip
+    summary = await go(parse_config(data, tmp_path), [KEY])
+    page, errors = await _open_report(browser, summary.run_dir, 1440)
+    assert "one edit with rows 2, 4: judged together" in await _row(page, 3).inner_text()
+    await _row(page, 3).locator("button.reject").click()
+    await _row(page, 3).locator("input.note").fill("glare")
+    tally = await page.locator("#tally").inner_text()
+    assert "rejected 3" in tally and "to review 2" in tally
+    exported = await _exported(page, tmp_path / "decisions.csv")
+    with exported.open(newline="") as handle:
+        lines = {int(d["row"]): (d["decision"], d["note"]) for d in csv.DictReader(handle)}
+    assert lines == {n: ("rejected", "glare") for n in (2, 3, 4)} and errors == []
+    # the file the page wrote is one the run takes: one remake for the three rows
+    data["manifest"]["prompt_template"] = "Place the product on slate"
+    await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=exported))
+    assert sb.stats()["creates"] == 3 + 1
