@@ -194,7 +194,7 @@ def test_sigkill_at_any_instant_of_a_review_then_the_same_command_finishes_it(
     before = sb.stats()["creates"]
     rng = random.Random(37)
     kills = []
-    for _ in range(6):
+    for _ in range(10):  # bounded: ten kills at most, each within a few seconds
         p = Pipeline(config, "--rejected", str(decisions), command="retry")
         pipelines.append(p)
         # at a remake's create, or (once all are out) anywhere while they are polled
@@ -211,7 +211,7 @@ def test_sigkill_at_any_instant_of_a_review_then_the_same_command_finishes_it(
     pipelines.append(final)
     code, output = final.wait(timeout=120)
     assert code == 0 and "holds less" not in output, output
-    assert len(kills) >= 3, kills
+    assert len(kills) >= 5, kills
     created = Counter(e["fingerprint"] for e in sb.ledger() if e["event"] == "created")
     assert sum(created.values()) == len(created) == 30 + len(rejected), "created twice"
     rows = {r["row_number"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
