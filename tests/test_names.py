@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.journal.rows import stem
+from pipeline.journal.rows import of_edit, stem
 from pipeline.outputs.downloads import FolderStore, image_name
 
 
@@ -26,22 +26,27 @@ def test_a_remake_is_never_another_rows_name() -> None:
     assert remade.startswith("P-redo1-") and other.startswith("P-redo1-")
     assert remade != other
     # ids that read alike once made safe, found in seconds against a 32-bit hash
-    assert image_name(stem("SKU/@/::", None), 0, "png") != image_name(
-        stem("SKU=@+:;", None), 0, "png"
-    )
+    alike = [image_name(stem(job_id, None), 0, "png") for job_id in ("SKU/@/::", "SKU=@+:;")]
+    assert alike[0] != alike[1]
+    # the same row's edit of another run (`--fresh`) is named apart, never over it
+    fresh = [image_name(of_edit(stem("P", None), p), 0, "png") for p in ("pred-1", "pred-2")]
+    assert fresh[0] != fresh[1] and all(name.startswith("P-") for name in fresh)
 
 
-@given(
-    st.tuples(st.text(max_size=20), st.integers(0, 3)),
-    st.tuples(st.text(max_size=20), st.integers(0, 3)),
-    st.integers(0, 3),
-)
+def test_an_id_with_colons_is_named_whole() -> None:
+    assert image_name(stem("a:b:c", None, "pred-1"), 0, "png").startswith("a_b_c-")
+
+
+_EDIT = st.tuples(st.text(max_size=20), st.integers(0, 3), st.sampled_from(["p1", "p2", None]))
+
+
+@given(_EDIT, _EDIT, st.integers(0, 3))
 def test_two_edits_never_share_a_name(
-    one: tuple[str, int], two: tuple[str, int], index: int
+    one: tuple[str, int, str | None], two: tuple[str, int, str | None], index: int
 ) -> None:
     named = [
-        image_name(stem(job_id, _remade(n) if n else None), index, "png")
-        for job_id, n in (one, two)
+        image_name(stem(job_id, _remade(n) if n else None, p), index, "png")
+        for job_id, n, p in (one, two)
     ]
     assert (named[0] == named[1]) == (one == two)
 

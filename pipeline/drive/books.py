@@ -17,6 +17,7 @@ from pipeline.drive.slot import DriverBase, Left, Track
 from pipeline.journal import (
     Entry,
     Finish,
+    of_edit,
 )
 from pipeline.provider import (
     Prediction,
@@ -138,7 +139,8 @@ class Books(DriverBase):
         self.journal.post(Finish(entry.row_number, outcome, self.settings.price_per_image_usd))
         self.dispatcher.settle(entry, outcome)
         if self.downloader is not None and outcome.status is Status.SUCCEEDED:
-            self.downloader.submit(entry.row_number, entry.stem, outcome.output_urls)
+            named = of_edit(entry.stem, outcome.prediction_id)
+            self.downloader.submit(entry.row_number, named, outcome.output_urls)
             first = entry.inputs.get("img_url")
             if isinstance(first, str):
                 self.downloader.submit_input(first)  # for the report's thumbnail

@@ -17,7 +17,7 @@ from pipeline.journal.commit import Commits, GroupCommit
 from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
 from pipeline.journal.reviews import ApprovedImage, Redo, ReviewTarget
-from pipeline.journal.rows import CostBooks, Entry, ReportRow
+from pipeline.journal.rows import CostBooks, Entry, ReportRow, of_edit, stem
 from pipeline.journal.store import JOURNAL, Journal, reading
 from pipeline.journal.updates import (
     FailImage,
@@ -54,6 +54,8 @@ __all__ = [
     "StateStore",
     "StoreImage",
     "Update",
+    "of_edit",
     "reading",
+    "stem",
     "unique",
 ]

@@ -241,7 +241,8 @@ class Ingest(JournalFile):
                 copy = done.copies[idx] if idx < len(done.copies) else None
                 if copy is None:
                     rows.append((item.row_number, idx, url, "pending", *[None] * 6))
-                    fetch.append((item.row_number, stem(item.job_id, None), idx, url))
+                    named = stem(item.job_id, None, done.prediction_id)
+                    fetch.append((item.row_number, named, idx, url))
                 else:
                     rows.append((item.row_number, idx, url, "stored", *astuple(copy)))
         self._db.executemany(

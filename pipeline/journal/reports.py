@@ -172,19 +172,6 @@ class Reports(JournalFile):
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {str(status): int(count) for status, count in rows}
 
-    def edits_made(self) -> int:
-        """Successes the journal has ever held: rows succeeded now, and each edit a reviewer
-        rejected since (its row went back to be made again). It only grows, which the run
-        folder's check against the results file relies on."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM jobs WHERE status=?) + (SELECT COUNT(*) FROM jobs,"
-                " json_each(jobs.history) WHERE jobs.history IS NOT NULL"
-                " AND json_extract(json_each.value, '$.review') = 'rejected')",
-                (Status.SUCCEEDED.value,),
-            ).fetchone()
-        return int(row[0])
-
     def totals(self) -> dict[str, float]:
         with self._lock:
             row = self._db.execute(
@@ -254,13 +241,14 @@ class Reports(JournalFile):
         states = ("pending",) if pending_only else ("pending", "failed")
         with self._lock:
             rows = self._db.execute(
-                "SELECT i.row_number, j.job_id, j.history, i.idx, i.url FROM images i"
+                "SELECT i.row_number, j.job_id, j.history, i.idx, i.url, j.prediction_id"
+                " FROM images i"
                 " JOIN jobs j ON j.row_number = i.row_number"
                 f" WHERE i.state IN ({','.join('?' * len(states))}) AND j.status = ?"
                 " ORDER BY i.row_number, i.idx",
                 (*states, Status.SUCCEEDED.value),
             ).fetchall()
-        return [(int(r[0]), stem(str(r[1]), r[2]), int(r[3]), str(r[4])) for r in rows]
+        return [(int(r[0]), stem(str(r[1]), r[2], r[5]), int(r[3]), str(r[4])) for r in rows]
 
     def stored_copies(self, batch_size: int = 5000) -> Iterator[list[tuple[int, int, str]]]:
         """The images journaled as stored (row, index, where), in batches."""

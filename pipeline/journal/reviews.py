@@ -183,6 +183,19 @@ class Reviews(JournalFile):
             ).fetchone()
         return {"approved": int(row[0]), "rejected": int(row[1]), "to_review": int(row[2])}
 
+    def edits_made(self) -> int:
+        """Successes the journal has ever held: rows succeeded now, and each edit a reviewer
+        rejected since (its row went back to be made again). It only grows, which the run
+        folder's check against the results file relies on."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE status=?) + (SELECT COUNT(*) FROM jobs,"
+                " json_each(jobs.history) WHERE jobs.history IS NOT NULL"
+                " AND json_extract(json_each.value, '$.review') = 'rejected')",
+                (Status.SUCCEEDED.value,),
+            ).fetchone()
+        return int(row[0])
+
     def approved_images(self, batch_size: int = 5000) -> Iterator[list[ApprovedImage]]:
         """The outputs of approved rows, in row and output order, a batch at a time."""
         after = (0, -1)

@@ -143,13 +143,20 @@ def _copies(count: int, found: str | None, run_dir: str) -> tuple[StoredCopy | N
     return tuple(copies)
 
 
-def stem(job_id: str, history: str | None) -> str:
-    """What a row's stored images are named from: `N:job id`, N the rejected edits made
-    before this one (their files are kept beside it). The count comes first, so no job id
-    can spell another's with a count (`P` made again is not row `P-redo1`); `image_name`
-    reads it back."""
+def stem(job_id: str, history: str | None, prediction_id: str | None = None) -> str:
+    """What a row's stored images are named from: `N:prediction:job id`, N the rejected
+    edits made before this one (their files are kept beside it), and the edit's prediction
+    once known. The job id comes last, so no job id can spell another's with a count (`P`
+    made again is not row `P-redo1`), and an edit of another run (`--fresh`) is named apart
+    from this one's; `image_name` reads it back."""
     redone = sum(map(_rejection, _earlier(history)))
-    return f"{redone}:{job_id}"
+    return f"{redone}:{prediction_id or ''}:{job_id}"
+
+
+def of_edit(stem: str, prediction_id: str | None) -> str:
+    """`stem` with the edit's prediction, known once the job is made."""
+    count, _, rest = stem.partition(":")
+    return f"{count}:{prediction_id or ''}:{rest.partition(':')[2]}"
 
 
 def _entry(row: sqlite3.Row) -> Entry:

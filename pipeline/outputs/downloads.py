@@ -136,11 +136,13 @@ def recheck_copies(journal: Journal, copies: CopyCheck, run_dir: Path) -> None:
 def image_name(stem: str, index: int, extension: str) -> str:
     """A stored image's name, after the product: the row's id made safe for a file name (at
     most 80 of its letters, digits, `.`, `_` and `-`; anything else becomes `_`), `-redoN`
-    for an edit made again after N rejections, 64 bits of the hash of the whole stem (`N:id`,
-    see `journal.rows.stem`: two ids that read alike, or an id that reads like another's
-    remake, stay apart, and no pair that meets can be searched for), and the output's index.
+    for an edit made again after N rejections, 64 bits of the hash of the whole stem
+    (`N:prediction:id`, see `journal.rows.stem`: two ids that read alike, an id that reads
+    like another's remake, or the same row's edit of another run, stay apart, and no pair that
+    meets can be searched for), and the output's index.
     Never a path from the manifest or the provider taken as is."""
-    count, _, job_id = stem.partition(":")
+    count, _, rest = stem.partition(":")
+    job_id = rest.partition(":")[2]
     shown = f"{job_id}-redo{count}" if count not in ("", "0") else job_id
     safe = _UNSAFE_NAME.sub("_", shown)[:80].strip("._") or "row"
     ident = hashlib.sha256(stem.encode()).hexdigest()[:16]
