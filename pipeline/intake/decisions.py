@@ -71,7 +71,10 @@ def _read(lines: Iterator[list[str]], at: dict[str, int]) -> tuple[list[Decision
             )
             continue
         first_line[key] = number
-        decisions.append(found)
+        if problems:
+            decisions.clear()  # the file is refused: only its problems are kept, not its lines
+        else:
+            decisions.append(found)
     return decisions, problems
 
 
