@@ -667,13 +667,14 @@ async def test_the_page_judges_rows_that_share_an_edit_together(
     page, errors = await _open_report(browser, summary.run_dir, 1440)
     assert "one edit with rows 2, 4: judged together" in await _row(page, 3).inner_text()
     await _row(page, 3).locator("button.reject").click()
-    await _row(page, 3).locator("input.note").fill("glare")
+    await _row(page, 3).locator("input.note").fill("=glare+1")  # a formula, to a spreadsheet
     tally = await page.locator("#tally").inner_text()
     assert "rejected 3" in tally and "to review 2" in tally
     exported = await _exported(page, tmp_path / "decisions.csv")
     with exported.open(newline="") as handle:
         lines = {int(d["row"]): (d["decision"], d["note"]) for d in csv.DictReader(handle)}
-    assert lines == {n: ("rejected", "glare") for n in (2, 3, 4)} and errors == []
+    assert lines == {n: ("rejected", "'=glare+1") for n in (2, 3, 4)} and errors == []
+    assert {d.note for d in read_decisions(exported)} == {"=glare+1"}  # read back as written
     # the file the page wrote is one the run takes: one remake for the three rows
     data["manifest"]["prompt_template"] = "Place the product on slate"
     await go(parse_config(data, tmp_path), [KEY], reprocess=Reprocess((), decisions=exported))
