@@ -19,7 +19,8 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,19 @@ class StateStore:
                     )
         return found
 
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The store held for one write transaction (other runs' reads wait for it), rolled
+        back whole if it fails."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     def record(self, successes: Iterable[PriorSuccess]) -> int:
         """Remember successes (the latest one wins for an input); how many were written."""
         rows = [
@@ -143,89 +157,62 @@ class StateStore:
         ]
         if not rows:
             return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO succeeded(fingerprint, prediction_id, output_urls, predict_time_s,"
-                    " finished_at, run_dir, copies) VALUES(?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(fingerprint) DO UPDATE SET"
-                    # another edit of the input: the decision on the earlier one is not its
-                    " review=CASE WHEN prediction_id IS excluded.prediction_id THEN review END,"
-                    " review_note=CASE WHEN prediction_id IS excluded.prediction_id"
-                    " THEN review_note END, prediction_id=excluded.prediction_id,"
-                    " output_urls=excluded.output_urls, predict_time_s=excluded.predict_time_s,"
-                    " finished_at=excluded.finished_at, run_dir=excluded.run_dir,"
-                    " copies=excluded.copies",
-                    rows,
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._writing() as db:
+            db.executemany(
+                "INSERT INTO succeeded(fingerprint, prediction_id, output_urls, predict_time_s,"
+                " finished_at, run_dir, copies) VALUES(?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(fingerprint) DO UPDATE SET"
+                # another edit of the input: the decision on the earlier one is not its
+                " review=CASE WHEN prediction_id IS excluded.prediction_id THEN review END,"
+                " review_note=CASE WHEN prediction_id IS excluded.prediction_id"
+                " THEN review_note END, prediction_id=excluded.prediction_id,"
+                " output_urls=excluded.output_urls, predict_time_s=excluded.predict_time_s,"
+                " finished_at=excluded.finished_at, run_dir=excluded.run_dir,"
+                " copies=excluded.copies",
+                rows,
+            )
         return len(rows)
 
-    def approve(self, edits: Iterable[tuple[str, str, str | None]]) -> int:
-        """Keep approvals (fingerprint, prediction id, note) beside their edits, so that a
-        later night that reuses an edit has it approved; how many were kept."""
-        rows = [(note, fingerprint, prediction) for fingerprint, prediction, note in edits]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                kept = sum(
-                    self._db.execute(
-                        # every input the edit stands for (its own, and those it replaced)
-                        "UPDATE succeeded SET review='approved', review_note=?"
-                        " WHERE prediction_id=?",
-                        (row[0], row[2]),
-                    ).rowcount
-                    for row in rows
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        return kept
+    def approve(self, edits: Iterable[tuple[str, str | None]]) -> int:
+        """Keep approvals (prediction id, note) beside their edits, for every input an edit
+        stands for (its own, and those whose rejected edit it replaced), so that a later
+        night that reuses it has it approved; how many were kept."""
+        rows = [(note, prediction) for prediction, note in edits]
+        with self._writing() as db:
+            return sum(
+                db.execute(
+                    "UPDATE succeeded SET review='approved', review_note=? WHERE prediction_id=?",
+                    row,
+                ).rowcount
+                for row in rows
+            )
 
     def forget(self, edits: Iterable[tuple[str, str]]) -> int:
         """Forget rejected edits (fingerprint, prediction id), so that no later run carries a
         rejected edit over; an input whose remembered edit is another one keeps it. How many
         were forgotten."""
         pairs = list(edits)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                gone = sum(
-                    self._db.execute(
-                        "DELETE FROM succeeded WHERE fingerprint=? AND prediction_id=?", pair
-                    ).rowcount
-                    for pair in pairs
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        return gone
+        with self._writing() as db:
+            return sum(
+                db.execute(
+                    "DELETE FROM succeeded WHERE fingerprint=? AND prediction_id=?", pair
+                ).rowcount
+                for pair in pairs
+            )
 
     def present(self, run_id: str, rows: Iterable[tuple[Any, ...]]) -> None:
         """Tonight's catalog: each (job id, run folder, status, prediction id, review, stored
         path, time) seen by run `run_id`, a product removed earlier coming back included."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO catalog(job_id, run_id, run_dir, status, prediction_id, review,"
-                    " path, seen_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO UPDATE"
-                    " SET run_id=excluded.run_id, run_dir=excluded.run_dir,"
-                    " status=excluded.status, prediction_id=excluded.prediction_id,"
-                    " review=excluded.review, path=excluded.path, seen_at=excluded.seen_at,"
-                    " removed_in=NULL",
-                    [(r[0], run_id, *r[1:]) for r in rows],
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._writing() as db:
+            db.executemany(
+                "INSERT INTO catalog(job_id, run_id, run_dir, status, prediction_id, review,"
+                " path, seen_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO UPDATE"
+                " SET run_id=excluded.run_id, run_dir=excluded.run_dir,"
+                " status=excluded.status, prediction_id=excluded.prediction_id,"
+                " review=excluded.review, path=excluded.path, seen_at=excluded.seen_at,"
+                " removed_in=NULL",
+                [(r[0], run_id, *r[1:]) for r in rows],
+            )
 
     def known_products(self, job_ids: Sequence[str]) -> set[str]:
         """Which of these ids an earlier night's catalog had."""

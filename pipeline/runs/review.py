@@ -129,11 +129,7 @@ def _remember(
     later night that reuses an approved edit has it approved."""
     if forget:
         state.forget(forget)
-    state.approve(
-        (t.fingerprint, t.prediction_id, note or None)
-        for t, note in approved
-        if t.fingerprint and t.prediction_id
-    )
+    state.approve((t.prediction_id, note or None) for t, note in approved if t.prediction_id)
 
 
 def _by_id(
