@@ -14,7 +14,7 @@ from pipeline.core import (
     Status,
 )
 from pipeline.journal.file import JournalFile
-from pipeline.journal.rows import CostBooks, ReportRow, _copies, _report_row, stem
+from pipeline.journal.rows import CostBooks, ReportRow, _copies, _report_row, made_for, stem
 from pipeline.journal.tables import (
     _CLEARED_OUTCOME,
     _OPEN,
@@ -23,18 +23,6 @@ from pipeline.journal.tables import (
     _UNCONFIRMED,
     _WANTED,
 )
-
-
-def _made_for(fingerprint: str, history: str | None) -> list[str]:
-    """The inputs an edit stands for: its own, and each input whose edit a reviewer rejected
-    before it was made (a night that maps the row as it was still gets the remake, never
-    the rejected edit bought again)."""
-    found = [fingerprint]
-    for earlier in json.loads(history) if history else []:
-        replaced = earlier.get("fingerprint")
-        if earlier.get("review") == "rejected" and replaced and replaced not in found:
-            found.append(replaced)
-    return found
 
 
 class Reports(JournalFile):
@@ -140,7 +128,7 @@ class Reports(JournalFile):
                     _copies(len(urls), r["copies"], run_dir),
                 )
                 for r in batch
-                for printed in _made_for(r["fingerprint"], r["history"])
+                for printed in made_for(r["fingerprint"], r["history"])
             ]
 
     def catalog_rows(self) -> Iterator[list[tuple[Any, ...]]]:

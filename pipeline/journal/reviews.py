@@ -177,7 +177,8 @@ class Reviews(JournalFile):
         with self._lock:
             row = self._db.execute(
                 "SELECT COALESCE(SUM(status=:done AND review='approved'), 0),"
-                ' COALESCE(SUM(history LIKE \'%"review": "rejected"%\'), 0),'
+                " COALESCE(SUM(EXISTS(SELECT 1 FROM json_each(jobs.history)"
+                " WHERE json_extract(json_each.value, '$.review') = 'rejected')), 0),"
                 " COALESCE(SUM(status=:done AND review IS NULL), 0) FROM jobs",
                 {"done": Status.SUCCEEDED.value},
             ).fetchone()

@@ -127,6 +127,18 @@ def _rejection(outcome: dict[str, Any]) -> bool:
     return outcome.get("review") == "rejected"
 
 
+def made_for(fingerprint: str, history: str | None) -> list[str]:
+    """The inputs an edit stands for: its own, and each input whose edit a reviewer rejected
+    before it was made (a night that maps the row as it was still gets the remake, never
+    the rejected edit bought again)."""
+    found = [fingerprint]
+    for earlier in filter(_rejection, _earlier(history)):
+        replaced = earlier.get("fingerprint")
+        if replaced and replaced not in found:
+            found.append(replaced)
+    return found
+
+
 def rejected_note(history: str | None) -> str | None:
     """The note on the rejected edit the current one remakes ("" without a note), or None
     when the row's last earlier outcome is no rejected edit."""
