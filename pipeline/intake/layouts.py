@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core import ManifestError
+from pipeline.intake.manifest import AMAZON_HEADER_ROW, amazon_flat_file, tabbed
 
 __all__ = ["Layout", "read_header", "recognise", "starter_config"]
 
@@ -44,10 +45,6 @@ class Header:
     columns: list[str]
     header_row: int | None = None  # an Amazon flat file's line 3
     kind: str = "csv"
-
-
-def _amazon(first: str) -> bool:
-    return first.lstrip('\ufeff"').lower().startswith("templatetype=")
 
 
 def read_header(path: Path) -> Header:
@@ -90,7 +87,7 @@ def read_header(path: Path) -> Header:
             book.close()
         except Exception as exc:  # noqa: BLE001 - openpyxl raises many kinds for a bad file
             raise ManifestError(f"{path} is not a readable .xlsx workbook: {exc}") from None
-        line = 3 if rows and _amazon(str(rows[0][0] or "")) else 1
+        line = AMAZON_HEADER_ROW if rows and amazon_flat_file(str(rows[0][0] or "")) else 1
         cells = rows[line - 1] if len(rows) >= line else []
         return Header(
             [str(c).strip() for c in cells if c is not None], line if line > 1 else None, "xlsx"
@@ -100,9 +97,9 @@ def read_header(path: Path) -> Header:
             lines = [handle.readline() for _ in range(3)]
     except OSError as exc:
         raise ManifestError(f"{path} cannot be read: {exc.strerror}") from None
-    line = 3 if _amazon(lines[0]) else 1
+    line = AMAZON_HEADER_ROW if amazon_flat_file(lines[0]) else 1
     text = lines[line - 1]
-    delimiter = "\t" if text.count("\t") > text.count(",") else ","
+    delimiter = "\t" if tabbed(text) else ","
     names = next(csv.reader([text], delimiter=delimiter), [])
     kind = "tsv" if delimiter == "\t" else "csv"
     return Header([n.strip() for n in names], line if line > 1 else None, kind)

@@ -48,6 +48,20 @@ Item = JobSpec | Rejected
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 # an Amazon flat file's first line; its column names are on line 3, under a line of labels
 _AMAZON = re.compile(r"^\ufeff?\"?TemplateType=", re.IGNORECASE)
+AMAZON_HEADER_ROW = 3
+
+
+def amazon_flat_file(first_line: str) -> bool:
+    """Whether a file's first line is an Amazon flat file's template line (its header is on
+    line AMAZON_HEADER_ROW)."""
+    return _AMAZON.match(first_line) is not None
+
+
+def tabbed(header_line: str) -> bool:
+    """Whether a header line is tab-separated (more tabs than commas), whatever its name."""
+    return header_line.count("\t") > header_line.count(",")
+
+
 # a shaped copy's column (see `shape`): why the export's row could not be read, when it could not
 PROBLEM = "wanbatch_problem"
 _PRODUCTS_KEPT = 100_000  # products whose first row fill_down remembers (the latest)
@@ -152,9 +166,9 @@ class Manifest:
                 first = handle.readline()
         except (OSError, UnicodeError):
             return None  # the header's own read says why
-        if _AMAZON.match(first):
-            _log.info("amazon_flat_file", manifest=str(self.shown), header_row=3)
-            return 3
+        if amazon_flat_file(first):
+            _log.info("amazon_flat_file", manifest=str(self.shown), header_row=AMAZON_HEADER_ROW)
+            return AMAZON_HEADER_ROW
         return None
 
     def _tabbed(self) -> bool:
@@ -166,7 +180,7 @@ class Manifest:
                 line = handle.readline()
         except (OSError, UnicodeError):
             return False
-        return line.count("\t") > line.count(",")
+        return tabbed(line)
 
     def judge_inputs(
         self, config: RunConfig, *, thumbs: Path | None = None, dry: bool = False

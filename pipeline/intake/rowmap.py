@@ -158,7 +158,7 @@ class RowMapper:
         return self.id_columns[0] if len(self.id_columns) == 1 else None
 
     def map(self, row_number: int, record: dict[str, Any]) -> JobSpec | Rejected:
-        job_id = self._job_id(row_number, record)
+        job_id = self.job_id(row_number, record)
         if skipped := self._skipped(record):
             return Rejected(job_id, row_number, record, f"row {row_number}: {skipped}", True)
         if self.id_columns and all(is_blank(cell(record, c)) for c in self.id_columns):
@@ -261,9 +261,7 @@ class RowMapper:
         return tidied, None
 
     def job_id(self, row_number: int, record: dict[str, Any]) -> str:
-        return self._job_id(row_number, record)
-
-    def _job_id(self, row_number: int, record: dict[str, Any]) -> str:
+        """The row's id: its id columns' values joined by `/`, else its number and a hash."""
         parts = [cell(record, c) for c in self.id_columns]
         if parts and not all(is_blank(p) for p in parts):
             return "/".join("" if is_blank(p) else _id_part(p) for p in parts)
