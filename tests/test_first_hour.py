@@ -21,21 +21,15 @@ from pipeline.core import parse_config
 from pipeline.intake import Manifest, estimate
 from pipeline.intake.estimating import rule_of
 from tests.conftest import catalog, write_manifest
+from tests.test_faults import _cli
 
 CLI = CliRunner()
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith("EACHLABS_API_KEY")}
 
 
-def _wanbatch(*args: str, **how: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_ENV,
-        check=False,
-        **how,
-    )
+def _wanbatch(*args: str) -> subprocess.CompletedProcess[str]:
+    """`wanbatch ARGS` in its own process, with no API key in its environment."""
+    return _cli(*args, env=_ENV)
 
 
 def _config(tmp_path: Path, rows: int = 3, **manifest: Any) -> Path:
