@@ -123,8 +123,8 @@ class Manifest:
         self._encoding = section.encoding
         if not self.path.is_file():
             raise ManifestError(f"manifest {self.shown} does not exist or is not a file")
-        self.header_line = section.header_row or self._template_lines()
-        if section.delimiter is None and self.kind == "csv" and self._tabbed():
+        self.header_line, tabs = self._sniff(section.header_row)
+        if section.delimiter is None and self.kind == "csv" and tabs:
             self._delimiter = "\t"  # an Amazon flat file (.txt), a TSV saved as .csv
         self.columns = self._read_columns()
         section = trimmed_names(section, self.columns, self.shown)
@@ -156,31 +156,21 @@ class Manifest:
         # judges (and uploads) inputs that are not public URLs; set by the run that has uploads
         self.inputs: InputStage | None = None
 
-    def _template_lines(self) -> int | None:
-        """The header's line when the file is an Amazon flat file (recognised by its first
-        line), else None: line 1."""
+    def _sniff(self, header_row: int | None) -> tuple[int | None, bool]:
+        """The header's line (as given, or an Amazon flat file's, recognised by its first
+        line; None: line 1) and whether it is tab-separated, from the file's first lines,
+        read once."""
         if self.kind == "parquet":
-            return None
+            return header_row, False
         try:
             with self._open_csv() as handle:
-                first = handle.readline()
+                lines = [handle.readline() for _ in range(header_row or AMAZON_HEADER_ROW)]
         except (OSError, UnicodeError):
-            return None  # the header's own read says why
-        if amazon_flat_file(first):
+            return header_row, False  # the header's own read says why
+        if header_row is None and amazon_flat_file(lines[0]):
             _log.info("amazon_flat_file", manifest=str(self.shown), header_row=AMAZON_HEADER_ROW)
-            return AMAZON_HEADER_ROW
-        return None
-
-    def _tabbed(self) -> bool:
-        """Whether the header line holds more tabs than commas."""
-        try:
-            with self._open_csv() as handle:
-                for _ in range((self.header_line or 1) - 1):
-                    handle.readline()
-                line = handle.readline()
-        except (OSError, UnicodeError):
-            return False
-        return tabbed(line)
+            header_row = AMAZON_HEADER_ROW
+        return header_row, tabbed(lines[(header_row or 1) - 1])
 
     def judge_inputs(
         self, config: RunConfig, *, thumbs: Path | None = None, dry: bool = False
