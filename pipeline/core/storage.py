@@ -9,6 +9,7 @@ imported only by runs that use object storage.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,22 @@ __all__ = [
     "OBJECT_SCHEMES",
     "ObjectStore",
     "ObjectTooLarge",
+    "file_sha256",
     "is_object_url",
     "located",
     "read_object",
     "said",
 ]
+
+
+def file_sha256(path: Path) -> str:
+    """A local file's SHA-256 (hex), read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 # the URL schemes of the object stores obstore speaks to
 OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "az", "azure", "abfs", "abfss"})

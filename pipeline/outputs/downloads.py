@@ -36,6 +36,7 @@ from pipeline.core import (
     DownloadStats,
     ObjectStore,
     PriorSuccess,
+    file_sha256,
     located,
 )
 from pipeline.journal import Commits, FailImage, Journal, StoreImage
@@ -90,7 +91,7 @@ class FolderStore:
 
     def put(self, name: str, data: bytes) -> str:
         path = self._folder / name
-        if path.is_file() and _digest(path) != hashlib.sha256(data).digest():
+        if path.is_file() and file_sha256(path) != hashlib.sha256(data).hexdigest():
             # names are unique by construction: a file there that is not this image is
             # another's, and is never silently replaced
             raise OSError(f"{path} holds another image; it is not overwritten")
@@ -104,14 +105,6 @@ class FolderStore:
         finally:
             tmp.unlink(missing_ok=True)  # gone once renamed; a failed write leaves nothing
         return str(path.relative_to(self._run_dir) if path.is_relative_to(self._run_dir) else path)
-
-
-def _digest(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.digest()
 
 
 def open_store(section: AssetsSection, run_dir: Path) -> Store:

@@ -18,6 +18,7 @@ from pipeline.core import (
     RunConfig,
     RunFolderMismatch,
     copy_object,
+    file_sha256,
 )
 from pipeline.intake import shape_catalog
 from pipeline.journal import Journal
@@ -66,11 +67,7 @@ def mapping_of(config: RunConfig) -> str:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def check_identity(
