@@ -147,13 +147,18 @@ def _guarded(action: Callable[[], int]) -> None:
     raise typer.Exit(code)
 
 
+def _print_rows(rows: list[tuple[str, str]], width: int) -> None:
+    """`label value` lines, each whole whatever the terminal's width (cron reads them)."""
+    for label, value in rows:
+        _out.print(f"{label:<{width}} {value}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _print_summary(summary: RunSummary) -> None:
     if not _out.is_terminal:  # a log or a pipe: every value whole, on its own line
         _out.print(
             f"wanbatch run: {summary.run_dir}", highlight=False, markup=False, soft_wrap=True
         )
-        for label, value in summary_rows(summary):
-            _out.print(f"{label:<28} {value}", highlight=False, markup=False, soft_wrap=True)
+        _print_rows(summary_rows(summary), 28)
         if summary.message:
             _err.print(summary.message, highlight=False, markup=False)
         return
@@ -444,8 +449,7 @@ def _estimate(given: _Given) -> int:
         found.balance_usd = anyio.run(
             functools.partial(read_balance, api.base_url, api.model, env_keys[0], auth=api.auth)
         )
-    for label, value in _estimate_rows(found, config):
-        _out.print(f"{label:<28} {value}", highlight=False, markup=False, soft_wrap=True)
+    _print_rows(_estimate_rows(found, config), 28)
     if found.identical_unseeded:
         _err.print(
             f"note: {found.identical_unseeded:,} row(s) repeat an earlier row's input without a "
@@ -574,8 +578,7 @@ def status_command(
 
     def act() -> int:
         found = folder_status(run_dir, keys_from_env())
-        for label, value in _status_rows(found):
-            _out.print(f"{label:<22} {value}", highlight=False, markup=False, soft_wrap=True)
+        _print_rows(_status_rows(found), 22)
         return ExitCode.OK
 
     _guarded(act)
