@@ -141,6 +141,13 @@ def _shopify() -> list[list[str]]:
     ]  # fmt: skip
 
 
+# what a Shopify export of `_shopify()` sends: the tee's three images and the cap's one
+SHOPIFY_SENT = [
+    f"{CDN}/{n}"
+    for n in ("tee-front.jpg?v=17", "tee-back.jpg?v=17", "tee-detail.jpg?v=17", "cap.png")
+]
+
+
 def _readme_recipe() -> dict[str, Any]:
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```yaml\n(.*?)```", readme, re.S)
@@ -161,8 +168,7 @@ async def test_the_readme_recipe_runs_a_shopify_export_with_variants_to_exit_0(
     config.write_text(yaml.safe_dump(recipe))
     summary = await _run(sb, tmp_path, config)
     assert summary.exit_code is ExitCode.OK, summary.message
-    table = _judge(sb, summary, [f"{CDN}/{n}" for n in (
-        "tee-front.jpg?v=17", "tee-back.jpg?v=17", "tee-detail.jpg?v=17", "cap.png")])  # fmt: skip
+    table = _judge(sb, summary, SHOPIFY_SENT)
     rows = _by_id(table)
     # every image of the tee is edited with the product's Title, filled down from its first row
     prompts = {i["img_url"].rsplit("/", 1)[1]: i["prompt"] for i in _sent(sb)}
@@ -183,8 +189,7 @@ async def test_init_recognises_a_shopify_export_and_its_config_runs(
     assert recognise(read_header(export)).platform == "shopify"
     summary = await _run(sb, tmp_path, _init(tmp_path, export))
     assert summary.exit_code is ExitCode.OK, summary.message
-    _judge(sb, summary, [f"{CDN}/{n}" for n in (
-        "tee-front.jpg?v=17", "tee-back.jpg?v=17", "tee-detail.jpg?v=17", "cap.png")])  # fmt: skip
+    _judge(sb, summary, SHOPIFY_SENT)
     assert all(i["prompt"].startswith("Place this ") for i in _sent(sb))
 
 
