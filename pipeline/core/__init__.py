@@ -13,6 +13,7 @@ paths and object URLs).
     clock.py     the time the waiting parts read and sleep on
     storage.py   local paths and object URLs (obstore)
     faults.py    the sandbox's faults, as the config names them
+    rules.py     the automatic checks' rules, their defaults and the channels' presets
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.core.clock import Clock, SystemClock
 from pipeline.core.config import (
     KEPT_MANIFEST,
     AssetsSection,
+    ChecksSection,
     LimitsSection,
     ManifestSection,
     RunConfig,
@@ -65,7 +67,7 @@ from pipeline.core.errors import (
     UnsafePredictionId,
     WanbatchError,
 )
-from pipeline.core.faults import FaultRates, sandbox_keys
+from pipeline.core.faults import EDIT_FAULTS, FaultRates, sandbox_keys
 from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, keys_from_env, resolve_groups
 from pipeline.core.records import (
     DECISION_COLUMNS,
@@ -82,6 +84,7 @@ from pipeline.core.records import (
     Status,
     StoredCopy,
 )
+from pipeline.core.rules import CHANNELS, GENERIC, PRESETS, RULES, Channel, Rule, Threshold
 from pipeline.core.schema import (
     FINAL_ERROR_CODES,
     IMAGE_EXTENSIONS,
@@ -105,13 +108,16 @@ from pipeline.core.storage import (
 )
 
 __all__ = [
+    "CHANNELS",
     "COUNTERS",
     "DECISION_COLUMNS",
+    "EDIT_FAULTS",
     "ENV_KEY",
     "ENV_KEYS",
     "ERROR_TYPES",
     "FINAL_ERROR_CODES",
     "FINISHED",
+    "GENERIC",
     "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
     "INPUT_FIELDS",
@@ -119,8 +125,10 @@ __all__ = [
     "MAX_INPUT_BYTES",
     "MAY_BE_BILLED",
     "OPEN",
+    "PRESETS",
     "RESOLUTIONS",
     "REVIEWS",
+    "RULES",
     "SEED_RANGE",
     "TRANSIENT_ERRORS",
     "TRANSIENT_ERROR_CODES",
@@ -133,6 +141,8 @@ __all__ = [
     "BalanceShort",
     "BudgetReached",
     "CallbackStats",
+    "Channel",
+    "ChecksSection",
     "Clock",
     "ConfigError",
     "CostsUnconfirmed",
@@ -160,6 +170,7 @@ __all__ = [
     "RateLimited",
     "Rejected",
     "RowsFailed",
+    "Rule",
     "RunConfig",
     "RunEnded",
     "RunFailed",
@@ -172,6 +183,7 @@ __all__ = [
     "Status",
     "StoredCopy",
     "SystemClock",
+    "Threshold",
     "TransportFailure",
     "Unauthorized",
     "UnsafePredictionId",

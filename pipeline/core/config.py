@@ -26,10 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.faults import FaultRates
+from pipeline.core.rules import GENERIC, PRESETS, RULES, Threshold
 from pipeline.core.schema import INPUT_FIELDS, MODEL, SIZES, is_loopback_host
 from pipeline.core.storage import is_object_url
 
-__all__ = ["KEPT_MANIFEST", "SANDBOX", "RunConfig", "load_config"]
+__all__ = ["KEPT_MANIFEST", "SANDBOX", "ChecksSection", "RunConfig", "load_config"]
 
 SANDBOX = "sandbox"
 # the run folder's copy of its manifest (an object URL's, or a local file's), its suffix after
@@ -340,6 +341,57 @@ class MetricsSection(_Section):
     interval_s: float = Field(10.0, ge=0.01, le=_DAY)  # how often metrics.prom is rewritten
 
 
+class RuleSetting(_Section):
+    """One rule's threshold as the config sets it: a floor (`min`) or a ceiling (`max`), as the
+    rule has, or `enabled: false` to leave it out."""
+
+    min: float | None = None
+    max: float | None = None
+    enabled: bool = True
+
+
+class ChecksSection(_Section):
+    """The automatic checks measured on every stored edit (`pipeline.core.rules`)."""
+
+    enabled: bool = True
+    preset: Literal["amazon_main", "google_merchant", "shopify"] | None = None
+    rules: dict[str, RuleSetting | bool] = Field(default_factory=dict)
+    # an edit that fails a rule is made again with a new seed, up to this many times
+    regenerate: int = Field(0, ge=0, le=10)
+
+    @field_validator("rules")
+    @classmethod
+    def _known(cls, value: dict[str, RuleSetting | bool]) -> dict[str, RuleSetting | bool]:
+        for name, setting in value.items():
+            rule = RULES.get(name)
+            if rule is None:
+                close = difflib.get_close_matches(name, list(RULES), 1, 0.6)
+                meant = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"{name}: no such rule{meant}; the rules: {', '.join(RULES)}")
+            if isinstance(setting, RuleSetting):
+                other = "max" if rule.bound == "min" else "min"
+                if getattr(setting, other) is not None:
+                    raise ValueError(
+                        f"{name}: the rule is a {'floor' if rule.bound == 'min' else 'ceiling'}; "
+                        f"give {rule.bound}, not {other}"
+                    )
+        return value
+
+    def thresholds(self) -> list[Threshold]:
+        """The rules this run holds each edit to, in the rules' order (none when disabled)."""
+        if not self.enabled:
+            return []
+        chosen = {name: RULES[name].default for name in GENERIC}
+        chosen.update(PRESETS.get(self.preset or "", {}))
+        for name, setting in self.rules.items():
+            if setting is False or (isinstance(setting, RuleSetting) and not setting.enabled):
+                chosen.pop(name, None)
+                continue
+            given = getattr(setting, RULES[name].bound, None) if setting is not True else None
+            chosen[name] = given if given is not None else chosen.get(name, RULES[name].default)
+        return [Threshold(n, RULES[n].bound, chosen[n]) for n in RULES if n in chosen]
+
+
 class BudgetSection(_Section):
     max_cost_usd: float | None = Field(None, ge=0, le=1e9)
     # when the budget is reached, cancel the jobs in flight at the provider instead of letting
@@ -427,6 +479,7 @@ class RunConfig(_Section):
     progress: ProgressSection = ProgressSection()
     report: ReportSection = ReportSection()
     metrics: MetricsSection = MetricsSection()
+    checks: ChecksSection = ChecksSection()
 
     @model_validator(mode="after")
     def _uploads_outlive_jobs(self) -> RunConfig:
@@ -450,6 +503,12 @@ class RunConfig(_Section):
 
     def scaled(self, seconds: float) -> float:
         return seconds * self.time_scale
+
+    @property
+    def image_scale(self) -> float:
+        """What the images come back at, of the size asked: the embedded sandbox's shrunk
+        images (`sandbox.image_scale`), else the provider's own 1."""
+        return self.sandbox.image_scale if self.embedded_sandbox else 1.0
 
     @property
     def allow_loopback_urls(self) -> bool:

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["FaultRates", "sandbox_keys"]
+__all__ = ["EDIT_FAULTS", "FaultRates", "sandbox_keys"]
 
 
 def sandbox_keys(count: int) -> list[str]:
     """The keys the embedded sandbox makes up when none is given."""
     return [f"sandbox-key-{i + 1}" for i in range(count)]
+
+
+# the faults an edit may come back with, each a kind of edit a marketplace refuses; the sandbox
+# checks them in this order against one draw per output
+EDIT_FAULTS = (
+    "grey_background",
+    "small_product",
+    "missing_product",
+    "unchanged_output",
+    "undersized_output",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +43,12 @@ class FaultRates:
     trickle_output: float = 0.0  # an output image served one byte every `slow_s`
     garbled_poll: float = 0.0  # a poll answered `Content-Encoding: gzip` with a body that is not
     nonsense_metrics: float = 0.0  # an ended job's predict_time sent as NaN, Infinity or 1e300
+    # an edit that a marketplace would refuse (the sandbox draws one per output, by its hash)
+    grey_background: float = 0.0  # the product on grey, not white
+    small_product: float = 0.0  # the product filling 35-50 % of the frame
+    missing_product: float = 0.0  # a white frame, no product
+    unchanged_output: float = 0.0  # the input sent back as it was
+    undersized_output: float = 0.0  # half the size asked for
     slow_s: float = 2.0
     storm_s: float = 5.0
 
@@ -52,10 +69,19 @@ class FaultRates:
             "trickle_output",
             "garbled_poll",
             "nonsense_metrics",
+            "grey_background",
+            "small_product",
+            "missing_product",
+            "unchanged_output",
+            "undersized_output",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"fault rate {name} must be between 0 and 1, not {value}")
+
+    def edits(self) -> dict[str, float]:
+        """The rates of the edits' faults, by name (`EDIT_FAULTS`)."""
+        return {name: getattr(self, name) for name in EDIT_FAULTS}
 
     @classmethod
     def names(cls) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pipeline.core import ApiKey, RunConfig, RunStats
+from pipeline.core import ApiKey, DownloadStats, RunConfig, RunStats
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.lanes import KeyLane
@@ -118,6 +118,7 @@ def downloader(
     config: RunConfig, commit: Commits, stats: RunStats, thumbs: ThumbSink | None
 ) -> Downloader:
     """The run's images kept in `assets.store`; its figures counted in `stats`."""
-    kept = Downloader(config.assets, open_store(config.assets, config.output.dir), commit, thumbs)
-    stats.downloads = kept.stats
-    return kept
+    if stats.downloads is None:  # one count for the run, whatever its rounds
+        stats.downloads = DownloadStats()
+    store = open_store(config.assets, config.output.dir)
+    return Downloader(config.assets, store, commit, thumbs, stats=stats.downloads)

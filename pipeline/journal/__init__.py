@@ -6,6 +6,7 @@ commit.py       group commit: many slots' updates, one durable transaction
 ingest.py       the manifest's rows in, deduplicated; a changed manifest reconciled
 reports.py      read back: failures requeued, counts, totals, costs, rows for the outputs
 reviews.py      a reviewer's decisions recorded, rejected edits requeued, approved images read
+checks.py       the automatic checks' measures recorded, and what they decide
 rows.py         the typed rows handed back (Entry, CostBooks)
 tables.py       the tables, and the columns the readers take
 incremental.py  the incremental state across nightly runs (StateStore)
@@ -13,6 +14,7 @@ incremental.py  the incremental state across nightly runs (StateStore)
 
 from __future__ import annotations
 
+from pipeline.journal.checks import CheckTarget, Measured
 from pipeline.journal.commit import Commits, GroupCommit
 from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
@@ -35,6 +37,7 @@ from pipeline.journal.updates import (
 __all__ = [
     "JOURNAL",
     "ApprovedImage",
+    "CheckTarget",
     "Commits",
     "CostBooks",
     "Entry",
@@ -45,6 +48,7 @@ __all__ = [
     "MarkCreated",
     "MarkCreating",
     "MarkPending",
+    "Measured",
     "NoteAmbiguous",
     "NoteCancel",
     "NoteResolution",

@@ -11,7 +11,7 @@ from pipeline.core import (
     JournalDamaged,
 )
 from pipeline.journal.rows import Entry, _entry
-from pipeline.journal.tables import _ADDED, _OPEN, _SCHEMA, in_chunks
+from pipeline.journal.tables import _ADDED, _ADDED_IMAGES, _OPEN, _SCHEMA, in_chunks
 from pipeline.journal.updates import Update
 
 
@@ -46,6 +46,10 @@ class JournalFile:
                 for name, kind in _ADDED.items():
                     if name not in have:
                         self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                have = {r[1] for r in self._db.execute("PRAGMA table_info(images)")}
+                for name, kind in _ADDED_IMAGES.items():
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise JournalDamaged(f"journal {path} cannot be opened as a database: {exc}") from None
@@ -74,6 +78,11 @@ class JournalFile:
                 f"{'0' if 'DEFAULT 0' in _ADDED[name] else 'NULL'} AS {name}" for name in missing
             )
             self._db.execute(f"CREATE TEMP VIEW jobs AS SELECT *, {added} FROM main.jobs")
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(images)")}
+        missing = [name for name in _ADDED_IMAGES if have and name not in have]
+        if missing:
+            added = ", ".join(f"NULL AS {name}" for name in missing)
+            self._db.execute(f"CREATE TEMP VIEW images AS SELECT *, {added} FROM main.images")
 
     def damage(self) -> str | None:
         """What SQLite's integrity check finds wrong with the file, or None when it is sound.

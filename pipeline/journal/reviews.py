@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.core import Status
 from pipeline.journal.file import JournalFile
 from pipeline.journal.rows import rejected_note
-from pipeline.journal.tables import _CLEARED_OUTCOME, _PATHS, in_chunks
+from pipeline.journal.tables import _CLEARED_OUTCOME, _FAILED, _PATHS, in_chunks
 
 __all__ = ["ApprovedImage", "Redo", "ReviewTarget", "Reviews"]
 
@@ -44,6 +44,7 @@ class Redo:
     # the row whose remake this row shares (rows that shared the rejected edit share its
     # remake, made once), or None for the row that is sent
     follows: int | None = None
+    by: str = "review"  # who rejected the edit: a person ("review"), or the checks ("checks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ class Reviews(JournalFile):
         db = self._db
         row = db.execute(
             "SELECT status, prediction_id, attempts, finished_at, output_urls, inputs, history,"
-            f" cost_usd, fingerprint, {_PATHS} AS paths FROM jobs WHERE row_number=?",
+            f" cost_usd, fingerprint, {_PATHS} AS paths, {_FAILED} AS failed FROM jobs"
+            " WHERE row_number=?",
             (item.row_number,),
         ).fetchone()
         history = json.loads(row["history"]) if row["history"] else []
@@ -154,6 +156,8 @@ class Reviews(JournalFile):
                 "fingerprint": row["fingerprint"],
                 "review": "rejected",
                 "review_note": item.note or None,
+                "rejected_by": item.by,
+                "checks_failed": json.loads(row["failed"]) if row["failed"] else None,
             }
         )
         db.execute("DELETE FROM images WHERE row_number=?", (item.row_number,))
@@ -178,7 +182,9 @@ class Reviews(JournalFile):
             row = self._db.execute(
                 "SELECT COALESCE(SUM(status=:done AND review='approved'), 0),"
                 " COALESCE(SUM(EXISTS(SELECT 1 FROM json_each(jobs.history)"
-                " WHERE json_extract(json_each.value, '$.review') = 'rejected')), 0),"
+                " WHERE json_extract(json_each.value, '$.review') = 'rejected'"
+                " AND COALESCE(json_extract(json_each.value, '$.rejected_by'), 'review')"
+                " = 'review')), 0),"
                 " COALESCE(SUM(status=:done AND review IS NULL), 0) FROM jobs",
                 {"done": Status.SUCCEEDED.value},
             ).fetchone()

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core import RunFolderError
+from pipeline.journal.checks import Checks
 from pipeline.journal.ingest import Ingest
 from pipeline.journal.reports import Reports
 from pipeline.journal.reviews import Reviews
@@ -24,10 +25,10 @@ __all__ = ["JOURNAL", "Journal", "reading"]
 JOURNAL = "journal.sqlite"  # in the run folder
 
 
-class Journal(Ingest, Reports, Reviews):
-    """The journal: its file (`JournalFile`), rows into it (`Ingest`), read back (`Reports`)
-    and a person's review of the edits (`Reviews`); one object, opened by the run and closed
-    by it."""
+class Journal(Ingest, Reports, Reviews, Checks):
+    """The journal: its file (`JournalFile`), rows into it (`Ingest`), read back (`Reports`),
+    a person's review of the edits (`Reviews`) and the automatic checks' (`Checks`); one
+    object, opened by the run and closed by it."""
 
 
 @contextmanager

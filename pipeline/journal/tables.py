@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS images (
     height INTEGER,
     format TEXT,
     error TEXT,
+    checks TEXT,
+    checks_failed TEXT,
     PRIMARY KEY (row_number, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS images_state ON images(state, row_number);
@@ -93,6 +95,19 @@ _ADDED = {
     "sent_seed": "INTEGER",
     "served_by": "TEXT",  # the backup model of a fallback chain that served the job
 }
+
+
+# the same, of the images table: the checks' measures ({rule: value}) and the rules failed (a
+# JSON list; NULL: not measured)
+_ADDED_IMAGES = {"checks": "TEXT", "checks_failed": "TEXT"}
+
+# the rules a job's images failed, as one JSON list (NULL when none was measured)
+_FAILED = (
+    "(CASE WHEN EXISTS(SELECT 1 FROM images WHERE images.row_number = jobs.row_number"
+    " AND images.checks_failed IS NOT NULL) THEN (SELECT json_group_array(DISTINCT f.value)"
+    " FROM images, json_each(images.checks_failed) AS f"
+    " WHERE images.row_number = jobs.row_number) END)"
+)
 
 
 # a row's outcome cleared for it to be sent again (`retry`, a rejected edit); what it cost
@@ -150,7 +165,8 @@ _RESULT_COLUMNS = (
     SELECT json_object(
         'path', json_group_array(path), 'sha256', json_group_array(sha256),
         'bytes', json_group_array(bytes), 'width', json_group_array(width),
-        'height', json_group_array(height), 'state', json_group_array(state)
+        'height', json_group_array(height), 'state', json_group_array(state),
+        'failed', json_group_array(checks_failed)
     ) FROM (SELECT * FROM images WHERE images.row_number = jobs.row_number ORDER BY idx)
 ) AS stored"""
 )

@@ -227,6 +227,7 @@ class Downloader:
         thumbs: ThumbSink | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        stats: DownloadStats | None = None,
     ) -> None:
         self._transport = transport  # tests hand one in; the network otherwise
         self._thumbs = thumbs  # the report's thumbnails are made here, when given
@@ -243,7 +244,7 @@ class Downloader:
         self._inputs_send: MemoryObjectSendStream[str] = inputs
         self._inputs_receive: MemoryObjectReceiveStream[str] = taken
         self._dead_hosts: set[str] = set()  # inputs' hosts that could not be reached
-        self.stats = DownloadStats()
+        self.stats = stats if stats is not None else DownloadStats()
 
     def submit(self, row_number: int, job_id: str, urls: tuple[str, ...] | list[str]) -> None:
         for index, url in enumerate(urls):

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.core import IMAGE_FIELDS, UPLOAD_TOKEN, located, to_int, to_sheet
+from pipeline.core import IMAGE_FIELDS, RULES, UPLOAD_TOKEN, located, to_int, to_sheet
 from pipeline.journal import Journal
 
 if TYPE_CHECKING:
@@ -90,6 +90,8 @@ _HISTORY = pa.list_(
             pa.field("seed", pa.int64()),
             pa.field("review", pa.string()),
             pa.field("review_note", pa.string()),
+            pa.field("rejected_by", pa.string()),  # review (a person) or checks
+            pa.field("checks_failed", pa.list_(pa.string())),
         ]
     )
 )
@@ -176,6 +178,10 @@ def _base_fields() -> list[pa.Field]:
         pa.field("key", pa.string()),
         pa.field("review", pa.string()),  # a reviewer's word on this edit: approved, rejected
         pa.field("review_note", pa.string()),
+        # the automatic checks on the row's images: all passed; the rules any failed (null:
+        # not measured)
+        pa.field("checks_passed", pa.bool_()),
+        pa.field("checks_failed", pa.list_(pa.string())),
         pa.field("history", _HISTORY),
     ]
 
@@ -265,7 +271,17 @@ def _stored(text: str | None, run_dir: Path) -> dict[str, Any]:
         "output_width": found.get("width") or [],
         "output_height": found.get("height") or [],
         "outputs_status": status,
+        **_row_checks(found.get("failed") or []),
     }
+
+
+def _row_checks(per_image: list[str | None]) -> dict[str, Any]:
+    """A row's checks from its images' (each a JSON list of failed rules, or None): null
+    until every image was measured."""
+    if not per_image or any(f is None for f in per_image):
+        return {"checks_passed": None, "checks_failed": None}
+    failed = sorted({rule for f in per_image for rule in json.loads(f or "[]")})
+    return {"checks_passed": not failed, "checks_failed": failed}
 
 
 def _micros(seconds: float | None) -> int | None:
@@ -483,8 +499,41 @@ def _image_schema(layout: ResultLayout) -> tuple[pa.Schema, pa.Schema | None]:
         pa.field("error", pa.string()),
         pa.field("cost_usd", pa.float64()),
         pa.field("priced_cost_usd", pa.float64()),
+        *_check_fields(),
     ]
     return pa.schema(fields), own
+
+
+def _check_fields() -> list[pa.Field]:
+    """Each rule's measure and verdict (null where it was not held or not measured), then
+    the image's: passed every rule held, and the rules it failed (null: not measured)."""
+    fields = []
+    for name in RULES:
+        fields += [
+            pa.field(f"check_{name}", pa.float64()),
+            pa.field(f"check_{name}_passed", pa.bool_()),
+        ]
+    return [
+        *fields,
+        pa.field("checks_passed", pa.bool_()),
+        pa.field("checks_failed", pa.list_(pa.string())),
+    ]
+
+
+def _check_columns(batch: list[Any]) -> dict[str, list[Any]]:
+    """The check columns of a batch of the journal's images."""
+    columns: dict[str, list[Any]] = {f.name: [] for f in _check_fields()}
+    for r in batch:
+        values = json.loads(r["checks"]) if r["checks"] else {}
+        failed = json.loads(r["checks_failed"]) if r["checks_failed"] is not None else None
+        for name in RULES:
+            held = name in values
+            columns[f"check_{name}"].append(values.get(name))
+            passed = None if not held or values[name] is None else name not in (failed or [])
+            columns[f"check_{name}_passed"].append(passed)
+        columns["checks_passed"].append(None if failed is None else not failed)
+        columns["checks_failed"].append(failed)
+    return columns
 
 
 _IMAGE_COLUMNS = frozenset(
@@ -518,6 +567,7 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
                 0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6) for r in batch
             ]
             columns["priced_cost_usd"] = [0.0 if r["reused"] else price for r in batch]
+            columns.update(_check_columns(batch))
             if layout.id_column is not None:
                 id_name = schema.names[2]
                 if manifest is not None:

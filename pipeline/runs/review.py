@@ -36,7 +36,7 @@ from pipeline.intake import Manifest, read_decisions, refused
 from pipeline.journal import Journal, Redo, ReviewTarget, StateStore
 from pipeline.runs.identity import mapping_of
 
-__all__ = ["Reviewed", "apply_decisions"]
+__all__ = ["Reviewed", "apply_decisions", "approve_passing", "remake"]
 
 _log = structlog.get_logger("pipeline.runs.review")
 _SHOWN = 10
@@ -103,7 +103,7 @@ def apply_decisions(
             approved += [(row, decision.note) for row in rows]
             continue
         lead = targets[rows[0]]
-        made = _remake(config, manifest, lead, decision.note)
+        made = remake(config, manifest, lead, decision.note)
         if made is None:
             done.leave_out(_SAME_INPUT, decision)  # the same input makes the same image
             continue
@@ -153,7 +153,7 @@ def _by_id(
     return kept
 
 
-def _remake(config: RunConfig, manifest: Manifest, target: ReviewTarget, note: str) -> Redo | None:
+def remake(config: RunConfig, manifest: Manifest, target: ReviewTarget, note: str) -> Redo | None:
     """The rejected edit's remake, or None when its input would be the rejected one."""
     inputs, drawn = _new_input(config, manifest, target)
     model = config.api.model
@@ -275,3 +275,20 @@ def _tell(path: Path, done: Reviewed) -> None:
             reason=why,
             said=f"{len(lines)} decision(s) in {path} left out: {why} (lines {shown})",
         )
+
+
+def approve_passing(journal: Journal, state: StateStore | None) -> int:
+    """`--approve-passing`: every edit no person has judged whose images all passed the
+    automatic checks is approved (noted as such); how many rows."""
+    rows = journal.passing_undecided()
+    note = "approved: passed the automatic checks"
+    journal.record_review([(row, note) for row in rows], [])
+    if state is not None and rows:
+        targets = journal.review_targets(rows)
+        state.approve((t.prediction_id, note) for t in targets.values() if t.prediction_id)
+    _log.warning(
+        "approved_passing",
+        rows=len(rows),
+        said=f"{len(rows):,} edit(s) that passed every check approved (--approve-passing)",
+    )
+    return len(rows)

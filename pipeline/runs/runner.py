@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import structlog
 
+from pipeline.checks import CheckStage
 from pipeline.core import (
     ENV_KEY,
     ENV_KEYS,
@@ -46,7 +47,8 @@ from pipeline.provider import Callbacks, Receiver, read_balance
 from pipeline.runs.driving import Drive, drive_keys
 from pipeline.runs.folder import RunFolder
 from pipeline.runs.identity import check_identity, copy_manifest, keep_manifest, shaped
-from pipeline.runs.review import apply_decisions
+from pipeline.runs.regenerate import regenerate
+from pipeline.runs.review import apply_decisions, approve_passing
 from pipeline.runs.verdict import Books, Faults, finish_books, verdict
 
 __all__ = ["OpenSandbox", "Reprocess", "run"]
@@ -63,10 +65,12 @@ _log = structlog.get_logger("pipeline.runs.runner")
 @dataclass(frozen=True, slots=True)
 class Reprocess:
     """`wanbatch retry`: which failed rows to run again (`error_types` None: every failure,
-    empty: none), and a reviewer's decisions file whose rejected edits are made again."""
+    empty: none), a reviewer's decisions file whose rejected edits are made again, and
+    whether the edits that passed every check are approved."""
 
     error_types: Collection[str] | None
     decisions: Path | None = None
+    approve_passing: bool = False  # approve every undecided edit that passed the checks
 
 
 def _reconcile(
@@ -286,19 +290,12 @@ async def _run_held(
             drive = Drive(
                 config, journal, state, manifest, grace_s, handle_signals, faults, observer
             )
-            async with (
-                _receiver(config) as receiver,
-                open_engine(
-                    config, journal, manifest, base_url, lanes_keys, stats, spent, receiver, workers
-                ) as engine,
-            ):
-                observer.view = engine.view
-                balance = await _balance_before(config, journal, base_url, lanes_keys)
-                if balance.short is not None:  # budget.require_balance: nothing is created
-                    engine.dispatcher.stop_creates("balance", balance.short)
-                stop = await drive_keys(drive, engine)
-                worker_figures = engine.figures()
+            stop, balance, worker_figures = await _drive_rounds(
+                drive, base_url, lanes_keys, spent, workers
+            )
             sandbox_stats = sandbox.stats() if sandbox is not None else None
+        if reprocess is not None and reprocess.approve_passing:
+            await anyio.to_thread.run_sync(approve_passing, journal, state)
         books = await finish_books(config, journal, state, manifest, folder.path)
         waiting = journal.waiting_on_keys()
         counts = journal.counts()
@@ -322,6 +319,54 @@ async def _run_held(
     except OSError as exc:  # a full disk: the journal and the exit code still tell
         _log.warning("summary_not_written", error=str(exc))
     return summary
+
+
+async def _drive_rounds(
+    drive: Drive,
+    base_url: str,
+    keys: list[ApiKey],
+    spent: float,
+    workers: Workers | None,
+) -> tuple[tuple[ExitCode, str], _Balance, list[dict[str, Any]]]:
+    """Drive the rows to their ends and measure the stored edits; with checks.regenerate, the
+    edits that failed a check are put back and driven again, round after round, until none
+    is left to make again, or the run stops (a signal, the budget)."""
+    config, journal, stats = drive.config, drive.journal, drive.observer.stats
+    samples = base_url.removesuffix("/v1") if config.embedded_sandbox else None
+    checker = CheckStage(
+        config.checks.thresholds(),
+        config.output.dir,
+        config.assets.storage_options,
+        image_scale=config.image_scale,
+        samples_from=samples,
+    )
+    balance = _Balance(None)
+    stop: tuple[ExitCode, str] = (ExitCode.OK, "")
+    figures: list[dict[str, Any]] = []
+    async with _receiver(config) as receiver:
+        for round_ in range(config.checks.regenerate + 1):
+            async with open_engine(
+                config, journal, drive.manifest, base_url, keys, stats, spent, receiver, workers
+            ) as engine:
+                drive.observer.view = engine.view
+                if round_ == 0:
+                    balance = await _balance_before(config, journal, base_url, keys)
+                    if balance.short is not None:  # budget.require_balance: nothing is created
+                        engine.dispatcher.stop_creates("balance", balance.short)
+                stop = await drive_keys(drive, engine)
+                figures = engine.figures()
+            if config.assets.download:
+                await anyio.to_thread.run_sync(checker.run, journal)
+            if stop[0] is not ExitCode.OK or drive.faults.describe() is not None:
+                break
+            again = functools.partial(
+                regenerate, config, journal, drive.state, drive.manifest, round_ == 0
+            )
+            if not await anyio.to_thread.run_sync(again):
+                break
+            price = config.api.price_per_image_usd
+            spent = journal.totals()["cost_usd"] + journal.cost_books().lost_spend_usd(price)
+    return stop, balance, figures
 
 
 @dataclass(frozen=True, slots=True)

@@ -318,12 +318,11 @@ class _Sandbox:
             str(job.inputs.get("size", "2K")), last.size, self.settings.image_scale
         )
         seed = int(job.inputs.get("seed", int(job.fingerprint[:8], 16)))
-        body = await asyncio.to_thread(
-            images.render_output, first, size, seed, index, str(job.inputs["prompt"])
-        )
+        faults = self.state.faults(job.key)
+        fault = images.edit_fault(job.prediction_id, index, faults.edits())
+        body = await asyncio.to_thread(images.render_output, first, size, seed, index, fault)
         if len(body) < self.settings.output_bytes:
             body = images.pad_jpeg(body, self.settings.output_bytes)
-        faults = self.state.faults(job.key)
         if self.state.chance(faults.bad_output):
             body = bytes(len(body))  # as long as the image, but zeros
         elif self.state.chance(faults.truncated_output):

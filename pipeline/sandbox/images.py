@@ -1,9 +1,11 @@
 """Pictures for the sandbox: sample product photos to edit, and the "edited" outputs.
 
 Everything is drawn with Pillow, deterministically, so no binary file ships with the project.
-An output is made from its input by a visible transformation chosen by the seed (a colour
-grade, a mirror, a frame and a caption), at the long side the size promises (1024 or 2048 px,
-times the sandbox's image scale) and the aspect ratio of the LAST input image, as the provider does.
+An output is made from its input as a product photo: the input's product cut out from its
+ground and set on pure white, filling 87-92 % of the frame (the seed says where in that range),
+at the long side the size promises (1024 or 2048 px, times the sandbox's image scale) and the
+aspect ratio of the LAST input image, as the provider does. At set rates an output has one of
+the faults a marketplace refuses (`EDIT_FAULTS`), drawn from the output's own hash.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import hashlib
 import io
 import random
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageOps
+
+from pipeline.core import EDIT_FAULTS
 
 __all__ = [
+    "EDIT_FAULTS",
     "SAMPLES",
+    "edit_fault",
     "pad_jpeg",
     "render_output",
     "sample_image",
@@ -114,25 +120,53 @@ def target_size(size: str, aspect_from: tuple[int, int], image_scale: float) -> 
     return max(1, round(long_side * w / h)), long_side
 
 
+def edit_fault(prediction_id: str, index: int, rates: dict[str, float]) -> str | None:
+    """Which fault (if any) this output has: one draw from the output's own hash, so every
+    fetch of it gives the same picture and a test can tell each output's fault."""
+    draw = int.from_bytes(hashlib.sha256(f"{prediction_id}:{index}".encode()).digest()[:8]) / 2**64
+    for name in EDIT_FAULTS:
+        rate = rates.get(name, 0.0)
+        if draw < rate:
+            return name
+        draw -= rate
+    return None
+
+
+def _product(source: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """The source's product cut out (its box) and its mask: what differs from the colour of
+    the source's corners."""
+    rgb = source.convert("RGB")
+    ground = Image.new("RGB", rgb.size, rgb.getpixel((0, 0)))
+    mask = ImageChops.difference(rgb, ground).convert("L").point(lambda v: 255 if v > 24 else 0)
+    box = mask.getbbox() or (0, 0, rgb.width, rgb.height)
+    return rgb.crop(box), mask.crop(box)
+
+
 def render_output(
-    source: Image.Image, size: tuple[int, int], seed: int, index: int, prompt: str
+    source: Image.Image, size: tuple[int, int], seed: int, index: int, fault: str | None = None
 ) -> bytes:
-    """The edited picture: the source, fitted to size, graded, framed and captioned; JPEG bytes."""
+    """The edited picture, as a product photo: the source's product on pure white, filling
+    87-92 % of the frame (the seed sets where in that range, and a slight shift of light), or
+    the fault's picture; JPEG bytes."""
     rng = random.Random(f"{seed}:{index}")
-    image = ImageOps.fit(source.convert("RGB"), size)
-    tint = tuple(rng.randrange(40, 220) for _ in range(3))
-    image = Image.blend(ImageOps.posterize(image, 3), Image.new("RGB", size, tint), 0.35)
-    if rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    draw = ImageDraw.Draw(image)
-    border = max(2, min(size) // 40)
-    draw.rectangle((0, 0, size[0] - 1, size[1] - 1), outline=tint, width=border)
-    if min(size) >= 96:
-        caption = f"wan 2.7 edit #{index + 1} seed {seed}: {prompt[:40]}"
-        draw.rectangle((0, size[1] - 24 - border, size[0], size[1] - border), fill=(0, 0, 0))
-        draw.text((border + 6, size[1] - 20 - border), caption, fill=(255, 255, 255))
+    if fault == "unchanged_output":
+        image = ImageOps.fit(source.convert("RGB"), size)
+    else:
+        if fault == "undersized_output":
+            size = (max(1, size[0] // 2), max(1, size[1] // 2))
+        grey = rng.randrange(150, 205)
+        ground = (grey, grey, grey) if fault == "grey_background" else (255, 255, 255)
+        image = Image.new("RGB", size, ground)
+        if fault != "missing_product":
+            part, mask = _product(source)
+            fill = rng.uniform(0.35, 0.5) if fault == "small_product" else rng.uniform(0.87, 0.92)
+            scale = fill / max(part.width / size[0], part.height / size[1])
+            fitted = (max(1, round(part.width * scale)), max(1, round(part.height * scale)))
+            part = ImageEnhance.Brightness(part.resize(fitted)).enhance(rng.uniform(0.96, 1.04))
+            at = ((size[0] - fitted[0]) // 2, (size[1] - fitted[1]) // 2)
+            image.paste(part, at, mask.resize(fitted))
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=85)
+    image.save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 

@@ -1,0 +1,137 @@
+"""The checks' pass over a run: every stored edit not measured yet is read back from the store,
+measured against its input, judged by the run's thresholds, and the result journaled.
+
+It runs after each round's downloads, so a crash or a stop leaves the unmeasured images to the
+next run of the same command, and a resumed or reused row is measured like any other. An input
+that cannot be fetched (no network, a presigned upload) leaves the rules that compare with it
+unmeasured (null), which never fails an edit: the rules that need nothing else still judge it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from pipeline.checks.measure import Picture, Unreadable, measure, picture
+from pipeline.core import (
+    MAX_INPUT_BYTES,
+    UPLOAD_TOKEN,
+    ConfigError,
+    Threshold,
+    located,
+    read_object,
+)
+from pipeline.journal import CheckTarget, Journal, Measured
+
+__all__ = ["CheckStage", "judge"]
+
+_log = structlog.get_logger("pipeline.checks.stage")
+_LONG_SIDE = {"1K": 1024, "2K": 2048}
+_HELD_INPUTS = 512  # inputs' working copies kept (a catalog's rows often share one)
+
+
+def judge(
+    thresholds: list[Threshold], values: dict[str, float | None]
+) -> tuple[dict[str, float | None], list[str]]:
+    """The measures kept (one per rule held) and the rules failed, in the rules' order; a rule
+    not measured (None) does not fail."""
+    kept = {t.name: values.get(t.name) for t in thresholds}
+    failed = [t.name for t in thresholds if (v := kept[t.name]) is not None and not t.passes(v)]
+    return kept, failed
+
+
+class CheckStage:
+    """Measures a run's stored edits; `run(journal)` in a thread, each image in a pool."""
+
+    def __init__(
+        self,
+        thresholds: list[Threshold],
+        run_dir: Path,
+        storage_options: dict[str, str],
+        *,
+        image_scale: float = 1.0,
+        samples_from: str | None = None,
+    ) -> None:
+        self._thresholds = thresholds
+        self._wanted = {t.name for t in thresholds}
+        self._run_dir = run_dir
+        self._options = storage_options
+        self._scale = image_scale
+        self._samples_from = samples_from  # the embedded sandbox's root, for its samples
+        self._inputs: OrderedDict[str, Picture | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def run(self, journal: Journal) -> int:
+        """Measure every stored edit not measured yet; how many were."""
+        if not self._thresholds:
+            return 0
+        done = 0
+        with (
+            httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=True) as http,
+            ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), "checks") as pool,
+        ):
+            for batch in journal.images_to_check():
+                measured = list(pool.map(lambda t: self._one(t, http), batch))
+                journal.record_checks(measured)
+                done += len(measured)
+        if done:
+            _log.info("checked", images=done)
+        return done
+
+    def _one(self, target: CheckTarget, http: httpx.Client) -> Measured:
+        try:
+            edit = picture(self._read(target.path))
+        except Unreadable:
+            return Measured(target.row_number, target.index, {"decodes": 0.0}, ["decodes"])
+        except (OSError, ConfigError) as exc:
+            _log.warning("check_unread", row=target.row_number, error=str(exc)[:300])
+            return Measured(target.row_number, target.index, {"decodes": 0.0}, ["decodes"])
+        source = self._input(target.source, http) if target.source else None
+        asked = _LONG_SIDE.get(target.size or "2K", 2048) * self._scale
+        values, failed = judge(self._thresholds, measure(edit, source, asked, self._wanted))
+        return Measured(target.row_number, target.index, values, failed)
+
+    def _read(self, path: str) -> bytes:
+        where = located(path, self._run_dir)
+        if "://" in where:
+            return read_object(where, self._options, 200_000_000)
+        return Path(where).read_bytes()
+
+    def _input(self, url: str, http: httpx.Client) -> Picture | None:
+        """The input's working copy (fetched once per URL), or None when it cannot be had."""
+        with self._lock:
+            if url in self._inputs:
+                self._inputs.move_to_end(url)
+                return self._inputs[url]
+        found = None
+        if not url.startswith(UPLOAD_TOKEN):
+            found = self._fetch(url, http)
+        with self._lock:
+            self._inputs[url] = found
+            if len(self._inputs) > _HELD_INPUTS:
+                self._inputs.popitem(last=False)
+        return found
+
+    def _fetch(self, url: str, http: httpx.Client) -> Picture | None:
+        parts = urlsplit(url)
+        if self._samples_from is not None and parts.path.startswith("/samples/"):
+            url = self._samples_from + parts.path
+        try:
+            with http.stream("GET", url) as answer:
+                answer.raise_for_status()
+                data = bytearray()
+                for chunk in answer.iter_bytes():
+                    data += chunk
+                    if len(data) > MAX_INPUT_BYTES:
+                        return None
+            return picture(bytes(data))
+        except (httpx.HTTPError, Unreadable, ValueError, OverflowError) as exc:
+            _log.debug("check_input_unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
+            return None

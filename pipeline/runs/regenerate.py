@@ -1,0 +1,73 @@
+"""`checks.regenerate: N`: an edit that fails an automatic check is made again with a new seed,
+up to N times a row, within the budget. Each failed edit goes into its row's history as a
+person's rejection does (its cost still counted, its images kept, `rejected_by: checks` and the
+rules it failed), and the row is sent again; the first edit that passes is kept. Decided from
+the journal alone, so a crash between rounds loses nothing: the next run takes up the rows
+where they stand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import structlog
+
+from pipeline.core import RunConfig, Status
+from pipeline.intake import Manifest
+from pipeline.journal import Journal, Redo, StateStore
+from pipeline.runs.review import remake
+
+__all__ = ["regenerate"]
+
+_log = structlog.get_logger("pipeline.runs.regenerate")
+_NOTE = "made again: the edit failed the automatic checks"
+
+
+def regenerate(
+    config: RunConfig,
+    journal: Journal,
+    state: StateStore | None,
+    manifest: Manifest,
+    first: bool = True,
+) -> int:
+    """Put back the rows whose edit failed a check and may be made again; how many rows.
+    The rows that cannot be are said on the `first` round only."""
+    most = config.checks.regenerate
+    rows = journal.to_regenerate(most) if most else []
+    if not rows:
+        return 0
+    targets = journal.review_targets(rows)
+    edits = {t.prediction_id for t in targets.values() if t.prediction_id}
+    shared = journal.sharing(edits)
+    targets.update(journal.review_targets([r for rs in shared.values() for r in rs]))
+    redo: list[Redo] = []
+    same = 0
+    judged: set[str] = set()
+    for row in rows:
+        lead = targets[row]
+        if lead.status is not Status.SUCCEEDED or lead.prediction_id in judged:
+            continue
+        judged.add(lead.prediction_id or "")
+        made = remake(config, manifest, lead, _NOTE)
+        if made is None:
+            same += 1  # a fixed seed and prompt would buy the same image again
+            continue
+        made = replace(made, by="checks")
+        followers = shared.get(lead.prediction_id or "", [row])
+        redo.append(made)
+        redo += [replace(made, row_number=r, follows=row) for r in followers if r != row]
+    journal.record_review([], redo)
+    if state is not None:  # no later night carries a failed edit over
+        failed = [targets[r.row_number] for r in redo if r.follows is None]
+        state.forget(
+            [(t.fingerprint, t.prediction_id) for t in failed if t.fingerprint and t.prediction_id]
+        )
+    if same and first:
+        _log.warning(
+            "not_regenerated",
+            rows=same,
+            said=f"{same:,} edit(s) failed a check but were not made again: their input fixes "
+            "the seed and the prompt, and would make the same image",
+        )
+    _log.info("regenerating", rows=len(redo))
+    return len(redo)
