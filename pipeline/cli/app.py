@@ -47,7 +47,7 @@ from pipeline.drive import Workers
 from pipeline.intake import Estimate, estimate, read_header, recognise, starter_config
 from pipeline.journal import reading
 from pipeline.observe import Reporter, format_duration
-from pipeline.outputs import RunSummary, summary_rows, write_report
+from pipeline.outputs import RunSummary, checks_said, summary_rows, write_report
 from pipeline.provider import read_balance
 from pipeline.runs import (
     FolderStatus,
@@ -399,6 +399,14 @@ def retry_command(
             "fixes one; --set may change the prompt)."
         ),
     ] = None,
+    approve_passing: Annotated[
+        bool,
+        typer.Option(
+            "--approve-passing",
+            help="Approve every edit no person has judged whose images passed every automatic "
+            "check (checks:); flagged edits are left to review.",
+        ),
+    ] = False,
     force: _Force = False,
     grace: _Grace = 30.0,
     output_dir: _OutputDir = None,
@@ -408,19 +416,20 @@ def retry_command(
     ray_address: _RayAddress = None,
 ) -> None:
     """Run a config's failed rows, or its rejected edits, again, in the same run folder (and
-    finish any unfinished)."""
+    finish any unfinished); approve the edits that passed the checks."""
 
     def act() -> int:
         if errors is not None:
             chosen = _error_selection(errors)
         else:
-            chosen = frozenset() if rejected is not None else TRANSIENT_ERRORS
+            review = rejected is not None or approve_passing
+            chosen = frozenset() if review else TRANSIENT_ERRORS
         return _execute(
             _given(config, overrides, output_dir, run_date),
             force=force,
             grace=grace,
             fresh=False,
-            reprocess=Reprocess(chosen, decisions=rejected),
+            reprocess=Reprocess(chosen, decisions=rejected, approve_passing=approve_passing),
             workers=_workers(workers, ray_address),
         )
 
@@ -613,6 +622,8 @@ def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:
                 f"{r['to_review']:,} to review",
             )
         )
+    if found.checks.get("measured"):
+        rows.append(("checks", checks_said(found.checks)))
     if found.images_by_state:
         rows.append(
             (

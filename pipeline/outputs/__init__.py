@@ -13,7 +13,7 @@ closing.py      the closing summary's rows, for the terminal
 from __future__ import annotations
 
 from pipeline.outputs.approved import write_approved
-from pipeline.outputs.closing import summary_rows
+from pipeline.outputs.closing import checks_said, summary_rows
 from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
 from pipeline.outputs.removed import REMOVED, write_removed
@@ -49,6 +49,7 @@ __all__ = [
     "ResultLayout",
     "RunSummary",
     "ThumbSink",
+    "checks_said",
     "finish_line",
     "input_thumb",
     "make_thumbnail",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.core import COUNTERS
 from pipeline.outputs.removed import REMOVED
 from pipeline.outputs.summary import RunSummary
 
-__all__ = ["summary_rows"]
+__all__ = ["checks_said", "summary_rows"]
 
 
 def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
@@ -80,6 +82,8 @@ def _files(summary: RunSummary) -> list[tuple[str, str]]:
     rows = [("results", str(summary.results_path))]
     if summary.failures_path is not None:
         rows.append(("failures manifest", str(summary.failures_path)))
+    if summary.checks.get("measured"):
+        rows.append(("checks", checks_said(summary.checks)))
     to_review = summary.reviews.get("to_review", 0)
     if to_review and (summary.run_dir / "report.html").is_file():
         rows.append(
@@ -103,3 +107,13 @@ def _by_type(counts: dict[str, int]) -> str:
         return "0"
     parts = ", ".join(f"{kind} {n:,}" for kind, n in sorted(counts.items()))
     return f"{total:,} ({parts})"
+
+
+def checks_said(checks: dict[str, Any]) -> str:
+    """The checks in one line: images measured, passed, and failures by rule."""
+    said = f"{checks['measured']:,} images measured, {checks['passed']:,} passed"
+    if checks["by_rule"]:
+        said += "; failed " + ", ".join(f"{k} {v:,}" for k, v in checks["by_rule"].items())
+    if checks.get("regenerated"):
+        said += f"; {checks['regenerated']:,} made again"
+    return said

@@ -67,6 +67,7 @@ class RunSummary:
     removed: int | None = None
     # where the review stands: edits approved, rows rejected, edits no person judged yet
     reviews: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)  # measured, passed, failed, by_rule
 
     def results(self) -> Any:
         """results.parquet as a pandas DataFrame with Arrow-backed types (nullable integers
@@ -180,6 +181,7 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "balance_usd_at_start": summary.balance_usd,
         "removed_products": summary.removed,
         "reviews": summary.reviews,
+        "checks": summary.checks,
         "callbacks": asdict(stats.callbacks) if stats.callbacks is not None else None,
         **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
         "throughput": _throughput(summary, config),

@@ -432,6 +432,7 @@ def _summary(
         ended_at=time.time(),
         removed=books.removed,
         reviews=journal.review_counts(),
+        checks=journal.check_counts(),
     )
 
 

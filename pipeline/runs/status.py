@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.core import OPEN, ApiKey
 from pipeline.journal import reading
@@ -29,6 +30,7 @@ class FolderStatus:
     waiting_on_keys: dict[str, int]  # key name -> jobs in flight it alone can see end
     missing_keys: dict[str, int] = field(default_factory=dict)  # of those, keys not given
     reviews: dict[str, int] = field(default_factory=dict)  # approved, rejected, to_review
+    checks: dict[str, Any] = field(default_factory=dict)  # Journal.check_counts
 
     @property
     def finished(self) -> bool:
@@ -52,6 +54,7 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         waiting, images = journal.waiting_on_keys(), journal.image_states()
         complete = journal.get_meta("ingest_complete") == "1"
         reviews = journal.review_counts()
+        checks = journal.check_counts()
     given = {k.name for k in keys}
     holder = holder_of(run_dir)
     return FolderStatus(
@@ -70,4 +73,5 @@ def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
         if holder is not None
         else {k: n for k, n in waiting.items() if k not in given},
         reviews=reviews,
+        checks=checks,
     )
