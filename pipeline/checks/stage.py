@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from pipeline.checks.measure import Picture, Unreadable, measure, picture
+from pipeline.checks.pixels import Picture, Unreadable, measure, picture
 from pipeline.core import (
     MAX_INPUT_BYTES,
     UPLOAD_TOKEN,
@@ -89,14 +89,23 @@ class CheckStage:
         try:
             edit = picture(self._read(target.path))
         except Unreadable:
-            return Measured(target.row_number, target.index, {"decodes": 0.0}, ["decodes"])
+            return self._undecodable(target)
         except (OSError, ConfigError) as exc:
             _log.warning("check_unread", row=target.row_number, error=str(exc)[:300])
-            return Measured(target.row_number, target.index, {"decodes": 0.0}, ["decodes"])
+            return self._undecodable(target)
         source = self._input(target.source, http) if target.source else None
         asked = _LONG_SIDE.get(target.size or "2K", 2048) * self._scale
         values, failed = judge(self._thresholds, measure(edit, source, asked, self._wanted))
-        return Measured(target.row_number, target.index, values, failed)
+        held = {t.name: (values[t.name], t.bound, t.value) for t in self._thresholds}
+        return Measured(target.row_number, target.index, held, failed)
+
+    def _undecodable(self, target: CheckTarget) -> Measured:
+        """An edit that cannot be read back as an image fails `decodes`, measured or not."""
+        held = {
+            t.name: (0.0 if t.name == "decodes" else None, t.bound, t.value)
+            for t in self._thresholds
+        }
+        return Measured(target.row_number, target.index, held, ["decodes"])
 
     def _read(self, path: str) -> bytes:
         where = located(path, self._run_dir)

@@ -33,6 +33,7 @@ from rich.text import Text
 from pipeline import __version__
 from pipeline.cli.display import LineReporter, LiveReporter
 from pipeline.core import (
+    CHANNELS,
     ERROR_TYPES,
     TRANSIENT_ERRORS,
     ApiKey,
@@ -47,7 +48,7 @@ from pipeline.drive import Workers
 from pipeline.intake import Estimate, estimate, read_header, recognise, starter_config
 from pipeline.journal import reading
 from pipeline.observe import Reporter, format_duration
-from pipeline.outputs import RunSummary, checks_said, summary_rows, write_report
+from pipeline.outputs import RunSummary, checks_said, publish, summary_rows, write_report
 from pipeline.provider import read_balance
 from pipeline.runs import (
     FolderStatus,
@@ -577,6 +578,64 @@ def _recorded_report(run_dir: Path) -> tuple[str | None, list[str]]:
     except WanbatchError:
         return None, []
     return config.manifest.id_column_name, config.report.columns
+
+
+@app.command("publish")
+def publish_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="DIR|s3://...",
+            help="Where the copies go: a folder, or an object URL (s3://, gs://, az://).",
+        ),
+    ],
+    channel: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Copies made for a channel and held to its rules ({', '.join(CHANNELS)})."
+        ),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            metavar="KEY=VALUE",
+            help="A storage option for the destination (as assets.storage_options); the run's "
+            "own are used when none is given.",
+        ),
+    ] = None,
+) -> None:
+    """Copy the run's approved edits to a shop's or feed's folder or bucket: named for the
+    catalog, in the channel's format and size, tagged as AI-generated (IPTC
+    DigitalSourceType), recorded in the destination's published.csv; removed products are
+    retracted. A second publish copies nothing."""
+
+    def act() -> int:
+        options = dict(o.partition("=")[::2] for o in option or []) or _recorded_options(run_dir)
+        done = publish(run_dir, to, channel, options)
+        rows = [
+            ("copied", f"{done.copied:,}"),
+            ("already there", f"{done.unchanged:,}"),
+            ("retracted products", f"{done.retracted:,}"),
+            ("not published", f"{len(done.refused):,}"),
+            ("record", done.record),
+        ]
+        _print_rows(rows, 20)
+        for said in done.refused[:20]:
+            _err.print(f"not published: {said}", highlight=False, markup=False)
+        return ExitCode.OK if not done.refused else ExitCode.ROWS_FAILED
+
+    _guarded(act)
+
+
+def _recorded_options(run_dir: Path) -> dict[str, str]:
+    """The storage options of the config that made the folder, when it can still be loaded."""
+    try:
+        return dict(_given(str(run_dir), None, None, None).load().assets.storage_options)
+    except WanbatchError:
+        return {}
 
 
 @app.command("status")

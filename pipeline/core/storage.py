@@ -148,6 +148,27 @@ class ObjectStore:
             raise OSError(f"cannot look up {name}: {said(exc)}") from None
         return True
 
+    def get(self, name: str) -> bytes:
+        """The object's bytes: FileNotFoundError when it is not there, OSError otherwise."""
+        import obstore
+
+        try:
+            return bytes(obstore.get(self._store, name).bytes())
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see __init__
+            raise OSError(f"cannot read {name}: {said(exc)}") from None
+
+    def delete(self, name: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, name)
+        except FileNotFoundError:
+            return
+        except Exception as exc:  # noqa: BLE001 - see __init__
+            raise OSError(f"cannot delete {name}: {said(exc)}") from None
+
     def sign(self, name: str, lifetime: datetime.timedelta) -> str:
         """A presigned HTTPS GET of `name`, valid for `lifetime` from now."""
         import obstore

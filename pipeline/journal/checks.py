@@ -4,7 +4,7 @@ recorded, and what they decide (rows to make again, rows that passed, counts by 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,11 @@ class CheckTarget:
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """An image's measures ({rule: value}) and the rules it failed."""
+    """An image's measures ({rule: (value, bound, threshold)}) and the rules it failed."""
 
     row_number: int
     index: int
-    values: dict[str, float | None]
+    values: Mapping[str, tuple[float | None, str, float]]
     failed: list[str]
 
 

@@ -16,6 +16,7 @@ from pipeline.core import (
 from pipeline.journal.file import JournalFile
 from pipeline.journal.rows import CostBooks, ReportRow, _copies, _report_row, made_for, stem
 from pipeline.journal.tables import (
+    _CHECKED,
     _CLEARED_OUTCOME,
     _OPEN,
     _PATHS,
@@ -297,7 +298,7 @@ class Reports(JournalFile):
         columns = (
             "row_number, job_id, status, cost_usd, error_type, error_message, inputs, record,"
             f" output_urls, prediction_id, history, review, review_note, reused,"
-            f" {_PATHS} AS paths"
+            f" {_PATHS} AS paths, {_CHECKED} AS checked"
         )
         for batch in self._pages(columns, "1", (), batch_size):
             yield [_report_row(row) for row in batch]

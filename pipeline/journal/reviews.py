@@ -59,6 +59,8 @@ class ApprovedImage:
     url: str
     sha256: str | None
     note: str
+    cost_usd: float = 0.0  # the image's share of its job's cost
+    checks_failed: tuple[str, ...] | None = None  # the rules it failed (None: not measured)
 
 
 class Reviews(JournalFile):
@@ -210,7 +212,8 @@ class Reviews(JournalFile):
             with self._lock:
                 got = self._db.execute(
                     "SELECT j.job_id, j.row_number, j.prediction_id, j.review_note, i.idx,"
-                    " i.path, i.url, i.sha256, i.state FROM jobs j JOIN images i"
+                    " i.path, i.url, i.sha256, i.state, j.cost_usd, j.images, j.reused,"
+                    " i.checks_failed FROM jobs j JOIN images i"
                     " ON i.row_number = j.row_number WHERE j.review='approved'"
                     " AND (j.row_number, i.idx) > (?, ?) ORDER BY j.row_number, i.idx LIMIT ?",
                     (*after, batch_size),
@@ -227,6 +230,8 @@ class Reviews(JournalFile):
                     r["url"],
                     r["sha256"],
                     r["review_note"] or "",
+                    0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6),
+                    None if r["checks_failed"] is None else tuple(json.loads(r["checks_failed"])),
                 )
                 for r in got
             ]

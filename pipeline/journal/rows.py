@@ -95,6 +95,9 @@ class ReportRow:
     review_note: str | None = None
     rejected_note: str | None = None  # the current edit remakes a rejected one: its note
     reused: bool = False  # its edit was carried over from an earlier run, not made in this one
+    # the automatic checks on its images: each failed rule with its measure ("output 1:
+    # white_background 0.12, at least 0.97"); None while no image was measured
+    flags: tuple[str, ...] | None = None
 
 
 def _report_row(row: sqlite3.Row) -> ReportRow:
@@ -114,7 +117,23 @@ def _report_row(row: sqlite3.Row) -> ReportRow:
         review_note=row["review_note"],
         rejected_note=rejected_note(row["history"]),
         reused=bool(row["reused"]),
+        flags=_flags(row["checked"]),
     )
+
+
+def _flags(text: str | None) -> tuple[str, ...] | None:
+    """The failed rules of a row's measured images, each said with its measure."""
+    measured = json.loads(text) if text else []
+    if not measured:
+        return None
+    said = []
+    for image in measured:
+        for rule in image["f"]:
+            value, bound, limit = image["c"].get(rule, (None, "min", 0))
+            shown = "not measured" if value is None else f"{value:g}"
+            word = "at least" if bound == "min" else "at most"
+            said.append(f"output {image['i'] + 1}: {rule} {shown}, {word} {limit:g}")
+    return tuple(said)
 
 
 def _earlier(history: str | None) -> list[dict[str, Any]]:

@@ -97,8 +97,8 @@ _ADDED = {
 }
 
 
-# the same, of the images table: the checks' measures ({rule: value}) and the rules failed (a
-# JSON list; NULL: not measured)
+# the same, of the images table: the checks' measures ({rule: [value, bound, threshold]}) and
+# the rules failed (a JSON list; NULL: not measured)
 _ADDED_IMAGES = {"checks": "TEXT", "checks_failed": "TEXT"}
 
 # the rules a job's images failed, as one JSON list (NULL when none was measured)
@@ -107,6 +107,15 @@ _FAILED = (
     " AND images.checks_failed IS NOT NULL) THEN (SELECT json_group_array(DISTINCT f.value)"
     " FROM images, json_each(images.checks_failed) AS f"
     " WHERE images.row_number = jobs.row_number) END)"
+)
+
+
+# a job's measured images, in output order, as a JSON array of {i: index, c: measures, f:
+# rules failed}
+_CHECKED = (
+    "(SELECT json_group_array(json_object('i', idx, 'c', json(checks), 'f', json(checks_failed)))"
+    " FROM (SELECT idx, checks, checks_failed FROM images WHERE images.row_number ="
+    " jobs.row_number AND checks_failed IS NOT NULL ORDER BY idx))"
 )
 
 

@@ -8,6 +8,8 @@ removed.py      removed.csv: products an earlier night had and tonight's export 
 html_report.py  report.html
 summary.py      the run's summary (RunSummary) and summary.json
 closing.py      the closing summary's rows, for the terminal
+publishing.py   `wanbatch publish`: approved edits copied for a channel, named for the catalog
+tagging.py      the AI tag (IPTC DigitalSourceType in XMP) written into a copy and read back
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pipeline.outputs.approved import write_approved
 from pipeline.outputs.closing import checks_said, summary_rows
 from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
+from pipeline.outputs.publishing import PUBLISHED, Published, publish
 from pipeline.outputs.removed import REMOVED, write_removed
 from pipeline.outputs.results import (
     RESULTS_ROWS,
@@ -38,6 +41,7 @@ from pipeline.outputs.thumbs import (
 )
 
 __all__ = [
+    "PUBLISHED",
     "REMOVED",
     "RESULTS_ROWS",
     "RESULTS_RUN_ID",
@@ -46,6 +50,7 @@ __all__ = [
     "CopyCheck",
     "Downloader",
     "FolderThumbs",
+    "Published",
     "ResultLayout",
     "RunSummary",
     "ThumbSink",
@@ -54,6 +59,7 @@ __all__ = [
     "input_thumb",
     "make_thumbnail",
     "open_store",
+    "publish",
     "recheck_copies",
     "save_thumb",
     "summary_rows",

@@ -58,6 +58,7 @@ _FIELDS = (
     "reviewNote",
     "earlier",
     "reused",
+    "flags",
 )
 
 
@@ -128,6 +129,7 @@ def _entry(
         "reviewNote": row.review_note,
         "earlier": row.rejected_note,
         "reused": row.reused,
+        "flags": None if row.flags is None else list(row.flags),
     }
     return [fields[name] for name in _FIELDS]
 

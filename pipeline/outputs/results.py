@@ -527,9 +527,9 @@ def _check_columns(batch: list[Any]) -> dict[str, list[Any]]:
         values = json.loads(r["checks"]) if r["checks"] else {}
         failed = json.loads(r["checks_failed"]) if r["checks_failed"] is not None else None
         for name in RULES:
-            held = name in values
-            columns[f"check_{name}"].append(values.get(name))
-            passed = None if not held or values[name] is None else name not in (failed or [])
+            value = values[name][0] if name in values else None
+            columns[f"check_{name}"].append(value)
+            passed = None if value is None else name not in (failed or [])
             columns[f"check_{name}_passed"].append(passed)
         columns["checks_passed"].append(None if failed is None else not failed)
         columns["checks_failed"].append(failed)
