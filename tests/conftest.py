@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, settings
 from moto.server import ThreadedMotoServer
+from playwright.async_api import Browser, async_playwright
 
 from pipeline.core import ApiKey, RunConfig, parse_config
 from pipeline.core.schema import MODEL, fingerprint
@@ -305,3 +306,12 @@ def chromium() -> str:
         found = shutil.which("chromium")
     assert found is not None, "Debian's chromium package could not be installed"
     return found
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """Headless Chromium driven by Playwright (Debian's binary: Playwright downloads none)."""
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
+        yield launched
+        await launched.close()

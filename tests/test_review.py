@@ -9,21 +9,19 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from pipeline.core import ConfigError, ExitCode, fingerprint, from_sheet, parse_config, to_sheet
 from pipeline.intake import Manifest, read_decisions
 from pipeline.runs import Reprocess, folder_status
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
-    CHROMIUM_FLAGS,
     KEY,
     KEY2,
     SCALE,
@@ -38,15 +36,6 @@ from tests.test_observe import Start, _cli
 from tests.test_report import ARTIFACTS
 
 _NOTE = 'logo cut off, "handle" missing'
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Browser]:
-    """Headless Chromium driven by Playwright (Debian's binary: Playwright downloads none)."""
-    async with async_playwright() as driver:
-        launched = await driver.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
-        yield launched
-        await launched.close()
 
 
 def _all_files(paths: list[str]) -> bool:

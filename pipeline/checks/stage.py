@@ -66,6 +66,7 @@ class CheckStage:
         self._scale = image_scale
         self._samples_from = samples_from  # the embedded sandbox's root, for its samples
         self._inputs: OrderedDict[str, Picture | None] = OrderedDict()
+        self._dead_hosts: set[str] = set()  # inputs' hosts that could not be reached
         self._lock = threading.Lock()
 
     def run(self, journal: Journal) -> int:
@@ -132,6 +133,8 @@ class CheckStage:
         parts = urlsplit(url)
         if self._samples_from is not None and parts.path.startswith("/samples/"):
             url = self._samples_from + parts.path
+        elif parts.netloc in self._dead_hosts:
+            return None
         try:
             with http.stream("GET", url) as answer:
                 answer.raise_for_status()
@@ -141,6 +144,9 @@ class CheckStage:
                     if len(data) > MAX_INPUT_BYTES:
                         return None
             return picture(bytes(data))
+        except httpx.TransportError:
+            self._dead_hosts.add(parts.netloc)  # one try per unreachable host, not per row
+            return None
         except (httpx.HTTPError, Unreadable, ValueError, OverflowError) as exc:
             _log.debug("check_input_unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
             return None

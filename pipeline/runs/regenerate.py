@@ -28,10 +28,13 @@ def regenerate(
     journal: Journal,
     state: StateStore | None,
     manifest: Manifest,
+    room_usd: float | None,
     first: bool = True,
 ) -> int:
-    """Put back the rows whose edit failed a check and may be made again; how many rows.
-    The rows that cannot be are said on the `first` round only."""
+    """Put back the rows whose edit failed a check and may be made again, as many as
+    `room_usd` (what the budget has left; None: no budget) pays for at the configured price,
+    so a row is never left without an edit for want of money; how many rows. The rows that
+    cannot be are said on the `first` round only."""
     most = config.checks.regenerate
     rows = journal.to_regenerate(most) if most else []
     if not rows:
@@ -41,18 +44,25 @@ def regenerate(
     shared = journal.sharing(edits)
     targets.update(journal.review_targets([r for rs in shared.values() for r in rs]))
     redo: list[Redo] = []
-    same = 0
+    same = short = 0
     judged: set[str] = set()
+    price = config.api.price_per_image_usd
     for row in rows:
         lead = targets[row]
         if lead.status is not Status.SUCCEEDED or lead.prediction_id in judged:
             continue
         judged.add(lead.prediction_id or "")
+        cost = price * int(lead.inputs.get("n", 1) or 1)
+        if room_usd is not None and cost > room_usd + 1e-9:
+            short += 1  # the failing edit is kept, flagged: the budget pays for no remake
+            continue
         made = remake(config, manifest, lead, _NOTE)
         if made is None:
             same += 1  # a fixed seed and prompt would buy the same image again
             continue
         made = replace(made, by="checks")
+        if room_usd is not None:
+            room_usd -= cost
         followers = shared.get(lead.prediction_id or "", [row])
         redo.append(made)
         redo += [replace(made, row_number=r, follows=row) for r in followers if r != row]
@@ -68,6 +78,13 @@ def regenerate(
             rows=same,
             said=f"{same:,} edit(s) failed a check but were not made again: their input fixes "
             "the seed and the prompt, and would make the same image",
+        )
+    if short:
+        _log.warning(
+            "regenerate_budget",
+            rows=short,
+            said=f"{short:,} edit(s) failed a check and were kept as they are: budget.max_cost_usd "
+            "leaves no room to make them again",
         )
     _log.info("regenerating", rows=len(redo))
     return len(redo)

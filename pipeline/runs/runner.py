@@ -359,13 +359,15 @@ async def _drive_rounds(
                 await anyio.to_thread.run_sync(checker.run, journal)
             if stop[0] is not ExitCode.OK or drive.faults.describe() is not None:
                 break
+            price = config.api.price_per_image_usd
+            spent = journal.totals()["cost_usd"] + journal.cost_books().lost_spend_usd(price)
+            budget = config.budget.max_cost_usd
+            room = None if budget is None else budget - spent
             again = functools.partial(
-                regenerate, config, journal, drive.state, drive.manifest, round_ == 0
+                regenerate, config, journal, drive.state, drive.manifest, room, round_ == 0
             )
             if not await anyio.to_thread.run_sync(again):
                 break
-            price = config.api.price_per_image_usd
-            spent = journal.totals()["cost_usd"] + journal.cost_books().lost_spend_usd(price)
     return stop, balance, figures
 
 
