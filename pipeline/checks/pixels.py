@@ -34,14 +34,29 @@ class Unreadable(Exception):
     """The bytes are no image Pillow can decode."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Picture:
-    """An image's working copy (RGB, 0-255) and what its header and file say."""
+    """An image's working copy (RGB, 0-255) and what its header and file say; its product's
+    box and its perceptual hash, once measured, are kept (an input is compared with each of
+    its edits)."""
 
     rgb: Pixels
     width: int
     height: int
     size_bytes: int
+    _box: tuple[int, int, int, int] | None = None
+    _boxed: bool = False
+    _hash: imagehash.ImageHash | None = None
+
+    def box(self) -> tuple[int, int, int, int] | None:
+        if not self._boxed:
+            self._box, self._boxed = _box(self.rgb), True
+        return self._box
+
+    def hash(self) -> imagehash.ImageHash:
+        if self._hash is None:
+            self._hash = imagehash.phash(Image.fromarray(self.rgb.astype(np.uint8)))
+        return self._hash
 
 
 def picture(data: bytes) -> Picture:
@@ -74,7 +89,9 @@ def _box(rgb: Pixels) -> tuple[int, int, int, int] | None:
     """The product's box (top, bottom, left, right; ends excluded), or None when the image is
     all background."""
     ground = np.median(_border(rgb), axis=0)
-    mask = np.abs(rgb - ground).max(axis=2) > _APART
+    apart = np.abs(rgb - ground)
+    # the largest channel difference, channel by channel: max over a last axis of 3 is slow
+    mask = np.maximum(np.maximum(apart[..., 0], apart[..., 1]), apart[..., 2]) > _APART
     h, w = mask.shape
     rows = np.flatnonzero(mask.sum(axis=1) > max(1, w * _LINE))
     cols = np.flatnonzero(mask.sum(axis=0) > max(1, h * _LINE))
@@ -88,10 +105,6 @@ def _cut(rgb: Pixels, box: tuple[int, int, int, int]) -> Pixels:
     part = Image.fromarray(rgb[top:bottom, left:right].astype(np.uint8))
     side = (_SSIM_SIDE, _SSIM_SIDE)
     return np.asarray(part.resize(side, Image.Resampling.BILINEAR), dtype=np.float32)
-
-
-def _hash(rgb: Pixels) -> imagehash.ImageHash:
-    return imagehash.phash(Image.fromarray(rgb.astype(np.uint8)))
 
 
 def measure(
@@ -112,7 +125,7 @@ def measure(
     if "white_background" in wanted:
         white = (_border(rgb) >= _WHITE).all(axis=1)
         found["white_background"] = round(float(white.mean()), 4)
-    box = _box(rgb) if wanted & {"product_fill", "product"} else None
+    box = edit.box() if wanted & {"product_fill", "product"} else None
     if "product_fill" in wanted:
         h, w = rgb.shape[:2]
         fill = 0.0 if box is None else max((box[1] - box[0]) / h, (box[3] - box[2]) / w)
@@ -120,7 +133,7 @@ def measure(
     found["changed"] = None
     found["product"] = None
     if source is not None and "changed" in wanted:
-        found["changed"] = float(_hash(rgb) - _hash(source.rgb))
+        found["changed"] = float(edit.hash() - source.hash())
     if source is not None and "product" in wanted:
         found["product"] = _kept(source, rgb, box)
     return {name: value for name, value in found.items() if name in wanted}
@@ -129,7 +142,7 @@ def measure(
 def _kept(source: Picture, rgb: Pixels, box: tuple[int, int, int, int] | None) -> float | None:
     """SSIM of the input's product and the edit's (0 when the edit has none; None when the
     input shows none to compare)."""
-    theirs = _box(source.rgb)
+    theirs = source.box()
     if theirs is None:
         return None
     if box is None:
