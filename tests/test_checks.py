@@ -13,16 +13,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.checks import judge, measure, picture
 from pipeline.core import EDIT_FAULTS, ChecksSection, ConfigError, parse_config
 from pipeline.outputs import publish
+from pipeline.outputs.publishing import copy_name
 from pipeline.outputs.tagging import AI_SOURCE, xmp_source
 from pipeline.runs import Reprocess
 from pipeline.sandbox.images import SAMPLES, edit_fault, render_output, sample_image, target_size
@@ -328,3 +332,42 @@ def _check_copies(folder: Path | None, approved: list[dict[str, Any]], read: Any
         assert line["checks"] == "passed"
         if folder is not None:
             assert line["destination"] == str(folder / f"{row['Handle']}.jpg")
+
+
+@given(
+    st.lists(st.text(min_size=1, max_size=40), min_size=2, max_size=8, unique=True),
+    st.integers(0, 3),
+)
+def test_every_product_gets_a_name_of_its_own(products: list[str], index: int) -> None:
+    """Any catalog ids (slashes, spaces, dots, letters of any script): each copy's name is a
+    plain file name, and two products never share one."""
+    names = [copy_name(p, index) for p in products]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+\.jpg", name) and not name.startswith(".")
+
+
+@given(
+    st.integers(1, 300),
+    st.integers(1, 300),
+    st.sampled_from(["RGB", "L", "RGBA", "P"]),
+    st.sampled_from(["PNG", "JPEG", "WEBP"]),
+    st.binary(min_size=16, max_size=64),
+)
+def test_any_image_is_measured_within_each_rules_range(
+    width: int, height: int, mode: str, kind: str, noise: bytes
+) -> None:
+    """Whatever an edit is (any size, mode or format, any content), every measure lands in its
+    rule's range, and a rule not measured never fails it."""
+    image = Image.frombytes("L", (width, height), (noise * (width * height))[: width * height])
+    image = image.convert(mode if not (kind == "JPEG" and mode in ("RGBA", "P")) else "RGB")
+    out = io.BytesIO()
+    image.save(out, format=kind)
+    held = ChecksSection(preset="amazon_main").thresholds()
+    values = measure(picture(out.getvalue()), None, 1024, {t.name for t in held})
+    assert values["changed"] is None and values["product"] is None  # no input to compare
+    assert 0 <= values["white_background"] <= 1 and 0 <= values["product_fill"] <= 1
+    assert values["not_blank"] >= 0 and values["long_side"] == max(width, height)
+    kept, failed = judge(held, values)
+    assert "product" not in failed and "changed" not in failed
+    assert set(failed) <= set(kept)

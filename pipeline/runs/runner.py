@@ -355,7 +355,8 @@ async def _drive_rounds(
                         engine.dispatcher.stop_creates("balance", balance.short)
                 stop = await drive_keys(drive, engine)
                 figures = engine.figures()
-            if config.assets.download:
+            if config.assets.download and stop[0] is not ExitCode.INTERRUPTED:
+                # a stopped run is not held for them: its next run measures them
                 await anyio.to_thread.run_sync(checker.run, journal)
             if stop[0] is not ExitCode.OK or drive.faults.describe() is not None:
                 break
