@@ -14,12 +14,12 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
 
-from pipeline.checks.pixels import Picture, Unreadable, measure, picture
 from pipeline.core import (
     MAX_INPUT_BYTES,
     UPLOAD_TOKEN,
@@ -29,6 +29,9 @@ from pipeline.core import (
     read_object,
 )
 from pipeline.journal import CheckTarget, Journal, Measured
+
+if TYPE_CHECKING:
+    from pipeline.checks.pixels import Picture
 
 __all__ = ["CheckStage", "judge"]
 
@@ -87,6 +90,8 @@ class CheckStage:
         return done
 
     def _one(self, target: CheckTarget, http: httpx.Client) -> Measured:
+        from pipeline.checks.pixels import Unreadable, measure, picture  # numpy & co., when used
+
         try:
             edit = picture(self._read(target.path))
         except Unreadable:
@@ -130,6 +135,8 @@ class CheckStage:
         return found
 
     def _fetch(self, url: str, http: httpx.Client) -> Picture | None:
+        from pipeline.checks.pixels import Unreadable, picture
+
         parts = urlsplit(url)
         if self._samples_from is not None and parts.path.startswith("/samples/"):
             url = self._samples_from + parts.path

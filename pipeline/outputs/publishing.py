@@ -22,9 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from pipeline.checks import judge, measure, picture
+from pipeline.checks import judge
 from pipeline.core import (
     CHANNELS,
     PRESETS,
@@ -177,12 +175,16 @@ def _publish_one(
     if same and kept is not None and kept["channel"] == (channel or "") and dest.exists(name):
         done.unchanged += 1
         return kept
+    from PIL import Image  # loaded by a publish, not by every import of the outputs
+
     try:
         data = _copy(_read(image.path, run_dir, options), channel)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         done.refused.append(f"{said}: {exc}")
         return None
     if rules:
+        from pipeline.checks import measure, picture  # numpy & co., when a channel asks
+
         wanted = {t.name for t in rules}
         values, failed = judge(rules, measure(picture(data), None, None, wanted))
         if failed:
@@ -220,6 +222,8 @@ def _read(path: str, run_dir: Path, options: dict[str, str]) -> bytes:
 
 def _copy(original: bytes, channel: str | None) -> bytes:
     """The channel's copy: RGB (transparency flattened on white), fitted, tagged JPEG."""
+    from PIL import Image
+
     spec = CHANNELS[channel] if channel else None
     with Image.open(io.BytesIO(original)) as image:
         image.load()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
-from PIL import Image
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["AI_SOURCE", "TagMissing", "tagged_jpeg", "xmp_source"]
 
@@ -45,6 +47,8 @@ def tagged_jpeg(image: Image.Image, quality: int) -> bytes:
 
 def xmp_source(data: bytes) -> str | None:
     """The `DigitalSourceType` an image's XMP says (an attribute or an element), or None."""
+    from PIL import Image
+
     with Image.open(io.BytesIO(data)) as image:
         packet = image.info.get("xmp")
     if not packet:
