@@ -74,11 +74,12 @@ class Checks(JournalFile):
     def to_regenerate(self, most: int) -> list[int]:
         """Succeeded rows no person has judged whose edit failed a check, and that the checks
         had made again fewer than `most` times; in row order. A row that shares another's
-        edit (`follows`) is left to that row."""
+        edit (`follows`) is left to that row, and an edit reused from an earlier night is
+        not made again by this one (that night had its own rounds)."""
         with self._lock:
             got = self._db.execute(
                 f"SELECT row_number FROM jobs WHERE status=? AND review IS NULL"
-                f" AND follows IS NULL AND {_BY_CHECKS} < ?"
+                f" AND follows IS NULL AND reused = 0 AND {_BY_CHECKS} < ?"
                 f" AND COALESCE({_FAILED}, '[]') != '[]' ORDER BY row_number",
                 (Status.SUCCEEDED.value, most),
             ).fetchall()

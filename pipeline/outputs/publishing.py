@@ -74,7 +74,10 @@ class _Destination:
         self._bucket = ObjectStore(self.url, options, what="--to") if "://" in to else None
         self._folder = None if self._bucket else Path(to)
         if self._folder is not None:
-            self._folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self._folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"--to {to} cannot be used: {exc.strerror or exc}") from None
 
     def where(self, name: str) -> str:
         return f"{self.url}/{name}" if self._bucket else str(self._folder_path(name))
@@ -143,8 +146,11 @@ def publish(
                 line = _publish_one(image, run_dir, dest, channel, rules, record, done, options)
                 if line is not None:
                     record[(line["id"], line["index"])] = line
-    done.retracted = _retract(run_dir, dest, record)
-    _write_record(dest, record)
+    done.retracted = _retract(run_dir, dest, record, done)
+    try:
+        _write_record(dest, record)
+    except OSError as exc:
+        raise ConfigError(f"{done.record} could not be written: {exc}") from None
     return done
 
 
@@ -191,7 +197,11 @@ def _publish_one(
             broken = ", ".join(f"{n} {values[n]:g}" for n in failed if values[n] is not None)
             done.refused.append(f"{said}: breaks {channel}'s rules ({broken})")
             return None
-    dest.write(name, data)
+    try:
+        dest.write(name, data)
+    except OSError as exc:
+        done.refused.append(f"{said}: {dest.where(name)} could not be written ({exc})")
+        return None
     done.copied += 1
     return {
         "id": image.job_id,
@@ -261,9 +271,13 @@ def _write_record(dest: _Destination, record: dict[tuple[str, str], dict[str, st
 
 
 def _retract(
-    run_dir: Path, dest: _Destination, record: dict[tuple[str, str], dict[str, str]]
+    run_dir: Path,
+    dest: _Destination,
+    record: dict[tuple[str, str], dict[str, str]],
+    done: Published,
 ) -> int:
-    """The products `removed.csv` lists, gone from the destination: how many."""
+    """The products `removed.csv` lists, gone from the destination: how many. A copy that
+    cannot be deleted keeps its line, and is said."""
     path = run_dir / REMOVED
     if not path.is_file():
         return 0
@@ -271,7 +285,12 @@ def _retract(
         gone = {str(from_sheet(row["job_id"])) for row in csv.DictReader(handle)}
     retracted = set()
     for key in [k for k in record if k[0] in gone]:
-        dest.delete(record[key]["destination"].rsplit("/", 1)[-1])
+        where = record[key]["destination"]
+        try:
+            dest.delete(where.rsplit("/", 1)[-1])
+        except OSError as exc:
+            done.refused.append(f"{key[0]} (removed from the catalog): {where} stays ({exc})")
+            continue
         del record[key]
         retracted.add(key[0])
     return len(retracted)
