@@ -12,6 +12,7 @@ import heapq
 import json
 import math
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -114,6 +115,9 @@ class SandboxState:
         self.settings = settings
         self._clock = clock
         self._rng = random.Random(settings.seed)
+        # every sandbox's prediction ids its own, as the provider's are (its draws stay those
+        # of the seed): a run folder kept across sandboxes never meets an id again
+        self._ids = secrets.randbits(128)
         self._keys = {secret: key_hash(secret) for secret in settings.keys}
         self._stats = {name: KeyStats() for name in self._keys.values()}
         self._faults = {
@@ -228,7 +232,7 @@ class SandboxState:
         stats = self._stats[key]
         latency = self._draw_latency()
         job = Job(
-            prediction_id=str(uuid.UUID(int=self._rng.getrandbits(128), version=4)),
+            prediction_id=str(uuid.UUID(int=self._rng.getrandbits(128) ^ self._ids, version=4)),
             key=key,
             inputs=inputs,
             fingerprint=fingerprint(model, inputs),
