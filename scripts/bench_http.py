@@ -52,7 +52,7 @@ async def _measure(base_url: str, count: int) -> None:
                 count, lambda: client.get(key, pid)
             ),
             "our listing read (one entry)": await _per_request(
-                count, lambda: client.executions(key, (*ENDED, "processing"), since)
+                count, lambda: client.executions(key, (*ENDED, "processing"), since, pages=1)
             ),
         }
         # the pool of a run of many keys: each request looks at every idle connection

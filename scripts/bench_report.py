@@ -122,8 +122,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--decisions", type=int, default=20_000, help="kept in the browser")
+    parser.add_argument(
+        "--no-browser", action="store_true", help="write the report only (the suite's smoke run)"
+    )
     args = parser.parse_args()
-    chromium = shutil.which("chromium")
+    chromium = None if args.no_browser else shutil.which("chromium")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
         journal = _journal(run_dir / "journal.sqlite", args.rows)
@@ -135,7 +138,8 @@ def main() -> None:
         print(f"report_write_s       {wrote:.2f}")
         print(f"report_mb            {report.stat().st_size / 1e6:.1f}")
         if chromium is None:
-            print("chromium             not installed (apt-get install chromium)")
+            if not args.no_browser:
+                print("chromium             not installed (apt-get install chromium)")
             return
         command = [
             chromium,

@@ -36,7 +36,8 @@ from pipeline.core import RunConfig, parse_config
 from pipeline.intake import Manifest
 from pipeline.journal import Journal
 from pipeline.runs import configure_logging, run
-from pipeline.runs.runner import _check_identity
+from pipeline.runs.identity import check_identity
+from pipeline.sandbox import open_embedded
 
 _CREATES = 10  # the budget lets this many creates through, then the run stops (exit 5)
 
@@ -83,7 +84,7 @@ def _ingest(folder: Path) -> dict[str, Any]:
     config.output.dir.mkdir(parents=True)
     manifest = Manifest(config.manifest, model=config.api.model, allow_loopback=False)
     journal = Journal(config.output.dir / "journal.sqlite")
-    _check_identity(journal, config, force=False)
+    check_identity(journal, config, force=False)
     started = time.perf_counter()
     ingested = 0
     for batch in manifest.batches(start_row=1):
@@ -104,7 +105,7 @@ def _resume(folder: Path) -> dict[str, Any]:
     config = _config(folder)
     configure_logging(None)
     called = time.time()
-    summary = anyio.run(lambda: run(config, [], handle_signals=False))
+    summary = anyio.run(lambda: run(config, [], handle_signals=False, embedded=open_embedded))
     ended = time.time()
     created = pq.read_table(summary.results_path, columns=["created_at"])["created_at"]
     first_create = pc.min(created).as_py().timestamp()

@@ -2,7 +2,7 @@
 `wanbatch run` of the config it wrote, on the embedded sandbox, each as its own process (as a
 person types them). The exports are the ones the tests judge (tests/test_products.py).
 
-    python scripts/first_run.py
+    python scripts/first_run.py [--only shopify amazon]
 
 Prints, per export: the platform `init` recognised, the seconds `init` took (with its
 estimate), the seconds the first run took, its exit code, and rows sent and skipped. Setting
@@ -11,6 +11,7 @@ up a fresh clone (`make setup`) is measured apart: `.ci/run` prints it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -64,9 +65,14 @@ def _timed(command: list[str], folder: Path) -> tuple[float, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="these exports alone (by name)")
+    args = parser.parse_args()
     wanbatch = [sys.executable, "-m", "pipeline"]
     print(f"{'export':<12} {'init s':>7} {'run s':>7} {'exit':>5} {'sent':>5} {'skipped':>8}")
     for name, make, extra in EXPORTS:
+        if args.only and name not in args.only:
+            continue
         with tempfile.TemporaryDirectory(prefix=f"first-run-{name}-") as tmp:
             folder = Path(tmp)
             export = make(folder)
