@@ -27,8 +27,8 @@ from pipeline.core import (
     ManifestError,
     RowsFailed,
     RunConfig,
-    RunEnded,
     apply_overrides,
+    ended_by,
     keys_from_env,
     load_config,
     parse_config,
@@ -42,9 +42,6 @@ from pipeline.runs import run as run_async
 __all__ = ["arun", "load", "run"]
 
 TABLE_MANIFEST = "manifest.parquet"  # a manifest given from Python, kept in the run folder
-
-# each exit code's exception, from the exception tree's own declaration of it
-_RAISES: dict[int, type[RunEnded]] = {cls.exit_code: cls for cls in RunEnded.__subclasses__()}
 
 
 def load(
@@ -142,7 +139,7 @@ async def arun(
             workers=Workers(workers, ray_address) if workers is not None else None,
             embedded=_embedded(loaded),
         )
-    raises = _RAISES.get(summary.exit_code)
+    raises = ended_by(summary.exit_code)
     if raises is RowsFailed and not raise_on_failed_rows:
         return summary
     if raises is not None:

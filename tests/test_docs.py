@@ -65,3 +65,25 @@ def test_no_link_of_the_docs_leaves_the_repository() -> None:
             if not target.is_relative_to(ROOT) or not target.exists():
                 wrong.append(f"{page.name}: {link}")
     assert wrong == []
+
+
+def test_what_the_docs_import_from_the_package_is_there() -> None:
+    """Every `from pipeline... import X` the docs show names something the package has; the
+    root gives what a caller catches (the errors, one per exit code) and RunSummary."""
+    import importlib
+
+    import pipeline
+
+    pages = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *(ROOT / "docs").glob("*.md")]
+    shown = [
+        (match.group(1), name.strip())
+        for page in pages
+        for match in re.finditer(r"from (pipeline[\w.]*) import ([\w, ]+)", page.read_text())
+        for name in match.group(2).split(",")
+    ]
+    assert shown
+    for module, name in shown:
+        assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None
+    assert pipeline.RowsFailed.exit_code == pipeline.ExitCode.ROWS_FAILED

@@ -66,6 +66,7 @@ from pipeline.core.errors import (
     Unauthorized,
     UnsafePredictionId,
     WanbatchError,
+    ended_by,
 )
 from pipeline.core.faults import EDIT_FAULTS, FaultRates, sandbox_keys
 from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, keys_from_env, resolve_groups
@@ -192,6 +193,7 @@ __all__ = [
     "apply_overrides",
     "check_input",
     "copy_object",
+    "ended_by",
     "file_sha256",
     "fingerprint",
     "from_sheet",

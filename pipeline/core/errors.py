@@ -73,6 +73,7 @@ __all__ = [
     "Unauthorized",
     "UnsafePredictionId",
     "WanbatchError",
+    "ended_by",
 ]
 
 
@@ -196,6 +197,12 @@ class BalanceOut(RunEnded):
 
 class ProviderDown(RunEnded):
     exit_code: int = ExitCode.PROVIDER_DOWN
+
+
+def ended_by(code: int) -> type[RunEnded] | None:
+    """The exception a run that ended with this exit code raises from Python (None: 0, or a
+    code no run ends with), read from the tree's own declarations, not listed again."""
+    return next((c for c in RunEnded.__subclasses__() if c.exit_code == code), None)
 
 
 class ApiError(WanbatchError):

@@ -115,17 +115,14 @@ class SandboxState:
         self.settings = settings
         self._clock = clock
         self._rng = random.Random(settings.seed)
-        # every sandbox's prediction ids its own, as the provider's are (its draws stay those
-        # of the seed): a run folder kept across sandboxes never meets an id again
-        self._ids = secrets.randbits(128)
+        self._ids = secrets.randbits(128)  # ids its own: a kept run folder meets none again
         self._keys = {secret: key_hash(secret) for secret in settings.keys}
         self._stats = {name: KeyStats() for name in self._keys.values()}
         self._faults = {
             name: settings.key_faults.get(secret, settings.faults)
             for secret, name in self._keys.items()
         }
-        # the provider's concurrency cap is per account: each key's account, and the end times
-        # of the account's jobs in flight
+        # the cap is per account: each key's account, and the ends of its jobs in flight
         self._account = {name: name for name in self._keys.values()}
         for number, account in enumerate(settings.accounts, start=1):
             for secret in account:
