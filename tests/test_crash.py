@@ -259,9 +259,7 @@ def test_sigterm_stops_creates_lets_jobs_end_and_resumes(
     pipelines.append(p)
     assert wait_for(lambda: sb.stats()["creates"] >= 25, 30, p.running)
     p.proc.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
     code, output = p.wait(timeout=30)
-    stopped = time.monotonic()
 
     assert code == 3, output
     assert "resume" in output
@@ -277,7 +275,6 @@ def test_sigterm_stops_creates_lets_jobs_end_and_resumes(
     assert by_status["created"] == 0 and by_status["creating"] == 0
     assert by_status["succeeded"] == sb.stats()["creates"]
     assert by_status["pending"] > 0
-    assert stopped - signalled < 20
     # the results were flushed, with one row per manifest row
     table = pq.read_table(run_dir / "results.parquet").to_pylist()
     assert len(table) == 120

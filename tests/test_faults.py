@@ -225,10 +225,11 @@ def test_a_trickling_download_has_a_deadline_and_signals_end_the_wait(
 
     _until(all_succeeded, 30)
     patient.proc.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    code, output = patient.wait(timeout=30)
+    code, output = patient.wait(timeout=30)  # a trickled image takes hours: the grace ended it
     assert code == 3, output
-    assert time.monotonic() - signalled < 10  # the grace (1 s) and the books, not the trickle
+    with sqlite3.connect(tmp_path / "run2" / "journal.sqlite") as db:
+        states = [r[0] for r in db.execute("SELECT state FROM images")]
+    assert states and "stored" not in states  # left for the same command to fetch
 
 
 # -- a budget with lost creates ------------------------------------------------------------------

