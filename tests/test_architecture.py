@@ -124,3 +124,33 @@ def test_no_class_over_300_lines() -> None:
                 if lines > 300:
                     big.append(f"{path.relative_to(PACKAGE)}:{node.name} {lines}")
     assert big == []
+
+
+def test_intake_does_not_stand_on_outputs() -> None:
+    """The first wing reads the catalog; what a run leaves behind (the last) is not under it."""
+    wrong = [
+        f"{module} -> {target}"
+        for module, targets in _graph().items()
+        if _wing(module) == "intake"
+        for target in targets
+        if _wing(target) == "outputs"
+    ]
+    assert wrong == []
+
+
+def test_run_folder_file_names_are_typed_once() -> None:
+    """Each run-folder file name is text in `core/files.py` alone; everyone else names it by
+    its constant."""
+    from pipeline.core import files
+
+    # the failures manifest by its whole names (its stem alone is a common word)
+    names = {getattr(files, n) for n in files.__all__ if n != "FAILURES"}
+    names |= {f"{files.FAILURES}.{kind}" for kind in ("csv", "tsv", "parquet")}
+    typed = []
+    for module, path in _modules().items():
+        if module == "pipeline.core.files":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                typed.append(f"{module}:{node.lineno} {node.value!r}")
+    assert typed == []

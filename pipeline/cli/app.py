@@ -35,6 +35,8 @@ from pipeline.cli.display import LineReporter, LiveReporter
 from pipeline.core import (
     CHANNELS,
     ERROR_TYPES,
+    JOURNAL,
+    RUN_RECORD,
     TRANSIENT_ERRORS,
     ApiKey,
     ConfigError,
@@ -80,7 +82,6 @@ class _Console(Console):
 
 _out = _Console()
 _err = _Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
-_RUN_RECORD = "run.json"  # how the run folder's config was given
 
 
 @dataclass
@@ -192,7 +193,7 @@ class _Given:
         which may hold credentials)."""
         sets = [s for s in self.sets if not s.startswith("assets.storage_options")]
         where = self.config if "://" in self.config else str(Path(self.config).absolute())
-        (folder / _RUN_RECORD).write_text(json.dumps({"config": where, "set": sets}) + "\n")
+        (folder / RUN_RECORD).write_text(json.dumps({"config": where, "set": sets}) + "\n")
 
 
 def _given(
@@ -208,11 +209,11 @@ def _given(
     folder = Path(config)
     if "://" not in config and folder.is_dir():
         try:
-            recorded = json.loads((folder / _RUN_RECORD).read_text())
+            recorded = json.loads((folder / RUN_RECORD).read_text())
         except (OSError, ValueError):
             raise ConfigError(
                 f"{folder} is a folder but not a run folder made by wanbatch 0.1 or later "
-                f"(no {_RUN_RECORD}): give the config file instead"
+                f"(no {RUN_RECORD}): give the config file instead"
             ) from None
         earlier = tuple(recorded.get("set", ()))
         return _Given(recorded["config"], (*earlier, *(sets or ())), folder.absolute())
@@ -242,7 +243,7 @@ def _execute(
     except WanbatchError:
         # refused before anything was journaled (no key, no manifest, ...): a folder this
         # command made holds nothing worth keeping, and cron would find an empty run in it
-        if made and not (config.output.dir / "journal.sqlite").exists():
+        if made and not (config.output.dir / JOURNAL).exists():
             shutil.rmtree(config.output.dir, ignore_errors=True)
         raise
     _print_summary(summary)

@@ -12,8 +12,10 @@ paths and object URLs).
     cells.py     what a manifest cell holds
     clock.py     the time the waiting parts read and sleep on
     storage.py   local paths and object URLs (obstore)
+    files.py     the run folder's file names
     faults.py    the sandbox's faults, as the config names them
     rules.py     the automatic checks' rules, their defaults and the channels' presets
+    thumbs.py    the report's thumbnails: names, and making and writing them
 """
 
 from __future__ import annotations
@@ -69,6 +71,21 @@ from pipeline.core.errors import (
     ended_by,
 )
 from pipeline.core.faults import EDIT_FAULTS, FaultRates, sandbox_keys
+from pipeline.core.files import (
+    APPROVED,
+    FAILURES,
+    IMAGES,
+    JOURNAL,
+    LOCK,
+    REMOVED,
+    REPORT,
+    RESULTS,
+    RUN_LOG,
+    RUN_RECORD,
+    SANDBOX_LEDGER,
+    SUMMARY,
+    THUMBS,
+)
 from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, keys_from_env, resolve_groups
 from pipeline.core.records import (
     DECISION_COLUMNS,
@@ -107,8 +124,18 @@ from pipeline.core.storage import (
     located,
     read_object,
 )
+from pipeline.core.thumbs import (
+    FolderThumbs,
+    ThumbSink,
+    input_thumb,
+    make_thumbnail,
+    output_thumb,
+    save_thumb,
+    write_thumb,
+)
 
 __all__ = [
+    "APPROVED",
     "CHANNELS",
     "COUNTERS",
     "DECISION_COLUMNS",
@@ -116,21 +143,33 @@ __all__ = [
     "ENV_KEY",
     "ENV_KEYS",
     "ERROR_TYPES",
+    "FAILURES",
     "FINAL_ERROR_CODES",
     "FINISHED",
     "GENERIC",
+    "IMAGES",
     "IMAGE_EXTENSIONS",
     "IMAGE_FIELDS",
     "INPUT_FIELDS",
+    "JOURNAL",
     "KEPT_MANIFEST",
+    "LOCK",
     "MAX_INPUT_BYTES",
     "MAY_BE_BILLED",
     "OPEN",
     "PRESETS",
+    "REMOVED",
+    "REPORT",
     "RESOLUTIONS",
+    "RESULTS",
     "REVIEWS",
     "RULES",
+    "RUN_LOG",
+    "RUN_RECORD",
+    "SANDBOX_LEDGER",
     "SEED_RANGE",
+    "SUMMARY",
+    "THUMBS",
     "TRANSIENT_ERRORS",
     "TRANSIENT_ERROR_CODES",
     "UPLOAD_TOKEN",
@@ -151,6 +190,7 @@ __all__ = [
     "DownloadStats",
     "ExitCode",
     "FaultRates",
+    "FolderThumbs",
     "Forbidden",
     "InvalidInput",
     "JobOutcome",
@@ -185,6 +225,7 @@ __all__ = [
     "StoredCopy",
     "SystemClock",
     "Threshold",
+    "ThumbSink",
     "TransportFailure",
     "Unauthorized",
     "UnsafePredictionId",
@@ -197,15 +238,20 @@ __all__ = [
     "file_sha256",
     "fingerprint",
     "from_sheet",
+    "input_thumb",
     "is_blank",
     "is_object_url",
     "keys_from_env",
     "load_config",
     "located",
+    "make_thumbnail",
+    "output_thumb",
     "parse_config",
     "read_object",
     "resolve_groups",
     "sandbox_keys",
+    "save_thumb",
     "to_int",
     "to_sheet",
+    "write_thumb",
 ]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pipeline.core import ApiKey, DownloadStats, RunConfig, RunStats
+from pipeline.core import ApiKey, DownloadStats, RunConfig, RunStats, ThumbSink
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.slot import DriverSettings, Webhook
 from pipeline.intake import Uploads
 from pipeline.journal import Commits
-from pipeline.outputs import Downloader, ThumbSink, open_store
+from pipeline.outputs import Downloader, open_store
 from pipeline.provider import (
     Callbacks,
     CreateGate,

@@ -15,7 +15,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from pipeline.core import ApiKey, RunConfig, RunStats, resolve_groups
+from pipeline.core import THUMBS, ApiKey, FolderThumbs, RunConfig, RunStats, resolve_groups
 from pipeline.drive.assemble import assemble, downloader
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.lanes import LocalView
@@ -23,7 +23,7 @@ from pipeline.drive.ray.cluster import Cluster, Workers, ray_session, spread
 from pipeline.intake import Manifest, Uploads
 from pipeline.journal import GroupCommit, Journal
 from pipeline.observe import RunView
-from pipeline.outputs import THUMBS, CopyCheck, Downloader, FolderThumbs, recheck_copies
+from pipeline.outputs import CopyCheck, Downloader, recheck_copies
 from pipeline.provider import Receiver
 
 __all__ = ["Engine", "open_engine"]

@@ -40,10 +40,11 @@ from pipeline.core import (
     ObjectTooLarge,
     Rejected,
     fingerprint,
+    input_thumb,
     is_object_url,
     read_object,
+    write_thumb,
 )
-from pipeline.outputs import input_thumb, write_thumb
 
 __all__ = [
     "InputStage",

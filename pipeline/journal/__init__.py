@@ -20,7 +20,7 @@ from pipeline.journal.incremental import StateStore
 from pipeline.journal.ingest import unique
 from pipeline.journal.reviews import ApprovedImage, Redo, ReviewTarget
 from pipeline.journal.rows import CostBooks, Entry, ReportRow, of_edit, stem
-from pipeline.journal.store import JOURNAL, Journal, reading
+from pipeline.journal.store import Journal, reading
 from pipeline.journal.updates import (
     FailImage,
     Finish,
@@ -35,7 +35,6 @@ from pipeline.journal.updates import (
 )
 
 __all__ = [
-    "JOURNAL",
     "ApprovedImage",
     "CheckTarget",
     "Commits",

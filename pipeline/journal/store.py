@@ -14,15 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.core import RunFolderError
+from pipeline.core import JOURNAL, RunFolderError
 from pipeline.journal.checks import Checks
 from pipeline.journal.ingest import Ingest
 from pipeline.journal.reports import Reports
 from pipeline.journal.reviews import Reviews
 
-__all__ = ["JOURNAL", "Journal", "reading"]
-
-JOURNAL = "journal.sqlite"  # in the run folder
+__all__ = ["Journal", "reading"]
 
 
 class Journal(Ingest, Reports, Reviews, Checks):

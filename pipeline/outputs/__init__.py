@@ -1,7 +1,6 @@
 """What a run leaves behind: the images kept, and the files written from the journal.
 
 downloads.py    output images downloaded, checked and stored (a folder or a bucket)
-thumbs.py       the report's thumbnails
 results.py      results.parquet, images.parquet and the failures manifest
 approved.py     approved.csv: the approved images, for the publishing step
 removed.py      removed.csv: products an earlier night had and tonight's export has not
@@ -19,7 +18,7 @@ from pipeline.outputs.closing import checks_said, summary_rows
 from pipeline.outputs.downloads import CopyCheck, Downloader, open_store, recheck_copies
 from pipeline.outputs.html_report import write_report
 from pipeline.outputs.publishing import PUBLISHED, Published, publish
-from pipeline.outputs.removed import REMOVED, write_removed
+from pipeline.outputs.removed import write_removed
 from pipeline.outputs.results import (
     RESULTS_ROWS,
     RESULTS_RUN_ID,
@@ -30,38 +29,22 @@ from pipeline.outputs.results import (
     write_results,
 )
 from pipeline.outputs.summary import RunSummary, finish_line, write_summary
-from pipeline.outputs.thumbs import (
-    THUMBS,
-    FolderThumbs,
-    ThumbSink,
-    input_thumb,
-    make_thumbnail,
-    save_thumb,
-    write_thumb,
-)
 
 __all__ = [
     "PUBLISHED",
-    "REMOVED",
     "RESULTS_ROWS",
     "RESULTS_RUN_ID",
     "RESULTS_SUCCEEDED",
-    "THUMBS",
     "CopyCheck",
     "Downloader",
-    "FolderThumbs",
     "Published",
     "ResultLayout",
     "RunSummary",
-    "ThumbSink",
     "checks_said",
     "finish_line",
-    "input_thumb",
-    "make_thumbnail",
     "open_store",
     "publish",
     "recheck_copies",
-    "save_thumb",
     "summary_rows",
     "write_approved",
     "write_failures",
@@ -70,5 +53,4 @@ __all__ = [
     "write_report",
     "write_results",
     "write_summary",
-    "write_thumb",
 ]

@@ -9,12 +9,11 @@ import csv
 import os
 from pathlib import Path
 
-from pipeline.core import located, to_sheet
+from pipeline.core import APPROVED, located, to_sheet
 from pipeline.journal import Journal
 
-__all__ = ["APPROVED", "APPROVED_COLUMNS", "write_approved"]
+__all__ = ["APPROVED_COLUMNS", "write_approved"]
 
-APPROVED = "approved.csv"
 APPROVED_COLUMNS = ("job_id", "row", "prediction_id", "index", "path", "url", "sha256", "note")
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.core import COUNTERS
-from pipeline.outputs.removed import REMOVED
+from pipeline.core import COUNTERS, REMOVED, REPORT, SUMMARY
 from pipeline.outputs.summary import RunSummary
 
 __all__ = ["checks_said", "summary_rows"]
@@ -85,17 +84,17 @@ def _files(summary: RunSummary) -> list[tuple[str, str]]:
     if summary.checks.get("measured"):
         rows.append(("checks", checks_said(summary.checks)))
     to_review = summary.reviews.get("to_review", 0)
-    if to_review and (summary.run_dir / "report.html").is_file():
+    if to_review and (summary.run_dir / REPORT).is_file():
         rows.append(
             (
                 f"to review ({to_review:,})",
-                f"{summary.run_dir / 'report.html'}: approve or reject, export decisions.csv, "
+                f"{summary.run_dir / REPORT}: approve or reject, export decisions.csv, "
                 f"then wanbatch retry {summary.run_dir} --rejected decisions.csv",
             )
         )
     if summary.removed:
         rows.append((f"removed products ({summary.removed:,})", str(summary.run_dir / REMOVED)))
-    for label, name in (("report", "report.html"), ("summary", "summary.json")):
+    for label, name in (("report", REPORT), ("summary", SUMMARY)):
         if (summary.run_dir / name).is_file():
             rows.append((label, str(summary.run_dir / name)))
     return rows

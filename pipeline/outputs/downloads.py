@@ -36,11 +36,13 @@ from pipeline.core import (
     DownloadStats,
     ObjectStore,
     PriorSuccess,
+    ThumbSink,
     file_sha256,
+    input_thumb,
     located,
+    output_thumb,
 )
 from pipeline.journal import Commits, FailImage, Journal, StoreImage
-from pipeline.outputs.thumbs import ThumbSink, input_thumb, output_thumb
 
 __all__ = [
     "CopyCheck",

@@ -27,13 +27,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.core import DECISION_COLUMNS, IMAGE_FIELDS, Status
+from pipeline.core import (
+    DECISION_COLUMNS,
+    IMAGE_FIELDS,
+    REPORT,
+    THUMBS,
+    Status,
+    input_thumb,
+    output_thumb,
+    write_thumb,
+)
 from pipeline.journal import Journal, ReportRow
-from pipeline.outputs.thumbs import THUMBS, input_thumb, output_thumb, write_thumb
 
-__all__ = ["REPORT", "write_report"]
+__all__ = ["write_report"]
 
-REPORT = "report.html"
 _TEXT = 300  # characters of a prompt or an error kept in the page
 _BACKFILL = 5_000  # output thumbnails a report may make from stored copies (reused rows)
 

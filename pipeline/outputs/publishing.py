@@ -26,6 +26,7 @@ from pipeline.checks import judge
 from pipeline.core import (
     CHANNELS,
     PRESETS,
+    REMOVED,
     RULES,
     ConfigError,
     ObjectStore,
@@ -34,7 +35,6 @@ from pipeline.core import (
     located,
 )
 from pipeline.journal import ApprovedImage, reading
-from pipeline.outputs.removed import REMOVED
 from pipeline.outputs.tagging import tagged_jpeg
 
 __all__ = ["PUBLISHED", "PUBLISHED_COLUMNS", "Published", "publish"]

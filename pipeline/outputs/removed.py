@@ -13,9 +13,8 @@ from typing import Any
 
 from pipeline.core import located, to_sheet
 
-__all__ = ["REMOVED", "REMOVED_COLUMNS", "write_removed"]
+__all__ = ["REMOVED_COLUMNS", "write_removed"]
 
-REMOVED = "removed.csv"
 REMOVED_COLUMNS = (
     "job_id",
     "last_run",

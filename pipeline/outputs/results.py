@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from pipeline.core import IMAGE_FIELDS, RULES, UPLOAD_TOKEN, located, to_int, to_sheet
+from pipeline.core import FAILURES, IMAGE_FIELDS, RULES, UPLOAD_TOKEN, located, to_int, to_sheet
 from pipeline.journal import Journal
 
 if TYPE_CHECKING:
@@ -432,7 +432,7 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
     """The failed and rejected rows as a manifest of the input's columns, with why each failed
     (REASONS) after them; None if there are none."""
     suffix = layout.manifest_kind  # csv, tsv or parquet: feed it back as it came
-    path = run_dir / f"failures.{suffix}"
+    path = run_dir / f"{FAILURES}.{suffix}"
     pages = journal.failed_records()
     first = next(pages, None)
     if first is None:

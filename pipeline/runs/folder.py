@@ -27,22 +27,31 @@ from types import TracebackType
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core import JournalDamaged, RunFolderError, RunFolderLocked
-from pipeline.journal import JOURNAL, Journal
+from pipeline.core import (
+    FAILURES,
+    IMAGES,
+    JOURNAL,
+    LOCK,
+    RESULTS,
+    RUN_LOG,
+    SANDBOX_LEDGER,
+    JournalDamaged,
+    RunFolderError,
+    RunFolderLocked,
+)
+from pipeline.journal import Journal
 from pipeline.outputs import RESULTS_ROWS, RESULTS_RUN_ID, RESULTS_SUCCEEDED
 
 __all__ = ["Holder", "RunFolder", "holder_of"]
 
-LOCK = "run.lock"
-RESULTS = "results.parquet"
-_RESULT_FILES = (RESULTS, "images.parquet", "failures.csv", "failures.tsv", "failures.parquet")
+_RESULT_FILES = (RESULTS, IMAGES, *(f"{FAILURES}.{kind}" for kind in ("csv", "tsv", "parquet")))
 _FILES = (  # what --fresh removes (the lock stays: it is held)
     JOURNAL,
     f"{JOURNAL}-wal",
     f"{JOURNAL}-shm",
     *_RESULT_FILES,
-    "sandbox-ledger.jsonl",
-    "run.log",
+    SANDBOX_LEDGER,
+    RUN_LOG,
 )
 _FRESH = (
     "start over with `wanbatch run CONFIG --fresh` (every row is sent and paid again), or use "
@@ -141,7 +150,7 @@ class RunFolder:
 
     @property
     def log_path(self) -> Path:
-        return self.path / "run.log"
+        return self.path / RUN_LOG
 
     def _record(self, run_id: str | None) -> None:
         assert self._fd is not None

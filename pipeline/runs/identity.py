@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from pipeline.core import (
+    JOURNAL,
     KEPT_MANIFEST,
     ManifestError,
     RunConfig,
@@ -112,7 +113,7 @@ def keep_manifest(config: RunConfig, run_dir: Path, force: bool) -> RunConfig:
     if m.source is not None or m.path.parent == run_dir:
         return config
     kept = run_dir / f"{KEPT_MANIFEST}{m.path.suffix}"
-    started = (run_dir / "journal.sqlite").exists()
+    started = (run_dir / JOURNAL).exists()
     if m.path.is_file() and (force or not started or not kept.is_file()):
         tmp = kept.with_name(f".{kept.name}.tmp")
         try:
@@ -141,7 +142,7 @@ def shaped(config: RunConfig, folder: RunFolder, force: bool) -> RunConfig:
     """The config reading the run folder's shaped copy of an export (a workbook, Parquet
     parts, a row per image: see `intake.shape`), made when the run starts and with --force; a
     resume reads the copy it started with."""
-    again = force or not (folder.path / "journal.sqlite").exists()
+    again = force or not (folder.path / JOURNAL).exists()
     return shape_catalog(config, folder.path, again=again)
 
 
@@ -154,7 +155,7 @@ def copy_manifest(config: RunConfig, folder: RunFolder, force: bool) -> None:
     (and with --force, to take it as it is now); a resume reads the copy it started with."""
     m = config.manifest
     assert m.source is not None
-    if m.path.exists() and not force and (folder.path / "journal.sqlite").exists():
+    if m.path.exists() and not force and (folder.path / JOURNAL).exists():
         return
     try:
         copy_object(m.source, m.path, config.assets.storage_options)

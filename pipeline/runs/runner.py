@@ -22,6 +22,10 @@ from pipeline.checks import CheckStage
 from pipeline.core import (
     ENV_KEY,
     ENV_KEYS,
+    JOURNAL,
+    RESULTS,
+    SUMMARY,
+    THUMBS,
     ApiKey,
     ConfigError,
     ExitCode,
@@ -36,7 +40,6 @@ from pipeline.intake import Manifest, estimate
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
-    THUMBS,
     CopyCheck,
     RunSummary,
     finish_line,
@@ -224,9 +227,9 @@ def _check_before(
         raise ConfigError(f"no API key: set {ENV_KEY}, or several comma-separated in {ENV_KEYS}")
     made_up = [ApiKey(k) for k in sandbox_keys(config.sandbox.keys)]
     resolve_groups(config.limits.groups, keys or made_up)
-    if reprocess is not None and not (folder.path / "journal.sqlite").exists():
+    if reprocess is not None and not (folder.path / JOURNAL).exists():
         raise ConfigError(
-            f"nothing to retry: {folder.path} holds no run (no journal.sqlite); "
+            f"nothing to retry: {folder.path} holds no run (no {JOURNAL}); "
             "run the config with `wanbatch run` first"
         )
 
@@ -315,7 +318,7 @@ async def _run_held(
         summary.balance_usd = balance.usd
         await observer.finish(journal, finish_line(summary))
     try:
-        await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / "summary.json")
+        await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / SUMMARY)
     except OSError as exc:  # a full disk: the journal and the exit code still tell
         _log.warning("summary_not_written", error=str(exc))
     return summary
@@ -420,7 +423,7 @@ def _summary(
 ) -> RunSummary:
     return RunSummary(
         folder.path,
-        folder.path / "results.parquet",
+        folder.path / RESULTS,
         books.failures,
         counts,
         journal.totals(),

@@ -12,6 +12,9 @@ import structlog
 
 from pipeline.core import (
     ENV_KEYS,
+    IMAGES,
+    REMOVED,
+    RESULTS,
     TRANSIENT_ERRORS,
     ApiKey,
     ExitCode,
@@ -24,7 +27,6 @@ from pipeline.drive import Dispatcher
 from pipeline.intake import Manifest
 from pipeline.journal import CostBooks, Journal, StateStore
 from pipeline.outputs import (
-    REMOVED,
     ResultLayout,
     write_approved,
     write_failures,
@@ -90,7 +92,7 @@ async def finish_books(
         await anyio.to_thread.run_sync(journal.settle_followers)
         if state is not None:
             books.removed = await anyio.to_thread.run_sync(remember, journal, state, run_dir)
-        results_path = run_dir / "results.parquet"
+        results_path = run_dir / RESULTS
         written = await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
         if written.problem is not None:
             books.problem = (
@@ -98,7 +100,7 @@ async def finish_books(
                 f"({written.problem}): some are empty"
             )
         books.failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
-        images = run_dir / "images.parquet"
+        images = run_dir / IMAGES
         price = config.api.price_per_image_usd
         await anyio.to_thread.run_sync(write_images, journal, layout, images, price)
         await anyio.to_thread.run_sync(write_approved, journal, run_dir)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from pipeline.core import ApiKey, RunConfig, sandbox_keys
+from pipeline.core import SANDBOX_LEDGER, ApiKey, RunConfig, sandbox_keys
 from pipeline.sandbox.settings import FaultRates, SandboxSettings
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ async def open_embedded(
         allow_loopback_urls=True,
         fetch_inputs=True,
         faults=FaultRates(**s.faults),
-        ledger_path=config.output.dir / "sandbox-ledger.jsonl",
+        ledger_path=config.output.dir / SANDBOX_LEDGER,
         api_shape=s.api_shape,
     )
     with SandboxServer(settings) as server:

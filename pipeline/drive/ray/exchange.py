@@ -9,7 +9,7 @@ import time
 import anyio
 import structlog
 
-from pipeline.core import COUNTERS, RunStats
+from pipeline.core import COUNTERS, THUMBS, RunStats
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.ray.members import (
     ClusterBase,
@@ -21,7 +21,6 @@ from pipeline.drive.ray.members import (
 )
 from pipeline.drive.ray.remote import Figures, Orders, Report
 from pipeline.journal import Finish, GroupCommit, Journal
-from pipeline.outputs import THUMBS
 
 _log = structlog.get_logger("pipeline.drive.ray.cluster")
 _ORDERS_TICK_S = 0.5  # how often a stop order is looked for when nothing else is sent

@@ -14,11 +14,10 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.core import ApiKey, RunConfig, WanbatchError
+from pipeline.core import ApiKey, RunConfig, WanbatchError, save_thumb
 from pipeline.drive.ray.remote import Figures, WorkerProcess
 from pipeline.journal import Entry
 from pipeline.observe import KeyState, WorkerState
-from pipeline.outputs import save_thumb
 
 _log = structlog.get_logger("pipeline.drive.ray.cluster")
 

@@ -28,13 +28,13 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.core import ApiKey, JobOutcome, RunConfig, RunStats
+from pipeline.core import ApiKey, JobOutcome, RunConfig, RunStats, make_thumbnail
 from pipeline.drive.assemble import KeySide, assemble
 from pipeline.drive.lanes import key_states
 from pipeline.intake import Uploads
 from pipeline.journal import Entry, Update
 from pipeline.observe import KeyState
-from pipeline.outputs import Downloader, make_thumbnail
+from pipeline.outputs import Downloader
 
 __all__ = ["Figures", "Orders", "Report", "WorkerProcess", "WorkerSetup"]
 

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.core import UPLOAD_TOKEN
+from pipeline.core.files import THUMBS
+from pipeline.core.schema import UPLOAD_TOKEN
 
 __all__ = [
     "THUMBS",
@@ -25,7 +26,6 @@ __all__ = [
     "write_thumb",
 ]
 
-THUMBS = "report-thumbs"
 _SIDE = 160  # px, the longer side
 
 
