@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from pipeline.cli.app import app, global_first
@@ -183,3 +185,51 @@ def test_init_never_replaces_a_config_unasked(tmp_path: Path) -> None:
     again = CLI.invoke(app, ["init", str(export), "--out", str(out), "--force"])
     assert again.exit_code == 0 and "generic export" in again.output
     assert yaml.safe_load(out.read_text())["manifest"]["columns"] == {"img_url": "img_url"}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["A", "B", "C", "D", ""]),  # ids repeat, or are blank
+            st.sampled_from(["p1", "p2"]),
+            st.sampled_from(["https://cdn.example.com/1.jpg", ""]),  # blank images skip
+            st.sampled_from(["", "7", "8"]),  # seeded or not
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(1, 7),
+)
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_an_estimate_does_not_depend_on_where_batches_end(
+    tmp_path: Path, rows: list[tuple[str, str, str, str]], batch: int
+) -> None:
+    """Repeated ids, shared seeded inputs, identical unseeded ones and skipped rows are counted
+    alike whether the rows come in one batch or many (what earlier batches saw is kept on
+    disk, not in memory)."""
+    path = tmp_path / "m.csv"
+    lines = ["sku,prompt,img_url,seed"] + [",".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+    def counted(batch_rows: int) -> tuple[int, ...]:
+        data = {
+            "api": {"base_url": "sandbox"},
+            "manifest": {
+                "path": str(path),
+                "id_column": "sku",
+                "skip_if_blank": ["img_url"],
+                "batch_rows": batch_rows,
+            },
+            "output": {"dir": str(tmp_path / "run")},
+        }
+        found = estimate(parse_config(data, tmp_path), 1)
+        return (
+            found.rows,
+            found.rejected,
+            found.skipped,
+            found.shared,
+            found.identical_unseeded,
+            found.to_send,
+        )
+
+    assert counted(batch) == counted(10_000)

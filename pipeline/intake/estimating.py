@@ -12,6 +12,7 @@ state store learned from earlier runs (at least 20 of them), else `polling.expec
 from __future__ import annotations
 
 import re
+import sqlite3
 import statistics
 import tempfile
 from collections import Counter
@@ -30,7 +31,7 @@ from pipeline.core import (
 )
 from pipeline.intake.manifest import Manifest
 from pipeline.intake.shape import shape_catalog
-from pipeline.journal import StateStore, unique
+from pipeline.journal import StateStore, in_chunks, unique
 
 __all__ = ["Estimate", "estimate", "rule_of"]
 
@@ -117,10 +118,10 @@ def estimate(config: RunConfig, keys: int) -> Estimate:
                 ) from None
             section = config.manifest.model_copy(update={"path": copy})
             config = config.model_copy(update={"manifest": section})
-        return _estimate(shape_catalog(config, Path(tmp), again=True), keys)
+        return _estimate(shape_catalog(config, Path(tmp), again=True), keys, Path(tmp))
 
 
-def _estimate(config: RunConfig, keys: int) -> Estimate:
+def _estimate(config: RunConfig, keys: int, folder: Path) -> Estimate:
     manifest = Manifest(
         config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
     )
@@ -130,7 +131,8 @@ def _estimate(config: RunConfig, keys: int) -> Estimate:
     state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
     found = Estimate(keys=keys)
     try:
-        _count(manifest, state, config, found)
+        with _Seen(folder) as seen:
+            _count(manifest, state, config, found, seen)
         learned = state.latencies(1000) if state is not None else []
     finally:
         manifest.inputs.close()
@@ -141,16 +143,16 @@ def _estimate(config: RunConfig, keys: int) -> Estimate:
 
 
 def _count(
-    manifest: Manifest, state: StateStore | None, config: RunConfig, found: Estimate
+    manifest: Manifest, state: StateStore | None, config: RunConfig, found: Estimate, seen: _Seen
 ) -> None:
-    seeded: set[bytes] = set()
-    unseeded: set[bytes] = set()
-    ids: dict[str, int] = {}
     price = config.api.price_per_image_usd
     for batch in manifest.batches():
         prior = {}
         if state is not None:
             prior = state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
+        ids = seen.rows_of([i.job_id for i in batch])
+        before = dict(ids)
+        inputs = seen.inputs([i.fingerprint for i in batch if isinstance(i, JobSpec)])
         for item in (unique(i, ids) for i in batch):
             found.rows += 1
             if isinstance(item, Rejected) and item.skipped:
@@ -161,23 +163,73 @@ def _count(
                 found.rejected_by_rule.update(rule_of(item.reason))
             elif item.fingerprint in prior:
                 found.reused += 1
-            elif config.manifest.dedupe and "seed" in item.inputs and _seen(item, seeded):
+            elif config.manifest.dedupe and "seed" in item.inputs and _once(item, inputs, 1):
                 found.shared += 1
             else:
                 found.to_send += 1
                 found.images += item.images_requested
-                if "seed" not in item.inputs and _seen(item, unseeded):
+                if "seed" not in item.inputs and _once(item, inputs, 0):
                     found.identical_unseeded += 1
+        seen.remember({k: v for k, v in ids.items() if before.get(k) != v}, inputs)
     found.cost_usd = round(found.images * price, 6)
 
 
-def _seen(item: JobSpec, seeded: set[bytes]) -> bool:
-    """Whether an earlier row sends this row's exact seeded input; remembers it if not."""
-    digest = bytes.fromhex(item.fingerprint)
-    if digest in seeded:
+def _once(item: JobSpec, inputs: set[tuple[int, bytes]], kind: int) -> bool:
+    """Whether an earlier row sends this row's exact input (`kind` 1: seeded, 0: not);
+    remembers it if not."""
+    key = (kind, bytes.fromhex(item.fingerprint))
+    if key in inputs:
         return True
-    seeded.add(digest)
+    inputs.add(key)
     return False
+
+
+class _Seen:
+    """The ids and inputs of the rows read so far, kept in SQLite beside the estimate's
+    temporary files: a million rows' ids and inputs held in Python would be a few hundred MB.
+    A batch reads what it needs and writes back what it added."""
+
+    def __init__(self, folder: Path) -> None:
+        self._db = sqlite3.connect(folder / "seen.sqlite")
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, row INTEGER) WITHOUT ROWID")
+        self._db.execute(
+            "CREATE TABLE inputs (fp BLOB, kind INTEGER, PRIMARY KEY (fp, kind)) WITHOUT ROWID"
+        )
+        self._added: set[tuple[int, bytes]] = set()
+
+    def __enter__(self) -> _Seen:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._db.close()
+
+    def rows_of(self, ids: list[str]) -> dict[str, int]:
+        """The row each of these ids was given to by an earlier batch (see `unique`)."""
+        found: dict[str, int] = {}
+        for chunk, marks in in_chunks(sorted(set(ids))):
+            query = f"SELECT id, row FROM ids WHERE id IN ({marks})"
+            found.update(self._db.execute(query, chunk).fetchall())
+        return found
+
+    def inputs(self, fingerprints: list[str]) -> set[tuple[int, bytes]]:
+        """Of these inputs, the ones earlier batches sent (as seeded 1, or not 0)."""
+        found: set[tuple[int, bytes]] = set()
+        digests = sorted({bytes.fromhex(f) for f in fingerprints})
+        for chunk, marks in in_chunks(digests):
+            query = f"SELECT kind, fp FROM inputs WHERE fp IN ({marks})"
+            found.update((int(k), bytes(f)) for k, f in self._db.execute(query, chunk))
+        self._added = set(found)
+        return found
+
+    def remember(self, ids: dict[str, int], inputs: set[tuple[int, bytes]]) -> None:
+        """What a batch added: its ids' rows and the inputs first sent in it."""
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?)", ids.items())
+            self._db.executemany(
+                "INSERT OR IGNORE INTO inputs (kind, fp) VALUES (?, ?)", inputs - self._added
+            )
 
 
 def _rate(limits: LimitsSection, keys: int, latency_s: float) -> float:

@@ -21,6 +21,7 @@ from pipeline.journal.ingest import unique
 from pipeline.journal.reviews import ApprovedImage, Redo, ReviewTarget
 from pipeline.journal.rows import CostBooks, Entry, ReportRow, of_edit, stem
 from pipeline.journal.store import Journal, reading
+from pipeline.journal.tables import in_chunks
 from pipeline.journal.updates import (
     FailImage,
     Finish,
@@ -57,6 +58,7 @@ __all__ = [
     "StateStore",
     "StoreImage",
     "Update",
+    "in_chunks",
     "of_edit",
     "reading",
     "stem",
