@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -145,6 +146,10 @@ def test_estimate_honours_key_groups_and_counts_a_rule_once(tmp_path: Path) -> N
     shared = estimate(parse_config(data, tmp_path), 2)
     # 10 jobs in flight for two keys of one account, not 20: the concurrency binds at 30 s jobs
     assert shared.duration_s - 30 == (apart.duration_s - 30) * 2
+    assert apart.wall_s == apart.duration_s  # the provider's own time
+    # a shrunk clock (a sandbox of --time-scale 0.1 at that URL): the wall time the run takes
+    data["api"]["time_scale"] = 0.1
+    assert estimate(parse_config(data, tmp_path), 2).wall_s == pytest.approx(shared.duration_s / 10)
     assert rule_of("row 3: has 3 fields; the header has 4") == ["has 3 fields; the header has 4"]
     assert len(rule_of("row 3: prompt (column 'p'): x; img_url (column 'i'): y")) == 2
 

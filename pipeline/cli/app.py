@@ -502,8 +502,7 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
         ("keys", f"{found.keys:,}" if found.keys else "none: set EACHLABS_API_KEY(S)"),
         ("latency per job", f"{found.latency_s:g} s ({found.latency_from})"),
     ]
-    duration = config.scaled(found.duration_s) if config.embedded_sandbox else found.duration_s
-    rows.append(("expected duration", format_duration(duration) if found.keys else "unknown"))
+    rows.append(("expected duration", format_duration(found.wall_s) if found.keys else "unknown"))
     if found.over_budget:
         rows.append(("budget", f"over budget.max_cost_usd ({config.budget.max_cost_usd:g})"))
     if found.balance_usd is not None:

@@ -79,6 +79,7 @@ class Estimate:
     latency_s: float = 0.0  # provider seconds
     latency_from: str = "polling.expected_latency_s"
     duration_s: float = 0.0  # provider seconds
+    wall_s: float = 0.0  # the same on the clock: shrunk by the time scale (a sandbox's)
     over_budget: bool = False
     balance_usd: float | None = None  # the organisation's, where the provider tells it
 
@@ -254,5 +255,6 @@ def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
     if found.to_send and found.keys:
         found.duration_s = found.to_send / _rate(limits, found.keys, found.latency_s)
         found.duration_s += found.latency_s
+        found.wall_s = config.scaled(found.duration_s)
     budget = config.budget.max_cost_usd
     found.over_budget = budget is not None and found.cost_usd > budget
