@@ -308,14 +308,16 @@ async def _run_held(
         if exit_code is not ExitCode.OK:
             _log.warning("run_ended", exit_code=int(exit_code), message=message)
         summary = _summary(
-            folder, journal, books, counts, stats, started, exit_code, message, lanes_keys
+            folder,
+            journal,
+            books,
+            counts,
+            stats,
+            started,
+            (exit_code, message),
+            lanes_keys,
+            _Also(sandbox_stats, requeued, forced, waiting, worker_figures, balance.usd, price),
         )
-        summary.sandbox_stats, summary.requeued, summary.forced = sandbox_stats, requeued, forced
-        summary.waiting_on_keys, summary.workers = waiting, worker_figures
-        summary.cost = books.cost
-        summary.orphans = _orphans(journal, stats)
-        summary.possibly_billed_usd = books.cost.possibly_billed_usd(price)
-        summary.balance_usd = balance.usd
         await observer.finish(journal, finish_line(summary))
     try:
         await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / SUMMARY)
@@ -410,6 +412,20 @@ async def _balance_before(
     return _Balance(usd, said)
 
 
+@dataclass(frozen=True, slots=True)
+class _Also:
+    """What a run's summary holds besides the journal's books: the sandbox's figures, what a
+    retry or --force did, the jobs waiting on keys, the workers, the balance, the price."""
+
+    sandbox_stats: dict[str, Any] | None
+    requeued: dict[str, int] | None
+    forced: dict[str, int] | None
+    waiting: dict[str, int]
+    workers: list[dict[str, Any]]
+    balance_usd: float | None
+    price: float
+
+
 def _summary(
     folder: RunFolder,
     journal: Journal,
@@ -417,10 +433,12 @@ def _summary(
     counts: dict[str, int],
     stats: RunStats,
     started: float,
-    exit_code: ExitCode,
-    message: str,
+    ended: tuple[ExitCode, str],
     keys: list[ApiKey],
+    also: _Also,
 ) -> RunSummary:
+    """The run's summary, built whole."""
+    assert books.cost is not None
     return RunSummary(
         folder.path,
         folder.path / RESULTS,
@@ -429,13 +447,22 @@ def _summary(
         journal.totals(),
         stats,
         time.monotonic() - started,
-        exit_code,
-        message,
+        ended[0],
+        ended[1],
         [k.name for k in keys],
-        left_failed=books.failed_by_type,
+        sandbox_stats=also.sandbox_stats,
+        requeued=also.requeued,
+        workers=also.workers,
         per_key=journal.by_key(),
+        left_failed=books.failed_by_type,
+        forced=also.forced,
+        waiting_on_keys=also.waiting,
         started_at=time.time() - (time.monotonic() - started),
         ended_at=time.time(),
+        cost=books.cost,
+        possibly_billed_usd=books.cost.possibly_billed_usd(also.price),
+        orphans=_orphans(journal, stats),
+        balance_usd=also.balance_usd,
         removed=books.removed,
         reviews=journal.review_counts(),
         checks=journal.check_counts(),
