@@ -105,7 +105,7 @@ def _entry(
     outputs = []
     for index, path in enumerate(row.output_paths):
         name = output_thumb(number, index)
-        if name not in thumbs and path and len(backfill) < _BACKFILL:
+        if name not in thumbs and path:
             backfill.append((name, path))
         outputs.append(name)
     error = row.error_message or ""
@@ -176,25 +176,16 @@ def write_report(
     journal: Journal, run_dir: Path, id_column: str | None, columns: Sequence[str] = ()
 ) -> Path:
     """report.html from the journal, replaced whole; `columns`: the catalog columns shown
-    beside each row (`report.columns`)."""
+    beside each row (`report.columns`). Written a batch of rows at a time: its memory is a
+    batch's, whatever the catalog's size."""
     folder = run_dir / THUMBS
     thumbs = set(os.listdir(folder)) if folder.is_dir() else set()
-    rows: list[list[Any]] = []
-    wanted: list[Any] = []
-    for batch in journal.report_rows():
-        rows += [_entry(r, id_column, thumbs, wanted, columns) for r in batch]
-    if wanted:
-        _backfill(folder, run_dir, wanted, thumbs)
-    at = _FIELDS.index("outputs")
-    for row in rows:
-        row[at] = [name if name in thumbs else None for name in row[at]]
     totals = journal.totals()
-    counts = journal.counts()
     head = {
         "run": str(run_dir),
         "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rows": int(totals["rows"]),
-        "counts": counts,
+        "counts": journal.counts(),
         "images": int(totals["images"]),
         "cost": totals["cost_usd"],
         "duplicates": int(totals["possible_duplicate_charges"]),
@@ -204,11 +195,44 @@ def write_report(
         "decisionColumns": DECISION_COLUMNS,  # the decisions file retry --rejected reads
         "fields": _FIELDS,  # the names of each row's positions
     }
-    data = json.dumps({"head": head, "rows": rows}, separators=(",", ":"))
     page = _page().replace("__TITLE__", html.escape(f"wanbatch report: {run_dir.name}"))
-    page = page.replace("__DATA__", script_safe(data))
+    before, _, after = page.partition("__DATA__")
     path = run_dir / REPORT
     tmp = run_dir / f".{REPORT}.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        _write_rows(tmp, journal, run_dir, id_column, columns, thumbs, (before, head, after))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone once renamed; a failed write leaves nothing
     return path
+
+
+def _write_rows(
+    tmp: Path,
+    journal: Journal,
+    run_dir: Path,
+    id_column: str | None,
+    columns: Sequence[str],
+    thumbs: set[str],
+    page: tuple[str, dict[str, Any], str],
+) -> None:
+    """The page into `tmp`, its rows a batch at a time."""
+    before, head, after = page
+    folder = run_dir / THUMBS
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    at = _FIELDS.index("outputs")
+    backfilled = 0  # thumbnails made from stored copies, at most _BACKFILL a report
+    with tmp.open("w", encoding="utf-8") as out:
+        out.write(before + script_safe('{"head":' + encode(head) + ',"rows":['))
+        first = True
+        for batch in journal.report_rows(1000):
+            wanted: list[Any] = []
+            rows = [_entry(r, id_column, thumbs, wanted, columns) for r in batch]
+            if wanted and backfilled < _BACKFILL:
+                _backfill(folder, run_dir, wanted[: _BACKFILL - backfilled], thumbs)
+                backfilled += len(wanted)
+            for row in rows:
+                row[at] = [name if name in thumbs else None for name in row[at]]
+                out.write(("" if first else ",") + script_safe(encode(row)))
+                first = False
+        out.write("]}" + after)
