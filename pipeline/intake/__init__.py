@@ -10,12 +10,14 @@ where.py       `manifest.where`: the row filter's own small parser (no Python ev
 urls.py        an image cell tidied into what a person would send, or why it cannot be
 layouts.py     `wanbatch init`: an export recognised by its header, and its starter config
 shape.py       exports not read in place (a workbook, Parquet parts, a row per image), copied
+feeding.py     the catalog read into the journal: a run's ingest, and --force's reconcile
 """
 
 from __future__ import annotations
 
 from pipeline.intake.decisions import read_decisions, refused
 from pipeline.intake.estimating import Estimate, estimate
+from pipeline.intake.feeding import Reuse, feed, reconcile
 from pipeline.intake.inputs import Uploads
 from pipeline.intake.layouts import read_header, recognise, starter_config
 from pipeline.intake.manifest import Manifest
@@ -24,11 +26,14 @@ from pipeline.intake.shape import shape_catalog
 __all__ = [
     "Estimate",
     "Manifest",
+    "Reuse",
     "Uploads",
     "estimate",
+    "feed",
     "read_decisions",
     "read_header",
     "recognise",
+    "reconcile",
     "refused",
     "shape_catalog",
     "starter_config",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -14,74 +13,19 @@ import structlog
 
 from pipeline.core import (
     ExitCode,
-    JobSpec,
     NoUsableKeyError,
     RunConfig,
 )
 from pipeline.drive import Dispatcher, Engine
-from pipeline.intake import Manifest
+from pipeline.intake import Manifest, Reuse, feed
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer
 from pipeline.outputs import (
     CopyCheck,
-    Downloader,
 )
 from pipeline.runs.verdict import Faults, leaf, stopped_by
 
 _log = structlog.get_logger("pipeline.runs.runner")
-
-
-@dataclass(frozen=True, slots=True)
-class Reuse:
-    """What an incremental run reuses: the state store, and where stored copies are checked
-    and, when gone, fetched again."""
-
-    state: StateStore
-    copies: CopyCheck
-    downloader: Downloader | None
-
-
-def ingest(
-    manifest: Manifest,
-    journal: Journal,
-    reuse: Reuse | None,
-    dispatcher: Dispatcher,
-    stop: threading.Event,
-    notify: Callable[[Callable[[], None]], None],
-) -> None:
-    """Read the rest of the manifest into the journal (in a thread); with a state store, rows
-    whose input already succeeded come in as reused, pointing at the earlier run's stored
-    copies of their images (fetched again when a copy is gone)."""
-    if journal.get_meta("ingest_complete") == "1":
-        notify(lambda: dispatcher.ingest_advanced(done=True))
-        return
-    for batch in manifest.batches(start_row=journal.last_row() + 1):
-        if stop.is_set():
-            return
-        prior = None
-        if reuse is not None:
-            found = reuse.state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
-            prior = reuse.copies.present(found)
-        meta = {"ingested_rows": str(batch[-1].row_number)} if batch else {}
-        fetch = journal.ingest(batch, meta, prior)
-        if reuse is not None and reuse.downloader is not None:
-            if fetch:
-                notify(functools.partial(reuse.downloader.submit_many, fetch))
-            if prior:  # reused rows show their input in the report, as rows sent do
-                shown = [
-                    i.inputs["img_url"]
-                    for i in batch
-                    if isinstance(i, JobSpec) and i.fingerprint in prior and "img_url" in i.inputs
-                ]
-                notify(functools.partial(_thumbnails, reuse.downloader, shown))
-        notify(dispatcher.ingest_advanced)
-    journal.set_meta({"ingest_complete": "1"})
-    notify(lambda: dispatcher.ingest_advanced(done=True))
-
-
-def _thumbnails(downloader: Downloader, urls: list[str]) -> None:
-    for url in urls:
-        downloader.submit_input(url)
 
 
 async def ingest_task(
@@ -96,7 +40,13 @@ async def ingest_task(
     created are seen to their end: money was spent, so the books are finished."""
     try:
         await anyio.to_thread.run_sync(
-            ingest, manifest, journal, reuse, dispatcher, stop, anyio.from_thread.run_sync
+            feed,
+            manifest,
+            journal,
+            reuse,
+            dispatcher.ingest_advanced,
+            stop,
+            anyio.from_thread.run_sync,
         )
     except Exception as exc:  # noqa: BLE001 - whatever it was, the run must end cleanly
         _log.exception("ingest_failed")

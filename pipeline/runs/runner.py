@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -29,14 +28,13 @@ from pipeline.core import (
     ApiKey,
     ConfigError,
     ExitCode,
-    JobSpec,
     RunConfig,
     RunStats,
     resolve_groups,
     sandbox_keys,
 )
 from pipeline.drive import Workers, check_workers, open_engine
-from pipeline.intake import Manifest, estimate
+from pipeline.intake import Manifest, estimate, reconcile
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
@@ -74,30 +72,6 @@ class Reprocess:
     error_types: Collection[str] | None
     decisions: Path | None = None
     approve_passing: bool = False  # approve every undecided edit that passed the checks
-
-
-def _reconcile(
-    manifest: Manifest,
-    journal: Journal,
-    state: StateStore | None,
-    identity: dict[str, str],
-    options: dict[str, str],
-) -> dict[str, int]:
-    """`--force`: journal the whole manifest as it is now (see Journal.reconcile)."""
-    found: Counter[str] = Counter()
-    copies = CopyCheck(options)
-    last = 0
-    for batch in manifest.batches():
-        prior = None
-        if state is not None:
-            found_prior = state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
-            prior = copies.present(found_prior)
-        found += journal.reconcile(batch, prior)
-        last = batch[-1].row_number
-    found += journal.drop_unseen()
-    journal.set_meta({**identity, "ingest_complete": "1", "ingested_rows": str(last)})
-    _log.warning("forced", **found)
-    return dict(found)
 
 
 @asynccontextmanager
@@ -273,7 +247,12 @@ async def _run_held(
     identity = check_identity(journal, config, force, remap=decisions is not None)
     if identity is not None:
         forced = await anyio.to_thread.run_sync(
-            _reconcile, manifest, journal, state, identity, config.assets.storage_options
+            reconcile,
+            manifest,
+            journal,
+            state,
+            identity,
+            CopyCheck(config.assets.storage_options),
         )
         folder.forget_results()
     requeued = None
