@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.core import ManifestError, ManifestSection, RunConfig, is_blank
@@ -172,6 +171,8 @@ def _from_parts(m: ManifestSection, out: Path, again: bool) -> ManifestSection:
     files, base = _part_files(m.path)
     if not files:
         raise ManifestError(f"manifest {m.path} holds no Parquet part file")
+    import pyarrow.dataset as ds  # loaded for part files only: it brings pandas, ~50 MB
+
     try:
         parts = ds.dataset(
             files,
