@@ -58,14 +58,12 @@ def _review(chromium: str, report: Path, decisions: int) -> None:
         approve = _timed(lambda: (page.keyboard.press("a"), tally.inner_text()))
         print(f"review_approve_ms    {approve:.1f}")
         page.evaluate("go({page: 1})")
-        page.locator('article.entry[data-row="100"]').click()
-        page.wait_for_selector('article.entry.current[data-row="100"]')
-        step = _timed(
-            lambda: (
-                page.keyboard.press("j"),
-                page.wait_for_selector('article.entry.current[data-row="101"]'),
-            )
-        )
+        last = page.locator("article.entry").nth(99)  # the page's last row (the view to review)
+        last.click()
+        row = last.get_attribute("data-row")
+        page.wait_for_selector(f'article.entry.current[data-row="{row}"]')
+        moved = f"document.querySelector('article.entry.current').dataset.row !== '{row}'"
+        step = _timed(lambda: (page.keyboard.press("j"), page.wait_for_function(moved)))
         print(f"review_next_page_ms  {step:.1f}")
         page.evaluate(
             """n => { for (const r of ROWS.filter(judgeable).slice(0, n))
@@ -148,7 +146,7 @@ def main() -> None:
             f"--user-data-dir={run_dir / 'profile'}",
             "--dump-dom",
         ]
-        for view in ("", "#status=failed&q=&page=3"):
+        for view in ("", "#status=failed&review=all&q=&page=3"):
             began = time.perf_counter()
             dom = subprocess.run(
                 [*command, report.as_uri() + view], capture_output=True, text=True, timeout=300
