@@ -7,6 +7,7 @@ removed.py      removed.csv: products an earlier night had and tonight's export 
 html_report.py  report.html
 summary.py      the run's summary (RunSummary) and summary.json
 closing.py      the closing summary's rows, for the terminal
+writing.py      every output file of a run from the journal, at its end
 publishing.py   `wanbatch publish`: approved edits copied for a channel, named for the catalog
 tagging.py      the AI tag (IPTC DigitalSourceType in XMP) written into a copy and read back
 """
@@ -29,6 +30,7 @@ from pipeline.outputs.results import (
     write_results,
 )
 from pipeline.outputs.summary import RunSummary, finish_line, write_summary
+from pipeline.outputs.writing import Wrote, write_outputs
 
 __all__ = [
     "PUBLISHED",
@@ -40,6 +42,7 @@ __all__ = [
     "Published",
     "ResultLayout",
     "RunSummary",
+    "Wrote",
     "checks_said",
     "finish_line",
     "open_store",
@@ -49,6 +52,7 @@ __all__ = [
     "write_approved",
     "write_failures",
     "write_images",
+    "write_outputs",
     "write_removed",
     "write_report",
     "write_results",

@@ -12,9 +12,7 @@ import structlog
 
 from pipeline.core import (
     ENV_KEYS,
-    IMAGES,
     REMOVED,
-    RESULTS,
     TRANSIENT_ERRORS,
     ApiKey,
     ExitCode,
@@ -28,12 +26,8 @@ from pipeline.intake import Manifest
 from pipeline.journal import CostBooks, Journal, StateStore
 from pipeline.outputs import (
     ResultLayout,
-    write_approved,
-    write_failures,
-    write_images,
+    write_outputs,
     write_removed,
-    write_report,
-    write_results,
 )
 
 _log = structlog.get_logger("pipeline.runs.runner")
@@ -92,27 +86,14 @@ async def finish_books(
         await anyio.to_thread.run_sync(journal.settle_followers)
         if state is not None:
             books.removed = await anyio.to_thread.run_sync(remember, journal, state, run_dir)
-        results_path = run_dir / RESULTS
-        written = await anyio.to_thread.run_sync(write_results, journal, layout, results_path)
-        if written.problem is not None:
-            books.problem = (
-                f"the manifest's own columns could not all be read again for the results "
-                f"({written.problem}): some are empty"
-            )
-        books.failures = await anyio.to_thread.run_sync(write_failures, journal, layout, run_dir)
-        images = run_dir / IMAGES
         price = config.api.price_per_image_usd
-        await anyio.to_thread.run_sync(write_images, journal, layout, images, price)
-        await anyio.to_thread.run_sync(write_approved, journal, run_dir)
+        wrote = await anyio.to_thread.run_sync(
+            write_outputs, journal, layout, run_dir, price, config.report.columns
+        )
+        books.failures, books.problem = wrote.failures, wrote.problem
         if config.assets.download:
             states = journal.image_states()
             books.images_missing = states.get("pending", 0) + states.get("failed", 0)
-        try:
-            id_column = config.manifest.id_column_name
-            columns = config.report.columns
-            await anyio.to_thread.run_sync(write_report, journal, run_dir, id_column, columns)
-        except (OSError, ValueError):  # the results stand without it; `wanbatch report` redoes it
-            _log.exception("report_failed")
     except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
         _log.exception("results_failed")
         books.problem = (
