@@ -23,8 +23,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts
 	$(BIN)/mypy
 
+# the suite on four workers (pytest-xdist: most tests wait on a sandbox, not a core), then the
+# Ray tests alone, whose workers and cluster want the machine to themselves
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadgroup --ignore tests/test_ray.py
+	$(BIN)/pytest -q tests/test_ray.py
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -297,13 +299,16 @@ CHROMIUM_FLAGS = (
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, installed by the test setup when the machine lacks it."""
-    found = shutil.which("chromium")
-    if found is None:
-        install = ["apt-get", "install", "-y", "-q", "chromium"]
-        if subprocess.run(install, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
-            subprocess.run(install, check=True, capture_output=True)
+    # one installer at a time: the suite's workers (pytest-xdist) may all ask at once
+    with open(Path(tempfile.gettempdir()) / "wanbatch-chromium.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         found = shutil.which("chromium")
+        if found is None:
+            install = ["apt-get", "install", "-y", "-q", "chromium"]
+            if subprocess.run(install, capture_output=True).returncode != 0:
+                subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+                subprocess.run(install, check=True, capture_output=True)
+            found = shutil.which("chromium")
     assert found is not None, "Debian's chromium package could not be installed"
     return found
 

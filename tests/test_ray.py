@@ -54,7 +54,8 @@ from tests.conftest import (  # noqa: E402
 from tests.test_crash import Pipeline, wait_for  # noqa: E402
 
 Start = Callable[..., SandboxServer]
-pytestmark = pytest.mark.anyio
+# one Ray cluster for the file: its tests run on one worker of the suite (pytest-xdist)
+pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("ray")]
 
 KEYS = (KEY, KEY2, "sandbox-key-three", "sandbox-key-four")
 LIMITS = {"creates_per_window": 20, "max_concurrent": 4}
