@@ -90,9 +90,8 @@ def assemble(
         lane.gate.seed([at + to_gate_clock for at in recent.get(lane.key.name, [])])
     kept = None
     if config.assets.download:
-        kept = downloader(config, commit, stats, thumbs)
-        if config.embedded_sandbox:  # the sandbox serves the demo's sample inputs
-            kept.samples_from = base_url.removesuffix("/v1")
+        samples = base_url.removesuffix("/v1") if config.embedded_sandbox else None
+        kept = downloader(config, commit, stats, thumbs, samples)
     webhook, listing = None, None
     if receiver is not None:
         webhook = Webhook(receiver.url, receiver.secret, receiver.callbacks)
@@ -115,10 +114,17 @@ def assemble(
 
 
 def downloader(
-    config: RunConfig, commit: Commits, stats: RunStats, thumbs: ThumbSink | None
+    config: RunConfig,
+    commit: Commits,
+    stats: RunStats,
+    thumbs: ThumbSink | None,
+    samples_from: str | None = None,
 ) -> Downloader:
-    """The run's images kept in `assets.store`; its figures counted in `stats`."""
+    """The run's images kept in `assets.store`; its figures counted in `stats`.
+    `samples_from`: the embedded sandbox's root, which serves the demo's sample inputs."""
     if stats.downloads is None:  # one count for the run, whatever its rounds
         stats.downloads = DownloadStats()
     store = open_store(config.assets, config.output.dir)
-    return Downloader(config.assets, store, commit, thumbs, stats=stats.downloads)
+    return Downloader(
+        config.assets, store, commit, thumbs, stats=stats.downloads, samples_from=samples_from
+    )

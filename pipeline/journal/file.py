@@ -20,12 +20,13 @@ class JournalFile:
     the state changes applied to it and the open jobs read from it. Synchronous; every call
     takes the lock (callers use threads)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, share_seeded: bool = False) -> None:
         """Open (or create) the journal; `readonly` only reads it (`wanbatch status`, while
-        a run may hold it), never changing the file."""
+        a run may hold it), never changing the file. `share_seeded` (manifest.dedupe): rows
+        with the same seeded input share one job."""
         self.path = path
         self._lock = threading.Lock()
-        self.share_seeded = False  # manifest.dedupe: rows with the same seeded input share one job
+        self.share_seeded = share_seeded
         if readonly:
             self._db = sqlite3.connect(
                 f"{path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False

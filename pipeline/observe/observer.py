@@ -84,8 +84,10 @@ class Observer:
         if self.reporter is not None:
             self.reporter.started(line)
 
-    async def watch(self, journal: Journal) -> None:
-        """Until cancelled: a snapshot every tick, for the reporter, run.log and metrics."""
+    async def watch(self, journal: Journal, view: RunView) -> None:
+        """Until cancelled: a snapshot every tick, for the reporter, run.log and metrics;
+        `view`: the keys (and workers) being driven, kept for the last snapshot too."""
+        self.view = view
         p, m = self.config.progress.interval_s, self.config.metrics.interval_s
         tick = min(self.tick_s or math.inf, p, m)
         next_line = next_metrics = time.monotonic()

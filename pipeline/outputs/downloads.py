@@ -230,10 +230,11 @@ class Downloader:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         stats: DownloadStats | None = None,
+        samples_from: str | None = None,
     ) -> None:
         self._transport = transport  # tests hand one in; the network otherwise
         self._thumbs = thumbs  # the report's thumbnails are made here, when given
-        self.samples_from: str | None = None  # the embedded sandbox's root, for its samples
+        self.samples_from = samples_from  # the embedded sandbox's root, for its samples
         self._inputs_seen: OrderedDict[str, None] = OrderedDict()  # inputs thumbnailed
         self._section = section
         self._store = store

@@ -80,7 +80,7 @@ async def drive_keys(drive: Drive, engine: Engine) -> tuple[ExitCode, str]:
         try:
             async with anyio.create_task_group() as services:
                 await services.start(engine.serve)
-                services.start_soon(drive.observer.watch, journal)
+                services.start_soon(drive.observer.watch, journal, engine.view)
                 reuse = None
                 if state is not None:
                     copies = CopyCheck(config.assets.storage_options)

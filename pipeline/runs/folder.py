@@ -175,9 +175,10 @@ class RunFolder:
 
     # -- the journal ---------------------------------------------------------------------------
 
-    def open_journal(self) -> Journal:
+    def open_journal(self, *, share_seeded: bool = False) -> Journal:
         """The folder's journal, checked against what else the folder says of earlier runs;
-        RunFolderError before anything is sent when it cannot be trusted."""
+        RunFolderError before anything is sent when it cannot be trusted. `share_seeded`:
+        manifest.dedupe (see Journal)."""
         path = self.path / JOURNAL
         evidence = [n for n in (*_RESULT_FILES, f"{JOURNAL}-wal") if (self.path / n).exists()]
         if self.previous is not None and self.previous.run_id:
@@ -189,7 +190,7 @@ class RunFolder:
                 f"file) from a backup, or {_FRESH}"
             )
         try:
-            journal = Journal(path)
+            journal = Journal(path, share_seeded=share_seeded)
         except JournalDamaged as exc:
             raise RunFolderError(f"{exc}; restore it from a backup, or {_FRESH}") from None
         try:

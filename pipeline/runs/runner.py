@@ -149,8 +149,7 @@ async def run(
     try:
         if inc.enabled and inc.state is not None:
             state = StateStore(inc.state, hold=True)  # one run at a time: see StateStore
-        journal = folder.open_journal()
-        journal.share_seeded = config.manifest.dedupe
+        journal = folder.open_journal(share_seeded=config.manifest.dedupe)
         if uploads is None and journal.has_uploads():
             journal.close()
             raise ConfigError(
@@ -332,7 +331,6 @@ async def _drive_rounds(
             async with open_engine(
                 config, journal, drive.manifest, base_url, keys, stats, spent, receiver, workers
             ) as engine:
-                drive.observer.view = engine.view
                 if round_ == 0:
                     balance = await _balance_before(config, journal, base_url, keys)
                     if balance.short is not None:  # budget.require_balance: nothing is created
