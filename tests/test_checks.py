@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.checks import judge, measure, picture
 from pipeline.core import EDIT_FAULTS, ChecksSection, ConfigError, parse_config
-from pipeline.outputs import publish
+from pipeline.outputs import publish, summary_rows
 from pipeline.outputs.publishing import copy_name
 from pipeline.outputs.tagging import AI_SOURCE, xmp_source
 from pipeline.runs import Reprocess
@@ -175,12 +175,18 @@ async def test_checks_flag_the_faulty_edits_and_the_report_puts_them_first(
     assert summary.checks["measured"] == 500
     assert summary.checks["failed"] == sum(not i["checks_passed"] for i in images)
     assert sum(summary.checks["by_rule"].values()) >= summary.checks["failed"]
+    # the closing summary names the one command that approves what passed
+    passing = sum(bool(i["checks_passed"]) for i in images)
+    assert summary.checks["passing_undecided"] == passing
+    said = dict(summary_rows(summary))
+    assert "--approve-passing" in said[f"passed every check ({passing:,})"]
 
     flagged_rows = {i["row_number"] for i in images if not i["checks_passed"]}
     await _report_lists_flagged_first(browser, run_dir, flagged_rows)
 
     again = await go(config, [], reprocess=Reprocess(frozenset(), approve_passing=True))
     assert again.stats.creates_sent == 0
+    assert again.checks["passing_undecided"] == 0
     approved = {r["row_number"] for r in _results(run_dir) if r["review"] == "approved"}
     passing = {r["row_number"] for r in _results(run_dir) if r["checks_passed"]}
     assert approved == passing

@@ -99,8 +99,8 @@ class Checks(JournalFile):
         return [int(r[0]) for r in got]
 
     def check_counts(self) -> dict[str, Any]:
-        """Images measured, passed and failed; failures by rule; and the edits the checks
-        had made again."""
+        """Images measured, passed and failed; failures by rule; the edits the checks had
+        made again; and the undecided edits that passed every check."""
         with self._lock:
             row = self._db.execute(
                 "SELECT COUNT(checks_failed), COALESCE(SUM(checks_failed = '[]'), 0)"
@@ -123,6 +123,8 @@ class Checks(JournalFile):
             "failed": measured - passed,
             "by_rule": {str(r[0]): int(r[1]) for r in rules},
             "regenerated": int(again[0]),
+            # edits no person has judged that passed every check: --approve-passing's
+            "passing_undecided": len(self.passing_undecided()),
         }
 
 

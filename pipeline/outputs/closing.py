@@ -92,6 +92,14 @@ def _files(summary: RunSummary) -> list[tuple[str, str]]:
                 f"then wanbatch retry {summary.run_dir} --rejected decisions.csv",
             )
         )
+    passing = summary.checks.get("passing_undecided", 0)
+    if to_review and passing:
+        rows.append(
+            (
+                f"passed every check ({passing:,})",
+                f"wanbatch retry {summary.run_dir} --approve-passing approves them",
+            )
+        )
     if summary.removed:
         rows.append((f"removed products ({summary.removed:,})", str(summary.run_dir / REMOVED)))
     for label, name in (("report", REPORT), ("summary", SUMMARY)):

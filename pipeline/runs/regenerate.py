@@ -34,7 +34,8 @@ def regenerate(
     """Put back the rows whose edit failed a check and may be made again, as many as
     `room_usd` (what the budget has left; None: no budget) pays for at the configured price,
     so a row is never left without an edit for want of money; how many rows. The rows that
-    cannot be are said on the `first` round only."""
+    cannot be (a fixed seed and prompt, or no budget left) are said on the `first` round
+    only."""
     most = config.checks.regenerate
     rows = journal.to_regenerate(most) if most else []
     if not rows:
@@ -79,7 +80,7 @@ def regenerate(
             said=f"{same:,} edit(s) failed a check but were not made again: their input fixes "
             "the seed and the prompt, and would make the same image",
         )
-    if short:
+    if short and first:
         _log.warning(
             "regenerate_budget",
             rows=short,
