@@ -46,23 +46,16 @@ class Measured:
 class Checks(JournalFile):
     def images_to_check(self, batch_size: int = 2000) -> Iterator[list[CheckTarget]]:
         """The stored images of succeeded rows that no check has measured, a batch at a time."""
-        after = (0, -1)
-        while True:
-            with self._lock:
-                got = self._db.execute(
-                    "SELECT i.row_number, i.idx, i.path, json_extract(j.inputs, '$.img_url'),"
-                    " json_extract(j.inputs, '$.size') FROM images i JOIN jobs j"
-                    " ON j.row_number = i.row_number WHERE i.state = 'stored'"
-                    " AND i.checks_failed IS NULL AND j.status = ?"
-                    " AND (i.row_number, i.idx) > (?, ?) ORDER BY i.row_number, i.idx LIMIT ?",
-                    (Status.SUCCEEDED.value, *after, batch_size),
-                ).fetchall()
-            if not got:
-                return
+        select = (
+            "SELECT i.row_number, i.idx, i.path, json_extract(j.inputs, '$.img_url'),"
+            " json_extract(j.inputs, '$.size') FROM images i JOIN jobs j"
+            " ON j.row_number = i.row_number"
+        )
+        where = "i.state = 'stored' AND i.checks_failed IS NULL AND j.status = ?"
+        for got in self._image_pages(select, where, (Status.SUCCEEDED.value,), batch_size):
             yield [
                 CheckTarget(int(r[0]), int(r[1]), str(r[2]), _text(r[3]), _text(r[4])) for r in got
             ]
-            after = (int(got[-1][0]), int(got[-1][1]))
 
     def record_checks(self, measured: Sequence[Measured]) -> None:
         with self._lock, self._transaction():

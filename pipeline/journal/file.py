@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.core import (
     JournalDamaged,
@@ -95,6 +96,24 @@ class JournalFile:
         except sqlite3.DatabaseError as exc:
             return str(exc)
         return None if found == ["ok"] else "; ".join(found)
+
+    def _image_pages(
+        self, select: str, where: str, params: tuple[Any, ...], batch_size: int
+    ) -> Iterator[list[sqlite3.Row]]:
+        """Images (`select` from `images i`) matching `where`, in row and image order, a batch
+        at a time (keyset paging, as `_pages` does for jobs)."""
+        after = (0, -1)
+        while True:
+            with self._lock:
+                batch = self._db.execute(
+                    f"{select} WHERE ({where}) AND (i.row_number, i.idx) > (?, ?)"
+                    " ORDER BY i.row_number, i.idx LIMIT ?",
+                    (*params, *after, batch_size),
+                ).fetchall()
+            if not batch:
+                return
+            yield batch
+            after = (batch[-1]["row_number"], batch[-1]["idx"])
 
     def close(self) -> None:
         with self._lock:

@@ -268,24 +268,6 @@ class Reports(JournalFile):
         )
         yield from self._image_pages(select, "j.status = ?", (Status.SUCCEEDED.value,), batch_size)
 
-    def _image_pages(
-        self, select: str, where: str, params: tuple[Any, ...], batch_size: int
-    ) -> Iterator[list[sqlite3.Row]]:
-        """Images (`select` from `images i`) matching `where`, in row and image order, a batch
-        at a time (keyset paging, as `_pages` does for jobs)."""
-        after = (0, -1)
-        while True:
-            with self._lock:
-                batch = self._db.execute(
-                    f"{select} WHERE ({where}) AND (i.row_number, i.idx) > (?, ?)"
-                    " ORDER BY i.row_number, i.idx LIMIT ?",
-                    (*params, *after, batch_size),
-                ).fetchall()
-            if not batch:
-                return
-            yield batch
-            after = (batch[-1]["row_number"], batch[-1]["idx"])
-
     def result_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches, for the results file: `outcome` is the job's own
         columns as one JSON object, built by SQLite under the results' names (timestamps in

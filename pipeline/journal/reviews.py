@@ -207,19 +207,12 @@ class Reviews(JournalFile):
 
     def approved_images(self, batch_size: int = 5000) -> Iterator[list[ApprovedImage]]:
         """The outputs of approved rows, in row and output order, a batch at a time."""
-        after = (0, -1)
-        while True:
-            with self._lock:
-                got = self._db.execute(
-                    "SELECT j.job_id, j.row_number, j.prediction_id, j.review_note, i.idx,"
-                    " i.path, i.url, i.sha256, i.state, j.cost_usd, j.images, j.reused,"
-                    " i.checks_failed FROM jobs j JOIN images i"
-                    " ON i.row_number = j.row_number WHERE j.review='approved'"
-                    " AND (j.row_number, i.idx) > (?, ?) ORDER BY j.row_number, i.idx LIMIT ?",
-                    (*after, batch_size),
-                ).fetchall()
-            if not got:
-                return
+        select = (
+            "SELECT j.job_id, i.row_number, j.prediction_id, j.review_note, i.idx, i.path,"
+            " i.url, i.sha256, i.state, j.cost_usd, j.images, j.reused, i.checks_failed"
+            " FROM images i JOIN jobs j ON j.row_number = i.row_number"
+        )
+        for got in self._image_pages(select, "j.review = 'approved'", (), batch_size):
             yield [
                 ApprovedImage(
                     r["job_id"],
@@ -235,4 +228,3 @@ class Reviews(JournalFile):
                 )
                 for r in got
             ]
-            after = (got[-1]["row_number"], got[-1]["idx"])
