@@ -24,9 +24,9 @@ from pipeline.core import (
     MAX_INPUT_BYTES,
     UPLOAD_TOKEN,
     ConfigError,
+    ObjectTooLarge,
     Threshold,
-    located,
-    read_object,
+    read_stored,
 )
 from pipeline.journal import CheckTarget, Journal, Measured
 
@@ -61,11 +61,13 @@ class CheckStage:
         *,
         image_scale: float = 1.0,
         samples_from: str | None = None,
+        largest: int = 50_000_000,
     ) -> None:
         self._thresholds = thresholds
         self._wanted = {t.name for t in thresholds}
         self._run_dir = run_dir
         self._options = storage_options
+        self._largest = largest  # assets.max_bytes: no stored edit is larger
         self._scale = image_scale
         self._samples_from = samples_from  # the embedded sandbox's root, for its samples
         self._inputs: OrderedDict[str, Picture | None] = OrderedDict()
@@ -93,10 +95,10 @@ class CheckStage:
         from pipeline.checks.pixels import Unreadable, measure, picture  # numpy & co., when used
 
         try:
-            edit = picture(self._read(target.path))
+            edit = picture(read_stored(target.path, self._run_dir, self._options, self._largest))
         except Unreadable:
             return self._undecodable(target)
-        except (OSError, ConfigError) as exc:
+        except (OSError, ConfigError, ObjectTooLarge) as exc:
             _log.warning("check_unread", row=target.row_number, error=str(exc)[:300])
             return self._undecodable(target)
         source = self._input(target.source, http) if target.source else None
@@ -112,12 +114,6 @@ class CheckStage:
             for t in self._thresholds
         }
         return Measured(target.row_number, target.index, held, ["decodes"])
-
-    def _read(self, path: str) -> bytes:
-        where = located(path, self._run_dir)
-        if "://" in where:
-            return read_object(where, self._options, 200_000_000)
-        return Path(where).read_bytes()
 
     def _input(self, url: str, http: httpx.Client) -> Picture | None:
         """The input's working copy (fetched once per URL), or None when it cannot be had."""

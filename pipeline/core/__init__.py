@@ -123,6 +123,7 @@ from pipeline.core.storage import (
     is_object_url,
     located,
     read_object,
+    read_stored,
 )
 from pipeline.core.thumbs import (
     FolderThumbs,
@@ -248,6 +249,7 @@ __all__ = [
     "output_thumb",
     "parse_config",
     "read_object",
+    "read_stored",
     "resolve_groups",
     "sandbox_keys",
     "save_thumb",

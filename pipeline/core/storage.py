@@ -25,6 +25,7 @@ __all__ = [
     "is_object_url",
     "located",
     "read_object",
+    "read_stored",
     "said",
 ]
 
@@ -53,6 +54,15 @@ def located(path: str, run_dir: Path | str) -> str:
     if "://" in path or Path(path).is_absolute():
         return path
     return str(Path(run_dir, path))
+
+
+def read_stored(path: str, run_dir: Path | str, options: dict[str, str], limit: int) -> bytes:
+    """A stored copy's bytes, wherever `located` puts it: a local file, or an object
+    (FileNotFoundError when it is gone, ObjectTooLarge over `limit`, OSError otherwise)."""
+    where = located(path, run_dir)
+    if "://" in where:
+        return read_object(where, options, limit)
+    return Path(where).read_bytes()
 
 
 PROBE = ".wanbatch-probe"  # written and deleted by a store's check

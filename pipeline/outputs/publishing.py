@@ -30,9 +30,10 @@ from pipeline.core import (
     RULES,
     ConfigError,
     ObjectStore,
+    ObjectTooLarge,
     Threshold,
     from_sheet,
-    located,
+    read_stored,
 )
 from pipeline.journal import ApprovedImage, reading
 from pipeline.outputs.tagging import tagged_jpeg
@@ -51,6 +52,7 @@ PUBLISHED_COLUMNS = (
     "channel",
     "checks",
 )
+_LARGEST = 2_000_000_000  # assets.max_bytes's ceiling: no stored original is larger
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -184,8 +186,8 @@ def _publish_one(
     from PIL import Image  # loaded by a publish, not by every import of the outputs
 
     try:
-        data = _copy(_read(image.path, run_dir, options), channel)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        data = _copy(read_stored(image.path, run_dir, options, _LARGEST), channel)
+    except (OSError, ValueError, ObjectTooLarge, Image.DecompressionBombError) as exc:
         done.refused.append(f"{said}: {exc}")
         return None
     if rules:
@@ -218,16 +220,6 @@ def _publish_one(
         if not image.checks_failed
         else "failed: " + " ".join(image.checks_failed),
     }
-
-
-def _read(path: str, run_dir: Path, options: dict[str, str]) -> bytes:
-    where = located(path, run_dir)
-    if "://" in where:
-        scheme, _, rest = where.partition("://")
-        bucket, _, key = rest.partition("/")
-        got = ObjectStore(f"{scheme}://{bucket}", options).get(key)
-        return got
-    return Path(where).read_bytes()
 
 
 def _copy(original: bytes, channel: str | None) -> bytes:

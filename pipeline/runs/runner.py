@@ -260,9 +260,8 @@ async def _run_held(
     if reprocess is not None and (reprocess.error_types is None or reprocess.error_types):
         requeued = journal.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
-    # what a budget counts as spent: booked, and what lost creates may have been billed
     price = config.api.price_per_image_usd
-    spent = journal.totals()["cost_usd"] + journal.cost_books().lost_spend_usd(price)
+    spent = _spent(journal, price)
     stats = observer.stats
     faults = Faults()
     observer.start(_start_line(config, folder.path, journal, keys))
@@ -322,6 +321,7 @@ async def _drive_rounds(
         config.assets.storage_options,
         image_scale=config.image_scale,
         samples_from=samples,
+        largest=config.assets.max_bytes,
     )
     balance = _Balance(None)
     stop: tuple[ExitCode, str] = (ExitCode.OK, "")
@@ -342,8 +342,7 @@ async def _drive_rounds(
                 await anyio.to_thread.run_sync(checker.run, journal)
             if stop[0] is not ExitCode.OK or drive.faults.describe() is not None:
                 break
-            price = config.api.price_per_image_usd
-            spent = journal.totals()["cost_usd"] + journal.cost_books().lost_spend_usd(price)
+            spent = _spent(journal, config.api.price_per_image_usd)
             budget = config.budget.max_cost_usd
             room = None if budget is None else budget - spent
             again = functools.partial(
@@ -352,6 +351,11 @@ async def _drive_rounds(
             if not await anyio.to_thread.run_sync(again):
                 break
     return stop, balance, figures
+
+
+def _spent(journal: Journal, price: float) -> float:
+    """What a budget counts as spent: booked, and what lost creates may have been billed."""
+    return float(journal.totals()["cost_usd"]) + journal.cost_books().lost_spend_usd(price)
 
 
 @dataclass(frozen=True, slots=True)
