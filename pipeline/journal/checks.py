@@ -21,6 +21,14 @@ _BY_CHECKS = (
     " WHERE json_extract(json_each.value, '$.rejected_by') = 'checks')"
 )
 
+# a succeeded row (`j`) no person has judged whose every image was measured and passed
+_PASSING = (
+    "j.status=? AND j.review IS NULL"
+    " AND EXISTS(SELECT 1 FROM images i WHERE i.row_number = j.row_number)"
+    " AND NOT EXISTS(SELECT 1 FROM images i WHERE i.row_number = j.row_number"
+    " AND (i.checks_failed IS NULL OR i.checks_failed != '[]'))"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class CheckTarget:
@@ -82,11 +90,7 @@ class Checks(JournalFile):
         """Succeeded rows no person has judged whose every image was measured and passed."""
         with self._lock:
             got = self._db.execute(
-                "SELECT j.row_number FROM jobs j WHERE j.status=? AND j.review IS NULL"
-                " AND EXISTS(SELECT 1 FROM images i WHERE i.row_number = j.row_number)"
-                " AND NOT EXISTS(SELECT 1 FROM images i WHERE i.row_number = j.row_number"
-                " AND (i.checks_failed IS NULL OR i.checks_failed != '[]'))"
-                " ORDER BY j.row_number",
+                f"SELECT j.row_number FROM jobs j WHERE {_PASSING} ORDER BY j.row_number",
                 (Status.SUCCEEDED.value,),
             ).fetchall()
         return [int(r[0]) for r in got]
@@ -106,6 +110,9 @@ class Checks(JournalFile):
                 " WHERE j.status=? GROUP BY f.value ORDER BY f.value",
                 (Status.SUCCEEDED.value,),
             ).fetchall()
+            passing = self._db.execute(
+                f"SELECT COUNT(*) FROM jobs j WHERE {_PASSING}", (Status.SUCCEEDED.value,)
+            ).fetchone()
             again = self._db.execute(
                 f"SELECT COALESCE(SUM({_BY_CHECKS}), 0) FROM jobs WHERE history IS NOT NULL"
             ).fetchone()
@@ -117,7 +124,7 @@ class Checks(JournalFile):
             "by_rule": {str(r[0]): int(r[1]) for r in rules},
             "regenerated": int(again[0]),
             # edits no person has judged that passed every check: --approve-passing's
-            "passing_undecided": len(self.passing_undecided()),
+            "passing_undecided": int(passing[0]),
         }
 
 
