@@ -22,7 +22,7 @@ from pipeline.core import ApiKey, AssetsSection, NoUsableKeyError, RunStats, Sta
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.lanes import KeyLane
-from pipeline.drive.slot import DriverSettings
+from pipeline.drive.settings import DriverSettings
 from pipeline.journal import (
     Entry,
     FailImage,

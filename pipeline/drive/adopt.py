@@ -24,19 +24,24 @@ as orphans (proven ours) for the summary.
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
 
-from pipeline.core import SEED_RANGE, ApiError, NotFound
+from pipeline.core import SEED_RANGE, ApiError, Clock, NotFound, RunStats
+from pipeline.drive.dispatcher import JobSource
+from pipeline.drive.flight import InFlight
 from pipeline.drive.lanes import KeyLane
-from pipeline.drive.slot import DriverBase
-from pipeline.journal import Entry
-from pipeline.provider import Execution
+from pipeline.drive.listings import Listings
+from pipeline.drive.settings import DriverSettings
+from pipeline.journal import Commits, Entry
+from pipeline.provider import EachlabsClient, Execution
 
-__all__ = ["LEFT", "Adoptions", "Settled", "same_input"]
+__all__ = ["LEFT", "LostCreates", "Settled", "same_input"]
 
 LEFT = "left"  # no proof either way before the run ends: left `creating` for the next run
 _log = structlog.get_logger("pipeline.drive.adopt")
@@ -53,10 +58,39 @@ class Settled:
     prediction_id: str | None = None
 
 
-class Adoptions(DriverBase):
-    """Looking a lost create up in the listing."""
+class LostCreates:
+    """Looking a lost create up in the listing; the seeds that name the rows' jobs."""
 
-    def _seed_for(self, entry: Entry) -> int | None:
+    def __init__(
+        self,
+        settings: DriverSettings,
+        client: EachlabsClient,
+        journal: Commits,
+        dispatcher: JobSource,
+        stats: RunStats,
+        listings: Listings,
+        flight: InFlight,
+        lanes: Sequence[KeyLane],
+        clock: Clock,
+        *,
+        presigned: bool = False,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._journal = journal
+        self._dispatcher = dispatcher
+        self._stats = stats
+        self._listings = listings
+        self._flight = flight
+        self._lanes = lanes
+        self._clock = clock
+        self._presigned = presigned  # inputs uploaded: their URLs are signed for each create
+        self.claimed: set[str] = set()  # the jobs claimed by a row
+        self.drawn: OrderedDict[int, None] = OrderedDict()  # the latest seeds drawn
+        # the inputs read of unknown jobs
+        self._got: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+
+    def seed_for(self, entry: Entry) -> int | None:
         """The seed of a row whose input has none: the one journaled for it, or one drawn now
         (journaled before its create is sent, and kept for its creates after); None when the
         row brings its own."""
@@ -70,52 +104,52 @@ class Adoptions(DriverBase):
             self.drawn.popitem(last=False)
         return seed
 
-    async def _settle_lost(
+    async def settle(
         self, lane: KeyLane, entry: Entry, inputs: dict[str, Any], sent: float, given_up: float
     ) -> Settled:
         """How the create of `entry` with `inputs`, sent at `sent` and given up at `given_up`
         (the driver's clock), is settled; looked up again while the listing cannot tell yet."""
-        if not self.settings.resolve_lost or self.no_listing:
+        if not self._settings.resolve_lost or self._listings.missing:
             return Settled("unresolved")
-        given_up += self.settings.lost_settle  # a provider may still make it a moment later
-        deadline = given_up + self.settings.lost_patience
-        await anyio.sleep(max(0.0, given_up - self.clock.now()))
+        given_up += self._settings.lost_settle  # a provider may still make it a moment later
+        deadline = given_up + self._settings.lost_patience
+        await anyio.sleep(max(0.0, given_up - self._clock.now()))
         failures = 0
         while True:
             try:
                 settled = await self._look_up(lane, entry, inputs, sent, given_up)
-            except NotFound:  # said once by `_listed`
+            except NotFound:  # said once by the listings
                 return Settled("unresolved")
             except ApiError as exc:
                 failures += 1
-                if not exc.retryable or failures >= self.settings.policy.max_attempts:
+                if not exc.retryable or failures >= self._settings.policy.max_attempts:
                     _log.info("lost_create_unresolved", key=lane.key.name, error=str(exc))
                     return Settled("unresolved")
                 settled = None
             if settled is not None:
                 return settled
-            if self.dispatcher.halted:
+            if self._dispatcher.halted:
                 # the run stops: it stays `creating`, counted as possibly billed, and the next
                 # run looks it up again
                 return Settled(LEFT)
-            if self.clock.now() >= deadline:
+            if self._clock.now() >= deadline:
                 # no proof came (no later job in the listing): flagged, never silently
                 _log.warning("lost_create_unproven", key=lane.key.name, row=entry.row_number)
                 return Settled("unresolved")
-            self.stats.lost_create_waits += 1
-            await anyio.sleep(max(self.settings.lost_settle, self.settings.sweep_floor))
+            self._stats.lost_create_waits += 1
+            await anyio.sleep(max(self._settings.lost_settle, self._settings.sweep_floor))
 
     async def _look_up(
         self, lane: KeyLane, entry: Entry, inputs: dict[str, Any], sent: float, given_up: float
     ) -> Settled | None:
         """The lost create settled from one read of the listing, or None while it cannot tell
         (the provider's clock not learned yet, or the listing not caught up)."""
-        clock = self.timeline
-        margin = self.settings.clock_skew  # the listing's times are rounded, and may jitter
+        clock = self._listings.timeline
+        margin = self._settings.clock_skew  # the listing's times are rounded, and may jitter
         # before the provider's clock is learned: its newest entries (a job matched there is
         # proven all the same; only "nothing was made" needs the clock)
         since = clock.earliest(sent) - margin if clock.learned else None
-        found, whole = await self._listed(lane, (), since, pages=_PAGES)
+        found, whole = await self._listings.read(lane, (), since, pages=_PAGES)
         window = found
         if clock.learned:
             latest = clock.latest(given_up) + margin
@@ -131,10 +165,10 @@ class Adoptions(DriverBase):
 
     async def _unknown(self, window: list[Execution]) -> list[Execution]:
         """The window's executions that are no row's job."""
-        mine = {pid for lane in self.lanes for pid in lane.answered}
-        mine |= self.in_flight.keys() | self.claimed
+        mine = {pid for lane in self._lanes for pid in lane.answered}
+        mine |= set(self._flight) | self.claimed
         rest = [e for e in window if e.prediction_id not in mine]
-        known = await self.journal.known([e.prediction_id for e in rest])
+        known = await self._journal.known([e.prediction_id for e in rest])
         return [e for e in rest if e.prediction_id not in known]
 
     async def _match(
@@ -143,7 +177,7 @@ class Adoptions(DriverBase):
         """The row's job among `unknown`, claimed at once; `unresolved` when a `GET` shows no
         input (nothing can be proven then); None when none of them is the row's."""
         blind = False
-        presigned = self.uploads is not None
+        presigned = self._presigned
         claim: Execution | None = None
         try:
             for execution in reversed(unknown):  # oldest first: the row's first job is claimed
@@ -156,7 +190,7 @@ class Adoptions(DriverBase):
                 elif claim is None and same_input(theirs, inputs, presigned=presigned):
                     claim = execution
                     self.claimed.add(pid)  # no await between the check and the claim
-                    self.stats.orphan_candidates.pop(pid, None)
+                    self._stats.orphan_candidates.pop(pid, None)
                 elif theirs.get("seed") in self.drawn:
                     self._orphan(lane, execution)  # ours (a seed we drew), and no row's
         except BaseException:
@@ -173,7 +207,7 @@ class Adoptions(DriverBase):
         if prediction_id in self._got:
             return self._got[prediction_id]
         try:
-            theirs = await self.client.created_with(lane.key, prediction_id)
+            theirs = await self._client.created_with(lane.key, prediction_id)
         except NotFound:
             theirs = {}
         self._got[prediction_id] = theirs
@@ -183,7 +217,7 @@ class Adoptions(DriverBase):
 
     def _orphan(self, lane: KeyLane, e: Execution) -> None:
         """A job made with a seed this run drew that no row claims: billed to us, for nobody."""
-        self.stats.orphan_candidates[e.prediction_id] = {
+        self._stats.orphan_candidates[e.prediction_id] = {
             "prediction_id": e.prediction_id,
             "key": lane.key.name,
             "status": e.status,

@@ -8,13 +8,15 @@ keys it owns.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.core import ApiKey, DownloadStats, RunConfig, RunStats, ThumbSink
+from pipeline.core import ApiKey, DownloadStats, RunConfig, RunStats, SystemClock, ThumbSink
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.driver import KeyDriver
+from pipeline.drive.flight import InFlight
 from pipeline.drive.lanes import KeyLane
-from pipeline.drive.slot import DriverSettings, Webhook
+from pipeline.drive.settings import DriverSettings, Webhook
 from pipeline.intake import Uploads
 from pipeline.journal import Commits
 from pipeline.outputs import Downloader, open_store
@@ -24,10 +26,13 @@ from pipeline.provider import (
     EachlabsClient,
     PollPlanner,
     Receiver,
+    RetryPolicy,
     caps_for,
 )
 
-__all__ = ["KeySide", "assemble", "downloader"]
+__all__ = ["KeySide", "assemble", "downloader", "driver_settings"]
+
+_SWEEP_SPAN = 1.6  # a key's listing reads, apart, in mean notice delays aimed at
 
 
 @dataclass
@@ -37,7 +42,7 @@ class KeySide:
     lanes: list[KeyLane]
 
 
-def _planner(config: RunConfig) -> PollPlanner:
+def _planner(config: RunConfig, flight: InFlight) -> PollPlanner:
     p = config.polling
     return PollPlanner(
         expected_latency=config.scaled(p.expected_latency_s),
@@ -46,6 +51,47 @@ def _planner(config: RunConfig) -> PollPlanner:
         max_interval=config.scaled(p.max_interval_s),
         polls_per_job=p.polls_per_job,
         delay_fraction=p.delay_fraction,
+        running=flight.ages,  # the jobs still running are lower bounds on latency
+    )
+
+
+def driver_settings(config: RunConfig) -> DriverSettings:
+    """What the key driver takes of the config, every duration scaled to the run's clock."""
+    r, p, scaled = config.retries, config.polling, config.scaled
+    grace = scaled(p.cancel_grace_s)
+    return DriverSettings(
+        policy=RetryPolicy(
+            r.max_attempts,
+            scaled(r.backoff_initial_s),
+            scaled(r.backoff_max_s),
+            scaled(r.retry_after_max_s),
+        ),
+        job_timeout=scaled(p.job_timeout_s),
+        cancel_grace=grace,
+        # at most about ten polls in a cancel's grace
+        confirm_every=max(scaled(p.min_interval_s), grace / 10),
+        fallback_after=scaled(config.webhook.fallback_after_s),
+        fallback_interval=scaled(config.webhook.fallback_interval_s),
+        price_per_image_usd=config.api.price_per_image_usd,
+        creates_per_window=config.limits.creates_per_window,
+        ambiguous_creates=r.ambiguous_creates,
+        timeout_text=f"{p.job_timeout_s:g} s (polling.job_timeout_s)",
+        # the aim is a mean notice delay of delay_fraction of the latency: a read every 1.6
+        # of it, so an end waits 0.8 of the aim for the next read on average, and the rest
+        # goes to the round trips of the read and of the confirming poll; with
+        # delay_fraction null, the poll budget less two (the confirming poll, and a
+        # fallback) spread over the slots
+        sweep_share=_SWEEP_SPAN * p.delay_fraction
+        if p.delay_fraction is not None
+        else 1 / (config.limits.max_concurrent * max(1.0, p.polls_per_job - 2)),
+        sweep_floor=scaled(p.min_interval_s),
+        resolve_lost=p.listing,
+        lost_settle=scaled(r.lost_create_settle_s),
+        lost_patience=scaled(r.lost_create_patience_s),
+        outage_after=scaled(r.outage_after_s),
+        outage_patience=scaled(r.outage_patience_s),
+        answer_within=config.api.read_timeout_s,
+        clock_skew=r.lost_create_skew_s,
     )
 
 
@@ -62,10 +108,12 @@ def assemble(
     receiver: Receiver | None = None,
     thumbs: ThumbSink | None = None,
     uploads: Uploads | None = None,
+    open_elsewhere: Callable[[], bool] | None = None,
 ) -> KeySide:
     """`keys` driven over `commit` (where updates go) and `source` (where jobs come from);
     `recent`: per key, the wall times of its creates still in the provider's window;
-    `groups`: limits.groups as key names."""
+    `groups`: limits.groups as key names; `open_elsewhere`: on a Ray worker, whether a key
+    of another worker can take a job now."""
     limits = config.limits
     client = EachlabsClient(
         base_url,
@@ -97,14 +145,19 @@ def assemble(
         webhook = Webhook(receiver.url, receiver.secret, receiver.callbacks)
     elif config.polling.listing:
         listing = Callbacks(config.webhook.missed_callbacks, source="listing")
+    clock = SystemClock()
+    flight = InFlight(clock)
     driver = KeyDriver(
-        DriverSettings.of(config),
+        driver_settings(config),
         client,
         commit,
         source,
-        _planner(config),
+        _planner(config, flight),
         stats,
         lanes,
+        flight=flight,
+        clock=clock,
+        open_elsewhere=open_elsewhere,
         webhook=webhook,
         listing=listing,
         downloader=kept,

@@ -5,6 +5,7 @@ ambiguous)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,15 +15,20 @@ import structlog
 from pipeline.core import (
     ApiError,
     BalanceShort,
+    Clock,
     JobOutcome,
     RateLimited,
+    RunStats,
     Status,
     Unauthorized,
 )
-from pipeline.drive.adopt import LEFT, Adoptions, Settled
-from pipeline.drive.books import Books
+from pipeline.drive.adopt import LEFT, LostCreates, Settled
+from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.lanes import KeyLane
-from pipeline.drive.slot import (
+from pipeline.drive.listings import Listings
+from pipeline.drive.outage import Outage
+from pipeline.drive.settings import DriverSettings, Webhook
+from pipeline.drive.steps import (
     Created,
     GiveWay,
     JobLog,
@@ -31,7 +37,9 @@ from pipeline.drive.slot import (
     Withheld,
     failed_outcome,
 )
+from pipeline.intake import Uploads
 from pipeline.journal import (
+    Commits,
     Entry,
     MarkCreated,
     MarkCreating,
@@ -39,15 +47,13 @@ from pipeline.journal import (
     NoteAmbiguous,
     NoteResolution,
 )
-from pipeline.provider import (
-    GatePaused,
-)
+from pipeline.provider import EachlabsClient, GatePaused, PollPlanner
 
 _log = structlog.get_logger("pipeline.drive.driver")
 _MAX_RATE_LIMIT_WAITS = 50
 
 
-__all__ = ["Creates"]
+__all__ = ["Creator"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +67,49 @@ class Failed:
     inputs: dict[str, Any]
 
 
-class Creates(Books, Adoptions):
+class Creator:
     """Sending a job's create, and what its answer (or its loss) means."""
 
-    async def _create(
+    def __init__(
+        self,
+        settings: DriverSettings,
+        client: EachlabsClient,
+        journal: Commits,
+        dispatcher: JobSource,
+        stats: RunStats,
+        listings: Listings,
+        lost: LostCreates,
+        planner: PollPlanner,
+        lanes: Sequence[KeyLane],
+        clock: Clock,
+        *,
+        webhook: Webhook | None = None,
+        uploads: Uploads | None = None,
+        open_elsewhere: Callable[[], bool] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._journal = journal
+        self._dispatcher = dispatcher
+        self._stats = stats
+        self._timeline = listings.timeline
+        self._lost = lost
+        self._planner = planner
+        self._lanes = lanes
+        self._clock = clock
+        self._webhook = webhook
+        self._uploads = uploads  # signs uploaded inputs, when assets.upload_to
+        # on a Ray worker: whether a key of another worker can take a job now
+        self._open_elsewhere = open_elsewhere
+        self._outage = Outage(
+            client,
+            settings.policy,
+            stats,
+            after=settings.outage_after,
+            patience=settings.outage_patience,
+        )
+
+    async def create(
         self, lane: KeyLane, entry: Entry, attempts: int, log: JobLog
     ) -> Created | JobOutcome | NotSent | Withheld:
         """Create the job: its id, or how it failed (a JobOutcome), or NotSent, or Withheld
@@ -72,7 +117,7 @@ class Creates(Books, Adoptions):
         failures = 0
         waits = 0
         marked = entry.status is not Status.PENDING  # the journal holds more than `pending`
-        seed = self._seed_for(entry)  # journaled with the first create: it names the job
+        seed = self._lost.seed_for(entry)  # journaled with the first create: it names the job
         while True:
             attempts += 1
             sent = await self._send_create(lane, entry, attempts, marked, seed)
@@ -80,44 +125,44 @@ class Creates(Books, Adoptions):
                 return sent
             marked, error = True, sent.error
             if isinstance(error, BalanceShort):  # nothing was made: no create on any key now
-                await self.journal.write(MarkPending(entry.row_number))
-                self.stats.balance_refusals += 1
-                self.dispatcher.stop_creates("balance", f"it refused a create: {error}")
+                await self._journal.write(MarkPending(entry.row_number))
+                self._stats.balance_refusals += 1
+                self._dispatcher.stop_creates("balance", f"it refused a create: {error}")
                 return NotSent()
             if isinstance(error, Unauthorized):
-                await self.journal.write(MarkPending(entry.row_number))
+                await self._journal.write(MarkPending(entry.row_number))
                 log.bound().error("key_refused", error=str(error))
                 raise KeyRefused(replace(entry, status=Status.PENDING)) from error
             if isinstance(error, RateLimited):
-                self.stats.rate_limited += 1
-                if lane.gate.in_window() < self.settings.creates_per_window:
+                self._stats.rate_limited += 1
+                if lane.gate.in_window() < self._settings.creates_per_window:
                     # our window is not full: the provider's concurrency cap refused it
                     lane.cap.refused()
-                    self.stats.cap_refusals += 1
+                    self._stats.cap_refusals += 1
                 waits += 1
                 attempts -= 1  # a 429 created nothing; it does not use up an attempt
                 if waits <= _MAX_RATE_LIMIT_WAITS:
                     # the whole key waits; this job waits with it or goes to another key
-                    lane.gate.pause(self.settings.policy.rate_limit_wait(error, waits))
+                    lane.gate.pause(self._settings.policy.rate_limit_wait(error, waits))
                     continue
             elif not error.retryable:
                 if error.ambiguous:  # e.g. an answer whose id we will not use: maybe billed
-                    await self._ambiguous(entry, log)
-                    await self.journal.write(NoteAmbiguous(entry.row_number))
+                    await self.ambiguous(entry, log)
+                    await self._journal.write(NoteAmbiguous(entry.row_number))
                 return failed_outcome(error, str(error))
-            last_try = failures + 1 >= self.settings.policy.max_attempts
-            if not error.ambiguous and self.outage.down(error, last_try=last_try):
+            last_try = failures + 1 >= self._settings.policy.max_attempts
+            if not error.ambiguous and self._outage.down(error, last_try=last_try):
                 # the provider is unreachable: the row is kept unsent, not failed
-                await self.journal.write(MarkPending(entry.row_number))
-                if not await self.outage.back(lane):
-                    self.dispatcher.stop_creates("outage", str(error))
+                await self._journal.write(MarkPending(entry.row_number))
+                if not await self._outage.back(lane):
+                    self._dispatcher.stop_creates("outage", str(error))
                     return NotSent()
                 failures, marked = 0, False
                 continue
             failures += 1
             if error.ambiguous:
-                await self._ambiguous(entry, log)
-                settled = await self._settle_lost(
+                await self.ambiguous(entry, log)
+                settled = await self._lost.settle(
                     lane, entry, sent.inputs, sent.sent, sent.given_up
                 )
                 if settled.resolution == LEFT:
@@ -125,21 +170,21 @@ class Creates(Books, Adoptions):
                 adopted = await self._adopt(lane, entry, settled, attempts, sent.sent, log)
                 if adopted is not None:
                     return adopted
-                if self.settings.ambiguous_creates == "fail":
-                    return self._ambiguous_outcome()
-                if not await self.dispatcher.reserve(entry):
-                    await self.journal.write(MarkPending(entry.row_number))
+                if self._settings.ambiguous_creates == "fail":
+                    return self.ambiguous_outcome()
+                if not await self._dispatcher.reserve(entry):
+                    await self._journal.write(MarkPending(entry.row_number))
                     log.bound().warning("budget_withholds_create", attempt=attempts)
                     return Withheld()
                 if settled.resolution == "unresolved":
                     # the lost job may hold one of this key's provider slots: keep ours until
                     # it ends
-                    await anyio.sleep(self.planner.quantile(0.9))
-            if failures >= self.settings.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
+                    await anyio.sleep(self._planner.quantile(0.9))
+            if failures >= self._settings.policy.max_attempts or waits > _MAX_RATE_LIMIT_WAITS:
                 return failed_outcome(error, f"{error} (after {attempts} attempts)")
-            self.stats.retries += 1
+            self._stats.retries += 1
             log.bound().info("create_retry", error=str(error), attempt=attempts)
-            await anyio.sleep(self.settings.policy.backoff(failures))
+            await anyio.sleep(self._settings.policy.backoff(failures))
 
     async def _send_create(
         self, lane: KeyLane, entry: Entry, attempts: int, marked: bool, seed: int | None
@@ -152,39 +197,39 @@ class Creates(Books, Adoptions):
                 lane.cap.sending(),
                 lane.gate.create(give_way=lambda: self._others_open(lane)),
             ):
-                if self.dispatcher.halted:
+                if self._dispatcher.halted:
                     if marked:
-                        await self.journal.write(MarkPending(entry.row_number))
+                        await self._journal.write(MarkPending(entry.row_number))
                     return NotSent()
-                await self.journal.write(
+                await self._journal.write(
                     MarkCreating(entry.row_number, attempts, lane.key.name, time.time(), seed)
                 )
-                self.stats.creates_sent += 1
+                self._stats.creates_sent += 1
                 inputs = entry.inputs if seed is None else {**entry.inputs, "seed": seed}
-                signed = inputs if self.uploads is None else self.uploads.presigned(inputs)
-                sent = self.clock.now()  # a lost answer's window starts here
+                signed = inputs if self._uploads is None else self._uploads.presigned(inputs)
+                sent = self._clock.now()  # a lost answer's window starts here
                 try:
-                    prediction_id = await self.client.create(
+                    prediction_id = await self._client.create(
                         lane.key,
                         signed,
-                        webhook_url=self.webhook_url,
-                        webhook_secret=self.webhook_secret,
+                        webhook_url=self._webhook.url if self._webhook else None,
+                        webhook_secret=self._webhook.secret if self._webhook else None,
                     )
                 except ApiError as exc:
-                    return Failed(exc, sent, self.clock.now(), inputs)
+                    return Failed(exc, sent, self._clock.now(), inputs)
                 lane.answered.append(prediction_id)
-                self.timeline.answered(prediction_id, sent, self.clock.now())
+                self._timeline.answered(prediction_id, sent, self._clock.now())
                 lane.cap.started()  # running at the provider until its end is seen
                 # so a crash leaves ambiguous only creates whose answers had not come: the
                 # key's next `creating` is made durable after this id (updates keep their
                 # order), and before that create is sent
-                journaled = self.journal.post(
+                journaled = self._journal.post(
                     MarkCreated(entry.row_number, prediction_id, lane.key.name, time.time())
                 )
                 return Created(prediction_id, attempts, sent, journaled)
         except GatePaused as paused:
             if marked:
-                await self.journal.write(MarkPending(entry.row_number))
+                await self._journal.write(MarkPending(entry.row_number))
             given = replace(entry, status=Status.PENDING, attempts=attempts - 1)
             raise GiveWay(given, paused.wait) from None
 
@@ -200,32 +245,32 @@ class Creates(Books, Adoptions):
         """Book how a lost create was settled; the job it made, when one was found, journaled
         and taken up as if its answer had come."""
         count = f"creates_{settled.resolution}"
-        setattr(self.stats, count, getattr(self.stats, count) + 1)
+        setattr(self._stats, count, getattr(self._stats, count) + 1)
         notes = (
             NoteAmbiguous(entry.row_number),
             NoteResolution(entry.row_number, settled.resolution),
         )
         pid = settled.prediction_id
         if pid is None:
-            await self.journal.write(*notes)
+            await self._journal.write(*notes)
             log.bound().info("lost_create_settled", resolution=settled.resolution)
             return None
         lane.answered.append(pid)
         lane.cap.started()  # it runs at the provider until its end is seen
-        journaled = self.journal.post(
+        journaled = self._journal.post(
             *notes, MarkCreated(entry.row_number, pid, lane.key.name, time.time())
         )
         log.bound().warning("lost_create_adopted", prediction_id=pid, resolution=settled.resolution)
         return Created(pid, attempts, sent, journaled)  # its latency counts from its send
 
-    async def _resumed_lost(
+    async def resumed_lost(
         self, lane: KeyLane, entry: Entry, log: JobLog
     ) -> Created | Withheld | None:
         """A row a crash left `creating`, looked up with the key that sent it (the dispatcher
         hands it to that key while the run has it) and the input it journaled: the job found,
         None (created again), or Withheld (no proof yet: left for the next run)."""
         sent_at = entry.sent_at or entry.started_at
-        now = self.clock.now()
+        now = self._clock.now()
         # its send on the driver's clock (from the journaled wall time: a step of the wall clock
         # between the crash and now moves it; the window's margin takes small ones)
         sent = now - max(0.0, time.time() - sent_at) if sent_at is not None else now
@@ -233,20 +278,20 @@ class Creates(Books, Adoptions):
             settled = Settled("unresolved")  # its key is not this run's: it cannot be looked up
         else:
             # the answer was due by the crash at the latest (the run starts after it)
-            given_up = min(sent + self.settings.answer_within, now)
-            self._seed_for(entry)  # its seed, journaled: a job made with it is ours
-            settled = await self._settle_lost(lane, entry, entry.sent_inputs, sent, given_up)
+            given_up = min(sent + self._settings.answer_within, now)
+            self._lost.seed_for(entry)  # its seed, journaled: a job made with it is ours
+            settled = await self._lost.settle(lane, entry, entry.sent_inputs, sent, given_up)
         if settled.resolution == LEFT:
             return Withheld()  # still `creating`: the next run looks it up again
         return await self._adopt(lane, entry, settled, entry.attempts, sent, log)
 
-    async def _ambiguous(self, entry: Entry, log: JobLog) -> None:
+    async def ambiguous(self, entry: Entry, log: JobLog) -> None:
         """Count a lost create; the journal counts it with how it is settled (`_adopt`), in
         one write, so a crash while it is looked up leaves it counted once, by the resume."""
-        self.stats.ambiguous_creates += 1
-        log.bound().warning("ambiguous_create", policy=self.settings.ambiguous_creates)
+        self._stats.ambiguous_creates += 1
+        log.bound().warning("ambiguous_create", policy=self._settings.ambiguous_creates)
 
-    def _ambiguous_outcome(self) -> JobOutcome:
+    def ambiguous_outcome(self) -> JobOutcome:
         return JobOutcome(
             Status.FAILED,
             error_type="ambiguous_create",
@@ -254,3 +299,8 @@ class Creates(Books, Adoptions):
             "billed; not retried (retries.ambiguous_creates: fail)",
             finished_at=time.time(),
         )
+
+    def _others_open(self, lane: KeyLane) -> bool:
+        if any(other is not lane and other.open_for_work() for other in self._lanes):
+            return True
+        return self._open_elsewhere is not None and self._open_elsewhere()

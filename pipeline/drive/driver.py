@@ -17,40 +17,135 @@ others could run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import anyio
 import structlog
 
-from pipeline.core import (
-    TRANSIENT_ERROR_CODES,
-    JobOutcome,
-    Status,
-)
-from pipeline.drive.creates import Creates
+from pipeline.core import TRANSIENT_ERROR_CODES, Clock, JobOutcome, RunStats, Status, SystemClock
+from pipeline.drive.adopt import LostCreates
+from pipeline.drive.books import Booker
+from pipeline.drive.creates import Creator
+from pipeline.drive.dispatcher import JobSource
+from pipeline.drive.flight import InFlight
 from pipeline.drive.lanes import KeyLane
-from pipeline.drive.polls import Polls
-from pipeline.drive.slot import Created, GiveWay, JobLog, KeyRefused, Left, NotSent, Withheld
-from pipeline.drive.sweeps import Sweeps
-from pipeline.journal import (
-    Entry,
-)
+from pipeline.drive.listings import Listings
+from pipeline.drive.polls import Poller
+from pipeline.drive.settings import DriverSettings, Webhook
+from pipeline.drive.steps import Created, GiveWay, JobLog, KeyRefused, Left, NotSent, Withheld
+from pipeline.drive.sweeps import Sweeper
+from pipeline.intake import Uploads
+from pipeline.journal import Commits, Entry
+from pipeline.outputs import Downloader
+from pipeline.provider import Callbacks, EachlabsClient, PollPlanner
 
 _log = structlog.get_logger("pipeline.drive.driver")
-_MAX_RATE_LIMIT_WAITS = 50
 
 
 __all__ = ["KeyDriver"]
 
 
-class KeyDriver(Creates, Polls, Sweeps):
-    """Drives the keys of one process: each slot takes a job, creates it, polls it to its
-    end and books it, then takes the next."""
+class KeyDriver:
+    """Drives the keys of one process: each slot takes a job, has the creator create it, the
+    poller poll it to its end and the booker book it, then takes the next. Its parts share
+    the registry of jobs in flight (`flight`) and the listing's reads."""
+
+    def __init__(
+        self,
+        settings: DriverSettings,
+        client: EachlabsClient,
+        journal: Commits,
+        dispatcher: JobSource,
+        planner: PollPlanner,
+        stats: RunStats,
+        lanes: Sequence[KeyLane],
+        *,
+        flight: InFlight | None = None,
+        webhook: Webhook | None = None,
+        listing: Callbacks | None = None,
+        downloader: Downloader | None = None,
+        uploads: Uploads | None = None,
+        clock: Clock | None = None,
+        open_elsewhere: Callable[[], bool] | None = None,
+    ) -> None:
+        """`listing`: the hints of the executions listing's sweeps (polling mode);
+        `open_elsewhere`: on a Ray worker, whether a key of another worker can take a job now.
+        Durations and deadlines are on `clock` (monotonic: a step of the wall clock moves
+        none of them); wall time only for what is journaled and shown."""
+        clock = clock or SystemClock()
+        self._settings = settings
+        self._dispatcher = dispatcher
+        self._stats = stats
+        self._lanes = lanes
+        self._clock = clock
+        self.flight = flight or InFlight(clock)
+        # what wakes a job before its poll: callbacks, or the executions listing (`sweep`)
+        self._hints = webhook.callbacks if webhook is not None else listing
+        listings = Listings(client, stats)
+        self.booker = Booker(
+            settings,
+            journal,
+            dispatcher,
+            planner,
+            stats,
+            self.flight,
+            clock,
+            hints=self._hints,
+            downloader=downloader,
+        )
+        self.poller = Poller(
+            settings,
+            client,
+            journal,
+            planner,
+            stats,
+            self.flight,
+            self.booker,
+            clock,
+            hints=self._hints,
+        )
+        self.sweeper = Sweeper(settings, listings, self.flight, planner, lanes, clock, self._hints)
+        lost = LostCreates(
+            settings,
+            client,
+            journal,
+            dispatcher,
+            stats,
+            listings,
+            self.flight,
+            lanes,
+            clock,
+            presigned=uploads is not None,
+        )
+        self.creator = Creator(
+            settings,
+            client,
+            journal,
+            dispatcher,
+            stats,
+            listings,
+            lost,
+            planner,
+            lanes,
+            clock,
+            webhook=webhook,
+            uploads=uploads,
+            open_elsewhere=open_elsewhere,
+        )
+
+    @property
+    def downloader(self) -> Downloader | None:
+        return self.booker.downloader
+
+    async def cancel_in_flight(self, confirm_within: float | None = None) -> None:
+        """Cancel every job in flight, and every one to come (see `Poller.cancel_in_flight`)."""
+        await self.poller.cancel_in_flight(confirm_within)
 
     async def run_lane(self, lane: KeyLane, slots: int) -> None:
         """The key's slots until each has ended, and its listing's reads meanwhile."""
         async with anyio.create_task_group() as lane_tasks:
-            lane_tasks.start_soon(self.sweep, lane)
+            lane_tasks.start_soon(self.sweeper.sweep, lane)
             async with anyio.create_task_group() as slot_tasks:
                 for _ in range(slots):
                     slot_tasks.start_soon(self.run_slot, lane)
@@ -61,19 +156,19 @@ class KeyDriver(Creates, Polls, Sweeps):
         lane.serving += 1
         try:
             while not lane.retired:
-                entry = await self.dispatcher.next_job(lane.key.name)
+                entry = await self._dispatcher.next_job(lane.key.name)
                 if entry is None:
                     return
                 try:
                     await self.run_job(lane, entry)
                 except KeyRefused as refused:
-                    self.dispatcher.give_back(refused.entry)
-                    lane.retired = True
-                    self.dispatcher.retire(lane.key.name)
+                    self._dispatcher.give_back(refused.entry)
+                    lane.retire()
+                    self._dispatcher.retire(lane.key.name)
                     return
                 except GiveWay as way:
-                    self.dispatcher.give_back(way.entry)
-                    await self.dispatcher.rest(way.wait)
+                    self._dispatcher.give_back(way.entry)
+                    await self._dispatcher.rest(way.wait)
         finally:
             lane.serving -= 1
 
@@ -89,39 +184,41 @@ class KeyDriver(Creates, Polls, Sweeps):
                     "orphaned", prediction_id=entry.prediction_id, owner=entry.key_name
                 )
                 return
-            self.stats.reattached += 1
+            self._stats.reattached += 1
             lane.cap.started()  # it runs at the provider: it counts against the cap
             log.bound().info("reattach", prediction_id=entry.prediction_id)
-            polled = await self._poll(lane, entry, entry.prediction_id, self.clock.now(), attempts)
+            polled = await self.poller.poll(
+                lane, entry, entry.prediction_id, self._clock.now(), attempts
+            )
             if isinstance(polled, Left):
                 return
             outcome = polled
         elif entry.status is Status.CREATING:
             # a crash came between sending a create and journaling its answer
-            await self._ambiguous(entry, log)
-            resumed = await self._resumed_lost(lane, entry, log)
+            await self.creator.ambiguous(entry, log)
+            resumed = await self.creator.resumed_lost(lane, entry, log)
             if isinstance(resumed, Withheld):
                 return
             adopted = resumed
-            if adopted is None and self.settings.ambiguous_creates == "fail":
-                await self._finish(entry, self._ambiguous_outcome())
+            if adopted is None and self._settings.ambiguous_creates == "fail":
+                await self.booker.finish(entry, self.creator.ambiguous_outcome())
                 return
         while True:
             if outcome is None:
                 # the job a crash left unanswered, found at the provider; else a create
-                created = adopted or await self._create(lane, entry, attempts, log)
+                created = adopted or await self.creator.create(lane, entry, attempts, log)
                 adopted = None
                 if isinstance(created, Withheld):
                     return
                 if isinstance(created, NotSent):
-                    self.dispatcher.give_back(entry)
+                    self._dispatcher.give_back(entry)
                     return
                 if isinstance(created, JobOutcome):
-                    await self._finish(entry, created)
+                    await self.booker.finish(entry, created)
                     return
                 attempts = created.attempts
-                hooked = self.callbacks is not None  # a callback or the listing may wake it
-                polled = await self._poll(
+                hooked = self._hints is not None  # a callback or the listing may wake it
+                polled = await self.poller.poll(
                     lane,
                     entry,
                     created.prediction_id,
@@ -135,12 +232,12 @@ class KeyDriver(Creates, Polls, Sweeps):
                 outcome = polled
             if not (
                 outcome.error_code in TRANSIENT_ERROR_CODES
-                and attempts < self.settings.policy.max_attempts
+                and attempts < self._settings.policy.max_attempts
             ):
-                await self._finish(entry, outcome)
+                await self.booker.finish(entry, outcome)
                 return
             # the provider says to try again; a failed job costs nothing
-            self.stats.job_retries += 1
+            self._stats.job_retries += 1
             log.bound().info(
                 "job_retry",
                 prediction_id=outcome.prediction_id,

@@ -154,7 +154,7 @@ class Local(Engine):
         )
         self.downloader = self.side.driver.downloader
         self._scope = anyio.CancelScope()
-        self.view: RunView = LocalView(self.side.lanes, self.side.driver.flying_lanes)
+        self.view: RunView = LocalView(self.side.lanes, self.side.driver.flight.lanes)
 
     async def work(self) -> None:
         driver = self.side.driver
@@ -162,7 +162,7 @@ class Local(Engine):
             async with anyio.create_task_group() as slots:
                 for lane in self.side.lanes:
                     slots.start_soon(driver.run_lane, lane, self._config.limits.max_concurrent)
-        if self.dispatcher.abandoned and driver.in_flight:
+        if self.dispatcher.abandoned and driver.flight:
             await driver.cancel_in_flight(confirm_within=_confirm_within(self._config))
 
     def limit(self, seconds: float) -> None:

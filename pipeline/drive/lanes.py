@@ -26,6 +26,10 @@ class KeyLane:
     # the ids of its latest answered creates, not journaled yet maybe: no lost create's job
     answered: deque[str] = field(default_factory=lambda: deque(maxlen=1024))
 
+    def retire(self) -> None:
+        """The provider refused the key: its slots take no more jobs."""
+        self.retired = True
+
     def open_for_work(self) -> bool:
         """Serving and not paused by a 429: a job given back now can go out on this key."""
         return not self.retired and self.serving > 0 and self.gate.paused_for() == 0

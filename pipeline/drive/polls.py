@@ -12,35 +12,56 @@ import structlog
 
 from pipeline.core import (
     ApiError,
+    Clock,
     JobOutcome,
     NotFound,
     RateLimited,
+    RunStats,
     Status,
     Unauthorized,
     UnsafePredictionId,
 )
-from pipeline.drive.books import Books
+from pipeline.drive.books import Booker
+from pipeline.drive.flight import Flying, InFlight
 from pipeline.drive.lanes import KeyLane
-from pipeline.drive.slot import Deferred, Ended, Flying, KeyRefused, Left, Track
-from pipeline.journal import (
-    Entry,
-    NoteCancel,
-)
-from pipeline.provider import (
-    Waiter,
-)
+from pipeline.drive.settings import DriverSettings
+from pipeline.drive.steps import Deferred, Ended, KeyRefused, Left, Track
+from pipeline.journal import Commits, Entry, NoteCancel
+from pipeline.provider import Callbacks, EachlabsClient, PollPlanner, Waiter
 
 _log = structlog.get_logger("pipeline.drive.driver")
-_MAX_RATE_LIMIT_WAITS = 50
 
 
-__all__ = ["Polls"]
+__all__ = ["Poller"]
 
 
-class Polls(Books):
-    """Polling jobs to their end, and cancelling them."""
+class Poller:
+    """Polling jobs to their end, and cancelling them; each end handed to the booker."""
 
-    async def _poll(
+    def __init__(
+        self,
+        settings: DriverSettings,
+        client: EachlabsClient,
+        journal: Commits,
+        planner: PollPlanner,
+        stats: RunStats,
+        flight: InFlight,
+        booker: Booker,
+        clock: Clock,
+        *,
+        hints: Callbacks | None = None,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._journal = journal
+        self._planner = planner
+        self._stats = stats
+        self._flight = flight
+        self._booker = booker
+        self._clock = clock
+        self._hints = hints  # callbacks, or the listing's ends: what may wake a job
+
+    async def poll(
         self,
         lane: KeyLane,
         entry: Entry,
@@ -56,18 +77,18 @@ class Polls(Books):
         job. `created` is when its create was sent: the schedule counts from there. `hooked`:
         a hint may wake the job early (a callback to the webhook URL its create carried, or
         an end its key's executions listing shows). While polled, the job is in `in_flight`."""
-        self.in_flight[prediction_id] = Flying(lane, entry, created, attempts)
-        if self.cancel_all:  # created as the run was being stopped for good
+        self._flight.fly(prediction_id, Flying(lane, entry, created, attempts))
+        if self._flight.cancel_all:  # created as the run was being stopped for good
             await self._cancel_noted(prediction_id, lane, entry.row_number)
-        waiter = self.callbacks.expect(prediction_id) if hooked and self.callbacks else None
+        waiter = self._hints.expect(prediction_id) if hooked and self._hints else None
         track = Track(waiter)
         try:
             outcome = await self._poll_to_end(lane, entry, prediction_id, created, track, journaled)
         finally:
             lane.cap.ended()
-            if waiter is not None and self.callbacks is not None:
-                self.callbacks.forget(waiter)
-        del self.in_flight[prediction_id]  # kept when cancelled: see cancel_in_flight
+            if waiter is not None and self._hints is not None:
+                self._hints.forget(waiter)
+        self._flight.land(prediction_id)  # kept when cancelled: see cancel_in_flight
         return outcome
 
     async def _poll_to_end(
@@ -82,34 +103,34 @@ class Polls(Books):
         """The polls of one job. Past its deadline the job is cancelled at the provider and
         polled for the cancel's grace: the end a poll sees is the job's (it may have ended
         `success` as the cancel went out); past the grace it is left, unconfirmed."""
-        deadline = created + self.settings.job_timeout
+        deadline = created + self._settings.job_timeout
         timed_out = False
         delay = self._delay(track.waiter, None, False)
         while True:
-            await self._wait(max(0.0, min(delay, deadline - self.clock.now())), track.waiter)
+            await self._wait(max(0.0, min(delay, deadline - self._clock.now())), track.waiter)
             track.woken()
             if journaled is not None:  # its id is durable before it is polled
-                await self.journal.durable(journaled)
+                await self._journal.durable(journaled)
                 journaled = None
             step = await self._poll_once(lane, entry, prediction_id, track)
             if isinstance(step, Ended):
-                return self._ended(step.answer, created, track, timed_out)
+                return self._booker.ended(step.answer, created, track, timed_out)
             if isinstance(step, JobOutcome):
                 return step
             if step.wait is not None:
                 delay = step.wait
             elif timed_out:
-                delay = self.settings.confirm_every
+                delay = self._settings.confirm_every
             else:
-                delay = self._delay(track.waiter, self.clock.now() - created, track.contradicted)
-            if self.clock.now() < deadline:
+                delay = self._delay(track.waiter, self._clock.now() - created, track.contradicted)
+            if self._clock.now() < deadline:
                 continue
             if timed_out:
-                return self._left(entry, prediction_id)
+                return self._booker.left(entry, prediction_id)
             timed_out = True
-            self.stats.timeouts += 1
+            self._stats.timeouts += 1
             await self._cancel_noted(prediction_id, lane, entry.row_number)
-            deadline, delay = self.clock.now() + self.settings.cancel_grace, 0.0
+            deadline, delay = self._clock.now() + self._settings.cancel_grace, 0.0
 
     async def _poll_once(
         self, lane: KeyLane, entry: Entry, prediction_id: str, track: Track
@@ -117,23 +138,23 @@ class Polls(Books):
         """One poll: the job ended, or an outcome without an end (the provider does not know
         the job, or its id is unsafe: a job was created and nobody saw it end, so the row is
         flagged unconfirmed), or when to poll again."""
-        self.stats.polls += 1
+        self._stats.polls += 1
         try:
-            answer = await self.client.get(lane.key, prediction_id)
+            answer = await self._client.get(lane.key, prediction_id)
         except (NotFound, UnsafePredictionId) as exc:
-            self.stats.unconfirmed += 1
+            self._stats.unconfirmed += 1
             return JobOutcome(
                 Status.FAILED,
                 prediction_id,
                 error_type=exc.error_type,
                 error_message=f"{exc}; it was created, and its cost is not confirmed",
                 finished_at=time.time(),
-                cancel_accepted=self._asked.pop(prediction_id, None),
+                cancel_accepted=self._flight.answer(prediction_id),
                 unconfirmed=True,
             )
         except Unauthorized as exc:
-            attempts = self.in_flight[prediction_id].attempts
-            del self.in_flight[prediction_id]
+            job = self._flight.land(prediction_id)
+            attempts = job.attempts if job is not None else entry.attempts
             # the job exists under this key only: it waits, journaled, for a later run
             raise KeyRefused(
                 replace(
@@ -145,31 +166,31 @@ class Polls(Books):
                 )
             ) from exc
         except RateLimited as exc:
-            self.stats.rate_limited += 1
+            self._stats.rate_limited += 1
             track.failures += 1
-            return Deferred(self.settings.policy.rate_limit_wait(exc, track.failures))
+            return Deferred(self._settings.policy.rate_limit_wait(exc, track.failures))
         except ApiError as exc:
             # a paid job is never given up on a poll error: back off until its deadline
             track.failures += 1
             _log.info(
                 "poll_retry", job_id=entry.job_id, prediction_id=prediction_id, error=str(exc)
             )
-            return Deferred(self.settings.policy.backoff(track.failures))
+            return Deferred(self._settings.policy.backoff(track.failures))
         track.failures = 0
         if answer.terminal:
             return Ended(answer)
-        if track.hinted and self.callbacks is not None:
-            self.callbacks.stats.unconfirmed += 1
+        if track.hinted and self._hints is not None:
+            self._hints.stats.unconfirmed += 1
         track.running()
         return Deferred()
 
     async def _cancel(self, lane: KeyLane, prediction_id: str) -> bool:
         try:
-            accepted = await self.client.cancel(lane.key, prediction_id)
+            accepted = await self._client.cancel(lane.key, prediction_id)
         except ApiError as exc:
             _log.warning("cancel_failed", prediction_id=prediction_id, error=str(exc))
             return False
-        self.stats.cancels += 1
+        self._stats.cancels += 1
         return accepted
 
     async def cancel_in_flight(self, confirm_within: float | None = None) -> None:
@@ -178,8 +199,8 @@ class Polls(Books):
         each job ends on a poll. While the slots still poll (a budget reached) they see it;
         once they are stopped (a second signal), `confirm_within` seconds of polls here finish
         each job a poll sees end, and leave the others journaled for the next run."""
-        self.cancel_all = True
-        jobs = list(self.in_flight.items())
+        self._flight.stop_all()
+        jobs = self._flight.items()
         async with anyio.create_task_group() as tg:
             for prediction_id, job in jobs:
                 tg.start_soon(self._cancel_noted, prediction_id, job.lane, job.entry.row_number)
@@ -190,9 +211,9 @@ class Polls(Books):
             async with anyio.create_task_group() as tg:
                 for prediction_id, job in jobs:
                     tg.start_soon(self._confirm_end, prediction_id, job)
-        left = [p for p, _ in jobs if p in self.in_flight]
+        left = [p for p, _ in jobs if p in self._flight]
         if left:
-            self.stats.unconfirmed += len(left)
+            self._stats.unconfirmed += len(left)
             _log.warning("ends_unconfirmed", jobs=len(left), hint="the next run polls them")
 
     async def _confirm_end(self, prediction_id: str, job: Flying) -> None:
@@ -206,31 +227,30 @@ class Polls(Books):
             except KeyRefused:
                 return  # its key is refused: it stays journaled for a run with a key
             if isinstance(step, Ended):
-                outcome = self._outcome(step.answer, job.created, False)
+                outcome = self._booker.outcome(step.answer, job.created, False)
                 break
             if isinstance(step, JobOutcome):
                 outcome = step
                 break
-            delay = step.wait if step.wait is not None else self.settings.confirm_every
-        self.in_flight.pop(prediction_id, None)
-        await self._finish(job.entry, outcome)
+            delay = step.wait if step.wait is not None else self._settings.confirm_every
+        self._flight.land(prediction_id)
+        await self._booker.finish(job.entry, outcome)
 
     async def _cancel_noted(self, prediction_id: str, lane: KeyLane, row: int) -> None:
         accepted = await self._cancel(lane, prediction_id)
-        if prediction_id in self.in_flight:  # not seen to end while the cancel was out
-            self._asked[prediction_id] = accepted
-        await self.journal.write(NoteCancel(row, accepted))
+        self._flight.asked(prediction_id, accepted)  # if not seen to end while it was out
+        await self._journal.write(NoteCancel(row, accepted))
 
     def _delay(self, waiter: Waiter | None, elapsed: float | None, contradicted: bool) -> float:
         """Seconds to the next poll, `elapsed` seconds after the create (None: the first poll):
         the learned poll schedule, or, while callbacks arrive and none was contradicted for
         this job, a fallback poll past the job's expected end."""
-        if self._on_schedule(waiter, contradicted):
+        if self._booker.on_schedule(waiter, contradicted):
             if elapsed is None:
-                return self.planner.first_delay()
-            return self.planner.next_delay(elapsed)
-        late = self.planner.quantile(0.99) + self.settings.fallback_after - (elapsed or 0.0)
-        return late if late > 0 else self.settings.fallback_interval
+                return self._planner.first_delay()
+            return self._planner.next_delay(elapsed)
+        late = self._planner.quantile(0.99) + self._settings.fallback_after - (elapsed or 0.0)
+        return late if late > 0 else self._settings.fallback_interval
 
     async def _wait(self, seconds: float, waiter: Waiter | None) -> None:
         """Sleep `seconds`, or until the waiter's event (a callback) if it comes sooner."""

@@ -364,7 +364,7 @@ class WorkerProcess:
             self._handouts.abandoned = True
             if self._slots is not None:
                 self._slots.cancel()
-        if orders.cancel_in_flight and side is not None and not side.driver.cancel_all:
+        if orders.cancel_in_flight and side is not None and not side.driver.flight.cancel_all:
             task = asyncio.get_running_loop().create_task(side.driver.cancel_in_flight())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -397,9 +397,9 @@ class WorkerProcess:
             s.recent,
             thumbs=_RemoteThumbs(self._outbox),
             uploads=uploads,
+            open_elsewhere=lambda: self._handouts.open_elsewhere,
         )
         driver = side.driver
-        driver.open_elsewhere = lambda: self._handouts.open_elsewhere
         downloads = anyio.Event()
         try:
             async with anyio.create_task_group() as services:
@@ -409,7 +409,7 @@ class WorkerProcess:
                     self._slots = slots.cancel_scope
                     for lane in side.lanes:
                         slots.start_soon(driver.run_lane, lane, config.limits.max_concurrent)
-                if self._handouts.abandoned and driver.in_flight:
+                if self._handouts.abandoned and driver.flight:
                     grace = config.scaled(config.polling.cancel_grace_s)
                     await driver.cancel_in_flight(confirm_within=grace)
                 if driver.downloader is not None and not self._handouts.abandoned:
@@ -433,7 +433,7 @@ class WorkerProcess:
             latencies=list(st.latencies[new]),
             notice_delays=list(st.notice_delays[new]),
             downloads=(d.stored, d.failed, d.bytes) if d is not None else (0, 0, 0),
-            keys=key_states(side.lanes, side.driver.flying_lanes()) if side is not None else (),
+            keys=key_states(side.lanes, side.driver.flight.lanes()) if side is not None else (),
             host=socket.gethostname(),
             pid=os.getpid(),
             cpu_s=usage.ru_utime + usage.ru_stime,
