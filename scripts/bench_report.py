@@ -97,7 +97,7 @@ def _journal(path: Path, rows: int) -> Journal:
                 batch.append(
                     JobSpec(f"SKU-{n}", n, inputs, {"sku": f"SKU-{n}"}, fingerprint("m", inputs))
                 )
-        journal.ingest(batch, {})
+        journal.intake.ingest(batch, {})
         ends = []
         for item in batch:
             if isinstance(item, JobSpec):

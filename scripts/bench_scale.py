@@ -88,7 +88,7 @@ def _ingest(folder: Path) -> dict[str, Any]:
     started = time.perf_counter()
     ingested = 0
     for batch in manifest.batches(start_row=1):
-        journal.ingest(batch, {"ingested_rows": str(batch[-1].row_number)})
+        journal.intake.ingest(batch, {"ingested_rows": str(batch[-1].row_number)})
         ingested += len(batch)
     journal.set_meta({"ingest_complete": "1"})
     seconds = time.perf_counter() - started

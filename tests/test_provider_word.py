@@ -444,7 +444,7 @@ def _spec(n: int, images: int = 1) -> JobSpec:
 
 def test_the_books_keep_the_providers_cost_apart_from_what_may_be_billed(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.sqlite")
-    journal.ingest([_spec(n, images=2) for n in range(1, 6)], {})
+    journal.intake.ingest([_spec(n, images=2) for n in range(1, 6)], {})
     said = JobOutcome(Status.SUCCEEDED, "p1", ("u1", "u2"), finished_at=1.0, provider_cost_usd=0.1)
     ours = JobOutcome(Status.SUCCEEDED, "p2", ("u1", "u2"), finished_at=1.0)
     unknown = JobOutcome(
@@ -459,7 +459,7 @@ def test_the_books_keep_the_providers_cost_apart_from_what_may_be_billed(tmp_pat
             NoteAmbiguous(5),
         ]
     )
-    books = journal.cost_books()
+    books = journal.reports.cost_books()
     assert books.confirmed_usd == pytest.approx(0.16)  # 0.10 stated + 0.06 priced
     assert books.provider_usd == pytest.approx(0.1) and books.priced_usd == pytest.approx(0.12)
     assert books.mismatched == 1

@@ -254,7 +254,7 @@ def test_requeue_keeps_history_and_filters_types(tmp_path: Path) -> None:
 
     journal = Journal(tmp_path / "journal.sqlite")
     specs = [JobSpec(f"j{i}", i, {"prompt": "p"}, {}, f"fp{i}") for i in range(1, 5)]
-    journal.ingest(specs, {})
+    journal.intake.ingest(specs, {})
     kinds = {1: "job_error", 2: "invalid_input", 3: "server_error"}
     journal.apply(
         [
@@ -263,14 +263,17 @@ def test_requeue_keeps_history_and_filters_types(tmp_path: Path) -> None:
         ]
         + [Finish(4, JobOutcome(Status.SUCCEEDED, "pred-4", ("u",), finished_at=1.0), 0.03)]
     )
-    assert journal.requeue({"job_error", "server_error"}) == {"job_error": 1, "server_error": 1}
+    assert journal.reports.requeue({"job_error", "server_error"}) == {
+        "job_error": 1,
+        "server_error": 1,
+    }
     assert [e.row_number for e in journal.open_jobs(0, 10)] == [1, 3]
-    assert journal.failed_types() == {"invalid_input": 1}
-    assert journal.requeue(None) == {"invalid_input": 1}
-    assert journal.counts() == {"pending": 3, "succeeded": 1}
+    assert journal.reports.failed_types() == {"invalid_input": 1}
+    assert journal.reports.requeue(None) == {"invalid_input": 1}
+    assert journal.reports.counts() == {"pending": 3, "succeeded": 1}
     # a timed-out job is polled again unless the provider accepted its cancel
     late = [JobSpec(f"j{i}", i, {"prompt": "p"}, {}, f"fp{i}") for i in (5, 6)]
-    journal.ingest(late, {})
+    journal.intake.ingest(late, {})
     journal.apply(
         [
             Finish(
@@ -287,7 +290,7 @@ def test_requeue_keeps_history_and_filters_types(tmp_path: Path) -> None:
             for n, accepted in ((5, False), (6, True))
         ]
     )
-    assert journal.requeue({"timeout"}) == {"timeout": 2}
+    assert journal.reports.requeue({"timeout"}) == {"timeout": 2}
     again = {e.row_number: e for e in journal.open_jobs(4, 10)}
     assert (again[5].status, again[5].prediction_id) == (Status.CREATED, "pred-5")
     assert (again[6].status, again[6].prediction_id) == (Status.PENDING, None)

@@ -165,7 +165,7 @@ def test_hostile_values_show_as_text_in_chromium(tmp_path: Path, chromium: str) 
         inputs = {"prompt": text, "img_url": f"https://shop.test/{row}.jpg"}
         batch.append(JobSpec(f"job-{row}", row, inputs, record, f"fp-{row}"))
     batch.append(Rejected("job-5", 5, {"sku": HOSTILE[1]}, f"row 5: prompt {HOSTILE[0]} is bad"))
-    journal.ingest(batch, {})
+    journal.intake.ingest(batch, {})
     failure = JobOutcome(
         Status.FAILED, error_type="job_error", error_message=HOSTILE[1], finished_at=1.0
     )
@@ -198,7 +198,7 @@ def test_each_image_opens_at_full_size_beside_the_catalog_columns(
     }
     record = {"sku": "SKU-1", "Title": "Linen shirt", "Vendor": "Acme"}
     bad = {"prompt": "white", "img_url": "https://shop.test/2.jpg"}
-    journal.ingest(
+    journal.intake.ingest(
         [
             JobSpec("SKU-1", 1, inputs, record, "fp-1"),
             JobSpec("SKU-2", 2, bad, {"sku": "SKU-2", "Title": "Mug"}, "fp-2"),

@@ -387,7 +387,7 @@ def test_results_rows_hold_the_outcome_the_inputs_and_the_manifest(tmp_path: Pat
     )
     m = _manifest(_csv(tmp_path, text), id_column="sku")
     journal = Journal(tmp_path / "journal.sqlite")
-    journal.ingest(_rows(m), {})
+    journal.intake.ingest(_rows(m), {})
     t = 1_790_000_000.25
     journal.apply(
         [
@@ -400,7 +400,7 @@ def test_results_rows_hold_the_outcome_the_inputs_and_the_manifest(tmp_path: Pat
             Finish(2, JobOutcome(Status.FAILED, "p2", (), 3.0, "job_error", "boom", t + 4), 0.03),
         ]
     )
-    journal.requeue(None)  # row 2 is run again: its failure goes into its history
+    journal.reports.requeue(None)  # row 2 is run again: its failure goes into its history
     journal.apply(
         [
             MarkCreating(2, 2, "key-1", t + 20),

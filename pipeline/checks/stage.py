@@ -83,9 +83,9 @@ class CheckStage:
             httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=True) as http,
             ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), "checks") as pool,
         ):
-            for batch in journal.images_to_check():
+            for batch in journal.checks.images_to_check():
                 measured = list(pool.map(lambda t: self._one(t, http), batch))
-                journal.record_checks(measured)
+                journal.checks.record_checks(measured)
                 done += len(measured)
         if done:
             _log.info("checked", images=done)

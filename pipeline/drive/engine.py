@@ -95,7 +95,7 @@ class Engine:
                     await anyio.to_thread.run_sync(
                         recheck_copies, journal, check, config.output.dir
                     )
-                    pending = await anyio.to_thread.run_sync(journal.images_to_fetch)
+                    pending = await anyio.to_thread.run_sync(journal.reports.images_to_fetch)
                 except BaseException:
                     self._downloads_done.set()
                     raise
@@ -138,7 +138,7 @@ class Local(Engine):
     ) -> None:
         super().__init__(config, journal, stats, spent, [k.name for k in keys])
         # a resume: the provider's window still holds the creates of the run before, if recent
-        recent = journal.recent_creates(time.time() - config.scaled(config.limits.window_s))
+        recent = journal.reports.recent_creates(time.time() - config.scaled(config.limits.window_s))
         self.side = assemble(
             config,
             base_url,
@@ -195,7 +195,7 @@ class Distributed(Engine):
     ) -> None:
         super().__init__(config, journal, stats, spent, keys)
         self.cluster = cluster
-        self.view: RunView = cluster
+        self.view: RunView = cluster.roster
         self.stats = stats
         self.downloader: Downloader | None = None
         if config.assets.download:
@@ -203,24 +203,24 @@ class Distributed(Engine):
             self.downloader = downloader(config, self.commit, stats, thumbs)
 
     def figures(self) -> list[dict[str, Any]]:
-        return self.cluster.figures()
+        return self.cluster.roster.figures()
 
     async def work(self) -> None:
         await self.cluster.serve(self._journal, self.commit, self.dispatcher, self.stats)
         if self.downloader is not None and not self.dispatcher.abandoned:
             # images a dead worker was still fetching: every worker is done, so the ones
             # still pending are those
-            lost = await anyio.to_thread.run_sync(self._journal.images_to_fetch, True)
+            lost = await anyio.to_thread.run_sync(self._journal.reports.images_to_fetch, True)
             self.downloader.submit_many(lost)
 
     def limit(self, seconds: float) -> None:
-        self.cluster.limit(seconds)
+        self.cluster.roster.limit(seconds)
 
     def cancel(self) -> None:
-        self.cluster.cancel()
+        self.cluster.roster.cancel()
 
     async def cancel_in_flight(self) -> None:
-        await self.cluster.cancel_in_flight()
+        await self.cluster.roster.cancel_in_flight()
 
 
 def _confirm_within(config: RunConfig) -> float:

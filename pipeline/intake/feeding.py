@@ -68,7 +68,7 @@ def feed(
             found = reuse.state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
             prior = reuse.copies.present(found)
         meta = {"ingested_rows": str(batch[-1].row_number)} if batch else {}
-        fetch = journal.ingest(batch, meta, prior)
+        fetch = journal.intake.ingest(batch, meta, prior)
         if reuse is not None and reuse.fetches is not None:
             if fetch:
                 notify(functools.partial(reuse.fetches.submit_many, fetch))
@@ -104,9 +104,9 @@ def reconcile(
         if state is not None:
             found_prior = state.lookup([i.fingerprint for i in batch if isinstance(i, JobSpec)])
             prior = copies.present(found_prior)
-        found += journal.reconcile(batch, prior)
+        found += journal.intake.reconcile(batch, prior)
         last = batch[-1].row_number
-    found += journal.drop_unseen()
+    found += journal.intake.drop_unseen()
     journal.set_meta({**identity, "ingest_complete": "1", "ingested_rows": str(last)})
     _log.warning("forced", **found)
     return dict(found)

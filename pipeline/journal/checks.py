@@ -51,7 +51,14 @@ class Measured:
     failed: list[str]
 
 
-class Checks(JournalFile):
+class Checks:
+    """The automatic checks' measures recorded in the journal, and what they decide."""
+
+    def __init__(self, file: JournalFile) -> None:
+        self._file = file
+        self._db = file.db
+        self._lock = file.lock
+
     def images_to_check(self, batch_size: int = 2000) -> Iterator[list[CheckTarget]]:
         """The stored images of succeeded rows that no check has measured, a batch at a time."""
         select = (
@@ -60,13 +67,13 @@ class Checks(JournalFile):
             " ON j.row_number = i.row_number"
         )
         where = "i.state = 'stored' AND i.checks_failed IS NULL AND j.status = ?"
-        for got in self._image_pages(select, where, (Status.SUCCEEDED.value,), batch_size):
+        for got in self._file.image_pages(select, where, (Status.SUCCEEDED.value,), batch_size):
             yield [
                 CheckTarget(int(r[0]), int(r[1]), str(r[2]), _text(r[3]), _text(r[4])) for r in got
             ]
 
     def record_checks(self, measured: Sequence[Measured]) -> None:
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             self._db.executemany(
                 "UPDATE images SET checks=?, checks_failed=? WHERE row_number=? AND idx=?",
                 [(_ENCODE(m.values), _ENCODE(m.failed), m.row_number, m.index) for m in measured],

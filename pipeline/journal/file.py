@@ -56,6 +56,15 @@ class JournalFile:
             self._db.close()
             raise JournalDamaged(f"journal {path} cannot be opened as a database: {exc}") from None
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for the journal's parts (each takes `lock` around its use)."""
+        return self._db
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
     def known_predictions(self, ids: Collection[str]) -> set[str]:
         """Which of these prediction ids are a row's job in the journal."""
         known = set[str]()
@@ -97,7 +106,7 @@ class JournalFile:
             return str(exc)
         return None if found == ["ok"] else "; ".join(found)
 
-    def _image_pages(
+    def image_pages(
         self, select: str, where: str, params: tuple[Any, ...], batch_size: int
     ) -> Iterator[list[sqlite3.Row]]:
         """Images (`select` from `images i`) matching `where`, in row and image order, a batch
@@ -125,7 +134,7 @@ class JournalFile:
         return None if row is None else str(row[0])
 
     def set_meta(self, values: dict[str, str]) -> None:
-        with self._lock, self._transaction():
+        with self._lock, self.transaction():
             self._db.executemany(
                 "INSERT INTO meta(name, value) VALUES(?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value=excluded.value",
@@ -164,7 +173,7 @@ class JournalFile:
         return [_entry(r) for r in rows]
 
     def apply(self, updates: Sequence[Update]) -> None:
-        with self._lock, self._transaction():
+        with self._lock, self.transaction():
             for update in updates:
                 update.apply(self._db)
 
@@ -178,5 +187,5 @@ class JournalFile:
         def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
             self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
-    def _transaction(self) -> JournalFile._Tx:
+    def transaction(self) -> JournalFile._Tx:
         return JournalFile._Tx(self._db)

@@ -53,10 +53,15 @@ def _by_row(item: JobSpec | Rejected) -> str:
     return f"{item.job_id}#row-{item.row_number}"
 
 
-class Ingest(JournalFile):
+class Ingest:
     """The manifest into the journal: new rows journaled (deduplicated by job id, and by
     seeded input when `manifest.dedupe`), reused successes of earlier runs, and a changed
     manifest reconciled with what the journal holds."""
+
+    def __init__(self, file: JournalFile) -> None:
+        self._file = file
+        self._db = file.db
+        self._lock = file.lock
 
     def ingest(
         self,
@@ -68,7 +73,7 @@ class Ingest(JournalFile):
         job id is rejected, naming the row that has it first. A row whose fingerprint is in
         `prior` is journaled as succeeded with the earlier outputs, reused, at no cost; the
         outputs whose stored copies are gone are returned, to be fetched again."""
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             fetch = self._insert(batch, prior or {})
             self._db.executemany(
                 "INSERT INTO meta(name, value) VALUES(?, ?)"
@@ -88,7 +93,7 @@ class Ingest(JournalFile):
         if not batch:
             return found
         prior = prior or {}
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             db = self._db
             db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
             db.executemany(
@@ -126,7 +131,9 @@ class Ingest(JournalFile):
             db.executemany("DELETE FROM images WHERE row_number=?", [(u[-1],) for u in updates])
             self._carry_approvals(reused, prior)
             self._reused_images(reused, prior)  # fetched by the run (they are pending)
-            if self.share_seeded:  # rows taken as they are now share a seeded input as new ones do
+            if (
+                self._file.share_seeded
+            ):  # rows taken as they are now share a seeded input as new ones do
                 leaders = self._leaders(reused, prior)
                 db.executemany(
                     "UPDATE jobs SET follows=? WHERE row_number=? AND status=?",
@@ -141,7 +148,7 @@ class Ingest(JournalFile):
         and without a trace is dropped (`dropped`); one that may have been paid for is kept
         (`kept`), and if it was not finished it ends failed (`not_in_manifest`), never sent."""
         unseen = "row_number NOT IN (SELECT row_number FROM seen)"
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             db = self._db
             db.execute("CREATE TEMP TABLE IF NOT EXISTS seen(row_number INTEGER PRIMARY KEY)")
             dropped = db.execute(
@@ -200,7 +207,7 @@ class Ingest(JournalFile):
             replace(i, job_id=_by_row(i)) if _skips(i) and i.job_id in sent else i for i in items
         ]
         self._give_up_ids(sent, skipped_hold)
-        leaders = self._leaders(items, prior) if self.share_seeded else {}
+        leaders = self._leaders(items, prior) if self._file.share_seeded else {}
         rows = [(*self._ingest_row(i, prior), leaders.get(i.row_number)) for i in items]
         self._db.executemany(
             "INSERT INTO jobs(row_number, job_id, fingerprint, inputs, record, status,"
@@ -286,7 +293,7 @@ class Ingest(JournalFile):
         stored images), reused and at no cost, or its failure. Those whose leader has not
         ended wait for a later run."""
         done, failed = Status.SUCCEEDED.value, Status.FAILED.value
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             db = self._db
             db.execute(
                 "UPDATE jobs SET status=l.status, prediction_id=l.prediction_id,"

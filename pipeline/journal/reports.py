@@ -26,9 +26,14 @@ from pipeline.journal.tables import (
 )
 
 
-class Reports(JournalFile):
+class Reports:
     """What the journal says back: failures put back for `retry`, counts and totals, the
     cost books, and the rows, images and copies the outputs are written from."""
+
+    def __init__(self, file: JournalFile) -> None:
+        self._file = file
+        self._db = file.db
+        self._lock = file.lock
 
     def requeue(self, error_types: Collection[str] | None) -> dict[str, int]:
         """Put failed rows (of `error_types`, or all) back to be run again, keeping each
@@ -40,7 +45,7 @@ class Reports(JournalFile):
             query += f" AND error_type IN ({','.join('?' * len(error_types))})"
             params += list(error_types)
         requeued: dict[str, int] = {}
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             for row in self._db.execute(query, params).fetchall():
                 history = json.loads(row["history"]) if row["history"] else []
                 history.append(
@@ -242,12 +247,12 @@ class Reports(JournalFile):
     def stored_copies(self, batch_size: int = 5000) -> Iterator[list[tuple[int, int, str]]]:
         """The images journaled as stored (row, index, where), in batches."""
         select = "SELECT i.row_number, i.idx, i.path FROM images i"
-        for batch in self._image_pages(select, "i.state = 'stored'", (), batch_size):
+        for batch in self._file.image_pages(select, "i.state = 'stored'", (), batch_size):
             yield [(int(r[0]), int(r[1]), str(r[2])) for r in batch]
 
     def unstore(self, images: Sequence[tuple[int, int]]) -> None:
         """Images whose stored copy is gone: pending again, to be fetched once more."""
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             self._db.executemany(
                 "UPDATE images SET state='pending', path=NULL, sha256=NULL, bytes=NULL,"
                 " width=NULL, height=NULL, format=NULL, error='its stored copy was gone'"
@@ -266,7 +271,9 @@ class Reports(JournalFile):
             "SELECT i.*, j.job_id, j.prediction_id, j.record, j.reused, j.cost_usd, j.images"
             " FROM images i JOIN jobs j ON j.row_number = i.row_number"
         )
-        yield from self._image_pages(select, "j.status = ?", (Status.SUCCEEDED.value,), batch_size)
+        yield from self._file.image_pages(
+            select, "j.status = ?", (Status.SUCCEEDED.value,), batch_size
+        )
 
     def result_rows(self, batch_size: int = 5000) -> Iterator[list[sqlite3.Row]]:
         """Every job in row order, in batches, for the results file: `outcome` is the job's own

@@ -63,8 +63,13 @@ class ApprovedImage:
     checks_failed: tuple[str, ...] | None = None  # the rules it failed (None: not measured)
 
 
-class Reviews(JournalFile):
+class Reviews:
     """Decisions in, rejected edits requeued, approved images out."""
+
+    def __init__(self, file: JournalFile) -> None:
+        self._file = file
+        self._db = file.db
+        self._lock = file.lock
 
     def review_targets(self, rows: Collection[int]) -> dict[int, ReviewTarget]:
         """The rows named by a decisions file, by row number (rows the journal lacks are
@@ -123,7 +128,7 @@ class Reviews(JournalFile):
         """In one transaction: approvals (row, note) recorded on their rows; each rejected edit
         moved into its row's history (status, prediction, outputs and stored copies, seed,
         prompt, the decision and note) and the row put back to be sent with its new input."""
-        with self._lock, self._transaction():
+        with self._lock, self._file.transaction():
             self._db.executemany(
                 "UPDATE jobs SET review='approved', review_note=? WHERE row_number=?",
                 [(note or None, row) for row, note in approved],
@@ -212,7 +217,7 @@ class Reviews(JournalFile):
             " i.url, i.sha256, i.state, j.cost_usd, j.images, j.reused, i.checks_failed"
             " FROM images i JOIN jobs j ON j.row_number = i.row_number"
         )
-        for got in self._image_pages(select, "j.review = 'approved'", (), batch_size):
+        for got in self._file.image_pages(select, "j.review = 'approved'", (), batch_size):
             yield [
                 ApprovedImage(
                     r["job_id"],

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.core import JOURNAL, RunFolderError
 from pipeline.journal.checks import Checks
+from pipeline.journal.file import JournalFile
 from pipeline.journal.ingest import Ingest
 from pipeline.journal.reports import Reports
 from pipeline.journal.reviews import Reviews
@@ -23,10 +24,17 @@ from pipeline.journal.reviews import Reviews
 __all__ = ["Journal", "reading"]
 
 
-class Journal(Ingest, Reports, Reviews, Checks):
-    """The journal: its file (`JournalFile`), rows into it (`Ingest`), read back (`Reports`),
-    a person's review of the edits (`Reviews`) and the automatic checks' (`Checks`); one
-    object, opened by the run and closed by it."""
+class Journal(JournalFile):
+    """The journal: its file, and its parts on that file: rows into it (`intake`), read back
+    (`reports`), a person's review of the edits (`reviews`) and the automatic checks'
+    (`checks`); opened by the run and closed by it."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, share_seeded: bool = False) -> None:
+        super().__init__(path, readonly=readonly, share_seeded=share_seeded)
+        self.intake = Ingest(self)
+        self.reports = Reports(self)
+        self.reviews = Reviews(self)
+        self.checks = Checks(self)
 
 
 @contextmanager

@@ -91,12 +91,12 @@ def take_snapshot(
     started: float,
 ) -> Snapshot:
     """The run as it stands, with each key's and each worker's state as given."""
-    totals = journal.totals()
+    totals = journal.reports.totals()
     return Snapshot(
         elapsed_s=time.monotonic() - started,
         rows=int(totals["rows"]),
         ingest_complete=journal.get_meta("ingest_complete") == "1",
-        by_status=journal.counts(),
+        by_status=journal.reports.counts(),
         in_flight=sum(k.in_flight for k in keys),
         images=int(totals["images"]),
         cost_usd=float(totals["cost_usd"]),

@@ -26,7 +26,7 @@ def write_approved(journal: Journal, run_dir: Path) -> Path | None:
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(APPROVED_COLUMNS)
-        for batch in journal.approved_images():
+        for batch in journal.reviews.approved_images():
             for image in batch:
                 stored = located(image.path, run_dir) if image.path else ""
                 cells = [

@@ -119,12 +119,12 @@ def recheck_copies(journal: Journal, copies: CopyCheck, run_dir: Path) -> None:
     """A resume counts a stored image only if its copy is still there (someone may have
     cleared the folder or the bucket): the ones gone are fetched again."""
     gone: list[tuple[int, int]] = []
-    for batch in journal.stored_copies():
+    for batch in journal.reports.stored_copies():
         where = {(row, idx): located(p, run_dir) for row, idx, p in batch}
         missing = copies.gone(list(set(where.values())))
         gone += [image for image, p in where.items() if p in missing]
     if gone:
-        journal.unstore(gone)
+        journal.reports.unstore(gone)
         _log.warning("stored_images_missing", images=len(gone), hint="fetched again")
 
 

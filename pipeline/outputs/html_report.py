@@ -180,12 +180,12 @@ def write_report(
     batch's, whatever the catalog's size."""
     folder = run_dir / THUMBS
     thumbs = set(os.listdir(folder)) if folder.is_dir() else set()
-    totals = journal.totals()
+    totals = journal.reports.totals()
     head = {
         "run": str(run_dir),
         "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "rows": int(totals["rows"]),
-        "counts": journal.counts(),
+        "counts": journal.reports.counts(),
         "images": int(totals["images"]),
         "cost": totals["cost_usd"],
         "duplicates": int(totals["possible_duplicate_charges"]),
@@ -225,7 +225,7 @@ def _write_rows(
     with tmp.open("w", encoding="utf-8") as out:
         out.write(before + script_safe('{"head":' + encode(head) + ',"rows":['))
         first = True
-        for batch in journal.report_rows(1000):
+        for batch in journal.reports.report_rows(1000):
             wanted: list[Any] = []
             rows = [_entry(r, id_column, thumbs, wanted, columns) for r in batch]
             if wanted and backfilled < _BACKFILL:

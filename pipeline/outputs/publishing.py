@@ -143,7 +143,7 @@ def publish(
     done = Published(record=dest.where(PUBLISHED))
     rules = _channel_rules(channel)
     with reading(run_dir) as journal:
-        for batch in journal.approved_images():
+        for batch in journal.reviews.approved_images():
             for image in batch:
                 line = _publish_one(image, run_dir, dest, channel, rules, record, done, options)
                 if line is not None:

@@ -382,12 +382,12 @@ class _ManifestRows:
 def _results_meta(journal: Journal) -> dict[bytes, bytes]:
     """Whose results these are, how many rows they hold and how many succeeded: what the run
     folder's check compares with the journal before a later run sends anything."""
-    counts = journal.counts()
+    counts = journal.reports.counts()
     return {
         RESULTS_RUN_ID: (journal.get_meta("run_id") or "").encode(),
         RESULTS_ROWS: str(sum(counts.values())).encode(),
         # successes ever made, rejected edits included: a review's remakes send rows back
-        RESULTS_SUCCEEDED: str(journal.edits_made()).encode(),
+        RESULTS_SUCCEEDED: str(journal.reviews.edits_made()).encode(),
     }
 
 
@@ -404,7 +404,7 @@ def write_results(journal: Journal, layout: ResultLayout, path: Path) -> Written
     count = 0
     meta = _results_meta(journal)
     with _atomic(path) as tmp, pq.ParquetWriter(tmp, plan.schema.with_metadata(meta)) as out:
-        for batch in journal.result_rows():
+        for batch in journal.reports.result_rows():
             lines = [_result_line(r, layout, plan, path.parent) for r in batch]
             table = _to_table(lines, plan.lines, plan.parsed)
             if manifest is not None:
@@ -433,7 +433,7 @@ def write_failures(journal: Journal, layout: ResultLayout, run_dir: Path) -> Pat
     (REASONS) after them; None if there are none."""
     suffix = layout.manifest_kind  # csv, tsv or parquet: feed it back as it came
     path = run_dir / f"{FAILURES}.{suffix}"
-    pages = journal.failed_records()
+    pages = journal.reports.failed_records()
     first = next(pages, None)
     if first is None:
         path.unlink(missing_ok=True)
@@ -550,7 +550,7 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
     manifest = None if own is None else _ManifestRows(layout.manifest_path, own)
     count = 0
     with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
-        for batch in journal.image_rows():
+        for batch in journal.reports.image_rows():
             columns: dict[str, Any] = {
                 "job_id": [r["job_id"] for r in batch],
                 "row_number": [r["row_number"] for r in batch],

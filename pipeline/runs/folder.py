@@ -240,8 +240,8 @@ class RunFolder:
             return
         # rows and edits made only grow (--force, which can drop rows, removes the results; a
         # rejected edit's row goes back to be made again, and its edit still counts)
-        counts = journal.counts()
-        rows, succeeded = sum(counts.values()), journal.edits_made()
+        counts = journal.reports.counts()
+        rows, succeeded = sum(counts.values()), journal.reviews.edits_made()
         had_rows, had_succeeded = int(results[RESULTS_ROWS]), int(results[RESULTS_SUCCEEDED])
         if rows < had_rows or succeeded < had_succeeded:
             raise RunFolderError(

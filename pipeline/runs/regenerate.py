@@ -37,13 +37,13 @@ def regenerate(
     cannot be (a fixed seed and prompt, or no budget left) are said on the `first` round
     only."""
     most = config.checks.regenerate
-    rows = journal.to_regenerate(most) if most else []
+    rows = journal.checks.to_regenerate(most) if most else []
     if not rows:
         return 0
-    targets = journal.review_targets(rows)
+    targets = journal.reviews.review_targets(rows)
     edits = {t.prediction_id for t in targets.values() if t.prediction_id}
-    shared = journal.sharing(edits)
-    targets.update(journal.review_targets([r for rs in shared.values() for r in rs]))
+    shared = journal.reviews.sharing(edits)
+    targets.update(journal.reviews.review_targets([r for rs in shared.values() for r in rs]))
     redo: list[Redo] = []
     same = short = 0
     judged: set[str] = set()
@@ -67,7 +67,7 @@ def regenerate(
         followers = shared.get(lead.prediction_id or "", [row])
         redo.append(made)
         redo += [replace(made, row_number=r, follows=row) for r in followers if r != row]
-    journal.record_review([], redo)
+    journal.reviews.record_review([], redo)
     if state is not None:  # no later night carries a failed edit over
         failed = [targets[r.row_number] for r in redo if r.follows is None]
         state.forget(

@@ -74,7 +74,7 @@ def apply_decisions(
     rule or names rows this run does not have, or has as other products."""
     done = Reviewed()
     decisions = _by_id(journal, state, read_decisions(path), done)
-    targets = journal.review_targets([d.row_number for d in decisions])
+    targets = journal.reviews.review_targets([d.row_number for d in decisions])
     problems = [p for d in decisions if (p := _mismatch(d, targets.get(d.row_number)))]
     if problems:
         then = "; nothing was recorded or sent: give the decisions exported from this run's report"
@@ -83,7 +83,7 @@ def apply_decisions(
     if contradictions := _contradictions(decisions, targets):
         then = "; nothing was recorded or sent: a shared edit is approved or rejected as one"
         raise refused(path, contradictions, then)
-    targets.update(journal.review_targets([r for rows in shared.values() for r in rows]))
+    targets.update(journal.reviews.review_targets([r for rows in shared.values() for r in rows]))
     approved: list[tuple[int, str]] = []
     redo: list[Redo] = []
     forget: list[tuple[str, str]] = []
@@ -111,7 +111,7 @@ def apply_decisions(
         redo += [replace(made, row_number=row, follows=lead.row_number) for row in rows[1:]]
         if lead.fingerprint and lead.prediction_id:
             forget.append((lead.fingerprint, lead.prediction_id))
-    journal.record_review(approved, redo)
+    journal.reviews.record_review(approved, redo)
     journal.set_meta({"mapping": mapping_of(config)})  # the one the rejected rows are sent with
     if state is not None:
         _remember(state, forget, [(targets[row], note) for row, note in approved])
@@ -140,7 +140,7 @@ def _by_id(
     id the run lacks is left out when an earlier night's catalog had it (the product was
     removed since: removed.csv), and else keeps its row, to be refused as not of this run."""
     ids = [d.job_id for d in decisions if d.job_id is not None]
-    rows = journal.rows_of(ids)
+    rows = journal.reviews.rows_of(ids)
     gone = state.known_products([i for i in ids if i not in rows]) if state else set()
     kept = []
     for d in decisions:
@@ -176,7 +176,7 @@ def _shared_edits(
         and t.prediction_id is not None
         and t.status is Status.SUCCEEDED
     }
-    return journal.sharing(edits)
+    return journal.reviews.sharing(edits)
 
 
 def _contradictions(decisions: list[Decision], targets: dict[int, ReviewTarget]) -> list[str]:
@@ -280,11 +280,11 @@ def _tell(path: Path, done: Reviewed) -> None:
 def approve_passing(journal: Journal, state: StateStore | None) -> int:
     """`--approve-passing`: every edit no person has judged whose images all passed the
     automatic checks is approved (noted as such); how many rows."""
-    rows = journal.passing_undecided()
+    rows = journal.checks.passing_undecided()
     note = "approved: passed the automatic checks"
-    journal.record_review([(row, note) for row in rows], [])
+    journal.reviews.record_review([(row, note) for row in rows], [])
     if state is not None and rows:
-        targets = journal.review_targets(rows)
+        targets = journal.reviews.review_targets(rows)
         state.approve((t.prediction_id, note) for t in targets.values() if t.prediction_id)
     _log.warning(
         "approved_passing",

@@ -150,7 +150,7 @@ async def run(
         if inc.enabled and inc.state is not None:
             state = StateStore(inc.state, hold=True)  # one run at a time: see StateStore
         journal = folder.open_journal(share_seeded=config.manifest.dedupe)
-        if uploads is None and journal.has_uploads():
+        if uploads is None and journal.reports.has_uploads():
             journal.close()
             raise ConfigError(
                 f"run folder {folder.path} holds unsent rows whose inputs were uploaded to "
@@ -258,7 +258,7 @@ async def _run_held(
     if decisions is not None:
         apply_decisions(config, journal, state, manifest, decisions)
     if reprocess is not None and (reprocess.error_types is None or reprocess.error_types):
-        requeued = journal.requeue(reprocess.error_types)
+        requeued = journal.reports.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
     price = config.api.price_per_image_usd
     spent = _spent(journal, price)
@@ -277,10 +277,10 @@ async def _run_held(
         if reprocess is not None and reprocess.approve_passing:
             await anyio.to_thread.run_sync(approve_passing, journal, state)
         books = await finish_books(config, journal, state, manifest, folder.path)
-        waiting = journal.waiting_on_keys()
-        counts = journal.counts()
-        books.cost = journal.cost_books()
-        books.failed_by_type = journal.failed_types()
+        waiting = journal.reports.waiting_on_keys()
+        counts = journal.reports.counts()
+        books.cost = journal.reports.cost_books()
+        books.failed_by_type = journal.reports.failed_types()
         exit_code, message = verdict(stop, faults, books, counts, waiting, lanes_keys, stats, price)
         if exit_code is not ExitCode.OK:
             _log.warning("run_ended", exit_code=int(exit_code), message=message)
@@ -355,7 +355,9 @@ async def _drive_rounds(
 
 def _spent(journal: Journal, price: float) -> float:
     """What a budget counts as spent: booked, and what lost creates may have been billed."""
-    return float(journal.totals()["cost_usd"]) + journal.cost_books().lost_spend_usd(price)
+    return float(
+        journal.reports.totals()["cost_usd"]
+    ) + journal.reports.cost_books().lost_spend_usd(price)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +387,7 @@ async def _balance_before(
     if not config.budget.require_balance:
         return _Balance(usd)
     found = await anyio.to_thread.run_sync(estimate, config, len(keys))
-    needed = max(0.0, found.cost_usd - journal.totals()["cost_usd"])
+    needed = max(0.0, found.cost_usd - journal.reports.totals()["cost_usd"])
     if needed <= usd:
         return _Balance(usd)
     said = f"${usd:,.2f} left, less than this run's estimate of ${needed:,.2f}"
@@ -425,7 +427,7 @@ def _summary(
         folder.path / RESULTS,
         books.failures,
         counts,
-        journal.totals(),
+        journal.reports.totals(),
         stats,
         time.monotonic() - started,
         ended[0],
@@ -434,7 +436,7 @@ def _summary(
         sandbox_stats=also.sandbox_stats,
         requeued=also.requeued,
         workers=also.workers,
-        per_key=journal.by_key(),
+        per_key=journal.reports.by_key(),
         left_failed=books.failed_by_type,
         forced=also.forced,
         waiting_on_keys=also.waiting,
@@ -445,8 +447,8 @@ def _summary(
         orphans=_orphans(journal, stats),
         balance_usd=also.balance_usd,
         removed=books.removed,
-        reviews=journal.review_counts(),
-        checks=journal.check_counts(),
+        reviews=journal.reviews.review_counts(),
+        checks=journal.checks.check_counts(),
     )
 
 
@@ -459,7 +461,7 @@ def _orphans(journal: Journal, stats: RunStats) -> list[dict[str, Any]]:
 
 def _start_line(config: RunConfig, run_dir: Path, journal: Journal, keys: list[ApiKey]) -> str:
     m = config.manifest
-    done = journal.counts()
+    done = journal.reports.counts()
     known = sum(done.values())
     resumed = f", resuming {known:,} journaled rows" if known else ""
     api = "the embedded sandbox" if config.embedded_sandbox else config.api.base_url

@@ -50,11 +50,11 @@ class FolderStatus:
 def folder_status(run_dir: Path, keys: list[ApiKey]) -> FolderStatus:
     """RunFolderError when `run_dir` holds no journal (or one that cannot be read)."""
     with reading(run_dir) as journal:
-        totals, counts = journal.totals(), journal.counts()
-        waiting, images = journal.waiting_on_keys(), journal.image_states()
+        totals, counts = journal.reports.totals(), journal.reports.counts()
+        waiting, images = journal.reports.waiting_on_keys(), journal.reports.image_states()
         complete = journal.get_meta("ingest_complete") == "1"
-        reviews = journal.review_counts()
-        checks = journal.check_counts()
+        reviews = journal.reviews.review_counts()
+        checks = journal.checks.check_counts()
     given = {k.name for k in keys}
     holder = holder_of(run_dir)
     return FolderStatus(

@@ -83,7 +83,7 @@ async def finish_books(
     )
     books = Books(run_dir=run_dir)
     try:
-        await anyio.to_thread.run_sync(journal.settle_followers)
+        await anyio.to_thread.run_sync(journal.intake.settle_followers)
         if state is not None:
             books.removed = await anyio.to_thread.run_sync(remember, journal, state, run_dir)
         price = config.api.price_per_image_usd
@@ -92,7 +92,7 @@ async def finish_books(
         )
         books.failures, books.problem = wrote.failures, wrote.problem
         if config.assets.download:
-            states = journal.image_states()
+            states = journal.reports.image_states()
             books.images_missing = states.get("pending", 0) + states.get("failed", 0)
     except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
         _log.exception("results_failed")
@@ -212,13 +212,13 @@ def remember(journal: Journal, state: StateStore, run_dir: Path) -> int | None:
     """Write this run folder's successes into the state store, for the runs after it; once
     the whole manifest is read, its products too, and those an earlier night had that this one
     has not are listed in `removed.csv`: how many (None before the manifest is all read)."""
-    for batch in journal.new_successes(str(run_dir)):
+    for batch in journal.reports.new_successes(str(run_dir)):
         state.record(batch)
     run_id = journal.get_meta("run_id")
     if journal.get_meta("ingest_complete") != "1" or run_id is None:
         return None
     now = time.time()
-    for rows in journal.catalog_rows():
+    for rows in journal.reports.catalog_rows():
         state.present(run_id, [(j, str(run_dir), s, p, r, path, now) for j, s, p, r, path in rows])
     gone = state.removed(run_id)
     write_removed(gone, run_dir / REMOVED)

@@ -27,11 +27,18 @@ from urllib.parse import urlsplit
 import anyio
 import structlog
 
-from pipeline.core import ApiKey, ConfigError, RunConfig, RunStats
+from pipeline.core import THUMBS, ApiKey, ConfigError, RunConfig, RunStats
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.ray.exchange import Exchange
-from pipeline.drive.ray.members import Member, WorkerLost, first_line
-from pipeline.drive.ray.remote import WorkerSetup
+from pipeline.drive.ray.members import (
+    Member,
+    Roster,
+    WorkerLost,
+    absolute,
+    first_line,
+    forwarded_env,
+)
+from pipeline.drive.ray.remote import WorkerProcess, WorkerSetup
 from pipeline.journal import GroupCommit, Journal
 
 __all__ = ["Cluster", "WorkerLost", "Workers", "check_workers", "ray_session", "spread"]
@@ -125,9 +132,32 @@ def spread(
     return sets
 
 
-class Cluster(Exchange):
-    """The workers of one run; also its view for the progress, and what the driver's signal
-    and budget handling stop."""
+class Cluster:
+    """The workers of one run: started, served through the exchange, replaced when they die;
+    `roster` is the run's view of them, and what the driver's signal and budget handling
+    stop."""
+
+    def __init__(
+        self,
+        ray: Any,
+        config: RunConfig,
+        key_sets: list[list[ApiKey]],
+        groups: list[list[str]],
+        base_url: str,
+        uploads: bool,
+    ) -> None:
+        self._ray = ray
+        self._config = absolute(config)
+        self._groups = groups
+        self._base_url = base_url
+        self._uploads = uploads
+        self.roster = Roster(key_sets)
+        self.members = self.roster.members
+        thumbs = self._config.output.dir / THUMBS
+        self._exchange = Exchange(self.roster, ray.exceptions.RayActorError, thumbs)
+        self._marker: Path | None = None
+        self._actor_class = ray.remote(WorkerProcess)
+        self._env = forwarded_env()
 
     @asynccontextmanager
     async def started(self, journal: Journal) -> AsyncIterator[None]:
@@ -190,7 +220,9 @@ class Cluster(Exchange):
     async def _spawn(self, member: Member, journal: Journal) -> None:
         """A worker for `member`'s keys, checked, its gates seeded with their recent creates."""
         window = self._config.scaled(self._config.limits.window_s)
-        recent = await anyio.to_thread.run_sync(journal.recent_creates, time.time() - window)
+        recent = await anyio.to_thread.run_sync(
+            journal.reports.recent_creates, time.time() - window
+        )
         mine = {k.name for k in member.keys}
         setup = WorkerSetup(
             member.index,
@@ -231,15 +263,15 @@ class Cluster(Exchange):
         stats: RunStats,
     ) -> None:
         """The worker's lives: served, and replaced when it dies."""
-        while await self._life(member, commit, dispatcher, stats):
+        while await self._exchange.life(member, commit, dispatcher, stats):
             member.state = "replacing"
             if member.last_post is not None:  # what it sent is journaled before its jobs are read
                 await commit.durable(member.last_post)
-            await self._recover(member, journal, dispatcher)
+            await self._exchange.recover(member, journal, dispatcher)
             await self._replace(member, journal)
         member.state = "done"
         member.handed.clear()  # every job it held ended or was given back
-        self._returned()
+        self.roster.returned()
 
     async def _replace(self, member: Member, journal: Journal) -> None:
         """A new worker for a dead one's keys; one that dies as it starts is another death."""

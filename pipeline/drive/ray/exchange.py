@@ -4,16 +4,16 @@ acknowledgements, figures, and the recovery of a dead worker's jobs."""
 from __future__ import annotations
 
 import asyncio
-import time
+from pathlib import Path
 
 import anyio
 import structlog
 
-from pipeline.core import COUNTERS, THUMBS, RunStats
+from pipeline.core import COUNTERS, RunStats
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.ray.members import (
-    ClusterBase,
     Member,
+    Roster,
     WorkerLost,
     first_line,
     relog,
@@ -29,12 +29,18 @@ _ORDERS_TICK_S = 0.5  # how often a stop order is looked for when nothing else i
 __all__ = ["Exchange"]
 
 
-class Exchange(ClusterBase):
+class Exchange:
     """One worker's life as the driver lives it: jobs handed out in answer to its asks, its
     updates made durable and acknowledged, its figures merged, and its jobs recovered when
     it dies."""
 
-    async def _life(
+    def __init__(self, roster: Roster, actor_died: type[Exception], thumbs: Path) -> None:
+        """`actor_died`: Ray's RayActorError; `thumbs`: the run folder's thumbnails."""
+        self._roster = roster
+        self._actor_died = actor_died
+        self._thumbs = thumbs
+
+    async def life(
         self, member: Member, commit: GroupCommit, dispatcher: Dispatcher, stats: RunStats
     ) -> bool:
         """One life of a worker, from its start to its last report; True when it died."""
@@ -51,7 +57,7 @@ class Exchange(ClusterBase):
                     if report.done:
                         break
                 tg.cancel_scope.cancel()
-        except* self._ray.exceptions.RayActorError as group:
+        except* self._actor_died as group:
             _log.warning("worker_died", worker=member.name, error=first_line(group.exceptions[0]))
             died = True
         if died:
@@ -75,7 +81,7 @@ class Exchange(ClusterBase):
             member.handed.pop(entry.row_number, None)
             dispatcher.give_back(entry)
         if report.given_back:
-            self._returned()
+            self._roster.returned()
         if report.updates:
             for update in report.updates:
                 if isinstance(update, Finish):
@@ -83,7 +89,7 @@ class Exchange(ClusterBase):
                     if held is not None:
                         dispatcher.settle(held, update.outcome)
                         if not member.handed:  # asks waiting on its jobs look again
-                            self._returned()
+                            self._roster.returned()
             member.last_post = commit.post(*report.updates)
             tg.start_soon(self._ack, member, commit, member.last_post, report.seq)
         for row_number in report.reserves:
@@ -98,8 +104,7 @@ class Exchange(ClusterBase):
             for _ in range(count):
                 tg.start_soon(self._hand, member, dispatcher, key_name)
         if report.thumbs:
-            folder = self._config.output.dir / THUMBS
-            tg.start_soon(save_thumbs, folder, report.thumbs)
+            tg.start_soon(save_thumbs, self._thumbs, report.thumbs)
         for method, event in report.logs:
             relog(member.name, method, event)
         self._merge(member, report.figures, stats)
@@ -117,10 +122,10 @@ class Exchange(ClusterBase):
         again), "no more work" waits for them rather than ending the slot."""
         while True:
             entry = await dispatcher.next_job(key_name)
-            if entry is not None or dispatcher.stopped or not self._held_elsewhere(member):
+            if entry is not None or dispatcher.stopped or not self._roster.held_elsewhere(member):
                 break
             with anyio.move_on_after(_ORDERS_TICK_S):
-                await self._returns.wait()
+                await self._roster.returns()
         if entry is not None:
             member.handed[entry.row_number] = entry
         member.jobs.append((key_name, entry))
@@ -132,13 +137,12 @@ class Exchange(ClusterBase):
             with anyio.move_on_after(_ORDERS_TICK_S):
                 await member.wake.wait()
             member.wake = anyio.Event()
-            if time.monotonic() >= self._deadline:
-                self._abandon = True
+            abandon, cancel = self._roster.stops()
             flags = (
                 dispatcher.halted,
-                self._abandon or dispatcher.abandoned,
-                self._cancel,
-                self._open_elsewhere(member),
+                abandon or dispatcher.abandoned,
+                cancel,
+                self._roster.open_elsewhere(member),
             )
             now = (member.acked, *flags)
             if not member.jobs and not member.reserved and now == member.sent:
@@ -148,23 +152,6 @@ class Exchange(ClusterBase):
             orders = Orders(member.acked, jobs, *flags, reserved=reserved)
             member.sent = now
             await member.actor.deliver.remote(orders)
-
-    def _held_elsewhere(self, member: Member) -> bool:
-        return any(other is not member and other.handed for other in self.members)
-
-    def _returned(self) -> None:
-        """A job came back to the dispatcher, or a worker ended: waiting asks look again."""
-        self._returns.set()
-        self._returns = anyio.Event()
-
-    def _open_elsewhere(self, member: Member) -> bool:
-        """Whether a key of another worker was serving and not paused at its last report."""
-        return any(
-            key.state == "working"
-            for other in self.members
-            if other is not member and other.state == "working" and other.figures is not None
-            for key in other.figures.keys
-        )
 
     def _merge(self, member: Member, figures: Figures, stats: RunStats) -> None:
         for counter in COUNTERS:
@@ -185,12 +172,12 @@ class Exchange(ClusterBase):
         member.figures = figures
         member.peak_rss_mb = max(member.peak_rss_mb, figures.peak_rss_mb)
 
-    async def _recover(self, member: Member, journal: Journal, dispatcher: Dispatcher) -> None:
+    async def recover(self, member: Member, journal: Journal, dispatcher: Dispatcher) -> None:
         """A dead worker's jobs, as the journal holds them now, go back to be handed out."""
         rows = list(member.handed)
         member.handed.clear()
         entries = await anyio.to_thread.run_sync(journal.open_entries, rows)
         for entry in entries:
             dispatcher.give_back(entry)
-        self._returned()
+        self._roster.returned()
         _log.warning("worker_jobs_recovered", worker=member.name, jobs=len(entries))

@@ -15,14 +15,14 @@ import anyio
 import structlog
 
 from pipeline.core import ApiKey, RunConfig, WanbatchError, save_thumb
-from pipeline.drive.ray.remote import Figures, WorkerProcess
+from pipeline.drive.ray.remote import Figures
 from pipeline.journal import Entry
 from pipeline.observe import KeyState, WorkerState
 
 _log = structlog.get_logger("pipeline.drive.ray.cluster")
 
 
-__all__ = ["ClusterBase", "Member", "WorkerLost"]
+__all__ = ["Member", "Roster", "WorkerLost"]
 
 _FORWARDED = ("AWS_", "GOOGLE_", "AZURE_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_")
 
@@ -106,24 +106,11 @@ class Member:
         return f"worker-{self.index}"
 
 
-class ClusterBase:
+class Roster:
     """The driver's view of its Ray workers: who they are, what they hold and report, and the
-    orders going out to them."""
+    stops ordered to them all (a time limit, an abandon, a cancel of the jobs in flight)."""
 
-    def __init__(
-        self,
-        ray: Any,
-        config: RunConfig,
-        key_sets: list[list[ApiKey]],
-        groups: list[list[str]],
-        base_url: str,
-        uploads: bool,
-    ) -> None:
-        self._ray = ray
-        self._config = absolute(config)
-        self._groups = groups
-        self._base_url = base_url
-        self._uploads = uploads
+    def __init__(self, key_sets: list[list[ApiKey]]) -> None:
         self.members = [Member(i + 1, keys) for i, keys in enumerate(key_sets)]
         _log.info(
             "workers_planned",
@@ -132,10 +119,7 @@ class ClusterBase:
         self._abandon = False
         self._cancel = False
         self._deadline = math.inf
-        self._marker: Path | None = None
         self._returns = anyio.Event()
-        self._actor_class = ray.remote(WorkerProcess)
-        self._env = forwarded_env()
 
     def keys(self) -> tuple[KeyState, ...]:
         states: list[KeyState] = []
@@ -194,3 +178,31 @@ class ClusterBase:
     def _wake_all(self) -> None:
         for m in self.members:
             m.wake.set()
+
+    def stops(self) -> tuple[bool, bool]:
+        """Whether the workers abandon their jobs (the time limit passed, or stopped now), and
+        whether they cancel their jobs in flight."""
+        if time.monotonic() >= self._deadline:
+            self._abandon = True
+        return self._abandon, self._cancel
+
+    def held_elsewhere(self, member: Member) -> bool:
+        return any(other is not member and other.handed for other in self.members)
+
+    def returned(self) -> None:
+        """A job came back to the dispatcher, or a worker ended: waiting asks look again."""
+        self._returns.set()
+        self._returns = anyio.Event()
+
+    async def returns(self) -> None:
+        """Until a job comes back, or a worker ends."""
+        await self._returns.wait()
+
+    def open_elsewhere(self, member: Member) -> bool:
+        """Whether a key of another worker was serving and not paused at its last report."""
+        return any(
+            key.state == "working"
+            for other in self.members
+            if other is not member and other.state == "working" and other.figures is not None
+            for key in other.figures.keys
+        )
