@@ -193,3 +193,104 @@ def test_run_folder_file_names_are_typed_once() -> None:
             if isinstance(node, ast.Constant) and node.value in names:
                 typed.append(f"{module}:{node.lineno} {node.value!r}")
     assert typed == []
+
+
+# Libraries whose documented way to set something is an attribute: sqlite3's row factory,
+# anyio's cancel-scope deadline, uvicorn's config and server flags, starlette's `app.state`.
+_LIBRARY_ATTRIBUTES = {
+    "row_factory",
+    "deadline",
+    "timeout_keep_alive",
+    "lifespan",
+    "should_exit",
+    "sandbox",  # app.state.sandbox
+}
+
+
+def _record_fields(paths: list[Path]) -> set[str]:
+    """The fields of the records (dataclasses) these modules declare."""
+    fields: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                "dataclass" in ast.unparse(d) for d in node.decorator_list
+            ):
+                fields.update(
+                    item.target.id
+                    for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                )
+    return fields
+
+
+def _set_from_outside(tree: ast.Module) -> list[tuple[int, str, bool]]:
+    """Each `x.attr = ...` (or `x.attr += ...`, or setattr(x, ...)) where x is not `self` or
+    `cls`: its line, the attribute, and whether it counts up (`+=`)."""
+    found: list[tuple[int, str, bool]] = []
+
+    def target(node: ast.expr, line: int, counts: bool) -> None:
+        if isinstance(node, ast.Attribute):
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if not own:
+                found.append((line, node.attr, counts))
+        elif isinstance(node, ast.Tuple | ast.List):
+            for element in node.elts:
+                target(element, line, counts)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                target(t, node.lineno, False)
+        elif isinstance(node, ast.AugAssign):
+            target(node.target, node.lineno, isinstance(node.op, ast.Add | ast.Sub))
+        elif isinstance(node, ast.AnnAssign):
+            target(node.target, node.lineno, False)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
+            first = node.args[0] if node.args else None
+            if not (isinstance(first, ast.Name) and first.id == "self"):
+                found.append((node.lineno, "setattr", False))
+    return found
+
+
+def _outside_setters(source: str, records: set[str], counters: set[str]) -> list[tuple[int, str]]:
+    return [
+        (line, attr)
+        for line, attr, counts in _set_from_outside(ast.parse(source))
+        if attr not in records
+        and attr not in _LIBRARY_ATTRIBUTES
+        and not (counts and attr in counters)
+    ]
+
+
+def test_no_part_is_finished_from_outside() -> None:
+    """No attribute of another object is set after it is made. Two kinds of change are not
+    finishing a part: counting up one of the run's counters (`core/counters.py`), and a
+    record's fields (a dataclass: a sandbox job, a Ray worker's place, an estimate's tally)
+    changed in the folder that declares it. Parts take what they need in their constructors
+    and change through their methods."""
+    modules = _modules()
+    counters = _record_fields([PACKAGE / "core" / "counters.py"])
+    folders: dict[Path, list[Path]] = defaultdict(list)
+    for path in modules.values():
+        folders[path.parent].append(path)
+    records = {folder: _record_fields(paths) for folder, paths in folders.items()}
+    wrong = [
+        f"{module}:{line} .{attr}"
+        for module, path in modules.items()
+        for line, attr in _outside_setters(path.read_text(), records[path.parent], counters)
+    ]
+    assert wrong == []
+
+
+def test_the_outside_setter_check_sees_wiring() -> None:
+    wired = (
+        "def build(stats, part, scope, job):\n"
+        "    stats.callbacks = 1\n"
+        "    part.hook = 2\n"
+        "    scope.deadline = 3\n"
+        "    setattr(stats, 'n', 1)\n"
+        "    stats.polls += 1\n"
+        "    job.ended = True\n"
+    )
+    found = _outside_setters(wired, records={"ended"}, counters={"polls"})
+    assert found == [(2, "callbacks"), (3, "hook"), (5, "setattr")]

@@ -8,6 +8,7 @@ folder itself.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -84,13 +86,22 @@ _out = _Console()
 _err = _Console(stderr=True, soft_wrap=True)  # a message stays one line, whatever the width
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Options:
+    """The options given before the command, kept in click's context for the command."""
+
     debug: bool = False
     log_level: int | None = None  # --log-level: run.log and the terminal from this level
 
 
-_opts = _Options()
+_OPTIONS = "wanbatch.options"  # where the context keeps them (click's `meta`)
+
+
+def _opts() -> _Options:
+    """The options given before the command (their defaults outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.meta.get(_OPTIONS) if ctx is not None else None
+    return found if isinstance(found, _Options) else _Options()
 
 
 def _version(value: bool) -> None:
@@ -101,6 +112,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
@@ -111,16 +123,17 @@ def _main(
         typer.Option(help="debug, info, warning or error: run.log and the terminal from it."),
     ] = None,
 ) -> None:
-    _opts.debug = debug
+    level = None
     if log_level is not None:
         try:
-            _opts.log_level = level_named(log_level)
+            level = level_named(log_level)
         except ValueError as exc:
             _fail(str(exc), ExitCode.BAD_INPUT)
+    ctx.meta[_OPTIONS] = _Options(debug, level)
 
 
 def _fail(message: str, code: int) -> None:
-    if _opts.debug:
+    if _opts().debug:
         traceback.print_exc()
     _err.print(Text.assemble(("error: ", "red"), message))
     raise typer.Exit(code)
@@ -262,9 +275,10 @@ def _run_in_folder(
 ) -> RunSummary:
     with RunFolder(config.output.dir, fresh=fresh) as folder:
         given.record(folder.path)
-        level = _opts.log_level or logging.INFO
-        console = _opts.log_level or (logging.WARNING if _err.is_terminal else logging.ERROR)
-        configure_logging(folder.log_path, level, console, tracebacks=_opts.debug)
+        opts = _opts()
+        level = opts.log_level or logging.INFO
+        console = opts.log_level or (logging.WARNING if _err.is_terminal else logging.ERROR)
+        configure_logging(folder.log_path, level, console, tracebacks=opts.debug)
         reporter, tick = _reporter(config)
         summary = anyio.run(
             lambda: run(
@@ -457,9 +471,10 @@ def _estimate(given: _Given) -> int:
     env_keys = keys_from_env()
     if env_keys and not config.embedded_sandbox:
         api = config.api
-        found.balance_usd = anyio.run(
+        balance = anyio.run(
             functools.partial(read_balance, api.base_url, api.model, env_keys[0], auth=api.auth)
         )
+        found = dataclasses.replace(found, balance_usd=balance)
     _print_rows(_estimate_rows(found, config), 28)
     if found.identical_unseeded:
         _err.print(

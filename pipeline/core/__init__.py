@@ -34,7 +34,7 @@ from pipeline.core.config import (
     load_config,
     parse_config,
 )
-from pipeline.core.counters import COUNTERS, CallbackStats, DownloadStats, RunStats
+from pipeline.core.counters import COUNTERS, CallbackStats, DownloadStats, RunStats, run_stats
 from pipeline.core.errors import (
     ERROR_TYPES,
     TRANSIENT_ERRORS,
@@ -251,6 +251,7 @@ __all__ = [
     "read_object",
     "read_stored",
     "resolve_groups",
+    "run_stats",
     "sandbox_keys",
     "save_thumb",
     "to_int",

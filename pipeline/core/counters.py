@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["COUNTERS", "CallbackStats", "Counter", "DownloadStats", "RunStats"]
+__all__ = ["COUNTERS", "CallbackStats", "Counter", "DownloadStats", "RunStats", "run_stats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +139,23 @@ class RunStats:
     # saw the end (s), in end order; 8 bytes each
     latencies: array[float] = field(default_factory=lambda: array("d"))
     notice_delays: array[float] = field(default_factory=lambda: array("d"))
-    on_end: Callable[[float, float], None] | None = None  # metrics' histograms, when kept
+    # told each job's latency and notice delay as it ends (metrics' histograms, when kept)
+    _listeners: list[Callable[[float, float], None]] = field(default_factory=list, repr=False)
+
+    def listen(self, on_end: Callable[[float, float], None]) -> None:
+        """`on_end` is told each job's latency and notice delay from now on."""
+        self._listeners.append(on_end)
+
+    def add(self, counter: str, count: int = 1) -> None:
+        """Count `count` more of the counter named `counter` (one of COUNTERS)."""
+        setattr(self, counter, getattr(self, counter) + count)
 
     def job_ended(self, latency: float, notice_delay: float) -> None:
         notice_delay = max(0.0, notice_delay)
         self.latencies.append(latency)
         self.notice_delays.append(notice_delay)
-        if self.on_end is not None:
-            self.on_end(latency, notice_delay)
+        for listener in self._listeners:
+            listener(latency, notice_delay)
 
     def counted(self) -> dict[str, int]:
         """Every counter's value, by name (what a Ray worker reports)."""
@@ -156,3 +165,12 @@ class RunStats:
 COUNTERS: tuple[Counter, ...] = tuple(
     Counter(f.name, **f.metadata["counter"]) for f in fields(RunStats) if "counter" in f.metadata
 )
+
+
+def run_stats(*, webhook: bool, download: bool) -> RunStats:
+    """A run's counters, with the callbacks' in webhook mode and the image store's when the
+    images are kept (one set for the run, whatever its rounds)."""
+    return RunStats(
+        callbacks=CallbackStats() if webhook else None,
+        downloads=DownloadStats() if download else None,
+    )

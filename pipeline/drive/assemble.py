@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.core import ApiKey, DownloadStats, RunConfig, RunStats, SystemClock, ThumbSink
+from pipeline.core import ApiKey, RunConfig, RunStats, SystemClock, ThumbSink
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.flight import InFlight
@@ -125,9 +125,6 @@ def assemble(
         auth=config.api.auth,
         fallback_selector=config.api.fallback_selector,
     )
-    callbacks = receiver.callbacks if receiver is not None else None
-    if callbacks is not None:
-        stats.callbacks = callbacks.stats
     window_s = config.scaled(limits.window_s)
     caps = caps_for(groups, keys, limits.max_concurrent)
     lanes = [
@@ -175,8 +172,8 @@ def downloader(
 ) -> Downloader:
     """The run's images kept in `assets.store`; its figures counted in `stats`.
     `samples_from`: the embedded sandbox's root, which serves the demo's sample inputs."""
-    if stats.downloads is None:  # one count for the run, whatever its rounds
-        stats.downloads = DownloadStats()
+    if stats.downloads is None:
+        raise ValueError("assets.download: the run's stats are made with their DownloadStats")
     store = open_store(config.assets, config.output.dir)
     return Downloader(
         config.assets, store, commit, thumbs, stats=stats.downloads, samples_from=samples_from

@@ -244,8 +244,7 @@ class Creator:
     ) -> Created | None:
         """Book how a lost create was settled; the job it made, when one was found, journaled
         and taken up as if its answer had come."""
-        count = f"creates_{settled.resolution}"
-        setattr(self._stats, count, getattr(self._stats, count) + 1)
+        self._stats.add(f"creates_{settled.resolution}")
         notes = (
             NoteAmbiguous(entry.row_number),
             NoteResolution(entry.row_number, settled.resolution),

@@ -61,7 +61,9 @@ class Dispatcher:
         spent_usd: float,
         lanes: int,
         keys: Collection[str] = (),
+        on_retire: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_retire` is told the name of each key the provider refuses."""
         self._journal = journal
         self._price = price_per_image_usd
         self._budget = budget_usd
@@ -85,7 +87,11 @@ class Dispatcher:
         # every key was refused: the slots end on their own (their creates out are answered
         # and their rows kept pending), and the run says so
         self.no_key: NoUsableKeyError | None = None
-        self.on_retire: Callable[[str], None] | None = None
+        self.on_retire = on_retire
+
+    def abandon(self) -> None:
+        """Stopped for good (a second signal): jobs in flight are dropped (cancelled)."""
+        self.abandoned = True
 
     # -- ingest ------------------------------------------------------------------------------
 

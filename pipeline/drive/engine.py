@@ -76,7 +76,7 @@ class Engine:
     def abandon(self) -> None:
         """Stop for good (a second signal): no job waits, those in flight are cancelled at the
         provider, and images not stored yet stay pending for the next run."""
-        self.dispatcher.abandoned = True
+        self.dispatcher.abandon()
         self.cancel()
 
     async def cancel_in_flight(self) -> None:
@@ -238,8 +238,8 @@ def _dispatcher(
         spent_usd=spent,
         lanes=len(keys),
         keys=keys,
+        on_retire=stats.retired_keys.append,
     )
-    dispatcher.on_retire = stats.retired_keys.append
     return dispatcher
 
 

@@ -167,16 +167,15 @@ class Poller:
             ) from exc
         except RateLimited as exc:
             self._stats.rate_limited += 1
-            track.failures += 1
-            return Deferred(self._settings.policy.rate_limit_wait(exc, track.failures))
+            return Deferred(self._settings.policy.rate_limit_wait(exc, track.failed()))
         except ApiError as exc:
             # a paid job is never given up on a poll error: back off until its deadline
-            track.failures += 1
+            failures = track.failed()
             _log.info(
                 "poll_retry", job_id=entry.job_id, prediction_id=prediction_id, error=str(exc)
             )
-            return Deferred(self._settings.policy.backoff(track.failures))
-        track.failures = 0
+            return Deferred(self._settings.policy.backoff(failures))
+        track.answered()
         if answer.terminal:
             return Ended(answer)
         if track.hinted and self._hints is not None:

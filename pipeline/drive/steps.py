@@ -130,6 +130,15 @@ class Track:
         self.hinted = False
         self.contradicted = False
 
+    def failed(self) -> int:
+        """A poll failed: the failures in a row now."""
+        self.failures += 1
+        return self.failures
+
+    def answered(self) -> None:
+        """A poll was answered: the failures in a row end."""
+        self.failures = 0
+
     def woken(self) -> None:
         if self.waiter is not None:
             self.hinted = self.hinted or self.waiter.hinted

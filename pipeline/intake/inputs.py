@@ -98,13 +98,16 @@ def _judge(data: bytes) -> str:
 class Uploads:
     """`assets.upload_to`: where local and bucket inputs are put, and signed for each create."""
 
-    def __init__(self, url: str, options: dict[str, str], lifetime_s: float) -> None:
+    def __init__(
+        self, url: str, options: dict[str, str], lifetime_s: float, *, dry: bool = False
+    ) -> None:
+        """`dry` (`estimate`): inputs are judged and named, never uploaded."""
         self.url = url.rstrip("/")
         self._store = ObjectStore(url, options, what="assets.upload_to")
         self._lifetime = datetime.timedelta(seconds=lifetime_s)
         self._known: set[str] = set()  # uploaded (or found there) this run
         self._busy: dict[str, threading.Lock] = {}  # one upload of a name at a time
-        self.dry = False  # `estimate`: inputs are judged and named, never uploaded
+        self.dry = dry
 
     def check(self) -> None:
         self._store.check()
@@ -327,7 +330,9 @@ def _first_bytes(http: httpx.Client, url: str) -> tuple[httpx.Response, bytes]:
     return answer, head[:32]
 
 
-def open_uploads(url: str | None, options: dict[str, str], lifetime_s: float) -> Uploads | None:
+def open_uploads(
+    url: str | None, options: dict[str, str], lifetime_s: float, *, dry: bool = False
+) -> Uploads | None:
     if url is None:
         return None
     if input_kind(url) != "object":
@@ -335,4 +340,4 @@ def open_uploads(url: str | None, options: dict[str, str], lifetime_s: float) ->
             f"assets.upload_to {url!r} must be an object-storage URL (s3://, gs:// or az://): "
             "the provider fetches inputs over HTTPS, which a local folder cannot give"
         )
-    return Uploads(url, options, lifetime_s)
+    return Uploads(url, options, lifetime_s, dry=dry)

@@ -179,10 +179,9 @@ class Manifest:
         too) as rows are read: uploaded to `assets.upload_to` unless `dry` (an estimate). The
         bucket is checked first: ConfigError, before anything is sent."""
         a = config.assets
-        uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
+        uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s, dry=dry)
         if uploads is not None:
             uploads.check()
-            uploads.dry = dry
         self.inputs = InputStage(
             model=config.api.model,
             base_dir=self.shown.parent,  # a relative image path is the config's manifest's

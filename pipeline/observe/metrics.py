@@ -81,7 +81,7 @@ class RunMetrics:
             registry=r,
         )
         r.register(_Counters(stats))
-        stats.on_end = self.observe
+        stats.listen(self.observe)
 
     def observe(self, latency: float, notice_delay: float) -> None:
         self._latency.observe(latency)

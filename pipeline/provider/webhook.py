@@ -58,14 +58,22 @@ class Waiter:
         self.event.clear()
         self.hinted = False
 
+    def wake(self) -> None:
+        """A callback (or the listing) says the job ended: its poll comes now."""
+        self.hinted = True
+        self.event.set()
+
 
 class Callbacks:
     """The prediction ids waited on, the hints that wake them, and whether callbacks arrive."""
 
-    def __init__(self, missed_limit: int, source: str = "callbacks") -> None:
+    def __init__(
+        self, missed_limit: int, source: str = "callbacks", stats: CallbackStats | None = None
+    ) -> None:
+        """`stats`: where the callbacks are counted (the run's, in webhook mode)."""
         self.missed_limit = missed_limit
         self.source = source  # what gives the hints: "callbacks", or the executions "listing"
-        self.stats = CallbackStats()
+        self.stats = stats if stats is not None else CallbackStats()
         self._waiting: dict[str, Waiter] = {}
         self._early: OrderedDict[str, None] = OrderedDict()
         self._recent: OrderedDict[str, None] = OrderedDict()
@@ -82,8 +90,7 @@ class Callbacks:
         if prediction_id in self._early:  # its callback came before its create's answer
             del self._early[prediction_id]
             self.stats.unknown -= 1  # it was ours after all
-            waiter.hinted = True
-            waiter.event.set()
+            waiter.wake()
         return waiter
 
     def hint(self, prediction_id: str) -> None:
@@ -98,8 +105,7 @@ class Callbacks:
                 _remember(self._early, prediction_id)
             return
         self._heard()
-        waiter.hinted = True
-        waiter.event.set()
+        waiter.wake()
 
     def ended(self, waiter: Waiter, seen_by: Literal["callback", "fallback", "poll"]) -> None:
         """The job's end was confirmed by a poll woken by its callback, by a fallback poll

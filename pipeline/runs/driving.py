@@ -50,7 +50,7 @@ async def ingest_task(
         )
     except Exception as exc:  # noqa: BLE001 - whatever it was, the run must end cleanly
         _log.exception("ingest_failed")
-        faults.ingest = exc
+        faults.ingest_failed(exc)
         dispatcher.stop()
         dispatcher.ingest_advanced(done=True)
 
@@ -103,7 +103,7 @@ async def drive_keys(drive: Drive, engine: Engine) -> tuple[ExitCode, str]:
             no_key = NoUsableKeyError(leaf(group))
     except Exception as exc:  # noqa: BLE001 - a bug or a full disk: the books are still finished
         _log.exception("run_failed")
-        faults.drive = exc
+        faults.drive_failed(exc)
     finally:
         stop_ingest.set()
         await engine.aclose()

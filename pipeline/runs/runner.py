@@ -31,6 +31,7 @@ from pipeline.core import (
     RunConfig,
     RunStats,
     resolve_groups,
+    run_stats,
     sandbox_keys,
 )
 from pipeline.drive import Workers, check_workers, open_engine
@@ -93,12 +94,14 @@ async def _api(
 
 
 @asynccontextmanager
-async def _receiver(config: RunConfig) -> AsyncIterator[Receiver | None]:
-    """The webhook receiver when `webhook.enabled`; ConfigError if its port cannot be had."""
+async def _receiver(config: RunConfig, stats: RunStats) -> AsyncIterator[Receiver | None]:
+    """The webhook receiver when `webhook.enabled`, counting in `stats.callbacks`;
+    ConfigError if its port cannot be had."""
     if not config.webhook.enabled:
         yield None
         return
-    async with Receiver(config.webhook, Callbacks(config.webhook.missed_callbacks)) as receiver:
+    callbacks = Callbacks(config.webhook.missed_callbacks, stats=stats.callbacks)
+    async with Receiver(config.webhook, callbacks) as receiver:
         yield receiver
 
 
@@ -174,7 +177,14 @@ async def run(
             grace_s,
             handle_signals,
             reprocess,
-            Observer(config, folder.path, started, RunStats(), reporter, tick_s),
+            Observer(
+                config,
+                folder.path,
+                started,
+                run_stats(webhook=config.webhook.enabled, download=config.assets.download),
+                reporter,
+                tick_s,
+            ),
             workers,
             embedded,
         )
@@ -279,8 +289,6 @@ async def _run_held(
         books = await finish_books(config, journal, state, manifest, folder.path)
         waiting = journal.reports.waiting_on_keys()
         counts = journal.reports.counts()
-        books.cost = journal.reports.cost_books()
-        books.failed_by_type = journal.reports.failed_types()
         exit_code, message = verdict(stop, faults, books, counts, waiting, lanes_keys, stats, price)
         if exit_code is not ExitCode.OK:
             _log.warning("run_ended", exit_code=int(exit_code), message=message)
@@ -326,7 +334,7 @@ async def _drive_rounds(
     balance = _Balance(None)
     stop: tuple[ExitCode, str] = (ExitCode.OK, "")
     figures: list[dict[str, Any]] = []
-    async with _receiver(config) as receiver:
+    async with _receiver(config, stats) as receiver:
         for round_ in range(config.checks.regenerate + 1):
             async with open_engine(
                 config, journal, drive.manifest, base_url, keys, stats, spent, receiver, workers

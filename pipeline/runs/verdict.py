@@ -40,6 +40,12 @@ class Faults:
     ingest: BaseException | None = None
     drive: BaseException | None = None
 
+    def ingest_failed(self, exc: BaseException) -> None:
+        self.ingest = exc
+
+    def drive_failed(self, exc: BaseException) -> None:
+        self.drive = exc
+
     def describe(self) -> str | None:
         for where, exc in (("reading the manifest", self.ingest), ("the run", self.drive)):
             if exc is not None:
@@ -53,8 +59,11 @@ def leaf(exc: BaseException) -> str:
     return f"{exc}" if isinstance(exc, WanbatchError) else f"{type(exc).__name__}: {exc}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Books:
+    """How the run's books were finished: what was written, what could not be, and the costs
+    and failures as the journal holds them at the end."""
+
     failures: Path | None = None
     problem: str | None = None  # why results could not be written, or were written in part
     images_missing: int = 0  # outputs of succeeded jobs not stored (yet)
@@ -81,26 +90,37 @@ async def finish_books(
         manifest.kind,
         manifest.path,
     )
-    books = Books(run_dir=run_dir)
+    removed: int | None = None
+    failures: Path | None = None
+    problem: str | None = None
+    missing = 0
     try:
         await anyio.to_thread.run_sync(journal.intake.settle_followers)
         if state is not None:
-            books.removed = await anyio.to_thread.run_sync(remember, journal, state, run_dir)
+            removed = await anyio.to_thread.run_sync(remember, journal, state, run_dir)
         price = config.api.price_per_image_usd
         wrote = await anyio.to_thread.run_sync(
             write_outputs, journal, layout, run_dir, price, config.report.columns
         )
-        books.failures, books.problem = wrote.failures, wrote.problem
+        failures, problem = wrote.failures, wrote.problem
         if config.assets.download:
             states = journal.reports.image_states()
-            books.images_missing = states.get("pending", 0) + states.get("failed", 0)
+            missing = states.get("pending", 0) + states.get("failed", 0)
     except Exception as exc:  # noqa: BLE001 - the journal holds every row: say so, do not crash
         _log.exception("results_failed")
-        books.problem = (
+        problem = (
             f"results could not be written in {run_dir} ({type(exc).__name__}: {exc}); "
             "the journal keeps every row: fix this and run the same command again to write them"
         )
-    return books
+    return Books(
+        failures=failures,
+        problem=problem,
+        images_missing=missing,
+        cost=journal.reports.cost_books(),
+        failed_by_type=journal.reports.failed_types(),
+        run_dir=run_dir,
+        removed=removed,
+    )
 
 
 def unconfirmed_line(cost: CostBooks | None, price: float) -> str | None:

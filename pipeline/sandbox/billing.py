@@ -22,10 +22,10 @@ __all__ = ["afford", "billing_routes", "top_up"]
 def afford(state: SandboxState, key: str, n: int) -> tuple[int, str] | None:
     """The balance's refusal of a create of `n` images (402, or the low-balance 429), or None.
     Nothing is created or billed for a refusal."""
-    if state.balance is None:
+    if state.balance.usd is None:
         return None
     price = state.settings.price_per_image_usd
-    left = state.balance - sum(state.owed.values()) - n * price
+    left = state.balance.usd - sum(state.owed.values()) - n * price
     if left < -1e-9:
         status, reason = 402, "Insufficient balance: top up to create more predictions"
     elif left < state.settings.low_balance_usd and state.owed:
@@ -38,10 +38,11 @@ def afford(state: SandboxState, key: str, n: int) -> tuple[int, str] | None:
 
 def top_up(state: SandboxState, amount: float) -> float:
     """Add to the organisation's balance (a balance of None stays unlimited)."""
-    if state.balance is not None:
-        state.balance = round(state.balance + amount, 6)
-        state.log({"event": "top_up", "amount_usd": amount, "balance_usd": state.balance})
-    return state.balance if state.balance is not None else math.inf
+    state.balance.move(amount)
+    if state.balance.usd is None:
+        return math.inf
+    state.log({"event": "top_up", "amount_usd": amount, "balance_usd": state.balance.usd})
+    return state.balance.usd
 
 
 def billing_routes(
@@ -55,7 +56,7 @@ def billing_routes(
             return key
         if not settings.today:
             return JSONResponse({"error": "Not found"}, status_code=404)
-        return JSONResponse({"balance": state.balance, "currency": "USD"})
+        return JSONResponse({"balance": state.balance.usd, "currency": "USD"})
 
     async def model(request: Request) -> Response:
         key = authenticate(request)

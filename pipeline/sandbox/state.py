@@ -107,6 +107,18 @@ class KeyStats:
     storm_until: float = 0.0
 
 
+@dataclass(slots=True)
+class Balance:
+    """The organisation's balance in USD (None: unlimited)."""
+
+    usd: float | None
+
+    def move(self, usd: float) -> None:
+        """A top-up (more), or a job's cost billed (less); an unlimited balance stays so."""
+        if self.usd is not None:
+            self.usd = round(self.usd + usd, 6)
+
+
 class SandboxState:
     """Everything the double knows; safe to call from the server's event loop thread only,
     except `stats()` and `ledger_lines()`, which take the lock."""
@@ -137,7 +149,7 @@ class SandboxState:
         self._account[ORG_MATE] = ORG_MATE
         self._account_ends[ORG_MATE] = []
         # the organisation's balance, and what its jobs in flight may still cost
-        self.balance = settings.balance_usd
+        self.balance = Balance(settings.balance_usd)
         self.owed: dict[str, float] = {}
         self.webhooks = {"delivered": 0, "failed": 0}  # deliveries answered 2xx, or given up
         self.inputs = {"fetched": 0, "failed": 0}  # inputs fetched (fetch_inputs), or not
@@ -315,8 +327,7 @@ class SandboxState:
             return False
         job.ended = True
         self.owed.pop(job.prediction_id, None)
-        if self.balance is not None:
-            self.balance = round(self.balance - self.cost(job), 6)
+        self.balance.move(-self.cost(job))
         stats = self._stats[job.key]
         if job.fails or job.cancelled:
             stats.failed += 1
@@ -445,7 +456,7 @@ def _figures(state: SandboxState) -> dict[str, Any]:
             a: peak for a, peak in state.account_peak.items() if a != ORG_MATE
         },
         "inputs": dict(state.inputs),
-        "balance_usd": state.balance,
+        "balance_usd": state.balance.usd,
         # another application's jobs in the organisation's listing (`org_traffic`)
         "org_mate": {"creates": ost.creates, "cost_usd": ost.cost_usd},
         "limits": {

@@ -157,7 +157,7 @@ class Exchange:
         for counter in COUNTERS:
             name = counter.name
             value = figures.counters.get(name, 0)
-            setattr(stats, name, getattr(stats, name) + value - member.counted.get(name, 0))
+            stats.add(name, value - member.counted.get(name, 0))
         member.finished += figures.counters.get("finished", 0) - member.counted.get("finished", 0)
         member.counted = dict(figures.counters)
         for latency, delay in zip(figures.latencies, figures.notice_delays, strict=True):
@@ -167,7 +167,9 @@ class Exchange:
             new = [
                 now - before for now, before in zip(figures.downloads, member.stored, strict=True)
             ]
-            d.stored, d.failed, d.bytes = d.stored + new[0], d.failed + new[1], d.bytes + new[2]
+            d.stored += new[0]
+            d.failed += new[1]
+            d.bytes += new[2]
             member.stored = figures.downloads
         member.figures = figures
         member.peak_rss_mb = max(member.peak_rss_mb, figures.peak_rss_mb)

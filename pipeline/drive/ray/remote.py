@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.core import ApiKey, JobOutcome, RunConfig, RunStats, make_thumbnail
+from pipeline.core import ApiKey, JobOutcome, RunConfig, make_thumbnail, run_stats
 from pipeline.drive.assemble import KeySide, assemble
 from pipeline.drive.lanes import key_states
 from pipeline.intake import Uploads
@@ -123,6 +123,17 @@ class Outbox:
         self.done = False
         self.failure: str | None = None
         self.stop: tuple[str, str] | None = None
+
+    def stopped(self, cause: str, said: str) -> None:
+        """This worker stops its creates: `cause` ("balance" or "outage") and what was said."""
+        self.stop = (cause, said)
+
+    def ended(self, failure: str | None) -> None:
+        """The worker's work is over (`failure`: why it failed, if it did): said at the next
+        report."""
+        self.failure = failure
+        self.done = True
+        self.wake()
 
     async def write(self, *updates: Update) -> None:
         await self.post(*updates).wait()
@@ -256,10 +267,22 @@ class Handouts:
             self._outbox.given_back.extend(self._ready.pop(name, ()))
         self._outbox.wake()
 
+    def obey(self, orders: Orders) -> bool:
+        """The driver's stops and whether another worker's key is open; True when the orders
+        abandon the jobs here for the first time."""
+        if orders.halt and not self.halted:
+            self.halted = True
+            self.give_back_ready()
+        self.open_elsewhere = orders.open_elsewhere
+        if orders.abandon and not self.abandoned:
+            self.abandoned = True
+            return True
+        return False
+
     def stop_creates(self, cause: str, said: str) -> None:
         """No create from this worker from now on; the driver's dispatcher stops the others."""
         self.halted = True
-        self._outbox.stop = (cause, said)
+        self._outbox.stopped(cause, said)
         self.give_back_ready()
 
     def retire(self, key_name: str) -> None:
@@ -321,7 +344,7 @@ class WorkerProcess:
         self._setup = setup
         self._outbox = Outbox()
         self._handouts = Handouts(self._outbox)
-        self._stats = RunStats()
+        self._stats = run_stats(webhook=False, download=setup.config.assets.download)
         self._reported = 0  # job ends already reported
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: anyio.CancelScope | None = None
@@ -355,29 +378,24 @@ class WorkerProcess:
             self._handouts.deliver(key_name, entry)
         for row_number, granted in orders.reserved:
             self._handouts.reserved(row_number, granted)
-        if orders.halt and not self._handouts.halted:
-            self._handouts.halted = True
-            self._handouts.give_back_ready()
-        self._handouts.open_elsewhere = orders.open_elsewhere
+        newly_abandoned = self._handouts.obey(orders)
         side = self._side
-        if orders.abandon and not self._handouts.abandoned:
-            self._handouts.abandoned = True
-            if self._slots is not None:
-                self._slots.cancel()
+        if newly_abandoned and self._slots is not None:
+            self._slots.cancel()
         if orders.cancel_in_flight and side is not None and not side.driver.flight.cancel_all:
             task = asyncio.get_running_loop().create_task(side.driver.cancel_in_flight())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _main(self) -> None:
+        failure = None
         try:
             await self._drive()
         except Exception as exc:  # noqa: BLE001 - said to the driver, which ends the run
             structlog.get_logger("pipeline.drive.ray.remote").exception("worker_failed")
-            self._outbox.failure = f"{type(exc).__name__}: {exc}"
+            failure = f"{type(exc).__name__}: {exc}"
         await self._outbox.settled()
-        self._outbox.done = True
-        self._outbox.wake()
+        self._outbox.ended(failure)
 
     async def _drive(self) -> None:
         s = self._setup
