@@ -18,7 +18,7 @@ import looptime
 import pytest
 from PIL import Image
 
-from pipeline.core import ApiKey, AssetsSection, NoUsableKeyError, RunStats, Status
+from pipeline.core import ApiKey, AssetsSection, Budget, NoUsableKeyError, RunStats, Status
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.lanes import KeyLane
@@ -353,7 +353,7 @@ class Pages:
 
 
 def dispatcher(jobs: list[Entry], **options: Any) -> Dispatcher:
-    given: dict[str, Any] = {"price_per_image_usd": 0.03, "budget_usd": None, "spent_usd": 0.0}
+    given: dict[str, Any] = {"price_per_image_usd": 0.03, "budget": Budget(None)}
     given.update(options)
     made = Dispatcher(Pages(jobs), lanes=given.pop("lanes", 1), **given)  # type: ignore[arg-type]
     made.ingest_advanced(done=True)
@@ -398,7 +398,7 @@ def test_dispatcher_stops_handing_out_at_the_budget_and_says_so() -> None:
     jobs = [entry(r) for r in range(1, 6)]
 
     async def main() -> tuple[list[int], bool]:
-        d = dispatcher(jobs, budget_usd=0.10)
+        d = dispatcher(jobs, budget=Budget(0.10))
         handed = []
         while (job := await d.next_job("k1")) is not None:
             handed.append(job.row_number)

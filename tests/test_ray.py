@@ -28,7 +28,7 @@ ray = pytest.importorskip(
 )
 
 from pipeline.api import arun  # noqa: E402
-from pipeline.core import ApiKey, ConfigError, ExitCode, RunConfig, parse_config  # noqa: E402
+from pipeline.core import ApiKey, ConfigError, ExitCode, RunConfig, parse_config, timings  # noqa: E402
 from pipeline.drive import Workers  # noqa: E402
 from pipeline.drive.ray.cluster import Cluster, spread  # noqa: E402
 from pipeline.drive.ray.remote import WorkerProcess, WorkerSetup  # noqa: E402
@@ -476,7 +476,9 @@ def test_a_worker_that_cannot_see_a_folder_store_says_so(tmp_path: Path) -> None
     seen = tmp_path / "images" / ".wanbatch-reach-1"
     seen.parent.mkdir()
     seen.write_text("x")
-    setup = WorkerSetup(1, config, [ApiKey(KEY)], [], "http://127.0.0.1:9/v1", {}, False)
+    setup = WorkerSetup(
+        1, config, timings(config), [ApiKey(KEY)], [], "http://127.0.0.1:9/v1", {}, False
+    )
     assert WorkerProcess(replace(setup, store_marker=str(seen))).check() is None
     unseen = str(tmp_path / "elsewhere" / ".wanbatch-reach-1")
     problem = WorkerProcess(replace(setup, store_marker=unseen)).check()
@@ -502,7 +504,9 @@ async def test_a_loopback_provider_is_refused_on_a_cluster_of_several_nodes(
     """The sandbox on this machine's loopback cannot serve workers on other nodes: said
     before any worker starts."""
     config = make_config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "m.csv")
-    cluster = Cluster(_TwoNodes(), config, [[ApiKey(KEY)]], [], "http://127.0.0.1:9/v1", False)
+    cluster = Cluster(
+        _TwoNodes(), config, timings(config), [[ApiKey(KEY)]], [], "http://127.0.0.1:9/v1", False
+    )
     journal = Journal(tmp_path / "journal.sqlite")
     try:
         with pytest.raises(ConfigError, match="1 other node"):

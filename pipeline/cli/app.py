@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -97,10 +96,9 @@ class _Options:
 _OPTIONS = "wanbatch.options"  # where the context keeps them (click's `meta`)
 
 
-def _opts() -> _Options:
-    """The options given before the command (their defaults outside a command)."""
-    ctx = click.get_current_context(silent=True)
-    found = ctx.meta.get(_OPTIONS) if ctx is not None else None
+def _opts(ctx: typer.Context) -> _Options:
+    """The options given before the command (`meta` is shared by a command's contexts)."""
+    found = ctx.meta.get(_OPTIONS)
     return found if isinstance(found, _Options) else _Options()
 
 
@@ -132,21 +130,22 @@ def _main(
     ctx.meta[_OPTIONS] = _Options(debug, level)
 
 
-def _fail(message: str, code: int) -> None:
-    if _opts().debug:
+def _fail(message: str, code: int, *, debug: bool = False) -> None:
+    if debug:
         traceback.print_exc()
     _err.print(Text.assemble(("error: ", "red"), message))
     raise typer.Exit(code)
 
 
-def _guarded(action: Callable[[], int]) -> None:
+def _guarded(ctx: typer.Context, action: Callable[[], int]) -> None:
     """Run a command: a WanbatchError (a user's to fix) is one line and exit 2; anything else
     is a bug, one line and exit 1, with the traceback under --debug."""
+    debug = _opts(ctx).debug
     try:
         code = action()
         sys.stdout.flush()  # a reader gone shows here, not in click's own exit (exit 1)
     except WanbatchError as exc:
-        _fail(str(exc), ExitCode.BAD_INPUT)
+        _fail(str(exc), ExitCode.BAD_INPUT, debug=debug)
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     except BrokenPipeError:
@@ -158,6 +157,7 @@ def _guarded(action: Callable[[], int]) -> None:
             f"internal error: {type(exc).__name__}: {exc} (run again with --debug for the "
             "traceback, and report it)",
             ExitCode.ERROR,
+            debug=debug,
         )
     raise typer.Exit(code)
 
@@ -247,12 +247,13 @@ def _execute(
     fresh: bool,
     reprocess: Reprocess | None,
     workers: Workers | None = None,
+    opts: _Options,
 ) -> int:
     config = given.load()
     keys = keys_from_env()
     made = not config.output.dir.exists()
     try:
-        summary = _run_in_folder(config, keys, given, force, grace, fresh, reprocess, workers)
+        summary = _run_in_folder(config, keys, given, opts, force, grace, fresh, reprocess, workers)
     except WanbatchError:
         # refused before anything was journaled (no key, no manifest, ...): a folder this
         # command made holds nothing worth keeping, and cron would find an empty run in it
@@ -267,6 +268,7 @@ def _run_in_folder(
     config: RunConfig,
     keys: list[ApiKey],
     given: _Given,
+    opts: _Options,
     force: bool,
     grace: float,
     fresh: bool,
@@ -275,7 +277,6 @@ def _run_in_folder(
 ) -> RunSummary:
     with RunFolder(config.output.dir, fresh=fresh) as folder:
         given.record(folder.path)
-        opts = _opts()
         level = opts.log_level or logging.INFO
         console = opts.log_level or (logging.WARNING if _err.is_terminal else logging.ERROR)
         configure_logging(folder.log_path, level, console, tracebacks=opts.debug)
@@ -344,6 +345,7 @@ _Set = Annotated[
 
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
     config: _Config,
     force: _Force = False,
     fresh: Annotated[
@@ -367,10 +369,16 @@ def run_command(
             return _estimate(given)
         spread = _workers(workers, ray_address)
         return _execute(
-            given, force=force, grace=grace, fresh=fresh, reprocess=None, workers=spread
+            given,
+            force=force,
+            grace=grace,
+            fresh=fresh,
+            reprocess=None,
+            workers=spread,
+            opts=_opts(ctx),
         )
 
-    _guarded(act)
+    _guarded(ctx, act)
 
 
 def _error_selection(errors: str) -> frozenset[str] | None:
@@ -395,6 +403,7 @@ def _error_selection(errors: str) -> frozenset[str] | None:
 
 @app.command("retry")
 def retry_command(
+    ctx: typer.Context,
     config: Annotated[
         str, typer.Argument(metavar="CONFIG|RUN_DIR", help="The config, or its run folder.")
     ],
@@ -447,13 +456,15 @@ def retry_command(
             fresh=False,
             reprocess=Reprocess(chosen, decisions=rejected, approve_passing=approve_passing),
             workers=_workers(workers, ray_address),
+            opts=_opts(ctx),
         )
 
-    _guarded(act)
+    _guarded(ctx, act)
 
 
 @app.command("estimate")
 def estimate_command(
+    ctx: typer.Context,
     config: _Config,
     output_dir: _OutputDir = None,
     run_date: _RunDate = None,
@@ -461,7 +472,7 @@ def estimate_command(
 ) -> None:
     """Read and check the whole manifest, and say what a run would cost and take: nothing is
     sent to the provider, nothing uploaded."""
-    _guarded(lambda: _estimate(_given(config, overrides, output_dir, run_date)))
+    _guarded(ctx, lambda: _estimate(_given(config, overrides, output_dir, run_date)))
 
 
 def _estimate(given: _Given) -> int:
@@ -528,6 +539,7 @@ def _estimate_rows(found: Estimate, config: RunConfig) -> list[tuple[str, str]]:
 
 @app.command("init")
 def init_command(
+    ctx: typer.Context,
     catalog: Annotated[
         Path,
         typer.Argument(
@@ -567,11 +579,12 @@ def init_command(
         _out.print("estimate:", highlight=False, markup=False)
         return _estimate(_Given(str(out)))
 
-    _guarded(act)
+    _guarded(ctx, act)
 
 
 @app.command("report")
 def report_command(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
 ) -> None:
     """Write the run folder's report.html again from its journal: nothing is sent."""
@@ -582,7 +595,7 @@ def report_command(
         _out.print(str(path), highlight=False, markup=False, soft_wrap=True)
         return ExitCode.OK
 
-    _guarded(act)
+    _guarded(ctx, act)
 
 
 def _recorded_report(run_dir: Path) -> tuple[str | None, list[str]]:
@@ -597,6 +610,7 @@ def _recorded_report(run_dir: Path) -> tuple[str | None, list[str]]:
 
 @app.command("publish")
 def publish_command(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
     to: Annotated[
         str,
@@ -642,7 +656,7 @@ def publish_command(
             _err.print(f"not published: {said}", highlight=False, markup=False)
         return ExitCode.OK if not done.refused else ExitCode.ROWS_FAILED
 
-    _guarded(act)
+    _guarded(ctx, act)
 
 
 def _recorded_options(run_dir: Path) -> dict[str, str]:
@@ -655,6 +669,7 @@ def _recorded_options(run_dir: Path) -> dict[str, str]:
 
 @app.command("status")
 def status_command(
+    ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder.")],
 ) -> None:
     """A run folder's state from its journal alone: nothing is sent."""
@@ -664,7 +679,7 @@ def status_command(
         _print_rows(_status_rows(found), 22)
         return ExitCode.OK
 
-    _guarded(act)
+    _guarded(ctx, act)
 
 
 def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:

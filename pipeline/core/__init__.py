@@ -87,6 +87,7 @@ from pipeline.core.files import (
     THUMBS,
 )
 from pipeline.core.keys import ENV_KEY, ENV_KEYS, ApiKey, keys_from_env, resolve_groups
+from pipeline.core.plan import Budget, Plan, Timings, plan_run, timings
 from pipeline.core.records import (
     DECISION_COLUMNS,
     FINISHED,
@@ -180,6 +181,7 @@ __all__ = [
     "AssetsSection",
     "BalanceOut",
     "BalanceShort",
+    "Budget",
     "BudgetReached",
     "CallbackStats",
     "Channel",
@@ -206,6 +208,7 @@ __all__ = [
     "NotFound",
     "ObjectStore",
     "ObjectTooLarge",
+    "Plan",
     "PriorSuccess",
     "ProtocolViolation",
     "ProviderDown",
@@ -227,6 +230,7 @@ __all__ = [
     "SystemClock",
     "Threshold",
     "ThumbSink",
+    "Timings",
     "TransportFailure",
     "Unauthorized",
     "UnsafePredictionId",
@@ -248,12 +252,14 @@ __all__ = [
     "make_thumbnail",
     "output_thumb",
     "parse_config",
+    "plan_run",
     "read_object",
     "read_stored",
     "resolve_groups",
     "run_stats",
     "sandbox_keys",
     "save_thumb",
+    "timings",
     "to_int",
     "to_sheet",
     "write_thumb",

@@ -14,6 +14,8 @@ import copy
 import datetime
 import difflib
 import glob
+import hashlib
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -501,8 +503,12 @@ class RunConfig(_Section):
         """Wall seconds per provider second for every wait of the client."""
         return self.sandbox.time_scale if self.embedded_sandbox else self.api.time_scale
 
-    def scaled(self, seconds: float) -> float:
-        return seconds * self.time_scale
+    def digest(self) -> str:
+        """What the run was asked to do, hashed: the config as validated, storage options left
+        out (credentials may be in them)."""
+        data = self.model_dump(mode="json")
+        data["assets"].pop("storage_options", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def image_scale(self) -> float:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.core import ApiKey, RunConfig, RunStats, SystemClock, ThumbSink
+from pipeline.core import ApiKey, RunConfig, RunStats, SystemClock, ThumbSink, Timings
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.driver import KeyDriver
 from pipeline.drive.flight import InFlight
@@ -42,36 +42,36 @@ class KeySide:
     lanes: list[KeyLane]
 
 
-def _planner(config: RunConfig, flight: InFlight) -> PollPlanner:
+def _planner(config: RunConfig, t: Timings, flight: InFlight) -> PollPlanner:
     p = config.polling
     return PollPlanner(
-        expected_latency=config.scaled(p.expected_latency_s),
-        target_delay=config.scaled(p.target_delay_s),
-        min_interval=config.scaled(p.min_interval_s),
-        max_interval=config.scaled(p.max_interval_s),
+        expected_latency=t.expected_latency_s,
+        target_delay=t.target_delay_s,
+        min_interval=t.min_interval_s,
+        max_interval=t.max_interval_s,
         polls_per_job=p.polls_per_job,
         delay_fraction=p.delay_fraction,
         running=flight.ages,  # the jobs still running are lower bounds on latency
     )
 
 
-def driver_settings(config: RunConfig) -> DriverSettings:
-    """What the key driver takes of the config, every duration scaled to the run's clock."""
-    r, p, scaled = config.retries, config.polling, config.scaled
-    grace = scaled(p.cancel_grace_s)
+def driver_settings(config: RunConfig, t: Timings) -> DriverSettings:
+    """What the key driver takes of the config, every duration on the run's clock (`t`)."""
+    r, p = config.retries, config.polling
+    grace = t.cancel_grace_s
     return DriverSettings(
         policy=RetryPolicy(
             r.max_attempts,
-            scaled(r.backoff_initial_s),
-            scaled(r.backoff_max_s),
-            scaled(r.retry_after_max_s),
+            t.backoff_initial_s,
+            t.backoff_max_s,
+            t.retry_after_max_s,
         ),
-        job_timeout=scaled(p.job_timeout_s),
+        job_timeout=t.job_timeout_s,
         cancel_grace=grace,
         # at most about ten polls in a cancel's grace
-        confirm_every=max(scaled(p.min_interval_s), grace / 10),
-        fallback_after=scaled(config.webhook.fallback_after_s),
-        fallback_interval=scaled(config.webhook.fallback_interval_s),
+        confirm_every=max(t.min_interval_s, grace / 10),
+        fallback_after=t.fallback_after_s,
+        fallback_interval=t.fallback_interval_s,
         price_per_image_usd=config.api.price_per_image_usd,
         creates_per_window=config.limits.creates_per_window,
         ambiguous_creates=r.ambiguous_creates,
@@ -84,12 +84,12 @@ def driver_settings(config: RunConfig) -> DriverSettings:
         sweep_share=_SWEEP_SPAN * p.delay_fraction
         if p.delay_fraction is not None
         else 1 / (config.limits.max_concurrent * max(1.0, p.polls_per_job - 2)),
-        sweep_floor=scaled(p.min_interval_s),
+        sweep_floor=t.min_interval_s,
         resolve_lost=p.listing,
-        lost_settle=scaled(r.lost_create_settle_s),
-        lost_patience=scaled(r.lost_create_patience_s),
-        outage_after=scaled(r.outage_after_s),
-        outage_patience=scaled(r.outage_patience_s),
+        lost_settle=t.lost_create_settle_s,
+        lost_patience=t.lost_create_patience_s,
+        outage_after=t.outage_after_s,
+        outage_patience=t.outage_patience_s,
         answer_within=config.api.read_timeout_s,
         clock_skew=r.lost_create_skew_s,
     )
@@ -97,6 +97,7 @@ def driver_settings(config: RunConfig) -> DriverSettings:
 
 def assemble(
     config: RunConfig,
+    timings: Timings,
     base_url: str,
     keys: list[ApiKey],
     groups: list[list[str]],
@@ -125,7 +126,7 @@ def assemble(
         auth=config.api.auth,
         fallback_selector=config.api.fallback_selector,
     )
-    window_s = config.scaled(limits.window_s)
+    window_s = timings.window_s
     caps = caps_for(groups, keys, limits.max_concurrent)
     lanes = [
         KeyLane(k, CreateGate(limits.creates_per_window, window_s), caps[k.name]) for k in keys
@@ -145,11 +146,11 @@ def assemble(
     clock = SystemClock()
     flight = InFlight(clock)
     driver = KeyDriver(
-        driver_settings(config),
+        driver_settings(config, timings),
         client,
         commit,
         source,
-        _planner(config, flight),
+        _planner(config, timings, flight),
         stats,
         lanes,
         flight=flight,

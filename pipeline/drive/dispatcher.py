@@ -14,7 +14,7 @@ from typing import Protocol
 
 import anyio
 
-from pipeline.core import JobOutcome, NoUsableKeyError, Status
+from pipeline.core import Budget, JobOutcome, NoUsableKeyError, Status
 from pipeline.journal import Entry, Journal
 
 __all__ = ["Dispatcher", "JobSource"]
@@ -57,8 +57,7 @@ class Dispatcher:
         journal: Journal,
         *,
         price_per_image_usd: float,
-        budget_usd: float | None,
-        spent_usd: float,
+        budget: Budget,
         lanes: int,
         keys: Collection[str] = (),
         on_retire: Callable[[str], None] | None = None,
@@ -66,8 +65,9 @@ class Dispatcher:
         """`on_retire` is told the name of each key the provider refuses."""
         self._journal = journal
         self._price = price_per_image_usd
-        self._budget = budget_usd
-        self._committed = spent_usd  # billed so far plus the worst case of jobs in flight
+        self._budget = budget.limit_usd
+        # billed so far (earlier runs and rounds included) plus the worst case of jobs in flight
+        self._committed = budget.spent_usd
         self._page: deque[Entry] = deque()
         self._given_back: deque[Entry] = deque()
         self._cursor = 0

@@ -7,7 +7,7 @@ the runner drives an engine without knowing which it is.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,7 +15,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from pipeline.core import THUMBS, ApiKey, FolderThumbs, RunConfig, RunStats, resolve_groups
+from pipeline.core import THUMBS, FolderThumbs, Plan, RunConfig, RunStats, Timings
 from pipeline.drive.assemble import assemble, downloader
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.lanes import LocalView
@@ -42,18 +42,12 @@ class Engine:
     downloader: Downloader | None
     view: RunView
 
-    def __init__(
-        self,
-        config: RunConfig,
-        journal: Journal,
-        stats: RunStats,
-        spent: float,
-        keys: Sequence[str],
-    ) -> None:
+    def __init__(self, config: RunConfig, plan: Plan, journal: Journal, stats: RunStats) -> None:
         self._config = config
+        self._timings = plan.timings
         self._journal = journal
         self._downloads_done = anyio.Event()
-        self.dispatcher = _dispatcher(config, journal, stats, spent, keys)
+        self.dispatcher = _dispatcher(config, plan, journal, stats)
         self.commit = GroupCommit(journal)
 
     def figures(self) -> list[dict[str, Any]]:
@@ -128,22 +122,22 @@ class Local(Engine):
     def __init__(
         self,
         config: RunConfig,
+        plan: Plan,
         journal: Journal,
         base_url: str,
-        keys: list[ApiKey],
         stats: RunStats,
-        spent: float,
         receiver: Receiver | None,
         uploads: Uploads | None,
     ) -> None:
-        super().__init__(config, journal, stats, spent, [k.name for k in keys])
+        super().__init__(config, plan, journal, stats)
         # a resume: the provider's window still holds the creates of the run before, if recent
-        recent = journal.reports.recent_creates(time.time() - config.scaled(config.limits.window_s))
+        recent = journal.reports.recent_creates(time.time() - plan.timings.window_s)
         self.side = assemble(
             config,
+            plan.timings,
             base_url,
-            keys,
-            resolve_groups(config.limits.groups, keys),
+            list(plan.keys),
+            plan.groups,
             self.commit,
             self.dispatcher,
             stats,
@@ -163,7 +157,7 @@ class Local(Engine):
                 for lane in self.side.lanes:
                     slots.start_soon(driver.run_lane, lane, self._config.limits.max_concurrent)
         if self.dispatcher.abandoned and driver.flight:
-            await driver.cancel_in_flight(confirm_within=_confirm_within(self._config))
+            await driver.cancel_in_flight(confirm_within=_confirm_within(self._timings))
 
     def limit(self, seconds: float) -> None:
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + seconds)
@@ -185,15 +179,9 @@ class Distributed(Engine):
     earlier run left pending."""
 
     def __init__(
-        self,
-        cluster: Cluster,
-        config: RunConfig,
-        journal: Journal,
-        stats: RunStats,
-        spent: float,
-        keys: Sequence[str],
+        self, cluster: Cluster, config: RunConfig, plan: Plan, journal: Journal, stats: RunStats
     ) -> None:
-        super().__init__(config, journal, stats, spent, keys)
+        super().__init__(config, plan, journal, stats)
         self.cluster = cluster
         self.view: RunView = cluster.roster
         self.stats = stats
@@ -223,19 +211,17 @@ class Distributed(Engine):
         await self.cluster.roster.cancel_in_flight()
 
 
-def _confirm_within(config: RunConfig) -> float:
+def _confirm_within(timings: Timings) -> float:
     """How long a run stopped for good polls its cancelled jobs for their ends."""
-    return config.scaled(config.polling.cancel_grace_s)
+    return timings.cancel_grace_s
 
 
-def _dispatcher(
-    config: RunConfig, journal: Journal, stats: RunStats, spent: float, keys: Sequence[str]
-) -> Dispatcher:
+def _dispatcher(config: RunConfig, plan: Plan, journal: Journal, stats: RunStats) -> Dispatcher:
+    keys = [k.name for k in plan.keys]
     dispatcher = Dispatcher(
         journal,
         price_per_image_usd=config.api.price_per_image_usd,
-        budget_usd=config.budget.max_cost_usd,
-        spent_usd=spent,
+        budget=plan.budget,
         lanes=len(keys),
         keys=keys,
         on_retire=stats.retired_keys.append,
@@ -246,12 +232,11 @@ def _dispatcher(
 @asynccontextmanager
 async def open_engine(
     config: RunConfig,
+    plan: Plan,
     journal: Journal,
     manifest: Manifest,
     base_url: str,
-    keys: list[ApiKey],
     stats: RunStats,
-    spent: float,
     receiver: Receiver | None,
     workers: Workers | None,
 ) -> AsyncIterator[Engine]:
@@ -259,11 +244,11 @@ async def open_engine(
     create when they cannot do their part)."""
     uploads = manifest.inputs.uploads if manifest.inputs is not None else None
     if workers is None:
-        local = Local(config, journal, base_url, keys, stats, spent, receiver, uploads)
+        local = Local(config, plan, journal, base_url, stats, receiver, uploads)
         yield local
         return
     with ray_session(workers) as ray:
-        groups = resolve_groups(config.limits.groups, keys)
+        keys, groups = list(plan.keys), plan.groups
         key_sets = spread(keys, groups, workers.count, config)
         if len(key_sets) < workers.count:  # a key (or group) is never split over workers
             _log.warning(
@@ -272,6 +257,8 @@ async def open_engine(
                 started=len(key_sets),
                 why="one worker per key or key group at most",
             )
-        cluster = Cluster(ray, config, key_sets, groups, base_url, uploads is not None)
+        cluster = Cluster(
+            ray, config, plan.timings, key_sets, groups, base_url, uploads is not None
+        )
         async with cluster.started(journal):
-            yield Distributed(cluster, config, journal, stats, spent, [k.name for k in keys])
+            yield Distributed(cluster, config, plan, journal, stats)

@@ -28,6 +28,7 @@ from pipeline.core import (
     Rejected,
     RunConfig,
     copy_object,
+    timings,
 )
 from pipeline.intake.manifest import Manifest
 from pipeline.intake.shape import shape_catalog
@@ -246,15 +247,16 @@ def _rate(limits: LimitsSection, keys: int, latency_s: float) -> float:
 
 
 def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
-    limits = config.limits
+    """How long the sends take, on the run's clock as the run plans it (`core.timings`)."""
+    limits, clock = config.limits, timings(config)
     found.latency_s = config.polling.expected_latency_s
     if len(learned) >= _LEARNED_FROM:
         # the store keeps what the clock saw: wall seconds, which a sandbox shrinks
-        found.latency_s = statistics.median(learned) / config.time_scale
+        found.latency_s = clock.provider(statistics.median(learned))
         found.latency_from = f"the median of {len(learned):,} earlier jobs (state store)"
     if found.to_send and found.keys:
         found.duration_s = found.to_send / _rate(limits, found.keys, found.latency_s)
         found.duration_s += found.latency_s
-        found.wall_s = config.scaled(found.duration_s)
+        found.wall_s = clock.wall(found.duration_s)
     budget = config.budget.max_cost_usd
     found.over_budget = budget is not None and found.cost_usd > budget

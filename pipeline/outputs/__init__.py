@@ -29,7 +29,7 @@ from pipeline.outputs.results import (
     write_images,
     write_results,
 )
-from pipeline.outputs.summary import RunSummary, finish_line, write_summary
+from pipeline.outputs.summary import Asked, RunSummary, finish_line, write_summary
 from pipeline.outputs.writing import Wrote, write_outputs
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "RESULTS_ROWS",
     "RESULTS_RUN_ID",
     "RESULTS_SUCCEEDED",
+    "Asked",
     "CopyCheck",
     "Downloader",
     "Published",

@@ -9,7 +9,6 @@ being the mean the provider reported for this run's jobs.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -19,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.core import COUNTERS, FINISHED, ExitCode, RunConfig, RunStats
+from pipeline.core import COUNTERS, FINISHED, ExitCode, LimitsSection, RunStats
 from pipeline.journal import CostBooks
 
 __all__ = [
+    "Asked",
     "RunSummary",
-    "config_hash",
     "finish_line",
     "percentiles",
     "summary_document",
@@ -92,14 +91,6 @@ def percentiles(values: Any) -> dict[str, float | None]:
     return out
 
 
-def config_hash(config: RunConfig) -> str:
-    """What the run was asked to do, hashed: the config as validated, storage options left out
-    (credentials may be in them)."""
-    data = config.model_dump(mode="json")
-    data["assets"].pop("storage_options", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _iso(seconds: float) -> str | None:
     if not seconds:
         return None
@@ -116,15 +107,24 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _throughput(summary: RunSummary, config: RunConfig) -> dict[str, float | None]:
-    stats, limits = summary.stats, config.limits
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What summary.json tells of what the run was asked: its limits, its create window on
+    the run's clock, and its config's hash (`RunConfig.digest`)."""
+
+    limits: LimitsSection
+    window_s: float
+    config_hash: str
+
+
+def _throughput(summary: RunSummary, asked: Asked) -> dict[str, float | None]:
+    stats, limits = summary.stats, asked.limits
     rate = stats.finished / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     latency = sum(stats.latencies) / len(stats.latencies) if stats.latencies else None
     keys = len(summary.keys) - len(stats.retired_keys)
     bound = None
     if latency and keys > 0:
-        window = config.scaled(limits.window_s)
-        bound = limits.jobs_per_s(latency, keys, window_s=window)
+        bound = limits.jobs_per_s(latency, keys, window_s=asked.window_s)
     return {
         "jobs_per_s": round(rate, 4),
         "bound_jobs_per_s": round(bound, 4) if bound else None,
@@ -152,7 +152,7 @@ def _cost(summary: RunSummary) -> dict[str, Any] | None:
     }
 
 
-def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
+def summary_document(summary: RunSummary, asked: Asked) -> dict[str, Any]:
     counts, totals, stats = summary.counts, summary.totals, summary.stats
     by_error = dict(summary.left_failed)
     if counts.get("rejected"):
@@ -184,7 +184,7 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "checks": summary.checks,
         "callbacks": asdict(stats.callbacks) if stats.callbacks is not None else None,
         **{c.summary_key: getattr(stats, c.name) for c in COUNTERS if c.summary_key},
-        "throughput": _throughput(summary, config),
+        "throughput": _throughput(summary, asked),
         "latency_s": percentiles(stats.latencies),
         "notice_delay_s": percentiles(stats.notice_delays),
         "keys": summary.keys,
@@ -195,15 +195,15 @@ def summary_document(summary: RunSummary, config: RunConfig) -> dict[str, Any]:
         "started_at": _iso(summary.started_at),
         "ended_at": _iso(summary.ended_at),
         "elapsed_s": round(summary.elapsed_s, 3),
-        "config_hash": config_hash(config),
+        "config_hash": asked.config_hash,
         "versions": _versions(),
     }
 
 
-def write_summary(summary: RunSummary, config: RunConfig, path: Path) -> None:
+def write_summary(summary: RunSummary, asked: Asked, path: Path) -> None:
     """summary.json, replaced whole (a temporary file, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary_document(summary, config), indent=2) + "\n")
+    tmp.write_text(json.dumps(summary_document(summary, asked), indent=2) + "\n")
     os.replace(tmp, path)
 
 

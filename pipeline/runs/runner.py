@@ -30,15 +30,18 @@ from pipeline.core import (
     ExitCode,
     RunConfig,
     RunStats,
+    plan_run,
     resolve_groups,
     run_stats,
     sandbox_keys,
+    timings,
 )
 from pipeline.drive import Workers, check_workers, open_engine
 from pipeline.intake import Manifest, estimate, reconcile
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
+    Asked,
     CopyCheck,
     RunSummary,
     finish_line,
@@ -271,7 +274,6 @@ async def _run_held(
         requeued = journal.reports.requeue(reprocess.error_types)
         _log.info("requeued", rows=sum(requeued.values()), by_type=requeued)
     price = config.api.price_per_image_usd
-    spent = _spent(journal, price)
     stats = observer.stats
     faults = Faults()
     observer.start(_start_line(config, folder.path, journal, keys))
@@ -281,7 +283,7 @@ async def _run_held(
                 config, journal, state, manifest, grace_s, handle_signals, faults, observer
             )
             stop, balance, worker_figures = await _drive_rounds(
-                drive, base_url, lanes_keys, spent, workers
+                drive, base_url, lanes_keys, workers
             )
             sandbox_stats = sandbox.stats() if sandbox is not None else None
         if reprocess is not None and reprocess.approve_passing:
@@ -305,7 +307,8 @@ async def _run_held(
         )
         await observer.finish(journal, finish_line(summary))
     try:
-        await anyio.to_thread.run_sync(write_summary, summary, config, folder.path / SUMMARY)
+        asked = Asked(config.limits, timings(config).window_s, config.digest())
+        await anyio.to_thread.run_sync(write_summary, summary, asked, folder.path / SUMMARY)
     except OSError as exc:  # a full disk: the journal and the exit code still tell
         _log.warning("summary_not_written", error=str(exc))
     return summary
@@ -315,13 +318,13 @@ async def _drive_rounds(
     drive: Drive,
     base_url: str,
     keys: list[ApiKey],
-    spent: float,
     workers: Workers | None,
 ) -> tuple[tuple[ExitCode, str], _Balance, list[dict[str, Any]]]:
     """Drive the rows to their ends and measure the stored edits; with checks.regenerate, the
     edits that failed a check are put back and driven again, round after round, until none
     is left to make again, or the run stops (a signal, the budget)."""
     config, journal, stats = drive.config, drive.journal, drive.observer.stats
+    price = config.api.price_per_image_usd
     samples = base_url.removesuffix("/v1") if config.embedded_sandbox else None
     checker = CheckStage(
         config.checks.thresholds(),
@@ -336,8 +339,10 @@ async def _drive_rounds(
     figures: list[dict[str, Any]] = []
     async with _receiver(config, stats) as receiver:
         for round_ in range(config.checks.regenerate + 1):
+            # each round's budget counts what the rounds before it spent
+            plan = plan_run(config, keys, spent_usd=_spent(journal, price))
             async with open_engine(
-                config, journal, drive.manifest, base_url, keys, stats, spent, receiver, workers
+                config, plan, journal, drive.manifest, base_url, stats, receiver, workers
             ) as engine:
                 if round_ == 0:
                     balance = await _balance_before(config, journal, base_url, keys)
@@ -350,9 +355,7 @@ async def _drive_rounds(
                 await anyio.to_thread.run_sync(checker.run, journal)
             if stop[0] is not ExitCode.OK or drive.faults.describe() is not None:
                 break
-            spent = _spent(journal, config.api.price_per_image_usd)
-            budget = config.budget.max_cost_usd
-            room = None if budget is None else budget - spent
+            room = plan_run(config, keys, spent_usd=_spent(journal, price)).budget.left_usd
             again = functools.partial(
                 regenerate, config, journal, drive.state, drive.manifest, room, round_ == 0
             )

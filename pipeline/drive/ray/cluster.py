@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import anyio
 import structlog
 
-from pipeline.core import THUMBS, ApiKey, ConfigError, RunConfig, RunStats
+from pipeline.core import THUMBS, ApiKey, ConfigError, RunConfig, RunStats, Timings
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.ray.exchange import Exchange
 from pipeline.drive.ray.members import (
@@ -141,6 +141,7 @@ class Cluster:
         self,
         ray: Any,
         config: RunConfig,
+        timings: Timings,
         key_sets: list[list[ApiKey]],
         groups: list[list[str]],
         base_url: str,
@@ -148,6 +149,7 @@ class Cluster:
     ) -> None:
         self._ray = ray
         self._config = absolute(config)
+        self._timings = timings
         self._groups = groups
         self._base_url = base_url
         self._uploads = uploads
@@ -219,14 +221,13 @@ class Cluster:
 
     async def _spawn(self, member: Member, journal: Journal) -> None:
         """A worker for `member`'s keys, checked, its gates seeded with their recent creates."""
-        window = self._config.scaled(self._config.limits.window_s)
-        recent = await anyio.to_thread.run_sync(
-            journal.reports.recent_creates, time.time() - window
-        )
+        since = time.time() - self._timings.window_s
+        recent = await anyio.to_thread.run_sync(journal.reports.recent_creates, since)
         mine = {k.name for k in member.keys}
         setup = WorkerSetup(
             member.index,
             self._config,
+            self._timings,
             member.keys,
             self._groups,
             self._base_url,

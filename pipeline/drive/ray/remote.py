@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import structlog
 
-from pipeline.core import ApiKey, JobOutcome, RunConfig, make_thumbnail, run_stats
+from pipeline.core import ApiKey, JobOutcome, RunConfig, Timings, make_thumbnail, run_stats
 from pipeline.drive.assemble import KeySide, assemble
 from pipeline.drive.lanes import key_states
 from pipeline.intake import Uploads
@@ -49,6 +49,7 @@ class WorkerSetup:
 
     index: int
     config: RunConfig
+    timings: Timings  # the run's, planned by the driver
     keys: list[ApiKey]
     groups: list[list[str]]  # limits.groups, as key names
     base_url: str
@@ -406,6 +407,7 @@ class WorkerProcess:
             uploads = Uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s)
         side = self._side = assemble(
             config,
+            s.timings,
             s.base_url,
             s.keys,
             s.groups,
@@ -428,7 +430,7 @@ class WorkerProcess:
                     for lane in side.lanes:
                         slots.start_soon(driver.run_lane, lane, config.limits.max_concurrent)
                 if self._handouts.abandoned and driver.flight:
-                    grace = config.scaled(config.polling.cancel_grace_s)
+                    grace = s.timings.cancel_grace_s
                     await driver.cancel_in_flight(confirm_within=grace)
                 if driver.downloader is not None and not self._handouts.abandoned:
                     driver.downloader.close()
