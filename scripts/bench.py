@@ -110,7 +110,7 @@ def _arguments() -> argparse.Namespace:
         help="the provider's concurrency cap per account (default: --max-concurrent)",
     )
     parser.add_argument(
-        "--account-keys",
+        "--group-keys",
         type=int,
         default=1,
         help="keys per account: they share the provider's cap, and limits.groups says so",
@@ -157,8 +157,8 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
         str(args.window),
         "--max-concurrent",
         str(args.provider_cap or args.max_concurrent),
-        "--accounts",
-        ";".join(",".join(group) for group in _accounts(args, keys)),
+        "--groups",
+        ";".join(",".join(group) for group in _groups(args, keys)),
         "--faults",
         f"job_error={args.job_error},create_5xx={args.create_5xx},poll_5xx={args.poll_5xx}",
         "--image-scale",
@@ -181,8 +181,8 @@ def _start_sandbox(args: argparse.Namespace, keys: list[str]) -> tuple[subproces
     return proc, proc.stdout.readline().strip()
 
 
-def _accounts(args: argparse.Namespace, keys: list[str]) -> list[list[str]]:
-    size = max(1, args.account_keys)
+def _groups(args: argparse.Namespace, keys: list[str]) -> list[list[str]]:
+    size = max(1, args.group_keys)
     return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
@@ -246,7 +246,7 @@ def _use_bucket(burst: int) -> None:
     assemble.CreateGate = BucketGate  # type: ignore[misc]
 
 
-def _perfect_poller(creates: Creates, keys: int, limits: Limits, accounts: list[int]) -> float:
+def _perfect_poller(creates: Creates, keys: int, limits: Limits, groups: list[int]) -> float:
     """The share a perfect client reaches when it must poll each job to see its end: the
     best schedule of at most 10 polls a job on average, planned on these very latencies (so a
     ceiling: no schedule learned from earlier jobs does better), no round trips."""
@@ -255,8 +255,8 @@ def _perfect_poller(creates: Creates, keys: int, limits: Limits, accounts: list[
     for latency in creates.latency_s:
         index = bisect.bisect_left(schedule, latency)
         seen.append(schedule[index] if index < len(schedule) else latency)
-    return perfect_span(creates.latency_s, keys, limits, accounts) / perfect_span(
-        seen, keys, limits, accounts
+    return perfect_span(creates.latency_s, keys, limits, groups) / perfect_span(
+        seen, keys, limits, groups
     )
 
 
@@ -324,7 +324,7 @@ def main() -> None:
                         "max_concurrent": args.max_concurrent,
                         "groups": [
                             [keys.index(k) + 1 for k in group]
-                            for group in _accounts(args, keys)
+                            for group in _groups(args, keys)
                             if len(group) > 1
                         ],
                     },
@@ -387,13 +387,12 @@ def main() -> None:
     wall_window = args.window * args.time_scale
     wall_latency = args.latency_mean * args.time_scale
     # per account: its keys' create rate, or the provider's cap over the latency
-    cap = min(args.provider_cap or args.max_concurrent, args.max_concurrent * args.account_keys)
+    cap = min(args.provider_cap or args.max_concurrent, args.max_concurrent * args.group_keys)
     limits = LimitsSection(
         creates_per_window=args.creates_per_window, window_s=wall_window, max_concurrent=cap
     )
     bound = sum(
-        limits.jobs_per_s(wall_latency, len(group), one_account=True)
-        for group in _accounts(args, keys)
+        limits.jobs_per_s(wall_latency, len(group), one_group=True) for group in _groups(args, keys)
     )
     # the first and last latency of a finite run cannot be overlapped: count them in the bound
     ramp = wall_latency
@@ -403,7 +402,7 @@ def main() -> None:
     ideal_limits = Limits(
         args.creates_per_window, wall_window, args.provider_cap or args.max_concurrent
     )
-    sizes = [len(group) for group in _accounts(args, keys)]
+    sizes = [len(group) for group in _groups(args, keys)]
     share, perfect_s = share_of_perfect(creates, args.keys, ideal_limits, sizes)
     poller = _perfect_poller(creates, args.keys, ideal_limits, sizes)
     print(f"keys                      {args.keys}")
@@ -441,7 +440,7 @@ def main() -> None:
         early = 20 / (ends_sorted[50] - ends_sorted[30])
         steady = (len(ends_sorted) - 150) / (ends_sorted[-50] - ends_sorted[100])
         print(f"rate_ends_30_50_vs_steady {early / steady:.3f}")
-    print(f"max_in_flight_per_account {sandbox_stats.get('max_in_flight_per_account')}")
+    print(f"max_in_flight_per_group {sandbox_stats.get('max_in_flight_per_group')}")
     print(f"polls_per_job             {summary.stats.polls / max(jobs, 1):.2f}")
     # a listing read tells the ends of many jobs; counted as a request of each job all the same
     listings = summary.stats.listings

@@ -294,3 +294,58 @@ def test_the_outside_setter_check_sees_wiring() -> None:
     )
     found = _outside_setters(wired, records={"ended"}, counters={"polls"})
     assert found == [(2, "callbacks"), (3, "hook"), (5, "setattr")]
+
+
+# Where the config is taken apart: the composition roots (the CLI, the API, the runs), the key
+# side's assembler and engine, the Ray workers' own assembling, the embedded sandbox's start,
+# and the config and its plan themselves. Every other part takes the plan or a section.
+_ASSEMBLING = (
+    "pipeline.api",
+    "pipeline.cli",
+    "pipeline.runs",
+    "pipeline.drive.assemble",
+    "pipeline.drive.engine",
+    "pipeline.drive.ray.cluster",
+    "pipeline.drive.ray.members",
+    "pipeline.drive.ray.remote",
+    "pipeline.sandbox.embedded",
+    "pipeline.core",  # the package face re-exports it
+    "pipeline.core.config",
+    "pipeline.core.plan",
+)
+
+
+def _names_the_config(tree: ast.Module) -> list[int]:
+    """The lines naming RunConfig (imported, annotated, called)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == "RunConfig":
+            lines.append(node.lineno)
+        elif isinstance(node, ast.alias) and node.name == "RunConfig":
+            lines.append(getattr(node, "lineno", 0))
+        elif isinstance(node, ast.Constant) and str(node.value).startswith("RunConfig"):
+            lines.append(node.lineno)  # a string annotation
+    return lines
+
+
+def test_the_config_stops_at_the_assembling_code() -> None:
+    """Below the assembling code, parts take the plan (`core/plan.py`) or the section they
+    need; the time scale is applied in the plan alone (the sandbox keeps its own clock)."""
+    wrong = []
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        assembling = any(module == a or module.startswith(f"{a}.") for a in _ASSEMBLING)
+        if not assembling:
+            wrong += [f"{module}:{line} RunConfig" for line in _names_the_config(tree)]
+        if _wing(module) != "sandbox":
+            wrong += [
+                f"{module}:{node.lineno} .scaled()"
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and node.attr == "scaled"
+            ]
+    assert wrong == []
+
+
+def test_the_config_check_sees_a_config_below() -> None:
+    source = "from pipeline.core import RunConfig\n\ndef f(config: RunConfig) -> None: ...\n"
+    assert len(_names_the_config(ast.parse(source))) == 2

@@ -77,7 +77,7 @@ async def test_the_cap_shrinks_at_a_429_and_grows_back_step_by_step() -> None:
 
 
 async def test_keys_of_one_account_share_its_cap(sandbox: Start, tmp_path: Path) -> None:
-    sb = shrunk_sandbox(sandbox, latency_mean_s=10, accounts=((KEY, KEY2),))
+    sb = shrunk_sandbox(sandbox, latency_mean_s=10, groups=((KEY, KEY2),))
     manifest = write_manifest(tmp_path / "m.csv", catalog(80))
     config = make_config(
         tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, limits={"groups": [[1, 2]]}
@@ -85,7 +85,7 @@ async def test_keys_of_one_account_share_its_cap(sandbox: Start, tmp_path: Path)
     summary = await go(config, [KEY, KEY2])
     assert summary.exit_code is ExitCode.OK
     stats = sb.stats()
-    assert stats["max_in_flight_per_account"]["account-1"] == 10  # the shared cap, full
+    assert stats["max_in_flight_per_group"]["group-1"] == 10  # the shared cap, full
     assert stats["refused_429"] == 0  # never sent past it
     assert all(k["creates"] >= 10 for k in stats["keys"].values()), stats["keys"]
 

@@ -36,11 +36,11 @@ from pipeline.core import (
     parse_config,
 )
 from pipeline.core.schema import MODEL
-from pipeline.intake import Manifest, estimate
+from pipeline.intake import Manifest
 from pipeline.intake.inputs import input_kind
 from pipeline.intake.rowmap import PromptTemplate, RowMapper, split_images
 from pipeline.outputs import RunSummary
-from pipeline.runs import Reprocess
+from pipeline.runs import Reprocess, estimate
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

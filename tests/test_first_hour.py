@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli.app import app, global_first
 from pipeline.core import parse_config
-from pipeline.intake import Manifest, estimate
+from pipeline.intake import Manifest
 from pipeline.intake.estimating import rule_of
+from pipeline.runs import estimate
 from tests.conftest import catalog, write_manifest
 from tests.test_faults import _cli
 

@@ -78,9 +78,9 @@ def test_no_client_within_the_limits_is_faster_than_the_perfect_one(
     lags: list[float],
 ) -> None:
     limits = Limits(per_window, 3.0, cap)
-    accounts = [keys] if shared else [1] * keys
+    groups = [keys] if shared else [1] * keys
     account = [0] * keys if shared else list(range(keys))
-    perfect = perfect_span(latencies, keys, limits, accounts)
+    perfect = perfect_span(latencies, keys, limits, groups)
     other = _some_client(latencies, keys, limits, account, choices, lags)
     assert perfect <= other + 1e-9
     # and the perfect client is such a client: it chooses well and never lags
@@ -94,7 +94,7 @@ def test_the_perfect_span_is_the_limits_own() -> None:
     assert perfect_span([0.001] * 250, 1, Limits(100, 60.0, 1000)) == pytest.approx(120.001)
     # both: ten at a time, a thousandth of a second each, until the window is full
     assert perfect_span([0.001] * 250, 1, Limits(100, 60.0, 10)) == pytest.approx(120.005)
-    # two keys of one account share its cap; of two accounts, they do not
+    # two keys of one account share its cap; of two groups, they do not
     assert perfect_span([1.0] * 4, 2, Limits(100, 60.0, 1), [2]) == pytest.approx(4.0)
     assert perfect_span([1.0] * 4, 2, Limits(100, 60.0, 1)) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="hold 3 keys, not 2"):

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from pipeline.core import ConfigError, ExitCode, ManifestError, load_config, parse_config
-from pipeline.intake import estimate
+from pipeline.runs import estimate
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline
 from pipeline.core import BudgetReached, ExitCode, RowsFailed, parse_config
-from pipeline.intake import estimate
+from pipeline.runs import estimate
 from pipeline.sandbox import FaultRates, SandboxServer
 from tests.conftest import (
     KEY,

@@ -33,6 +33,7 @@ from tests.conftest import (
     throttled_run,
     write_manifest,
 )
+from tests.test_provider_word import until
 
 Start = Callable[..., SandboxServer]
 pytestmark = pytest.mark.anyio
@@ -385,9 +386,12 @@ async def test_a_resume_right_after_a_stop_keeps_the_window_it_left(
         api={"time_scale": SCALE},
         limits={"creates_per_window": 20},
     )
-    with anyio.move_on_after(0.8):  # stopped once the window is full, as a crash would be
-        await go(config, [KEY])
-    assert 15 <= sb.stats()["creates"] < 30
+    async with anyio.create_task_group() as first:
+        first.start_soon(go, config, [KEY])
+        # stopped once the window is full, as a crash would be (bounded: 30 s)
+        await anyio.to_thread.run_sync(until, lambda: sb.stats()["creates"] >= 20, 30.0)
+        first.cancel_scope.cancel()
+    assert 20 <= sb.stats()["creates"] < 30
     # resumed at once: the provider's window still holds the first run's creates
     summary = await go(config, [KEY])
     assert_one_result_per_row(results(summary), 30)

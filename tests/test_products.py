@@ -504,8 +504,8 @@ def test_any_catalog_reads_to_one_item_per_image_and_never_a_traceback(
 ) -> None:
     folder = Path(tempfile.mkdtemp(prefix="wanbatch-products-"))
     config = _each_config(folder, _catalog(rows, folder), "sandbox")
-    shaped = shape_catalog(config, folder, again=True)
-    manifest = Manifest(shaped.manifest, model=MODEL, allow_loopback=False)
+    shaped = shape_catalog(config.manifest, folder, again=True, model=MODEL, allow_loopback=False)
+    manifest = Manifest(shaped, model=MODEL, allow_loopback=False)
     items = [item for batch in manifest.batches() for item in batch]
     assert len(items) == _expected(rows)
     assert [i.row_number for i in items] == list(range(1, len(items) + 1))

@@ -335,7 +335,7 @@ async def test_keys_of_one_account_stay_on_one_worker_and_share_its_cap(
         sandbox,
         tmp_path,
         80,
-        {"latency_mean_s": 10, "accounts": ((KEY, KEY2),)},
+        {"latency_mean_s": 10, "groups": ((KEY, KEY2),)},
         limits={**LIMITS, "groups": [[1, 2]]},
     )
     summary = await go(config, list(KEYS), workers=Workers(2))
@@ -344,7 +344,7 @@ async def test_keys_of_one_account_stay_on_one_worker_and_share_its_cap(
     account = {ApiKey(KEY).name, ApiKey(KEY2).name}
     assert account in owned  # the group on one worker, the two other keys on the other
     stats = sb.stats()
-    assert stats["max_in_flight_per_account"]["account-1"] == 4  # the shared cap, full
+    assert stats["max_in_flight_per_group"]["group-1"] == 4  # the shared cap, full
     assert stats["refused_429"] == 0  # never sent past it
     assert all(k["creates"] > 0 for k in stats["keys"].values()), stats["keys"]
 

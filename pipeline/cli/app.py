@@ -48,7 +48,7 @@ from pipeline.core import (
     load_config,
 )
 from pipeline.drive import Workers
-from pipeline.intake import Estimate, estimate, read_header, recognise, starter_config
+from pipeline.intake import Estimate, read_header, recognise, starter_config
 from pipeline.journal import reading
 from pipeline.observe import Reporter, format_duration
 from pipeline.outputs import RunSummary, checks_said, publish, summary_rows, write_report
@@ -58,6 +58,7 @@ from pipeline.runs import (
     Reprocess,
     RunFolder,
     configure_logging,
+    estimate,
     folder_status,
     level_named,
     run,
@@ -842,10 +843,10 @@ def sandbox_command(
             f"{', '.join(FaultRates.names())}."
         ),
     ] = "",
-    accounts: Annotated[
+    groups: Annotated[
         str | None,
         typer.Option(
-            help="Keys of one account sharing one --max-concurrent, as k1,k2;k3,k4 (the "
+            help="Keys sharing one --max-concurrent, as k1,k2;k3,k4 (as limits.groups: the "
             "provider's cap is per account)."
         ),
     ] = None,
@@ -894,9 +895,9 @@ def sandbox_command(
             fallback_share=fallback_share,
             faults=FaultRates.parse(faults),
             key_faults=per_key,
-            accounts=tuple(
+            groups=tuple(
                 tuple(k.strip() for k in group.split(",") if k.strip())
-                for group in (accounts or "").split(";")
+                for group in (groups or "").split(";")
                 if group.strip()
             ),
         )

@@ -83,16 +83,16 @@ class LimitsSection(_Section):
         keys: int = 1,
         *,
         window_s: float | None = None,
-        one_account: bool = False,
+        one_group: bool = False,
     ) -> float:
         """The most jobs a second `keys` keys can finish at this latency: each is held to
         `creates_per_window` per window, and to `max_concurrent` jobs in flight (shared by
-        them all when `one_account`), whichever binds first. The one capacity formula, read by
+        them all when `one_group`), whichever binds first. The one capacity formula, read by
         the estimate, the summary, the Ray workers' spread and the benchmark; `window_s` in the
         clock's seconds when a time scale shrinks it."""
         window = self.window_s if window_s is None else window_s
         creates = keys * self.creates_per_window / window
-        caps = 1 if one_account else keys
+        caps = 1 if one_group else keys
         return min(creates, caps * self.max_concurrent / max(latency_s, 1e-9))
 
 

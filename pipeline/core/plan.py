@@ -101,11 +101,7 @@ class Plan:
 
 def plan_run(config: RunConfig, keys: Sequence[ApiKey] = (), *, spent_usd: float = 0.0) -> Plan:
     """The plan of a run of `config` on `keys`, `spent_usd` spent already (ConfigError when
-    limits.groups names a key that is not given)."""
+    limits.groups names a key that is not given); an estimate plans without keys."""
     given = tuple(keys)
-    return Plan(
-        timings(config),
-        Budget(config.budget.max_cost_usd, spent_usd),
-        given,
-        resolve_groups(config.limits.groups, list(given)),
-    )
+    groups = resolve_groups(config.limits.groups, list(given)) if given else []
+    return Plan(timings(config), Budget(config.budget.max_cost_usd, spent_usd), given, groups)

@@ -3,7 +3,7 @@
 manifest.py    CSV, TSV and Parquet manifests (and DataFrames) read in batches
 rowmap.py      a row to a JobSpec or a Rejected naming its field and rule
 inputs.py      local and bucket inputs read, judged and uploaded; public ones probed
-estimating.py  `wanbatch estimate`: what a run would send, cost and take
+estimating.py  `wanbatch estimate`'s count: what a run would send, cost and take
 names.py       the names a config gives, checked against the header before anything is read
 decisions.py   a reviewer's decisions file (`retry --rejected`), read and checked
 where.py       `manifest.where`: the row filter's own small parser (no Python evaluated)
@@ -16,7 +16,7 @@ feeding.py     the catalog read into the journal: a run's ingest, and --force's 
 from __future__ import annotations
 
 from pipeline.intake.decisions import read_decisions, refused
-from pipeline.intake.estimating import Estimate, estimate
+from pipeline.intake.estimating import Estimate, count_rows, plan_sends
 from pipeline.intake.feeding import Reuse, feed, reconcile
 from pipeline.intake.inputs import Uploads
 from pipeline.intake.layouts import read_header, recognise, starter_config
@@ -28,8 +28,9 @@ __all__ = [
     "Manifest",
     "Reuse",
     "Uploads",
-    "estimate",
+    "count_rows",
     "feed",
+    "plan_sends",
     "read_decisions",
     "read_header",
     "recognise",

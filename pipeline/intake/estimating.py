@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import statistics
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +23,13 @@ from pipeline.core import (
     ExitCode,
     JobSpec,
     LimitsSection,
-    ManifestError,
+    Plan,
     Rejected,
-    RunConfig,
-    copy_object,
-    timings,
 )
 from pipeline.intake.manifest import Manifest
-from pipeline.intake.shape import shape_catalog
 from pipeline.journal import StateStore, in_chunks, unique
 
-__all__ = ["Estimate", "estimate", "rule_of"]
+__all__ = ["Estimate", "count_rows", "plan_sends", "rule_of"]
 
 _ROW = re.compile(r"^row \d+: ")
 # what varies from row to row within one rule: the value, a location, an id, a size
@@ -106,48 +101,25 @@ class Estimate:
         return ExitCode.OK
 
 
-def estimate(config: RunConfig, keys: int) -> Estimate:
-    """Read the whole manifest as a run would; nothing is created or uploaded (a manifest in
-    a bucket is read from a temporary copy, not the run folder's)."""
-    with tempfile.TemporaryDirectory(prefix="wanbatch-estimate-") as tmp:
-        if config.manifest.source is not None:
-            copy = Path(tmp) / config.manifest.path.name
-            try:
-                copy_object(config.manifest.source, copy, config.assets.storage_options)
-            except OSError as exc:  # FileNotFoundError included
-                raise ManifestError(
-                    f"manifest {config.manifest.source} cannot be read: {exc}"
-                ) from None
-            section = config.manifest.model_copy(update={"path": copy})
-            config = config.model_copy(update={"manifest": section})
-        return _estimate(shape_catalog(config, Path(tmp), again=True), keys, Path(tmp))
-
-
-def _estimate(config: RunConfig, keys: int, folder: Path) -> Estimate:
-    manifest = Manifest(
-        config.manifest, model=config.api.model, allow_loopback=config.allow_loopback_urls
-    )
-    manifest.judge_inputs(config, dry=True)
-    assert manifest.inputs is not None
-    inc = config.incremental
-    state = StateStore(inc.state) if inc.enabled and inc.state is not None else None
-    found = Estimate(keys=keys)
-    try:
-        with _Seen(folder) as seen:
-            _count(manifest, state, config, found, seen)
-        learned = state.latencies(1000) if state is not None else []
-    finally:
-        manifest.inputs.close()
-        if state is not None:
-            state.close()
-    _plan(config, found, learned)
+def count_rows(
+    manifest: Manifest, state: StateStore | None, folder: Path, *, price: float, dedupe: bool
+) -> Estimate:
+    """Every row of the manifest counted by what a run would do with it; `folder` holds the
+    ids and inputs seen so far (see `_Seen`), `state` the successes of earlier nights."""
+    found = Estimate()
+    with _Seen(folder) as seen:
+        _count(manifest, state, price, dedupe, found, seen)
     return found
 
 
 def _count(
-    manifest: Manifest, state: StateStore | None, config: RunConfig, found: Estimate, seen: _Seen
+    manifest: Manifest,
+    state: StateStore | None,
+    price: float,
+    dedupe: bool,
+    found: Estimate,
+    seen: _Seen,
 ) -> None:
-    price = config.api.price_per_image_usd
     for batch in manifest.batches():
         prior = {}
         if state is not None:
@@ -165,7 +137,7 @@ def _count(
                 found.rejected_by_rule.update(rule_of(item.reason))
             elif item.fingerprint in prior:
                 found.reused += 1
-            elif config.manifest.dedupe and "seed" in item.inputs and _once(item, inputs, 1):
+            elif dedupe and "seed" in item.inputs and _once(item, inputs, 1):
                 found.shared += 1
             else:
                 found.to_send += 1
@@ -241,15 +213,26 @@ def _rate(limits: LimitsSection, keys: int, latency_s: float) -> float:
     for group in limits.groups:
         size = min(len(group), keys - grouped)
         if size > 0:
-            rate += limits.jobs_per_s(latency_s, size, one_account=True)
+            rate += limits.jobs_per_s(latency_s, size, one_group=True)
             grouped += size
     return rate + (keys - grouped) * limits.jobs_per_s(latency_s)
 
 
-def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
-    """How long the sends take, on the run's clock as the run plans it (`core.timings`)."""
-    limits, clock = config.limits, timings(config)
-    found.latency_s = config.polling.expected_latency_s
+def plan_sends(
+    found: Estimate,
+    learned: list[float],
+    plan: Plan,
+    *,
+    keys: int,
+    limits: LimitsSection,
+    expected_latency_s: float,
+) -> None:
+    """How long the sends take at `keys` keys, on the run's clock as the run plans it
+    (`plan.timings`), and whether they pass the plan's budget; `learned`: the latencies the
+    state store kept (wall seconds)."""
+    clock = plan.timings
+    found.keys = keys
+    found.latency_s = expected_latency_s
     if len(learned) >= _LEARNED_FROM:
         # the store keeps what the clock saw: wall seconds, which a sandbox shrinks
         found.latency_s = clock.provider(statistics.median(learned))
@@ -258,5 +241,5 @@ def _plan(config: RunConfig, found: Estimate, learned: list[float]) -> None:
         found.duration_s = found.to_send / _rate(limits, found.keys, found.latency_s)
         found.duration_s += found.latency_s
         found.wall_s = clock.wall(found.duration_s)
-    budget = config.budget.max_cost_usd
+    budget = plan.budget.limit_usd
     found.over_budget = budget is not None and found.cost_usd > budget

@@ -23,11 +23,11 @@ import structlog
 
 from pipeline.core import (
     INPUT_FIELDS,
+    AssetsSection,
     JobSpec,
     ManifestError,
     ManifestSection,
     Rejected,
-    RunConfig,
     from_sheet,
     is_blank,
 )
@@ -119,6 +119,8 @@ class Manifest:
                 "(intake.shape), not directly"
             )
         self.batch_rows = section.batch_rows
+        self._model = model
+        self._check_urls = section.check_urls
         self._delimiter = section.separator
         self._encoding = section.encoding
         if not self.path.is_file():
@@ -173,22 +175,21 @@ class Manifest:
         return header_row, tabbed(lines[(header_row or 1) - 1])
 
     def judge_inputs(
-        self, config: RunConfig, *, thumbs: Path | None = None, dry: bool = False
+        self, a: AssetsSection, *, thumbs: Path | None = None, dry: bool = False
     ) -> None:
         """Judge the inputs that are not public URLs (and, with `manifest.check_urls`, those
         too) as rows are read: uploaded to `assets.upload_to` unless `dry` (an estimate). The
         bucket is checked first: ConfigError, before anything is sent."""
-        a = config.assets
         uploads = open_uploads(a.upload_to, a.storage_options, a.upload_url_lifetime_s, dry=dry)
         if uploads is not None:
             uploads.check()
         self.inputs = InputStage(
-            model=config.api.model,
+            model=self._model,
             base_dir=self.shown.parent,  # a relative image path is the config's manifest's
             columns=self.mapper.columns,
             uploads=uploads,
             storage_options=a.storage_options,
-            check_urls=config.manifest.check_urls,
+            check_urls=self._check_urls,
             concurrency=a.concurrency,
             thumbs=thumbs,
         )

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core import ManifestError, ManifestSection, RunConfig, is_blank
+from pipeline.core import ManifestError, ManifestSection, is_blank
 from pipeline.intake.manifest import PROBLEM, Manifest
 from pipeline.intake.rowmap import cell, split_images
 
@@ -53,12 +53,13 @@ def needs_shape(section: ManifestSection) -> bool:
     return section.kind == "xlsx" or _many(section.path) or section.images == "each"
 
 
-def shape_catalog(config: RunConfig, folder: Path, *, again: bool) -> RunConfig:
-    """The config reading the shaped copy in `folder` (made unless there and not `again`),
-    or the config as it is when its manifest is read in place."""
-    m = config.manifest
+def shape_catalog(
+    m: ManifestSection, folder: Path, *, again: bool, model: str, allow_loopback: bool
+) -> ManifestSection:
+    """The manifest section reading the shaped copy in `folder` (made unless there and not
+    `again`), or the section as it is when its manifest is read in place."""
     if not needs_shape(m):
-        return config
+        return m
     given = m.given or m.path
     section = m
     if m.kind == "xlsx":
@@ -66,9 +67,8 @@ def shape_catalog(config: RunConfig, folder: Path, *, again: bool) -> RunConfig:
     elif _many(m.path):
         section = _from_parts(m, folder / f"{SHAPED}-parts.parquet", again)
     if m.images == "each":
-        section = _each(config, section, folder, again)
-    section = section.model_copy(update={"given": given})
-    return config.model_copy(update={"manifest": section})
+        section = _each(section, folder, again, model, allow_loopback)
+    return section.model_copy(update={"given": given})
 
 
 def _ready(path: Path, again: bool) -> bool:
@@ -190,7 +190,9 @@ def _from_parts(m: ManifestSection, out: Path, again: bool) -> ManifestSection:
     return done
 
 
-def _each(config: RunConfig, m: ManifestSection, folder: Path, again: bool) -> ManifestSection:
+def _each(
+    m: ManifestSection, folder: Path, again: bool, model: str, allow_loopback: bool
+) -> ManifestSection:
     """`images: each`: the table with a row per image of the mapped image cell."""
     parquet = m.kind == "parquet"
     out = folder / f"{SHAPED}.{'parquet' if parquet else 'csv'}"
@@ -211,8 +213,8 @@ def _each(config: RunConfig, m: ManifestSection, folder: Path, again: bool) -> M
         return done
     source = Manifest(
         m.model_copy(update={"images": "references"}),
-        model=config.api.model,
-        allow_loopback=config.allow_loopback_urls,
+        model=model,
+        allow_loopback=allow_loopback,
     )
     tmp = _write_atomic(out)
     rows = _expanded(source)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
-from pipeline.core import ConfigError, RunConfig, RunStats
+from pipeline.core import ConfigError, MetricsSection, ProgressSection, RunStats
 from pipeline.journal import Journal
 from pipeline.observe.metrics import RunMetrics
 from pipeline.observe.progress import (
@@ -44,7 +44,8 @@ class Reporter(Protocol):
 
 @dataclass
 class Observer:
-    config: RunConfig
+    metrics_section: MetricsSection
+    progress_section: ProgressSection
     run_dir: Path
     started: float  # time.monotonic() at the run's start
     stats: RunStats
@@ -63,7 +64,7 @@ class Observer:
     @contextmanager
     def serving(self) -> Any:
         """metrics.port: the metrics served for scraping while the run goes."""
-        m = self.config.metrics
+        m = self.metrics_section
         if m.port is None:
             yield
             return
@@ -88,7 +89,7 @@ class Observer:
         """Until cancelled: a snapshot every tick, for the reporter, run.log and metrics;
         `view`: the keys (and workers) being driven, kept for the last snapshot too."""
         self.view = view
-        p, m = self.config.progress.interval_s, self.config.metrics.interval_s
+        p, m = self.progress_section.interval_s, self.metrics_section.interval_s
         tick = min(self.tick_s or math.inf, p, m)
         next_line = next_metrics = time.monotonic()
         while True:

@@ -110,7 +110,7 @@ def _versions() -> dict[str, str]:
 @dataclass(frozen=True, slots=True)
 class Asked:
     """What summary.json tells of what the run was asked: its limits, its create window on
-    the run's clock, and its config's hash (`RunConfig.digest`)."""
+    the run's clock, and its config's hash (the config's `digest()`)."""
 
     limits: LimitsSection
     window_s: float

@@ -143,7 +143,14 @@ def shaped(config: RunConfig, folder: RunFolder, force: bool) -> RunConfig:
     parts, a row per image: see `intake.shape`), made when the run starts and with --force; a
     resume reads the copy it started with."""
     again = force or not (folder.path / JOURNAL).exists()
-    return shape_catalog(config, folder.path, again=again)
+    section = shape_catalog(
+        config.manifest,
+        folder.path,
+        again=again,
+        model=config.api.model,
+        allow_loopback=config.allow_loopback_urls,
+    )
+    return config.model_copy(update={"manifest": section})
 
 
 def changed(path: Path, kept: Path) -> bool:

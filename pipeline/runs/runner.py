@@ -37,7 +37,7 @@ from pipeline.core import (
     timings,
 )
 from pipeline.drive import Workers, check_workers, open_engine
-from pipeline.intake import Manifest, estimate, reconcile
+from pipeline.intake import Manifest, reconcile
 from pipeline.journal import Journal, StateStore
 from pipeline.observe import Observer, Reporter
 from pipeline.outputs import (
@@ -50,6 +50,7 @@ from pipeline.outputs import (
 )
 from pipeline.provider import Callbacks, Receiver, read_balance
 from pipeline.runs.driving import Drive, drive_keys
+from pipeline.runs.estimates import estimate
 from pipeline.runs.folder import RunFolder
 from pipeline.runs.identity import check_identity, copy_manifest, keep_manifest, shaped
 from pipeline.runs.regenerate import regenerate
@@ -181,7 +182,8 @@ async def run(
             handle_signals,
             reprocess,
             Observer(
-                config,
+                config.metrics,
+                config.progress,
                 folder.path,
                 started,
                 run_stats(webhook=config.webhook.enabled, download=config.assets.download),
@@ -229,7 +231,9 @@ async def _open_manifest(config: RunConfig) -> Manifest:
     if config.assets.download:
         await anyio.to_thread.run_sync(open_store(config.assets, config.output.dir).check)
     thumbs = config.output.dir / THUMBS
-    await anyio.to_thread.run_sync(functools.partial(manifest.judge_inputs, config, thumbs=thumbs))
+    await anyio.to_thread.run_sync(
+        functools.partial(manifest.judge_inputs, config.assets, thumbs=thumbs)
+    )
     return manifest
 
 

@@ -37,7 +37,7 @@ _MIDDLE = (0.1, 0.9)  # the steady share: the creates between these quantiles of
 @dataclass(frozen=True, slots=True)
 class Limits:
     """The provider's limits in wall seconds: creates per sliding window per key, and jobs in
-    flight per account (a key is its own account unless `accounts` groups keys)."""
+    flight per account (a key is its own account unless `groups` groups keys)."""
 
     creates_per_window: int
     window_s: float
@@ -94,20 +94,20 @@ class _Key:
 
 
 def perfect_span(
-    latencies: Sequence[float], keys: int, limits: Limits, accounts: Sequence[int] = ()
+    latencies: Sequence[float], keys: int, limits: Limits, groups: Sequence[int] = ()
 ) -> float:
     """The perfect client's span on these creates (in create order) with `keys` keys;
-    `accounts` gives the sizes of the accounts whose keys share one cap (default: one each)."""
-    return perfect_schedule(latencies, keys, limits, accounts)[1]
+    `groups` gives the sizes of the groups whose keys share one cap (default: one each)."""
+    return perfect_schedule(latencies, keys, limits, groups)[1]
 
 
 def perfect_schedule(
-    latencies: Sequence[float], keys: int, limits: Limits, accounts: Sequence[int]
+    latencies: Sequence[float], keys: int, limits: Limits, groups: Sequence[int]
 ) -> tuple[list[float], float]:
     """The perfect client's create instants, and its span."""
-    sizes = list(accounts) or [1] * keys
+    sizes = list(groups) or [1] * keys
     if sum(sizes) != keys:
-        raise ValueError(f"accounts {sizes} hold {sum(sizes)} keys, not {keys}")
+        raise ValueError(f"groups {sizes} hold {sum(sizes)} keys, not {keys}")
     members: list[_Key] = []
     for size in sizes:
         shared: list[float] = []
@@ -125,17 +125,15 @@ def perfect_schedule(
 
 
 def share_of_perfect(
-    creates: Creates, keys: int, limits: Limits, accounts: Sequence[int] = ()
+    creates: Creates, keys: int, limits: Limits, groups: Sequence[int] = ()
 ) -> tuple[float, float]:
     """The share of a perfect client a run reached (its span divided into the perfect one),
     and the perfect span in seconds."""
-    perfect = perfect_span(creates.latency_s, keys, limits, accounts)
+    perfect = perfect_span(creates.latency_s, keys, limits, groups)
     return (perfect / creates.span_s if creates.span_s > 0 else 1.0), perfect
 
 
-def steady_share(
-    creates: Creates, keys: int, limits: Limits, accounts: Sequence[int] = ()
-) -> float:
+def steady_share(creates: Creates, keys: int, limits: Limits, groups: Sequence[int] = ()) -> float:
     """The share of a perfect client in the run's steady middle: the time the perfect client
     takes from its 10th to its 90th percentile create, divided by the run's (the ramp up and the
     last jobs, which no client overlaps, left out)."""
@@ -143,6 +141,6 @@ def steady_share(
     first, last = (int(q * (n - 1)) for q in _MIDDLE)
     if last <= first:
         return 1.0
-    made, _ = perfect_schedule(creates.latency_s, keys, limits, accounts)
+    made, _ = perfect_schedule(creates.latency_s, keys, limits, groups)
     ran = creates.at[last] - creates.at[first]
     return (made[last] - made[first]) / ran if ran > 0 else 1.0

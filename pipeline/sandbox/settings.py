@@ -42,7 +42,7 @@ class SandboxSettings:
     legacy_errors: bool = False
     # keys of one account (by secret), sharing one `max_concurrent` as the provider's cap is
     # per account; a key in none is an account of its own
-    accounts: tuple[tuple[str, ...], ...] = ()
+    groups: tuple[tuple[str, ...], ...] = ()
     # which of the provider's documents the answers follow: "seed" (`error`, `predictionID`,
     # callbacks `{"exec_id", ...}` signed over "<timestamp>.<body>"), "reference" (`failed`,
     # `id`, `input`, `logs`, `urls`, callbacks `{"id", "status", "output", "input", "metrics"}`
@@ -103,9 +103,9 @@ class SandboxSettings:
             raise ValueError("late_cancel must be 200 or 409")
         if self.cancel_delay_s < 0:
             raise ValueError("cancel_delay_s must not be negative")
-        grouped = [k for account in self.accounts for k in account]
+        grouped = [k for account in self.groups for k in account]
         if set(grouped) - set(self.keys) or len(grouped) != len(set(grouped)):
-            raise ValueError("accounts must name accepted keys, each in one account at most")
+            raise ValueError("groups must name accepted keys, each in one group at most")
 
     @property
     def today(self) -> bool:

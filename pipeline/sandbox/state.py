@@ -135,19 +135,19 @@ class SandboxState:
             for secret, name in self._keys.items()
         }
         # the cap is per account: each key's account, and the ends of its jobs in flight
-        self._account = {name: name for name in self._keys.values()}
-        for number, account in enumerate(settings.accounts, start=1):
+        self._group = {name: name for name in self._keys.values()}
+        for number, account in enumerate(settings.groups, start=1):
             for secret in account:
-                self._account[self._keys[secret]] = f"account-{number}"
-        self._account_ends: dict[str, list[float]] = {a: [] for a in self._account.values()}
-        self.account_peak: dict[str, int] = dict.fromkeys(self._account.values(), 0)
+                self._group[self._keys[secret]] = f"group-{number}"
+        self._group_ends: dict[str, list[float]] = {a: [] for a in self._group.values()}
+        self.group_peak: dict[str, int] = dict.fromkeys(self._group.values(), 0)
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, list[Job]] = {}  # each key's jobs, in creation order
         self.everyone: list[Job] = []  # the organisation's jobs, in creation order
         self._stats[ORG_MATE] = KeyStats()  # kept apart: `stats()` names the sandbox's keys
         self._faults[ORG_MATE] = FaultRates()
-        self._account[ORG_MATE] = ORG_MATE
-        self._account_ends[ORG_MATE] = []
+        self._group[ORG_MATE] = ORG_MATE
+        self._group_ends[ORG_MATE] = []
         # the organisation's balance, and what its jobs in flight may still cost
         self.balance = Balance(settings.balance_usd)
         self.owed: dict[str, float] = {}
@@ -195,7 +195,7 @@ class SandboxState:
             stats.window.popleft()
         while stats.ends and stats.ends[0] <= now:
             heapq.heappop(stats.ends)
-        ends = self._account_ends[self._account[key]]
+        ends = self._group_ends[self._group[key]]
         while ends and ends[0] <= now:
             heapq.heappop(ends)
         refusal: Refusal | None = None
@@ -267,10 +267,10 @@ class SandboxState:
         self.owed[job.prediction_id] = job.n * s.price_per_image_usd
         stats.window.append(now)
         heapq.heappush(stats.ends, job.ends_at)
-        account = self._account[key]
-        heapq.heappush(self._account_ends[account], job.ends_at)
-        self.account_peak[account] = max(
-            self.account_peak.get(account, 0), len(self._account_ends[account])
+        account = self._group[key]
+        heapq.heappush(self._group_ends[account], job.ends_at)
+        self.group_peak[account] = max(
+            self.group_peak.get(account, 0), len(self._group_ends[account])
         )
         stats.creates += 1
         stats.max_creates_in_window = max(stats.max_creates_in_window, len(stats.window))
@@ -373,7 +373,7 @@ class SandboxState:
         if at >= job.ends_at:
             return True  # its own end comes first
         stats = self._stats[job.key]
-        for ends in (stats.ends, self._account_ends[self._account[job.key]]):
+        for ends in (stats.ends, self._group_ends[self._group[job.key]]):
             if job.ends_at in ends:
                 ends.remove(job.ends_at)
                 ends.append(at)
@@ -452,8 +452,8 @@ def _figures(state: SandboxState) -> dict[str, Any]:
         "duplicate_creates": duplicates,
         "polls_after_end": again,  # polls of a job after one that answered its end
         "webhooks": dict(state.webhooks),
-        "max_in_flight_per_account": {
-            a: peak for a, peak in state.account_peak.items() if a != ORG_MATE
+        "max_in_flight_per_group": {
+            a: peak for a, peak in state.group_peak.items() if a != ORG_MATE
         },
         "inputs": dict(state.inputs),
         "balance_usd": state.balance.usd,

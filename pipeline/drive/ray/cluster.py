@@ -116,7 +116,7 @@ def spread(
     latency = config.polling.expected_latency_s
 
     def capacity(unit: list[ApiKey]) -> float:  # a group shares one in-flight cap
-        return config.limits.jobs_per_s(latency, len(unit), one_account=True)
+        return config.limits.jobs_per_s(latency, len(unit), one_group=True)
 
     grouped = {name for group in groups for name in group}
     by_name = {k.name: k for k in keys}
