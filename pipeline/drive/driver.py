@@ -25,7 +25,7 @@ import structlog
 
 from pipeline.core import TRANSIENT_ERROR_CODES, Clock, JobOutcome, RunStats, Status, SystemClock
 from pipeline.drive.adopt import LostCreates
-from pipeline.drive.books import Booker
+from pipeline.drive.outcomes import Outcomes
 from pipeline.drive.creates import Creator
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.flight import InFlight
@@ -48,7 +48,7 @@ __all__ = ["KeyDriver"]
 
 class KeyDriver:
     """Drives the keys of one process: each slot takes a job, has the creator create it, the
-    poller poll it to its end and the booker book it, then takes the next. Its parts share
+    poller poll it to its end and its outcome be journaled, then takes the next. Its parts share
     the registry of jobs in flight (`flight`) and the listing's reads."""
 
     def __init__(
@@ -83,7 +83,7 @@ class KeyDriver:
         # what wakes a job before its poll: callbacks, or the executions listing (`sweep`)
         self._hints = webhook.callbacks if webhook is not None else listing
         listings = Listings(client, stats)
-        self.booker = Booker(
+        self.outcomes = Outcomes(
             settings,
             journal,
             dispatcher,
@@ -101,7 +101,7 @@ class KeyDriver:
             planner,
             stats,
             self.flight,
-            self.booker,
+            self.outcomes,
             clock,
             hints=self._hints,
         )
@@ -136,7 +136,7 @@ class KeyDriver:
 
     @property
     def downloader(self) -> Downloader | None:
-        return self.booker.downloader
+        return self.outcomes.downloader
 
     async def cancel_in_flight(self, confirm_within: float | None = None) -> None:
         """Cancel every job in flight, and every one to come (see `Poller.cancel_in_flight`)."""
@@ -201,7 +201,7 @@ class KeyDriver:
                 return
             adopted = resumed
             if adopted is None and self._settings.ambiguous_creates == "fail":
-                await self.booker.finish(entry, self.creator.ambiguous_outcome())
+                await self.outcomes.finish(entry, self.creator.ambiguous_outcome())
                 return
         while True:
             if outcome is None:
@@ -214,7 +214,7 @@ class KeyDriver:
                     self._dispatcher.give_back(entry)
                     return
                 if isinstance(created, JobOutcome):
-                    await self.booker.finish(entry, created)
+                    await self.outcomes.finish(entry, created)
                     return
                 attempts = created.attempts
                 hooked = self._hints is not None  # a callback or the listing may wake it
@@ -234,7 +234,7 @@ class KeyDriver:
                 outcome.error_code in TRANSIENT_ERROR_CODES
                 and attempts < self._settings.policy.max_attempts
             ):
-                await self.booker.finish(entry, outcome)
+                await self.outcomes.finish(entry, outcome)
                 return
             # the provider says to try again; a failed job costs nothing
             self._stats.job_retries += 1

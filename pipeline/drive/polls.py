@@ -21,7 +21,7 @@ from pipeline.core import (
     Unauthorized,
     UnsafePredictionId,
 )
-from pipeline.drive.books import Booker
+from pipeline.drive.outcomes import Outcomes
 from pipeline.drive.flight import Flying, InFlight
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.settings import DriverSettings
@@ -36,7 +36,7 @@ __all__ = ["Poller"]
 
 
 class Poller:
-    """Polling jobs to their end, and cancelling them; each end handed to the booker."""
+    """Polling jobs to their end, and cancelling them; each end handed to the outcomes."""
 
     def __init__(
         self,
@@ -46,7 +46,7 @@ class Poller:
         planner: PollPlanner,
         stats: RunStats,
         flight: InFlight,
-        booker: Booker,
+        outcomes: Outcomes,
         clock: Clock,
         *,
         hints: Callbacks | None = None,
@@ -57,7 +57,7 @@ class Poller:
         self._planner = planner
         self._stats = stats
         self._flight = flight
-        self._booker = booker
+        self._outcomes = outcomes
         self._clock = clock
         self._hints = hints  # callbacks, or the listing's ends: what may wake a job
 
@@ -114,7 +114,7 @@ class Poller:
                 journaled = None
             step = await self._poll_once(lane, entry, prediction_id, track)
             if isinstance(step, Ended):
-                return self._booker.ended(step.answer, created, track, timed_out)
+                return self._outcomes.ended(step.answer, created, track, timed_out)
             if isinstance(step, JobOutcome):
                 return step
             if step.wait is not None:
@@ -126,7 +126,7 @@ class Poller:
             if self._clock.now() < deadline:
                 continue
             if timed_out:
-                return self._booker.left(entry, prediction_id)
+                return self._outcomes.left(entry, prediction_id)
             timed_out = True
             self._stats.timeouts += 1
             await self._cancel_noted(prediction_id, lane, entry.row_number)
@@ -226,14 +226,14 @@ class Poller:
             except KeyRefused:
                 return  # its key is refused: it stays journaled for a run with a key
             if isinstance(step, Ended):
-                outcome = self._booker.outcome(step.answer, job.created, False)
+                outcome = self._outcomes.outcome(step.answer, job.created, False)
                 break
             if isinstance(step, JobOutcome):
                 outcome = step
                 break
             delay = step.wait if step.wait is not None else self._settings.confirm_every
         self._flight.land(prediction_id)
-        await self._booker.finish(job.entry, outcome)
+        await self._outcomes.finish(job.entry, outcome)
 
     async def _cancel_noted(self, prediction_id: str, lane: KeyLane, row: int) -> None:
         accepted = await self._cancel(lane, prediction_id)
@@ -244,7 +244,7 @@ class Poller:
         """Seconds to the next poll, `elapsed` seconds after the create (None: the first poll):
         the learned poll schedule, or, while callbacks arrive and none was contradicted for
         this job, a fallback poll past the job's expected end."""
-        if self._booker.on_schedule(waiter, contradicted):
+        if self._outcomes.on_schedule(waiter, contradicted):
             if elapsed is None:
                 return self._planner.first_delay()
             return self._planner.next_delay(elapsed)

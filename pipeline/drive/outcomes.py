@@ -20,10 +20,10 @@ from pipeline.provider import Callbacks, PollPlanner, Prediction, Waiter
 _log = structlog.get_logger("pipeline.drive.driver")
 
 
-__all__ = ["Booker"]
+__all__ = ["Outcomes"]
 
 
-class Booker:
+class Outcomes:
     """A job's outcome read from the provider's answer, and its booking: journaled, settled with
     the dispatcher, and its images handed to the downloader."""
 
