@@ -25,12 +25,12 @@ import structlog
 
 from pipeline.core import TRANSIENT_ERROR_CODES, Clock, JobOutcome, RunStats, Status, SystemClock
 from pipeline.drive.adopt import LostCreates
-from pipeline.drive.outcomes import Outcomes
 from pipeline.drive.creates import Creator
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.flight import InFlight
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.listings import Listings
+from pipeline.drive.outcomes import Outcomes
 from pipeline.drive.polls import Poller
 from pipeline.drive.settings import DriverSettings, Webhook
 from pipeline.drive.steps import Created, GiveWay, JobLog, KeyRefused, Left, NotSent, Withheld

@@ -21,9 +21,9 @@ from pipeline.core import (
     Unauthorized,
     UnsafePredictionId,
 )
-from pipeline.drive.outcomes import Outcomes
 from pipeline.drive.flight import Flying, InFlight
 from pipeline.drive.lanes import KeyLane
+from pipeline.drive.outcomes import Outcomes
 from pipeline.drive.settings import DriverSettings
 from pipeline.drive.steps import Deferred, Ended, KeyRefused, Left, Track
 from pipeline.journal import Commits, Entry, NoteCancel
