@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
-import errno
 import functools
 import glob
 import json
@@ -33,6 +32,7 @@ from rich.text import Text
 
 from pipeline import __version__
 from pipeline.cli.display import LineReporter, LiveReporter
+from pipeline.cli.double import sandbox_command
 from pipeline.core import (
     CHANNELS,
     ERROR_TYPES,
@@ -63,7 +63,7 @@ from pipeline.runs import (
     level_named,
     run,
 )
-from pipeline.sandbox import FaultRates, SandboxSettings, open_embedded, serve
+from pipeline.sandbox import open_embedded
 
 __all__ = ["app", "main"]
 
@@ -732,196 +732,7 @@ def _status_rows(found: FolderStatus) -> list[tuple[str, str]]:
     return rows
 
 
-def _sandbox_recipe(base_url: str, keys: tuple[str, ...], time_scale: float) -> list[str]:
-    """The config lines and environment that point a run at a sandbox in its own process."""
-    return [
-        "# a run against this sandbox, in your config:",
-        "#   api:",
-        f"#     base_url: {base_url}",
-        f"#     time_scale: {time_scale:g}   # as this sandbox's --time-scale",
-        "#   manifest:",
-        "#     allow_loopback_urls: true   # only for inputs served on this machine",
-        "# and in the environment:",
-        f"#   EACHLABS_API_KEYS={','.join(keys)}",
-    ]
-
-
-@app.command("sandbox")
-def sandbox_command(
-    keys: Annotated[str, typer.Option(help="Accepted API keys, comma-separated.")],
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
-    time_scale: Annotated[float, typer.Option(help="Wall seconds per provider second.")] = 1.0,
-    creates_per_window: Annotated[
-        int, typer.Option(help="Creates a key may send per --window-s (the provider: 100).")
-    ] = 100,
-    window_s: Annotated[
-        float, typer.Option(help="The create window, in provider seconds (the provider: 60).")
-    ] = 60.0,
-    max_concurrent: Annotated[
-        int, typer.Option(help="Jobs in flight per account (the provider: 10).")
-    ] = 10,
-    latency_mean_s: Annotated[
-        float, typer.Option(help="A job's mean time to end, in provider seconds.")
-    ] = 10.0,
-    latency_spread: Annotated[
-        float, typer.Option(help="How much a job's time varies around the mean (0..1).")
-    ] = 0.3,
-    seed: Annotated[int, typer.Option(help="The random seed of latencies and faults.")] = 0,
-    image_scale: Annotated[
-        float, typer.Option(help="Output size factor (1 = 1024/2048 px).")
-    ] = 1.0,
-    output_bytes: Annotated[
-        int, typer.Option(help="Grow each output to this many bytes (a real 2K one: ~4 MB).")
-    ] = 0,
-    allow_loopback_urls: Annotated[
-        bool, typer.Option("--allow-loopback-urls", help="Accept inputs on this machine.")
-    ] = False,
-    fetch_inputs: Annotated[
-        bool,
-        typer.Option(
-            "--fetch-inputs",
-            help="Fetch loopback inputs as the provider does; fail jobs whose input fails.",
-        ),
-    ] = False,
-    ledger: Annotated[Path | None, typer.Option(help="Append the billing ledger here.")] = None,
-    legacy_errors: Annotated[
-        bool,
-        typer.Option("--legacy-errors", help="Failed jobs in the older message/details shape."),
-    ] = False,
-    api_shape: Annotated[
-        str,
-        typer.Option(
-            help="Answers as the seed document ('seed': error, predictionID, exec_id callbacks), "
-            "the API reference ('reference': failed, id, input, logs, body-signed callbacks) or "
-            "the provider's docs of 2026-12 ('today': Bearer only, the organisation's listing, "
-            "v2 by cursor, the balance)."
-        ),
-    ] = "seed",
-    price_per_image_usd: Annotated[
-        float, typer.Option(help="What an image is billed (metrics.cost and the ledger).")
-    ] = 0.03,
-    no_report_cost: Annotated[
-        bool, typer.Option("--no-report-cost", help="Polls carry no metrics.cost.")
-    ] = False,
-    late_cancel: Annotated[
-        int, typer.Option(help="A cancel of an ended job answers 409, or 200 as if cancelled.")
-    ] = 409,
-    cancel_delay_s: Annotated[
-        float, typer.Option(help="A cancel takes effect this long after its answer.")
-    ] = 0.0,
-    no_listing: Annotated[
-        bool,
-        typer.Option("--no-listing", help="GET /v1/executions answers 404 (no listing)."),
-    ] = False,
-    no_prediction_input: Annotated[
-        bool,
-        typer.Option("--no-prediction-input", help="A prediction's GET carries no input."),
-    ] = False,
-    clock_offset_s: Annotated[
-        float, typer.Option(help="The provider's clock ahead of ours (wall seconds).")
-    ] = 0.0,
-    listing_lag_s: Annotated[
-        float, typer.Option(help="A job shows in the listing this long after its creation.")
-    ] = 0.0,
-    org_traffic: Annotated[
-        float, typer.Option(help="('today') Share of creates another application mirrors.")
-    ] = 0.0,
-    balance_usd: Annotated[
-        float | None, typer.Option(help="('today') The organisation's balance; none: no limit.")
-    ] = None,
-    low_balance_usd: Annotated[
-        float, typer.Option(help="('today') Below this left, creates answer the balance 429.")
-    ] = 0.0,
-    fallback_share: Annotated[
-        float, typer.Option(help="('today') Share of fallback_selector jobs a backup serves.")
-    ] = 0.0,
-    faults: Annotated[
-        str,
-        typer.Option(
-            help="Injected faults as name=rate, comma-separated, with the names of the "
-            "config's sandbox.faults (e.g. job_error=0.05, or slow=1,slow_s=3); the names: "
-            f"{', '.join(FaultRates.names())}."
-        ),
-    ] = "",
-    groups: Annotated[
-        str | None,
-        typer.Option(
-            help="Keys sharing one --max-concurrent, as k1,k2;k3,k4 (as limits.groups: the "
-            "provider's cap is per account)."
-        ),
-    ] = None,
-    key_faults: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Faults of one key in place of --faults, as KEY:name=value,... "
-            "(e.g. KEY:storm_429=1,storm_s=30 for a throttled key); repeatable."
-        ),
-    ] = None,
-) -> None:
-    """Serve the sandbox (a local double of the provider) in this process; prints its base
-    URL first, then the config lines that point a run at it."""
-    try:
-        per_key = {}
-        for item in key_faults or ():
-            secret, _, spec = item.partition(":")
-            per_key[secret.strip()] = FaultRates.parse(spec)
-        settings = SandboxSettings(
-            keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
-            time_scale=time_scale,
-            creates_per_window=creates_per_window,
-            window_s=window_s,
-            max_concurrent=max_concurrent,
-            latency_mean_s=latency_mean_s,
-            latency_spread=latency_spread,
-            seed=seed,
-            image_scale=image_scale,
-            output_bytes=output_bytes,
-            allow_loopback_urls=allow_loopback_urls,
-            fetch_inputs=fetch_inputs,
-            ledger_path=ledger,
-            legacy_errors=legacy_errors,
-            api_shape=api_shape,
-            price_per_image_usd=price_per_image_usd,
-            report_cost=not no_report_cost,
-            late_cancel=late_cancel,
-            cancel_delay_s=cancel_delay_s,
-            listing=not no_listing,
-            prediction_input=not no_prediction_input,
-            clock_offset_s=clock_offset_s,
-            listing_lag_s=listing_lag_s,
-            org_traffic=org_traffic,
-            balance_usd=balance_usd,
-            low_balance_usd=low_balance_usd,
-            fallback_share=fallback_share,
-            faults=FaultRates.parse(faults),
-            key_faults=per_key,
-            groups=tuple(
-                tuple(k.strip() for k in group.split(",") if k.strip())
-                for group in (groups or "").split(";")
-                if group.strip()
-            ),
-        )
-    except ValueError as exc:
-        _err.print(Text.assemble(("error: ", "red"), str(exc)))
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
-
-    def announce(base_url: str) -> None:
-        for line in (base_url, *_sandbox_recipe(base_url, settings.keys, time_scale)):
-            print(line, flush=True)
-
-    try:
-        serve(settings, port, announce=announce)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        _err.print(
-            Text.assemble(
-                ("error: ", "red"),
-                f"port {port} on 127.0.0.1 is taken (another sandbox?): pass --port 0 for a "
-                "free one, or another port",
-            )
-        )
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+app.command("sandbox")(sandbox_command)
 
 
 _GLOBAL = {"--debug": False, "--log-level": True}  # option -> takes a value

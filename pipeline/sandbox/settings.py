@@ -5,80 +5,138 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.core import FaultRates
 
 __all__ = ["FaultRates", "SandboxSettings"]
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def _groups(text: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(_names(group) for group in text.split(";") if group.strip())
+
+
+def _key_faults(items: list[str]) -> dict[str, FaultRates]:
+    per_key = {}
+    for item in items:
+        secret, _, spec = item.partition(":")
+        per_key[secret.strip()] = FaultRates.parse(spec)
+    return per_key
+
+
+def _knob(default: Any, text: str, **cli: Any) -> Any:
+    """A setting with its default and its one description, which `wanbatch sandbox --help`
+    shows (`cli`: how the command line names or parses it, where not by its field)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": text, **cli})
+    return field(default=default, metadata={"help": text, **cli})
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxSettings:
-    """How the double behaves. Every duration is in provider seconds, multiplied by time_scale."""
+    """How the double behaves. Every duration is in provider seconds, multiplied by time_scale.
+    Each setting is declared here once, with its help: the config's `sandbox:` section, the
+    embedded sandbox and `wanbatch sandbox` (whose options are made from these fields) read
+    it."""
 
-    keys: tuple[str, ...]
-    time_scale: float = 1.0
-    creates_per_window: int = 100
-    window_s: float = 60.0
-    max_concurrent: int = 10
-    latency_mean_s: float = 10.0
-    latency_spread: float = 0.3  # coefficient of variation of a lognormal latency
-    seed: int = 0
-    price_per_image_usd: float = 0.03
-    image_scale: float = 1.0  # 1.0 gives 1024/2048 px images; small values keep tests fast
-    # each output grown to at least this many bytes (a real 2K output is about 4 MB), so that
-    # downloads move realistic volumes while the pictures stay cheap to draw; 0: as drawn
-    output_bytes: int = 0
-    allow_loopback_urls: bool = False
-    # fetch each loopback input when a job is created, as the provider fetches its inputs: a job
-    # whose input cannot be fetched fails INPUT_DOWNLOAD_ERROR, one that is no image (or over
-    # 20 MB) INPUT_VALIDATION_ERROR; other inputs (the sandbox has no internet) are drawn
-    fetch_inputs: bool = False
-    faults: FaultRates = field(default_factory=FaultRates)
-    # faults of particular keys (by secret), in place of `faults`: a throttled or slow key
-    key_faults: Mapping[str, FaultRates] = field(default_factory=dict)
-    ledger_path: Path | None = None
-    webhook_attempts: int = 3
-    # failed jobs in the older shape (`message`/`details`) instead of `output.error_code`
-    legacy_errors: bool = False
-    # keys of one account (by secret), sharing one `max_concurrent` as the provider's cap is
-    # per account; a key in none is an account of its own
-    groups: tuple[tuple[str, ...], ...] = ()
-    # which of the provider's documents the answers follow: "seed" (`error`, `predictionID`,
-    # callbacks `{"exec_id", ...}` signed over "<timestamp>.<body>"), "reference" (`failed`,
-    # `id`, `input`, `logs`, `urls`, callbacks `{"id", "status", "output", "input", "metrics"}`
-    # signed over the body alone) or "today", the docs and changelog of 2026-12: Bearer auth
-    # only, the six statuses with `output.error_code`, an organisation-wide listing (v1 refused
-    # past a 1,000-row prefix, v2 paged by cursor), the balance (402, the low-balance 429,
-    # `GET /v1/billing/balance`), `GET /v1/models/{slug}` and `fallback_selector`
-    api_shape: str = "seed"
-    report_cost: bool = True  # a poll of an ended job carries `metrics.cost`, the USD billed
-    # what a cancel of a job that has ended answers: 409, or 200 as if it had been cancelled
-    late_cancel: int = 409
-    # a cancel takes effect this long (provider seconds) after it is answered; a job whose own
-    # end comes first ends as it would have, and is billed
-    cancel_delay_s: float = 0.0
-    # `GET /v1/executions` answers; off, it answers 404, as a provider without the listing
-    listing: bool = True
-    # a prediction's `GET` carries the `input` it was created with (both shapes); off, as a
-    # provider whose answers lack it
-    prediction_input: bool = True
-    # how far the provider's clock is ahead of this machine's (wall seconds, never scaled; may
-    # be negative): the listing's times and its `from`/`to` are on the provider's clock
-    clock_offset_s: float = 0.0
-    # a job shows in the listing this long (provider seconds) after its creation
-    listing_lag_s: float = 0.0
-    # ("today") another application of the organisation mirrors this share of the creates with
-    # the same input less its seed, on a key of its own: its jobs are in the listing and billed
-    # to it, never to the sandbox's keys
-    org_traffic: float = 0.0
-    # ("today") the organisation's balance in USD, None for no limit: a create whose price,
-    # with the jobs in flight, would pass it answers 402; below `low_balance_usd` left, a create
-    # answers the low-balance 429. A job's cost is taken from it as it is billed
-    balance_usd: float | None = None
-    low_balance_usd: float = 0.0
-    # ("today", with `fallback_selector` on the create) this share of jobs is served by the
-    # chain's backup model: its `GET` names both, and its cost is what ran
-    fallback_share: float = 0.0
+    keys: tuple[str, ...] = _knob(
+        tuple, "Accepted API keys, comma-separated.", parse=_names, required=True
+    )
+    time_scale: float = _knob(1.0, "Wall seconds per provider second.")
+    creates_per_window: int = _knob(
+        100, "Creates a key may send per --window-s (the provider: 100)."
+    )
+    window_s: float = _knob(60.0, "The create window, in provider seconds (the provider: 60).")
+    max_concurrent: int = _knob(10, "Jobs in flight per account (the provider: 10).")
+    latency_mean_s: float = _knob(10.0, "A job's mean time to end, in provider seconds.")
+    latency_spread: float = _knob(
+        0.3, "How much a job's time varies around the mean (0..1): a lognormal's spread."
+    )
+    seed: int = _knob(0, "The random seed of latencies and faults.")
+    price_per_image_usd: float = _knob(
+        0.03, "What an image is billed (metrics.cost and the ledger)."
+    )
+    image_scale: float = _knob(
+        1.0, "Output size factor (1 = 1024/2048 px; small keeps tests fast)."
+    )
+    output_bytes: int = _knob(
+        0,
+        "Grow each output to this many bytes (a real 2K one: ~4 MB), so downloads move "
+        "realistic volumes while the pictures stay cheap to draw; 0: as drawn.",
+    )
+    allow_loopback_urls: bool = _knob(False, "Accept inputs on this machine.")
+    fetch_inputs: bool = _knob(
+        False,
+        "Fetch loopback inputs as the provider does: a job whose input cannot be fetched fails "
+        "INPUT_DOWNLOAD_ERROR, one that is no image (or over 20 MB) INPUT_VALIDATION_ERROR.",
+    )
+    faults: FaultRates = _knob(
+        FaultRates,
+        "Injected faults as name=rate, comma-separated, with the names of the config's "
+        "sandbox.faults (e.g. job_error=0.05, or slow=1,slow_s=3): "
+        f"{', '.join(FaultRates.names())}.",
+        parse=FaultRates.parse,
+    )
+    key_faults: Mapping[str, FaultRates] = _knob(
+        dict,
+        "Faults of one key in place of --faults, as KEY:name=value,... (e.g. "
+        "KEY:storm_429=1,storm_s=30 for a throttled key); repeatable.",
+        parse=_key_faults,
+        many=True,
+    )
+    ledger_path: Path | None = _knob(None, "Append the billing ledger here.", flag="--ledger")
+    webhook_attempts: int = _knob(3, "Deliveries of a callback before it is given up.")
+    legacy_errors: bool = _knob(False, "Failed jobs in the older message/details shape.")
+    groups: tuple[tuple[str, ...], ...] = _knob(
+        tuple,
+        "Keys sharing one --max-concurrent, as k1,k2;k3,k4 (as limits.groups: the provider's "
+        "cap is per account); a key in none has a cap of its own.",
+        parse=_groups,
+    )
+    api_shape: str = _knob(
+        "seed",
+        "Answers as the seed document ('seed': error, predictionID, exec_id callbacks signed "
+        "over <timestamp>.<body>), the API reference ('reference': failed, id, input, logs, "
+        "body-signed callbacks) or the provider's docs of 2026-12 ('today': Bearer only, the "
+        "organisation's listing, v2 by cursor, the balance, fallback_selector).",
+    )
+    report_cost: bool = _knob(True, "Polls of an ended job carry metrics.cost (the USD billed).")
+    late_cancel: int = _knob(409, "A cancel of an ended job answers 409, or 200 as if cancelled.")
+    cancel_delay_s: float = _knob(
+        0.0,
+        "A cancel takes effect this long after its answer; a job whose own end comes first "
+        "ends as it would have, and is billed.",
+    )
+    listing: bool = _knob(True, "GET /v1/executions answers (off: 404, no listing).")
+    prediction_input: bool = _knob(True, "A prediction's GET carries the input it was made with.")
+    clock_offset_s: float = _knob(
+        0.0,
+        "The provider's clock ahead of ours (wall seconds, never scaled; may be negative): "
+        "the listing's times are on it.",
+    )
+    listing_lag_s: float = _knob(0.0, "A job shows in the listing this long after its creation.")
+    org_traffic: float = _knob(
+        0.0,
+        "('today') Share of creates another application of the organisation mirrors on a key "
+        "of its own: its jobs are in the listing and billed to it.",
+    )
+    balance_usd: float | None = _knob(
+        None,
+        "('today') The organisation's balance (none: no limit): a create that would pass it "
+        "with the jobs in flight answers 402.",
+    )
+    low_balance_usd: float = _knob(
+        0.0, "('today') Below this left, creates answer the low-balance 429."
+    )
+    fallback_share: float = _knob(
+        0.0,
+        "('today') Share of fallback_selector jobs a backup model serves: its GET names both, "
+        "and its cost is what ran.",
+    )
 
     def __post_init__(self) -> None:
         if not self.keys:
