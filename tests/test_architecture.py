@@ -196,7 +196,8 @@ def test_run_folder_file_names_are_typed_once() -> None:
 
 
 # Libraries whose documented way to set something is an attribute: sqlite3's row factory,
-# anyio's cancel-scope deadline, uvicorn's config and server flags, starlette's `app.state`.
+# anyio's cancel-scope deadline, uvicorn's config and server flags, starlette's `app.state`,
+# Python's own function signature.
 _LIBRARY_ATTRIBUTES = {
     "row_factory",
     "deadline",
@@ -204,6 +205,10 @@ _LIBRARY_ATTRIBUTES = {
     "lifespan",
     "should_exit",
     "sandbox",  # app.state.sandbox
+    # a function's signature, as inspect (and typer through it) reads it: the sandbox
+    # command's options, made from the sandbox's settings
+    "__signature__",
+    "__annotations__",
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.core import SandboxSettings
 from pipeline.sandbox.ideal import (
     Creates,
     Limits,
@@ -18,7 +19,6 @@ from pipeline.sandbox.ideal import (
     share_of_perfect,
     steady_share,
 )
-from pipeline.sandbox.settings import SandboxSettings
 from pipeline.sandbox.state import ORG_MATE, SandboxState, key_hash
 
 

@@ -1,6 +1,6 @@
 """`wanbatch sandbox`: the provider's double served in this process. Its options are made from
-the sandbox's settings (`pipeline.sandbox.settings`), each declared there once with its help:
-an option per setting, named by its field (`--time-scale` for `time_scale`), a yes/no pair for
+the sandbox's settings (`pipeline.core.double`), each declared there once with its help:
+an option per setting, named by its field (`--time-scale` for `time_scale`), a `--no-` flag for
 a setting that is on by default, and the setting's own parser for those given as text."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pipeline.core import ExitCode
-from pipeline.sandbox import SandboxSettings, serve
+from pipeline.core import ExitCode, SandboxSettings
+from pipeline.sandbox import serve
 
 __all__ = ["sandbox_command"]
 
@@ -37,9 +37,10 @@ def _option(f: Field[Any], kind: Any) -> inspect.Parameter:
     if "parse" in meta:  # given as text, read by the setting's own parser
         kind = list[str] | None if meta.get("many") else str | None
         default = None
-    if kind is bool:
-        flag = f"{flag}/--no-{flag[2:]}" if default else flag
-    option = typer.Option(flag, help=meta["help"], show_default=not meta.get("required"))
+    text = meta["help"]
+    if kind is bool and default:  # on unless turned off: the flag turns it off
+        flag, default, text = f"--no-{flag[2:]}", False, f"Off: {text}"
+    option = typer.Option(flag, help=text, show_default=not meta.get("required"))
     if meta.get("required"):
         kind, default = str, inspect.Parameter.empty
     return inspect.Parameter(
@@ -58,6 +59,8 @@ def settings_from(given: dict[str, Any]) -> SandboxSettings:
     values: dict[str, Any] = {}
     for f in fields(SandboxSettings):
         value = given[f.name]
+        if f.default is True:  # given as its --no- flag
+            value = not value
         parse = f.metadata.get("parse")
         if parse is not None:
             if value is None:

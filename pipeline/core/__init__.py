@@ -14,6 +14,7 @@ paths and object URLs).
     storage.py   local paths and object URLs (obstore)
     files.py     the run folder's file names
     faults.py    the sandbox's faults, as the config names them
+    double.py    the sandbox's settings, each declared once with its help
     rules.py     the automatic checks' rules, their defaults and the channels' presets
     thumbs.py    the report's thumbnails: names, and making and writing them
 """
@@ -37,6 +38,7 @@ from pipeline.core.config import (
     parse_config,
 )
 from pipeline.core.counters import COUNTERS, CallbackStats, DownloadStats, RunStats, run_stats
+from pipeline.core.double import SandboxSettings
 from pipeline.core.errors import (
     ERROR_TYPES,
     TRANSIENT_ERRORS,
@@ -228,6 +230,7 @@ __all__ = [
     "RunFolderMismatch",
     "RunInterrupted",
     "RunStats",
+    "SandboxSettings",
     "ServerError",
     "Status",
     "StoredCopy",

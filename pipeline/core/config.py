@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import dataclasses
 import datetime
 import difflib
 import glob
@@ -18,14 +19,24 @@ import hashlib
 import json
 import re
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from pipeline.core.double import SandboxSettings
 from pipeline.core.errors import ConfigError
 from pipeline.core.faults import FaultRates
 from pipeline.core.rules import GENERIC, PRESETS, RULES, Threshold
@@ -444,17 +455,52 @@ class WebhookSection(_Section):
         return None if value is None else value.rstrip("/")
 
 
-class SandboxSection(_Section):
-    time_scale: float = Field(1.0, ge=0.001, le=100)
+# what the run gives the embedded sandbox itself: made-up keys, the config's limits and price,
+# its ledger in the run folder, inputs served on loopback
+_RUN_GIVES = frozenset(
+    {
+        "keys",
+        "creates_per_window",
+        "window_s",
+        "max_concurrent",
+        "price_per_image_usd",
+        "ledger_path",
+        "allow_loopback_urls",
+        "fetch_inputs",
+        "key_faults",
+        "groups",
+    }
+)
+# the embedded sandbox answers as the provider does today, where the command's default is the
+# seed document
+_CONFIG_DEFAULTS: dict[str, Any] = {"api_shape": "today"}
+
+
+def _setting(f: dataclasses.Field[Any], kind: Any) -> tuple[Any, Any]:
+    """A sandbox setting as a field of the config's section: its type (faults by name), its
+    default, its help."""
+    if f.name == "faults":
+        return dict[str, float], Field(default_factory=dict, description=f.metadata["help"])
+    default = _CONFIG_DEFAULTS.get(f.name, f.default)
+    return kind, Field(default, description=f.metadata["help"])
+
+
+_HINTS = typing.get_type_hints(SandboxSettings)
+_GIVEN: dict[str, Any] = {
+    f.name: _setting(f, _HINTS[f.name])
+    for f in dataclasses.fields(SandboxSettings)
+    if f.name not in _RUN_GIVES
+}
+# a model of the double's settings the config may give, made from their one declaration
+_SandboxSettingsSection: Any = create_model("_SandboxSettingsSection", __base__=_Section, **_GIVEN)
+
+
+class SandboxSection(_SandboxSettingsSection):
+    """The embedded sandbox (`api.base_url: sandbox`): how many keys it makes up, and any
+    setting of the double (`core/double.py`, each declared there once) but those the run gives
+    it (see `_RUN_GIVES`)."""
+
     keys: int = Field(1, ge=1, le=64)
-    latency_mean_s: float = Field(10.0, ge=0.01, le=_DAY)
-    latency_spread: float = Field(0.3, ge=0, le=10)
-    image_scale: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
-    faults: dict[str, float] = Field(default_factory=dict)
-    # which of the provider's documents the double follows (`wanbatch sandbox --help`): today's
-    # by default, as the real provider answers now
-    api_shape: Literal["seed", "reference", "today"] = "today"
 
     @field_validator("faults")
     @classmethod
@@ -464,6 +510,18 @@ class SandboxSection(_Section):
         except (TypeError, ValueError) as exc:
             raise ValueError(str(exc)) from exc
         return value
+
+    @model_validator(mode="after")
+    def _as_the_double_checks(self) -> SandboxSection:
+        """The double's own checks of its settings (a time scale above 0, a known shape...)."""
+        SandboxSettings(keys=("k",), **self.settings())
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The double's settings this section gives (faults as FaultRates)."""
+        given = self.model_dump(exclude={"keys"})
+        given["faults"] = FaultRates(**given["faults"])
+        return given
 
 
 class RunConfig(_Section):
@@ -501,7 +559,11 @@ class RunConfig(_Section):
     @property
     def time_scale(self) -> float:
         """Wall seconds per provider second for every wait of the client."""
-        return self.sandbox.time_scale if self.embedded_sandbox else self.api.time_scale
+        return (
+            float(self.sandbox.settings()["time_scale"])
+            if self.embedded_sandbox
+            else self.api.time_scale
+        )
 
     def digest(self) -> str:
         """What the run was asked to do, hashed: the config as validated, storage options left
@@ -514,7 +576,7 @@ class RunConfig(_Section):
     def image_scale(self) -> float:
         """What the images come back at, of the size asked: the embedded sandbox's shrunk
         images (`sandbox.image_scale`), else the provider's own 1."""
-        return self.sandbox.image_scale if self.embedded_sandbox else 1.0
+        return float(self.sandbox.settings()["image_scale"]) if self.embedded_sandbox else 1.0
 
     @property
     def allow_loopback_urls(self) -> bool:

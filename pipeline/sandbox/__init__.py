@@ -1,8 +1,7 @@
 """A faithful local double of the Eachlabs prediction API for Wan 2.7 Image Edit, on loopback.
 
-Its settings import alone (the config needs `FaultRates`); the server, the app and their
-libraries (starlette, uvicorn, Pillow) load on first use, so
-`import pipeline.core.config` stays light.
+Its settings are declared in core (`core/double.py`, which the config reads); the server, the
+app and their libraries (starlette, uvicorn, Pillow) load on first use.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pipeline.sandbox.settings import FaultRates, SandboxSettings
+from pipeline.core import FaultRates, SandboxSettings
 
 if TYPE_CHECKING:
     from pipeline.sandbox.app import create_app

@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pipeline.core import FaultRates, SandboxSettings
 from pipeline.core.schema import (
     IMAGE_FIELDS,
     MODEL,
@@ -36,7 +37,6 @@ from pipeline.sandbox.billing import afford, billing_routes
 from pipeline.sandbox.hooks import Hooks, callback
 from pipeline.sandbox.inputs import InputImages
 from pipeline.sandbox.listing import executions, executions_v2
-from pipeline.sandbox.settings import FaultRates, SandboxSettings
 from pipeline.sandbox.signing import sign_body, sign_webhook
 from pipeline.sandbox.state import Job, SandboxState
 

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.core import SandboxSettings
 from pipeline.core.schema import MODEL
-from pipeline.sandbox.settings import SandboxSettings
 from pipeline.sandbox.state import SandboxState
 
 __all__ = ["afford", "billing_routes", "top_up"]

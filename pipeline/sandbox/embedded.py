@@ -10,8 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from pipeline.core import SANDBOX_LEDGER, ApiKey, RunConfig, sandbox_keys
-from pipeline.sandbox.settings import FaultRates, SandboxSettings
+from pipeline.core import (
+    SANDBOX_LEDGER,
+    ApiKey,
+    RunConfig,
+    SandboxSettings,
+    sandbox_keys,
+)
 
 if TYPE_CHECKING:
     from pipeline.sandbox.server import SandboxServer
@@ -31,20 +36,14 @@ async def open_embedded(
         keys = [ApiKey(k) for k in sandbox_keys(s.keys)]  # as run() checks them
     settings = SandboxSettings(
         keys=tuple(k.secret for k in keys),
-        time_scale=s.time_scale,
         creates_per_window=config.limits.creates_per_window,
         window_s=config.limits.window_s,
         max_concurrent=config.limits.max_concurrent,
-        latency_mean_s=s.latency_mean_s,
-        latency_spread=s.latency_spread,
-        seed=s.seed,
         price_per_image_usd=config.api.price_per_image_usd,
-        image_scale=s.image_scale,
         allow_loopback_urls=True,
         fetch_inputs=True,
-        faults=FaultRates(**s.faults),
         ledger_path=config.output.dir / SANDBOX_LEDGER,
-        api_shape=s.api_shape,
+        **s.settings(),
     )
     with SandboxServer(settings) as server:
         yield server.base_url, keys, server

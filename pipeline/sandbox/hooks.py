@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.sandbox.settings import SandboxSettings
+from pipeline.core import SandboxSettings
 from pipeline.sandbox.signing import sign_body, sign_webhook
 from pipeline.sandbox.state import Job, SandboxState
 

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
+from pipeline.core import SandboxSettings
 from pipeline.core.schema import MAX_INPUT_BYTES, is_loopback_host
 from pipeline.sandbox import images
-from pipeline.sandbox.settings import SandboxSettings
 
 __all__ = ["InputImages"]
 

@@ -22,7 +22,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pipeline.sandbox.settings import SandboxSettings
+from pipeline.core import SandboxSettings
 from pipeline.sandbox.state import Job, SandboxState
 
 __all__ = ["V1_REFUSAL", "executions", "executions_v2"]

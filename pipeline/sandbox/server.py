@@ -17,8 +17,8 @@ from typing import Any, Literal, Self
 
 import uvicorn
 
+from pipeline.core import SandboxSettings
 from pipeline.sandbox.app import create_app
-from pipeline.sandbox.settings import SandboxSettings
 from pipeline.sandbox.state import SandboxState
 
 __all__ = ["SandboxServer", "ServerThread", "serve"]

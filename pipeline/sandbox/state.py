@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from pipeline.core import FaultRates, SandboxSettings
 from pipeline.core.schema import TRANSIENT_ERROR_CODES, fingerprint
-from pipeline.sandbox.settings import FaultRates, SandboxSettings
 
 __all__ = ["BACKUP_MODEL", "ORG_MATE", "Job", "KeyStats", "Refusal", "SandboxState", "key_hash"]
 

@@ -1,4 +1,8 @@
-"""The sandbox's knobs: keys, limits, latency, time scale, image size and fault rates."""
+"""The sandbox's settings (the provider's double): keys, limits, latency, time scale, image
+size, fault rates and the shape of its answers. Each is declared here once, with its help; the
+config's `sandbox:` section, the embedded sandbox and `wanbatch sandbox` read this declaration.
+It lives in core so the config can read it; the sandbox itself stays outside the production
+code."""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import FaultRates
+from pipeline.core.faults import FaultRates
 
-__all__ = ["FaultRates", "SandboxSettings"]
+__all__ = ["SandboxSettings"]
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -111,7 +115,7 @@ class SandboxSettings:
         "A cancel takes effect this long after its answer; a job whose own end comes first "
         "ends as it would have, and is billed.",
     )
-    listing: bool = _knob(True, "GET /v1/executions answers (off: 404, no listing).")
+    listing: bool = _knob(True, "The executions listing answers (without it: 404).")
     prediction_input: bool = _knob(True, "A prediction's GET carries the input it was made with.")
     clock_offset_s: float = _knob(
         0.0,
