@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.text import Text
 
 from pipeline.core import ExitCode, SandboxSettings
-from pipeline.sandbox import serve
 
 __all__ = ["sandbox_command"]
 
@@ -92,6 +91,8 @@ def _refuse(message: str) -> typer.Exit:
 def sandbox_command(**given: Any) -> None:
     """Serve the sandbox (a local double of the provider) in this process; prints its base
     URL first, then the config lines that point a run at it."""
+    from pipeline.sandbox import serve  # starlette, uvicorn, Pillow: for this command only
+
     port: int = given.pop("port")
     try:
         settings = settings_from(given)
