@@ -127,7 +127,7 @@ def test_sigkill_at_many_points_then_resume(
         seed=5,
         faults=FaultRates(create_5xx=0.04, lost_create=0.04, poll_5xx=0.04, job_error=0.04),
     )
-    rows = catalog(150)
+    rows = catalog(100)
     rows[10]["prompt"] = ""  # one rejected row
     manifest = write_manifest(tmp_path / "m.csv", rows)
     config = write_config(tmp_path, sb.base_url, manifest)
@@ -156,7 +156,7 @@ def test_sigkill_at_many_points_then_resume(
     code, output = final.wait(timeout=120)
     assert code == 6, output  # finished, with the rejected row (and any job errors)
 
-    figures = judge_against_ledger(sb, run_dir, 150)
+    figures = judge_against_ledger(sb, run_dir, 100)
     # every lost answer, at run time or left by a kill, was settled from the key's listing
     created = Counter(e["fingerprint"] for e in sb.ledger() if e["event"] == "created")
     assert sum(created.values()) == len(created), "an input was created twice"

@@ -84,36 +84,36 @@ async def test_bad_bytes_late_in_a_manifest_and_oversized_cells_are_rejected_row
     sandbox: Start, tmp_path: Path
 ) -> None:
     sb = _fast(sandbox)
-    rows = catalog(600)
+    rows = catalog(60)
     text = write_manifest(tmp_path / "m.csv", rows).read_bytes()
     lines = text.split(b"\r\n")
-    # row 550: a byte that is not UTF-8 in its prompt; row 580: a cell over the CSV limit;
-    # row 590: a ragged row (the header line is line 0)
-    lines[550] = lines[550].replace(b"edit number", b"edit \xff number")
-    lines[580] = lines[580].replace(b"edit number 580", b"x" * (CELL_LIMIT + 10))
-    lines[590] = lines[590] + b",extra"
+    # past five batches of ten: row 55, a byte that is not UTF-8 in its prompt; row 58, a cell
+    # over the CSV limit; row 59, a ragged row (the header line is line 0)
+    lines[55] = lines[55].replace(b"edit number", b"edit \xff number")
+    lines[58] = lines[58].replace(b"edit number 58", b"x" * (CELL_LIMIT + 10))
+    lines[59] = lines[59] + b",extra"
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(b"\r\n".join(lines))
-    config = _config(tmp_path, sb, manifest, manifest={"batch_rows": 100})
+    config = _config(tmp_path, sb, manifest, manifest={"batch_rows": 10})
 
     summary = await go(config, [KEY])
 
     out = {r["row_number"]: r for r in results(summary)}
-    assert sorted(out) == list(range(1, 601))
+    assert sorted(out) == list(range(1, 61))
     rejected = {n: r for n, r in out.items() if r["status"] == "rejected"}
-    assert sorted(rejected) == [550, 580, 590]
-    assert rejected[550]["error_message"].startswith("row 550: column 'prompt': byte 0xff")
-    assert "not UTF-8" in rejected[550]["error_message"]
-    assert f"column 'prompt' holds {CELL_LIMIT + 10:,} characters" in rejected[580]["error_message"]
-    assert rejected[590]["error_message"] == "row 590: has 4 fields; the header has 3"
+    assert sorted(rejected) == [55, 58, 59]
+    assert rejected[55]["error_message"].startswith("row 55: column 'prompt': byte 0xff")
+    assert "not UTF-8" in rejected[55]["error_message"]
+    assert f"column 'prompt' holds {CELL_LIMIT + 10:,} characters" in rejected[58]["error_message"]
+    assert rejected[59]["error_message"] == "row 59: has 4 fields; the header has 3"
     assert all(r["status"] == "succeeded" for n, r in out.items() if n not in rejected)
     assert summary.exit_code is ExitCode.ROWS_FAILED
-    assert sb.stats()["creates"] == 597
+    assert sb.stats()["creates"] == 57
     # the failures manifest keeps the rejected rows, bad byte replaced, to be fixed and rerun
     failures = summary.failures_path
     assert failures is not None
     fixed = failures.read_text(encoding="utf-8")
-    assert "edit \ufffd number 550" in fixed and "SKU-580" in fixed
+    assert "edit \ufffd number 55" in fixed and "SKU-58" in fixed
 
 
 async def test_values_out_of_the_providers_ranges_are_rejected_before_sending(

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "bench.py": (["--rows", "20", "--latency-mean", "2", "--time-scale", "0.02"], "statuses"),
     "bench_checks.py": (["--images", "2"], "2K photo grain"),
-    "bench_crash.py": (["--rows", "30", "--kills", "1", "--time-scale", "0.02"], "rows_lost"),
+    "bench_crash.py": (
+        ["--rows", "30", "--kills", "1", "--time-scale", "0.02", "--listing", "on"],
+        "rows_lost",
+    ),
     "bench_http.py": (["--requests", "20"], "our poll"),
     "bench_report.py": (["--rows", "300", "--decisions", "5"], "review_export_ms"),
     "bench_scale.py": (["--rows", "500"], "resume_peak_rss_mb"),

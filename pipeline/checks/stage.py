@@ -27,6 +27,7 @@ from pipeline.core import (
     ObjectTooLarge,
     Threshold,
     read_stored,
+    tls_context,
 )
 from pipeline.journal import CheckTarget, Journal, Measured
 
@@ -80,7 +81,11 @@ class CheckStage:
             return 0
         done = 0
         with (
-            httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0), follow_redirects=True) as http,
+            httpx.Client(
+                timeout=httpx.Timeout(30.0, connect=10.0),
+                follow_redirects=True,
+                verify=tls_context(),
+            ) as http,
             ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), "checks") as pool,
         ):
             for batch in journal.checks.images_to_check():

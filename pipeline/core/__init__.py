@@ -15,6 +15,7 @@ paths and object URLs).
     files.py     the run folder's file names
     faults.py    the sandbox's faults, as the config names them
     double.py    the sandbox's settings, each declared once with its help
+    tls.py       one TLS context for the run's HTTP clients
     rules.py     the automatic checks' rules, their defaults and the channels' presets
     thumbs.py    the report's thumbnails: names, and making and writing them
 """
@@ -139,6 +140,7 @@ from pipeline.core.thumbs import (
     save_thumb,
     write_thumb,
 )
+from pipeline.core.tls import tls_context
 
 __all__ = [
     "APPROVED",
@@ -267,6 +269,7 @@ __all__ = [
     "sandbox_keys",
     "save_thumb",
     "timings",
+    "tls_context",
     "to_int",
     "to_sheet",
     "write_thumb",

@@ -43,6 +43,7 @@ from pipeline.core import (
     input_thumb,
     is_object_url,
     read_object,
+    tls_context,
     write_thumb,
 )
 
@@ -252,6 +253,7 @@ class InputStage:
                 timeout=httpx.Timeout(15.0, connect=10.0),
                 follow_redirects=True,
                 trust_env=True,
+                verify=tls_context(),
                 limits=httpx.Limits(max_connections=self._concurrency),
             )
         return self._http

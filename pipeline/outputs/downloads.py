@@ -41,6 +41,7 @@ from pipeline.core import (
     input_thumb,
     located,
     output_thumb,
+    tls_context,
 )
 from pipeline.journal import Commits, FailImage, Journal, StoreImage
 
@@ -289,6 +290,7 @@ class Downloader:
             limits=httpx.Limits(max_connections=self._section.concurrency + 1),
             follow_redirects=True,
             trust_env=True,
+            verify=tls_context(),
             transport=self._transport,
         )
         try:

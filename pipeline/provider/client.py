@@ -39,6 +39,7 @@ from pipeline.core import (
     TransportFailure,
     Unauthorized,
     UnsafePredictionId,
+    tls_context,
 )
 from pipeline.provider.listing import (
     V1_ROWS,
@@ -248,6 +249,7 @@ class EachlabsClient:
             ),
             http2=http2,
             trust_env=True,
+            verify=tls_context(),
             transport=transport,
             follow_redirects=False,
             headers={"User-Agent": f"wanbatch/{__version__}"},

@@ -27,6 +27,7 @@ are wall seconds.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import statistics
 from collections import deque
@@ -53,7 +54,22 @@ def poll_schedule(
 ) -> list[float]:
     """Poll times (ascending) over sorted `samples` minimising the mean delay from a job's end
     to the poll that notices it, with at most `polls_per_job` polls per job on average; with
-    `target_delay`, the fewest polls whose mean delay is within it (if the budget allows)."""
+    `target_delay`, the fewest polls whose mean delay is within it (if the budget allows).
+    The same question gets the answer it got (a run's first plan, from the prior alone, is the
+    same for every run of a config: a Ray worker's, a resumed run's)."""
+    return list(_schedule(tuple(samples), polls_per_job, target_delay))
+
+
+@functools.lru_cache(maxsize=16)
+def _schedule(
+    samples: tuple[float, ...], polls_per_job: float, target_delay: float | None
+) -> tuple[float, ...]:
+    return tuple(_solve_schedule(list(samples), polls_per_job, target_delay))
+
+
+def _solve_schedule(
+    samples: list[float], polls_per_job: float, target_delay: float | None
+) -> list[float]:
     n = len(samples)
     if n == 0:
         return []
