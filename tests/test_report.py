@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser, BrowserContext
 
 from pipeline.core import ExitCode, JobOutcome, JobSpec, Rejected, Status
 from pipeline.journal import Finish, Journal, StoreImage
@@ -46,12 +47,28 @@ def _browse(binary: str, page: str, profile: Path, screenshot: Path | None = Non
     return done.stdout
 
 
+async def _shown(context: BrowserContext, url: str, screenshot: Path | None = None) -> str:
+    """The page's DOM once its script has drawn the entries (and a screenshot of it)."""
+    page = await context.new_page()
+    try:
+        await page.goto(url)
+        await page.wait_for_selector("article.entry")
+        await page.wait_for_load_state("networkidle")  # the thumbnails too
+        if screenshot is not None:
+            await page.screenshot(path=str(screenshot))
+        return await page.content()
+    finally:
+        await page.close()
+
+
 def _entries(dom: str) -> list[str]:
     return re.findall(r'<article class="entry[^"]*" data-status="(\w+)"', dom)
 
 
 @pytest.mark.anyio
-async def test_report_in_headless_chromium(sandbox: Start, tmp_path: Path, chromium: str) -> None:
+async def test_report_in_headless_chromium(
+    sandbox: Start, tmp_path: Path, browser: Browser
+) -> None:
     sb = shrunk_sandbox(
         sandbox,
         latency_mean_s=2,
@@ -78,13 +95,14 @@ async def test_report_in_headless_chromium(sandbox: Start, tmp_path: Path, chrom
     run_dir = config.output.dir
     report = run_dir / "report.html"
     assert report.is_file()
-    profile = tmp_path / "chromium"
+    # one profile for every view, as one reader's browser
+    context = await browser.new_context(viewport={"width": 1280, "height": 1800})
 
     # it opens on what needs a person: the edits still to review
     succeeded = sum(r["status"] == "succeeded" for r in out)
-    opened = _browse(chromium, report.as_uri(), profile)
+    opened = await _shown(context, report.as_uri())
     assert set(_entries(opened)) == {"succeeded"} and f"({succeeded} rows)" in opened
-    first = _browse(chromium, report.as_uri() + "#status=all&review=all&q=&page=1", profile)
+    first = await _shown(context, report.as_uri() + "#status=all&review=all&q=&page=1")
     assert len(_entries(first)) == 100  # the first page of 130 rows
     assert "page 1 of 2 (130 rows)" in first
     assert re.search(r'data-name="rows"><b>130</b>', first)
@@ -97,20 +115,18 @@ async def test_report_in_headless_chromium(sandbox: Start, tmp_path: Path, chrom
     outputs = [p for p in pictures if p.startswith("report-thumbs/o-")]
     assert inputs and len(outputs) >= sum(s == "succeeded" for s in _entries(first))
 
-    only_failed = _browse(
-        chromium, report.as_uri() + "#status=failed&review=all&q=&page=1", profile
-    )
+    only_failed = await _shown(context, report.as_uri() + "#status=failed&review=all&q=&page=1")
     assert _entries(only_failed) == ["failed"] * failed
     assert "job_error" in only_failed
-    second = _browse(chromium, report.as_uri() + "#status=all&review=all&q=&page=2", profile)
+    second = await _shown(context, report.as_uri() + "#status=all&review=all&q=&page=2")
     assert len(_entries(second)) == 30
-    search = _browse(chromium, report.as_uri() + "#status=all&review=all&q=SKU-42&page=1", profile)
+    search = await _shown(context, report.as_uri() + "#status=all&review=all&q=SKU-42&page=1")
     assert _entries(search) and 'data-row="42"' in search
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
     shot.unlink(missing_ok=True)
-    _browse(chromium, report.as_uri(), profile, screenshot=shot)
+    await _shown(context, report.as_uri(), screenshot=shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
     report.unlink()  # `wanbatch report` writes it again from the journal alone
@@ -118,7 +134,7 @@ async def test_report_in_headless_chromium(sandbox: Start, tmp_path: Path, chrom
     again = _cli("report", str(run_dir))
     assert again.returncode == 0, again.stderr
     assert report.is_file() and sb.stats()["creates"] == creates
-    assert len(_entries(_browse(chromium, report.as_uri(), profile))) == min(succeeded, 100)
+    assert len(_entries(await _shown(context, report.as_uri()))) == min(succeeded, 100)
 
 
 @pytest.mark.anyio
