@@ -55,6 +55,21 @@ def _planner(config: RunConfig, t: Timings, flight: InFlight) -> PollPlanner:
     )
 
 
+def _client(config: RunConfig, base_url: str, keys: int) -> EachlabsClient:
+    """The provider's client, with a connection for each slot of `keys` keys."""
+    api = config.api
+    return EachlabsClient(
+        base_url,
+        api.model,
+        connect_timeout=api.connect_timeout_s,
+        read_timeout=api.read_timeout_s,
+        max_connections=config.limits.max_concurrent * keys + 4,
+        http2=api.http2,
+        auth=api.auth,
+        fallback_selector=api.fallback_selector,
+    )
+
+
 def driver_settings(config: RunConfig, t: Timings) -> DriverSettings:
     """What the key driver takes of the config, every duration on the run's clock (`t`)."""
     r, p = config.retries, config.polling
@@ -116,16 +131,7 @@ def assemble(
     `groups`: limits.groups as key names; `open_elsewhere`: on a Ray worker, whether a key
     of another worker can take a job now."""
     limits = config.limits
-    client = EachlabsClient(
-        base_url,
-        config.api.model,
-        connect_timeout=config.api.connect_timeout_s,
-        read_timeout=config.api.read_timeout_s,
-        max_connections=limits.max_concurrent * len(keys) + 4,
-        http2=config.api.http2,
-        auth=config.api.auth,
-        fallback_selector=config.api.fallback_selector,
-    )
+    client = _client(config, base_url, len(keys))
     window_s = timings.window_s
     caps = caps_for(groups, keys, limits.max_concurrent)
     lanes = [

@@ -24,6 +24,7 @@ from pipeline.core import (
 )
 from pipeline.drive.adopt import LEFT, LostCreates, Settled
 from pipeline.drive.dispatcher import JobSource
+from pipeline.drive.flight import InFlight
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.listings import Listings
 from pipeline.drive.outage import Outage
@@ -78,7 +79,7 @@ class Creator:
         dispatcher: JobSource,
         stats: RunStats,
         listings: Listings,
-        lost: LostCreates,
+        flight: InFlight,
         planner: PollPlanner,
         lanes: Sequence[KeyLane],
         clock: Clock,
@@ -93,7 +94,19 @@ class Creator:
         self._dispatcher = dispatcher
         self._stats = stats
         self._timeline = listings.timeline
-        self._lost = lost
+        # a lost create settled on the listing's evidence (adopt.py)
+        self._lost = LostCreates(
+            settings,
+            client,
+            journal,
+            dispatcher,
+            stats,
+            listings,
+            flight,
+            lanes,
+            clock,
+            presigned=uploads is not None,
+        )
         self._planner = planner
         self._lanes = lanes
         self._clock = clock

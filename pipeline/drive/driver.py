@@ -24,7 +24,6 @@ import anyio
 import structlog
 
 from pipeline.core import TRANSIENT_ERROR_CODES, Clock, JobOutcome, RunStats, Status, SystemClock
-from pipeline.drive.adopt import LostCreates
 from pipeline.drive.creates import Creator
 from pipeline.drive.dispatcher import JobSource
 from pipeline.drive.flight import InFlight
@@ -106,18 +105,6 @@ class KeyDriver:
             hints=self._hints,
         )
         self.sweeper = Sweeper(settings, listings, self.flight, planner, lanes, clock, self._hints)
-        lost = LostCreates(
-            settings,
-            client,
-            journal,
-            dispatcher,
-            stats,
-            listings,
-            self.flight,
-            lanes,
-            clock,
-            presigned=uploads is not None,
-        )
         self.creator = Creator(
             settings,
             client,
@@ -125,7 +112,7 @@ class KeyDriver:
             dispatcher,
             stats,
             listings,
-            lost,
+            self.flight,
             planner,
             lanes,
             clock,
