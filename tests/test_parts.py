@@ -1,5 +1,6 @@
-"""The run's parts held alone, in virtual time: the key driver, the dispatcher, the group commit
-and the downloader, each with fakes of its neighbours and the provider behind an
+"""The run's parts held alone, in virtual time: the key driver and its parts (the listing's
+sweeps, a lost create's settling), the dispatcher, the group commit and the downloader, each
+with fakes of its neighbours and the provider behind an
 `httpx.MockTransport`. No server, no sleep: an event loop whose clock jumps to its next timer
 whenever every task waits (looptime), so a test checks exact instants in milliseconds.
 """
@@ -13,16 +14,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 import looptime
 import pytest
 from PIL import Image
 
-from pipeline.core import ApiKey, AssetsSection, Budget, NoUsableKeyError, RunStats, Status
+from pipeline.core import (
+    ApiKey,
+    AssetsSection,
+    Budget,
+    NoUsableKeyError,
+    RunStats,
+    Status,
+    SystemClock,
+)
+from pipeline.drive.adopt import LostCreates, Settled
 from pipeline.drive.dispatcher import Dispatcher
 from pipeline.drive.driver import KeyDriver
+from pipeline.drive.flight import Flying, InFlight
 from pipeline.drive.lanes import KeyLane
+from pipeline.drive.listings import Listings
 from pipeline.drive.settings import DriverSettings
+from pipeline.drive.sweeps import Sweeper
 from pipeline.journal import (
     Entry,
     FailImage,
@@ -34,7 +48,14 @@ from pipeline.journal import (
     Update,
 )
 from pipeline.outputs.downloads import Downloader, FolderStore
-from pipeline.provider import CreateGate, EachlabsClient, InFlightCap, PollPlanner, RetryPolicy
+from pipeline.provider import (
+    Callbacks,
+    CreateGate,
+    EachlabsClient,
+    InFlightCap,
+    PollPlanner,
+    RetryPolicy,
+)
 
 T = TypeVar("T")
 KEY = ApiKey("unit-key-1")
@@ -103,6 +124,10 @@ class Commits:
 
     async def durable(self, done: asyncio.Event) -> None:
         await done.wait()
+
+    async def known(self, ids: list[str]) -> set[str]:
+        """No listed job is already a row's (the journal's lookup, for lost creates)."""
+        return set()
 
 
 class Source:
@@ -337,6 +362,175 @@ def test_driver_cancels_a_job_at_its_timeout_and_books_the_end_a_poll_confirms()
     assert finish.outcome.status is Status.FAILED and finish.outcome.error_type == "timeout"
     assert finish.outcome.cancel_accepted is True
     assert stats.timeouts == 1
+
+
+# -- the key driver's parts alone: the listing's sweeps, a lost create's settling -------------
+
+
+class Listing:
+    """The provider's organisation-wide listing (v2), which shows `executions` to any key,
+    and each prediction's `GET` with the input it was made with (`inputs`, by id)."""
+
+    def __init__(self, events: Events, executions: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.executions = executions
+        self.inputs: dict[str, dict[str, Any] | None] = {}
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if request.url.path.endswith("/v2/executions"):
+            self.events.add("listing", key)
+            page = {"executions": self.executions, "has_more": False, "next_cursor": None}
+            return httpx.Response(200, json=page)
+        pid = request.url.path.rstrip("/").split("/")[-1]
+        self.events.add("get", pid)
+        given = self.inputs.get(pid)
+        body: dict[str, Any] = {"status": "success", "output": []}
+        if given is not None:
+            body["input"] = given
+        return httpx.Response(200, json=body)
+
+
+def _ended(pid: str) -> dict[str, Any]:
+    return {"id": pid, "status": "success", "created_at": "2026-12-07T09:00:00Z"}
+
+
+def _sweeping(
+    listing: Listing, lanes: list[KeyLane], jobs: dict[str, KeyLane], stats: RunStats
+) -> tuple[Sweeper, Listings, dict[str, Any]]:
+    """A sweeper over `jobs` (prediction id -> its key's lane), all created at 0, each with
+    its waiter for the listing's hints."""
+    client = EachlabsClient("https://api.test/v1", "wan", transport=listing.transport())
+    clock = SystemClock()
+    flight = InFlight(clock)
+    hints = Callbacks(5, source="listing")
+    waiters = {}
+    for row, (pid, lane) in enumerate(jobs.items(), start=1):
+        flight.fly(pid, Flying(lane, entry(row), 0.0, 1))
+        waiters[pid] = hints.expect(pid)
+    planner = PollPlanner(
+        expected_latency=4.0, target_delay=1.0, min_interval=0.5, max_interval=30.0
+    )
+    listings = Listings(client, stats)
+    return Sweeper(settings(), listings, flight, planner, lanes, clock, hints), listings, waiters
+
+
+def _lane(key: ApiKey) -> KeyLane:
+    lane = KeyLane(key, CreateGate(100, 60.0), InFlightCap(10, key.name))
+    lane.serving = 1  # its slots are serving
+    return lane
+
+
+def test_sweeps_wake_the_jobs_the_listing_shows_ended_and_no_other() -> None:
+    events = Events()
+    listing = Listing(events, [_ended("p1"), _ended("not-ours")])
+    lane = _lane(KEY)
+    stats = RunStats()
+
+    async def main() -> dict[str, Any]:
+        sweeper, _, waiters = _sweeping(listing, [lane], {"p1": lane, "p2": lane}, stats)
+        with anyio.move_on_after(20):  # virtual seconds
+            await sweeper.sweep(lane)
+        return waiters
+
+    waiters = virtual(main)
+    assert waiters["p1"].event.is_set() and waiters["p1"].hinted
+    assert not waiters["p2"].event.is_set()  # not ended: no hint
+    reads = events.of("listing")
+    assert reads and stats.listings == len(reads)
+    # no read before the shortest jobs could have ended: the planner's prior says when
+    assert reads[0][0] > 0.5
+
+
+def test_a_listing_that_shows_another_keys_job_serves_every_key_with_one_read() -> None:
+    events = Events()
+    listing = Listing(events, [_ended("pa"), _ended("pb")])
+    key_b = ApiKey("unit-key-2")
+    a, b = _lane(KEY), _lane(key_b)
+    stats = RunStats()
+
+    async def main() -> tuple[dict[str, Any], Listings]:
+        sweeper, listings, waiters = _sweeping(listing, [a, b], {"pa": a, "pb": b}, stats)
+        with anyio.move_on_after(20):
+            async with anyio.create_task_group() as both:
+                both.start_soon(sweeper.sweep, a)
+                both.start_soon(sweeper.sweep, b)
+        return waiters, listings
+
+    waiters, listings = virtual(main)
+    assert listings.organisation_wide
+    assert all(w.event.is_set() for w in waiters.values())
+    readers = [key for _, key in events.of("listing")]
+    # the two keys' first reads may go out together; once one showed the other key's job,
+    # only the first serving key reads, for both
+    assert len(readers) > 3
+    assert set(readers[2:]) == {KEY.secret}
+    assert readers.count(key_b.secret) <= 1
+
+
+def _lost(listing: Listing, stats: RunStats, **changes: Any) -> LostCreates:
+    client = EachlabsClient("https://api.test/v1", "wan", transport=listing.transport())
+    lane = _lane(KEY)
+    clock = SystemClock()
+    listings = Listings(client, stats)
+    return LostCreates(
+        settings(**{"resolve_lost": True, "lost_settle": 1.0, **changes}),
+        client,
+        Commits(listing.events),
+        Source([]),
+        stats,
+        listings,
+        InFlight(clock),
+        [lane],
+        clock,
+    )
+
+
+def test_a_lost_create_is_adopted_when_the_listing_shows_a_job_made_with_its_input() -> None:
+    events = Events()
+    listing = Listing(events, [_ended("theirs"), _ended("made")])
+    row = entry(1)
+    inputs = {**row.inputs, "seed": 4242}
+    listing.inputs = {"made": inputs, "theirs": {**row.inputs, "seed": 7}}
+    stats = RunStats()
+
+    async def main() -> tuple[Settled, float]:
+        lost = _lost(listing, stats)
+        settled = await lost.settle(_lane(KEY), row, inputs, sent=0.0, given_up=2.0)
+        return settled, now()
+
+    settled, at = virtual(main)
+    assert settled == Settled("adopted", "made")
+    assert at >= 3.0  # looked up once the answer was due and the settle time had passed
+    assert {pid for _, pid in events.of("get")} == {"made", "theirs"}
+
+
+def test_where_the_get_shows_no_input_a_lost_create_is_unresolved_not_guessed() -> None:
+    events = Events()
+    listing = Listing(events, [_ended("unknown")])  # its GET carries no input
+    row = entry(1)
+    stats = RunStats()
+
+    async def main() -> Settled:
+        return await _lost(listing, stats).settle(_lane(KEY), row, row.inputs, 0.0, 2.0)
+
+    assert virtual(main) == Settled("unresolved")
+
+
+def test_without_the_listing_a_lost_create_is_unresolved_at_once() -> None:
+    events = Events()
+    listing = Listing(events, [_ended("made")])
+    row = entry(1)
+
+    async def main() -> Settled:
+        lost = _lost(listing, RunStats(), resolve_lost=False)
+        return await lost.settle(_lane(KEY), row, row.inputs, 0.0, 2.0)
+
+    assert virtual(main) == Settled("unresolved")
+    assert events.of("listing") == []  # nothing read: polling.listing is off
 
 
 # -- the dispatcher ----------------------------------------------------------------------------
