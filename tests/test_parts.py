@@ -35,7 +35,7 @@ from pipeline.drive.driver import KeyDriver
 from pipeline.drive.flight import Flying, InFlight
 from pipeline.drive.lanes import KeyLane
 from pipeline.drive.listings import Listings
-from pipeline.drive.settings import DriverSettings
+from pipeline.drive.settings import DriverSettings, Webhook
 from pipeline.drive.sweeps import Sweeper
 from pipeline.journal import (
     Entry,
@@ -531,6 +531,79 @@ def test_without_the_listing_a_lost_create_is_unresolved_at_once() -> None:
 
     assert virtual(main) == Settled("unresolved")
     assert events.of("listing") == []  # nothing read: polling.listing is off
+
+
+def _hooked(provider: Provider, hints: Callbacks, stats: RunStats) -> tuple[KeyDriver, KeyLane]:
+    """A driver in webhook mode on one key: callbacks to `hints` may wake its jobs."""
+    client = EachlabsClient("https://api.test/v1", "wan", transport=provider.transport())
+    lane = KeyLane(KEY, CreateGate(100, 60.0), InFlightCap(1, KEY.name))
+    planner = PollPlanner(
+        expected_latency=10.0, target_delay=1.0, min_interval=1.0, max_interval=30.0
+    )
+    webhook = Webhook("https://hooks.test/wanbatch", None, hints)
+    source = Source([entry(1)])
+    driver = KeyDriver(
+        settings(),
+        client,
+        Commits(provider.events),
+        source,
+        planner,
+        stats,
+        [lane],
+        webhook=webhook,
+    )
+    return driver, lane
+
+
+def _callback_at(provider: Provider, hints: Callbacks, at: float) -> Callable[[], Awaitable[None]]:
+    """The provider's callback for its first job, sent `at` seconds into the run."""
+
+    async def send() -> None:
+        await asyncio.sleep(at)
+        hints.hint(next(iter(provider.ends)))
+
+    return send
+
+
+def test_a_callback_wakes_its_job_and_one_poll_confirms_the_end() -> None:
+    events = Events()
+    provider = Provider(events, latency=10.0)
+    hints = Callbacks(5)
+    stats = RunStats()
+
+    async def main() -> None:
+        driver, lane = _hooked(provider, hints, stats)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_callback_at(provider, hints, 10.0))
+            await driver.run_slot(lane)
+
+    virtual(main)
+    polls = [at for at, _ in events.of("poll")]
+    (finish,) = [(at, u) for at, u in updates(events, Finish)]
+    assert polls == [pytest.approx(10.0, abs=0.01)]  # at the callback, not the schedule
+    assert finish[1].outcome.status is Status.SUCCEEDED
+    assert hints.stats.ends_by_callback == 1 and hints.stats.unconfirmed == 0
+
+
+def test_a_callback_a_poll_contradicts_is_counted_and_the_job_polled_on_the_schedule() -> None:
+    events = Events()
+    provider = Provider(events, latency=10.0)
+    hints = Callbacks(5)
+    stats = RunStats()
+
+    async def main() -> None:
+        driver, lane = _hooked(provider, hints, stats)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_callback_at(provider, hints, 4.0))  # the job still runs then
+            await driver.run_slot(lane)
+
+    virtual(main)
+    polls = [at for at, _ in events.of("poll")]
+    assert polls[0] == pytest.approx(4.0, abs=0.01)  # the hint led to a poll at once
+    assert hints.stats.unconfirmed == 1  # which found it running: a hint, not an end
+    assert len(polls) >= 2 and polls[-1] >= 10.0  # its end seen by a later poll
+    (finish,) = [u for _, u in updates(events, Finish)]
+    assert finish.outcome.status is Status.SUCCEEDED  # booked once, at its real end
 
 
 # -- the dispatcher ----------------------------------------------------------------------------
