@@ -517,6 +517,10 @@ class SandboxSection(_SandboxSettingsSection):
         SandboxSettings(keys=("k",), **self.settings())
         return self
 
+    def setting(self, name: str) -> Any:
+        """One of the double's settings this section gives."""
+        return getattr(self, name)
+
     def settings(self) -> dict[str, Any]:
         """The double's settings this section gives (faults as FaultRates)."""
         given = self.model_dump(exclude={"keys"})
@@ -560,7 +564,7 @@ class RunConfig(_Section):
     def time_scale(self) -> float:
         """Wall seconds per provider second for every wait of the client."""
         return (
-            float(self.sandbox.settings()["time_scale"])
+            float(self.sandbox.setting("time_scale"))
             if self.embedded_sandbox
             else self.api.time_scale
         )
@@ -576,7 +580,7 @@ class RunConfig(_Section):
     def image_scale(self) -> float:
         """What the images come back at, of the size asked: the embedded sandbox's shrunk
         images (`sandbox.image_scale`), else the provider's own 1."""
-        return float(self.sandbox.settings()["image_scale"]) if self.embedded_sandbox else 1.0
+        return float(self.sandbox.setting("image_scale")) if self.embedded_sandbox else 1.0
 
     @property
     def allow_loopback_urls(self) -> bool:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
-import structlog
 
 from pipeline.core import (
     ApiError,
@@ -50,7 +49,6 @@ from pipeline.journal import (
 )
 from pipeline.provider import EachlabsClient, GatePaused, PollPlanner
 
-_log = structlog.get_logger("pipeline.drive.driver")
 _MAX_RATE_LIMIT_WAITS = 50
 
 

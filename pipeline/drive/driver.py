@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import anyio
-import structlog
 
 from pipeline.core import TRANSIENT_ERROR_CODES, Clock, JobOutcome, RunStats, Status, SystemClock
 from pipeline.drive.creates import Creator
@@ -38,9 +37,6 @@ from pipeline.intake import Uploads
 from pipeline.journal import Commits, Entry
 from pipeline.outputs import Downloader
 from pipeline.provider import Callbacks, EachlabsClient, PollPlanner
-
-_log = structlog.get_logger("pipeline.drive.driver")
-
 
 __all__ = ["KeyDriver"]
 

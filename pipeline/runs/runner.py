@@ -341,10 +341,10 @@ async def _drive_rounds(
     balance = _Balance(None)
     stop: tuple[ExitCode, str] = (ExitCode.OK, "")
     figures: list[dict[str, Any]] = []
+    # each round is planned with what was spent before it (earlier runs, earlier rounds)
+    plan = plan_run(config, keys, spent_usd=_spent(journal, price))
     async with _receiver(config, stats) as receiver:
         for round_ in range(config.checks.regenerate + 1):
-            # each round's budget counts what the rounds before it spent
-            plan = plan_run(config, keys, spent_usd=_spent(journal, price))
             async with open_engine(
                 config, plan, journal, drive.manifest, base_url, stats, receiver, workers
             ) as engine:
@@ -359,7 +359,8 @@ async def _drive_rounds(
                 await anyio.to_thread.run_sync(checker.run, journal)
             if stop[0] is not ExitCode.OK or drive.faults.describe() is not None:
                 break
-            room = plan_run(config, keys, spent_usd=_spent(journal, price)).budget.left_usd
+            plan = plan_run(config, keys, spent_usd=_spent(journal, price))
+            room = plan.budget.left_usd  # what the remakes may cost
             again = functools.partial(
                 regenerate, config, journal, drive.state, drive.manifest, room, round_ == 0
             )
