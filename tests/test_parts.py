@@ -533,51 +533,44 @@ def test_without_the_listing_a_lost_create_is_unresolved_at_once() -> None:
     assert events.of("listing") == []  # nothing read: polling.listing is off
 
 
-def _hooked(provider: Provider, hints: Callbacks, stats: RunStats) -> tuple[KeyDriver, KeyLane]:
-    """A driver in webhook mode on one key: callbacks to `hints` may wake its jobs."""
+def _hooked(callback_at: float) -> tuple[Events, Callbacks]:
+    """One job (10 s long) driven in webhook mode on one key, the provider's callback for it
+    sent `callback_at` seconds into the run; what the parts did, and the callbacks' counts."""
+    events = Events()
+    provider = Provider(events, latency=10.0)
+    hints = Callbacks(5)
     client = EachlabsClient("https://api.test/v1", "wan", transport=provider.transport())
     lane = KeyLane(KEY, CreateGate(100, 60.0), InFlightCap(1, KEY.name))
     planner = PollPlanner(
         expected_latency=10.0, target_delay=1.0, min_interval=1.0, max_interval=30.0
     )
     webhook = Webhook("https://hooks.test/wanbatch", None, hints)
-    source = Source([entry(1)])
     driver = KeyDriver(
         settings(),
         client,
-        Commits(provider.events),
-        source,
+        Commits(events),
+        Source([entry(1)]),
         planner,
-        stats,
+        RunStats(),
         [lane],
         webhook=webhook,
     )
-    return driver, lane
 
-
-def _callback_at(provider: Provider, hints: Callbacks, at: float) -> Callable[[], Awaitable[None]]:
-    """The provider's callback for its first job, sent `at` seconds into the run."""
-
-    async def send() -> None:
-        await asyncio.sleep(at)
+    async def callback() -> None:
+        await asyncio.sleep(callback_at)
         hints.hint(next(iter(provider.ends)))
 
-    return send
-
-
-def test_a_callback_wakes_its_job_and_one_poll_confirms_the_end() -> None:
-    events = Events()
-    provider = Provider(events, latency=10.0)
-    hints = Callbacks(5)
-    stats = RunStats()
-
     async def main() -> None:
-        driver, lane = _hooked(provider, hints, stats)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_callback_at(provider, hints, 10.0))
+            tg.start_soon(callback)
             await driver.run_slot(lane)
 
     virtual(main)
+    return events, hints
+
+
+def test_a_callback_wakes_its_job_and_one_poll_confirms_the_end() -> None:
+    events, hints = _hooked(callback_at=10.0)
     polls = [at for at, _ in events.of("poll")]
     (finish,) = [(at, u) for at, u in updates(events, Finish)]
     assert polls == [pytest.approx(10.0, abs=0.01)]  # at the callback, not the schedule
@@ -586,18 +579,7 @@ def test_a_callback_wakes_its_job_and_one_poll_confirms_the_end() -> None:
 
 
 def test_a_callback_a_poll_contradicts_is_counted_and_the_job_polled_on_the_schedule() -> None:
-    events = Events()
-    provider = Provider(events, latency=10.0)
-    hints = Callbacks(5)
-    stats = RunStats()
-
-    async def main() -> None:
-        driver, lane = _hooked(provider, hints, stats)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_callback_at(provider, hints, 4.0))  # the job still runs then
-            await driver.run_slot(lane)
-
-    virtual(main)
+    events, hints = _hooked(callback_at=4.0)  # the job still runs then
     polls = [at for at, _ in events.of("poll")]
     assert polls[0] == pytest.approx(4.0, abs=0.01)  # the hint led to a poll at once
     assert hints.stats.unconfirmed == 1  # which found it running: a hint, not an end
