@@ -10,6 +10,7 @@ the faults a marketplace refuses (`EDIT_FAULTS`), drawn from the output's own ha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import random
@@ -25,6 +26,7 @@ __all__ = [
     "pad_jpeg",
     "render_output",
     "sample_image",
+    "sample_png",
     "synthetic_input",
     "target_size",
 ]
@@ -93,12 +95,26 @@ def _draw_product(size: tuple[int, int], background: str, colour: str, shape: st
     return image
 
 
-def sample_image(name: str) -> Image.Image | None:
+@functools.cache
+def _sample(name: str) -> Image.Image | None:
     spec = SAMPLES.get(name)
     if spec is None:
         return None
     w, h, background, colour, shape = spec
     return _draw_product((w, h), background, colour, shape)
+
+
+def sample_image(name: str) -> Image.Image | None:
+    """A sample product photo by its file name (a copy: a caller may draw on it)."""
+    image = _sample(name)
+    return None if image is None else image.copy()
+
+
+@functools.cache
+def sample_png(name: str) -> bytes | None:
+    """A sample's PNG file, encoded once: the samples are fixed pictures, served often."""
+    image = _sample(name)
+    return None if image is None else encode_png(image)
 
 
 def synthetic_input(url: str) -> Image.Image:
