@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check pipeline tests scripts
 	$(BIN)/mypy
 
+# Debian's chromium for the report's browser tests, installed before the suite starts (the
+# tests' own fixture installs it too when pytest runs alone, but then inside the suite's time)
+browser:
+	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
+
 # the suite on four workers (pytest-xdist: most tests wait on a sandbox, not a core), then the
 # Ray tests alone, whose workers and cluster want the machine to themselves
-test: lint
+test: lint browser
 	$(BIN)/pytest -q -n 4 --dist loadgroup --ignore tests/test_ray.py
 	$(BIN)/pytest -q tests/test_ray.py
 
