@@ -29,8 +29,9 @@ browser:
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null \
 		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 
-# the suite on four workers (pytest-xdist: most tests wait on a sandbox, not a core), then the
-# Ray tests alone, whose workers and cluster want the machine to themselves
+# the suite on four workers (pytest-xdist: one test's waits on its sandbox are another's CPU; two
+# cores are kept about 95 % busy), then the Ray tests alone: under the rest's load, their
+# workers start too slowly for the kills and signals they are timed against
 test: lint browser
 	$(BIN)/pytest -q -n 4 --dist loadgroup --ignore tests/test_ray.py
 	$(BIN)/pytest -q tests/test_ray.py
