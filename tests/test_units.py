@@ -501,6 +501,12 @@ def test_config_messages_name_the_file_and_the_key_meant(tmp_path: Path) -> None
         parse_config(typo, tmp_path, "nightly.yaml")
     said = str(raised.value)
     assert "polling.job_timout_s: unknown key (did you mean 'job_timeout_s'?)" in said
+    # a setting of the double that the run gives the embedded sandbox says where it comes from
+    with pytest.raises(ConfigError) as raised:
+        parse_config({**base, "sandbox": {"max_concurrent": 4, "groups": [2]}}, tmp_path, "c")
+    said = str(raised.value)
+    assert "sandbox.max_concurrent: unknown key (the embedded sandbox takes it from limits." in said
+    assert "sandbox.groups: unknown key (the embedded sandbox makes its keys up: limits." in said
     with pytest.raises(ConfigError) as raised:
         parse_config({**base, "manifest": {"path": "m.csv", "defaults": {"n": 9}}}, tmp_path, "c")
     assert "Value error" not in str(raised.value) and "n default must be" in str(raised.value)

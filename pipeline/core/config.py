@@ -455,22 +455,20 @@ class WebhookSection(_Section):
         return None if value is None else value.rstrip("/")
 
 
-# what the run gives the embedded sandbox itself: made-up keys, the config's limits and price,
-# its ledger in the run folder, inputs served on loopback
-_RUN_GIVES = frozenset(
-    {
-        "keys",
-        "creates_per_window",
-        "window_s",
-        "max_concurrent",
-        "price_per_image_usd",
-        "ledger_path",
-        "allow_loopback_urls",
-        "fetch_inputs",
-        "key_faults",
-        "groups",
-    }
-)
+# what the run gives the embedded sandbox itself, and where from (said when a config sets one):
+# made-up keys, the config's limits and price, its ledger in the run folder, inputs on loopback
+_RUN_GIVES: dict[str, str] = {
+    "keys": "counts them (sandbox.keys) and makes them up",
+    "creates_per_window": "takes it from limits.creates_per_window",
+    "window_s": "takes it from limits.window_s",
+    "max_concurrent": "takes it from limits.max_concurrent",
+    "price_per_image_usd": "takes it from api.price_per_image_usd",
+    "ledger_path": "keeps its ledger in the run folder",
+    "allow_loopback_urls": "always serves and fetches inputs on loopback",
+    "fetch_inputs": "always fetches the inputs",
+    "key_faults": "makes its keys up: there is no key to name (use sandbox.faults)",
+    "groups": "makes its keys up: limits.groups names the keys that share a cap",
+}
 # the embedded sandbox answers as the provider does today, where the command's default is the
 # seed document
 _CONFIG_DEFAULTS: dict[str, Any] = {"api_shape": "today"}
@@ -592,7 +590,10 @@ def _location(loc: tuple[int | str, ...]) -> str:
 
 
 def _meant(loc: tuple[int | str, ...]) -> str:
-    """` (did you mean X?)` for an unknown key that is close to one its section has."""
+    """` (did you mean X?)` for an unknown key that is close to one its section has; for a
+    setting the run gives the embedded sandbox, where it comes from."""
+    if len(loc) == 2 and loc[0] == "sandbox" and str(loc[1]) in _RUN_GIVES:
+        return f" (the embedded sandbox {_RUN_GIVES[str(loc[1])]})"
     model: Any = RunConfig
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
