@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -65,6 +66,24 @@ def sandbox() -> Iterator[Callable[..., SandboxServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+def wait_for(
+    check: Callable[[], bool], timeout: float, still: Callable[[], bool] = lambda: True
+) -> bool:
+    """Poll `check` (a server's stats, a file, a process: what has no event to wait on) until
+    it holds (True), or `still` stops holding or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and still():
+        if check():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def until(check: Callable[[], bool], timeout: float) -> None:
+    """`wait_for` that fails the test when `check` does not come to hold within `timeout`."""
+    assert wait_for(check, timeout), f"not seen within {timeout} s"
 
 
 def write_manifest(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -37,6 +37,7 @@ from tests.conftest import (
     config_data,
     journal_rows,
     judge_against_ledger,
+    wait_for,
     write_manifest,
 )
 
@@ -106,16 +107,6 @@ class Pipeline:
 
 def _limit_files(count: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
-
-
-def wait_for(check: Callable[[], bool], timeout: float, still: Callable[[], bool]) -> bool:
-    """Poll `check` until it holds (True) or `still` stops holding or time is up (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and still():
-        if check():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def test_sigkill_at_many_points_then_resume(

@@ -42,6 +42,7 @@ from tests.conftest import (
     make_config,
     results,
     shrunk_sandbox,
+    until,
     write_manifest,
 )
 from tests.test_crash import Pipeline, write_config
@@ -56,13 +57,6 @@ async def _arun(config: Any, **kwargs: Any) -> RunSummary:
     except RunEnded as ended:
         summary: RunSummary = ended.summary
         return summary
-
-
-def _until(check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 # -- answers that cannot be read --------------------------------------------------------------
@@ -223,7 +217,7 @@ def test_a_trickling_download_has_a_deadline_and_signals_end_the_wait(
             return False
         return statuses == ["succeeded"] * 4
 
-    _until(all_succeeded, 30)
+    until(all_succeeded, 30)
     patient.proc.send_signal(signal.SIGTERM)
     code, output = patient.wait(timeout=30)  # a trickled image takes hours: the grace ended it
     assert code == 3, output

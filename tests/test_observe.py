@@ -37,9 +37,10 @@ from tests.conftest import (
     make_config,
     results,
     shrunk_sandbox,
+    wait_for,
     write_manifest,
 )
-from tests.test_crash import Pipeline, wait_for, write_config
+from tests.test_crash import Pipeline, write_config
 
 Start = Callable[..., SandboxServer]
 

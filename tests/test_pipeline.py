@@ -31,9 +31,9 @@ from tests.conftest import (
     results,
     shrunk_sandbox,
     throttled_run,
+    until,
     write_manifest,
 )
-from tests.test_provider_word import until
 
 Start = Callable[..., SandboxServer]
 pytestmark = pytest.mark.anyio

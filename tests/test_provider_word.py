@@ -14,7 +14,6 @@ import hmac
 import json
 import math
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -42,19 +41,12 @@ from tests.conftest import (
     make_config,
     results,
     shrunk_sandbox,
+    until,
     write_manifest,
 )
 from tests.test_crash import Pipeline, write_config
 
 Start = Callable[..., SandboxServer]
-
-
-def until(check: Callable[[], bool], timeout: float) -> None:
-    """Poll a condition of a server or file until it holds; fails the test past `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 def _ends(sb: SandboxServer) -> dict[str, dict[str, Any]]:

@@ -49,9 +49,10 @@ from tests.conftest import (  # noqa: E402
     results,
     shrunk_sandbox,
     throttled_run,
+    wait_for,
     write_manifest,
 )
-from tests.test_crash import Pipeline, wait_for  # noqa: E402
+from tests.test_crash import Pipeline  # noqa: E402
 
 Start = Callable[..., SandboxServer]
 # one Ray cluster for the file: its tests run on one worker of the suite (pytest-xdist)
