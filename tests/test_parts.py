@@ -1,6 +1,6 @@
-"""The run's parts held alone, in virtual time: the key driver and its parts (the listing's
-sweeps, a lost create's settling), the dispatcher, the group commit and the downloader, each
-with fakes of its neighbours and the provider behind an
+"""The run's parts held alone, in virtual time: the key driver and its parts (keys held to
+their limits, the listing's sweeps, a lost create's settling), the dispatcher, the group commit
+and the downloader, each with fakes of its neighbours and the provider behind an
 `httpx.MockTransport`. No server, no sleep: an event loop whose clock jumps to its next timer
 whenever every task waits (looptime), so a test checks exact instants in milliseconds.
 """
@@ -8,6 +8,7 @@ whenever every task waits (looptime), so a test checks exact instants in millise
 from __future__ import annotations
 
 import asyncio
+import bisect
 import io
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,7 @@ from pipeline.provider import (
     InFlightCap,
     PollPlanner,
     RetryPolicy,
+    caps_for,
 )
 
 T = TypeVar("T")
@@ -171,6 +173,7 @@ class Provider:
         self.cancelled: set[str] = set()
         self.creates: list[httpx.Response | Exception] = []  # scripted answers, first ones
         self.never_ends = False
+        self.made: dict[str, tuple[str, float]] = {}  # each job's key (its header) and create
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -186,6 +189,7 @@ class Provider:
                 return scripted
             pid = f"p{len(self.ends) + 1}"
             self.ends[pid] = now() + self.latency
+            self.made[pid] = (request.headers.get("authorization", ""), now())
             return httpx.Response(200, json={"predictionID": pid})
         pid = path.rstrip("/").split("/")[-1 if not path.endswith("/cancel") else -2]
         if path.endswith("/cancel"):
@@ -362,6 +366,62 @@ def test_driver_cancels_a_job_at_its_timeout_and_books_the_end_a_poll_confirms()
     assert finish.outcome.status is Status.FAILED and finish.outcome.error_type == "timeout"
     assert finish.outcome.cancel_accepted is True
     assert stats.timeouts == 1
+
+
+def test_keys_hold_their_window_and_a_group_shares_one_in_flight_cap() -> None:
+    """Three keys on one driver, 5 creates a minute and 3 jobs in flight each, the first two
+    in one group (limits.groups): at the provider, no key ever has more than 5 creates in a
+    minute, the group never more than 3 jobs in flight together and the lone key 3 of its
+    own, both filled; every job ends once. (A gate's wait shorter than a microsecond, 12 x 0.1 s
+    less 1.2 s, once kept this loop at one instant for ever.)"""
+    events = Events()
+    provider = Provider(events, latency=10.0)
+    keys = [ApiKey(f"unit-key-{n}") for n in (1, 2, 3)]
+    caps = caps_for([[keys[0].name, keys[1].name]], keys, 3)
+    lanes = [KeyLane(k, CreateGate(5, 60.0), caps[k.name]) for k in keys]
+
+    async def main() -> RunStats:
+        client = EachlabsClient("https://api.test/v1", "wan", transport=provider.transport())
+        planner = PollPlanner(
+            expected_latency=10.0, target_delay=1.0, min_interval=1.0, max_interval=30.0
+        )
+        stats = RunStats()
+        # the run's own dispatcher: a job given back (its key's window full) goes to another
+        source = dispatcher([entry(r) for r in range(1, 41)], lanes=len(lanes))
+        commits = Commits(events)
+        driver = KeyDriver(settings(), client, commits, source, planner, stats, lanes)
+        try:
+            async with asyncio.TaskGroup() as slots:
+                for lane in lanes:
+                    for _ in range(3):
+                        slots.create_task(driver.run_slot(lane))
+        finally:
+            await client.aclose()
+        return stats
+
+    stats = virtual(main)
+    assert stats.finished == 40 and len(updates(events, Finish)) == 40
+    made = {pid: (key.removeprefix("Bearer "), at) for pid, (key, at) in provider.made.items()}
+    for key in keys:
+        starts = sorted(at for k, at in made.values() if k == key.secret)
+        most = max(bisect.bisect_left(starts, t + 60.0) - i for i, t in enumerate(starts))
+        assert starts and most <= 5  # every key worked, never over its window
+
+    def most_in_flight(secrets: set[str]) -> int:
+        """The most jobs of these keys running at once at the provider (create to end)."""
+        edges = sorted(
+            [(at, 1) for k, at in made.values() if k in secrets]
+            + [(provider.ends[pid], -1) for pid, (k, _) in made.items() if k in secrets]
+        )
+        running = most = 0
+        for _, step in edges:
+            running += step
+            most = max(most, running)
+        return most
+
+    assert most_in_flight({keys[0].secret, keys[1].secret}) == 3  # the group's one cap, full
+    assert most_in_flight({keys[2].secret}) == 3
+    assert most_in_flight({k.secret for k in keys}) == 6
 
 
 # -- the key driver's parts alone: the listing's sweeps, a lost create's settling -------------

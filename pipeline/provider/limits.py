@@ -47,6 +47,9 @@ class GatePaused(Exception):
         self.wait = wait
 
 
+_LEAST_WAIT = 1e-6  # seconds: a shorter wait for the gate is none
+
+
 class CreateGate:
     """Per-key create admission (see the module docstring)."""
 
@@ -75,7 +78,10 @@ class CreateGate:
                 wait = max(wait, self._answered[excess] + self._window - now)
             else:  # only unanswered creates fill the window: look again shortly
                 wait = max(wait, self._interval)
-        return wait
+        # less than a microsecond is the rounding of the sums above (12 x 0.1 s is 1.2 s and a
+        # few 1e-16): slept, it would wake at the same instant of a clock that counts in steps
+        # (a test loop's), and look again forever
+        return wait if wait >= _LEAST_WAIT else 0.0
 
     def seed(self, answered: list[float]) -> None:
         """Creates answered before this gate existed (by an earlier run of the same key), on the
