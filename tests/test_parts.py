@@ -372,7 +372,9 @@ def test_keys_hold_their_window_and_a_group_shares_one_in_flight_cap() -> None:
     """Three keys on one driver, 5 creates a minute and 3 jobs in flight each, the first two
     in one group (limits.groups): at the provider, no key ever has more than 5 creates in a
     minute, the group never more than 3 jobs in flight together and the lone key 3 of its
-    own, both filled; every job ends once. (A gate's wait shorter than a microsecond, 12 x 0.1 s
+    own, both filled; every job ends once. A key waiting for its window leaves the group's cap
+    to the other key: the group makes more creates in its first minute than one key's window
+    (key 2 once made none before 190 s). (A gate's wait shorter than a microsecond, 12 x 0.1 s
     less 1.2 s, once kept this loop at one instant for ever.)"""
     events = Events()
     provider = Provider(events, latency=10.0)
@@ -406,6 +408,9 @@ def test_keys_hold_their_window_and_a_group_shares_one_in_flight_cap() -> None:
         starts = sorted(at for k, at in made.values() if k == key.secret)
         most = max(bisect.bisect_left(starts, t + 60.0) - i for i, t in enumerate(starts))
         assert starts and most <= 5  # every key worked, never over its window
+    # a key waiting for its window holds none of its group's cap: the other key uses it
+    group = {keys[0].secret, keys[1].secret}
+    assert sum(1 for k, at in made.values() if k in group and at < 60.0) > 5
 
     def most_in_flight(secrets: set[str]) -> int:
         """The most jobs of these keys running at once at the provider (create to end)."""

@@ -204,10 +204,7 @@ class Creator:
         key is sent), its error and when it was sent, or NotSent when the run was stopped
         first."""
         try:
-            async with (
-                lane.cap.sending(),
-                lane.gate.create(give_way=lambda: self._others_open(lane)),
-            ):
+            async with lane.gate.create(give_way=lambda: self._others_open(lane), room=lane.cap):
                 if self._dispatcher.halted:
                     if marked:
                         await self._journal.write(MarkPending(entry.row_number))

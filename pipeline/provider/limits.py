@@ -30,8 +30,8 @@ import asyncio
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 from pipeline.core import ApiKey, Clock, RateLimited, SystemClock
@@ -102,21 +102,31 @@ class CreateGate:
         return max(0.0, self._paused_until - self.clock.now())
 
     @asynccontextmanager
-    async def create(self, give_way: Callable[[], bool] | None = None) -> AsyncIterator[None]:
-        """Wait for this key's turn; the create request is sent inside the block. While the key
-        is paused, `give_way()` is asked whether to wait (False) or raise GatePaused (True)."""
+    async def create(
+        self, give_way: Callable[[], bool] | None = None, room: InFlightCap | None = None
+    ) -> AsyncIterator[None]:
+        """Wait for this key's turn, and for `room` under its in-flight cap; the create request
+        is sent inside the block. While the key is paused, `give_way()` is asked whether to wait
+        (False) or raise GatePaused (True). The room is taken only once the key's window and
+        spacing let the create go: a key that waits for its window holds none of a cap it shares
+        with the other keys of its group."""
         async with self._lock:
-            # a computed deadline, not a condition another task signals: sleeping is right
-            while (wait := self._wait_needed(now := self.clock.now())) > 0:
-                if give_way is not None and self._paused_until > now and give_way():
-                    raise GatePaused(self._paused_until - now)
-                await self.clock.sleep(wait)
+            while True:
+                # a computed deadline, not a condition another task signals: sleeping is right
+                while (wait := self._wait_needed(now := self.clock.now())) > 0:
+                    if give_way is not None and self._paused_until > now and give_way():
+                        raise GatePaused(self._paused_until - now)
+                    await self.clock.sleep(wait)
+                if room is None or room.has_room():
+                    break
+                await room.changed()  # then the window and a pause are looked at again
             self._open += 1
             self.sent += 1
             fill = (len(self._answered) + self._open) / self._limit
             self._next_start = self.clock.now() + self._interval * min(1.0, max(0.1, 2 * fill - 1))
         try:
-            yield
+            with room.holding() if room is not None else nullcontext():
+                yield
         finally:
             self._open -= 1
             self._answered.append(self.clock.now())
@@ -151,9 +161,23 @@ class InFlightCap:
     @asynccontextmanager
     async def sending(self) -> AsyncIterator[None]:
         """Room for one create, held until its answer (call `started()` inside on success)."""
-        while self.running + self._sending >= self.cap:
-            self._changed.clear()
-            await self._changed.wait()
+        while not self.has_room():
+            await self.changed()
+        with self.holding():
+            yield
+
+    def has_room(self) -> bool:
+        """Whether one more create may be sent now."""
+        return self.running + self._sending < self.cap
+
+    async def changed(self) -> None:
+        """Until room may have opened (a create answered or a job ended)."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold room for one create, found free (`has_room`), until its answer."""
         self._sending += 1
         try:
             yield
