@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from pipeline.core import ConfigError, ExitCode
-from pipeline.provider import InFlightCap
+from pipeline.provider import CreateGate, InFlightCap
 from pipeline.sandbox import SandboxServer
 from tests.conftest import (
     KEY,
@@ -30,10 +30,11 @@ pytestmark = pytest.mark.anyio
 
 async def test_the_cap_shrinks_at_a_429_and_grows_back_step_by_step() -> None:
     cap = InFlightCap(10, "key-test")
+    gate = CreateGate(10_000, 1.0)  # a window that never binds: the cap alone holds creates
     for _ in range(6):  # six jobs created and running at the provider
-        async with cap.sending():
+        async with gate.create(room=cap):
             cap.started()
-    async with cap.sending():
+    async with gate.create(room=cap):
         cap.refused()  # the 7th create was refused: the provider's cap is the 6 it runs
     assert cap.cap == 6 and cap.lowered == 1
     waiting = anyio.Event()
@@ -41,7 +42,7 @@ async def test_the_cap_shrinks_at_a_429_and_grows_back_step_by_step() -> None:
 
     async def seventh() -> None:
         waiting.set()
-        async with cap.sending():
+        async with gate.create(room=cap):
             sent.set()
 
     async with anyio.create_task_group() as tg:

@@ -137,7 +137,8 @@ class InFlightCap:
     have running at the provider: `configured` at most, and fewer once the provider says so.
 
     A create is sent only while the jobs running at the provider plus the creates being sent
-    are under the cap (`sending()`); a job counts from its create's answer to its end
+    are under the cap (`has_room()`; the key's gate takes the room, `CreateGate.create`, once
+    the key's window lets the create go); a job counts from its create's answer to its end
     (`started()`, `ended()`). A 429 that says the concurrency cap was reached (see `Worker`:
     the key's window was not full) lowers the cap to the jobs running there then and at most to
     `_DECREASE` of it: multiplicative decrease. Each `cap` jobs that end without such a 429
@@ -157,14 +158,6 @@ class InFlightCap:
         self._patience = 1  # rounds of `cap` ends before the next raise
         self._probing = False  # the cap was just raised: a 429 now means the raise was wrong
         self._changed = asyncio.Event()  # set when room may have opened
-
-    @asynccontextmanager
-    async def sending(self) -> AsyncIterator[None]:
-        """Room for one create, held until its answer (call `started()` inside on success)."""
-        while not self.has_room():
-            await self.changed()
-        with self.holding():
-            yield
 
     def has_room(self) -> bool:
         """Whether one more create may be sent now."""
