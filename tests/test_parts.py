@@ -229,23 +229,29 @@ def settings(**changes: Any) -> DriverSettings:
 
 
 async def drive(
-    provider: Provider, jobs: list[Entry] | Source, concurrent: int = 10, **changes: Any
-) -> tuple[KeyDriver, Source, RunStats]:
-    """The jobs driven on one key by `concurrent` slots, until none is left."""
+    provider: Provider,
+    jobs: list[Entry] | Source | Dispatcher,
+    concurrent: int = 10,
+    lanes: list[KeyLane] | None = None,
+    **changes: Any,
+) -> tuple[KeyDriver, Any, RunStats]:
+    """The jobs driven by `concurrent` slots of each lane (one key's, unless given) until
+    none is left; the driver, the source of the jobs and the run's counters."""
     client = EachlabsClient("https://api.test/v1", "wan", transport=provider.transport())
-    lane = KeyLane(KEY, CreateGate(100, 60.0), InFlightCap(concurrent, KEY.name))
+    lanes = lanes or [KeyLane(KEY, CreateGate(100, 60.0), InFlightCap(concurrent, KEY.name))]
     planner = PollPlanner(
         expected_latency=10.0, target_delay=1.0, min_interval=1.0, max_interval=30.0
     )
-    source = jobs if isinstance(jobs, Source) else Source(jobs)
+    source = Source(jobs) if isinstance(jobs, list) else jobs
     stats = RunStats()
     driver = KeyDriver(
-        settings(**changes), client, Commits(provider.events), source, planner, stats, [lane]
+        settings(**changes), client, Commits(provider.events), source, planner, stats, lanes
     )
     try:
         async with asyncio.TaskGroup() as slots:
-            for _ in range(concurrent):
-                slots.create_task(driver.run_slot(lane))
+            for lane in lanes:
+                for _ in range(concurrent):
+                    slots.create_task(driver.run_slot(lane))
     finally:
         await client.aclose()
     return driver, source, stats
@@ -383,23 +389,9 @@ def test_keys_hold_their_window_and_a_group_shares_one_in_flight_cap() -> None:
     lanes = [KeyLane(k, CreateGate(5, 60.0), caps[k.name]) for k in keys]
 
     async def main() -> RunStats:
-        client = EachlabsClient("https://api.test/v1", "wan", transport=provider.transport())
-        planner = PollPlanner(
-            expected_latency=10.0, target_delay=1.0, min_interval=1.0, max_interval=30.0
-        )
-        stats = RunStats()
         # the run's own dispatcher: a job given back (its key's window full) goes to another
         source = dispatcher([entry(r) for r in range(1, 41)], lanes=len(lanes))
-        commits = Commits(events)
-        driver = KeyDriver(settings(), client, commits, source, planner, stats, lanes)
-        try:
-            async with asyncio.TaskGroup() as slots:
-                for lane in lanes:
-                    for _ in range(3):
-                        slots.create_task(driver.run_slot(lane))
-        finally:
-            await client.aclose()
-        return stats
+        return (await drive(provider, source, concurrent=3, lanes=lanes))[2]
 
     stats = virtual(main)
     assert stats.finished == 40 and len(updates(events, Finish)) == 40
