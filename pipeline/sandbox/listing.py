@@ -17,7 +17,7 @@ import json
 import time
 from bisect import bisect_left, bisect_right
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -54,21 +54,27 @@ def _iso(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _entry(
-    state: SandboxState, job: Job, model: str, to_wall: float, today: bool
-) -> dict[str, Any]:
+def _shown(state: SandboxState, job: Job, today: bool) -> tuple[str, bool]:
+    """The job's status as the listing says it, and whether it has ended (a job due to end
+    ends now, billed, as on a poll)."""
     ended = state.finish_due(job)
     status = job.status(state.now())
-    output: Any = None
-    if ended:
-        if job.cancelled:
-            status = "cancelled"
-        elif job.fails:
-            status, output = ("error" if today else "failed"), job.failure()
-        else:
-            status, output = "success", job.output_urls()
+    if ended and job.cancelled:
+        status = "cancelled"
+    elif ended:
+        status = ("error" if today else "failed") if job.fails else "success"
     if not today:
         status = _RUNNING.get(status, status)
+    return status, ended
+
+
+def _entry(
+    state: SandboxState, job: Job, shown: tuple[str, bool], model: str, to_wall: float, today: bool
+) -> dict[str, Any]:
+    status, ended = shown
+    output: Any = None
+    if ended and not job.cancelled:
+        output = job.failure() if job.fails else job.output_urls()
     return {
         "id": job.prediction_id,
         "model": model,
@@ -121,10 +127,23 @@ def _visible(state: SandboxState, settings: SandboxSettings, key: str) -> list[J
     return jobs
 
 
+Shown = tuple[Job, tuple[str, bool]]  # a job the listing selects, with its status and end
+
+
+class _Selected(NamedTuple):
+    query: dict[str, Any]
+    found: list[Shown]  # newest first
+    to_wall: float  # from the sandbox's clock to the provider's
+
+    def entries(self, state: SandboxState, page: list[Shown], model: str, today: bool) -> list[Any]:
+        """The page's entries, built for the jobs shown only (a listing may select thousands)."""
+        return [_entry(state, job, shown, model, self.to_wall, today) for job, shown in page]
+
+
 def _matching(
     request: Request, state: SandboxState, settings: SandboxSettings, key: str, model: str
-) -> tuple[dict[str, Any], list[tuple[Job, dict[str, Any]]]] | Response:
-    """The query, and the jobs it selects with their entries, newest first; or the refusal."""
+) -> _Selected | Response:
+    """The query, and the jobs it selects with their statuses, newest first; or the refusal."""
     if not settings.listing:
         return JSONResponse({"error": "Not found"}, status_code=404)
     query = _query(request)
@@ -138,10 +157,10 @@ def _matching(
         jobs = jobs[bisect_left(jobs, since - to_wall, key=lambda j: j.created_at) :]
     if until is not None:
         jobs = jobs[: bisect_right(jobs, until - to_wall, key=lambda j: j.created_at)]
-    found = [(j, _entry(state, j, model, to_wall, settings.today)) for j in reversed(jobs)]
+    found = [(j, _shown(state, j, settings.today)) for j in reversed(jobs)]
     if statuses:
-        found = [(j, e) for j, e in found if e["status"] in statuses]
-    return query, found
+        found = [(j, shown) for j, shown in found if shown[0] in statuses]
+    return _Selected(query, found, to_wall)
 
 
 def executions(
@@ -152,11 +171,11 @@ def executions(
     matched = _matching(request, state, settings, key, model)
     if isinstance(matched, Response):
         return matched
-    query, found = matched
+    query, found = matched.query, matched.found
     offset, limit = query["offset"], query["limit"]
     if settings.today and offset > V1_ROWS - limit:
         return JSONResponse({"error": V1_REFUSAL}, status_code=400)
-    page = [e for _, e in found[offset : offset + limit]]
+    page = matched.entries(state, found[offset : offset + limit], model, settings.today)
     return JSONResponse(
         {"executions": page, "total_count": len(found), "offset": offset, "limit": limit}
     )
@@ -177,7 +196,7 @@ def executions_v2(
     matched = _matching(request, state, settings, key, model)
     if isinstance(matched, Response):
         return matched
-    query, found = matched
+    query, found = matched.query, matched.found
     cursor = request.query_params.get("cursor")
     start = 0
     if cursor:
@@ -201,7 +220,7 @@ def executions_v2(
     )
     return JSONResponse(
         {
-            "executions": [e for _, e in page],
+            "executions": matched.entries(state, page, model, settings.today),
             "has_more": more,
             "next_cursor": token.decode() if token else None,
             "limit": query["limit"],
