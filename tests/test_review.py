@@ -137,18 +137,21 @@ async def _exported(page: Page, into: Path) -> Path:
     return into
 
 
+_ROWS = 120  # two of the page's pages of 100: the review goes over to the second
+
+
 @pytest.mark.anyio
 async def test_a_reviewer_decides_in_the_browser_and_retry_remakes_exactly_the_rejected(
     sandbox: Start, tmp_path: Path, browser: Browser
 ) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
-    data = _review_config(tmp_path, sb, 240)
+    data = _review_config(tmp_path, sb, _ROWS)
     summary = await go(parse_config(data, tmp_path), [KEY, KEY2])
     assert summary.exit_code is ExitCode.OK
     run_dir = summary.run_dir
     before = {r["row_number"]: r for r in results(summary)}
     first_creates = [e for e in sb.ledger() if e["event"] == "created"]
-    assert len(first_creates) == 240
+    assert len(first_creates) == _ROWS
 
     page, errors = await _open_report(browser, run_dir, 1440)
     stored = Path(before[1]["output_paths"][0]).relative_to(run_dir).as_posix()
@@ -186,7 +189,7 @@ async def test_a_reviewer_decides_in_the_browser_and_retry_remakes_exactly_the_r
     after = {r["row_number"]: r for r in results(again)}
     rejected = {row for row, (d, _) in decided.items() if d == "rejected"}
     approved = {row for row, (d, _) in decided.items() if d == "approved"}
-    new_creates = [e for e in sb.ledger() if e["event"] == "created"][240:]
+    new_creates = [e for e in sb.ledger() if e["event"] == "created"][_ROWS:]
     # exactly the rejected rows were sent again, each once, with the input the results show
     assert sorted(after[r]["prediction_id"] for r in rejected) == sorted(
         e["prediction_id"] for e in new_creates
@@ -222,7 +225,7 @@ async def test_a_reviewer_decides_in_the_browser_and_retry_remakes_exactly_the_r
 
     # the same file again pays for nothing: every rejected edit was made again since
     await go(parse_config(data, tmp_path), [KEY, KEY2], reprocess=Reprocess((), decisions=exported))
-    assert len([e for e in sb.ledger() if e["event"] == "created"]) == 240 + len(rejected)
+    assert len([e for e in sb.ledger() if e["event"] == "created"]) == _ROWS + len(rejected)
 
 
 @pytest.mark.anyio
