@@ -30,11 +30,10 @@ browser:
 		|| (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 
 # the suite on four workers (pytest-xdist: one test's waits on its sandbox are another's CPU; two
-# cores are kept about 95 % busy), then the Ray tests alone: under the rest's load, their
-# workers start too slowly for the kills and signals they are timed against
+# cores are kept about 95 % busy); the Ray tests share one worker and its one Ray cluster, handed
+# out first (tests/conftest.py, ONE_WORKER)
 test: lint browser
-	$(BIN)/pytest -q -n 4 --dist loadgroup --ignore tests/test_ray.py
-	$(BIN)/pytest -q tests/test_ray.py
+	$(BIN)/pytest -q -n 4 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

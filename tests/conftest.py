@@ -44,6 +44,25 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 KEY = "test-key-1"
 KEY2 = "test-key-2"
 
+# files whose tests share one worker of the suite (pytest-xdist): test_ray.py's one Ray cluster
+# for the session. xdist's own `loadgroup` reads an `xdist_group` mark through the test ids,
+# which pytest 9.2 no longer lets it change (pytest-dev/pytest-xdist#1386), so the group is
+# said here, by file; as the largest unit of work, it is handed out first
+ONE_WORKER = {"tests/test_ray.py": "ray"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: every test on its own, but each file of ONE_WORKER's on one worker."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return ONE_WORKER.get(nodeid.split("::", 1)[0], nodeid)
+
+    return Groups(config, log)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -55,8 +55,8 @@ from tests.conftest import (  # noqa: E402
 from tests.test_crash import Pipeline  # noqa: E402
 
 Start = Callable[..., SandboxServer]
-# one Ray cluster for the file: its tests run on one worker of the suite (pytest-xdist)
-pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("ray")]
+# one Ray cluster for the file: its tests run on one worker of the suite (conftest.ONE_WORKER)
+pytestmark = pytest.mark.anyio
 
 KEYS = (KEY, KEY2, "sandbox-key-three", "sandbox-key-four")
 LIMITS = {"creates_per_window": 20, "max_concurrent": 4}
