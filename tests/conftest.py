@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -351,10 +352,37 @@ def chromium() -> str:
     return found
 
 
+@pytest.fixture(scope="session")
+def devtools(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One headless Chromium for this worker of the suite, reached by its DevTools address:
+    each test opens its own browser contexts in it (a launch per test cost 2 CPU-s)."""
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    args = [chromium, "--headless", "--remote-debugging-port=0", f"--user-data-dir={profile}"]
+    proc = subprocess.Popen([*args, *CHROMIUM_FLAGS, "about:blank"], stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    said = []
+    for raw in proc.stderr:  # its first lines, until it names its address
+        line = raw.decode(errors="replace")
+        said.append(line)
+        if line.startswith("DevTools listening on "):
+            break
+    else:
+        raise AssertionError(f"chromium did not start: {''.join(said)[-2000:]}")
+    drain = threading.Thread(target=proc.stderr.read, daemon=True)  # its later lines
+    drain.start()
+    yield line.removeprefix("DevTools listening on ").strip()
+    proc.terminate()
+    proc.wait(timeout=30)
+    drain.join(timeout=30)
+    proc.stderr.close()
+
+
 @pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Browser]:
-    """Headless Chromium driven by Playwright (Debian's binary: Playwright downloads none)."""
+async def browser(devtools: str) -> AsyncIterator[Browser]:
+    """Headless Chromium driven by Playwright (Debian's binary: Playwright downloads none),
+    the worker's one, through its DevTools protocol; the contexts a test opens are closed
+    with it."""
     async with async_playwright() as driver:
-        launched = await driver.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
-        yield launched
-        await launched.close()
+        connected = await driver.chromium.connect_over_cdp(devtools)
+        yield connected
+        await connected.close()
