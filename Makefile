@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint browser bench clean
 
+# Python keeps its compiled modules (__pycache__/) even where the environment says not to: the
+# suite starts about 150 Python processes (runs, Ray workers, scripts), and each compiled the
+# package again, 0.15 CPU-s apiece
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
