@@ -121,14 +121,17 @@ class CheckStage:
         return Measured(target.row_number, target.index, held, ["decodes"])
 
     def _input(self, url: str, http: httpx.Client) -> Picture | None:
-        """The input's working copy (fetched once per URL), or None when it cannot be had."""
+        """The input's working copy (fetched once per address), or None when it cannot be had."""
+        if url.startswith(UPLOAD_TOKEN):
+            return None
+        parts = urlsplit(url)
+        if self._samples_from is not None and parts.path.startswith("/samples/"):
+            url = self._samples_from + parts.path  # the embedded sandbox's, whatever the query
         with self._lock:
             if url in self._inputs:
                 self._inputs.move_to_end(url)
                 return self._inputs[url]
-        found = None
-        if not url.startswith(UPLOAD_TOKEN):
-            found = self._fetch(url, http)
+        found = self._fetch(url, http)
         with self._lock:
             self._inputs[url] = found
             if len(self._inputs) > _HELD_INPUTS:
@@ -139,9 +142,7 @@ class CheckStage:
         from pipeline.checks.pixels import Unreadable, picture
 
         parts = urlsplit(url)
-        if self._samples_from is not None and parts.path.startswith("/samples/"):
-            url = self._samples_from + parts.path
-        elif parts.netloc in self._dead_hosts:
+        if parts.netloc in self._dead_hosts:
             return None
         try:
             with http.stream("GET", url) as answer:
