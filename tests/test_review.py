@@ -151,7 +151,7 @@ async def test_a_reviewer_decides_in_the_browser_and_retry_remakes_exactly_the_r
     sandbox: Start, tmp_path: Path, browser: Browser
 ) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=2, allow_loopback_urls=True)
-    data = _review_config(tmp_path, sb, _ROWS)
+    data = _review_config(tmp_path, sb, _ROWS, one_photo=True)
     summary = await go(parse_config(data, tmp_path), [KEY, KEY2])
     assert summary.exit_code is ExitCode.OK
     run_dir = summary.run_dir
