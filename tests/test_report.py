@@ -76,8 +76,8 @@ async def test_report_in_headless_chromium(
         faults=FaultRates(job_error=0.1),
     )
     rows = catalog(130)
-    for i, row in enumerate(rows):  # inputs the sandbox serves, so they have thumbnails
-        row["img_url"] = f"{sb.base_url.removesuffix('/v1')}/samples/mug-white.png?{i}"
+    for row in rows:  # a photo the sandbox serves, so it has a thumbnail (fetched once)
+        row["img_url"] = f"{sb.base_url.removesuffix('/v1')}/samples/mug-white.png"
     rows[5]["prompt"] = ""  # rejected
     manifest = write_manifest(tmp_path / "m.csv", rows)
     config = make_config(
