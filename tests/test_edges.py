@@ -324,7 +324,7 @@ async def test_a_full_disk_mid_run_ends_with_its_books_and_resumes_without_payin
     sandbox: Start, tmp_path: Path, small_disk: Path
 ) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=10)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(120))
+    manifest = write_manifest(tmp_path / "m.csv", catalog(60))
     config = _config(
         tmp_path,
         sb,
@@ -340,12 +340,12 @@ async def test_a_full_disk_mid_run_ends_with_its_books_and_resumes_without_payin
     # the journal or the image store meets the full disk first: either says so
     assert "database or disk is full" in first.message or "No space left" in first.message
     assert "run the same command again" in first.message
-    assert 5 <= sb.stats()["creates"] < 120
+    assert 5 <= sb.stats()["creates"] < 60
 
     (small_disk / "filler").unlink(missing_ok=True)
     again = await go(config, [KEY])
     assert again.exit_code is ExitCode.OK
-    judge_against_ledger(sb, small_disk / "run", 120)
+    judge_against_ledger(sb, small_disk / "run", 60)
 
 
 def _fill(path: Path) -> None:
