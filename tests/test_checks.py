@@ -17,19 +17,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.checks import judge, measure, picture
+from pipeline.checks import CheckStage, judge, measure, picture
 from pipeline.core import EDIT_FAULTS, ChecksSection, ConfigError, parse_config
 from pipeline.outputs import publish, summary_rows
 from pipeline.outputs.publishing import copy_name
 from pipeline.outputs.tagging import AI_SOURCE, xmp_source
 from pipeline.runs import Reprocess
-from pipeline.sandbox.images import SAMPLES, edit_fault, render_output, sample_image, target_size
+from pipeline.sandbox.images import (
+    SAMPLES,
+    edit_fault,
+    render_output,
+    sample_image,
+    sample_png,
+    target_size,
+)
 from tests.conftest import go, write_manifest
 
 pytestmark = pytest.mark.anyio
@@ -146,6 +154,28 @@ def test_each_fault_fails_a_rule_and_a_good_edit_none() -> None:
                 assert failed == [], (name, failed)
             else:
                 assert meant[fault] in failed, (name, fault, failed)
+
+
+def test_an_input_is_fetched_once_per_address(tmp_path: Path) -> None:
+    """The embedded sandbox's samples are one address whatever a row's query (a shop's ?v=
+    cache-buster): fetched and decoded once; another host's addresses each their own."""
+    fetched: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        fetched.append(str(request.url))
+        return httpx.Response(200, content=sample_png("mug-white.png"))
+
+    stage = CheckStage([], tmp_path, {}, samples_from="http://127.0.0.1:9")
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        shop = "https://samples.wanbatch.invalid/samples/mug-white.png"
+        seen = [stage._input(f"{shop}?v={i}", http) for i in range(5)]
+        other = [stage._input(f"https://cdn.example.com/a.png?v={i}", http) for i in range(2)]
+    assert fetched == [
+        "http://127.0.0.1:9/samples/mug-white.png",
+        "https://cdn.example.com/a.png?v=0",
+        "https://cdn.example.com/a.png?v=1",
+    ]
+    assert all(p is seen[0] for p in seen) and seen[0] is not None and None not in other
 
 
 async def test_checks_flag_the_faulty_edits_and_the_report_puts_them_first(
