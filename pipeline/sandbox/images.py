@@ -14,6 +14,7 @@ import functools
 import hashlib
 import io
 import random
+import weakref
 
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageOps
 
@@ -148,14 +149,27 @@ def edit_fault(prediction_id: str, index: int, rates: dict[str, float]) -> str |
     return None
 
 
+# the cut-outs of the sources rendered lately: a job's outputs, and a catalog's rows that share
+# a photo, are drawn from one source (kept by the sandbox per input address)
+_CUTS: dict[int, tuple[weakref.ref[Image.Image], tuple[Image.Image, Image.Image]]] = {}
+_CUTS_HELD = 256
+
+
 def _product(source: Image.Image) -> tuple[Image.Image, Image.Image]:
     """The source's product cut out (its box) and its mask: what differs from the colour of
-    the source's corners."""
+    the source's corners; cut once per source picture (neither is drawn on afterwards)."""
+    held = _CUTS.get(id(source))
+    if held is not None and held[0]() is source:
+        return held[1]
     rgb = source.convert("RGB")
     ground = Image.new("RGB", rgb.size, rgb.getpixel((0, 0)))
     mask = ImageChops.difference(rgb, ground).convert("L").point(lambda v: 255 if v > 24 else 0)
     box = mask.getbbox() or (0, 0, rgb.width, rgb.height)
-    return rgb.crop(box), mask.crop(box)
+    cut = rgb.crop(box), mask.crop(box)
+    if len(_CUTS) >= _CUTS_HELD:
+        _CUTS.clear()
+    _CUTS[id(source)] = (weakref.ref(source), cut)
+    return cut
 
 
 def render_output(
