@@ -52,6 +52,7 @@ KEY2 = "test-key-2"
 ONE_WORKER = {"tests/test_ray.py": "ray"}
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest without xdist runs the file alone
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`--dist loadgroup`: every test on its own, but each file of ONE_WORKER's on one worker."""
     if config.getvalue("dist") != "loadgroup":
