@@ -27,6 +27,7 @@ from pipeline.core import (
     ObjectTooLarge,
     Threshold,
     read_stored,
+    sample_address,
     tls_context,
 )
 from pipeline.journal import CheckTarget, Journal, Measured
@@ -124,9 +125,7 @@ class CheckStage:
         """The input's working copy (fetched once per address), or None when it cannot be had."""
         if url.startswith(UPLOAD_TOKEN):
             return None
-        parts = urlsplit(url)
-        if self._samples_from is not None and parts.path.startswith("/samples/"):
-            url = self._samples_from + parts.path  # the embedded sandbox's, whatever the query
+        url = sample_address(url, self._samples_from) or url  # a demo sample: whatever its query
         with self._lock:
             if url in self._inputs:
                 self._inputs.move_to_end(url)

@@ -39,7 +39,7 @@ from pipeline.core.config import (
     parse_config,
 )
 from pipeline.core.counters import COUNTERS, CallbackStats, DownloadStats, RunStats, run_stats
-from pipeline.core.double import SandboxSettings
+from pipeline.core.double import SandboxSettings, sample_address
 from pipeline.core.errors import (
     ERROR_TYPES,
     TRANSIENT_ERRORS,
@@ -266,6 +266,7 @@ __all__ = [
     "read_stored",
     "resolve_groups",
     "run_stats",
+    "sample_address",
     "sandbox_keys",
     "save_thumb",
     "timings",

@@ -10,10 +10,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.core.faults import FaultRates
 
-__all__ = ["SandboxSettings"]
+__all__ = ["SandboxSettings", "sample_address"]
+
+
+def sample_address(url: str, samples_from: str | None) -> str | None:
+    """Where the embedded sandbox (its root `samples_from`) serves the demo sample that `url`
+    names by its path (`/samples/...`, whatever its host and query), or None when it names
+    none."""
+    path = urlsplit(url).path
+    if samples_from is None or not path.startswith("/samples/"):
+        return None
+    return samples_from + path
 
 
 def _names(text: str) -> tuple[str, ...]:

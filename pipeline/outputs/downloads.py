@@ -41,6 +41,7 @@ from pipeline.core import (
     input_thumb,
     located,
     output_thumb,
+    sample_address,
     tls_context,
 )
 from pipeline.journal import Commits, FailImage, Journal, StoreImage
@@ -377,14 +378,12 @@ class Downloader:
     async def _fetch_input(self, url: str) -> None:
         assert self._thumbs is not None
         parts = urlsplit(url)
-        where = url
-        if self.samples_from is not None and parts.path.startswith("/samples/"):
-            where = self.samples_from + parts.path  # the sandbox serves the demo's samples
-        elif parts.netloc in self._dead_hosts:
+        where = sample_address(url, self.samples_from)  # the sandbox serves the demo's samples
+        if where is None and parts.netloc in self._dead_hosts:
             return
         try:
             with anyio.fail_after(10):
-                data = await self._download(where, MAX_INPUT_BYTES)
+                data = await self._download(where or url, MAX_INPUT_BYTES)
             await anyio.to_thread.run_sync(self._thumbs.put, input_thumb(url), data)
         except (httpx.TransportError, TimeoutError):
             self._dead_hosts.add(parts.netloc)  # one try per unreachable host, not per row
