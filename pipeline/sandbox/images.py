@@ -27,6 +27,7 @@ __all__ = [
     "pad_jpeg",
     "render_output",
     "sample_image",
+    "sample_picture",
     "sample_png",
     "synthetic_input",
     "target_size",
@@ -97,7 +98,9 @@ def _draw_product(size: tuple[int, int], background: str, colour: str, shape: st
 
 
 @functools.cache
-def _sample(name: str) -> Image.Image | None:
+def sample_picture(name: str) -> Image.Image | None:
+    """A sample product photo by its file name: the one picture, shared by every caller (drawn
+    once; not to be drawn on: `sample_image` gives a copy for that)."""
     spec = SAMPLES.get(name)
     if spec is None:
         return None
@@ -107,14 +110,14 @@ def _sample(name: str) -> Image.Image | None:
 
 def sample_image(name: str) -> Image.Image | None:
     """A sample product photo by its file name (a copy: a caller may draw on it)."""
-    image = _sample(name)
+    image = sample_picture(name)
     return None if image is None else image.copy()
 
 
 @functools.cache
 def sample_png(name: str) -> bytes | None:
     """A sample's PNG file, encoded once: the samples are fixed pictures, served often."""
-    image = _sample(name)
+    image = sample_picture(name)
     return None if image is None else encode_png(image)
 
 
