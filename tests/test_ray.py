@@ -65,8 +65,8 @@ LIMITS = {"creates_per_window": 20, "max_concurrent": 4}
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
     """One local Ray cluster for every test that needs it; its address, for subprocesses.
-    Its workers run at the suite's priority: Ray's default (nice 15) left them about 3 % of a
-    core beside the suite's other workers, and each worker's start took 2-3 times as long."""
+    Its workers run at the suite's priority: at Ray's default (nice 15) they had about 3 % of a
+    core beside the suite's other workers, and this file took 166-254 s, not 141 s, in it."""
     ray.init(
         num_cpus=2,
         object_store_memory=80 * 2**20,
