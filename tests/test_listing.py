@@ -172,7 +172,10 @@ def test_any_answer_is_read_or_refused_as_a_protocol_violation(answer: dict[str,
 def _run(sandbox: Start, tmp_path: Path, rows: int, **settings: Any) -> tuple[Any, SandboxServer]:
     sb = shrunk_sandbox(sandbox, latency_spread=0.3, **settings)
     manifest = write_manifest(tmp_path / "m.csv", catalog(rows))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
+    # the listing read at the default pace (the suite's other runs read it at most every 0.5 s)
+    config = make_config(
+        tmp_path, sb.base_url, manifest, api={"time_scale": SCALE}, polling={"min_interval_s": 0.1}
+    )
     return config, sb
 
 
