@@ -520,20 +520,40 @@ def _check_fields() -> list[pa.Field]:
     ]
 
 
-def _check_columns(batch: list[Any]) -> dict[str, list[Any]]:
-    """The check columns of a batch of the journal's images."""
-    columns: dict[str, list[Any]] = {f.name: [] for f in _check_fields()}
-    for r in batch:
-        values = json.loads(r["checks"]) if r["checks"] else {}
-        failed = json.loads(r["checks_failed"]) if r["checks_failed"] is not None else None
-        for name in RULES:
-            value = values[name][0] if name in values else None
-            columns[f"check_{name}"].append(value)
-            passed = None if value is None else name not in (failed or [])
-            columns[f"check_{name}_passed"].append(passed)
-        columns["checks_passed"].append(None if failed is None else not failed)
-        columns["checks_failed"].append(failed)
-    return columns
+def _image_checks(r: sqlite3.Row) -> dict[str, Any]:
+    """The check columns of one of the journal's images."""
+    values = json.loads(r["checks"]) if r["checks"] else {}
+    failed = json.loads(r["checks_failed"]) if r["checks_failed"] is not None else None
+    out: dict[str, Any] = {}
+    for name in RULES:
+        value = values[name][0] if name in values else None
+        out[f"check_{name}"] = value
+        out[f"check_{name}_passed"] = None if value is None else name not in (failed or [])
+    out["checks_passed"] = None if failed is None else not failed
+    out["checks_failed"] = failed
+    return out
+
+
+def _image_line(
+    r: sqlite3.Row, layout: ResultLayout, id_name: str | None, price: float, run_dir: Path
+) -> str:
+    """One image's row as a JSON line (its id column too, unless the manifest's own type
+    is taken from the file)."""
+    line: dict[str, Any] = {
+        "job_id": r["job_id"],
+        "row_number": r["row_number"],
+        "prediction_id": r["prediction_id"],
+        "index": r["idx"],
+        "url": r["url"],
+        **{n: r[n] for n in ("sha256", "bytes", "width", "height", "format", "state", "error")},
+        "path": None if r["path"] is None else located(r["path"], run_dir),
+        "cost_usd": 0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6),
+        "priced_cost_usd": 0.0 if r["reused"] else price,
+        **_image_checks(r),
+    }
+    if id_name is not None and layout.id_column is not None:
+        line[id_name] = _text(json.loads(r["record"]).get(layout.id_column))
+    return json.dumps(line)
 
 
 _IMAGE_COLUMNS = frozenset(
@@ -548,34 +568,21 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
     billed, and our price; the number of images."""
     schema, own = _image_schema(layout)
     manifest = None if own is None else _ManifestRows(layout.manifest_path, own)
+    id_name = None if layout.id_column is None else schema.names[2]
+    # the id column is read from a Parquet manifest with its own type, the rest as JSON lines
+    lines = schema if manifest is None else schema.remove(2)
+    parsed = _parsed(lines)
     count = 0
     with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
         for batch in journal.reports.image_rows():
-            columns: dict[str, Any] = {
-                "job_id": [r["job_id"] for r in batch],
-                "row_number": [r["row_number"] for r in batch],
-                "prediction_id": [r["prediction_id"] for r in batch],
-                "index": [r["idx"] for r in batch],
-                "url": [r["url"] for r in batch],
-            }
-            for name in ("sha256", "bytes", "width", "height", "format", "state", "error"):
-                columns[name] = [r[name] for r in batch]
-            columns["path"] = [
-                None if r["path"] is None else located(r["path"], path.parent) for r in batch
-            ]
-            columns["cost_usd"] = [
-                0.0 if r["reused"] else round(r["cost_usd"] / max(1, r["images"]), 6) for r in batch
-            ]
-            columns["priced_cost_usd"] = [0.0 if r["reused"] else price for r in batch]
-            columns.update(_check_columns(batch))
-            if layout.id_column is not None:
-                id_name = schema.names[2]
-                if manifest is not None:
-                    columns[id_name] = manifest.take([r["row_number"] for r in batch]).column(0)
-                else:
-                    records = (json.loads(r["record"]) for r in batch)
-                    columns[id_name] = [_text(rec.get(layout.id_column)) for rec in records]
-            out.write_table(pa.table({n: columns[n] for n in schema.names}, schema=schema))
+            own_id = None if manifest is not None else id_name
+            table = _to_table(
+                [_image_line(r, layout, own_id, price, path.parent) for r in batch], lines, parsed
+            )
+            if manifest is not None:
+                column = manifest.take([r["row_number"] for r in batch]).column(0)
+                table = table.add_column(2, schema.field(2), column)
+            out.write_table(table)
             count += len(batch)
         if count == 0:
             out.write_table(schema.empty_table())
