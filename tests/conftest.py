@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -17,17 +18,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, settings
-from moto.server import ThreadedMotoServer
 from playwright.async_api import Browser, async_playwright
 
 from pipeline.core import ApiKey, RunConfig, parse_config
 from pipeline.core.schema import MODEL, fingerprint
 from pipeline.outputs import RunSummary
-from pipeline.runs import run
+from pipeline.runs import configure_logging, run
 from pipeline.sandbox import FaultRates, SandboxServer, SandboxSettings, open_embedded
 from pipeline.sandbox.state import ORG_MATE
 
@@ -298,6 +297,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def logs_as_the_cli() -> None:
+    """Runs started here without a run.log (`pipeline.runs.run`) log as the CLI does by
+    default: warnings and up on stderr, one line each, no traceback. Left to structlog's own
+    default, every debug event was printed, each logged error with a highlighted traceback."""
+    configure_logging(None, console_level=logging.WARNING)
+
+
 @pytest.fixture
 def pipelines() -> Iterator[list[Any]]:
     """Runs in subprocesses a test starts (`tests.test_crash.Pipeline`), killed at its end."""
@@ -309,7 +316,11 @@ def pipelines() -> Iterator[list[Any]]:
 
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """moto's S3 server on loopback, with a bucket; the standard environment points at it."""
+    """moto's S3 server on loopback, with a bucket; the standard environment points at it.
+    (moto and boto3 are imported here: at the top, each worker of the suite paid 0.5 CPU-s.)"""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
