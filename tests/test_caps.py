@@ -1,5 +1,5 @@
-"""Keys of one account share its concurrency cap, and a cap lower than configured is learned
-from the provider's 429s: lowered at once, raised back step by step."""
+"""Keys of one account share its concurrency cap, and a cap shrinks at a 429 and grows back
+step by step (a provider cap below ours, learned in a whole key driver: tests/test_parts.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from tests.conftest import (
     catalog,
     go,
     make_config,
-    results,
     shrunk_sandbox,
     write_manifest,
 )
@@ -89,21 +88,6 @@ async def test_keys_of_one_account_share_its_cap(sandbox: Start, tmp_path: Path)
     assert stats["max_in_flight_per_group"]["group-1"] == 10  # the shared cap, full
     assert stats["refused_429"] == 0  # never sent past it
     assert all(k["creates"] >= 10 for k in stats["keys"].values()), stats["keys"]
-
-
-async def test_a_provider_cap_below_the_configured_one_costs_a_few_429s(
-    sandbox: Start, tmp_path: Path
-) -> None:
-    sb = shrunk_sandbox(sandbox, latency_mean_s=10, max_concurrent=6)
-    manifest = write_manifest(tmp_path / "m.csv", catalog(120))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
-    summary = await go(config, [KEY])
-    assert summary.exit_code is ExitCode.OK
-    assert all(r["status"] == "succeeded" for r in results(summary))
-    assert summary.stats.cap_refusals >= 1  # it learned the cap from the provider
-    # a few 429s, not one per create past the cap (120 creates, 4 slots too many each time)
-    assert summary.stats.rate_limited <= 10  # 7 seen
-    assert sb.stats()["keys"][next(iter(sb.stats()["keys"]))]["max_in_flight"] == 6
 
 
 async def test_a_group_naming_a_key_not_given_stops_before_anything_is_sent(

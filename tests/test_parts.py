@@ -174,6 +174,7 @@ class Provider:
         self.creates: list[httpx.Response | Exception] = []  # scripted answers, first ones
         self.never_ends = False
         self.made: dict[str, tuple[str, float]] = {}  # each job's key (its header) and create
+        self.cap: int | None = None  # the provider's own cap of jobs in flight, if it has one
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -187,6 +188,11 @@ class Provider:
                 if isinstance(scripted, Exception):
                     raise scripted
                 return scripted
+            running = sorted(end for end in self.ends.values() if end > now())
+            if self.cap is not None and len(running) >= self.cap:  # as the sandbox answers it
+                body = {"status": "error", "message": "Too many requests", "details": "cap"}
+                wait = {"Retry-After": f"{running[0] - now():.3f}"}
+                return httpx.Response(429, json=body, headers=wait)
             pid = f"p{len(self.ends) + 1}"
             self.ends[pid] = now() + self.latency
             self.made[pid] = (request.headers.get("authorization", ""), now())
@@ -419,6 +425,33 @@ def test_keys_hold_their_window_and_a_group_shares_one_in_flight_cap() -> None:
     assert most_in_flight({keys[0].secret, keys[1].secret}) == 3  # the group's one cap, full
     assert most_in_flight({keys[2].secret}) == 3
     assert most_in_flight({k.secret for k in keys}) == 6
+
+
+def test_a_provider_cap_below_ours_is_learned_from_a_few_429s() -> None:
+    """The provider runs 6 jobs of a key at once where we are set for 10: its 429s lower the
+    key's cap at once, so 120 jobs meet a few of them, not one per create past its cap; no
+    429 uses up an attempt, and the provider never runs more than its 6, and runs 6."""
+    events = Events()
+    provider = Provider(events, latency=10.0)
+    provider.cap = 6
+
+    async def main() -> RunStats:
+        return (await drive(provider, [entry(r) for r in range(1, 121)], concurrent=10))[2]
+
+    stats = virtual(main)
+    assert stats.finished == 120 and len(updates(events, Finish)) == 120
+    assert stats.cap_refusals >= 1  # it learned the cap from the provider
+    assert 1 <= stats.rate_limited <= 10
+    assert len(provider.made) == 120  # a 429 made nothing and cost no attempt
+    edges = sorted(
+        [(at, 1) for _, at in provider.made.values()]
+        + [(end, -1) for end in provider.ends.values()]
+    )
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    assert most == 6
 
 
 # -- the key driver's parts alone: the listing's sweeps, a lost create's settling -------------
