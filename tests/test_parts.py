@@ -175,6 +175,8 @@ class Provider:
         self.never_ends = False
         self.made: dict[str, tuple[str, float]] = {}  # each job's key (its header) and create
         self.cap: int | None = None  # the provider's own cap of jobs in flight, if it has one
+        self.storming: set[str] = set()  # keys (their secrets) whose every create meets a 429
+        self.refused: dict[str, int] = {}  # 429s, by key
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -188,6 +190,11 @@ class Provider:
                 if isinstance(scripted, Exception):
                     raise scripted
                 return scripted
+            secret = request.headers.get("authorization", "").removeprefix("Bearer ")
+            if secret in self.storming:  # a storm that outlasts the run: try again in 2 s
+                self.refused[secret] = self.refused.get(secret, 0) + 1
+                body = {"status": "error", "message": "Too many requests", "details": "storm"}
+                return httpx.Response(429, json=body, headers={"Retry-After": "2"})
             running = sorted(end for end in self.ends.values() if end > now())
             if self.cap is not None and len(running) >= self.cap:  # as the sandbox answers it
                 body = {"status": "error", "message": "Too many requests", "details": "cap"}
@@ -452,6 +459,31 @@ def test_a_provider_cap_below_ours_is_learned_from_a_few_429s() -> None:
         running += step
         most = max(most, running)
     assert most == 6
+
+
+def test_a_throttled_key_gives_its_jobs_to_the_other_keys() -> None:
+    """Three keys, one in a 429 storm that outlasts the run: its jobs go back to the
+    dispatcher and on to the other keys instead of waiting out 429 after 429 until they fail;
+    every job is made once, by a key that works, at its first attempt."""
+    events = Events()
+    provider = Provider(events, latency=10.0)
+    keys = [ApiKey(f"unit-key-{n}") for n in (1, 2, 3)]
+    provider.storming = {keys[2].secret}
+    lanes = [KeyLane(k, CreateGate(100, 60.0), InFlightCap(10, k.name)) for k in keys]
+
+    async def main() -> RunStats:
+        source = dispatcher([entry(r) for r in range(1, 81)], lanes=len(lanes))
+        return (await drive(provider, source, concurrent=10, lanes=lanes))[2]
+
+    stats = virtual(main)
+    finished = [u for _, u in updates(events, Finish)]
+    assert sorted(f.row_number for f in finished) == list(range(1, 81))
+    assert all(f.outcome.status is Status.SUCCEEDED for f in finished)
+    made_by = {key.removeprefix("Bearer ") for key, _ in provider.made.values()}
+    assert len(provider.made) == 80 and made_by == {keys[0].secret, keys[1].secret}
+    assert provider.refused[keys[2].secret] > 0
+    assert stats.rate_limited == provider.refused[keys[2].secret]
+    assert stats.retries == 0 and stats.finished == 80
 
 
 # -- the key driver's parts alone: the listing's sweeps, a lost create's settling -------------

@@ -30,7 +30,6 @@ from tests.conftest import (
     make_config,
     results,
     shrunk_sandbox,
-    throttled_run,
     until,
     write_manifest,
 )
@@ -105,27 +104,6 @@ async def test_429_storms_are_waited_out_without_using_up_attempts(
     refused = sb.stats()["keys"][key_hash(KEY)]["refused_429"]
     assert refused > 0 and summary.stats.rate_limited == refused
     assert sb.stats()["creates"] == 40
-
-
-async def test_a_throttled_key_gives_its_jobs_to_the_other_keys(
-    sandbox: Start, tmp_path: Path
-) -> None:
-    keys = ["k-ok-1", "k-ok-2", "k-throttled"]
-    sb, config = throttled_run(sandbox, tmp_path, keys, "k-throttled")
-    summary = await go(config, keys)
-    rows = results(summary)
-    assert summary.exit_code is ExitCode.OK
-    assert_one_result_per_row(rows, 80)
-    # no job waited on the throttled key until it gave up with `rate_limited`
-    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in rows)
-    assert {r["key"] for r in rows} == {ApiKey(k).name for k in keys[:2]}
-    per_key = sb.stats()["keys"]
-    throttled = per_key[key_hash("k-throttled")]
-    assert throttled["creates"] == 0 and throttled["refused_429"] > 0
-    assert summary.stats.rate_limited == throttled["refused_429"]
-    for key in keys[:2]:
-        assert per_key[key_hash(key)]["refused_429"] == 0
-    assert sb.stats()["creates"] == 80
 
 
 async def test_retries_on_5xx_and_lost_answers(sandbox: Start, tmp_path: Path) -> None:
