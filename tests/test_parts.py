@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import io
+import random
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -177,6 +178,9 @@ class Provider:
         self.cap: int | None = None  # the provider's own cap of jobs in flight, if it has one
         self.storming: set[str] = set()  # keys (their secrets) whose every create meets a 429
         self.refused: dict[str, int] = {}  # 429s, by key
+        # storms of `storm_s` that start on a `storm_chance` share of the creates (seeded)
+        self.storm_chance, self.storm_s, self._storm_until = 0.0, 1.0, -1.0
+        self._dice = random.Random(3)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -191,10 +195,13 @@ class Provider:
                     raise scripted
                 return scripted
             secret = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if secret in self.storming:  # a storm that outlasts the run: try again in 2 s
+            if self._storm_until <= now() and self._dice.random() < self.storm_chance:
+                self._storm_until = now() + self.storm_s
+            storm = 2.0 if secret in self.storming else self._storm_until - now()
+            if storm > 0:  # in a storm: try again when it ends
                 self.refused[secret] = self.refused.get(secret, 0) + 1
                 body = {"status": "error", "message": "Too many requests", "details": "storm"}
-                return httpx.Response(429, json=body, headers={"Retry-After": "2"})
+                return httpx.Response(429, json=body, headers={"Retry-After": f"{storm:.3f}"})
             running = sorted(end for end in self.ends.values() if end > now())
             if self.cap is not None and len(running) >= self.cap:  # as the sandbox answers it
                 body = {"status": "error", "message": "Too many requests", "details": "cap"}
@@ -461,6 +468,25 @@ def test_a_provider_cap_below_ours_is_learned_from_a_few_429s() -> None:
     assert most == 6
 
 
+def test_429_storms_are_waited_out_without_using_up_attempts() -> None:
+    """One key; storms of 1 s start on a fifth of its creates: every job is made once, at
+    its first attempt (a 429 made nothing), and each 429 is counted."""
+    events = Events()
+    provider = Provider(events, latency=2.0)
+    provider.storm_chance = 0.2
+
+    async def main() -> RunStats:
+        return (await drive(provider, [entry(r) for r in range(1, 41)], concurrent=10))[2]
+
+    stats = virtual(main)
+    finished = [u for _, u in updates(events, Finish)]
+    assert len(finished) == 40 and all(f.outcome.status is Status.SUCCEEDED for f in finished)
+    assert len(provider.made) == 40 and stats.retries == 0 and stats.finished == 40
+    assert {u.attempt for _, u in updates(events, MarkCreating)} == {1}  # as the results say
+    refused = provider.refused[KEY.secret]
+    assert refused > 0 and stats.rate_limited == refused
+
+
 def test_a_throttled_key_gives_its_jobs_to_the_other_keys() -> None:
     """Three keys, one in a 429 storm that outlasts the run: its jobs go back to the
     dispatcher and on to the other keys instead of waiting out 429 after 429 until they fail;
@@ -484,6 +510,7 @@ def test_a_throttled_key_gives_its_jobs_to_the_other_keys() -> None:
     assert provider.refused[keys[2].secret] > 0
     assert stats.rate_limited == provider.refused[keys[2].secret]
     assert stats.retries == 0 and stats.finished == 80
+    assert {u.attempt for _, u in updates(events, MarkCreating)} == {1}
 
 
 # -- the key driver's parts alone: the listing's sweeps, a lost create's settling -------------

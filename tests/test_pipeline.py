@@ -88,24 +88,6 @@ async def test_several_keys_share_the_work(sandbox: Start, tmp_path: Path) -> No
     assert sb.stats()["creates"] == 60
 
 
-async def test_429_storms_are_waited_out_without_using_up_attempts(
-    sandbox: Start, tmp_path: Path
-) -> None:
-    # one key, storms of 1 provider second that start on a fifth of the creates
-    sb = shrunk_sandbox(
-        sandbox, seed=3, latency_mean_s=2, faults=FaultRates(storm_429=0.2, storm_s=1)
-    )
-    manifest = write_manifest(tmp_path / "m.csv", catalog(40))
-    config = make_config(tmp_path, sb.base_url, manifest, api={"time_scale": SCALE})
-    summary = await go(config, [KEY])
-    rows = results(summary)
-    assert_one_result_per_row(rows, 40)
-    assert all(r["status"] == "succeeded" and r["attempts"] == 1 for r in rows)
-    refused = sb.stats()["keys"][key_hash(KEY)]["refused_429"]
-    assert refused > 0 and summary.stats.rate_limited == refused
-    assert sb.stats()["creates"] == 40
-
-
 async def test_retries_on_5xx_and_lost_answers(sandbox: Start, tmp_path: Path) -> None:
     sb = shrunk_sandbox(
         sandbox,
