@@ -261,6 +261,10 @@ async def test_a_typed_parquet_with_a_list_of_images_and_nullable_ints(
     # a null seed cell is no seed: one is drawn for the row, and the results name it
     assert sent["two"]["seed"] == rows[2]["seed"] != 7
     assert pq.read_schema(summary.results_path).field("sku").type == pa.int64()
+    images = pq.read_table(summary.run_dir / "images.parquet")  # the id keeps its type there too
+    assert images.schema.field("sku").type == pa.int64()
+    made = zip(images["sku"].to_pylist(), images["index"].to_pylist(), strict=True)
+    assert sorted(made) == [(101, 0), (102, 0)]
 
 
 # -- from Python: a DataFrame in, a DataFrame out ----------------------------------------------

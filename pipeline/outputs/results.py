@@ -535,10 +535,10 @@ def _image_checks(r: sqlite3.Row) -> dict[str, Any]:
 
 
 def _image_line(
-    r: sqlite3.Row, layout: ResultLayout, id_name: str | None, price: float, run_dir: Path
+    r: sqlite3.Row, id_column: tuple[str, str] | None, price: float, run_dir: Path
 ) -> str:
-    """One image's row as a JSON line (its id column too, unless the manifest's own type
-    is taken from the file)."""
+    """One image's row as a JSON line; with `id_column` (its name here, and the manifest's
+    column), the row's id as text."""
     line: dict[str, Any] = {
         "job_id": r["job_id"],
         "row_number": r["row_number"],
@@ -551,8 +551,8 @@ def _image_line(
         "priced_cost_usd": 0.0 if r["reused"] else price,
         **_image_checks(r),
     }
-    if id_name is not None and layout.id_column is not None:
-        line[id_name] = _text(json.loads(r["record"]).get(layout.id_column))
+    if id_column is not None:
+        line[id_column[0]] = _text(json.loads(r["record"]).get(id_column[1]))
     return json.dumps(line)
 
 
@@ -568,16 +568,17 @@ def write_images(journal: Journal, layout: ResultLayout, path: Path, price: floa
     billed, and our price; the number of images."""
     schema, own = _image_schema(layout)
     manifest = None if own is None else _ManifestRows(layout.manifest_path, own)
-    id_name = None if layout.id_column is None else schema.names[2]
     # the id column is read from a Parquet manifest with its own type, the rest as JSON lines
+    id_column = None
+    if layout.id_column is not None and manifest is None:
+        id_column = (schema.names[2], layout.id_column)
     lines = schema if manifest is None else schema.remove(2)
     parsed = _parsed(lines)
     count = 0
     with _atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as out:
         for batch in journal.reports.image_rows():
-            own_id = None if manifest is not None else id_name
             table = _to_table(
-                [_image_line(r, layout, own_id, price, path.parent) for r in batch], lines, parsed
+                [_image_line(r, id_column, price, path.parent) for r in batch], lines, parsed
             )
             if manifest is not None:
                 column = manifest.take([r["row_number"] for r in batch]).column(0)
