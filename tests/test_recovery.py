@@ -60,6 +60,9 @@ async def test_retry_runs_the_failed_rows_only(sandbox: Start, tmp_path: Path) -
             assert len(row["history"]) == 1
             assert row["history"][0]["error_type"] == "job_error"
             assert row["history"][0]["prediction_id"] == before[n]["prediction_id"]
+            # a time in a list of records is a UTC timestamp, as a time of a row is
+            assert row["history"][0]["finished_at"] == before[n]["finished_at"]
+            assert row["finished_at"].tzinfo is not None and row["finished_at"] > row["created_at"]
             assert row["prediction_id"] != before[n]["prediction_id"]
         else:
             assert row["history"] == []
