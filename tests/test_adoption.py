@@ -173,7 +173,7 @@ async def test_a_feed_as_a_shop_exports_it_is_adopted_when_every_answer_is_lost(
     assert _created_twice(sb) == {} and sb.stats()["creates"] == 4  # ours alone
     assert not any(r["possible_duplicate_charge"] for r in rows)
     assert round(sum(r["cost_usd"] for r in rows), 6) == ledger_cost(sb)
-    prompts = {job.inputs["prompt"] for job in sb.state.jobs.values()}
+    prompts = {job.inputs["prompt"] for job in list(sb.state.jobs.values())}
     assert "Put the Café table — oak on a plain white background" in prompts
 
 

@@ -62,6 +62,40 @@ def wait_done(client: httpx.Client, sb: SandboxServer, pid: str, key: str = KEY)
     raise AssertionError("job never ended")
 
 
+def test_stats_are_read_whole_from_another_thread_while_jobs_are_made() -> None:
+    """A test or a script reads `stats()` while the server's thread makes jobs: the figures
+    come whole, never a RuntimeError of a mapping that grew as it was read (bounded: 250
+    creates, the interpreter switching threads every microsecond)."""
+    settings = SandboxSettings(keys=(KEY,))
+    state = SandboxState(settings)
+    key = state.key_name(KEY)
+    assert key is not None
+    problems: list[Exception] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                state.stats()
+            except RuntimeError as exc:
+                problems.append(exc)
+                return
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(250):
+            inputs = {"prompt": f"edit {n}", "img_url": f"https://shop.test/{n}.jpg"}
+            state.accept(key, "alibaba-wan-2-7-image-edit", inputs, None, "http://sandbox.test")
+    finally:
+        done.set()
+        reader.join(10)
+        sys.setswitchinterval(before)
+    assert problems == [] and state.stats()["creates"] == 250
+
+
 def test_auth_and_visibility(sandbox: Start) -> None:
     sb = sandbox(time_scale=0.001)
     with httpx.Client() as c:

@@ -420,8 +420,13 @@ class SandboxState:
 
 
 def _figures(state: SandboxState) -> dict[str, Any]:
-    """What the sandbox did, per key and in all: `/_admin/stats`."""
+    """What the sandbox did, per key and in all: `/_admin/stats`. Read from any thread while
+    the server's thread creates jobs: each mapping the creates grow is copied whole first (one
+    step for the interpreter), never iterated while it may grow."""
     with state._lock:
+        counts = list(state._fingerprints.values())
+        peaks = dict(state.group_peak)
+        jobs = list(state.jobs.values())
         per_key = {
             name: {
                 "creates": st.creates,
@@ -438,9 +443,9 @@ def _figures(state: SandboxState) -> dict[str, Any]:
             for name, st in state._stats.items()
             if name != ORG_MATE
         }
-        duplicates = sum(count - 1 for count in state._fingerprints.values() if count > 1)
+        duplicates = sum(count - 1 for count in counts if count > 1)
         ost = state._stats[ORG_MATE]
-        again = sum(max(0, j.terminal_polls - 1) for j in list(state.jobs.values()))
+        again = sum(max(0, j.terminal_polls - 1) for j in jobs)
     return {
         "keys": per_key,
         "creates": sum(k["creates"] for k in per_key.values()),
@@ -452,9 +457,7 @@ def _figures(state: SandboxState) -> dict[str, Any]:
         "duplicate_creates": duplicates,
         "polls_after_end": again,  # polls of a job after one that answered its end
         "webhooks": dict(state.webhooks),
-        "max_in_flight_per_group": {
-            a: peak for a, peak in state.group_peak.items() if a != ORG_MATE
-        },
+        "max_in_flight_per_group": {a: peak for a, peak in peaks.items() if a != ORG_MATE},
         "inputs": dict(state.inputs),
         "balance_usd": state.balance.usd,
         # another application's jobs in the organisation's listing (`org_traffic`)
