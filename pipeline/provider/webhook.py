@@ -201,8 +201,11 @@ class Receiver:
         shown = f"[{host}]" if ":" in host else host
         self.listening = f"http://{shown}:{port}"
         self.public_base = section.public_url or self.listening
+        self._open: dict[_Guarded, None] = {}  # this receiver's connections
         guarded = type(
-            "_GuardedHere", (_Guarded,), {"open": {}, "max_connections": section.max_connections}
+            "_GuardedHere",
+            (_Guarded,),
+            {"open": self._open, "max_connections": section.max_connections},
         )
         config = uvicorn.Config(
             self._app,
@@ -326,6 +329,11 @@ class Receiver:
     ) -> None:
         with anyio.CancelScope(shield=True):
             await self._server.shutdown(sockets=[self._sock])
+            # a connection accepted as the shutdown began is in no list uvicorn closes; left
+            # open, its socket was collected later, unclosed
+            for connection in list(self._open):
+                connection.transport.close()
+            self._open.clear()
         asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         if self.accept_failures:
             _log.warning("webhook_receiver_accept_failures", count=self.accept_failures)
