@@ -229,6 +229,19 @@ class Provider:
         return httpx.Response(200, json=body)
 
 
+def most_in_flight(provider: Provider, secrets: set[str] | None = None) -> int:
+    """The most jobs (of the keys with these secrets, or of all) running at once at the
+    provider, from create to end."""
+    made = {pid: (key.removeprefix("Bearer "), at) for pid, (key, at) in provider.made.items()}
+    mine = [pid for pid, (k, _) in made.items() if secrets is None or k in secrets]
+    edges = sorted([(made[pid][1], 1) for pid in mine] + [(provider.ends[pid], -1) for pid in mine])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
 def settings(**changes: Any) -> DriverSettings:
     values: dict[str, Any] = {
         "policy": RetryPolicy(3, 1.0, 8.0, 60.0),
@@ -424,21 +437,9 @@ def test_keys_hold_their_window_and_a_group_shares_one_in_flight_cap() -> None:
     group = {keys[0].secret, keys[1].secret}
     assert sum(1 for k, at in made.values() if k in group and at < 60.0) > 5
 
-    def most_in_flight(secrets: set[str]) -> int:
-        """The most jobs of these keys running at once at the provider (create to end)."""
-        edges = sorted(
-            [(at, 1) for k, at in made.values() if k in secrets]
-            + [(provider.ends[pid], -1) for pid, (k, _) in made.items() if k in secrets]
-        )
-        running = most = 0
-        for _, step in edges:
-            running += step
-            most = max(most, running)
-        return most
-
-    assert most_in_flight({keys[0].secret, keys[1].secret}) == 3  # the group's one cap, full
-    assert most_in_flight({keys[2].secret}) == 3
-    assert most_in_flight({k.secret for k in keys}) == 6
+    assert most_in_flight(provider, group) == 3  # the group's one cap, full
+    assert most_in_flight(provider, {keys[2].secret}) == 3
+    assert most_in_flight(provider) == 6
 
 
 def test_a_provider_cap_below_ours_is_learned_from_a_few_429s() -> None:
@@ -457,15 +458,7 @@ def test_a_provider_cap_below_ours_is_learned_from_a_few_429s() -> None:
     assert stats.cap_refusals >= 1  # it learned the cap from the provider
     assert 1 <= stats.rate_limited <= 10
     assert len(provider.made) == 120  # a 429 made nothing and cost no attempt
-    edges = sorted(
-        [(at, 1) for _, at in provider.made.values()]
-        + [(end, -1) for end in provider.ends.values()]
-    )
-    running = most = 0
-    for _, step in edges:
-        running += step
-        most = max(most, running)
-    assert most == 6
+    assert most_in_flight(provider) == 6
 
 
 def test_429_storms_are_waited_out_without_using_up_attempts() -> None:
