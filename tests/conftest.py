@@ -374,7 +374,11 @@ def devtools(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     each test opens its own browser contexts in it (a launch per test cost 2 CPU-s)."""
     profile = tmp_path_factory.mktemp("chromium-profile")
     args = [chromium, "--headless", "--remote-debugging-port=0", f"--user-data-dir={profile}"]
-    proc = subprocess.Popen([*args, *CHROMIUM_FLAGS, "about:blank"], stderr=subprocess.PIPE)
+    # its own temporary folder: a Chromium stopped by a signal leaves one behind in /tmp
+    env = {**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("chromium-tmp"))}
+    proc = subprocess.Popen(
+        [*args, *CHROMIUM_FLAGS, "about:blank"], stderr=subprocess.PIPE, env=env
+    )
     assert proc.stderr is not None
     said = []
     for raw in proc.stderr:  # its first lines, until it names its address

@@ -443,16 +443,17 @@ def test_any_manifest_runs_to_one_result_per_row_and_no_refused_create(
     sandbox: Start, rows: list[dict[str, Any]], tsv: bool
 ) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=1)  # one per example: its ledger is the judge
-    folder = Path(tempfile.mkdtemp(prefix="wanbatch-property-"))
-    path = folder / ("m.tsv" if tsv else "m.csv")
-    with path.open("w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out, delimiter="\t" if tsv else ",")
-        writer.writerow(list(rows[0]))
-        writer.writerows([list(r.values()) for r in rows])
-    config = make_config(folder, sb.base_url, path, api={"time_scale": SCALE})
-    summary = anyio.run(go, config, [KEY])
-    assert summary.exit_code in (ExitCode.OK, ExitCode.ROWS_FAILED), summary.message
-    table = pq.read_table(summary.results_path).to_pylist()
+    with tempfile.TemporaryDirectory(prefix="wanbatch-property-") as name:
+        folder = Path(name)
+        path = folder / ("m.tsv" if tsv else "m.csv")
+        with path.open("w", newline="", encoding="utf-8") as out:
+            writer = csv.writer(out, delimiter="\t" if tsv else ",")
+            writer.writerow(list(rows[0]))
+            writer.writerows([list(r.values()) for r in rows])
+        config = make_config(folder, sb.base_url, path, api={"time_scale": SCALE})
+        summary = anyio.run(go, config, [KEY])
+        assert summary.exit_code in (ExitCode.OK, ExitCode.ROWS_FAILED), summary.message
+        table = pq.read_table(summary.results_path).to_pylist()
     assert sorted(r["row_number"] for r in table) == list(range(1, len(rows) + 1))
     assert sb.stats()["refused_400"] == 0  # no create the provider's schema refuses
     billed = ledger_cost(sb)

@@ -502,11 +502,14 @@ def _expected(rows: list[tuple[str, str, str, list[str]]]) -> int:
 def test_any_catalog_reads_to_one_item_per_image_and_never_a_traceback(
     rows: list[tuple[str, str, str, list[str]]],
 ) -> None:
-    folder = Path(tempfile.mkdtemp(prefix="wanbatch-products-"))
-    config = _each_config(folder, _catalog(rows, folder), "sandbox")
-    shaped = shape_catalog(config.manifest, folder, again=True, model=MODEL, allow_loopback=False)
-    manifest = Manifest(shaped, model=MODEL, allow_loopback=False)
-    items = [item for batch in manifest.batches() for item in batch]
+    with tempfile.TemporaryDirectory(prefix="wanbatch-products-") as name:
+        folder = Path(name)
+        config = _each_config(folder, _catalog(rows, folder), "sandbox")
+        shaped = shape_catalog(
+            config.manifest, folder, again=True, model=MODEL, allow_loopback=False
+        )
+        manifest = Manifest(shaped, model=MODEL, allow_loopback=False)
+        items = [item for batch in manifest.batches() for item in batch]
     assert len(items) == _expected(rows)
     assert [i.row_number for i in items] == list(range(1, len(items) + 1))
     for item in items:
@@ -544,11 +547,12 @@ def test_any_catalog_runs_to_one_result_per_image_and_no_refused_create(
     sandbox: Start, rows: list[tuple[str, str, str, list[str]]]
 ) -> None:
     sb = shrunk_sandbox(sandbox, latency_mean_s=1)  # one per example: its ledger is the judge
-    folder = Path(tempfile.mkdtemp(prefix="wanbatch-products-"))
-    config = _each_config(folder, _catalog(rows, folder), sb.base_url)
-    summary = anyio.run(go, config, [KEY])
-    assert summary.exit_code in (ExitCode.OK, ExitCode.ROWS_FAILED), summary.message
-    table = pq.read_table(summary.results_path).to_pylist()
+    with tempfile.TemporaryDirectory(prefix="wanbatch-products-") as name:
+        folder = Path(name)
+        config = _each_config(folder, _catalog(rows, folder), sb.base_url)
+        summary = anyio.run(go, config, [KEY])
+        assert summary.exit_code in (ExitCode.OK, ExitCode.ROWS_FAILED), summary.message
+        table = pq.read_table(summary.results_path).to_pylist()
     assert len(table) == _expected(rows)
     assert sb.stats()["refused_400"] == 0
     assert sum(r["cost_usd"] for r in table) == pytest.approx(ledger_cost(sb))
