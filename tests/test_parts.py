@@ -290,6 +290,15 @@ async def drive(
     return driver, source, stats
 
 
+def driven(provider: Provider, jobs: list[Entry], concurrent: int, **changes: Any) -> RunStats:
+    """The run's counters once `jobs` are driven to their end (see `drive`) in virtual time."""
+
+    async def main() -> RunStats:
+        return (await drive(provider, jobs, concurrent, **changes))[2]
+
+    return virtual(main)
+
+
 def updates(events: Events, kind: type) -> list[tuple[float, Any]]:
     return [(at, u) for at, u in events.of("journal") if isinstance(u, kind)]
 
@@ -329,10 +338,7 @@ def test_driver_waits_out_a_429_on_its_key_before_creating_again() -> None:
     provider = Provider(events)
     provider.creates.append(httpx.Response(429, headers={"Retry-After": "20"}, json={}))
 
-    async def main() -> RunStats:
-        return (await drive(provider, [entry(1)], concurrent=1))[2]
-
-    stats = virtual(main)
+    stats = driven(provider, [entry(1)], 1)
     creates = [at for at, _ in events.of("create")]
     assert len(creates) == 2 and creates[0] == pytest.approx(0.0, abs=0.01)
     assert creates[1] >= 20.0  # the key paused for the Retry-After the provider asked
@@ -344,10 +350,7 @@ def test_driver_counts_a_lost_create_answer_as_ambiguous_and_creates_again() -> 
     provider = Provider(events)
     provider.creates.append(httpx.ReadError("connection reset after the request was sent"))
 
-    async def main() -> RunStats:
-        return (await drive(provider, [entry(1)], concurrent=1))[2]
-
-    stats = virtual(main)
+    stats = driven(provider, [entry(1)], 1)
     assert stats.ambiguous_creates == 1
     assert len(events.of("create")) == 2
     (finish,) = [u for _, u in updates(events, Finish)]
@@ -359,10 +362,7 @@ def test_driver_fails_a_refused_input_at_once_and_never_retries_it() -> None:
     provider = Provider(events)
     provider.creates.append(httpx.Response(400, json={"message": "bad image URL"}))
 
-    async def main() -> RunStats:
-        return (await drive(provider, [entry(1)], concurrent=1))[2]
-
-    stats = virtual(main)
+    stats = driven(provider, [entry(1)], 1)
     assert len(events.of("create")) == 1
     (finish,) = [u for _, u in updates(events, Finish)]
     assert finish.outcome.status is Status.FAILED
@@ -393,10 +393,7 @@ def test_driver_cancels_a_job_at_its_timeout_and_books_the_end_a_poll_confirms()
     provider = Provider(events)
     provider.never_ends = True
 
-    async def main() -> RunStats:
-        return (await drive(provider, [entry(1)], concurrent=1, job_timeout=60.0))[2]
-
-    stats = virtual(main)
+    stats = driven(provider, [entry(1)], 1, job_timeout=60.0)
     ((cancelled_at, pid),) = events.of("cancel")
     assert cancelled_at >= 60.0
     kinds = [(k, w) for _, k, w in events.seen if k in ("cancel", "poll")]
@@ -450,10 +447,7 @@ def test_a_provider_cap_below_ours_is_learned_from_a_few_429s() -> None:
     provider = Provider(events, latency=10.0)
     provider.cap = 6
 
-    async def main() -> RunStats:
-        return (await drive(provider, [entry(r) for r in range(1, 121)], concurrent=10))[2]
-
-    stats = virtual(main)
+    stats = driven(provider, [entry(r) for r in range(1, 121)], 10)
     assert stats.finished == 120 and len(updates(events, Finish)) == 120
     assert stats.cap_refusals >= 1  # it learned the cap from the provider
     assert 1 <= stats.rate_limited <= 10
@@ -468,10 +462,7 @@ def test_429_storms_are_waited_out_without_using_up_attempts() -> None:
     provider = Provider(events, latency=2.0)
     provider.storm_chance = 0.2
 
-    async def main() -> RunStats:
-        return (await drive(provider, [entry(r) for r in range(1, 41)], concurrent=10))[2]
-
-    stats = virtual(main)
+    stats = driven(provider, [entry(r) for r in range(1, 41)], 10)
     finished = [u for _, u in updates(events, Finish)]
     assert len(finished) == 40 and all(f.outcome.status is Status.SUCCEEDED for f in finished)
     assert len(provider.made) == 40 and stats.retries == 0 and stats.finished == 40
