@@ -47,13 +47,21 @@ def _browse(binary: str, page: str, profile: Path, screenshot: Path | None = Non
     return done.stdout
 
 
+# the thumbnails in view have loaded (or failed); lazy ones further down may not have started.
+# Waiting for "networkidle" instead, which Playwright's docs discourage, once timed out at 30 s
+# on a loaded machine with the page drawn
+_THUMBS_IN_VIEW_LOADED = """() => Array.from(document.images)
+  .filter(img => img.getBoundingClientRect().top < window.innerHeight)
+  .every(img => img.complete)"""
+
+
 async def _shown(context: BrowserContext, url: str, screenshot: Path | None = None) -> str:
     """The page's DOM once its script has drawn the entries (and a screenshot of it)."""
     page = await context.new_page()
     try:
         await page.goto(url)
         await page.wait_for_selector("article.entry")
-        await page.wait_for_load_state("networkidle")  # the thumbnails too
+        await page.wait_for_function(_THUMBS_IN_VIEW_LOADED)
         if screenshot is not None:
             await page.screenshot(path=str(screenshot))
         return await page.content()
